@@ -1,0 +1,20 @@
+.PHONY: run test db-stop lint fmt build bench
+
+run: ## Serve on 127.0.0.1:4000 with a local PostgreSQL under ./.data (or DATABASE_URL)
+	scripts/run-dev.sh
+
+test: ## Start a throwaway PostgreSQL, run every test, stop it
+	scripts/test.sh
+
+db-stop: ## Stop the development PostgreSQL under ./.data/pg
+	scripts/pg.sh stop ./.data/pg
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+build:
+	cargo build --release

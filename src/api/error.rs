@@ -1,0 +1,152 @@
+//! The one error type of the API: renders `{"error": ...}` with the right status; internal causes are
+//! logged once (inside the request's span, so with its request id) and never shown to the caller (R9).
+
+use std::borrow::Cow;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::queue::QueueError;
+use crate::storage::WriteError;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: Cow<'static, str>,
+    retry_after: Option<u64>,
+    cause: Option<anyhow::Error>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+            cause: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn unauthorized(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
+    pub fn too_large(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, message)
+    }
+
+    /// A 500 whose cause is logged but not shown.
+    pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
+        }
+    }
+
+    /// A 503: the database (or another dependency) is unavailable; the cause is logged.
+    pub fn unavailable(cause: impl Into<anyhow::Error>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+        }
+    }
+
+    pub fn build_not_found() -> Self {
+        Self::not_found("Build not found")
+    }
+
+    pub fn worker_not_found() -> Self {
+        Self::not_found("Worker not found")
+    }
+
+    pub fn not_authorized_for_build() -> Self {
+        Self::forbidden("Worker not authorized for this build")
+    }
+
+    pub fn attempt_not_active() -> Self {
+        Self::conflict("Build attempt is no longer active")
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(error: QueueError) -> Self {
+        match error {
+            QueueError::BuildNotFound => ApiError::build_not_found(),
+            QueueError::WorkerNotFound => ApiError::worker_not_found(),
+            QueueError::NotHolder => ApiError::not_authorized_for_build(),
+            QueueError::Stale => ApiError::attempt_not_active(),
+            QueueError::AlreadyFinished => ApiError::bad_request("Build already finished"),
+            QueueError::Forbidden => ApiError::forbidden("Invalid or expired worker token"),
+            QueueError::Db(e) => ApiError::from(e),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => ApiError::unavailable(error),
+            _ => ApiError::internal(error),
+        }
+    }
+}
+
+impl From<object_store::Error> for ApiError {
+    fn from(error: object_store::Error) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::TooLarge(_) => ApiError::too_large("Request body too large"),
+            WriteError::Body(_) => ApiError::bad_request("Invalid multipart body"),
+            WriteError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Some(cause) = &self.cause {
+            tracing::error!(
+                status = self.status.as_u16(),
+                cause = format!("{cause:#}"),
+                "request failed"
+            );
+        }
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

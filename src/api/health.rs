@@ -1,0 +1,46 @@
+//! Public health and readiness (R22).
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiResult, AppState};
+use crate::queue;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/api/health", get(health))
+        .route("/ready", get(ready))
+}
+
+/// Liveness with queue depth; never reveals paths or configuration.
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    match queue::queue_counts(&state.pool).await {
+        Ok(counts) => Json(json!({ "status": "ok", "queue": counts })),
+        Err(_) => Json(json!({ "status": "degraded", "queue": null })),
+    }
+}
+
+/// 200 only when the database answers and every migration is applied; 503 otherwise.
+async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let applied: Result<i64, sqlx::Error> = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&state.pool)
+        .await;
+    let expected = crate::db::MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .count() as i64;
+    match applied {
+        Ok(n) if n >= expected => Ok(Json(json!({ "status": "ready" }))),
+        Ok(_) => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "Migrations pending",
+        )),
+        Err(_) => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "Database unavailable",
+        )),
+    }
+}

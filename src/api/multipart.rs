@@ -1,0 +1,71 @@
+//! Streaming multipart helpers: file parts go to storage chunk by chunk; text parts are small and bounded.
+
+use axum::extract::Multipart;
+use axum::extract::multipart::Field;
+use axum::http::{HeaderMap, header};
+use bytes::{Bytes, BytesMut};
+
+use super::error::{ApiError, ApiResult};
+
+/// Largest text part accepted.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Most parts accepted in one request.
+pub const MAX_PARTS: usize = 64;
+
+/// 400 unless the request declares a multipart body.
+pub fn require_multipart(headers: &HeaderMap) -> ApiResult<()> {
+    let is_multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"));
+    if is_multipart {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("Content must be multipart/form-data"))
+    }
+}
+
+/// Walks the parts of a multipart body, bounding their number.
+pub struct Parts {
+    inner: Multipart,
+    seen: usize,
+}
+
+impl Parts {
+    pub fn new(inner: Multipart) -> Self {
+        Self { inner, seen: 0 }
+    }
+
+    pub async fn next(&mut self) -> ApiResult<Option<Field<'_>>> {
+        self.seen += 1;
+        if self.seen > MAX_PARTS {
+            return Err(ApiError::bad_request("Too many multipart parts"));
+        }
+        self.inner
+            .next_field()
+            .await
+            .map_err(|_| ApiError::bad_request("Invalid multipart body"))
+    }
+}
+
+/// Reads a text part (at most [`MAX_TEXT_BYTES`]).
+pub async fn read_text(field: Field<'_>) -> ApiResult<String> {
+    let bytes = read_limited(field, MAX_TEXT_BYTES as u64, "Form field too large").await?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::bad_request("Form fields must be UTF-8"))
+}
+
+/// Reads a small file part into memory, answering 413 with `too_large` past `limit` bytes.
+pub async fn read_limited(mut field: Field<'_>, limit: u64, too_large: &'static str) -> ApiResult<Bytes> {
+    let mut buffer = BytesMut::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|_| ApiError::bad_request("Invalid multipart body"))?
+    {
+        if (buffer.len() + chunk.len()) as u64 > limit {
+            return Err(ApiError::too_large(too_large));
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
+}

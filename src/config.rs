@@ -1,0 +1,214 @@
+//! One typed configuration, read from flags and environment variables and validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Settings of a running controller (`expo-controller serve`).
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on. Never all interfaces unless set explicitly.
+    #[arg(long, env = "CONTROLLER_LISTEN", default_value = "127.0.0.1:4000")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub db: DbConfig,
+
+    /// Admin API key (`X-API-Key`); required, at least 32 characters.
+    #[arg(long, env = "CONTROLLER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Root directory of local artifact storage.
+    #[arg(long, env = "CONTROLLER_STORAGE_DIR", default_value = "./.data/storage")]
+    pub storage_dir: PathBuf,
+
+    /// Key that encrypts certificates at rest: base64 of 32 bytes (`expo-controller gen-key`).
+    #[arg(long, env = "CONTROLLER_CERTS_KEY", hide_env_values = true)]
+    pub certs_key: Option<String>,
+
+    /// VM base image id handed to workers on register and poll.
+    #[arg(long, env = "BASE_IMAGE_ID", default_value = "ghcr.io/expo/free-agent-base:latest")]
+    pub base_image_id: String,
+
+    /// Largest accepted source archive, in bytes.
+    #[arg(long, env = "CONTROLLER_MAX_SOURCE_BYTES", default_value_t = 500 * 1024 * 1024)]
+    pub max_source_bytes: u64,
+
+    /// Largest accepted certs bundle, in bytes.
+    #[arg(long, env = "CONTROLLER_MAX_CERTS_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_certs_bytes: u64,
+
+    /// Largest accepted build result, in bytes.
+    #[arg(long, env = "CONTROLLER_MAX_RESULT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_result_bytes: u64,
+
+    #[command(flatten)]
+    pub queue: QueueConfig,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "CONTROLLER_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Database connection settings, shared by every subcommand that talks to PostgreSQL.
+#[derive(Debug, Clone, Args)]
+pub struct DbConfig {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Largest number of pooled database connections.
+    #[arg(long, env = "CONTROLLER_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
+
+    /// Statement timeout for every pooled connection, in milliseconds.
+    #[arg(long, env = "CONTROLLER_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub db_statement_timeout_ms: u64,
+}
+
+/// Leases, deadlines and retries of the build queue.
+#[derive(Debug, Clone, Args)]
+pub struct QueueConfig {
+    /// A held build whose lease is not extended for this long is rescued.
+    #[arg(long, env = "CONTROLLER_LEASE_TIMEOUT_SECS", default_value_t = 300)]
+    pub lease_timeout_secs: u64,
+
+    /// Lease granted at assignment, before the first heartbeat (a VM takes minutes to boot).
+    #[arg(long, env = "CONTROLLER_FIRST_HEARTBEAT_GRACE_SECS", default_value_t = 600)]
+    pub first_heartbeat_grace_secs: u64,
+
+    /// An attempt running longer than this is failed as timed out, heartbeats or not.
+    #[arg(long, env = "CONTROLLER_BUILD_DEADLINE_SECS", default_value_t = 7200)]
+    pub build_deadline_secs: u64,
+
+    /// Default attempts per build (1..10).
+    #[arg(long, env = "CONTROLLER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: i32,
+
+    /// Base of the exponential retry backoff, in seconds.
+    #[arg(long, env = "CONTROLLER_BACKOFF_BASE_SECS", default_value_t = 15)]
+    pub backoff_base_secs: u64,
+
+    /// Cap of the retry backoff, in seconds.
+    #[arg(long, env = "CONTROLLER_BACKOFF_CAP_SECS", default_value_t = 600)]
+    pub backoff_cap_secs: u64,
+
+    /// Retry builds whose worker reported a build failure (default: a failed build is final).
+    #[arg(long, env = "CONTROLLER_RETRY_BUILD_FAILURES", default_value_t = false)]
+    pub retry_build_failures: bool,
+
+    /// Lifetime of a worker token; every authenticated poll extends it.
+    #[arg(long, env = "CONTROLLER_WORKER_TOKEN_TTL_SECS", default_value_t = 86_400)]
+    pub worker_token_ttl_secs: u64,
+}
+
+impl QueueConfig {
+    pub fn lease_timeout(&self) -> Duration {
+        Duration::from_secs(self.lease_timeout_secs)
+    }
+    pub fn first_heartbeat_grace(&self) -> Duration {
+        Duration::from_secs(self.first_heartbeat_grace_secs)
+    }
+    pub fn build_deadline(&self) -> Duration {
+        Duration::from_secs(self.build_deadline_secs)
+    }
+    pub fn worker_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.worker_token_ttl_secs)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !(1..=10).contains(&self.max_attempts) {
+            problems.push("CONTROLLER_MAX_ATTEMPTS must be between 1 and 10".to_string());
+        }
+        if self.lease_timeout_secs == 0 || self.first_heartbeat_grace_secs == 0 {
+            problems.push(
+                "CONTROLLER_LEASE_TIMEOUT_SECS and CONTROLLER_FIRST_HEARTBEAT_GRACE_SECS must be positive".to_string(),
+            );
+        }
+        if self.build_deadline_secs == 0 {
+            problems.push("CONTROLLER_BUILD_DEADLINE_SECS must be positive".to_string());
+        }
+        if self.backoff_base_secs > self.backoff_cap_secs {
+            problems.push("CONTROLLER_BACKOFF_BASE_SECS must not exceed CONTROLLER_BACKOFF_CAP_SECS".to_string());
+        }
+        problems
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            lease_timeout_secs: 300,
+            first_heartbeat_grace_secs: 600,
+            build_deadline_secs: 7200,
+            max_attempts: 3,
+            backoff_base_secs: 15,
+            backoff_cap_secs: 600,
+            retry_build_failures: false,
+            worker_token_ttl_secs: 86_400,
+        }
+    }
+}
+
+/// Shortest admin key accepted.
+pub const MIN_API_KEY_LEN: usize = 32;
+
+/// The validated secrets a server needs; produced by [`Config::validate`].
+#[derive(Clone)]
+pub struct Secrets {
+    pub api_key: String,
+    pub certs_key: [u8; 32],
+}
+
+impl Config {
+    /// Checks every setting and reports all problems together, naming the variables.
+    pub fn validate(&self) -> Result<Secrets, String> {
+        let mut problems = self.queue.problems();
+        let api_key = match self.api_key.as_deref() {
+            None | Some("") => {
+                problems.push("CONTROLLER_API_KEY is not set: refusing to start without an admin API key (make run generates a development key; production needs its own, e.g. from `expo-controller gen-key`)".to_string());
+                String::new()
+            }
+            Some(key) if key.chars().count() < MIN_API_KEY_LEN => {
+                problems.push(format!(
+                    "CONTROLLER_API_KEY is too short: at least {MIN_API_KEY_LEN} characters are required"
+                ));
+                String::new()
+            }
+            Some(key) => key.to_string(),
+        };
+        let certs_key = match self.certs_key.as_deref() {
+            None | Some("") => {
+                problems.push("CONTROLLER_CERTS_KEY is not set: certificates must be encrypted at rest (base64 of 32 bytes, e.g. from `expo-controller gen-key`)".to_string());
+                [0u8; 32]
+            }
+            Some(encoded) => match crate::ids::decode_key32(encoded) {
+                Some(key) => key,
+                None => {
+                    problems.push("CONTROLLER_CERTS_KEY must be base64 of exactly 32 bytes".to_string());
+                    [0u8; 32]
+                }
+            },
+        };
+        for (name, value) in [
+            ("CONTROLLER_MAX_SOURCE_BYTES", self.max_source_bytes),
+            ("CONTROLLER_MAX_CERTS_BYTES", self.max_certs_bytes),
+            ("CONTROLLER_MAX_RESULT_BYTES", self.max_result_bytes),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be positive"));
+            }
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            problems.push("CONTROLLER_LOG_FORMAT must be `text` or `json`".to_string());
+        }
+        if problems.is_empty() {
+            Ok(Secrets { api_key, certs_key })
+        } else {
+            Err(problems.join("\n  - "))
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! expo-controller: the controller of Expo Free Agent.
+//!
+//! * [`queue`] — the durable build queue on PostgreSQL (the row is the job).
+//! * [`jobs`] — maintenance jobs that keep the queue moving (rescue, deadlines, promotion).
+//! * [`api`] — the HTTP contract served to workers, submitters and operators.
+//! * [`storage`] — sources, certs and results, streamed to an object store.
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod ids;
+pub mod jobs;
+pub mod queue;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,250 @@
+//! Ending an attempt: completion, build failures, infrastructure failures and timeouts.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+
+use super::backoff::random_backoff;
+use super::lease::{Holder, held_by, holder_view};
+use super::logs::append_system_log;
+use super::{Build, QueueResult, ResultFile, Settings};
+
+/// Why an attempt failed; decides whether the build is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The worker reported that the app failed to build: final unless build failures are retried.
+    Build,
+    /// Lease expired, worker unregistered/abandoned/offline, controller-side error: retried.
+    Infrastructure,
+    /// The build deadline passed: final.
+    Timeout,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Build => "build_failure",
+            FailureKind::Infrastructure => "infrastructure",
+            FailureKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// A failed attempt: its kind and a message for the submitter.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// Marks the holder's attempt completed with its stored result. A stale caller changes nothing.
+pub async fn complete(
+    pool: &PgPool,
+    build_id: &str,
+    holder: Holder<'_>,
+    result: &ResultFile,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
+    const SQL: &str = concat!(
+        "WITH done AS (
+            UPDATE builds SET state = 'completed', completed_at = $4, finished_reason = 'completed',
+                progress = 100, result_key = $5, result_size = $6, result_sha256 = $7, result_attempt = attempt,
+                lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+                otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_expires_at = NULL,
+                log_seq = log_seq + 1
+            WHERE ",
+        held_by!(),
+        "
+            RETURNING *
+        ), attempt_row AS (
+            UPDATE build_attempts a SET finished_at = $4, outcome = 'completed',
+                started_at = coalesce(a.started_at, $4)
+            FROM done WHERE a.build_id = done.id AND a.attempt = done.attempt
+        ), worker_row AS (
+            UPDATE workers SET builds_completed = builds_completed + 1,
+                status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END
+            WHERE id = $2 AND EXISTS (SELECT 1 FROM done)
+        ), log_row AS (
+            INSERT INTO build_logs (build_id, seq, ts, level, message)
+            SELECT id, log_seq, $4, 'info', 'Build completed' FROM done
+        )
+        SELECT * FROM done"
+    );
+    let done = sqlx::query_as::<_, Build>(SQL)
+        .bind(build_id)
+        .bind(holder.worker_id)
+        .bind(holder.lease_token)
+        .bind(now)
+        .bind(&result.key)
+        .bind(result.size)
+        .bind(&result.sha256)
+        .fetch_optional(pool)
+        .await?;
+    match done {
+        Some(build) => Ok(build),
+        None => {
+            let mut conn = pool.acquire().await?;
+            Err(holder_view(&mut conn, build_id, holder.worker_id).await?.refusal())
+        }
+    }
+}
+
+/// Fails the holder's attempt: retryable with backoff or final, by kind and attempts left.
+pub async fn fail(
+    pool: &PgPool,
+    build_id: &str,
+    holder: Holder<'_>,
+    failure: &Failure,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
+    let mut tx = pool.begin().await?;
+    const LOCK_SQL: &str = concat!(
+        "SELECT ",
+        locked_columns!(),
+        " FROM builds WHERE ",
+        held_by!(),
+        " FOR UPDATE"
+    );
+    let locked: Option<LockedAttempt> = sqlx::query_as(LOCK_SQL)
+        .bind(build_id)
+        .bind(holder.worker_id)
+        .bind(holder.lease_token)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(locked) = locked else {
+        return Err(holder_view(&mut tx, build_id, holder.worker_id).await?.refusal());
+    };
+    let build = end_attempt(&mut tx, &locked, failure, settings, now).await?;
+    tx.commit().await?;
+    Ok(build)
+}
+
+/// Columns of a held row that ending its attempt needs (a macro, to build static SQL).
+macro_rules! locked_columns {
+    () => {
+        "id, attempt, max_attempts, retry_build_failures, lease_owner"
+    };
+}
+pub(crate) use locked_columns;
+
+/// A held build locked `FOR UPDATE` in the caller's transaction.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct LockedAttempt {
+    pub id: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub retry_build_failures: bool,
+    pub lease_owner: Option<String>,
+}
+
+/// Whether a failure of `kind` on `attempt` leads to another attempt.
+pub(crate) fn retries(kind: FailureKind, attempt: i32, max_attempts: i32, retry_build_failures: bool) -> bool {
+    let attempts_left = attempt < max_attempts;
+    match kind {
+        FailureKind::Infrastructure => attempts_left,
+        FailureKind::Build => retry_build_failures && attempts_left,
+        FailureKind::Timeout => false,
+    }
+}
+
+/// Ends a locked attempt with a failure: records it in `errors` and the attempt row, frees the worker,
+/// and makes the build `retryable` (run_at = now + backoff) or `failed`.
+pub(crate) async fn end_attempt(
+    conn: &mut PgConnection,
+    locked: &LockedAttempt,
+    failure: &Failure,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
+    let retry_flag = locked.retry_build_failures || settings.retry_build_failures;
+    let retry = retries(failure.kind, locked.attempt, locked.max_attempts, retry_flag);
+    let run_at = retry.then(|| {
+        let delay = random_backoff(
+            locked.attempt,
+            std::time::Duration::from_secs(settings.backoff_base_secs),
+            std::time::Duration::from_secs(settings.backoff_cap_secs),
+        );
+        now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero())
+    });
+    let build: Build = sqlx::query_as(
+        "UPDATE builds SET
+            state = CASE WHEN $3 THEN 'retryable' ELSE 'failed' END,
+            run_at = coalesce($4, run_at),
+            completed_at = CASE WHEN $3 THEN NULL ELSE $2 END,
+            finished_reason = CASE WHEN $3 THEN NULL ELSE $5 END,
+            error_message = CASE WHEN $3 THEN NULL ELSE $6 END,
+            errors = errors || jsonb_build_array(jsonb_build_object(
+                'at', $2, 'attempt', attempt, 'kind', $5, 'message', $6, 'worker_id', lease_owner)),
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_expires_at = NULL
+         WHERE id = $1
+         RETURNING *",
+    )
+    .bind(&locked.id)
+    .bind(now)
+    .bind(retry)
+    .bind(run_at)
+    .bind(failure.kind.as_str())
+    .bind(&failure.message)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE build_attempts SET finished_at = $3, outcome = $4, error_message = $5
+         WHERE build_id = $1 AND attempt = $2",
+    )
+    .bind(&locked.id)
+    .bind(locked.attempt)
+    .bind(now)
+    .bind(failure.kind.as_str())
+    .bind(&failure.message)
+    .execute(&mut *conn)
+    .await?;
+    if let Some(worker_id) = &locked.lease_owner {
+        let counts_as_failure = failure.kind != FailureKind::Infrastructure;
+        sqlx::query(
+            "UPDATE workers SET builds_failed = builds_failed + CASE WHEN $2 THEN 1 ELSE 0 END,
+                status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END
+             WHERE id = $1",
+        )
+        .bind(worker_id)
+        .bind(counts_as_failure)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let line = match run_at {
+        Some(at) => format!(
+            "Attempt {} failed ({}): {}; retrying at {}",
+            locked.attempt,
+            failure.kind.as_str(),
+            failure.message,
+            at.to_rfc3339()
+        ),
+        None => format!("Build failed ({}): {}", failure.kind.as_str(), failure.message),
+    };
+    append_system_log(conn, &locked.id, if retry { "warn" } else { "error" }, &line, now).await?;
+    Ok(build)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infrastructure_failures_retry_while_attempts_remain() {
+        assert!(retries(FailureKind::Infrastructure, 1, 3, false));
+        assert!(retries(FailureKind::Infrastructure, 2, 3, false));
+        assert!(!retries(FailureKind::Infrastructure, 3, 3, false));
+    }
+
+    #[test]
+    fn build_failures_are_final_unless_configured() {
+        assert!(!retries(FailureKind::Build, 1, 3, false));
+        assert!(retries(FailureKind::Build, 1, 3, true));
+        assert!(!retries(FailureKind::Build, 3, 3, true));
+    }
+
+    #[test]
+    fn timeouts_are_final() {
+        assert!(!retries(FailureKind::Timeout, 1, 3, true));
+    }
+}

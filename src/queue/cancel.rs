@@ -1,0 +1,66 @@
+//! Cancellation: a state change on the row, so a cancelled build is never claimed again.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::logs::append_system_log;
+use super::{Build, BuildState, QueueError, QueueResult};
+
+/// What a cancel did.
+#[derive(Debug, Clone)]
+pub struct CancelOutcome {
+    pub build: Build,
+    /// The worker that held the build and must stop (it learns at its next heartbeat/poll/upload).
+    pub interrupted_worker: Option<String>,
+}
+
+/// Cancels a queued or held build. Queued builds are cancelled outright; held builds are cancelled,
+/// their attempt's tokens revoked and the worker freed. Final builds answer [`QueueError::AlreadyFinished`].
+pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueResult<CancelOutcome> {
+    let mut tx = pool.begin().await?;
+    let current: Option<(String, Option<String>, i32)> =
+        sqlx::query_as("SELECT state, lease_owner, attempt FROM builds WHERE id = $1 FOR UPDATE")
+            .bind(build_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((state, lease_owner, attempt)) = current else {
+        return Err(QueueError::BuildNotFound);
+    };
+    let state = BuildState::parse(&state).unwrap_or(BuildState::Pending);
+    if state.is_final() {
+        return Err(QueueError::AlreadyFinished);
+    }
+    let held = state.is_held();
+    let build: Build = sqlx::query_as(
+        "UPDATE builds SET state = 'cancelled', completed_at = $2, finished_reason = 'cancelled',
+            cancel_requested_at = CASE WHEN $3 THEN $2 ELSE NULL END,
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_expires_at = NULL
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(build_id)
+    .bind(now)
+    .bind(held)
+    .fetch_one(&mut *tx)
+    .await?;
+    if let (true, Some(worker_id)) = (held, &lease_owner) {
+        sqlx::query(
+            "UPDATE build_attempts SET finished_at = $3, outcome = 'cancelled' WHERE build_id = $1 AND attempt = $2",
+        )
+        .bind(build_id)
+        .bind(attempt)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE workers SET status = 'idle' WHERE id = $1 AND status = 'busy'")
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    append_system_log(&mut tx, build_id, "warn", "Build cancelled by user", now).await?;
+    tx.commit().await?;
+    Ok(CancelOutcome {
+        build,
+        interrupted_worker: lease_owner.filter(|_| held),
+    })
+}

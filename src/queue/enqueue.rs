@@ -1,0 +1,68 @@
+//! Enqueue: insert a build row and wake the instances that wait for work.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::{Build, Platform, QueueResult};
+
+/// Channel on which every instance LISTENs; the payload is the queue (platform) that got work.
+pub const NOTIFY_CHANNEL: &str = "expo_builds_ready";
+
+/// What a submitter (or a retry) puts in the queue.
+#[derive(Debug, Clone)]
+pub struct NewBuild {
+    pub id: String,
+    pub platform: Platform,
+    pub priority: i32,
+    pub max_attempts: i32,
+    /// Eligible from; `None` or a past time means now.
+    pub run_at: Option<DateTime<Utc>>,
+    pub retry_build_failures: bool,
+    pub source_key: String,
+    pub source_size: i64,
+    pub certs_key: Option<String>,
+    pub access_token_hash: Vec<u8>,
+    pub original_build_id: Option<String>,
+}
+
+/// Inserts the build in the caller's transaction. The NOTIFY is sent by PostgreSQL only if that
+/// transaction commits, so a waiting worker never wakes for a build that does not exist.
+pub async fn enqueue(conn: &mut PgConnection, new: &NewBuild, now: DateTime<Utc>) -> QueueResult<Build> {
+    let run_at = new.run_at.filter(|at| *at > now);
+    let state = if run_at.is_some() { "scheduled" } else { "pending" };
+    let build: Build = sqlx::query_as(
+        "INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
+                             submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         RETURNING *",
+    )
+    .bind(&new.id)
+    .bind(state)
+    .bind(new.platform.as_str())
+    .bind(new.priority)
+    .bind(run_at.unwrap_or(now))
+    .bind(new.max_attempts)
+    .bind(new.retry_build_failures)
+    .bind(now)
+    .bind(&new.source_key)
+    .bind(new.source_size)
+    .bind(&new.certs_key)
+    .bind(&new.access_token_hash)
+    .bind(&new.original_build_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if run_at.is_none() {
+        notify_ready(conn, new.platform.as_str()).await?;
+    }
+    Ok(build)
+}
+
+/// Tells every instance that `queue` has claimable work (delivered at commit).
+pub(crate) async fn notify_ready(conn: &mut PgConnection, queue: &str) -> QueueResult<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(queue)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

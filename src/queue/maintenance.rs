@@ -1,0 +1,97 @@
+//! Sweeps run by the maintenance jobs: rescue expired leases, fail attempts past their deadline,
+//! promote due scheduled/retryable builds. Each does one bounded batch and returns how many rows moved;
+//! concurrent sweepers skip each other's rows, so each row is handled exactly once.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::attempts::{LockedAttempt, end_attempt, locked_columns};
+use super::enqueue::notify_ready;
+use super::{Failure, FailureKind, QueueResult, Settings};
+
+/// Infrastructure failure for every held build whose lease expired before `now` (up to `batch`).
+pub async fn rescue_expired(pool: &PgPool, settings: &Settings, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        locked_columns!(),
+        " FROM builds WHERE state IN ('assigned', 'building') AND lease_expires_at < $1
+         ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    );
+    sweep_held(pool, settings, now, batch, SQL, now, |locked| Failure {
+        kind: FailureKind::Infrastructure,
+        message: format!(
+            "Worker {} stopped responding (lease expired)",
+            locked.lease_owner.as_deref().unwrap_or("unknown")
+        ),
+    })
+    .await
+}
+
+/// Fails as timed out every held build that started before `now - deadline` (up to `batch`).
+pub async fn fail_past_deadline(
+    pool: &PgPool,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    batch: i64,
+) -> QueueResult<u64> {
+    let cutoff = now - chrono::Duration::seconds(settings.build_deadline_secs as i64);
+    const SQL: &str = concat!(
+        "SELECT ",
+        locked_columns!(),
+        " FROM builds WHERE state IN ('assigned', 'building') AND started_at < $1
+         ORDER BY started_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    );
+    let deadline = settings.build_deadline_secs;
+    sweep_held(pool, settings, now, batch, SQL, cutoff, |_| Failure {
+        kind: FailureKind::Timeout,
+        message: format!("Build exceeded the deadline of {deadline} s"),
+    })
+    .await
+}
+
+/// Locks up to `batch` held rows selected by `select` (`$1 = bound`, `$2 = batch`), skipping rows
+/// other sweepers hold, and ends each attempt with the failure `failure_for` describes.
+async fn sweep_held(
+    pool: &PgPool,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    batch: i64,
+    select: &'static str,
+    bound: DateTime<Utc>,
+    failure_for: impl Fn(&LockedAttempt) -> Failure,
+) -> QueueResult<u64> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<LockedAttempt> = sqlx::query_as(select)
+        .bind(bound)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+    for locked in &rows {
+        end_attempt(&mut tx, locked, &failure_for(locked), settings, now).await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+/// Moves `scheduled`/`retryable` builds whose `run_at` passed to `pending` and wakes their queues.
+pub async fn promote_due(pool: &PgPool, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
+    let mut tx = pool.begin().await?;
+    let queues: Vec<String> = sqlx::query_scalar(
+        "UPDATE builds SET state = 'pending' WHERE id IN (
+            SELECT id FROM builds WHERE state IN ('scheduled', 'retryable') AND run_at <= $1
+            ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING queue",
+    )
+    .bind(now)
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut woken: Vec<&str> = queues.iter().map(String::as_str).collect();
+    woken.sort_unstable();
+    woken.dedup();
+    for queue in woken {
+        notify_ready(&mut tx, queue).await?;
+    }
+    tx.commit().await?;
+    Ok(queues.len() as u64)
+}

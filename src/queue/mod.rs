@@ -1,0 +1,75 @@
+//! The durable build queue. The `builds` row **is** the job: there is no in-memory queue, so every
+//! controller instance sees the same queue and a crash loses nothing.
+//!
+//! # States
+//!
+//! ```text
+//! scheduled ──(run_at passes)──▶ pending ──claim──▶ assigned ──first heartbeat──▶ building
+//!     ▲                                                 │                            │
+//!     └──────── retryable ◀── infrastructure failure ───┴────────────────────────────┤
+//!                                                        completed | failed | cancelled (final)
+//! ```
+//!
+//! # Leases and fencing
+//!
+//! A claim mints a new attempt: `attempt + 1`, a fresh `lease_token` from a database sequence, an OTP and a
+//! lease expiry (the first-heartbeat grace). Every later operation on a held build names the holder
+//! ([`Holder`]: worker id and, where the caller can present it, the lease token) and is a conditional
+//! update on `state IN (assigned, building) AND lease_owner = … AND lease_token = …`. A caller whose
+//! attempt is no longer current matches no row and changes nothing: it gets [`QueueError::Stale`].
+//!
+//! Final states never change except by an explicit operator retry. Each operation is one short
+//! transaction; no lock is held while a build runs. Time is always passed in (`now`), never read inside.
+
+mod attempts;
+mod backoff;
+mod builds;
+mod cancel;
+mod claim;
+mod enqueue;
+mod lease;
+mod logs;
+mod maintenance;
+mod model;
+mod workers;
+
+pub use attempts::{Failure, FailureKind, complete, fail};
+pub use backoff::backoff;
+pub use builds::{find_build, queue_counts};
+pub use cancel::{CancelOutcome, cancel};
+pub use claim::{Claim, claim};
+pub use enqueue::{NOTIFY_CHANNEL, NewBuild, enqueue};
+pub use lease::{HeartbeatOutcome, Holder, heartbeat};
+pub use logs::append_system_log;
+pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
+pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
+pub use workers::{RegisterRequest, Registration, find_worker, register, touch_worker};
+
+use crate::config::QueueConfig;
+
+/// Errors of queue operations. Client-facing variants map to exact API answers in `api::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("build not found")]
+    BuildNotFound,
+    #[error("worker not found")]
+    WorkerNotFound,
+    /// The caller never held an attempt of this build.
+    #[error("build not assigned to this worker")]
+    NotHolder,
+    /// The caller's attempt is no longer current (rescued, reassigned, finished, cancelled).
+    #[error("build attempt is no longer active")]
+    Stale,
+    #[error("build already finished")]
+    AlreadyFinished,
+    /// A registration for an existing worker by a caller who is not that worker.
+    #[error("not allowed to re-register this worker")]
+    Forbidden,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+pub type QueueResult<T> = Result<T, QueueError>;
+
+/// Queue settings in the form the engine uses.
+pub type Settings = QueueConfig;

@@ -1,0 +1,208 @@
+//! Row types and the vocabularies of the queue.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// A platform, which is also the name of its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Ios,
+    Android,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 2] = [Platform::Ios, Platform::Android];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Ios => "ios",
+            Platform::Android => "android",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Platform> {
+        match value {
+            "ios" => Some(Platform::Ios),
+            "android" => Some(Platform::Android),
+            _ => None,
+        }
+    }
+
+    /// File extension of a build result on this platform.
+    pub fn result_extension(self) -> &'static str {
+        match self {
+            Platform::Ios => "ipa",
+            Platform::Android => "apk",
+        }
+    }
+}
+
+/// Native build states (the database vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildState {
+    Scheduled,
+    Pending,
+    Assigned,
+    Building,
+    Retryable,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl BuildState {
+    pub fn parse(value: &str) -> Option<BuildState> {
+        Some(match value {
+            "scheduled" => BuildState::Scheduled,
+            "pending" => BuildState::Pending,
+            "assigned" => BuildState::Assigned,
+            "building" => BuildState::Building,
+            "retryable" => BuildState::Retryable,
+            "completed" => BuildState::Completed,
+            "failed" => BuildState::Failed,
+            "cancelled" => BuildState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Scheduled => "scheduled",
+            BuildState::Pending => "pending",
+            BuildState::Assigned => "assigned",
+            BuildState::Building => "building",
+            BuildState::Retryable => "retryable",
+            BuildState::Completed => "completed",
+            BuildState::Failed => "failed",
+            BuildState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, BuildState::Completed | BuildState::Failed | BuildState::Cancelled)
+    }
+
+    pub fn is_held(self) -> bool {
+        matches!(self, BuildState::Assigned | BuildState::Building)
+    }
+
+    /// The first-generation vocabulary (`pending|assigned|building|completed|failed`).
+    pub fn g0(self) -> &'static str {
+        match self {
+            BuildState::Scheduled | BuildState::Pending | BuildState::Retryable => "pending",
+            BuildState::Assigned => "assigned",
+            BuildState::Building => "building",
+            BuildState::Completed => "completed",
+            BuildState::Failed | BuildState::Cancelled => "failed",
+        }
+    }
+}
+
+/// A build row: the job and everything the API reads about it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Build {
+    pub id: String,
+    pub state: String,
+    pub queue: String,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub retry_build_failures: bool,
+    pub worker_id: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_token: Option<i64>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub progress: Option<i16>,
+    pub stage: Option<String>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub errors: sqlx::types::Json<serde_json::Value>,
+    pub submitted_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub finished_reason: Option<String>,
+    pub error_message: Option<String>,
+    pub access_token_hash: Option<Vec<u8>>,
+    pub otp_hash: Option<Vec<u8>>,
+    pub otp_expires_at: Option<DateTime<Utc>>,
+    pub vm_token_hash: Option<Vec<u8>>,
+    pub vm_token_expires_at: Option<DateTime<Utc>>,
+    pub vm_ready_at: Option<DateTime<Utc>>,
+    pub source_key: Option<String>,
+    pub source_size: Option<i64>,
+    pub certs_key: Option<String>,
+    pub result_key: Option<String>,
+    pub result_size: Option<i64>,
+    pub result_sha256: Option<String>,
+    pub result_attempt: Option<i32>,
+    pub original_build_id: Option<String>,
+    pub log_seq: i64,
+    pub log_dropped: i64,
+}
+
+impl Build {
+    /// The state; rows are constrained by a CHECK, so an unknown value means a newer schema.
+    pub fn state(&self) -> BuildState {
+        BuildState::parse(&self.state).unwrap_or(BuildState::Pending)
+    }
+
+    pub fn platform(&self) -> Platform {
+        Platform::parse(&self.queue).unwrap_or(Platform::Ios)
+    }
+
+    /// The error message G0 clients see; a cancelled build reads as failed with a fixed message.
+    pub fn g0_error_message(&self) -> Option<String> {
+        match (self.state(), &self.error_message) {
+            (_, Some(message)) => Some(message.clone()),
+            (BuildState::Cancelled, None) => Some("Build cancelled by user".to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// A worker row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Worker {
+    pub id: String,
+    pub name: String,
+    pub capabilities: sqlx::types::Json<serde_json::Value>,
+    pub platforms: Vec<String>,
+    pub status: String,
+    pub admin_state: String,
+    pub token_hash: Option<Vec<u8>>,
+    pub token_expires_at: Option<DateTime<Utc>>,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub builds_completed: i64,
+    pub builds_failed: i64,
+}
+
+impl Worker {
+    pub fn platforms(&self) -> Vec<Platform> {
+        self.platforms.iter().filter_map(|p| Platform::parse(p)).collect()
+    }
+
+    /// Whether the worker may be handed new builds.
+    pub fn accepts_work(&self) -> bool {
+        self.admin_state == "active"
+    }
+}
+
+/// A stored build result, recorded on completion.
+#[derive(Debug, Clone)]
+pub struct ResultFile {
+    pub key: String,
+    pub size: i64,
+    pub sha256: String,
+}
+
+/// Queue depth for health and stats.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueueCounts {
+    pub pending: i64,
+    pub active: i64,
+}

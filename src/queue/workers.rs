@@ -1,0 +1,127 @@
+//! Workers: registration (idempotent for the rightful caller only) and liveness.
+
+use chrono::{DateTime, Duration, Utc};
+use sqlx::PgPool;
+
+use super::{Platform, QueueError, QueueResult, Settings, Worker};
+use crate::ids;
+
+/// A registration request, already validated by the API layer.
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    /// Client-chosen or known id; `None` lets the server pick one.
+    pub id: Option<String>,
+    pub name: String,
+    pub capabilities: serde_json::Value,
+    pub platforms: Vec<Platform>,
+    /// Who asks: `None` for the admin key, `Some(id)` for the holder of worker `id`'s token.
+    pub caller_worker: Option<String>,
+}
+
+/// The registered worker and its fresh token (shown once).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub worker: Worker,
+    pub token: String,
+    pub reregistered: bool,
+}
+
+/// Registers a worker, or re-registers a known one for the admin key or that worker's own token.
+/// Re-registering issues a fresh token and revokes the previous one; a worker that still holds an
+/// attempt stays busy.
+pub async fn register(
+    pool: &PgPool,
+    req: &RegisterRequest,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<Registration> {
+    let id = match (&req.id, &req.caller_worker) {
+        (Some(id), _) => id.clone(),
+        (None, Some(own)) => own.clone(),
+        (None, None) => ids::new_id(),
+    };
+    if req.caller_worker.as_ref().is_some_and(|own| *own != id) {
+        return Err(QueueError::Forbidden);
+    }
+    let token = ids::new_secret();
+    let token_hash = ids::hash_secret(&token);
+    let expires = now + Duration::seconds(settings.worker_token_ttl_secs as i64);
+    let platforms: Vec<&str> = req.platforms.iter().map(|p| p.as_str()).collect();
+    let inserted: Option<Worker> = sqlx::query_as(
+        "INSERT INTO workers (id, name, capabilities, platforms, token_hash, token_expires_at, registered_at, last_seen_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+         ON CONFLICT (id) DO NOTHING RETURNING *",
+    )
+    .bind(&id)
+    .bind(&req.name)
+    .bind(sqlx::types::Json(&req.capabilities))
+    .bind(&platforms)
+    .bind(&token_hash)
+    .bind(expires)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(worker) = inserted {
+        return Ok(Registration {
+            worker,
+            token,
+            reregistered: false,
+        });
+    }
+    let worker: Worker = sqlx::query_as(
+        "UPDATE workers SET name = $2, capabilities = $3, platforms = $4, token_hash = $5, token_expires_at = $6,
+            last_seen_at = $7,
+            status = CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
+                          THEN 'busy' ELSE 'idle' END
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(&id)
+    .bind(&req.name)
+    .bind(sqlx::types::Json(&req.capabilities))
+    .bind(&platforms)
+    .bind(&token_hash)
+    .bind(expires)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(QueueError::WorkerNotFound)?;
+    Ok(Registration {
+        worker,
+        token,
+        reregistered: true,
+    })
+}
+
+/// The worker with this id, if any.
+pub async fn find_worker(pool: &PgPool, id: &str) -> QueueResult<Option<Worker>> {
+    Ok(sqlx::query_as("SELECT * FROM workers WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// How stale `last_seen_at` may get before a poll writes it again (empty polls stay read-only).
+pub const SEEN_DEBOUNCE_SECS: i64 = 10;
+
+/// Records that the worker is alive and slides its token's expiry, at most once per debounce window.
+pub async fn touch_worker(pool: &PgPool, worker: &Worker, settings: &Settings, now: DateTime<Utc>) -> QueueResult<()> {
+    let offline = worker.status == "offline";
+    if !offline && worker.last_seen_at > now - Duration::seconds(SEEN_DEBOUNCE_SECS) {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE workers SET last_seen_at = $2,
+            token_expires_at = CASE WHEN token_hash IS NULL THEN NULL ELSE $3 END,
+            status = CASE WHEN status = 'offline' THEN
+                (CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
+                      THEN 'busy' ELSE 'idle' END)
+                ELSE status END
+         WHERE id = $1",
+    )
+    .bind(&worker.id)
+    .bind(now)
+    .bind(now + Duration::seconds(settings.worker_token_ttl_secs as i64))
+    .execute(pool)
+    .await?;
+    Ok(())
+}

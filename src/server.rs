@@ -1,0 +1,122 @@
+//! Running the controller: the HTTP server and the maintenance jobs share one shutdown signal;
+//! `run` waits for both and says which ended and why.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::storage::Storage;
+use crate::{db, jobs};
+
+/// A started controller.
+pub struct Running {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<&'static str>,
+}
+
+impl Running {
+    /// Asks every task to stop and waits for them.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        while let Some(done) = self.tasks.join_next().await {
+            match done {
+                Ok(name) => tracing::info!(task = name, "stopped"),
+                Err(e) => tracing::error!(error = %e, "task ended abnormally"),
+            }
+        }
+    }
+
+    /// Waits until a task ends on its own or a shutdown signal arrives, then stops the rest.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("shutdown signal received"),
+            Some(done) = self.tasks.join_next() => match done {
+                Ok(name) => tracing::warn!(task = name, "task ended; shutting down"),
+                Err(e) => tracing::error!(error = %e, "task failed; shutting down"),
+            },
+        }
+        self.stop().await;
+    }
+}
+
+/// Validates the configuration, connects, migrates (unless `migrate` is false), binds and starts
+/// serving on `listener` (or the configured address).
+pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool) -> anyhow::Result<Running> {
+    let secrets = config
+        .validate()
+        .map_err(|problems| anyhow::anyhow!("invalid configuration:\n  - {problems}"))?;
+    let pool = db::connect(&config.db).await?;
+    if migrate {
+        db::migrate(&pool).await?;
+    }
+    let storage = Storage::local(&config.storage_dir)?;
+    let listener = match listener {
+        Some(listener) => listener,
+        None => TcpListener::bind(config.listen).await?,
+    };
+    let addr = listener.local_addr()?;
+    let state = AppState {
+        pool: pool.clone(),
+        storage,
+        config: Arc::new(config.clone()),
+        secrets: Arc::new(secrets),
+    };
+    let (shutdown, stop) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let app = api::router(state);
+    let mut http_stop = stop.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = http_stop.changed().await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+        "http"
+    });
+    let queue_settings = config.queue.clone();
+    tasks.spawn(async move {
+        jobs::run(pool, queue_settings, stop).await;
+        "jobs"
+    });
+    tracing::info!(%addr, "expo-controller listening on http://{addr}");
+    Ok(Running { addr, shutdown, tasks })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Installs the tracing subscriber (`text` or `json`), filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

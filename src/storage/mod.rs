@@ -1,0 +1,153 @@
+//! Artifact storage: sources, encrypted certs bundles and results, in an object store (local
+//! filesystem by default). Object keys are derived only from ids that passed [`crate::ids::valid_id`],
+//! so no client input ever becomes a path (R8). Writes stream with bounded memory and are published
+//! atomically: an aborted or oversized upload leaves nothing behind.
+
+pub mod certs;
+mod keys;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::{GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload};
+use sha2::{Digest, Sha256};
+
+pub use keys::Key;
+
+/// Bytes buffered before a part is handed to the store; bounds memory per upload.
+const PART_SIZE: usize = 1024 * 1024;
+
+/// Where artifacts live.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+}
+
+/// A completed write.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Why a streamed write did not complete. Nothing is left in storage in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("stream exceeded the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("request body failed: {0}")]
+    Body(String),
+    #[error("storage failed: {0}")]
+    Store(#[from] object_store::Error),
+}
+
+impl Storage {
+    /// Local filesystem storage under `root` (created if missing).
+    pub fn local(root: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let store = LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true);
+        Ok(Self { store: Arc::new(store) })
+    }
+
+    /// Streams `body` to `key`, refusing more than `limit` bytes. The object appears only when
+    /// the whole stream arrived; on any error the partial upload is removed.
+    pub async fn write_stream<S, E>(&self, key: &Key, body: S, limit: u64) -> Result<Stored, WriteError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut upload = self.store.put_multipart(key.path()).await?;
+        match copy_parts(upload.as_mut(), body, limit).await {
+            Ok(stored) => match upload.complete().await {
+                Ok(_) => Ok(stored),
+                Err(e) => {
+                    let _ = self.store.delete(key.path()).await;
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = upload.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores a small object in one piece.
+    pub async fn put(&self, key: &Key, bytes: Bytes) -> Result<(), WriteError> {
+        self.store.put(key.path(), PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// Opens an object, optionally a byte range of it, as a stream.
+    pub async fn get(&self, key: &Key, range: Option<GetRange>) -> object_store::Result<GetResult> {
+        let options = GetOptions {
+            range,
+            ..Default::default()
+        };
+        self.store.get_opts(key.path(), options).await
+    }
+
+    /// Reads a whole (small) object.
+    pub async fn read_all(&self, key: &Key) -> object_store::Result<Bytes> {
+        self.store.get(key.path()).await?.bytes().await
+    }
+
+    /// Size of an object.
+    pub async fn size(&self, key: &Key) -> object_store::Result<u64> {
+        Ok(self.store.head(key.path()).await?.size)
+    }
+
+    /// Deletes an object; a missing object is not an error.
+    pub async fn delete(&self, key: &Key) -> object_store::Result<()> {
+        match self.store.delete(key.path()).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves an object to a new key.
+    pub async fn rename(&self, from: &Key, to: &Key) -> object_store::Result<()> {
+        self.store.rename(from.path(), to.path()).await
+    }
+
+    /// Copies an object (retry of a build reuses its source).
+    pub async fn copy(&self, from: &Key, to: &Key) -> object_store::Result<()> {
+        self.store.copy(from.path(), to.path()).await
+    }
+}
+
+async fn copy_parts<S, E>(
+    upload: &mut dyn object_store::MultipartUpload,
+    mut body: S,
+    limit: u64,
+) -> Result<Stored, WriteError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let mut buffer = BytesMut::with_capacity(PART_SIZE);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(WriteError::TooLarge(limit));
+        }
+        hasher.update(&chunk);
+        buffer.extend_from_slice(&chunk);
+        if buffer.len() >= PART_SIZE {
+            upload.put_part(PutPayload::from(buffer.split().freeze())).await?;
+        }
+    }
+    if !buffer.is_empty() || size == 0 {
+        upload.put_part(PutPayload::from(buffer.freeze())).await?;
+    }
+    Ok(Stored {
+        size,
+        sha256: crate::ids::hex(&hasher.finalize()),
+    })
+}
