@@ -17,7 +17,7 @@ enum Command {
     /// Apply migrations, then serve the HTTP API and run the maintenance jobs.
     Serve {
         #[command(flatten)]
-        config: Config,
+        config: Box<Config>,
         /// Do not apply migrations at start-up.
         #[arg(long)]
         no_migrate: bool,
@@ -37,7 +37,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve { config, no_migrate } => {
             server::init_tracing(&config.log_format);
-            match server::start(config, None, !no_migrate).await {
+            match server::start(*config, None, !no_migrate).await {
                 Ok(running) => {
                     running.wait().await;
                     Ok(())

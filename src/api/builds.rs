@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::auth;
 use super::error::{ApiError, ApiResult};
 use super::extract::{IdPath, QueryParams, bounded_int};
-use super::multipart::{Parts, read_limited, read_text, require_multipart};
+use super::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
 use super::{AppState, views};
 use crate::ids;
 use crate::queue::{self, NewBuild, Platform};
@@ -29,7 +29,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// B1: 200 with the new build.
-async fn submit_g0(state: State<AppState>, headers: HeaderMap, multipart: Multipart) -> ApiResult<Json<Value>> {
+async fn submit_g0(state: State<AppState>, headers: HeaderMap, multipart: MultipartBody) -> ApiResult<Json<Value>> {
     submit(state, headers, multipart).await
 }
 
@@ -37,7 +37,7 @@ async fn submit_g0(state: State<AppState>, headers: HeaderMap, multipart: Multip
 async fn submit_created(
     state: State<AppState>,
     headers: HeaderMap,
-    multipart: Multipart,
+    multipart: MultipartBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     Ok((StatusCode::CREATED, submit(state, headers, multipart).await?))
 }
@@ -54,9 +54,9 @@ struct SubmitForm {
     run_at: Option<String>,
 }
 
-async fn submit(State(state): State<AppState>, headers: HeaderMap, multipart: Multipart) -> ApiResult<Json<Value>> {
+async fn submit(State(state): State<AppState>, headers: HeaderMap, body: MultipartBody) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    require_multipart(&headers)?;
+    let multipart = require_multipart(body)?;
     let build_id = ids::new_id();
     let source_key = Key::source(&build_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("id")))?;
     let certs_key = Key::certs(&build_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("id")))?;

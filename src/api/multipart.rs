@@ -1,8 +1,7 @@
 //! Streaming multipart helpers: file parts go to storage chunk by chunk; text parts are small and bounded.
 
 use axum::extract::Multipart;
-use axum::extract::multipart::Field;
-use axum::http::{HeaderMap, header};
+use axum::extract::multipart::{Field, MultipartRejection};
 use bytes::{Bytes, BytesMut};
 
 use super::error::{ApiError, ApiResult};
@@ -12,17 +11,12 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 /// Most parts accepted in one request.
 pub const MAX_PARTS: usize = 64;
 
-/// 400 unless the request declares a multipart body.
-pub fn require_multipart(headers: &HeaderMap) -> ApiResult<()> {
-    let is_multipart = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"));
-    if is_multipart {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request("Content must be multipart/form-data"))
-    }
+/// A multipart body; anything else is rejected by [`require_multipart`].
+pub type MultipartBody = Result<Multipart, MultipartRejection>;
+
+/// The multipart body, or 400 `Content must be multipart/form-data`.
+pub fn require_multipart(body: MultipartBody) -> ApiResult<Multipart> {
+    body.map_err(|_| ApiError::bad_request("Content must be multipart/form-data"))
 }
 
 /// Walks the parts of a multipart body, bounding their number.

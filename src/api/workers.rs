@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::auth::{self, WORKER_TOKEN, header};
 use super::error::{ApiError, ApiResult};
 use super::extract::{JsonBody, QueryParams, bounded_int};
-use super::multipart::{Parts, read_text, require_multipart};
+use super::multipart::{MultipartBody, Parts, read_text, require_multipart};
 use super::{AppState, views};
 use crate::ids;
 use crate::queue::{self, Failure, FailureKind, Platform, RegisterRequest, ResultFile, Worker};
@@ -141,12 +141,12 @@ struct UploadForm {
 }
 
 /// B17: the holder of the current attempt reports success (with the result) or failure.
-async fn upload(State(state): State<AppState>, headers: HeaderMap, multipart: Multipart) -> ApiResult<Json<Value>> {
-    require_multipart(&headers)?;
+async fn upload(State(state): State<AppState>, headers: HeaderMap, body: MultipartBody) -> ApiResult<Json<Value>> {
     // Reject callers without any credential before accepting a byte of the body.
     if header(&headers, auth::VM_TOKEN).is_none() && header(&headers, WORKER_TOKEN).is_none() {
         auth::require_admin(&state, &headers)?;
     }
+    let multipart = require_multipart(body)?;
     let mut form = UploadForm::default();
     let outcome = match read_upload_form(&state, multipart, &mut form).await {
         Ok(()) => finish_upload(&state, &headers, &form).await,

@@ -1,0 +1,9 @@
+//! Integration tests: the real server over real HTTP against a real PostgreSQL (a fresh database per
+//! test), plus the queue engine called directly where time has to move.
+
+mod support;
+
+mod bad_input;
+mod g0_worker;
+mod queue_engine;
+mod restart;

@@ -1,0 +1,254 @@
+//! Test harness: a database per test, a server on an ephemeral port, typed helpers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::Utc;
+use expo_controller::config::{Config, DbConfig, QueueConfig};
+use expo_controller::ids;
+use expo_controller::queue::{self, NewBuild, Platform, RegisterRequest, Worker};
+use expo_controller::server::{self, Running};
+use reqwest::multipart::{Form, Part};
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// The admin URL of the throwaway cluster started by `make test`.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .expect("TEST_DATABASE_URL is not set: run the tests with `make test`, which starts a throwaway PostgreSQL")
+}
+
+/// A fresh, migrated database; returns its URL and a pool.
+pub async fn fresh_database(pool_size: u32) -> (String, PgPool) {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin_url())
+        .await
+        .expect("connect admin");
+    let name = format!("t_{}", ids::new_id().to_lowercase().replace('-', "_"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create db");
+    admin.close().await;
+    let base = admin_url();
+    let url = format!("{}/{name}", base.rsplit_once('/').expect("url with a database").0);
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .connect(&url)
+        .await
+        .expect("connect test db");
+    expo_controller::db::migrate(&pool).await.expect("migrate");
+    (url, pool)
+}
+
+pub const API_KEY: &str = "test-admin-key-0123456789abcdef0123456789";
+
+/// A configuration for a test server on `database_url`.
+pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        db: DbConfig {
+            database_url: database_url.to_string(),
+            db_pool_size: 10,
+            db_statement_timeout_ms: 30_000,
+        },
+        api_key: Some(API_KEY.to_string()),
+        storage_dir,
+        certs_key: Some(ids::new_key32()),
+        base_image_id: "test-base-image".to_string(),
+        max_source_bytes: 1024 * 1024,
+        max_certs_bytes: 64 * 1024,
+        max_result_bytes: 1024 * 1024,
+        queue: QueueConfig::default(),
+        log_format: "text".to_string(),
+    }
+}
+
+/// A running server with its own database and storage directory.
+pub struct TestApp {
+    pub base: String,
+    pub pool: PgPool,
+    pub client: reqwest::Client,
+    pub storage_dir: PathBuf,
+    /// Dropping it aborts the server's tasks.
+    _running: Running,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+        let (database_url, pool) = fresh_database(10).await;
+        let storage_dir = std::env::temp_dir().join(format!("expo-test-storage-{}", ids::new_id()));
+        let mut config = config(&database_url, storage_dir.clone());
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let running = server::start(config, Some(listener), false)
+            .await
+            .expect("start server");
+        TestApp {
+            base: format!("http://{}", running.addr),
+            pool,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            storage_dir,
+            _running: running,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Registers a worker over HTTP with the admin key; returns (id, token).
+    pub async fn register(&self, name: &str, platforms: &[&str]) -> (String, String) {
+        let body: Value = self
+            .client
+            .post(self.url("/api/workers/register"))
+            .header("X-API-Key", API_KEY)
+            .json(&serde_json::json!({ "name": name, "capabilities": { "platforms": platforms } }))
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("register json");
+        (
+            body["id"].as_str().expect("id").to_string(),
+            body["access_token"].as_str().expect("token").to_string(),
+        )
+    }
+
+    /// Submits a build over HTTP; returns the answer's JSON.
+    pub async fn submit(&self, platform: &str, source: &[u8]) -> Value {
+        let form = Form::new()
+            .part("source", Part::bytes(source.to_vec()).file_name("app.zip"))
+            .text("platform", platform.to_string());
+        let response = self
+            .client
+            .post(self.url("/api/builds/submit"))
+            .header("X-API-Key", API_KEY)
+            .multipart(form)
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(response.status(), 200, "submit failed");
+        response.json().await.expect("submit json")
+    }
+
+    /// G0 poll with the admin key and `?worker_id=`.
+    pub async fn poll(&self, worker_id: &str) -> Value {
+        self.client
+            .get(self.url("/api/workers/poll"))
+            .query(&[("worker_id", worker_id)])
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .expect("poll")
+            .json()
+            .await
+            .expect("poll json")
+    }
+
+    /// Files under the storage root (relative paths), to prove nothing was left behind.
+    pub fn stored_files(&self) -> Vec<String> {
+        fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, root, out);
+                } else if let Ok(rel) = path.strip_prefix(root) {
+                    out.push(rel.to_string_lossy().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.storage_dir, &self.storage_dir, &mut out);
+        out
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.storage_dir);
+    }
+}
+
+/// Inserts a worker directly through the queue layer.
+pub async fn worker(pool: &PgPool, name: &str, platforms: &[Platform]) -> Worker {
+    let request = RegisterRequest {
+        id: None,
+        name: name.to_string(),
+        capabilities: serde_json::json!({}),
+        platforms: platforms.to_vec(),
+        caller_worker: None,
+    };
+    queue::register(pool, &request, &QueueConfig::default(), Utc::now())
+        .await
+        .expect("register")
+        .worker
+}
+
+/// Enqueues a build directly (no files) and returns its id.
+pub async fn enqueue(pool: &PgPool, platform: Platform, priority: i32, max_attempts: i32) -> String {
+    let id = ids::new_id();
+    let new = NewBuild {
+        id: id.clone(),
+        platform,
+        priority,
+        max_attempts,
+        run_at: None,
+        retry_build_failures: false,
+        source_key: format!("builds/{id}/source.zip"),
+        source_size: 1,
+        certs_key: None,
+        access_token_hash: ids::hash_secret("token"),
+        original_build_id: None,
+    };
+    let mut conn = pool.acquire().await.expect("conn");
+    queue::enqueue(&mut conn, &new, Utc::now()).await.expect("enqueue");
+    id
+}
+
+/// The state column of a build.
+pub async fn state_of(pool: &PgPool, id: &str) -> String {
+    sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("state")
+}
+
+/// Sends one raw HTTP/1.1 request (for paths an HTTP client would normalise) and returns the status.
+pub async fn raw_status(base: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line")
+}
