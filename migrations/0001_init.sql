@@ -53,6 +53,8 @@ CREATE TABLE builds (
     otp_hash              bytea,
     otp_expires_at        timestamptz,
     vm_token_hash         bytea,
+    -- the VM token sealed with the certs key, so vm-status can hand it to the holding worker
+    vm_token_sealed       bytea,
     vm_token_expires_at   timestamptz,
     vm_ready_at           timestamptz,
     -- stored objects
@@ -67,6 +69,7 @@ CREATE TABLE builds (
     -- logs: next sequence number, and lines refused past the cap
     log_seq               bigint NOT NULL DEFAULT 0,
     log_dropped           bigint NOT NULL DEFAULT 0,
+    log_marker_seq        bigint,
     CHECK ((state IN ('assigned', 'building')) = (lease_owner IS NOT NULL AND lease_token IS NOT NULL))
 );
 -- Claim: only queued rows are indexed, so finished history never slows it down.
@@ -83,8 +86,9 @@ CREATE INDEX builds_due_idx ON builds (run_at) WHERE state IN ('scheduled', 'ret
 CREATE INDEX builds_certs_final_idx ON builds (completed_at)
     WHERE certs_key IS NOT NULL AND state IN ('completed', 'failed', 'cancelled');
 CREATE INDEX builds_finished_idx ON builds (completed_at) WHERE state IN ('completed', 'failed', 'cancelled');
--- Listings, newest first.
+-- Listings, newest first (all builds, and per worker).
 CREATE INDEX builds_submitted_idx ON builds (submitted_at DESC, id DESC);
+CREATE INDEX builds_worker_idx ON builds (worker_id, submitted_at DESC) WHERE worker_id IS NOT NULL;
 
 CREATE TABLE build_attempts (
     build_id     text NOT NULL REFERENCES builds (id) ON DELETE CASCADE,

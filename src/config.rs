@@ -44,6 +44,18 @@ pub struct Config {
     #[arg(long, env = "CONTROLLER_MAX_RESULT_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_result_bytes: u64,
 
+    /// Most log lines kept per build; later lines are counted and dropped.
+    #[arg(long, env = "CONTROLLER_MAX_LOG_LINES", default_value_t = 10_000)]
+    pub max_log_lines: i64,
+
+    /// Requests per second allowed from one IP address (0 disables the limit).
+    #[arg(long, env = "CONTROLLER_RATE_LIMIT_PER_IP", default_value_t = 2_000)]
+    pub rate_limit_per_ip: u32,
+
+    /// Requests per second allowed for one credential (0 disables the limit).
+    #[arg(long, env = "CONTROLLER_RATE_LIMIT_PER_CREDENTIAL", default_value_t = 200)]
+    pub rate_limit_per_credential: u32,
+
     #[command(flatten)]
     pub queue: QueueConfig,
 
@@ -201,6 +213,9 @@ impl Config {
             if value == 0 {
                 problems.push(format!("{name} must be positive"));
             }
+        }
+        if self.max_log_lines < 1 {
+            problems.push("CONTROLLER_MAX_LOG_LINES must be positive".to_string());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             problems.push("CONTROLLER_LOG_FORMAT must be `text` or `json`".to_string());

@@ -2,7 +2,6 @@
 //! `run` waits for both and says which ended and why.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -60,17 +59,18 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         None => TcpListener::bind(config.listen).await?,
     };
     let addr = listener.local_addr()?;
-    let state = AppState {
+    let jobs_ctx = jobs::JobContext {
         pool: pool.clone(),
-        storage,
-        config: Arc::new(config.clone()),
-        secrets: Arc::new(secrets),
+        storage: storage.clone(),
+        settings: config.queue.clone(),
     };
+    let state = AppState::new(pool, storage, config.clone(), secrets);
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(state);
     let mut http_stop = stop.clone();
     tasks.spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = http_stop.changed().await;
         });
@@ -79,9 +79,8 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         }
         "http"
     });
-    let queue_settings = config.queue.clone();
     tasks.spawn(async move {
-        jobs::run(pool, queue_settings, stop).await;
+        jobs::run(jobs_ctx, stop).await;
         "jobs"
     });
     tracing::info!(%addr, "expo-controller listening on http://{addr}");

@@ -108,14 +108,26 @@ impl BuildCaller {
     }
 }
 
-/// Resolves a build-scoped worker credential (api.md §2, forms 1–3): a VM token of this build's
-/// current attempt, a worker token, or the admin key with a worker id (header, or `fallback_worker_id`
-/// from the query or form).
+/// Which extra credential forms of api.md §2 an endpoint accepts, and how it words a missing worker id.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallerRules {
+    /// Rule 4 (telemetry): `X-Worker-Id` + `X-Build-Id` matching the current assignment, no key.
+    pub worker_and_build_ids: bool,
+    /// Rule 5 (log posts): `X-API-Key` carrying the attempt's unexpired OTP, with a matching `X-Worker-Id`.
+    pub otp_as_api_key: bool,
+    /// Answer a missing worker id with 400 `worker_id required` (heartbeat) instead of 401.
+    pub worker_id_is_a_parameter: bool,
+}
+
+/// Resolves a build-scoped worker credential (api.md §2): a VM token of this build's current attempt,
+/// a worker token, or the admin key with a worker id (header, or `fallback_worker_id` from the query or
+/// form), plus the forms `rules` enables. The caller's hold on the build is checked by the operation.
 pub async fn build_caller(
     state: &AppState,
     headers: &HeaderMap,
     build_id: &str,
     fallback_worker_id: Option<&str>,
+    rules: CallerRules,
 ) -> ApiResult<BuildCaller> {
     if let Some(vm_token) = header(headers, VM_TOKEN) {
         let held: Option<(String, i64)> = sqlx::query_as(
@@ -140,11 +152,53 @@ pub async fn build_caller(
             lease_token: None,
         });
     }
-    require_admin(state, headers)?;
-    let id = worker_id(header(headers, WORKER_ID))?.or(worker_id(fallback_worker_id)?);
-    let worker_id = id.ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Id header"))?;
-    Ok(BuildCaller {
-        worker_id,
-        lease_token: None,
-    })
+    let named_worker = worker_id(header(headers, WORKER_ID))?.or(worker_id(fallback_worker_id)?);
+    match header(headers, API_KEY) {
+        Some(key) if secret_matches(key, &state.secrets.api_key) => {
+            let worker_id = named_worker.ok_or_else(|| missing_worker(rules))?;
+            Ok(BuildCaller {
+                worker_id,
+                lease_token: None,
+            })
+        }
+        Some(key) if rules.otp_as_api_key && named_worker.is_some() => {
+            let worker_id = named_worker.unwrap_or_default();
+            let lease_token: Option<i64> = sqlx::query_scalar(
+                "SELECT lease_token FROM builds WHERE id = $1 AND lease_owner = $2 AND otp_hash = $3
+                   AND otp_expires_at > $4 AND state IN ('assigned', 'building')",
+            )
+            .bind(build_id)
+            .bind(&worker_id)
+            .bind(hash_secret(key))
+            .bind(Utc::now())
+            .fetch_optional(&state.pool)
+            .await?;
+            let lease_token = lease_token.ok_or_else(|| ApiError::forbidden("Invalid API key"))?;
+            Ok(BuildCaller {
+                worker_id,
+                lease_token: Some(lease_token),
+            })
+        }
+        Some(_) => Err(ApiError::forbidden("Invalid API key")),
+        None => match (named_worker, header(headers, "x-build-id")) {
+            (Some(worker_id), Some(named_build)) if rules.worker_and_build_ids => {
+                if named_build != build_id {
+                    return Err(ApiError::not_authorized_for_build());
+                }
+                Ok(BuildCaller {
+                    worker_id,
+                    lease_token: None,
+                })
+            }
+            _ => Err(ApiError::unauthorized("Missing X-API-Key header")),
+        },
+    }
+}
+
+fn missing_worker(rules: CallerRules) -> ApiError {
+    if rules.worker_id_is_a_parameter {
+        ApiError::bad_request("worker_id required")
+    } else {
+        ApiError::unauthorized("Missing X-Worker-Id header")
+    }
 }

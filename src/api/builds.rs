@@ -1,14 +1,12 @@
-//! Build endpoints for submitters and the workers that run them: submit, status, source.
+//! Build endpoints for submitters and operators: submit, list, active, status, cancel, retry.
 
-use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Multipart, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth;
@@ -17,15 +15,30 @@ use super::extract::{IdPath, QueryParams, bounded_int};
 use super::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
 use super::{AppState, views};
 use crate::ids;
-use crate::queue::{self, NewBuild, Platform};
-use crate::storage::{Key, WriteError, certs};
+use crate::queue::{self, Build, BuildFilter, NewBuild, Platform};
+use crate::storage::{Key, Stored, WriteError, bundle, certs};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/builds/submit", post(submit_g0).layer(DefaultBodyLimit::disable()))
-        .route("/api/builds", post(submit_created).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/api/builds",
+            post(submit_created).layer(DefaultBodyLimit::disable()).get(list),
+        )
+        .route("/api/builds/active", get(active))
         .route("/api/builds/{id}/status", get(status))
-        .route("/api/builds/{id}/source", get(source))
+        .route("/api/builds/{id}/cancel", post(cancel))
+        .route("/api/builds/{id}/retry", post(retry))
+}
+
+/// Loads a build for an owner endpoint: a credential first (401), then the build (404), then the match (403).
+pub(super) async fn owned_build(state: &AppState, headers: &HeaderMap, id: &str) -> ApiResult<Build> {
+    auth::require_owner_credential(headers)?;
+    let build = queue::find_build(&state.pool, id)
+        .await?
+        .ok_or_else(ApiError::build_not_found)?;
+    auth::require_owner(state, headers, &build)?;
+    Ok(build)
 }
 
 /// B1: 200 with the new build.
@@ -45,7 +58,7 @@ async fn submit_created(
 /// What a submit form carried besides the source.
 #[derive(Default)]
 struct SubmitForm {
-    source: Option<crate::storage::Stored>,
+    source: Option<Stored>,
     certs: Option<Bytes>,
     profile: Option<Bytes>,
     platform: Option<String>,
@@ -58,8 +71,12 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Multipa
     auth::require_admin(&state, &headers)?;
     let multipart = require_multipart(body)?;
     let build_id = ids::new_id();
-    let source_key = Key::source(&build_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("id")))?;
-    let certs_key = Key::certs(&build_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("id")))?;
+    let keys = (Key::source(&build_id), Key::certs(&build_id));
+    let (Some(source_key), Some(certs_key)) = keys else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "generated id {build_id} is not a valid key"
+        )));
+    };
     let mut form = SubmitForm::default();
     let outcome = match read_submit_form(&state, multipart, &source_key, &mut form).await {
         Ok(()) => create_build(&state, &build_id, &source_key, &certs_key, form).await,
@@ -87,12 +104,11 @@ async fn read_submit_form(
                 let stored = state
                     .storage
                     .write_stream(source_key, field, limits.max_source_bytes)
-                    .await
-                    .map_err(|e| match e {
-                        WriteError::TooLarge(_) => ApiError::too_large("Source file too large"),
-                        other => other.into(),
-                    })?;
-                form.source = Some(stored);
+                    .await;
+                form.source = Some(stored.map_err(|e| match e {
+                    WriteError::TooLarge(_) => ApiError::too_large("Source file too large"),
+                    other => other.into(),
+                })?);
             }
             "certs" => form.certs = Some(read_limited(field, limits.max_certs_bytes, "Certs file too large").await?),
             "profile" => {
@@ -129,17 +145,13 @@ async fn create_build(
     let max_attempts = bounded_int(form.max_attempts.as_deref(), "max_attempts", 1, 10)?
         .map_or(state.config.queue.max_attempts, |n| n as i32);
     let run_at = parse_run_at(form.run_at.as_deref())?;
-    let stored_certs = match (form.certs, form.profile) {
+    let stored_certs = match (form.certs.as_deref(), form.profile.as_deref()) {
         (None, None) => None,
-        (certs, profile) => {
-            let bundle = certs_bundle(certs, profile);
-            state
-                .storage
-                .put(
-                    certs_key,
-                    Bytes::from(certs::encrypt(&state.secrets.certs_key, &bundle)),
-                )
-                .await?;
+        (certs_part, profile) => {
+            let bundle =
+                bundle::normalise(certs_part, profile).map_err(|_| ApiError::bad_request("Invalid certs bundle"))?;
+            let sealed = certs::encrypt(&state.secrets.certs_key, &bundle);
+            state.storage.put(certs_key, Bytes::from(sealed)).await?;
             Some(certs_key.as_str().to_string())
         }
     };
@@ -157,9 +169,7 @@ async fn create_build(
         access_token_hash: ids::hash_secret(&access_token),
         original_build_id: None,
     };
-    let mut tx = state.pool.begin().await?;
-    let build = queue::enqueue(&mut tx, &new, Utc::now()).await?;
-    tx.commit().await?;
+    let build = enqueue(state, &new).await?;
     Ok(Json(json!({
         "id": build.id,
         "status": "pending",
@@ -168,16 +178,11 @@ async fn create_build(
     })))
 }
 
-/// The plaintext certs bundle kept (encrypted) for the build: the uploaded bundle, with a separate
-/// provisioning profile appended as a length-prefixed section.
-fn certs_bundle(certs: Option<Bytes>, profile: Option<Bytes>) -> Vec<u8> {
-    let mut bundle = Vec::new();
-    for part in [certs, profile] {
-        let part = part.unwrap_or_default();
-        bundle.extend_from_slice(&(part.len() as u64).to_be_bytes());
-        bundle.extend_from_slice(&part);
-    }
-    bundle
+async fn enqueue(state: &AppState, new: &NewBuild) -> ApiResult<Build> {
+    let mut tx = state.pool.begin().await?;
+    let build = queue::enqueue(&mut tx, new, Utc::now()).await?;
+    tx.commit().await?;
+    Ok(build)
 }
 
 fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
@@ -189,69 +194,135 @@ fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
     }
 }
 
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<String>,
+    before: Option<String>,
+    status: Option<String>,
+    platform: Option<String>,
+    worker_id: Option<String>,
+}
+
+/// B2: a bare JSON array, newest first, paginated with `?limit=` and `?before=<id>`.
+async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
+    let states = match q.status.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(status) => Some(states_for(status).ok_or_else(|| ApiError::bad_request("Invalid status"))?),
+    };
+    let platform = match q.platform.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(p) => Some(Platform::parse(p).ok_or_else(|| ApiError::bad_request("Invalid platform"))?),
+    };
+    let before = q.before.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    if before.is_some_and(|b| !ids::valid_id(b)) {
+        return Err(ApiError::bad_request("Invalid before cursor"));
+    }
+    let filter = BuildFilter {
+        states,
+        platform,
+        worker_id: auth::worker_id(q.worker_id.as_deref())?,
+        before: before.map(str::to_string),
+        limit,
+    };
+    let builds = queue::list_builds(&state.pool, &filter).await?;
+    Ok(Json(Value::Array(builds.iter().map(views::build_list_entry).collect())))
+}
+
+/// The native states a `?status=` filter selects: G0 names cover their mapped states.
+fn states_for(status: &str) -> Option<Vec<String>> {
+    let names: &[&str] = match status {
+        "pending" => &["pending", "scheduled", "retryable"],
+        "failed" => &["failed", "cancelled"],
+        other => return queue::BuildState::parse(other).map(|s| vec![s.as_str().to_string()]),
+    };
+    Some(names.iter().map(|s| s.to_string()).collect())
+}
+
+/// B3: builds held by workers now.
+async fn active(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let builds = queue::active_builds(&state.pool).await?;
+    let entries: Vec<Value> = builds
+        .iter()
+        .map(|b| {
+            json!({
+                "id": b.id, "status": b.state().g0(), "platform": b.queue,
+                "worker_id": b.lease_owner, "started_at": views::ms(b.started_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "builds": entries })))
+}
+
 /// B4 (owner: admin key or the build's token).
 async fn status(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_owner_credential(&headers)?;
-    let build = queue::find_build(&state.pool, &id)
-        .await?
-        .ok_or_else(ApiError::build_not_found)?;
-    auth::require_owner(&state, &headers, &build)?;
+    let build = owned_build(&state, &headers, &id).await?;
     Ok(Json(views::build_status(&build)))
 }
 
-/// B8: the source archive, only for the holder of the current attempt.
-async fn source(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    IdPath(id): IdPath,
-    QueryParams(query): QueryParams<WorkerQuery>,
-) -> ApiResult<Response> {
-    let caller = auth::build_caller(&state, &headers, &id, query.worker_id.as_deref()).await?;
-    let build = queue::find_build(&state.pool, &id)
-        .await?
-        .ok_or_else(ApiError::build_not_found)?;
-    if !caller.holds(&build) {
-        return Err(ApiError::not_authorized_for_build());
+/// B13: cancel; the body is ignored (the CLI sends an empty body with `Content-Type: application/json`).
+async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    owned_build(&state, &headers, &id).await?;
+    let outcome = queue::cancel(&state.pool, &id, Utc::now()).await?;
+    if let Some(worker) = &outcome.interrupted_worker {
+        tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
     }
-    let key = build
-        .source_key
-        .as_deref()
-        .and_then(Key::parse)
-        .ok_or_else(|| ApiError::not_found("Source not found"))?;
-    stream_object(&state, &key, "application/zip", &format!("{id}.zip")).await
+    Ok(Json(json!({ "status": "cancelled" })))
 }
 
-/// `?worker_id=` on build-scoped worker endpoints.
-#[derive(serde::Deserialize)]
-pub(super) struct WorkerQuery {
-    pub worker_id: Option<String>,
-}
-
-/// Streams a stored object as an attachment.
-pub(super) async fn stream_object(
-    state: &AppState,
-    key: &Key,
-    content_type: &'static str,
-    filename: &str,
-) -> ApiResult<Response> {
-    let object = match state.storage.get(key, None).await {
-        Ok(object) => object,
-        Err(object_store::Error::NotFound { .. }) => return Err(ApiError::not_found("Build result not found")),
-        Err(e) => return Err(e.into()),
+/// B14: a new build from the original's stored source (and certs while still held).
+async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    let original = owned_build(&state, &headers, &id).await?;
+    let gone = || ApiError::bad_request("Original build source no longer available. Please submit a new build.");
+    let source = original.source_key.as_deref().and_then(Key::parse).ok_or_else(gone)?;
+    let new_id = ids::new_id();
+    let (Some(new_source), Some(new_certs)) = (Key::source(&new_id), Key::certs(&new_id)) else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "generated id {new_id} is not a valid key"
+        )));
     };
-    let length = object.meta.size;
-    let body = Body::from_stream(object.into_stream().map(|chunk| {
-        chunk.map_err(|e| {
-            tracing::warn!(error = %e, "download stream failed; closing connection");
-            std::io::Error::other("storage read failed")
-        })
-    }));
-    let mut response = body.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
-        headers.insert(header::CONTENT_DISPOSITION, v);
+    if state.storage.copy(&source, &new_source).await.is_err() {
+        return Err(gone());
     }
-    Ok(response)
+    let mut certs_key = None;
+    if let Some(old_certs) = original.certs_key.as_deref().and_then(Key::parse)
+        && state.storage.copy(&old_certs, &new_certs).await.is_ok()
+    {
+        certs_key = Some(new_certs.as_str().to_string());
+    }
+    let access_token = ids::new_secret();
+    let new = NewBuild {
+        id: new_id.clone(),
+        platform: original.platform(),
+        priority: original.priority,
+        max_attempts: original.max_attempts,
+        run_at: None,
+        retry_build_failures: original.retry_build_failures,
+        source_key: new_source.as_str().to_string(),
+        source_size: original.source_size.unwrap_or(0),
+        certs_key,
+        access_token_hash: ids::hash_secret(&access_token),
+        original_build_id: Some(original.id.clone()),
+    };
+    let build = match enqueue(&state, &new).await {
+        Ok(build) => build,
+        Err(e) => {
+            let _ = state.storage.delete(&new_source).await;
+            let _ = state.storage.delete(&new_certs).await;
+            return Err(e);
+        }
+    };
+    Ok(Json(json!({
+        "id": build.id,
+        "status": "pending",
+        "submitted_at": build.submitted_at.timestamp_millis(),
+        "access_token": access_token,
+        "original_build_id": original.id,
+    })))
 }

@@ -13,6 +13,32 @@ pub fn router() -> Router<AppState> {
         .route("/health", get(health))
         .route("/api/health", get(health))
         .route("/ready", get(ready))
+        .route("/api/stats", get(stats))
+}
+
+/// How long `/api/stats` answers from its cache.
+const STATS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// B21: public fleet statistics, measured from rows and cached for up to 10 s.
+async fn stats(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let mut cache = state.stats_cache.lock().await;
+    if let Some((at, value)) = cache.as_ref()
+        && at.elapsed() < STATS_TTL
+    {
+        return Ok(Json(value.clone()));
+    }
+    let s = queue::fleet_stats(&state.pool, chrono::Utc::now()).await?;
+    let value = json!({
+        "nodesOnline": s.nodes_online,
+        "buildsQueued": s.builds_queued,
+        "activeBuilds": s.active_builds,
+        "buildsToday": s.builds_today,
+        "totalBuilds": s.total_builds,
+        "totalBuildTimeMs": s.total_build_time_ms,
+        "totalCpuCycles": s.total_cpu_seconds,
+    });
+    *cache = Some((std::time::Instant::now(), value.clone()));
+    Ok(Json(value))
 }
 
 /// Liveness with queue depth; never reveals paths or configuration.

@@ -3,11 +3,17 @@
 
 mod auth;
 mod builds;
+mod diagnostics;
+mod downloads;
 mod error;
 mod extract;
 mod health;
 mod multipart;
+mod progress;
+mod ratelimit;
+mod results;
 mod views;
+mod vm;
 mod workers;
 
 use std::sync::Arc;
@@ -35,19 +41,42 @@ pub struct AppState {
     pub storage: Storage,
     pub config: Arc<Config>,
     pub secrets: Arc<Secrets>,
+    /// `/api/stats` answer and when it was computed.
+    pub stats_cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, serde_json::Value)>>>,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, storage: Storage, config: Config, secrets: Secrets) -> Self {
+        Self {
+            pool,
+            storage,
+            config: Arc::new(config),
+            secrets: Arc::new(secrets),
+            stats_cache: Arc::default(),
+        }
+    }
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
+    let limits = Arc::new(ratelimit::RateLimits::new(
+        state.config.rate_limit_per_ip,
+        state.config.rate_limit_per_credential,
+    ));
     Router::new()
         .merge(health::router())
         .merge(workers::router())
         .merge(builds::router())
+        .merge(downloads::router())
+        .merge(progress::router())
+        .merge(vm::router())
+        .merge(diagnostics::router())
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(limits, ratelimit::enforce))
         .layer(axum::middleware::from_fn(json_errors))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error").into_response()

@@ -43,3 +43,68 @@ pub fn job(claim: &Claim, base_image_id: &str) -> Value {
         "attempt": build.attempt,
     })
 }
+
+/// ISO-8601 (RFC 3339 with milliseconds, `Z`).
+pub fn iso(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// An entry of `GET /api/builds` (B2): ISO times, `completedAt` omitted when unset.
+pub fn build_list_entry(build: &Build) -> Value {
+    let mut entry = json!({
+        "id": build.id,
+        "status": build.state().g0(),
+        "createdAt": iso(build.submitted_at),
+        "platform": build.queue,
+        "worker_id": build.worker_id,
+        "priority": build.priority,
+        "attempt": build.attempt,
+    });
+    if let Some(done) = build.completed_at {
+        entry["completedAt"] = json!(iso(done));
+    }
+    entry
+}
+
+/// The debug line a VM monitor heartbeat becomes (B12).
+pub fn vm_heartbeat_summary(data: &Value) -> String {
+    let number = |v: Option<&Value>| v.and_then(Value::as_f64).map_or("?".to_string(), |n| format!("{n:.1}"));
+    let metrics = data.get("metrics");
+    format!(
+        "[VM] heartbeat #{} stage={} cpu={}% mem={}MB disk={}%",
+        data.get("heartbeat_count").and_then(Value::as_i64).unwrap_or(0),
+        data.get("stage").and_then(Value::as_str).unwrap_or("unknown"),
+        number(metrics.and_then(|m| m.get("cpu_percent"))),
+        number(metrics.and_then(|m| m.get("memory_mb"))),
+        number(metrics.and_then(|m| m.get("disk_percent"))),
+    )
+}
+
+/// `"<d>d <h>h"`, `"<h>h <m>m"`, `"<m>m <s>s"` or `"<s>s"` (B18).
+pub fn uptime(seconds: i64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds % 86_400 / 3_600,
+        seconds % 3_600 / 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (d, h, _) if d > 0 => format!("{d}d {h}h"),
+        (_, h, m) if h > 0 => format!("{h}h {m}m"),
+        (_, _, m) if m > 0 => format!("{m}m {s}s"),
+        _ => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_formats() {
+        assert_eq!(uptime(5), "5s");
+        assert_eq!(uptime(65), "1m 5s");
+        assert_eq!(uptime(3_700), "1h 1m");
+        assert_eq!(uptime(90_000), "1d 1h");
+    }
+}

@@ -1,27 +1,37 @@
-//! Worker endpoints: register, poll, upload.
+//! Worker endpoints: register, poll, result upload (and its aliases), stats, unregister, abandon.
 
-use axum::extract::{DefaultBodyLimit, Multipart, State};
-use axum::http::HeaderMap;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
+use axum::http::{HeaderMap, header};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{self, WORKER_TOKEN, header};
+use super::auth::{self, CallerRules, WORKER_TOKEN, header};
 use super::error::{ApiError, ApiResult};
-use super::extract::{JsonBody, QueryParams, bounded_int};
-use super::multipart::{MultipartBody, Parts, read_text, require_multipart};
+use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
+use super::multipart::{Parts, read_text};
+use super::results::{self, StagedResult};
 use super::{AppState, views};
 use crate::ids;
-use crate::queue::{self, Failure, FailureKind, Platform, RegisterRequest, ResultFile, Worker};
-use crate::storage::Key;
+use crate::queue::{self, Failure, FailureKind, Platform, RegisterRequest, Worker};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/workers/register", post(register))
         .route("/api/workers/poll", get(poll))
         .route("/api/workers/upload", post(upload).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/api/workers/result",
+            post(upload_success).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/workers/fail", post(upload_failure))
+        .route("/api/workers/unregister", post(unregister_self))
+        .route("/api/workers/abandon", post(abandon))
+        .route("/api/workers/{id}/unregister", post(unregister))
+        .route("/api/workers/{id}/stats", get(stats))
 }
 
 #[derive(Deserialize)]
@@ -46,10 +56,9 @@ async fn register(
             None
         }
     };
-    let (Some(name), Some(capabilities)) = (
-        body.name.filter(|n| !n.trim().is_empty()),
-        body.capabilities.filter(|c| !c.is_null()),
-    ) else {
+    let name = body.name.filter(|n| !n.trim().is_empty());
+    let capabilities = body.capabilities.filter(|c| !c.is_null());
+    let (Some(name), Some(capabilities)) = (name, capabilities) else {
         return Err(ApiError::bad_request("Name and capabilities required"));
     };
     let id = auth::worker_id(body.id.as_deref())?;
@@ -129,34 +138,67 @@ async fn poll_caller(
     Ok((worker, None))
 }
 
-/// The parts of an upload form.
-#[derive(Default)]
+/// The fields of an upload (multipart, or JSON for `/api/workers/fail`).
+#[derive(Default, Deserialize)]
 struct UploadForm {
     build_id: Option<String>,
     worker_id: Option<String>,
     success: Option<String>,
     error_message: Option<String>,
-    /// The result, streamed to a staging key, with its size and digest.
-    staged: Option<(Key, crate::storage::Stored)>,
+    #[serde(skip)]
+    staged: Option<StagedResult>,
 }
 
 /// B17: the holder of the current attempt reports success (with the result) or failure.
-async fn upload(State(state): State<AppState>, headers: HeaderMap, body: MultipartBody) -> ApiResult<Json<Value>> {
+async fn upload(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+    report(state, headers, request, None).await
+}
+
+/// B17 alias: a success report.
+async fn upload_success(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+    report(state, headers, request, Some(true)).await
+}
+
+/// B17 alias: a failure report, JSON or multipart.
+async fn upload_failure(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+    report(state, headers, request, Some(false)).await
+}
+
+async fn report(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+    success: Option<bool>,
+) -> ApiResult<Json<Value>> {
     // Reject callers without any credential before accepting a byte of the body.
     if header(&headers, auth::VM_TOKEN).is_none() && header(&headers, WORKER_TOKEN).is_none() {
         auth::require_admin(&state, &headers)?;
     }
-    let multipart = require_multipart(body)?;
-    let mut form = UploadForm::default();
-    let outcome = match read_upload_form(&state, multipart, &mut form).await {
-        Ok(()) => finish_upload(&state, &headers, &form).await,
-        Err(e) => Err(e),
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let mut form = if is_json && success == Some(false) {
+        let bytes = Bytes::from_request(request, &state)
+            .await
+            .map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
+        serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("Invalid JSON body"))?
+    } else {
+        let multipart = Multipart::from_request(request, &state)
+            .await
+            .map_err(|_| ApiError::bad_request("Content must be multipart/form-data"))?;
+        let mut form = UploadForm::default();
+        if let Err(e) = read_upload_form(&state, multipart, &mut form).await {
+            results::discard(&state, form.staged.take()).await;
+            return Err(e);
+        }
+        form
     };
-    if let Some((staging, _)) = &form.staged {
-        // Only reached when the result was not moved into place.
-        let _ = state.storage.delete(staging).await;
+    if let Some(success) = success {
+        form.success = Some(success.to_string());
     }
-    outcome
+    let staged = form.staged.take();
+    finish_report(&state, &headers, form, staged).await
 }
 
 async fn read_upload_form(state: &AppState, multipart: Multipart, form: &mut UploadForm) -> ApiResult<()> {
@@ -167,26 +209,48 @@ async fn read_upload_form(state: &AppState, multipart: Multipart, form: &mut Upl
             "worker_id" => form.worker_id = Some(read_text(field).await?),
             "success" => form.success = Some(read_text(field).await?),
             "error_message" => form.error_message = Some(read_text(field).await?),
-            "result" if form.staged.is_none() => {
-                let key =
-                    Key::staging(&ids::new_id()).ok_or_else(|| ApiError::internal(anyhow::anyhow!("staging key")))?;
-                let stored = state
-                    .storage
-                    .write_stream(&key, field, state.config.max_result_bytes)
-                    .await
-                    .map_err(|e| match e {
-                        crate::storage::WriteError::TooLarge(_) => ApiError::too_large("Result file too large"),
-                        other => other.into(),
-                    })?;
-                form.staged = Some((key, stored));
-            }
+            "result" if form.staged.is_none() => form.staged = Some(results::stage(state, field).await?),
             _ => {}
         }
     }
     Ok(())
 }
 
-async fn finish_upload(state: &AppState, headers: &HeaderMap, form: &UploadForm) -> ApiResult<Json<Value>> {
+async fn finish_report(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: UploadForm,
+    staged: Option<StagedResult>,
+) -> ApiResult<Json<Value>> {
+    let outcome = apply_report(state, headers, &form, staged.is_some()).await;
+    match (outcome, staged) {
+        (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
+            results::complete_with(state, &build_id, &caller, staged).await?;
+            Ok(Json(json!({ "status": "success" })))
+        }
+        (Ok(Report::Answered(answer)), staged) => {
+            results::discard(state, staged).await;
+            Ok(Json(answer))
+        }
+        (Ok(Report::Complete { .. }), None) => Err(ApiError::bad_request("Missing result file")),
+        (Err(e), staged) => {
+            results::discard(state, staged).await;
+            Err(e)
+        }
+    }
+}
+
+enum Report {
+    /// Attach the staged result and complete.
+    Complete {
+        build_id: String,
+        caller: auth::BuildCaller,
+    },
+    /// Done; answer this.
+    Answered(Value),
+}
+
+async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, has_file: bool) -> ApiResult<Report> {
     let build_id = form.build_id.as_deref().map(str::trim).filter(|v| !v.is_empty());
     let field_worker = form.worker_id.as_deref().map(str::trim).filter(|v| !v.is_empty());
     let has_token = header(headers, auth::VM_TOKEN).is_some() || header(headers, WORKER_TOKEN).is_some();
@@ -196,20 +260,19 @@ async fn finish_upload(state: &AppState, headers: &HeaderMap, form: &UploadForm)
     if !ids::valid_id(build_id) {
         return Err(ApiError::bad_request("Invalid id"));
     }
-    let caller = auth::build_caller(state, headers, build_id, field_worker).await?;
+    let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
     let build = queue::find_build(&state.pool, build_id)
         .await?
         .ok_or_else(ApiError::build_not_found)?;
     if queue::find_worker(&state.pool, &caller.worker_id).await?.is_none() {
         return Err(ApiError::worker_not_found());
     }
-    let now = Utc::now();
     if form.success.as_deref().map(str::trim) != Some("true") {
         let message = form
             .error_message
             .clone()
             .filter(|m| !m.trim().is_empty())
-            .unwrap_or_else(|| "Build failed".to_string());
+            .unwrap_or_else(|| "Build failed".into());
         let failure = Failure {
             kind: FailureKind::Build,
             message,
@@ -220,42 +283,102 @@ async fn finish_upload(state: &AppState, headers: &HeaderMap, form: &UploadForm)
             caller.holder(),
             &failure,
             &state.config.queue,
-            now,
+            Utc::now(),
         )
         .await?;
-        return Ok(Json(json!({ "status": "failed" })));
+        return Ok(Report::Answered(json!({ "status": "failed" })));
     }
-    let Some((staging, stored)) = &form.staged else {
-        return no_file_success(&build, &caller);
-    };
-    let upload_id = ids::new_id();
-    let key = Key::result(build_id, &upload_id).ok_or_else(ApiError::build_not_found)?;
-    state.storage.rename(staging, &key).await?;
-    let result = ResultFile {
-        key: key.as_str().to_string(),
-        size: stored.size as i64,
-        sha256: stored.sha256.clone(),
-    };
-    if let Err(e) = queue::complete(&state.pool, build_id, caller.holder(), &result, now).await {
-        let _ = state.storage.delete(&key).await;
-        return Err(e.into());
+    if has_file {
+        return Ok(Report::Complete {
+            build_id: build_id.to_string(),
+            caller,
+        });
     }
-    Ok(Json(json!({ "status": "success" })))
-}
-
-/// A success report without a file: a no-op when this caller's attempt already stored the artifact.
-fn no_file_success(build: &queue::Build, caller: &auth::BuildCaller) -> ApiResult<Json<Value>> {
+    // A success report without a file: a no-op when this caller's attempt already stored the artifact.
     let completed_by_caller = build.state() == queue::BuildState::Completed
         && build.result_key.is_some()
         && build.worker_id.as_deref() == Some(caller.worker_id.as_str());
     if completed_by_caller {
-        return Ok(Json(json!({ "status": "success" })));
+        return Ok(Report::Answered(json!({ "status": "success" })));
     }
     if build.state().is_final() {
         return Err(ApiError::attempt_not_active());
     }
-    if !caller.holds(build) {
+    if !caller.holds(&build) {
         return Err(ApiError::not_authorized_for_build());
     }
     Err(ApiError::bad_request("Missing result file"))
+}
+
+/// B18: counters and uptime of a worker.
+async fn stats(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let worker = queue::find_worker(&state.pool, &id)
+        .await?
+        .ok_or_else(ApiError::worker_not_found)?;
+    let uptime = (Utc::now() - worker.registered_at).num_seconds().max(0);
+    Ok(Json(json!({
+        "totalBuilds": worker.builds_completed + worker.builds_failed,
+        "successfulBuilds": worker.builds_completed,
+        "failedBuilds": worker.builds_failed,
+        "workerName": worker.name,
+        "status": worker.status,
+        "uptime": views::uptime(uptime),
+    })))
+}
+
+/// B19 (admin): take a worker out; its attempt goes back to the queue.
+async fn unregister(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
+    Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
+}
+
+/// B19 (worker token): a worker takes itself out.
+async fn unregister_self(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let token =
+        header(&headers, WORKER_TOKEN).ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
+    let worker = auth::worker_by_token(&state, token).await?;
+    let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
+    Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
+}
+
+#[derive(Deserialize)]
+struct AbandonBody {
+    build_id: Option<String>,
+    reason: Option<String>,
+}
+
+/// §4: the holder gives its attempt back (an infrastructure failure: retried while attempts remain).
+async fn abandon(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<AbandonBody>,
+) -> ApiResult<Json<Value>> {
+    let token =
+        header(&headers, WORKER_TOKEN).ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
+    let worker = auth::worker_by_token(&state, token).await?;
+    let build_id = body
+        .build_id
+        .filter(|id| ids::valid_id(id))
+        .ok_or_else(|| ApiError::bad_request("build_id required"))?;
+    let reason = body
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "abandoned by worker".into());
+    let failure = Failure {
+        kind: FailureKind::Infrastructure,
+        message: format!("Worker abandoned the build: {reason}"),
+    };
+    let holder = queue::Holder::worker(&worker.id);
+    let build = queue::fail(
+        &state.pool,
+        &build_id,
+        holder,
+        &failure,
+        &state.config.queue,
+        Utc::now(),
+    )
+    .await?;
+    Ok(Json(json!({ "success": true, "status": build.state().g0() })))
 }

@@ -49,7 +49,7 @@ pub async fn complete(
             UPDATE builds SET state = 'completed', completed_at = $4, finished_reason = 'completed',
                 progress = 100, result_key = $5, result_size = $6, result_sha256 = $7, result_attempt = attempt,
                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-                otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_expires_at = NULL,
+                otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_sealed = NULL, vm_token_expires_at = NULL,
                 log_seq = log_seq + 1
             WHERE ",
         held_by!(),
@@ -176,7 +176,7 @@ pub(crate) async fn end_attempt(
             errors = errors || jsonb_build_array(jsonb_build_object(
                 'at', $2, 'attempt', attempt, 'kind', $5, 'message', $6, 'worker_id', lease_owner)),
             lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_expires_at = NULL
+            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_sealed = NULL, vm_token_expires_at = NULL
          WHERE id = $1
          RETURNING *",
     )

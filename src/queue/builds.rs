@@ -1,8 +1,9 @@
-//! Reads of build rows.
+//! Reads of build rows: single builds, filtered listings, queue depth and fleet statistics.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{Build, QueueCounts, QueueResult};
+use super::{Build, Platform, QueueCounts, QueueResult};
 
 /// The build with this id, if any.
 pub async fn find_build(pool: &PgPool, id: &str) -> QueueResult<Option<Build>> {
@@ -10,6 +11,47 @@ pub async fn find_build(pool: &PgPool, id: &str) -> QueueResult<Option<Build>> {
         .bind(id)
         .fetch_optional(pool)
         .await?)
+}
+
+/// Filters of a build listing; every field narrows it. Newest first, keyset-paginated by `before`.
+#[derive(Debug, Clone, Default)]
+pub struct BuildFilter {
+    /// Native states to include (`None`: all).
+    pub states: Option<Vec<String>>,
+    pub platform: Option<Platform>,
+    pub worker_id: Option<String>,
+    /// Only builds older than this build (the previous page's last id).
+    pub before: Option<String>,
+    pub limit: i64,
+}
+
+/// Builds matching `filter`, newest first.
+pub async fn list_builds(pool: &PgPool, filter: &BuildFilter) -> QueueResult<Vec<Build>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM builds
+         WHERE ($1::text[] IS NULL OR state = ANY($1))
+           AND ($2::text IS NULL OR queue = $2)
+           AND ($3::text IS NULL OR worker_id = $3)
+           AND ($4::text IS NULL OR (submitted_at, id) < (SELECT submitted_at, id FROM builds WHERE id = $4))
+         ORDER BY submitted_at DESC, id DESC
+         LIMIT $5",
+    )
+    .bind(&filter.states)
+    .bind(filter.platform.map(Platform::as_str))
+    .bind(&filter.worker_id)
+    .bind(&filter.before)
+    .bind(filter.limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Builds held by a worker right now (bounded by the fleet size; capped for safety).
+pub async fn active_builds(pool: &PgPool) -> QueueResult<Vec<Build>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM builds WHERE state IN ('assigned', 'building') ORDER BY started_at LIMIT 10000")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 /// Builds waiting (any queued state) and builds held by a worker.
@@ -22,4 +64,84 @@ pub async fn queue_counts(pool: &PgPool) -> QueueResult<QueueCounts> {
     .fetch_one(pool)
     .await?;
     Ok(QueueCounts { pending, active })
+}
+
+/// Fleet statistics for `/api/stats`, all measured from rows.
+#[derive(Debug, Clone, Copy, Default, sqlx::FromRow)]
+pub struct FleetStats {
+    pub nodes_online: i64,
+    pub builds_queued: i64,
+    pub active_builds: i64,
+    /// Builds completed since UTC midnight of `now`.
+    pub builds_today: i64,
+    pub total_builds: i64,
+    /// Sum of (completed_at − started_at) over completed builds.
+    pub total_build_time_ms: i64,
+    /// CPU time measured by the VM monitors, in core-seconds (Σ cpu% / 100 × sample interval).
+    pub total_cpu_seconds: i64,
+}
+
+/// Workers seen within this window count as online.
+pub const ONLINE_WINDOW_SECS: i64 = 120;
+
+pub async fn fleet_stats(pool: &PgPool, now: DateTime<Utc>) -> QueueResult<FleetStats> {
+    let midnight = now.date_naive().and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+    Ok(sqlx::query_as(
+        "SELECT
+            (SELECT count(*) FROM workers WHERE status <> 'offline' AND last_seen_at > $1 - $3::bigint * interval '1 second') AS nodes_online,
+            (SELECT count(*) FROM builds WHERE state IN ('pending', 'scheduled', 'retryable')) AS builds_queued,
+            (SELECT count(*) FROM builds WHERE state IN ('assigned', 'building')) AS active_builds,
+            (SELECT count(*) FROM builds WHERE state = 'completed' AND completed_at >= $2 AND completed_at <= $1) AS builds_today,
+            (SELECT count(*) FROM builds) AS total_builds,
+            (SELECT coalesce(sum(extract(epoch FROM completed_at - started_at) * 1000), 0)::bigint
+               FROM builds WHERE state = 'completed' AND started_at IS NOT NULL) AS total_build_time_ms,
+            (SELECT coalesce(sum(cpu_percent / 100.0 * least(gap, 60)), 0)::bigint FROM (
+                SELECT cpu_percent,
+                       coalesce(extract(epoch FROM ts - lag(ts) OVER (PARTITION BY build_id ORDER BY ts)), 0) AS gap
+                FROM cpu_snapshots) s) AS total_cpu_seconds",
+    )
+    .bind(now)
+    .bind(midnight)
+    .bind(ONLINE_WINDOW_SECS)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Stores one CPU sample of a build.
+pub async fn record_cpu_sample(
+    pool: &PgPool,
+    build_id: &str,
+    cpu_percent: f64,
+    memory_mb: f64,
+    now: DateTime<Utc>,
+) -> QueueResult<()> {
+    sqlx::query("INSERT INTO cpu_snapshots (build_id, ts, cpu_percent, memory_mb) VALUES ($1, $2, $3, $4)")
+        .bind(build_id)
+        .bind(now)
+        .bind(cpu_percent)
+        .bind(memory_mb)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Final builds that still hold a certs bundle (up to `batch`): `(id, certs_key)`.
+pub async fn certs_to_purge(pool: &PgPool, batch: i64) -> QueueResult<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, certs_key FROM builds
+         WHERE certs_key IS NOT NULL AND state IN ('completed', 'failed', 'cancelled')
+         ORDER BY completed_at LIMIT $1",
+    )
+    .bind(batch)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Forgets a purged certs bundle.
+pub async fn clear_certs(pool: &PgPool, build_id: &str) -> QueueResult<()> {
+    sqlx::query("UPDATE builds SET certs_key = NULL WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')")
+        .bind(build_id)
+        .execute(pool)
+        .await?;
+    Ok(())
 }

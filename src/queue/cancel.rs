@@ -35,7 +35,7 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
         "UPDATE builds SET state = 'cancelled', completed_at = $2, finished_reason = 'cancelled',
             cancel_requested_at = CASE WHEN $3 THEN $2 ELSE NULL END,
             lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_expires_at = NULL
+            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_sealed = NULL, vm_token_expires_at = NULL
          WHERE id = $1 RETURNING *",
     )
     .bind(build_id)

@@ -35,7 +35,7 @@ WITH picked AS (
         lease_expires_at = $2 + $4::bigint * interval '1 second',
         assigned_at = $2, started_at = $2, last_heartbeat_at = NULL, progress = NULL, stage = NULL,
         otp_hash = $5, otp_expires_at = $2 + $6::bigint * interval '1 second',
-        vm_token_hash = NULL, vm_token_expires_at = NULL, vm_ready_at = NULL,
+        vm_token_hash = NULL, vm_token_sealed = NULL, vm_token_expires_at = NULL, vm_ready_at = NULL,
         log_seq = b.log_seq + 1
     FROM picked WHERE b.id = picked.id
     RETURNING b.*

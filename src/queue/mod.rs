@@ -26,24 +26,31 @@ mod backoff;
 mod builds;
 mod cancel;
 mod claim;
+mod diagnostics;
 mod enqueue;
 mod lease;
 mod logs;
 mod maintenance;
 mod model;
+mod vm;
 mod workers;
 
 pub use attempts::{Failure, FailureKind, complete, fail};
 pub use backoff::backoff;
-pub use builds::{find_build, queue_counts};
+pub use builds::{
+    BuildFilter, FleetStats, active_builds, certs_to_purge, clear_certs, find_build, fleet_stats, list_builds,
+    queue_counts, record_cpu_sample,
+};
 pub use cancel::{CancelOutcome, cancel};
 pub use claim::{Claim, claim};
+pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub use enqueue::{NOTIFY_CHANNEL, NewBuild, enqueue};
 pub use lease::{HeartbeatOutcome, Holder, heartbeat};
-pub use logs::append_system_log;
+pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
-pub use workers::{RegisterRequest, Registration, find_worker, register, touch_worker};
+pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
+pub use workers::{RegisterRequest, Registration, find_worker, register, touch_worker, unregister};
 
 use crate::config::QueueConfig;
 

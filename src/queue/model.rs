@@ -130,6 +130,7 @@ pub struct Build {
     pub otp_hash: Option<Vec<u8>>,
     pub otp_expires_at: Option<DateTime<Utc>>,
     pub vm_token_hash: Option<Vec<u8>>,
+    pub vm_token_sealed: Option<Vec<u8>>,
     pub vm_token_expires_at: Option<DateTime<Utc>>,
     pub vm_ready_at: Option<DateTime<Utc>>,
     pub source_key: Option<String>,
@@ -142,6 +143,7 @@ pub struct Build {
     pub original_build_id: Option<String>,
     pub log_seq: i64,
     pub log_dropped: i64,
+    pub log_marker_seq: Option<i64>,
 }
 
 impl Build {

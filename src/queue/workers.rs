@@ -125,3 +125,37 @@ pub async fn touch_worker(pool: &PgPool, worker: &Worker, settings: &Settings, n
     .await?;
     Ok(())
 }
+
+/// Marks a worker offline, revokes its token and gives its held attempt back to the queue as an
+/// infrastructure failure. Returns how many builds went back.
+pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now: DateTime<Utc>) -> QueueResult<u64> {
+    let mut tx = pool.begin().await?;
+    let found =
+        sqlx::query("UPDATE workers SET status = 'offline', token_hash = NULL, token_expires_at = NULL WHERE id = $1")
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+    if found.rows_affected() == 0 {
+        return Err(QueueError::WorkerNotFound);
+    }
+    const HELD: &str = concat!(
+        "SELECT ",
+        super::attempts::locked_columns!(),
+        " FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building') FOR UPDATE"
+    );
+    let held: Vec<super::attempts::LockedAttempt> = sqlx::query_as(HELD).bind(worker_id).fetch_all(&mut *tx).await?;
+    let failure = super::Failure {
+        kind: super::FailureKind::Infrastructure,
+        message: format!("Worker {worker_id} unregistered"),
+    };
+    for locked in &held {
+        super::attempts::end_attempt(&mut tx, locked, &failure, settings, now).await?;
+    }
+    // end_attempt frees a busy worker to idle; an unregistered one stays offline.
+    sqlx::query("UPDATE workers SET status = 'offline' WHERE id = $1")
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(held.len() as u64)
+}

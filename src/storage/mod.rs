@@ -3,6 +3,7 @@
 //! so no client input ever becomes a path (R8). Writes stream with bounded memory and are published
 //! atomically: an aborted or oversized upload leaves nothing behind.
 
+pub mod bundle;
 pub mod certs;
 mod keys;
 

@@ -61,6 +61,9 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         max_source_bytes: 1024 * 1024,
         max_certs_bytes: 64 * 1024,
         max_result_bytes: 1024 * 1024,
+        max_log_lines: 10_000,
+        rate_limit_per_ip: 0,
+        rate_limit_per_credential: 0,
         queue: QueueConfig::default(),
         log_format: "text".to_string(),
     }

@@ -1,0 +1,289 @@
+//! Streaming downloads: results and sources for owners (with `Range`), sources and certs for the worker
+//! holding the build. Bodies stream from storage; a storage error mid-stream is logged and the
+//! connection closed cleanly (R38).
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use futures_util::StreamExt;
+use object_store::GetRange;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{self, BuildCaller, CallerRules};
+use super::builds::owned_build;
+use super::error::{ApiError, ApiResult};
+use super::extract::{IdPath, QueryParams};
+use crate::ids;
+use crate::queue::{self, Build, BuildState};
+use crate::storage::{Key, bundle, certs};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/builds/{id}/download", get(download_result))
+        .route("/api/builds/{id}/download/result", get(download_result))
+        .route("/api/builds/{id}/download/source", get(download_source))
+        .route("/api/builds/{id}/source", get(source))
+        .route("/api/builds/{id}/certs", get(certs_zip))
+        .route("/api/builds/{id}/certs-secure", get(certs_secure))
+}
+
+/// B7: the result, to the owner.
+async fn download_result(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
+    let build = owned_build(&state, &headers, &id).await?;
+    if build.state() != BuildState::Completed {
+        return Err(ApiError::bad_request("Build not completed"));
+    }
+    let not_found = || ApiError::not_found("Build result not found");
+    let key = build.result_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
+    let filename = format!("{id}.{}", build.platform().result_extension());
+    stream_object(&state, &key, &headers, "application/octet-stream", &filename, not_found).await
+}
+
+/// B7: the source as uploaded, to the owner.
+async fn download_source(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
+    let build = owned_build(&state, &headers, &id).await?;
+    let not_found = || ApiError::not_found("Build source not found");
+    let key = build.source_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
+    stream_object(
+        &state,
+        &key,
+        &headers,
+        "application/zip",
+        &format!("{id}.zip"),
+        not_found,
+    )
+    .await
+}
+
+/// `?worker_id=` on build-scoped worker endpoints.
+#[derive(Deserialize)]
+pub(super) struct WorkerQuery {
+    pub worker_id: Option<String>,
+}
+
+/// The build, if `caller` holds its current attempt; 404 / 403 otherwise.
+pub(super) async fn held_build(state: &AppState, id: &str, caller: &BuildCaller) -> ApiResult<Build> {
+    let build = queue::find_build(&state.pool, id)
+        .await?
+        .ok_or_else(ApiError::build_not_found)?;
+    if caller.holds(&build) {
+        Ok(build)
+    } else {
+        Err(ApiError::not_authorized_for_build())
+    }
+}
+
+/// B8: the source archive, only for the holder of the current attempt.
+async fn source(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    QueryParams(q): QueryParams<WorkerQuery>,
+) -> ApiResult<Response> {
+    let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), CallerRules::default()).await?;
+    let build = held_build(&state, &id, &caller).await?;
+    let not_found = || ApiError::not_found("Build source not found");
+    let key = build.source_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
+    stream_object(
+        &state,
+        &key,
+        &headers,
+        "application/zip",
+        &format!("{id}.zip"),
+        not_found,
+    )
+    .await
+}
+
+/// The decrypted certs bundle of a held build.
+async fn held_certs(state: &AppState, headers: &HeaderMap, id: &str, worker_hint: Option<&str>) -> ApiResult<Vec<u8>> {
+    let caller = auth::build_caller(state, headers, id, worker_hint, CallerRules::default()).await?;
+    let build = held_build(state, id, &caller).await?;
+    let not_found = || ApiError::not_found("Certs not found");
+    let key = build.certs_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
+    let sealed = match state.storage.read_all(&key).await {
+        Ok(bytes) => bytes,
+        Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    certs::decrypt(&state.secrets.certs_key, &sealed).ok_or_else(|| {
+        ApiError::internal(anyhow::anyhow!(
+            "certs bundle of {id} does not decrypt with the configured key"
+        ))
+    })
+}
+
+/// B9: the decrypted bundle as a zip.
+async fn certs_zip(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    QueryParams(q): QueryParams<WorkerQuery>,
+) -> ApiResult<Response> {
+    let bundle = held_certs(&state, &headers, &id, q.worker_id.as_deref()).await?;
+    let mut response = bundle.into_response();
+    set_attachment(response.headers_mut(), "application/zip", &format!("{id}-certs.zip"));
+    Ok(response)
+}
+
+/// B10: the certificate, its password, a fresh keychain password and the provisioning profiles.
+async fn certs_secure(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    QueryParams(q): QueryParams<WorkerQuery>,
+) -> ApiResult<Json<Value>> {
+    if auth::header(&headers, "x-build-id").is_some_and(|named| named != id) {
+        return Err(ApiError::not_authorized_for_build());
+    }
+    let bundle = held_certs(&state, &headers, &id, q.worker_id.as_deref()).await?;
+    let certs = bundle::read_certs(&bundle)
+        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid certs bundle"))?;
+    Ok(Json(json!({
+        "p12": STANDARD.encode(&certs.p12),
+        "p12Password": certs.password,
+        "keychainPassword": ids::new_secret(),
+        "provisioningProfiles": certs.profiles.iter().map(|p| STANDARD.encode(p)).collect::<Vec<_>>(),
+    })))
+}
+
+fn set_attachment(headers: &mut HeaderMap, content_type: &'static str, filename: &str) {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+}
+
+/// A single byte range requested with `Range: bytes=…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `start..end` (end exclusive), already clamped to the object.
+    Satisfiable(u64, u64),
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header against an object of `size` bytes; `None` means "serve everything"
+/// (absent, malformed or multi-range headers, which RFC 9110 lets a server ignore).
+pub fn parse_range(value: Option<&str>, size: u64) -> Option<ByteRange> {
+    let spec = value?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    let (start, end) = (start.trim(), end.trim());
+    let range = match (start.is_empty(), end.is_empty()) {
+        (true, false) => {
+            let suffix: u64 = end.parse().ok()?;
+            if suffix == 0 {
+                return Some(ByteRange::Unsatisfiable);
+            }
+            (size.saturating_sub(suffix), size)
+        }
+        (false, _) => {
+            let first: u64 = start.parse().ok()?;
+            if first >= size {
+                return Some(ByteRange::Unsatisfiable);
+            }
+            let last: u64 = if end.is_empty() {
+                size.saturating_sub(1)
+            } else {
+                end.parse().ok()?
+            };
+            if last < first {
+                return None;
+            }
+            (first, last.saturating_add(1).min(size))
+        }
+        (true, true) => return None,
+    };
+    if range.0 >= size {
+        Some(ByteRange::Unsatisfiable)
+    } else {
+        Some(ByteRange::Satisfiable(range.0, range.1))
+    }
+}
+
+/// Streams an object as an attachment with `Content-Length`, honouring a single `Range` (206/416).
+pub(super) async fn stream_object(
+    state: &AppState,
+    key: &Key,
+    request: &HeaderMap,
+    content_type: &'static str,
+    filename: &str,
+    not_found: impl Fn() -> ApiError,
+) -> ApiResult<Response> {
+    let size = match state.storage.size(key).await {
+        Ok(size) => size,
+        Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    let range = parse_range(auth::header(request, header::RANGE.as_str()), size);
+    let (status, get_range, length) = match range {
+        Some(ByteRange::Unsatisfiable) => {
+            let mut response =
+                ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "Range not satisfiable").into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(response);
+        }
+        Some(ByteRange::Satisfiable(start, end)) => (
+            StatusCode::PARTIAL_CONTENT,
+            Some(GetRange::Bounded(start..end)),
+            end - start,
+        ),
+        None => (StatusCode::OK, None, size),
+    };
+    let object = match state.storage.get(key, get_range.clone()).await {
+        Ok(object) => object,
+        Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    let body = Body::from_stream(object.into_stream().map(|chunk| {
+        chunk.map_err(|e| {
+            tracing::warn!(error = %e, "download stream failed; closing connection");
+            std::io::Error::other("storage read failed")
+        })
+    }));
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    set_attachment(headers, content_type, filename);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(GetRange::Bounded(r)) = get_range
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start, r.end - 1))
+    {
+        headers.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 10), None);
+        assert_eq!(parse_range(Some("bytes=0-3"), 10), Some(ByteRange::Satisfiable(0, 4)));
+        assert_eq!(parse_range(Some("bytes=5-"), 10), Some(ByteRange::Satisfiable(5, 10)));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Some(ByteRange::Satisfiable(7, 10)));
+        assert_eq!(
+            parse_range(Some("bytes=8-100"), 10),
+            Some(ByteRange::Satisfiable(8, 10))
+        );
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Some(ByteRange::Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=-0"), 10), Some(ByteRange::Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), None);
+        assert_eq!(parse_range(Some("items=0-1"), 10), None);
+        assert_eq!(parse_range(Some("bytes=5-2"), 10), None);
+        assert_eq!(parse_range(Some("bytes=x-2"), 10), None);
+    }
+}

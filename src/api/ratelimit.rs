@@ -1,0 +1,108 @@
+//! Rate limits per client IP and per credential (R20): 429 with `Retry-After`. The defaults sit far
+//! above what a worker fleet or the CLI sends; `0` disables a limit.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+
+use super::auth::{API_KEY, BUILD_TOKEN, VM_TOKEN, WORKER_ID, WORKER_TOKEN};
+use super::error::ApiError;
+
+/// The limiters of one server.
+pub struct RateLimits {
+    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    per_credential: Option<DefaultKeyedRateLimiter<[u8; 16]>>,
+    checks: AtomicU64,
+}
+
+/// How often (in checked requests) idle keys are forgotten, keeping memory bounded.
+const RETAIN_EVERY: u64 = 10_000;
+
+fn limiter<K: std::hash::Hash + Eq + Clone>(per_second: u32) -> Option<DefaultKeyedRateLimiter<K>> {
+    let rate = NonZeroU32::new(per_second)?;
+    let burst = NonZeroU32::new(per_second.saturating_mul(2)).unwrap_or(rate);
+    Some(RateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)))
+}
+
+impl RateLimits {
+    pub fn new(per_ip: u32, per_credential: u32) -> Self {
+        Self {
+            per_ip: limiter(per_ip),
+            per_credential: limiter(per_credential),
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// `Err(seconds to wait)` when either limit is exhausted.
+    fn check(&self, ip: Option<IpAddr>, credential: Option<[u8; 16]>) -> Result<(), u64> {
+        if self.checks.fetch_add(1, Ordering::Relaxed) % RETAIN_EVERY == RETAIN_EVERY - 1 {
+            self.per_ip.iter().for_each(|l| l.retain_recent());
+            self.per_credential.iter().for_each(|l| l.retain_recent());
+        }
+        let now = DefaultClock::default().now();
+        if let (Some(limiter), Some(ip)) = (&self.per_ip, ip) {
+            limiter
+                .check_key(&ip)
+                .map_err(|not_until| not_until.wait_time_from(now).as_secs() + 1)?;
+        }
+        if let (Some(limiter), Some(credential)) = (&self.per_credential, credential) {
+            limiter
+                .check_key(&credential)
+                .map_err(|not_until| not_until.wait_time_from(now).as_secs() + 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// A short digest of whatever credential the request carries (with the worker id, so that G0
+/// workers sharing the admin key are limited one by one).
+fn credential_key(request: &Request) -> Option<[u8; 16]> {
+    let headers = request.headers();
+    let secret = [API_KEY, WORKER_TOKEN, VM_TOKEN, BUILD_TOKEN]
+        .iter()
+        .find_map(|name| headers.get(*name))?;
+    let mut digest = Sha256::new();
+    digest.update(secret.as_bytes());
+    if let Some(worker) = headers.get(WORKER_ID) {
+        digest.update(worker.as_bytes());
+    }
+    if let Some(query) = request.uri().query() {
+        query
+            .split('&')
+            .filter(|kv| kv.starts_with("worker_id="))
+            .for_each(|kv| digest.update(kv.as_bytes()));
+    }
+    let full = digest.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&full[..16]);
+    Some(key)
+}
+
+/// Middleware: 429 `{"error": "Too many requests"}` with `Retry-After` past a limit.
+pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
+    let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    match limits.check(ip, credential_key(&request)) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => {
+            metrics_rejected();
+            let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many requests").into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait.max(1)));
+            response
+        }
+    }
+}
+
+fn metrics_rejected() {
+    tracing::debug!("request rejected by rate limit");
+}

@@ -1,0 +1,58 @@
+//! Diagnostic reports that workers send about their host.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::{QueueError, QueueResult};
+
+/// A stored report.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DiagnosticReport {
+    pub id: String,
+    pub worker_id: String,
+    pub status: String,
+    pub run_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub auto_fixed: bool,
+    pub checks: sqlx::types::Json<serde_json::Value>,
+}
+
+/// A report to store (validated by the API).
+#[derive(Debug, Clone)]
+pub struct NewReport {
+    pub worker_id: String,
+    pub status: String,
+    pub duration_ms: i64,
+    pub auto_fixed: bool,
+    pub checks: serde_json::Value,
+}
+
+/// Stores a report of a known worker; returns its id.
+pub async fn store_report(pool: &PgPool, report: &NewReport, now: DateTime<Utc>) -> QueueResult<String> {
+    let id: Option<String> = sqlx::query_scalar(
+        "INSERT INTO diagnostics (worker_id, status, run_at, duration_ms, auto_fixed, checks)
+         SELECT id, $2, $3, $4, $5, $6 FROM workers WHERE id = $1
+         RETURNING id::text",
+    )
+    .bind(&report.worker_id)
+    .bind(&report.status)
+    .bind(now)
+    .bind(report.duration_ms)
+    .bind(report.auto_fixed)
+    .bind(sqlx::types::Json(&report.checks))
+    .fetch_optional(pool)
+    .await?;
+    id.ok_or(QueueError::WorkerNotFound)
+}
+
+/// A worker's reports, newest first.
+pub async fn list_reports(pool: &PgPool, worker_id: &str, limit: i64) -> QueueResult<Vec<DiagnosticReport>> {
+    Ok(sqlx::query_as(
+        "SELECT id::text AS id, worker_id, status, run_at, duration_ms, auto_fixed, checks
+         FROM diagnostics WHERE worker_id = $1 ORDER BY run_at DESC, id DESC LIMIT $2",
+    )
+    .bind(worker_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
