@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use reqwest::multipart::{Form, Part};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::{API_KEY, TestApp};
 
@@ -297,4 +297,310 @@ async fn concurrent_http_pollers_receive_each_build_once() {
     }
     assert_eq!(delivered.len(), 60, "each build delivered once");
     assert_eq!(delivered.into_iter().collect::<HashSet<_>>(), builds);
+}
+
+#[tokio::test]
+async fn first_generation_worker_whole_life() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("Mac mini G0", &["android"]).await;
+    let build_id = app.submit("android", b"SRC").await["id"].as_str().unwrap().to_string();
+    let job = app.poll(&worker_id).await["job"].clone();
+    assert_eq!(job["id"], build_id.as_str());
+    let build_url = |path: &str| app.url(&format!("/api/builds/{build_id}/{path}"));
+
+    let source = app
+        .client
+        .get(build_url("source"))
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", &worker_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(source.bytes().await.unwrap().as_ref(), b"SRC");
+
+    // The host monitor: no key, only the worker and build ids.
+    let telemetry = |body: Value| {
+        app.client
+            .post(build_url("telemetry"))
+            .header("X-Worker-Id", &worker_id)
+            .header("X-Build-Id", &build_id)
+            .json(&body)
+            .send()
+    };
+    let r = telemetry(json!({ "type": "monitor_started", "data": {} }))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+        (200, json!({ "status": "ok" }))
+    );
+    telemetry(json!({ "type": "cpu_snapshot", "timestamp": 1, "data": { "cpu_percent": 150.5, "memory_mb": 2048 } }))
+        .await
+        .unwrap();
+    let r = telemetry(json!({ "type": "cpu_snapshot", "data": { "cpu_percent": "lots", "memory_mb": -1 } }))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "bad values are answered 200 and not stored");
+    telemetry(
+        json!({ "type": "heartbeat", "data": { "stage": "build", "heartbeat_count": 3,
+        "metrics": { "cpu_percent": 80, "memory_mb": 1000, "disk_percent": 40 } } }),
+    )
+    .await
+    .unwrap();
+    let samples: i64 = sqlx::query_scalar("SELECT count(*) FROM cpu_snapshots WHERE build_id = $1")
+        .bind(&build_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(samples, 1);
+    let r = app
+        .client
+        .post(build_url("telemetry"))
+        .header("X-Worker-Id", "someone-else")
+        .header("X-Build-Id", &build_id)
+        .json(&json!({"type": "heartbeat"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "telemetry from a worker that does not hold the build");
+
+    // Heartbeat with ?worker_id= and a progress report.
+    let r = app
+        .client
+        .post(build_url("heartbeat"))
+        .query(&[("worker_id", &worker_id)])
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "progress": 40, "stage": "gradle" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let hb: Value = r.json().await.unwrap();
+    assert_eq!(hb["status"], "ok");
+    assert!(hb["timestamp"].is_i64() && hb.get("cancel_requested").is_none());
+    let r = app
+        .client
+        .post(build_url("heartbeat"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({ "error": "worker_id required" })
+    );
+    let (other, _) = app.register("other", &["android"]).await;
+    let r = app
+        .client
+        .post(build_url("heartbeat"))
+        .query(&[("worker_id", &other)])
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+        (403, json!({ "error": "Build not assigned to this worker" }))
+    );
+
+    // Logs: single and batch, with the worker id header.
+    let post_log = |body: Value| {
+        app.client
+            .post(build_url("logs"))
+            .header("X-API-Key", API_KEY)
+            .header("X-Worker-Id", &worker_id)
+            .json(&body)
+            .send()
+    };
+    let r = post_log(json!({ "level": "info", "message": "Building…" }))
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "success": true }));
+    let r = post_log(json!({ "level": "fatal", "message": "x" })).await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+        (
+            400,
+            json!({ "error": "Invalid log level. Must be: info, warn, or error" })
+        )
+    );
+    let r = post_log(json!({ "text": "x" })).await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({ "error": "Invalid body. Expected { level, message } or { logs: [...] }" })
+    );
+
+    let form = Form::new()
+        .text("build_id", build_id.clone())
+        .text("worker_id", worker_id.clone())
+        .text("success", "true")
+        .part("result", Part::bytes(b"APK".to_vec()).file_name("app.apk"));
+    let r = app
+        .client
+        .post(app.url("/api/workers/upload"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A late log line from the last holder is still accepted (VMs flush their tail late).
+    assert_eq!(
+        post_log(json!({ "level": "debug", "message": "tail" }))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let logs: Value = app
+        .client
+        .get(build_url("logs"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages: Vec<&str> = logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert!(messages.contains(&"[VM] Monitor started"));
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("[VM] heartbeat #3 stage=build cpu=80.0%"))
+    );
+    assert!(messages.contains(&"Building…") && messages.contains(&"tail"));
+
+    let stats: Value = app
+        .client
+        .get(app.url(&format!("/api/workers/{worker_id}/stats")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["totalBuilds"], 1);
+    assert_eq!(stats["successfulBuilds"], 1);
+    assert_eq!(stats["failedBuilds"], 0);
+    assert_eq!(stats["workerName"], "Mac mini G0");
+    assert_eq!(stats["status"], "idle");
+    assert!(stats["uptime"].as_str().unwrap().ends_with('s'));
+    let r = app
+        .client
+        .get(app.url("/api/workers/nobody/stats"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "error": "Worker not found" }));
+
+    let r = app
+        .client
+        .post(app.url(&format!("/api/workers/{worker_id}/unregister")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({ "success": true, "builds_reassigned": 0 })
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_tell_the_worker_its_build_was_cancelled() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    let build_id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    app.poll(&worker_id).await;
+    let r = app
+        .client
+        .post(app.url(&format!("/api/builds/{build_id}/cancel")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "status": "cancelled" }));
+    let r = app
+        .client
+        .post(app.url(&format!("/api/builds/{build_id}/heartbeat")))
+        .query(&[("worker_id", &worker_id)])
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-build-cancelled"], "true");
+    assert_eq!(r.json::<Value>().await.unwrap()["cancel_requested"], true);
+    // The upload that follows is refused; the G0 status reads failed with the cancel message.
+    let form = Form::new()
+        .text("build_id", build_id.clone())
+        .text("worker_id", worker_id.clone())
+        .text("success", "true")
+        .part("result", Part::bytes(b"x".to_vec()).file_name("r"));
+    let r = app
+        .client
+        .post(app.url("/api/workers/upload"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let status: Value = app
+        .client
+        .get(app.url(&format!("/api/builds/{build_id}/status")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "failed");
+    assert_eq!(status["error_message"], "Build cancelled by user");
+    assert_eq!(
+        app.poll(&worker_id).await,
+        json!({ "job": null }),
+        "the worker is free and the build is never handed out"
+    );
+}
+
+#[tokio::test]
+async fn failure_alias_accepts_json_and_result_alias_reports_success() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    let failed = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    app.poll(&worker_id).await;
+    let r = app
+        .client
+        .post(app.url("/api/workers/fail"))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "build_id": failed, "worker_id": worker_id, "error_message": "signing failed" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "status": "failed" }));
+    let ok = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    app.poll(&worker_id).await;
+    let form = Form::new()
+        .text("build_id", ok.clone())
+        .text("worker_id", worker_id.clone())
+        .part("result", Part::bytes(b"x".to_vec()).file_name("r"));
+    let r = app
+        .client
+        .post(app.url("/api/workers/result"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "status": "success" }));
 }

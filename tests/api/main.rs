@@ -4,6 +4,8 @@
 mod support;
 
 mod bad_input;
+mod cli;
 mod g0_worker;
 mod queue_engine;
 mod restart;
+mod token_worker;
