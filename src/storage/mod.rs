@@ -152,3 +152,87 @@ where
         sha256: crate::ids::hex(&hasher.finalize()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chunks(data: &[u8], cuts: &[usize]) -> Vec<Result<Bytes, std::io::Error>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &cut in cuts {
+            let end = (start + cut).min(data.len());
+            out.push(Ok(Bytes::copy_from_slice(&data[start..end])));
+            start = end;
+        }
+        out.push(Ok(Bytes::copy_from_slice(&data[start..])));
+        out
+    }
+
+    fn files_under(root: &Path) -> usize {
+        walk(root)
+    }
+
+    fn walk(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A streamed part is stored whole with the right size and digest whatever its chunking, or,
+        /// past the limit, refused with nothing left behind.
+        #[test]
+        fn streamed_parts_are_exact_or_leave_nothing(
+            data in proptest::collection::vec(any::<u8>(), 0..(3 * PART_SIZE)),
+            cuts in proptest::collection::vec(0usize..(PART_SIZE + 10), 0..6),
+            limit in 0u64..(3 * PART_SIZE as u64),
+        ) {
+            let root = std::env::temp_dir().join(format!("expo-storage-prop-{}", crate::ids::new_id()));
+            let storage = Storage::local(&root).unwrap();
+            let key = Key::source("prop").unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let stream = futures_util::stream::iter(chunks(&data, &cuts));
+            let outcome = runtime.block_on(storage.write_stream(&key, stream, limit));
+            if data.len() as u64 > limit {
+                prop_assert!(matches!(outcome, Err(WriteError::TooLarge(_))));
+                prop_assert_eq!(files_under(&root), 0);
+            } else {
+                let stored = outcome.unwrap();
+                prop_assert_eq!(stored.size, data.len() as u64);
+                prop_assert_eq!(stored.sha256, crate::ids::hex(&Sha256::digest(&data)));
+                let back = runtime.block_on(storage.read_all(&key)).unwrap();
+                prop_assert_eq!(back.as_ref(), data.as_slice());
+                prop_assert_eq!(files_under(&root), 1);
+            }
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+
+    #[test]
+    fn a_failing_body_leaves_nothing() {
+        let root = std::env::temp_dir().join(format!("expo-storage-fail-{}", crate::ids::new_id()));
+        let storage = Storage::local(&root).unwrap();
+        let key = Key::source("broken").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let body = futures_util::stream::iter(vec![
+            Ok(Bytes::from(vec![1u8; PART_SIZE + 5])),
+            Err(std::io::Error::other("client went away")),
+        ]);
+        let outcome = runtime.block_on(storage.write_stream(&key, body, u64::MAX));
+        assert!(matches!(outcome, Err(WriteError::Body(_))));
+        assert_eq!(files_under(&root), 0);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

@@ -604,3 +604,144 @@ async fn failure_alias_accepts_json_and_result_alias_reports_success() {
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({ "status": "success" }));
 }
+
+#[tokio::test]
+async fn diagnostics_reports_are_stored_and_listed_newest_first() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    let post = |body: Value| {
+        app.client
+            .post(app.url("/api/diagnostics/report"))
+            .header("X-API-Key", API_KEY)
+            .json(&body)
+            .send()
+    };
+    let report = |status: &str| json!({ "worker_id": worker_id, "status": status, "duration_ms": 1234, "auto_fixed": true, "checks": [{ "name": "disk", "ok": true }] });
+    let r = post(report("healthy")).await.unwrap();
+    let stored: Value = r.json().await.unwrap();
+    assert_eq!(stored["status"], "stored");
+    assert_eq!(stored["id"].as_str().unwrap().len(), 36, "a uuid");
+    post(report("critical")).await.unwrap();
+
+    let errors = [
+        (
+            json!({ "worker_id": worker_id, "status": "healthy" }),
+            400,
+            "Missing required fields: worker_id, status, duration_ms, checks",
+        ),
+        (
+            json!({ "worker_id": worker_id, "status": "meh", "duration_ms": 1, "checks": [] }),
+            400,
+            "Invalid status. Must be: healthy, warning, or critical",
+        ),
+        (
+            json!({ "worker_id": worker_id, "status": "healthy", "duration_ms": 1, "checks": {} }),
+            400,
+            "checks must be an array",
+        ),
+        (
+            json!({ "worker_id": "ghost", "status": "healthy", "duration_ms": 1, "checks": [] }),
+            404,
+            "Worker not found",
+        ),
+    ];
+    for (body, status, message) in errors {
+        let r = post(body).await.unwrap();
+        assert_eq!(
+            (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+            (status, json!({ "error": message }))
+        );
+    }
+
+    let list: Value = app
+        .client
+        .get(app.url(&format!("/api/diagnostics/{worker_id}")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["worker_id"], worker_id.as_str());
+    let reports = list["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[0]["status"], "critical", "newest first");
+    assert_eq!(reports[0]["checks"][0]["name"], "disk");
+    assert_eq!(reports[0]["auto_fixed"], true);
+    assert!(reports[0]["run_at"].is_i64());
+    let latest: Value = app
+        .client
+        .get(app.url(&format!("/api/diagnostics/{worker_id}/latest")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(latest["id"], reports[0]["id"]);
+    let one: Value = app
+        .client
+        .get(app.url(&format!("/api/diagnostics/{worker_id}")))
+        .query(&[("limit", "1")])
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["reports"].as_array().unwrap().len(), 1);
+    let r = app
+        .client
+        .get(app.url(&format!("/api/diagnostics/{worker_id}")))
+        .query(&[("limit", "abc")])
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (other, _) = app.register("quiet", &["ios"]).await;
+    let r = app
+        .client
+        .get(app.url(&format!("/api/diagnostics/{other}/latest")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+        (404, json!({ "error": "No diagnostic reports found" }))
+    );
+}
+
+#[tokio::test]
+async fn vm_status_accepts_the_admin_key_with_the_holder_id_only() {
+    let app = TestApp::spawn().await;
+    let (holder, _) = app.register("holder", &["ios"]).await;
+    let (other, _) = app.register("other", &["ios"]).await;
+    let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    app.poll(&holder).await;
+    let url = app.url(&format!("/api/builds/{id}/vm-status"));
+    let r = app
+        .client
+        .get(&url)
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", &holder)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "vm_ready": false }));
+    let r = app
+        .client
+        .get(&url)
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = app.client.get(&url).header("X-API-Key", API_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}

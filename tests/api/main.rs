@@ -8,4 +8,5 @@ mod cli;
 mod g0_worker;
 mod queue_engine;
 mod restart;
+mod reviews;
 mod token_worker;
