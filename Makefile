@@ -1,4 +1,4 @@
-.PHONY: run test db-stop lint fmt build bench
+.PHONY: run test db-stop lint fmt build bench fuzz
 
 run: ## Serve on 127.0.0.1:4000 with a local PostgreSQL under ./.data (or DATABASE_URL)
 	scripts/run-dev.sh
@@ -18,3 +18,7 @@ fmt:
 
 build:
 	cargo build --release
+
+fuzz: ## Fuzz the certs-bundle and multipart parsers for 60 s each (libFuzzer, stable toolchain)
+	fuzz/run.sh certs_bundle 60
+	fuzz/run.sh multipart 60

@@ -451,3 +451,181 @@ async fn unregister_by_token_requeues_the_held_build() {
         .unwrap();
     assert_eq!(r.status(), 401, "the token was revoked");
 }
+
+fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data) in entries {
+        writer
+            .start_file(*name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        writer.write_all(data).unwrap();
+    }
+    writer.finish().unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn certs_endpoints_serve_the_bundle_to_the_holder_only() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    let bundle = zip_of(&[
+        ("dist.p12", b"P12"),
+        ("password.txt", b"s3cret\n"),
+        ("app.mobileprovision", b"PROF"),
+    ]);
+    let form = Form::new()
+        .text("platform", "ios")
+        .part("source", Part::bytes(b"s".to_vec()).file_name("a.zip"))
+        .part("certs", Part::bytes(bundle).file_name("certs.zip"));
+    // The `POST /api/builds` alias answers 201 with the same body.
+    let r = app
+        .client
+        .post(app.url("/api/builds"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let url = |path: &str| app.url(&format!("/api/builds/{id}/{path}"));
+
+    let r = app
+        .client
+        .get(url("certs"))
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", &worker_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "not held yet");
+    let poll = app.poll(&worker_id).await;
+    let r = app
+        .client
+        .get(url("certs"))
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", &worker_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-disposition"],
+        format!("attachment; filename=\"{id}-certs.zip\"")
+    );
+    let zip_bytes = r.bytes().await.unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip_bytes.to_vec())).unwrap();
+    assert_eq!(archive.len(), 3);
+    assert!(archive.by_name("dist.p12").is_ok());
+
+    let secure = |build_header: &str| {
+        app.client
+            .get(url("certs-secure"))
+            .header("X-API-Key", API_KEY)
+            .header("X-Worker-Id", &worker_id)
+            .header("X-Build-Id", build_header)
+            .send()
+    };
+    let certs: Value = secure(&id).await.unwrap().json().await.unwrap();
+    assert_eq!(certs["p12Password"], "s3cret");
+    assert_eq!(STANDARD.decode(certs["p12"].as_str().unwrap()).unwrap(), b"P12");
+    let first_keychain = certs["keychainPassword"].as_str().unwrap().to_string();
+    let again: Value = secure(&id).await.unwrap().json().await.unwrap();
+    assert_ne!(
+        again["keychainPassword"].as_str().unwrap(),
+        first_keychain,
+        "fresh each time"
+    );
+    assert_eq!(secure("another-build").await.unwrap().status(), 403);
+
+    // Rule 5: a client generation sends the OTP as X-API-Key when posting logs.
+    let otp = poll["job"]["otp"].as_str().unwrap();
+    let r = app
+        .client
+        .post(url("logs"))
+        .header("X-API-Key", otp)
+        .header("X-Worker-Id", &worker_id)
+        .json(&json!({ "level": "info", "message": "from the VM" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
+        .post(url("logs"))
+        .header("X-API-Key", "not-the-otp")
+        .header("X-Worker-Id", &worker_id)
+        .json(&json!({ "level": "info", "message": "x" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await, (403, json!({ "error": "Invalid API key" })));
+}
+
+#[tokio::test]
+async fn a_bundle_without_a_certificate_is_unprocessable_and_builds_without_certs_have_none() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    let form = Form::new()
+        .text("platform", "ios")
+        .part("source", Part::bytes(b"s".to_vec()).file_name("a.zip"))
+        .part(
+            "certs",
+            Part::bytes(zip_of(&[("password.txt", b"x")])).file_name("certs.zip"),
+        );
+    let r = app
+        .client
+        .post(app.url("/api/builds/submit"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    app.poll(&worker_id).await;
+    let r = app
+        .client
+        .get(app.url(&format!("/api/builds/{id}/certs-secure")))
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", &worker_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await, (422, json!({ "error": "Invalid certs bundle" })));
+
+    // A corrupt zip is refused at submit, leaving nothing.
+    let before = app.stored_files().len();
+    let form = Form::new()
+        .text("platform", "ios")
+        .part("source", Part::bytes(b"s".to_vec()).file_name("a.zip"))
+        .part(
+            "certs",
+            Part::bytes(b"PK\x03\x04 not really a zip".to_vec()).file_name("certs.zip"),
+        );
+    let r = app
+        .client
+        .post(app.url("/api/builds/submit"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await, (400, json!({ "error": "Invalid certs bundle" })));
+    assert_eq!(app.stored_files().len(), before);
+
+    // No certs at all → 404 on both endpoints.
+    let plain = app.submit("android", b"s").await["id"].as_str().unwrap().to_string();
+    let (android, _) = app.register("a", &["android"]).await;
+    app.poll(&android).await;
+    for path in ["certs", "certs-secure"] {
+        let r = app
+            .client
+            .get(app.url(&format!("/api/builds/{plain}/{path}")))
+            .header("X-API-Key", API_KEY)
+            .header("X-Worker-Id", &android)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(json_of(r).await, (404, json!({ "error": "Certs not found" })));
+    }
+}
