@@ -64,8 +64,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         storage: storage.clone(),
         settings: config.queue.clone(),
     };
-    let state = AppState::new(pool, storage, config.clone(), secrets);
     let (shutdown, stop) = watch::channel(false);
+    let state = AppState::new(pool.clone(), storage, config.clone(), secrets, stop.clone());
+    let (listen_pool, wakeups, listen_stop) = (pool, state.wakeups.clone(), stop.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(state);
     let mut http_stop = stop.clone();
@@ -78,6 +79,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
             tracing::error!(error = %e, "http server failed");
         }
         "http"
+    });
+    tasks.spawn(async move {
+        crate::queue::listen(listen_pool, wakeups, listen_stop).await;
+        "listener"
     });
     tasks.spawn(async move {
         jobs::run(jobs_ctx, stop).await;

@@ -31,7 +31,10 @@ use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ApiResult};
 
+use tokio::sync::watch;
+
 use crate::config::{Config, Secrets};
+use crate::queue::Wakeups;
 use crate::storage::Storage;
 
 /// What every handler can reach.
@@ -43,16 +46,28 @@ pub struct AppState {
     pub secrets: Arc<Secrets>,
     /// `/api/stats` answer and when it was computed.
     pub stats_cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, serde_json::Value)>>>,
+    /// Wakes long-polling workers when their queue gets work.
+    pub wakeups: Arc<Wakeups>,
+    /// Flips to `true` when the server shuts down (releases long polls at once).
+    pub shutdown: watch::Receiver<bool>,
 }
 
 impl AppState {
-    pub fn new(pool: PgPool, storage: Storage, config: Config, secrets: Secrets) -> Self {
+    pub fn new(
+        pool: PgPool,
+        storage: Storage,
+        config: Config,
+        secrets: Secrets,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             pool,
             storage,
             config: Arc::new(config),
             secrets: Arc::new(secrets),
             stats_cache: Arc::default(),
+            wakeups: Wakeups::new(),
+            shutdown,
         }
     }
 }

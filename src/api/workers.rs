@@ -5,6 +5,8 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::time::Duration;
+
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -109,15 +111,37 @@ async fn poll(
     QueryParams(query): QueryParams<PollQuery>,
 ) -> ApiResult<Json<Value>> {
     let (worker, token) = poll_caller(&state, &headers, query.worker_id.as_deref()).await?;
-    bounded_int(query.wait.as_deref(), "wait", 0, 60)?;
-    let now = Utc::now();
-    queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await?;
-    let claim = queue::claim(&state.pool, &worker, &state.config.queue, now).await?;
+    let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
+    queue::touch_worker(&state.pool, &worker, &state.config.queue, Utc::now()).await?;
+    let claim = claim_or_wait(&state, &worker, Duration::from_secs(wait as u64)).await?;
     let mut answer = json!({ "job": claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)) });
     if let Some(token) = token {
         answer["access_token"] = json!(token);
     }
     Ok(Json(answer))
+}
+
+/// Claims for the worker; with `wait`, holds the request until its queue gets work (woken by NOTIFY),
+/// the time passes, or the server shuts down. No database connection is held while waiting.
+async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> ApiResult<Option<queue::Claim>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        // Subscribe before looking, so a build committed in between still wakes us.
+        let mut subscription = (!wait.is_zero()).then(|| state.wakeups.subscribe(&worker.platforms()));
+        let claim = queue::claim(&state.pool, worker, &state.config.queue, Utc::now()).await?;
+        let Some(subscription) = subscription.as_mut().filter(|_| claim.is_none()) else {
+            return Ok(claim);
+        };
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        tokio::select! {
+            _ = subscription.wait() => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            _ = shutdown.changed() => return Ok(None),
+        }
+    }
 }
 
 /// Token mode (`X-Worker-Token`) or G0 mode (admin key + `?worker_id=`).

@@ -1,7 +1,7 @@
-//! Claiming: hand the best eligible build to a worker in one short transaction.
+//! Claiming: hand a worker the attempt it already holds, or the best eligible build, in one statement.
 
-use chrono::{DateTime, Duration, Utc};
-use sqlx::PgPool;
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgPool, Row};
 
 use super::{Build, QueueResult, Settings, Worker};
 use crate::ids;
@@ -18,10 +18,19 @@ pub struct Claim {
     pub redelivered: bool,
 }
 
+/// One statement, one round trip. `held` re-delivers the worker's current attempt (with a fresh OTP,
+/// since the worker never received the previous one); only when there is none does `picked` lock the
+/// best eligible row, skipping rows other claims hold, and `claimed` turn it into a new attempt with its
+/// attempt row, log line and busy worker.
 const CLAIM_SQL: &str = "
-WITH picked AS (
+WITH held AS (
+    UPDATE builds SET otp_hash = $5, otp_expires_at = $2 + $6::bigint * interval '1 second'
+    WHERE lease_owner = $1 AND state IN ('assigned', 'building')
+    RETURNING *
+), picked AS (
     SELECT b.id FROM builds b
-    WHERE b.state IN ('pending', 'scheduled', 'retryable')
+    WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
+      AND b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND b.queue = ANY($3)
       AND b.queue NOT IN (SELECT name FROM queues WHERE paused)
@@ -49,7 +58,9 @@ WITH picked AS (
 ), worker_row AS (
     UPDATE workers SET status = 'busy', last_seen_at = $2 WHERE id = $1 AND EXISTS (SELECT 1 FROM claimed)
 )
-SELECT * FROM claimed";
+SELECT *, true AS redelivered FROM held
+UNION ALL
+SELECT *, false AS redelivered FROM claimed";
 
 /// Returns the attempt the worker already holds, or claims the best eligible build for it.
 ///
@@ -62,14 +73,24 @@ pub async fn claim(
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Option<Claim>> {
-    if let Some(claim) = redeliver(pool, &worker.id, now).await? {
-        return Ok(Some(claim));
+    for _ in 0..2 {
+        match claim_once(pool, worker, settings, now).await {
+            // A concurrent poll of the same worker claimed first: the next round re-delivers its attempt.
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some("builds_held_by_idx") => continue,
+            other => return Ok(other?),
+        }
     }
-    if !worker.accepts_work() {
-        return Ok(None);
-    }
+    Ok(None)
+}
+
+async fn claim_once(
+    pool: &PgPool,
+    worker: &Worker,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> Result<Option<Claim>, sqlx::Error> {
     let otp = ids::new_secret();
-    let result = sqlx::query_as::<_, Build>(CLAIM_SQL)
+    let row = sqlx::query(CLAIM_SQL)
         .bind(&worker.id)
         .bind(now)
         .bind(&worker.platforms)
@@ -77,39 +98,13 @@ pub async fn claim(
         .bind(ids::hash_secret(&otp))
         .bind(OTP_TTL_SECS)
         .bind(&worker.name)
+        .bind(worker.accepts_work())
         .fetch_optional(pool)
-        .await;
-    match result {
-        Ok(build) => Ok(build.map(|build| Claim {
-            build,
-            otp,
-            redelivered: false,
-        })),
-        // A concurrent poll of the same worker won the claim: hand that attempt over instead.
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some("builds_held_by_idx") => {
-            redeliver(pool, &worker.id, now).await
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Re-delivery of a held attempt (the worker lost the answer to its claim). The attempt, lease token
-/// and VM token stay; a fresh OTP replaces the previous one, which the worker never received.
-async fn redeliver(pool: &PgPool, worker_id: &str, now: DateTime<Utc>) -> QueueResult<Option<Claim>> {
-    let otp = ids::new_secret();
-    let build = sqlx::query_as::<_, Build>(
-        "UPDATE builds SET otp_hash = $2, otp_expires_at = $3
-         WHERE lease_owner = $1 AND state IN ('assigned', 'building')
-         RETURNING *",
-    )
-    .bind(worker_id)
-    .bind(ids::hash_secret(&otp))
-    .bind(now + Duration::seconds(OTP_TTL_SECS))
-    .fetch_optional(pool)
-    .await?;
-    Ok(build.map(|build| Claim {
-        build,
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(Claim {
+        build: Build::from_row(&row)?,
         otp,
-        redelivered: true,
+        redelivered: row.try_get("redelivered")?,
     }))
 }

@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use super::{Build, Platform, QueueResult};
 
-/// Channel on which every instance LISTENs; the payload is the queue (platform) that got work.
+/// Channel on which every instance LISTENs; the payload is `<queue>:<build id>` of a claimable build.
 pub const NOTIFY_CHANNEL: &str = "expo_builds_ready";
 
 /// What a submitter (or a retry) puts in the queue.
@@ -52,16 +52,19 @@ pub async fn enqueue(conn: &mut PgConnection, new: &NewBuild, now: DateTime<Utc>
     .fetch_one(&mut *conn)
     .await?;
     if run_at.is_none() {
-        notify_ready(conn, new.platform.as_str()).await?;
+        notify_ready(conn, &[(new.platform.as_str(), new.id.as_str())]).await?;
     }
     Ok(build)
 }
 
-/// Tells every instance that `queue` has claimable work (delivered at commit).
-pub(crate) async fn notify_ready(conn: &mut PgConnection, queue: &str) -> QueueResult<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
+/// Tells every instance that these `(queue, build id)` became claimable (delivered at commit). One
+/// notification per build, so each wakes one waiting worker.
+pub(crate) async fn notify_ready(conn: &mut PgConnection, builds: &[(&str, &str)]) -> QueueResult<()> {
+    let (queues, ids): (Vec<&str>, Vec<&str>) = builds.iter().copied().unzip();
+    sqlx::query("SELECT pg_notify($1, q || ':' || id) FROM unnest($2::text[], $3::text[]) AS t(q, id)")
         .bind(NOTIFY_CHANNEL)
-        .bind(queue)
+        .bind(&queues)
+        .bind(&ids)
         .execute(conn)
         .await?;
     Ok(())

@@ -76,22 +76,20 @@ async fn sweep_held(
 /// Moves `scheduled`/`retryable` builds whose `run_at` passed to `pending` and wakes their queues.
 pub async fn promote_due(pool: &PgPool, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
     let mut tx = pool.begin().await?;
-    let queues: Vec<String> = sqlx::query_scalar(
+    let promoted: Vec<(String, String)> = sqlx::query_as(
         "UPDATE builds SET state = 'pending' WHERE id IN (
             SELECT id FROM builds WHERE state IN ('scheduled', 'retryable') AND run_at <= $1
             ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING queue",
+         RETURNING queue, id",
     )
     .bind(now)
     .bind(batch)
     .fetch_all(&mut *tx)
     .await?;
-    let mut woken: Vec<&str> = queues.iter().map(String::as_str).collect();
-    woken.sort_unstable();
-    woken.dedup();
-    for queue in woken {
-        notify_ready(&mut tx, queue).await?;
+    if !promoted.is_empty() {
+        let pairs: Vec<(&str, &str)> = promoted.iter().map(|(q, id)| (q.as_str(), id.as_str())).collect();
+        notify_ready(&mut tx, &pairs).await?;
     }
     tx.commit().await?;
-    Ok(queues.len() as u64)
+    Ok(promoted.len() as u64)
 }

@@ -6,6 +6,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod g0_worker;
+mod long_poll;
 mod queue_engine;
 mod restart;
 mod reviews;

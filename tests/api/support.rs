@@ -75,8 +75,10 @@ pub struct TestApp {
     pub pool: PgPool,
     pub client: reqwest::Client,
     pub storage_dir: PathBuf,
+    pub database_url: String,
+    owns_storage: bool,
     /// Dropping it aborts the server's tasks.
-    _running: Running,
+    running: Option<Running>,
 }
 
 impl TestApp {
@@ -87,6 +89,27 @@ impl TestApp {
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         let (database_url, pool) = fresh_database(10).await;
         let storage_dir = std::env::temp_dir().join(format!("expo-test-storage-{}", ids::new_id()));
+        Self::start(database_url, pool, storage_dir, adjust).await
+    }
+
+    /// A second instance on the same database and storage as `other`.
+    pub async fn spawn_on(other: &TestApp) -> TestApp {
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&other.database_url)
+            .await
+            .expect("connect");
+        let mut app = Self::start(other.database_url.clone(), pool, other.storage_dir.clone(), |_| {}).await;
+        app.owns_storage = false;
+        app
+    }
+
+    async fn start(
+        database_url: String,
+        pool: PgPool,
+        storage_dir: PathBuf,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestApp {
         let mut config = config(&database_url, storage_dir.clone());
         adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -101,7 +124,16 @@ impl TestApp {
                 .build()
                 .expect("client"),
             storage_dir,
-            _running: running,
+            database_url,
+            owns_storage: true,
+            running: Some(running),
+        }
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
         }
     }
 
@@ -187,7 +219,9 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.storage_dir);
+        if self.owns_storage {
+            let _ = std::fs::remove_dir_all(&self.storage_dir);
+        }
     }
 }
 

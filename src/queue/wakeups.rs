@@ -1,0 +1,165 @@
+//! Long-poll wake-ups. Each instance LISTENs once on [`NOTIFY_CHANNEL`]; every notification names one
+//! claimable build (`<queue>:<id>`) and wakes **one** waiting poller of that queue (no thundering herd).
+//! A waiter registers before it checks the queue, so a build committed in between is never missed; a
+//! re-check every second (and after every reconnect) covers notifications lost while disconnected.
+//! Waiting requests hold no database connection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::future::select_all;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{Notify, watch};
+
+use super::{NOTIFY_CHANNEL, Platform};
+
+/// How often waiting queues are re-checked for work whose notification was lost.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Per-queue wake-ups for the long polls of this instance.
+#[derive(Debug, Default)]
+pub struct Wakeups {
+    queues: [Arc<Notify>; 2],
+    waiting: [AtomicUsize; 2],
+}
+
+fn slot(platform: Platform) -> usize {
+    match platform {
+        Platform::Ios => 0,
+        Platform::Android => 1,
+    }
+}
+
+impl Wakeups {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Wakes one poller waiting for `platform` (or the next one to wait).
+    pub fn wake(&self, platform: Platform) {
+        self.queues[slot(platform)].notify_one();
+    }
+
+    /// Pollers currently waiting for `platform`.
+    pub fn waiting(&self, platform: Platform) -> usize {
+        self.waiting[slot(platform)].load(Ordering::Relaxed)
+    }
+
+    /// Registers interest in `platforms`; call before checking the queue, then [`Subscription::wait`].
+    pub fn subscribe(self: &Arc<Self>, platforms: &[Platform]) -> Subscription {
+        let mut notified = Vec::with_capacity(platforms.len());
+        for platform in platforms {
+            let mut future = Box::pin(self.queues[slot(*platform)].clone().notified_owned());
+            future.as_mut().enable();
+            self.waiting[slot(*platform)].fetch_add(1, Ordering::Relaxed);
+            notified.push(future);
+        }
+        Subscription {
+            wakeups: self.clone(),
+            platforms: platforms.to_vec(),
+            notified,
+        }
+    }
+
+    /// Dispatches one notification payload (`<queue>` or `<queue>:<build id>`).
+    pub fn dispatch(&self, payload: &str) {
+        let queue = payload.split(':').next().unwrap_or_default();
+        if let Some(platform) = Platform::parse(queue) {
+            self.wake(platform);
+        }
+    }
+}
+
+/// Interest in one or more queues; wakes when one of them gets work.
+pub struct Subscription {
+    wakeups: Arc<Wakeups>,
+    platforms: Vec<Platform>,
+    notified: Vec<Pin<Box<OwnedNotified>>>,
+}
+
+impl Subscription {
+    /// Resolves when one of the subscribed queues was woken.
+    pub fn wait(&mut self) -> impl Future<Output = ()> + '_ {
+        let futures: Vec<_> = self.notified.iter_mut().map(|f| f.as_mut()).collect();
+        async move {
+            if futures.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            select_all(futures).await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        for platform in &self.platforms {
+            self.wakeups.waiting[slot(*platform)].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Wakes a waiter on every queue that has waiters and claimable work.
+async fn recheck(pool: &PgPool, wakeups: &Wakeups) {
+    for platform in Platform::ALL {
+        if wakeups.waiting(platform) == 0 {
+            continue;
+        }
+        let has_work: Result<bool, sqlx::Error> = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM builds WHERE state IN ('pending', 'scheduled', 'retryable')
+                AND run_at <= $1 AND queue = $2 AND queue NOT IN (SELECT name FROM queues WHERE paused))",
+        )
+        .bind(Utc::now())
+        .bind(platform.as_str())
+        .fetch_one(pool)
+        .await;
+        if matches!(has_work, Ok(true)) {
+            wakeups.wake(platform);
+        }
+    }
+}
+
+/// The LISTEN loop of one instance: runs until `shutdown` flips, reconnecting after database outages.
+pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut listener = match connect(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "LISTEN connection failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RECHECK_INTERVAL) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        recheck(&pool, &wakeups).await;
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => match received {
+                    Ok(Some(notification)) => wakeups.dispatch(notification.payload()),
+                    // The connection dropped; notifications may have been lost meanwhile.
+                    Ok(None) => recheck(&pool, &wakeups).await,
+                    Err(error) => {
+                        tracing::warn!(%error, "LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                },
+                _ = ticker.tick() => recheck(&pool, &wakeups).await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(NOTIFY_CHANNEL).await?;
+    Ok(listener)
+}
