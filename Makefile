@@ -9,6 +9,10 @@ test: ## Start a throwaway PostgreSQL, run every test, stop it
 db-stop: ## Stop the development PostgreSQL under ./.data/pg
 	scripts/pg.sh stop ./.data/pg
 
+bench: ## Build release binaries and run the P1–P7 benchmarks (prints the table; never fails on a time)
+	cargo build --release --features bench --bins
+	ulimit -n $$(ulimit -Hn); target/release/expo-bench
+
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings

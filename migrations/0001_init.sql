@@ -72,7 +72,10 @@ CREATE TABLE builds (
     log_marker_seq        bigint,
     CHECK ((state IN ('assigned', 'building')) = (lease_owner IS NOT NULL AND lease_token IS NOT NULL))
 );
--- Claim: only queued rows are indexed, so finished history never slows it down.
+-- Claim: only queued rows are indexed, so finished history never slows it down. Workers of one platform
+-- walk their queue's index; workers of both walk the global one. Either way the first eligible entry wins.
+CREATE INDEX builds_claim_queue_idx ON builds (queue, priority DESC, run_at, id)
+    WHERE state IN ('pending', 'scheduled', 'retryable');
 CREATE INDEX builds_claim_idx ON builds (priority DESC, run_at, id)
     WHERE state IN ('pending', 'scheduled', 'retryable');
 -- Re-delivery and "what does this worker hold".

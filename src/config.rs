@@ -24,6 +24,10 @@ pub struct Config {
     #[arg(long, env = "CONTROLLER_STORAGE_DIR", default_value = "./.data/storage")]
     pub storage_dir: PathBuf,
 
+    /// fsync stored files (and their directories) before a write is acknowledged.
+    #[arg(long, env = "CONTROLLER_STORAGE_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    pub storage_fsync: bool,
+
     /// Key that encrypts certificates at rest: base64 of 32 bytes (`expo-controller gen-key`).
     #[arg(long, env = "CONTROLLER_CERTS_KEY", hide_env_values = true)]
     pub certs_key: Option<String>,

@@ -53,7 +53,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     if migrate {
         db::migrate(&pool).await?;
     }
-    let storage = Storage::local(&config.storage_dir)?;
+    let storage = Storage::local(&config.storage_dir, config.storage_fsync)?;
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen).await?,

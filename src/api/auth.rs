@@ -49,16 +49,37 @@ pub fn worker_id(value: Option<&str>) -> ApiResult<Option<String>> {
     }
 }
 
-/// The worker owning an unexpired, unrevoked token.
+/// The worker owning an unexpired, unrevoked token (from the short-lived cache when possible).
 pub async fn worker_by_token(state: &AppState, token: &str) -> ApiResult<Worker> {
+    let hash = hash_secret(token);
+    let now = Utc::now();
+    if let Some(worker) = state.workers.by_token(&hash)
+        && worker.token_expires_at.is_some_and(|at| at > now)
+    {
+        return Ok(worker);
+    }
     let worker: Option<Worker> = sqlx::query_as(
         "SELECT * FROM workers WHERE token_hash = $1 AND token_expires_at > $2 AND admin_state <> 'revoked'",
     )
-    .bind(hash_secret(token))
-    .bind(Utc::now())
+    .bind(&hash)
+    .bind(now)
     .fetch_optional(&state.pool)
     .await?;
-    worker.ok_or_else(|| ApiError::unauthorized("Invalid or expired worker token"))
+    let worker = worker.ok_or_else(|| ApiError::unauthorized("Invalid or expired worker token"))?;
+    state.workers.put_token(&hash, &worker);
+    Ok(worker)
+}
+
+/// The worker with this id (from the short-lived cache when possible).
+pub async fn worker_by_id(state: &AppState, id: &str) -> ApiResult<Option<Worker>> {
+    if let Some(worker) = state.workers.by_id(id) {
+        return Ok(Some(worker));
+    }
+    let worker = crate::queue::find_worker(&state.pool, id).await?;
+    if let Some(worker) = &worker {
+        state.workers.put_id(worker);
+    }
+    Ok(worker)
 }
 
 /// Owner endpoints: the admin key, or this build's access token alone (R34).

@@ -179,10 +179,8 @@ async fn create_build(
 }
 
 async fn enqueue(state: &AppState, new: &NewBuild) -> ApiResult<Build> {
-    let mut tx = state.pool.begin().await?;
-    let build = queue::enqueue(&mut tx, new, Utc::now()).await?;
-    tx.commit().await?;
-    Ok(build)
+    let mut conn = state.pool.acquire().await?;
+    Ok(queue::enqueue(&mut conn, new, Utc::now()).await?)
 }
 
 fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {

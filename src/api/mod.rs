@@ -14,6 +14,7 @@ mod ratelimit;
 mod results;
 mod views;
 mod vm;
+mod worker_cache;
 mod workers;
 
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub wakeups: Arc<Wakeups>,
     /// Flips to `true` when the server shuts down (releases long polls at once).
     pub shutdown: watch::Receiver<bool>,
+    /// Recent worker lookups (polls authenticate without a round trip).
+    pub workers: Arc<worker_cache::WorkerCache>,
 }
 
 impl AppState {
@@ -68,6 +71,7 @@ impl AppState {
             stats_cache: Arc::default(),
             wakeups: Wakeups::new(),
             shutdown,
+            workers: Arc::default(),
         }
     }
 }

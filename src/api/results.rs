@@ -38,26 +38,43 @@ pub async fn discard(state: &AppState, staged: Option<StagedResult>) {
     }
 }
 
+/// Why a completion did not happen.
+pub enum CompleteError {
+    /// The queue refused it (the caller may explain it better).
+    Queue(queue::QueueError),
+    Api(ApiError),
+}
+
+impl From<CompleteError> for ApiError {
+    fn from(error: CompleteError) -> Self {
+        match error {
+            CompleteError::Queue(e) => e.into(),
+            CompleteError::Api(e) => e,
+        }
+    }
+}
+
 /// Moves the staged result under the build and completes the caller's attempt with it.
 pub async fn complete_with(
     state: &AppState,
     build_id: &str,
     caller: &BuildCaller,
     staged: StagedResult,
-) -> ApiResult<()> {
-    let key = Key::result(build_id, &ids::new_id()).ok_or_else(ApiError::build_not_found)?;
+) -> Result<(), CompleteError> {
+    let key = Key::result(build_id, &ids::new_id()).ok_or_else(|| CompleteError::Api(ApiError::build_not_found()))?;
     if let Err(e) = state.storage.rename(&staged.key, &key).await {
         let _ = state.storage.delete(&staged.key).await;
-        return Err(e.into());
+        return Err(CompleteError::Api(e.into()));
     }
+    let size = staged.stored.size as i64;
     let result = ResultFile {
         key: key.as_str().to_string(),
-        size: staged.stored.size as i64,
+        size,
         sha256: staged.stored.sha256,
     };
     if let Err(e) = queue::complete(&state.pool, build_id, caller.holder(), &result, Utc::now()).await {
         let _ = state.storage.delete(&key).await;
-        return Err(e.into());
+        return Err(CompleteError::Queue(e));
     }
     Ok(())
 }

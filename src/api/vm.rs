@@ -135,6 +135,8 @@ async fn artifact(
         return Err(e);
     }
     let staged = staged.ok_or_else(|| ApiError::bad_request("No artifact file provided"))?;
-    results::complete_with(&state, &id, &caller, staged).await?;
+    results::complete_with(&state, &id, &caller, staged)
+        .await
+        .map_err(ApiError::from)?;
     Ok(Json(json!({ "success": true })))
 }

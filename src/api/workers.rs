@@ -72,6 +72,7 @@ async fn register(
         caller_worker,
     };
     let registration = queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await?;
+    state.workers.clear();
     Ok(Json(json!({
         "id": registration.worker.id,
         "status": if registration.reregistered { "re-registered" } else { "registered" },
@@ -112,7 +113,10 @@ async fn poll(
 ) -> ApiResult<Json<Value>> {
     let (worker, token) = poll_caller(&state, &headers, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
-    queue::touch_worker(&state.pool, &worker, &state.config.queue, Utc::now()).await?;
+    let now = Utc::now();
+    if queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await? {
+        state.workers.seen(&worker.id, now);
+    }
     let claim = claim_or_wait(&state, &worker, Duration::from_secs(wait as u64)).await?;
     let mut answer = json!({ "job": claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)) });
     if let Some(token) = token {
@@ -129,7 +133,7 @@ async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> Api
     loop {
         // Subscribe before looking, so a build committed in between still wakes us.
         let mut subscription = (!wait.is_zero()).then(|| state.wakeups.subscribe(&worker.platforms()));
-        let claim = queue::claim(&state.pool, worker, &state.config.queue, Utc::now()).await?;
+        let claim = claim_unless_known_empty(state, worker).await?;
         let Some(subscription) = subscription.as_mut().filter(|_| claim.is_none()) else {
             return Ok(claim);
         };
@@ -144,6 +148,25 @@ async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> Api
     }
 }
 
+/// Claims, except that an idle worker polling queues known to be empty is answered without a query.
+async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResult<Option<queue::Claim>> {
+    let platforms = worker.platforms();
+    // Only an idle worker (it may not hold an attempt to re-deliver) that accepts work uses the hint.
+    let hint_applies = worker.status == "idle" && worker.accepts_work();
+    if hint_applies && state.wakeups.known_empty(&platforms) {
+        return Ok(None);
+    }
+    let seen = state.wakeups.generations(&platforms);
+    let claim = queue::claim(&state.pool, worker, &state.config.queue, Utc::now()).await?;
+    match &claim {
+        None if hint_applies => state.wakeups.mark_empty(&seen),
+        // The worker's status changed (it is busy now): refresh its cached copy.
+        Some(_) => state.workers.clear(),
+        None => {}
+    }
+    Ok(claim)
+}
+
 /// Token mode (`X-Worker-Token`) or G0 mode (admin key + `?worker_id=`).
 async fn poll_caller(
     state: &AppState,
@@ -156,7 +179,7 @@ async fn poll_caller(
     }
     auth::require_admin(state, headers)?;
     let id = auth::worker_id(worker_id)?.ok_or_else(|| ApiError::bad_request("worker_id required"))?;
-    let worker = queue::find_worker(&state.pool, &id)
+    let worker = auth::worker_by_id(state, &id)
         .await?
         .ok_or_else(ApiError::worker_not_found)?;
     Ok((worker, None))
@@ -249,8 +272,11 @@ async fn finish_report(
     let outcome = apply_report(state, headers, &form, staged.is_some()).await;
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
-            results::complete_with(state, &build_id, &caller, staged).await?;
-            Ok(Json(json!({ "status": "success" })))
+            match results::complete_with(state, &build_id, &caller, staged).await {
+                Ok(()) => Ok(Json(json!({ "status": "success" }))),
+                Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
+                Err(results::CompleteError::Api(e)) => Err(e),
+            }
         }
         (Ok(Report::Answered(answer)), staged) => {
             results::discard(state, staged).await;
@@ -285,13 +311,15 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         return Err(ApiError::bad_request("Invalid id"));
     }
     let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
-    let build = queue::find_build(&state.pool, build_id)
-        .await?
-        .ok_or_else(ApiError::build_not_found)?;
-    if queue::find_worker(&state.pool, &caller.worker_id).await?.is_none() {
-        return Err(ApiError::worker_not_found());
+    let success = form.success.as_deref().map(str::trim) == Some("true");
+    if success && has_file {
+        // The common case goes straight to the fenced completion; refusals are explained afterwards.
+        return Ok(Report::Complete {
+            build_id: build_id.to_string(),
+            caller,
+        });
     }
-    if form.success.as_deref().map(str::trim) != Some("true") {
+    if !success {
         let message = form
             .error_message
             .clone()
@@ -301,7 +329,7 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
             kind: FailureKind::Build,
             message,
         };
-        queue::fail(
+        let outcome = queue::fail(
             &state.pool,
             build_id,
             caller.holder(),
@@ -309,16 +337,19 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
             &state.config.queue,
             Utc::now(),
         )
-        .await?;
-        return Ok(Report::Answered(json!({ "status": "failed" })));
-    }
-    if has_file {
-        return Ok(Report::Complete {
-            build_id: build_id.to_string(),
-            caller,
-        });
+        .await;
+        return match outcome {
+            Ok(_) => Ok(Report::Answered(json!({ "status": "failed" }))),
+            Err(e) => Err(explain(state, &caller.worker_id, e).await),
+        };
     }
     // A success report without a file: a no-op when this caller's attempt already stored the artifact.
+    let build = queue::find_build(&state.pool, build_id)
+        .await?
+        .ok_or_else(ApiError::build_not_found)?;
+    if auth::worker_by_id(state, &caller.worker_id).await?.is_none() {
+        return Err(ApiError::worker_not_found());
+    }
     let completed_by_caller = build.state() == queue::BuildState::Completed
         && build.result_key.is_some()
         && build.worker_id.as_deref() == Some(caller.worker_id.as_str());
@@ -332,6 +363,17 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         return Err(ApiError::not_authorized_for_build());
     }
     Err(ApiError::bad_request("Missing result file"))
+}
+
+/// The answer for a refused report: unknown build (the queue says so first), then unknown worker,
+/// then the queue's reason.
+async fn explain(state: &AppState, worker_id: &str, error: queue::QueueError) -> ApiError {
+    if matches!(error, queue::QueueError::NotHolder | queue::QueueError::Stale)
+        && matches!(auth::worker_by_id(state, worker_id).await, Ok(None))
+    {
+        return ApiError::worker_not_found();
+    }
+    error.into()
 }
 
 /// B18: counters and uptime of a worker.
@@ -355,6 +397,7 @@ async fn stats(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
 async fn unregister(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
+    state.workers.clear();
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 
@@ -364,6 +407,7 @@ async fn unregister_self(State(state): State<AppState>, headers: HeaderMap) -> A
         header(&headers, WORKER_TOKEN).ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
     let worker = auth::worker_by_token(&state, token).await?;
     let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
+    state.workers.clear();
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 

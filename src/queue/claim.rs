@@ -18,11 +18,11 @@ pub struct Claim {
     pub redelivered: bool,
 }
 
-/// One statement, one round trip. `held` re-delivers the worker's current attempt (with a fresh OTP,
+/// One statement, one round trip (the `{queue}` placeholder is filled by [`claim_sql`]). `held` re-delivers the worker's current attempt (with a fresh OTP,
 /// since the worker never received the previous one); only when there is none does `picked` lock the
 /// best eligible row, skipping rows other claims hold, and `claimed` turn it into a new attempt with its
 /// attempt row, log line and busy worker.
-const CLAIM_SQL: &str = "
+const CLAIM_TEMPLATE: &str = "
 WITH held AS (
     UPDATE builds SET otp_hash = $5, otp_expires_at = $2 + $6::bigint * interval '1 second'
     WHERE lease_owner = $1 AND state IN ('assigned', 'building')
@@ -32,7 +32,7 @@ WITH held AS (
     WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
       AND b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
-      AND b.queue = ANY($3)
+      AND {queue}
       AND b.queue NOT IN (SELECT name FROM queues WHERE paused)
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
@@ -62,6 +62,20 @@ SELECT *, true AS redelivered FROM held
 UNION ALL
 SELECT *, false AS redelivered FROM claimed";
 
+/// The claim for a worker of one platform compares the queue by equality, so the planner walks that
+/// queue's index; a worker of several platforms walks the global index. Built once per variant.
+fn claim_sql(platforms: usize) -> &'static str {
+    static SINGLE: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| CLAIM_TEMPLATE.replace("{queue}", "b.queue = ($3::text[])[1]"));
+    static MULTI: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| CLAIM_TEMPLATE.replace("{queue}", "b.queue = ANY($3)"));
+    if platforms == 1 {
+        SINGLE.as_str()
+    } else {
+        MULTI.as_str()
+    }
+}
+
 /// Returns the attempt the worker already holds, or claims the best eligible build for it.
 ///
 /// Eligible: queued (`pending`, or `scheduled`/`retryable` whose `run_at` has passed), on one of the
@@ -90,7 +104,8 @@ async fn claim_once(
     now: DateTime<Utc>,
 ) -> Result<Option<Claim>, sqlx::Error> {
     let otp = ids::new_secret();
-    let row = sqlx::query(CLAIM_SQL)
+    // Both variants are built from constant text only.
+    let row = sqlx::query(sqlx::AssertSqlSafe(claim_sql(worker.platforms.len())))
         .bind(&worker.id)
         .bind(now)
         .bind(&worker.platforms)

@@ -25,16 +25,22 @@ pub struct NewBuild {
     pub original_build_id: Option<String>,
 }
 
-/// Inserts the build in the caller's transaction. The NOTIFY is sent by PostgreSQL only if that
-/// transaction commits, so a waiting worker never wakes for a build that does not exist.
+/// Inserts the build and, when it is claimable now, notifies every instance — one statement, inside
+/// the caller's transaction if it has one. PostgreSQL delivers the NOTIFY only if that transaction
+/// commits, so a waiting worker never wakes for a build that does not exist.
 pub async fn enqueue(conn: &mut PgConnection, new: &NewBuild, now: DateTime<Utc>) -> QueueResult<Build> {
     let run_at = new.run_at.filter(|at| *at > now);
     let state = if run_at.is_some() { "scheduled" } else { "pending" };
     let build: Build = sqlx::query_as(
-        "INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
-                             submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-         RETURNING *",
+        "WITH inserted AS (
+            INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
+                                submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+            RETURNING *
+         ), notified AS (
+            SELECT pg_notify($14, queue || ':' || id) FROM inserted WHERE state = 'pending'
+         )
+         SELECT inserted.* FROM inserted, (SELECT count(*) FROM notified) AS n",
     )
     .bind(&new.id)
     .bind(state)
@@ -49,11 +55,9 @@ pub async fn enqueue(conn: &mut PgConnection, new: &NewBuild, now: DateTime<Utc>
     .bind(&new.certs_key)
     .bind(&new.access_token_hash)
     .bind(&new.original_build_id)
+    .bind(NOTIFY_CHANNEL)
     .fetch_one(&mut *conn)
     .await?;
-    if run_at.is_none() {
-        notify_ready(conn, &[(new.platform.as_str(), new.id.as_str())]).await?;
-    }
     Ok(build)
 }
 

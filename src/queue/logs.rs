@@ -105,6 +105,9 @@ pub async fn append_worker_logs(
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<usize> {
+    if !lines.is_empty() && append_fast(pool, build_id, holder, lines, max_lines, settings, now).await? {
+        return Ok(lines.len());
+    }
     let mut tx = pool.begin().await?;
     let current: Option<LogState> = sqlx::query_as(
         "SELECT state, lease_owner, lease_token, worker_id, completed_at, log_seq, log_dropped, log_marker_seq
@@ -183,6 +186,48 @@ pub async fn append_worker_logs(
     .await?;
     tx.commit().await?;
     Ok(kept)
+}
+
+/// The common case in one statement: the caller holds the current attempt and every line fits under
+/// the cap. Returns false (nothing written) otherwise, for the general path to decide.
+async fn append_fast(
+    pool: &PgPool,
+    build_id: &str,
+    holder: Holder<'_>,
+    lines: &[NewLogLine],
+    max_lines: i64,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<bool> {
+    let (levels, messages): (Vec<&str>, Vec<&str>) = lines
+        .iter()
+        .map(|l| (l.level.as_str(), truncate_message(&l.message)))
+        .unzip();
+    let inserted = sqlx::query(
+        "WITH taken AS (
+            UPDATE builds SET log_seq = log_seq + $5,
+                lease_expires_at = greatest(lease_expires_at, $4 + $9::bigint * interval '1 second')
+            WHERE id = $1 AND state IN ('assigned', 'building') AND lease_owner = $2
+              AND ($3::bigint IS NULL OR lease_token = $3)
+              AND log_marker_seq IS NULL AND log_seq + $5 <= $8
+            RETURNING log_seq - $5 AS base
+         )
+         INSERT INTO build_logs (build_id, seq, ts, level, message)
+         SELECT $1, taken.base + t.ord, $4, t.level, t.message
+         FROM taken, unnest($6::text[], $7::text[]) WITH ORDINALITY AS t(level, message, ord)",
+    )
+    .bind(build_id)
+    .bind(holder.worker_id)
+    .bind(holder.lease_token)
+    .bind(now)
+    .bind(lines.len() as i64)
+    .bind(&levels)
+    .bind(&messages)
+    .bind(max_lines)
+    .bind(settings.lease_timeout_secs as i64)
+    .execute(pool)
+    .await?;
+    Ok(inserted.rows_affected() > 0)
 }
 
 /// Lines with `seq > after`, oldest first, at most `limit` (all when `None`).

@@ -51,7 +51,7 @@ pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
-pub use wakeups::{Subscription, Wakeups, listen};
+pub use wakeups::{Generations, Subscription, Wakeups, listen};
 pub use workers::{RegisterRequest, Registration, find_worker, register, touch_worker, unregister};
 
 use crate::config::QueueConfig;

@@ -3,12 +3,18 @@
 //! A waiter registers before it checks the queue, so a build committed in between is never missed; a
 //! re-check every second (and after every reconnect) covers notifications lost while disconnected.
 //! Waiting requests hold no database connection.
+//!
+//! The same notifications keep an **emptiness hint** per queue: a claim that found nothing records the
+//! queue's notification generation; until a notification for that queue arrives (or [`EMPTY_HINT_TTL`]
+//! passes, bounding any staleness, e.g. a `run_at` coming due before promotion), empty polls for it are
+//! answered without touching the database.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::future::select_all;
@@ -22,12 +28,23 @@ use super::{NOTIFY_CHANNEL, Platform};
 /// How often waiting queues are re-checked for work whose notification was lost.
 pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Per-queue wake-ups for the long polls of this instance.
+/// How long a queue found empty is trusted to stay empty without a notification.
+pub const EMPTY_HINT_TTL: Duration = Duration::from_secs(1);
+
+/// Per-queue wake-ups for the long polls of this instance, and the emptiness hints.
 #[derive(Debug, Default)]
 pub struct Wakeups {
     queues: [Arc<Notify>; 2],
     waiting: [AtomicUsize; 2],
+    /// Bumped by every notification for the queue.
+    generation: [AtomicU64; 2],
+    /// (generation, when) at which a claim last found the queue empty.
+    empty: Mutex<[Option<(u64, Instant)>; 2]>,
 }
+
+/// Notification generations of some queues, taken before a claim looks at them.
+#[derive(Debug, Clone)]
+pub struct Generations(Vec<(Platform, u64)>);
 
 fn slot(platform: Platform) -> usize {
     match platform {
@@ -41,9 +58,46 @@ impl Wakeups {
         Arc::new(Self::default())
     }
 
-    /// Wakes one poller waiting for `platform` (or the next one to wait).
+    /// Wakes one poller waiting for `platform` (or the next one to wait); the queue is no longer known empty.
     pub fn wake(&self, platform: Platform) {
+        self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
         self.queues[slot(platform)].notify_one();
+    }
+
+    /// Forgets every emptiness hint (after a reconnect, when notifications may have been lost).
+    pub fn forget_hints(&self) {
+        for platform in Platform::ALL {
+            self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The current generations of `platforms`; take them before claiming.
+    pub fn generations(&self, platforms: &[Platform]) -> Generations {
+        Generations(
+            platforms
+                .iter()
+                .map(|p| (*p, self.generation[slot(*p)].load(Ordering::Acquire)))
+                .collect(),
+        )
+    }
+
+    /// Records that a claim which started at `seen` found every queue in it empty.
+    pub fn mark_empty(&self, seen: &Generations) {
+        let now = Instant::now();
+        if let Ok(mut empty) = self.empty.lock() {
+            for (platform, generation) in &seen.0 {
+                empty[slot(*platform)] = Some((*generation, now));
+            }
+        }
+    }
+
+    /// Whether all `platforms` are known to have nothing claimable right now.
+    pub fn known_empty(&self, platforms: &[Platform]) -> bool {
+        let Ok(empty) = self.empty.lock() else { return false };
+        !platforms.is_empty() && platforms.iter().all(|p| {
+            let current = self.generation[slot(*p)].load(Ordering::Acquire);
+            matches!(empty[slot(*p)], Some((generation, at)) if generation == current && at.elapsed() < EMPTY_HINT_TTL)
+        })
     }
 
     /// Pollers currently waiting for `platform`.
@@ -139,13 +193,17 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, mut shutdown: watch::Re
                 }
             }
         };
+        wakeups.forget_hints();
         recheck(&pool, &wakeups).await;
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
                     Ok(Some(notification)) => wakeups.dispatch(notification.payload()),
                     // The connection dropped; notifications may have been lost meanwhile.
-                    Ok(None) => recheck(&pool, &wakeups).await,
+                    Ok(None) => {
+                        wakeups.forget_hints();
+                        recheck(&pool, &wakeups).await;
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "LISTEN connection lost; reconnecting");
                         break;

@@ -104,10 +104,16 @@ pub async fn find_worker(pool: &PgPool, id: &str) -> QueueResult<Option<Worker>>
 pub const SEEN_DEBOUNCE_SECS: i64 = 10;
 
 /// Records that the worker is alive and slides its token's expiry, at most once per debounce window.
-pub async fn touch_worker(pool: &PgPool, worker: &Worker, settings: &Settings, now: DateTime<Utc>) -> QueueResult<()> {
+/// Returns whether it wrote.
+pub async fn touch_worker(
+    pool: &PgPool,
+    worker: &Worker,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<bool> {
     let offline = worker.status == "offline";
     if !offline && worker.last_seen_at > now - Duration::seconds(SEEN_DEBOUNCE_SECS) {
-        return Ok(());
+        return Ok(false);
     }
     sqlx::query(
         "UPDATE workers SET last_seen_at = $2,
@@ -123,7 +129,7 @@ pub async fn touch_worker(pool: &PgPool, worker: &Worker, settings: &Settings, n
     .bind(now + Duration::seconds(settings.worker_token_ttl_secs as i64))
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Marks a worker offline, revokes its token and gives its held attempt back to the queue as an

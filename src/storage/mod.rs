@@ -46,10 +46,13 @@ pub enum WriteError {
 }
 
 impl Storage {
-    /// Local filesystem storage under `root` (created if missing).
-    pub fn local(root: &Path) -> anyhow::Result<Self> {
+    /// Local filesystem storage under `root` (created if missing); `fsync` makes every completed
+    /// write durable before it is acknowledged.
+    pub fn local(root: &Path, fsync: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(root)?;
-        let store = LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true);
+        let store = LocalFileSystem::new_with_prefix(root)?
+            .with_automatic_cleanup(true)
+            .with_fsync(fsync);
         Ok(Self { store: Arc::new(store) })
     }
 
@@ -197,7 +200,7 @@ mod tests {
             limit in 0u64..(3 * PART_SIZE as u64),
         ) {
             let root = std::env::temp_dir().join(format!("expo-storage-prop-{}", crate::ids::new_id()));
-            let storage = Storage::local(&root).unwrap();
+            let storage = Storage::local(&root, false).unwrap();
             let key = Key::source("prop").unwrap();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let stream = futures_util::stream::iter(chunks(&data, &cuts));
@@ -220,7 +223,7 @@ mod tests {
     #[test]
     fn a_failing_body_leaves_nothing() {
         let root = std::env::temp_dir().join(format!("expo-storage-fail-{}", crate::ids::new_id()));
-        let storage = Storage::local(&root).unwrap();
+        let storage = Storage::local(&root, false).unwrap();
         let key = Key::source("broken").unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -311,7 +311,7 @@ async fn r36_certs_are_encrypted_and_purged_at_the_final_state() {
     assert!(!sealed.windows(6).any(|w| w == b"RAWP12"), "no plaintext at rest");
     let ctx = JobContext {
         pool: app.pool.clone(),
-        storage: Storage::local(&app.storage_dir).unwrap(),
+        storage: Storage::local(&app.storage_dir, false).unwrap(),
         settings: Default::default(),
     };
     assert_eq!(

@@ -1,0 +1,255 @@
+//! `expo-bench` (`make bench`): starts a PostgreSQL and the release controller, measures the SQL
+//! references and the scenarios P1–P7 of performance.md on loopback, and prints one table.
+//! Benchmarks never fail on a time: they report.
+
+mod scenarios;
+mod setup;
+mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scenarios::{RAW_CLAIM, RAW_EMPTY_SELECT};
+use setup::Controller;
+use sqlx::PgPool;
+use stats::{Row, Samples, median, ms};
+
+const RUNS: usize = 3;
+
+/// Whether scenario `id` runs: all by default, or those named in `BENCH_ONLY` (e.g. `P1,P3`).
+fn wants(id: &str) -> bool {
+    std::env::var("BENCH_ONLY")
+        .map(|only| only.split(',').any(|s| s.trim() == id))
+        .unwrap_or(true)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let root = PathBuf::from(std::env::var("BENCH_DIR").unwrap_or_else(|_| "./.data/bench".into()));
+    let env = setup::database(&root).await?;
+    let result = run(&env).await;
+    setup::stop_database(&root);
+    result
+}
+
+/// Cancels whatever a scenario left queued, so the next one starts from an empty queue.
+async fn drain(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("UPDATE builds SET state = 'cancelled', completed_at = now() WHERE state IN ('pending', 'scheduled', 'retryable')")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// What the scenarios share.
+struct Bench<'a> {
+    shared: scenarios::Shared,
+    pool: &'a PgPool,
+    raw_claim: f64,
+    raw_empty: f64,
+}
+
+async fn run(env: &setup::Env) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let pool = &env.pool;
+    let mut rows = Vec::new();
+
+    // P7: launch to ready on a migrated database.
+    let mut startups = Vec::new();
+    for _ in 0..RUNS {
+        let (controller, ready_in) = Controller::launch(env, &client).await?;
+        startups.push(ready_in.as_secs_f64());
+        controller.stop();
+    }
+    let startup = median(startups);
+    let (controller, _) = Controller::launch(env, &client).await?;
+    let shared: scenarios::Shared = Arc::new((client.clone(), controller));
+
+    // P6 first measures a small table.
+    let small = if wants("P6") {
+        Some(scenarios::claim_latency_at(&shared, pool, "p6a", 1_000, 400).await?)
+    } else {
+        None
+    };
+    drain(pool).await?;
+    let (raw_claim, raw_empty) = references(pool).await?;
+    eprintln!("references: claim {raw_claim:.0}/s, empty select {raw_empty:.0}/s");
+    let bench = Bench {
+        shared,
+        pool,
+        raw_claim,
+        raw_empty,
+    };
+
+    if wants("P1") {
+        rows.push(p1(&bench).await?);
+    }
+    if wants("P2") {
+        rows.push(p2(&bench).await?);
+    }
+    if wants("P3") {
+        rows.push(p3(&bench).await?);
+    }
+    if wants("P4") {
+        rows.push(p4(&bench).await?);
+    }
+    if wants("P5") {
+        rows.push(p5(&bench).await?);
+    }
+    if let Some(small) = small {
+        rows.push(p6(&bench, small).await?);
+    }
+    rows.push(Row {
+        id: "P7",
+        scenario: "launch → /ready on a migrated database (median)".into(),
+        figure: format!("{:.0} ms", startup * 1000.0),
+        reference: "-".into(),
+        ratio: "-".into(),
+        latency: "-".into(),
+        target: "≤ 1 s",
+        met: startup <= 1.0,
+    });
+    let (_, peak) = bench.shared.1.rss_kib();
+    stats::print_table(&rows, peak as f64 / 1024.0);
+    Ok(())
+}
+
+/// The claim statement on a pre-filled table, and an empty indexed SKIP LOCKED select (medians).
+async fn references(pool: &PgPool) -> anyhow::Result<(f64, f64)> {
+    setup::insert_pending(pool, "raw-", 200_000, "ios").await?;
+    sqlx::query("ANALYZE builds").execute(pool).await?;
+    let mut claim_refs = Vec::new();
+    let mut empty_refs = Vec::new();
+    for _ in 0..RUNS {
+        claim_refs.push(scenarios::raw_rate(pool, RAW_CLAIM, 2, Duration::from_secs(2)).await?);
+        empty_refs.push(scenarios::raw_rate(pool, RAW_EMPTY_SELECT, 2, Duration::from_secs(2)).await?);
+    }
+    drain(pool).await?;
+    Ok((median(claim_refs), median(empty_refs)))
+}
+
+async fn p1(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let mut rates = Vec::new();
+    let mut samples = Samples::default();
+    for _ in 0..RUNS {
+        let (rate, s) = scenarios::empty_polls(&b.shared, b.pool, Duration::from_secs(3)).await?;
+        rates.push(rate);
+        samples = s;
+    }
+    let p1 = median(rates);
+    eprintln!("P1 {p1:.0} req/s");
+    Ok(Row {
+        id: "P1",
+        scenario: "empty poll, 64 workers".into(),
+        figure: format!("{p1:.0} req/s"),
+        reference: format!("empty select {:.0}/s", b.raw_empty),
+        ratio: format!("{:.0} %", 100.0 * p1 / b.raw_empty),
+        latency: samples.summary(),
+        target: "≥ 15,000 req/s and ≥ 30 %",
+        met: p1 >= 15_000.0 && p1 >= 0.3 * b.raw_empty,
+    })
+}
+
+async fn p2(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let mut rates = Vec::new();
+    let mut samples = Samples::default();
+    for _ in 0..RUNS {
+        let (rate, s) = scenarios::http_claims(&b.shared, b.pool, Duration::from_secs(3)).await?;
+        drain(b.pool).await?;
+        rates.push(rate);
+        samples = s;
+    }
+    let p2 = median(rates);
+    eprintln!("P2 {p2:.0} claims/s");
+    Ok(Row {
+        id: "P2",
+        scenario: "claims over HTTP, 32 pollers".into(),
+        figure: format!("{p2:.0} claims/s"),
+        reference: format!("claim statement {:.0}/s", b.raw_claim),
+        ratio: format!("{:.0} %", 100.0 * p2 / b.raw_claim),
+        latency: samples.summary(),
+        target: "≥ 40 % of the claim statement",
+        met: p2 >= 0.4 * b.raw_claim,
+    })
+}
+
+async fn p3(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let mut rates = Vec::new();
+    let mut samples = Samples::default();
+    for _ in 0..RUNS {
+        let (rate, s) = scenarios::lifecycles(&b.shared, Duration::from_secs(5)).await?;
+        drain(b.pool).await?;
+        rates.push(rate);
+        samples = s;
+    }
+    let p3 = median(rates);
+    eprintln!("P3 {p3:.0} builds/s");
+    Ok(Row {
+        id: "P3",
+        scenario: "full lifecycle, 32 workers + 8 submitters".into(),
+        figure: format!("{p3:.0} builds/s"),
+        reference: "-".into(),
+        ratio: "-".into(),
+        latency: samples.summary(),
+        target: "≥ 500 builds/s",
+        met: p3 >= 500.0,
+    })
+}
+
+async fn p4(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let p4 = scenarios::pickup_latency(&b.shared, b.pool, 200).await?;
+    drain(b.pool).await?;
+    eprintln!("P4 {}", p4.summary());
+    Ok(Row {
+        id: "P4",
+        scenario: format!("pickup, 200 long-polling workers ({} builds)", p4.0.len()),
+        figure: format!("p50 {}", ms(p4.percentile(0.5))),
+        reference: "-".into(),
+        ratio: "-".into(),
+        latency: p4.summary(),
+        target: "p50 ≤ 5 ms, p99 ≤ 25 ms",
+        met: p4.0.len() >= 190
+            && p4.percentile(0.5) <= Duration::from_millis(5)
+            && p4.percentile(0.99) <= Duration::from_millis(25),
+    })
+}
+
+async fn p5(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let transfer_growth = scenarios::big_transfers(&b.shared, b.pool).await? as f64 / 1024.0;
+    drain(b.pool).await?;
+    let controller_url = b.shared.1.base.clone();
+    let shared = b.shared.clone();
+    let idle_growth =
+        scenarios::idle_long_polls(b.pool, controller_url, move || shared.1.rss_kib().0).await? as f64 / 1024.0;
+    eprintln!("P5 {transfer_growth:.1} MiB / {idle_growth:.1} MiB");
+    Ok(Row {
+        id: "P5",
+        scenario: "RSS growth: 1 GiB up + 1 GiB down at once; 2,000 idle long polls".into(),
+        figure: format!("{transfer_growth:.1} MiB; {idle_growth:.1} MiB"),
+        reference: "-".into(),
+        ratio: "-".into(),
+        latency: "-".into(),
+        target: "≤ 32 MiB; ≤ 64 MiB",
+        met: transfer_growth <= 32.0 && idle_growth <= 64.0,
+    })
+}
+
+async fn p6(b: &Bench<'_>, small: Samples) -> anyhow::Result<Row> {
+    let large = scenarios::claim_latency_at(&b.shared, b.pool, "p6b", 1_000_000, 400).await?;
+    drain(b.pool).await?;
+    let (p50_small, p50_large) = (small.percentile(0.5), large.percentile(0.5));
+    let ratio = p50_large.as_secs_f64() / p50_small.as_secs_f64().max(1e-9);
+    Ok(Row {
+        id: "P6",
+        scenario: "claim p50 at 1,000,000 rows vs 1,000 rows".into(),
+        figure: format!("{} at 1M rows", ms(p50_large)),
+        reference: format!("{} at 1k rows", ms(p50_small)),
+        ratio: format!("{ratio:.2}×"),
+        latency: large.summary(),
+        target: "≤ 2×",
+        met: ratio <= 2.0,
+    })
+}
