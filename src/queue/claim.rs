@@ -64,7 +64,7 @@ SELECT *, false AS redelivered FROM claimed";
 
 /// The claim for a worker of one platform compares the queue by equality, so the planner walks that
 /// queue's index; a worker of several platforms walks the global index. Built once per variant.
-fn claim_sql(platforms: usize) -> &'static str {
+pub fn claim_sql(platforms: usize) -> &'static str {
     static SINGLE: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| CLAIM_TEMPLATE.replace("{queue}", "b.queue = ($3::text[])[1]"));
     static MULTI: std::sync::LazyLock<String> =

@@ -43,7 +43,7 @@ pub use builds::{
     queue_counts, record_cpu_sample,
 };
 pub use cancel::{CancelOutcome, cancel};
-pub use claim::{Claim, claim};
+pub use claim::{Claim, claim, claim_sql};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub use enqueue::{NOTIFY_CHANNEL, NewBuild, enqueue};
 pub use lease::{HeartbeatOutcome, Holder, heartbeat};

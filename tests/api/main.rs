@@ -10,4 +10,5 @@ mod long_poll;
 mod queue_engine;
 mod restart;
 mod reviews;
+mod scale;
 mod token_worker;
