@@ -63,6 +63,9 @@ pub struct Config {
     #[command(flatten)]
     pub queue: QueueConfig,
 
+    #[command(flatten)]
+    pub jobs: JobsConfig,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "CONTROLLER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -169,6 +172,44 @@ impl Default for QueueConfig {
     }
 }
 
+/// Maintenance jobs: schedules and retention.
+#[derive(Debug, Clone, Args)]
+pub struct JobsConfig {
+    /// Schedule overrides, `job=cron;job=cron` with 6-field cron expressions (seconds first), e.g.
+    /// `prune=0 0 3 * * *`. Jobs: rescue_expired_leases, deadline_sweep, offline_workers,
+    /// promote_scheduled, purge_certs, prune.
+    #[arg(long, env = "CONTROLLER_JOB_SCHEDULES", default_value = "")]
+    pub job_schedules: String,
+
+    /// Workers unseen for this long are marked offline.
+    #[arg(long, env = "CONTROLLER_OFFLINE_AFTER_SECS", default_value_t = 120)]
+    pub offline_after_secs: u64,
+
+    /// Finished builds, their logs and samples are deleted after this many days.
+    #[arg(long, env = "CONTROLLER_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u64,
+
+    /// Sources and results of finished builds are deleted after this many days.
+    #[arg(long, env = "CONTROLLER_ARTIFACT_RETENTION_DAYS", default_value_t = 7)]
+    pub artifact_retention_days: u64,
+
+    /// Run the maintenance jobs in this instance (every instance may; each tick runs once overall).
+    #[arg(long, env = "CONTROLLER_RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_jobs: bool,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            job_schedules: String::new(),
+            offline_after_secs: 120,
+            retention_days: 30,
+            artifact_retention_days: 7,
+            run_jobs: true,
+        }
+    }
+}
+
 /// Shortest admin key accepted.
 pub const MIN_API_KEY_LEN: usize = 32;
 
@@ -217,6 +258,12 @@ impl Config {
             if value == 0 {
                 problems.push(format!("{name} must be positive"));
             }
+        }
+        if let Err(problem) = crate::jobs::schedules(&self.jobs.job_schedules) {
+            problems.push(problem);
+        }
+        if self.jobs.artifact_retention_days > self.jobs.retention_days {
+            problems.push("CONTROLLER_ARTIFACT_RETENTION_DAYS must not exceed CONTROLLER_RETENTION_DAYS".to_string());
         }
         if self.max_log_lines < 1 {
             problems.push("CONTROLLER_MAX_LOG_LINES must be positive".to_string());

@@ -63,7 +63,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         pool: pool.clone(),
         storage: storage.clone(),
         settings: config.queue.clone(),
+        jobs: config.jobs.clone(),
     };
+    let run_jobs = config.jobs.run_jobs;
     let (shutdown, stop) = watch::channel(false);
     let state = AppState::new(pool.clone(), storage, config.clone(), secrets, stop.clone());
     let (listen_pool, wakeups, listen_stop) = (pool, state.wakeups.clone(), stop.clone());
@@ -85,7 +87,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         "listener"
     });
     tasks.spawn(async move {
-        jobs::run(jobs_ctx, stop).await;
+        if run_jobs {
+            jobs::run(jobs_ctx, stop).await;
+        } else {
+            let mut stop = stop;
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
         "jobs"
     });
     tracing::info!(%addr, "expo-controller listening on http://{addr}");

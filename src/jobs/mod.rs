@@ -1,118 +1,132 @@
-//! Maintenance jobs that keep the queue moving: each tick runs one bounded sweep of `crate::queue`.
-//!
-//! The runner here ticks each job on its interval in this process; sweeps are safe to run from
-//! several instances at once (rows are locked with `SKIP LOCKED`, so each is handled once).
+//! Maintenance jobs (queue.md): each is scheduled in-process with apalis-cron and runs **once per tick
+//! across all instances** — the runner claims a unique `(job, tick)` row first and runs only if it won.
+//! Each job does one bounded, idempotent batch; see `runner` for what surrounds every tick.
 
-use std::time::Duration;
+mod offline;
+mod prune;
+mod purge_certs;
+mod runner;
 
-use chrono::Utc;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use tokio::sync::watch;
 
-use crate::queue::{self, Settings};
-use crate::storage::{Key, Storage};
+pub use runner::{Instance, run};
+
+use crate::config::{JobsConfig, QueueConfig};
+use crate::queue::{self, QueueResult};
+use crate::storage::Storage;
+
+/// Rows handled per tick at most.
+pub const BATCH: i64 = 500;
 
 /// What the jobs work on.
 #[derive(Clone)]
 pub struct JobContext {
     pub pool: PgPool,
     pub storage: Storage,
-    pub settings: Settings,
+    pub settings: QueueConfig,
+    pub jobs: JobsConfig,
 }
 
-/// Rows handled per sweep tick at most.
-pub const BATCH: i64 = 500;
-
-/// One maintenance job: its name, interval, and one bounded run.
+/// The maintenance jobs of queue.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {
     RescueExpiredLeases,
     DeadlineSweep,
+    OfflineWorkers,
     PromoteScheduled,
     PurgeCerts,
+    Prune,
 }
 
 impl Job {
-    pub const ALL: [Job; 4] = [
+    pub const ALL: [Job; 6] = [
         Job::RescueExpiredLeases,
         Job::DeadlineSweep,
+        Job::OfflineWorkers,
         Job::PromoteScheduled,
         Job::PurgeCerts,
+        Job::Prune,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Job::RescueExpiredLeases => "rescue_expired_leases",
             Job::DeadlineSweep => "deadline_sweep",
+            Job::OfflineWorkers => "offline_workers",
             Job::PromoteScheduled => "promote_scheduled",
             Job::PurgeCerts => "purge_certs",
+            Job::Prune => "prune",
         }
     }
 
-    pub fn interval(self) -> Duration {
+    /// Default schedule: six-field cron, seconds first.
+    pub fn default_schedule(self) -> &'static str {
         match self {
-            Job::RescueExpiredLeases => Duration::from_secs(15),
-            Job::DeadlineSweep => Duration::from_secs(60),
-            Job::PromoteScheduled => Duration::from_secs(5),
-            Job::PurgeCerts => Duration::from_secs(60),
+            Job::RescueExpiredLeases => "*/15 * * * * *",
+            Job::DeadlineSweep => "0 * * * * *",
+            Job::OfflineWorkers => "*/30 * * * * *",
+            Job::PromoteScheduled => "*/5 * * * * *",
+            Job::PurgeCerts => "30 * * * * *",
+            Job::Prune => "0 0 * * * *",
         }
     }
 
-    /// Runs one batch at `now`; returns the number of builds handled.
-    pub async fn run_once(self, ctx: &JobContext, now: chrono::DateTime<Utc>) -> queue::QueueResult<u64> {
+    /// Runs one batch at `now`; returns the number of rows handled.
+    pub async fn run_once(self, ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> {
         let (pool, settings) = (&ctx.pool, &ctx.settings);
         match self {
             Job::RescueExpiredLeases => queue::rescue_expired(pool, settings, now, BATCH).await,
             Job::DeadlineSweep => queue::fail_past_deadline(pool, settings, now, BATCH).await,
+            Job::OfflineWorkers => offline::run_once(ctx, now).await,
             Job::PromoteScheduled => queue::promote_due(pool, now, BATCH).await,
-            Job::PurgeCerts => purge_certs(ctx).await,
+            Job::PurgeCerts => purge_certs::run_once(ctx).await,
+            Job::Prune => prune::run_once(ctx, now).await,
         }
     }
 }
 
-/// Deletes the certs bundles of builds in a final state (R36), then forgets them.
-async fn purge_certs(ctx: &JobContext) -> queue::QueueResult<u64> {
-    let mut purged = 0;
-    for (build_id, stored) in queue::certs_to_purge(&ctx.pool, BATCH).await? {
-        if let Some(key) = Key::parse(&stored)
-            && let Err(error) = ctx.storage.delete(&key).await
-        {
-            tracing::warn!(build_id, %error, "could not delete certs; will retry");
-            continue;
-        }
-        queue::clear_certs(&ctx.pool, &build_id).await?;
-        purged += 1;
+/// Every job's schedule: its default unless `overrides` (`job=cron;job=cron`) names it.
+pub fn schedules(overrides: &str) -> Result<Vec<(Job, cron::Schedule)>, String> {
+    let mut chosen: Vec<(Job, String)> = Job::ALL
+        .iter()
+        .map(|j| (*j, j.default_schedule().to_string()))
+        .collect();
+    for entry in overrides.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, expression) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("CONTROLLER_JOB_SCHEDULES: `{entry}` is not `job=cron`"))?;
+        let slot = chosen
+            .iter_mut()
+            .find(|(job, _)| job.name() == name.trim())
+            .ok_or_else(|| format!("CONTROLLER_JOB_SCHEDULES: unknown job `{}`", name.trim()))?;
+        slot.1 = expression.trim().to_string();
     }
-    Ok(purged)
+    chosen
+        .into_iter()
+        .map(|(job, expression)| {
+            cron::Schedule::from_str(&expression)
+                .map(|s| (job, s))
+                .map_err(|e| format!("CONTROLLER_JOB_SCHEDULES: `{expression}` for {}: {e}", job.name()))
+        })
+        .collect()
 }
 
-/// Ticks every job until `shutdown` flips; errors (e.g. the database is down) are logged and retried
-/// at the next tick, so the jobs survive outages.
-pub async fn run(ctx: JobContext, mut shutdown: watch::Receiver<bool>) {
-    let mut tasks = Vec::new();
-    for job in Job::ALL {
-        let ctx = ctx.clone();
-        let mut stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(job.interval());
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = stop.changed() => break,
-                }
-                match job.run_once(&ctx, Utc::now()).await {
-                    Ok(0) => {}
-                    Ok(moved) => tracing::info!(job = job.name(), moved, "maintenance tick"),
-                    Err(error) => {
-                        tracing::warn!(job = job.name(), %error, "maintenance tick failed; retrying next tick")
-                    }
-                }
-            }
-        }));
-    }
-    let _ = shutdown.changed().await;
-    for task in tasks {
-        let _ = task.await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_overrides_apply() {
+        let all = schedules("").unwrap();
+        assert_eq!(all.len(), Job::ALL.len());
+        let tuned = schedules("prune = 0 0 3 * * *; promote_scheduled=* * * * * *").unwrap();
+        let prune = tuned.iter().find(|(j, _)| *j == Job::Prune).unwrap();
+        assert_eq!(prune.1.to_string(), "0 0 3 * * *");
+        assert!(schedules("nope=* * * * * *").unwrap_err().contains("unknown job"));
+        assert!(schedules("prune=every day").is_err());
+        assert!(schedules("prune").is_err());
     }
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod cli;
+mod fleet;
 mod g0_worker;
 mod long_poll;
 mod queue_engine;

@@ -313,6 +313,7 @@ async fn r36_certs_are_encrypted_and_purged_at_the_final_state() {
         pool: app.pool.clone(),
         storage: Storage::local(&app.storage_dir, false).unwrap(),
         settings: Default::default(),
+        jobs: Default::default(),
     };
     assert_eq!(
         Job::PurgeCerts.run_once(&ctx, Utc::now()).await.unwrap(),

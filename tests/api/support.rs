@@ -66,6 +66,7 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         rate_limit_per_ip: 0,
         rate_limit_per_credential: 0,
         queue: QueueConfig::default(),
+        jobs: Default::default(),
         log_format: "text".to_string(),
     }
 }
