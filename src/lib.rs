@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod ids;
 pub mod jobs;
+pub mod metrics;
 pub mod queue;
 pub mod server;
 pub mod storage;

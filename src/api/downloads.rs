@@ -247,6 +247,9 @@ pub(super) async fn stream_object(
         Err(e) => return Err(e.into()),
     };
     let body = Body::from_stream(object.into_stream().map(|chunk| {
+        if let Ok(bytes) = &chunk {
+            metrics::counter!(crate::metrics::DOWNLOAD_BYTES).increment(bytes.len() as u64);
+        }
         chunk.map_err(|e| {
             tracing::warn!(error = %e, "download stream failed; closing connection");
             std::io::Error::other("storage read failed")

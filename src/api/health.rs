@@ -1,6 +1,7 @@
 //! Public health and readiness (R22).
 
 use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
@@ -14,6 +15,21 @@ pub fn router() -> Router<AppState> {
         .route("/api/health", get(health))
         .route("/ready", get(ready))
         .route("/api/stats", get(stats))
+        .route("/metrics", get(prometheus))
+}
+
+/// Prometheus text format, for the admin key (`X-API-Key` or `Authorization: Bearer`).
+async fn prometheus(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    let bearer = super::auth::header(&headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
+    match bearer {
+        Some(key) if crate::ids::secret_matches(key, &state.secrets.api_key) => {}
+        _ => super::auth::require_admin(&state, &headers)?,
+    }
+    let body = crate::metrics::render(&state.pool).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
 /// How long `/api/stats` answers from its cache.

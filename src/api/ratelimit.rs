@@ -104,5 +104,5 @@ pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, ne
 }
 
 fn metrics_rejected() {
-    tracing::debug!("request rejected by rate limit");
+    metrics::counter!(crate::metrics::RATE_LIMITED).increment(1);
 }

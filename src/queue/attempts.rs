@@ -80,7 +80,10 @@ pub async fn complete(
         .fetch_optional(pool)
         .await?;
     match done {
-        Some(build) => Ok(build),
+        Some(build) => {
+            crate::metrics::build_finished("completed");
+            Ok(build)
+        }
         None => {
             let mut conn = pool.acquire().await?;
             Err(holder_view(&mut conn, build_id, holder.worker_id).await?.refusal())
@@ -222,6 +225,11 @@ pub(crate) async fn end_attempt(
         None => format!("Build failed ({}): {}", failure.kind.as_str(), failure.message),
     };
     append_system_log(conn, &locked.id, if retry { "warn" } else { "error" }, &line, now).await?;
+    if retry {
+        metrics::counter!(crate::metrics::RETRIES, "kind" => failure.kind.as_str()).increment(1);
+    } else {
+        crate::metrics::build_finished(failure.kind.as_str());
+    }
     Ok(build)
 }
 

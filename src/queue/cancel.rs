@@ -59,6 +59,7 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
     }
     append_system_log(&mut tx, build_id, "warn", "Build cancelled by user", now).await?;
     tx.commit().await?;
+    crate::metrics::build_finished("cancelled");
     Ok(CancelOutcome {
         build,
         interrupted_worker: lease_owner.filter(|_| held),

@@ -87,8 +87,11 @@ pub async fn claim(
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Option<Claim>> {
+    let started = std::time::Instant::now();
     for _ in 0..2 {
-        match claim_once(pool, worker, settings, now).await {
+        let outcome = claim_once(pool, worker, settings, now).await;
+        crate::metrics::claim_took(started.elapsed());
+        match outcome {
             // A concurrent poll of the same worker claimed first: the next round re-delivers its attempt.
             Err(sqlx::Error::Database(e)) if e.constraint() == Some("builds_held_by_idx") => continue,
             other => return Ok(other?),

@@ -11,6 +11,12 @@ use super::{Failure, FailureKind, QueueResult, Settings};
 
 /// Infrastructure failure for every held build whose lease expired before `now` (up to `batch`).
 pub async fn rescue_expired(pool: &PgPool, settings: &Settings, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
+    let rescued = rescue_expired_batch(pool, settings, now, batch).await?;
+    metrics::counter!(crate::metrics::LEASE_RESCUES).increment(rescued);
+    Ok(rescued)
+}
+
+async fn rescue_expired_batch(pool: &PgPool, settings: &Settings, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
     const SQL: &str = concat!(
         "SELECT ",
         locked_columns!(),

@@ -66,7 +66,10 @@ impl Storage {
         let mut upload = self.store.put_multipart(key.path()).await?;
         match copy_parts(upload.as_mut(), body, limit).await {
             Ok(stored) => match upload.complete().await {
-                Ok(_) => Ok(stored),
+                Ok(_) => {
+                    metrics::counter!(crate::metrics::UPLOAD_BYTES).increment(stored.size);
+                    Ok(stored)
+                }
                 Err(e) => {
                     let _ = self.store.delete(key.path()).await;
                     Err(e.into())

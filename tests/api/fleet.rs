@@ -64,8 +64,11 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
     panic!("instance not ready");
 }
 
+/// `(job, tick)` pairs.
+type Ticks = HashSet<(String, String)>;
+
 /// (job, tick) pairs an instance ran, and those it found already run, from its JSON log.
-fn ticks(instance: Instance) -> (HashSet<(String, String)>, HashSet<(String, String)>) {
+fn ticks(instance: Instance) -> (Ticks, Ticks) {
     let Instance { mut child, .. } = instance;
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let stdout = child.stdout.take().unwrap();

@@ -8,6 +8,7 @@ mod cli;
 mod fleet;
 mod g0_worker;
 mod long_poll;
+mod observability;
 mod queue_engine;
 mod restart;
 mod reviews;

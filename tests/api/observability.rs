@@ -1,0 +1,87 @@
+//! `/metrics`: Prometheus text that moves as builds move (R23). The recorder is process-wide, so
+//! counters are compared before and after; gauges are read from this test's own database.
+
+use reqwest::multipart::{Form, Part};
+
+use crate::support::{API_KEY, TestApp};
+
+async fn scrape(app: &TestApp) -> String {
+    let r = app
+        .client
+        .get(app.url("/metrics"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    r.text().await.unwrap()
+}
+
+/// The value of the first sample whose line starts with `prefix` (name plus labels), or 0.
+fn value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_the_builds() {
+    let app = TestApp::spawn().await;
+    let r = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "metrics need the admin key");
+    let before = scrape(&app).await;
+    for _ in 0..3 {
+        app.submit("ios", b"s").await;
+    }
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    let job = app.poll(&worker_id).await;
+    let id = job["job"]["id"].as_str().unwrap().to_string();
+    let form = Form::new()
+        .text("build_id", id.clone())
+        .text("worker_id", worker_id.clone())
+        .text("success", "true")
+        .part("result", Part::bytes(vec![1u8; 1000]).file_name("r"));
+    app.client
+        .post(app.url("/api/workers/upload"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    app.client
+        .get(app.url(&format!("/api/builds/{id}/status")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+
+    let after = scrape(&app).await;
+    assert_eq!(
+        value(&after, r#"expo_queue_depth{queue="ios",state="pending"}"#),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(value(&after, r#"expo_queue_depth{queue="ios",state="assigned"}"#), 0.0);
+    let completed = r#"expo_builds_finished_total{outcome="completed"}"#;
+    assert!(value(&after, completed) >= value(&before, completed) + 1.0);
+    assert!(
+        value(&after, "expo_claim_duration_seconds_count") >= value(&before, "expo_claim_duration_seconds_count") + 1.0
+    );
+    assert!(value(&after, "expo_upload_bytes_total") >= value(&before, "expo_upload_bytes_total") + 1000.0);
+    assert!(
+        after.contains(r#"route="/api/builds/{id}/status""#),
+        "HTTP durations by route template"
+    );
+    assert!(value(&after, r#"expo_oldest_pending_age_seconds{queue="ios"}"#) >= 0.0);
+    let bearer = app
+        .client
+        .get(app.url("/metrics"))
+        .header("Authorization", format!("Bearer {API_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 200);
+}
