@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod ids;
 pub mod jobs;
 pub mod metrics;

@@ -37,8 +37,12 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Refreshes the database-derived gauges and renders the text exposition format.
-pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
+pub const SSE_SUBSCRIBERS: &str = "expo_sse_subscribers";
+
+/// Refreshes the database-derived gauges (and this instance's SSE subscriber count) and renders the
+/// text exposition format.
+pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sqlx::Error> {
+    metrics::gauge!(SSE_SUBSCRIBERS).set(sse_subscribers as f64);
     let depth: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT q.name, s.state, count(b.id)
          FROM queues q CROSS JOIN unnest(ARRAY['scheduled', 'pending', 'retryable', 'assigned', 'building']) AS s(state)

@@ -68,8 +68,17 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     };
     let run_jobs = config.jobs.run_jobs;
     let (shutdown, stop) = watch::channel(false);
-    let state = AppState::new(pool.clone(), storage, config.clone(), secrets, stop.clone());
-    let (listen_pool, wakeups, listen_stop) = (pool, state.wakeups.clone(), stop.clone());
+    let (events, outbox) = crate::events::Events::new();
+    let state = AppState::new(
+        pool.clone(),
+        storage,
+        config.clone(),
+        secrets,
+        stop.clone(),
+        events.clone(),
+    );
+    let (listen_pool, wakeups, listen_stop) = (pool.clone(), state.wakeups.clone(), stop.clone());
+    let forward_stop = stop.clone();
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(state);
     let mut http_stop = stop.clone();
@@ -84,8 +93,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         "http"
     });
     tasks.spawn(async move {
-        crate::queue::listen(listen_pool, wakeups, listen_stop).await;
+        crate::queue::listen(listen_pool, wakeups, events, listen_stop).await;
         "listener"
+    });
+    tasks.spawn(async move {
+        crate::events::forward(pool, outbox, forward_stop).await;
+        "events"
     });
     tasks.spawn(async move {
         if run_jobs {

@@ -28,7 +28,7 @@ async fn prometheus(
         Some(key) if crate::ids::secret_matches(key, &state.secrets.api_key) => {}
         _ => super::auth::require_admin(&state, &headers)?,
     }
-    let body = crate::metrics::render(&state.pool).await?;
+    let body = crate::metrics::render(&state.pool, state.events.subscribers()).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 

@@ -12,6 +12,9 @@ mod multipart;
 mod progress;
 mod ratelimit;
 mod results;
+mod v2_builds;
+mod v2_fleet;
+mod v2_views;
 mod views;
 mod vm;
 mod worker_cache;
@@ -53,6 +56,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Recent worker lookups (polls authenticate without a round trip).
     pub workers: Arc<worker_cache::WorkerCache>,
+    /// State-change events (SSE).
+    pub events: Arc<crate::events::Events>,
 }
 
 impl AppState {
@@ -62,6 +67,7 @@ impl AppState {
         config: Config,
         secrets: Secrets,
         shutdown: watch::Receiver<bool>,
+        events: Arc<crate::events::Events>,
     ) -> Self {
         Self {
             pool,
@@ -72,6 +78,7 @@ impl AppState {
             wakeups: Wakeups::new(),
             shutdown,
             workers: Arc::default(),
+            events,
         }
     }
 }
@@ -92,6 +99,8 @@ pub fn router(state: AppState) -> Router {
         .merge(progress::router())
         .merge(vm::router())
         .merge(diagnostics::router())
+        .merge(v2_builds::router())
+        .merge(v2_fleet::router())
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)

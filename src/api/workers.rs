@@ -73,6 +73,9 @@ async fn register(
     };
     let registration = queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
+    state
+        .events
+        .publish(crate::events::Event::worker("worker.online", &registration.worker.id));
     Ok(Json(json!({
         "id": registration.worker.id,
         "status": if registration.reregistered { "re-registered" } else { "registered" },
@@ -161,7 +164,13 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
     match &claim {
         None if hint_applies => state.wakeups.mark_empty(&seen),
         // The worker's status changed (it is busy now): refresh its cached copy.
-        Some(_) => state.workers.clear(),
+        Some(claim) => {
+            state.workers.clear();
+            if !claim.redelivered {
+                let event = crate::events::Event::build("build.assigned", &claim.build.id, "assigned");
+                state.events.publish(event.with_worker(&worker.id));
+            }
+        }
         None => {}
     }
     Ok(claim)
@@ -273,7 +282,12 @@ async fn finish_report(
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
             match results::complete_with(state, &build_id, &caller, staged).await {
-                Ok(()) => Ok(Json(json!({ "status": "success" }))),
+                Ok(()) => {
+                    state
+                        .events
+                        .publish(crate::events::Event::build("build.finished", &build_id, "completed"));
+                    Ok(Json(json!({ "status": "success" })))
+                }
                 Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
                 Err(results::CompleteError::Api(e)) => Err(e),
             }
@@ -339,7 +353,12 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         )
         .await;
         return match outcome {
-            Ok(_) => Ok(Report::Answered(json!({ "status": "failed" }))),
+            Ok(build) => {
+                state
+                    .events
+                    .publish(crate::events::Event::build("build.finished", build_id, &build.state));
+                Ok(Report::Answered(json!({ "status": "failed" })))
+            }
             Err(e) => Err(explain(state, &caller.worker_id, e).await),
         };
     }
@@ -398,6 +417,9 @@ async fn unregister(State(state): State<AppState>, headers: HeaderMap, IdPath(id
     auth::require_admin(&state, &headers)?;
     let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
+    state
+        .events
+        .publish(crate::events::Event::worker("worker.offline", &id));
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 
@@ -408,6 +430,9 @@ async fn unregister_self(State(state): State<AppState>, headers: HeaderMap) -> A
     let worker = auth::worker_by_token(&state, token).await?;
     let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
+    state
+        .events
+        .publish(crate::events::Event::worker("worker.offline", &worker.id));
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 

@@ -22,6 +22,8 @@ pub struct BuildFilter {
     pub worker_id: Option<String>,
     /// Only builds older than this build (the previous page's last id).
     pub before: Option<String>,
+    /// Only builds submitted at or after this time.
+    pub since: Option<DateTime<Utc>>,
     pub limit: i64,
 }
 
@@ -33,6 +35,7 @@ pub async fn list_builds(pool: &PgPool, filter: &BuildFilter) -> QueueResult<Vec
            AND ($2::text IS NULL OR queue = $2)
            AND ($3::text IS NULL OR worker_id = $3)
            AND ($4::text IS NULL OR (submitted_at, id) < (SELECT submitted_at, id FROM builds WHERE id = $4))
+           AND ($6::timestamptz IS NULL OR submitted_at >= $6)
          ORDER BY submitted_at DESC, id DESC
          LIMIT $5",
     )
@@ -41,6 +44,7 @@ pub async fn list_builds(pool: &PgPool, filter: &BuildFilter) -> QueueResult<Vec
     .bind(&filter.worker_id)
     .bind(&filter.before)
     .bind(filter.limit)
+    .bind(filter.since)
     .fetch_all(pool)
     .await?)
 }

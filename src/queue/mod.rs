@@ -32,6 +32,7 @@ mod lease;
 mod logs;
 mod maintenance;
 mod model;
+pub mod operator;
 mod retention;
 mod vm;
 mod wakeups;

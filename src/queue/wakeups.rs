@@ -24,6 +24,7 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, watch};
 
 use super::{NOTIFY_CHANNEL, Platform};
+use crate::events::{EVENTS_CHANNEL, Events};
 
 /// How often waiting queues are re-checked for work whose notification was lost.
 pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -178,8 +179,9 @@ async fn recheck(pool: &PgPool, wakeups: &Wakeups) {
     }
 }
 
-/// The LISTEN loop of one instance: runs until `shutdown` flips, reconnecting after database outages.
-pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, mut shutdown: watch::Receiver<bool>) {
+/// The LISTEN loop of one instance (build wake-ups and events): runs until `shutdown` flips,
+/// reconnecting after database outages.
+pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -198,6 +200,7 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, mut shutdown: watch::Re
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
+                    Ok(Some(notification)) if notification.channel() == EVENTS_CHANNEL => events.deliver(notification.payload()),
                     Ok(Some(notification)) => wakeups.dispatch(notification.payload()),
                     // The connection dropped; notifications may have been lost meanwhile.
                     Ok(None) => {
@@ -218,6 +221,6 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, mut shutdown: watch::Re
 
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(NOTIFY_CHANNEL).await?;
+    listener.listen_all([NOTIFY_CHANNEL, EVENTS_CHANNEL]).await?;
     Ok(listener)
 }

@@ -9,6 +9,7 @@ mod fleet;
 mod g0_worker;
 mod long_poll;
 mod observability;
+mod operator;
 mod queue_engine;
 mod restart;
 mod reviews;

@@ -1,0 +1,209 @@
+//! `/api/v2/builds`: listing with filters and cursors, detail, attempts, and the operator actions.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth;
+use super::error::{ApiError, ApiResult};
+use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
+use super::v2_views::{self as views, etagged};
+use crate::events::Event;
+use crate::ids;
+use crate::queue::operator::{self, WrongState};
+use crate::queue::{self, BuildFilter, BuildState, Platform};
+use crate::storage::Key;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v2/builds", get(list))
+        .route("/api/v2/builds/{id}", get(show).patch(patch).delete(delete))
+        .route("/api/v2/builds/{id}/attempts", get(attempts))
+        .route("/api/v2/builds/{id}/cancel", post(cancel))
+        .route("/api/v2/builds/{id}/retry", post(retry))
+        .route("/api/v2/builds/{id}/requeue", post(requeue))
+        .route("/api/v2/builds/{id}/tokens/revoke", post(revoke_token))
+}
+
+fn conflict(wrong: WrongState) -> ApiError {
+    ApiError::conflict(wrong.0)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    platform: Option<String>,
+    queue: Option<String>,
+    worker: Option<String>,
+    since: Option<String>,
+    cursor: Option<String>,
+    limit: Option<String>,
+}
+
+/// Builds, newest first: `{"items": [...], "next_cursor": <id or null>}`.
+async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> ApiResult<Response> {
+    auth::require_admin(&state, &headers)?;
+    let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
+    let states = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(|s| BuildState::parse(s.trim()).map(|s| s.as_str().to_string()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ApiError::bad_request("Invalid state"))?,
+        ),
+    };
+    let platform = match q.platform.as_deref().or(q.queue.as_deref()) {
+        None | Some("") => None,
+        Some(p) => Some(Platform::parse(p).ok_or_else(|| ApiError::bad_request("Invalid platform"))?),
+    };
+    let since = match q.since.as_deref() {
+        None | Some("") => None,
+        Some(raw) => Some(
+            DateTime::parse_from_rfc3339(raw)
+                .map_err(|_| ApiError::bad_request("Invalid since: must be an RFC 3339 time"))?
+                .with_timezone(&Utc),
+        ),
+    };
+    let cursor = q.cursor.filter(|c| !c.is_empty());
+    if cursor.as_deref().is_some_and(|c| !ids::valid_id(c)) {
+        return Err(ApiError::bad_request("Invalid cursor"));
+    }
+    let filter = BuildFilter {
+        states,
+        platform,
+        worker_id: auth::worker_id(q.worker.as_deref())?,
+        before: cursor,
+        since,
+        limit: limit + 1,
+    };
+    let mut builds = queue::list_builds(&state.pool, &filter).await?;
+    let next_cursor = (builds.len() as i64 > limit)
+        .then(|| builds.truncate(limit as usize))
+        .and(builds.last().map(|b| b.id.clone()));
+    let items: Vec<Value> = builds.iter().map(views::build).collect();
+    Ok(etagged(&headers, json!({ "items": items, "next_cursor": next_cursor })))
+}
+
+async fn show(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
+    auth::require_admin(&state, &headers)?;
+    let build = queue::find_build(&state.pool, &id)
+        .await?
+        .ok_or_else(ApiError::build_not_found)?;
+    let attempts = operator::attempts_of(&state.pool, &id).await?;
+    let mut body = views::build(&build);
+    body["attempts"] = json!(attempts.iter().map(views::attempt).collect::<Vec<_>>());
+    Ok(etagged(&headers, body))
+}
+
+async fn attempts(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
+    auth::require_admin(&state, &headers)?;
+    queue::find_build(&state.pool, &id)
+        .await?
+        .ok_or_else(ApiError::build_not_found)?;
+    let attempts = operator::attempts_of(&state.pool, &id).await?;
+    Ok(etagged(
+        &headers,
+        json!({ "items": attempts.iter().map(views::attempt).collect::<Vec<_>>(), "next_cursor": null }),
+    ))
+}
+
+async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let outcome = queue::cancel(&state.pool, &id, Utc::now()).await.map_err(|e| match e {
+        queue::QueueError::AlreadyFinished => ApiError::conflict("Build already finished"),
+        other => other.into(),
+    })?;
+    state.events.publish(Event::build("build.finished", &id, "cancelled"));
+    Ok(Json(views::build(&outcome.build)))
+}
+
+/// Re-runs the same build (failed or cancelled) as a new attempt.
+async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let build = operator::retry_same(&state.pool, &id, Utc::now())
+        .await?
+        .map_err(conflict)?;
+    state.events.publish(Event::build("build.updated", &id, "pending"));
+    Ok(Json(views::build(&build)))
+}
+
+/// Gives a running attempt back to the queue.
+async fn requeue(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let build = operator::requeue(&state.pool, &id, Utc::now())
+        .await?
+        .map_err(conflict)?;
+    state.workers.clear();
+    state.events.publish(Event::build("build.updated", &id, "pending"));
+    Ok(Json(views::build(&build)))
+}
+
+#[derive(Deserialize)]
+struct PatchBody {
+    priority: Option<i64>,
+    run_at: Option<String>,
+    max_attempts: Option<i64>,
+}
+
+/// Changes priority, run_at or max_attempts of a build that is not running.
+async fn patch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<PatchBody>,
+) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    let priority = match body.priority {
+        Some(p) if (-100..=100).contains(&p) => Some(p as i32),
+        Some(_) => return Err(ApiError::bad_request("priority must be an integer from -100 to 100")),
+        None => None,
+    };
+    let max_attempts = match body.max_attempts {
+        Some(m) if (1..=10).contains(&m) => Some(m as i32),
+        Some(_) => return Err(ApiError::bad_request("max_attempts must be an integer from 1 to 10")),
+        None => None,
+    };
+    let run_at = match body.run_at.as_deref() {
+        None => None,
+        Some(raw) => Some(
+            DateTime::parse_from_rfc3339(raw)
+                .map_err(|_| ApiError::bad_request("run_at must be an RFC 3339 time"))?
+                .with_timezone(&Utc),
+        ),
+    };
+    let build = operator::patch(&state.pool, &id, priority, run_at, max_attempts, Utc::now())
+        .await?
+        .map_err(conflict)?;
+    state.events.publish(Event::build("build.updated", &id, &build.state));
+    Ok(Json(views::build(&build)))
+}
+
+/// Purges the files and rows of a finished build.
+async fn delete(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<StatusCode> {
+    auth::require_admin(&state, &headers)?;
+    let keys = operator::finished_build_keys(&state.pool, &id)
+        .await?
+        .map_err(conflict)?;
+    for key in keys.iter().filter_map(|k| Key::parse(k)) {
+        state.storage.delete(&key).await?;
+    }
+    operator::delete_finished(&state.pool, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn revoke_token(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    auth::require_admin(&state, &headers)?;
+    operator::revoke_build_token(&state.pool, &id).await?;
+    Ok(Json(json!({ "revoked": true })))
+}

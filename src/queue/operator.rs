@@ -1,0 +1,261 @@
+//! Operator actions on builds, queues and workers (api.md §5). Each is one short transaction with the
+//! same fencing and final-state rules as the rest of the queue.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::enqueue::notify_ready;
+use super::logs::append_system_log;
+use super::{Build, BuildState, NOTIFY_CHANNEL, Platform, QueueError, QueueResult, Worker};
+
+/// Why an operator action does not apply to a build in its current state.
+pub const NOT_RUNNING: &str = "Build is not running";
+pub const NOT_RETRYABLE: &str = "Only failed or cancelled builds can be retried";
+pub const RUNNING: &str = "Build is running";
+pub const NOT_FINISHED: &str = "Build is not finished";
+
+/// An operator action refused because of the build's state (409 with this message).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WrongState(pub &'static str);
+
+/// Result of an operator action: the build, or why not.
+pub type OperatorResult<T> = Result<Result<T, WrongState>, QueueError>;
+
+async fn lock(tx: &mut sqlx::PgConnection, build_id: &str) -> QueueResult<Build> {
+    sqlx::query_as("SELECT * FROM builds WHERE id = $1 FOR UPDATE")
+        .bind(build_id)
+        .fetch_optional(tx)
+        .await?
+        .ok_or(QueueError::BuildNotFound)
+}
+
+/// Gives a running attempt back to the queue at once (not counted against the build's attempts' fate).
+pub async fn requeue(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> OperatorResult<Build> {
+    let mut tx = pool.begin().await?;
+    let build = lock(&mut tx, build_id).await?;
+    if !build.state().is_held() {
+        return Ok(Err(WrongState(NOT_RUNNING)));
+    }
+    sqlx::query(
+        "UPDATE build_attempts SET finished_at = $3, outcome = 'requeued' WHERE build_id = $1 AND attempt = $2",
+    )
+    .bind(build_id)
+    .bind(build.attempt)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE workers SET status = 'idle' WHERE id = $1 AND status = 'busy'")
+        .bind(&build.lease_owner)
+        .execute(&mut *tx)
+        .await?;
+    let build = reset_to_pending(&mut tx, build_id, now).await?;
+    append_system_log(&mut tx, build_id, "warn", "Attempt requeued by an operator", now).await?;
+    tx.commit().await?;
+    Ok(Ok(build))
+}
+
+/// Re-runs a failed or cancelled build as a new attempt of the same build.
+pub async fn retry_same(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> OperatorResult<Build> {
+    let mut tx = pool.begin().await?;
+    let build = lock(&mut tx, build_id).await?;
+    if !matches!(build.state(), BuildState::Failed | BuildState::Cancelled) {
+        return Ok(Err(WrongState(NOT_RETRYABLE)));
+    }
+    let build = reset_to_pending(&mut tx, build_id, now).await?;
+    append_system_log(&mut tx, build_id, "info", "Build retried by an operator", now).await?;
+    tx.commit().await?;
+    Ok(Ok(build))
+}
+
+async fn reset_to_pending(tx: &mut sqlx::PgConnection, build_id: &str, now: DateTime<Utc>) -> QueueResult<Build> {
+    let build: Build = sqlx::query_as(
+        "UPDATE builds SET state = 'pending', run_at = $2, completed_at = NULL, finished_reason = NULL,
+            error_message = NULL, cancel_requested_at = NULL, progress = NULL, stage = NULL,
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_sealed = NULL,
+            vm_token_expires_at = NULL, vm_ready_at = NULL
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(build_id)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    notify_ready(tx, &[(build.queue.as_str(), build.id.as_str())]).await?;
+    Ok(build)
+}
+
+/// Changes priority, run_at or max_attempts of a build that is not running or finished.
+pub async fn patch(
+    pool: &PgPool,
+    build_id: &str,
+    priority: Option<i32>,
+    run_at: Option<DateTime<Utc>>,
+    max_attempts: Option<i32>,
+    now: DateTime<Utc>,
+) -> OperatorResult<Build> {
+    let mut tx = pool.begin().await?;
+    let build = lock(&mut tx, build_id).await?;
+    if build.state().is_held() || build.state().is_final() {
+        return Ok(Err(WrongState(RUNNING)));
+    }
+    let build: Build = sqlx::query_as(
+        "UPDATE builds SET priority = coalesce($2, priority), max_attempts = coalesce($4, max_attempts),
+            run_at = coalesce($3, run_at),
+            state = CASE WHEN coalesce($3, run_at) > $5 THEN (CASE WHEN state = 'retryable' THEN 'retryable' ELSE 'scheduled' END)
+                         ELSE 'pending' END
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(build_id)
+    .bind(priority)
+    .bind(run_at)
+    .bind(max_attempts)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    if build.state() == BuildState::Pending {
+        notify_ready(&mut tx, &[(build.queue.as_str(), build.id.as_str())]).await?;
+    }
+    tx.commit().await?;
+    Ok(Ok(build))
+}
+
+/// Deletes a finished build's row (logs, attempts and samples go with it); returns its storage keys
+/// for the caller to delete first.
+pub async fn finished_build_keys(pool: &PgPool, build_id: &str) -> OperatorResult<Vec<String>> {
+    let build = super::find_build(pool, build_id)
+        .await?
+        .ok_or(QueueError::BuildNotFound)?;
+    if !build.state().is_final() {
+        return Ok(Err(WrongState(NOT_FINISHED)));
+    }
+    Ok(Ok([build.source_key, build.certs_key, build.result_key]
+        .into_iter()
+        .flatten()
+        .collect()))
+}
+
+/// Deletes a finished build's rows.
+pub async fn delete_finished(pool: &PgPool, build_id: &str) -> QueueResult<bool> {
+    let deleted = sqlx::query("DELETE FROM builds WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')")
+        .bind(build_id)
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
+
+/// Pauses or resumes a platform queue; resuming wakes waiting workers of every instance.
+pub async fn set_paused(pool: &PgPool, platform: Platform, paused: bool, now: DateTime<Utc>) -> QueueResult<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE queues SET paused = $2, paused_at = CASE WHEN $2 THEN $3 ELSE NULL END WHERE name = $1")
+        .bind(platform.as_str())
+        .bind(paused)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    if !paused {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(NOTIFY_CHANNEL)
+            .bind(platform.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Sets a worker's operator state: `active`, `draining` (finish the current build, take no new one),
+/// `disabled`; `revoked` also drops its token, marks it offline and requeues its attempt.
+pub async fn set_worker_state(
+    pool: &PgPool,
+    worker_id: &str,
+    admin_state: &'static str,
+    settings: &super::Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<Worker> {
+    if admin_state == "revoked" {
+        super::unregister(pool, worker_id, settings, now).await?;
+    }
+    sqlx::query_as("UPDATE workers SET admin_state = $2 WHERE id = $1 RETURNING *")
+        .bind(worker_id)
+        .bind(admin_state)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(QueueError::WorkerNotFound)
+}
+
+/// Revokes a build's access token; the admin key still works.
+pub async fn revoke_build_token(pool: &PgPool, build_id: &str) -> QueueResult<()> {
+    let updated = sqlx::query("UPDATE builds SET access_token_hash = NULL WHERE id = $1")
+        .bind(build_id)
+        .execute(pool)
+        .await?;
+    if updated.rows_affected() == 0 {
+        return Err(QueueError::BuildNotFound);
+    }
+    Ok(())
+}
+
+/// Attempts of a build, oldest first.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub attempt: i32,
+    pub worker_id: String,
+    pub lease_token: i64,
+    pub assigned_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub error_message: Option<String>,
+}
+
+pub async fn attempts_of(pool: &PgPool, build_id: &str) -> QueueResult<Vec<AttemptRow>> {
+    Ok(sqlx::query_as(
+        "SELECT attempt, worker_id, lease_token, assigned_at, started_at, finished_at, outcome, error_message
+         FROM build_attempts WHERE build_id = $1 ORDER BY attempt",
+    )
+    .bind(build_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Workers after `after` (by id), at most `limit`.
+pub async fn list_workers(pool: &PgPool, after: Option<&str>, limit: i64) -> QueueResult<Vec<Worker>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM workers WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2")
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Per platform queue: depth by state, oldest pending age (seconds), paused.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueView {
+    pub name: String,
+    pub paused: bool,
+    pub scheduled: i64,
+    pub pending: i64,
+    pub retryable: i64,
+    pub assigned: i64,
+    pub building: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+pub async fn queue_views(pool: &PgPool, now: DateTime<Utc>) -> QueueResult<Vec<QueueView>> {
+    Ok(sqlx::query_as(
+        "SELECT q.name, q.paused,
+            count(b.id) FILTER (WHERE b.state = 'scheduled') AS scheduled,
+            count(b.id) FILTER (WHERE b.state = 'pending') AS pending,
+            count(b.id) FILTER (WHERE b.state = 'retryable') AS retryable,
+            count(b.id) FILTER (WHERE b.state = 'assigned') AS assigned,
+            count(b.id) FILTER (WHERE b.state = 'building') AS building,
+            extract(epoch FROM $1 - min(b.run_at) FILTER (WHERE b.state = 'pending'))::float8 AS oldest_pending_age_seconds
+         FROM queues q LEFT JOIN builds b ON b.queue = q.name AND b.state IN ('scheduled', 'pending', 'retryable', 'assigned', 'building')
+         GROUP BY q.name, q.paused ORDER BY q.name",
+    )
+    .bind(now)
+    .fetch_all(pool)
+    .await?)
+}
