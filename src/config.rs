@@ -66,6 +66,10 @@ pub struct Config {
     #[command(flatten)]
     pub jobs: JobsConfig,
 
+    /// On SIGTERM/SIGINT: how long in-flight requests and uploads may take to finish, in seconds.
+    #[arg(long, env = "CONTROLLER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "CONTROLLER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

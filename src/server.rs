@@ -16,16 +16,29 @@ pub struct Running {
     pub addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<&'static str>,
+    grace: std::time::Duration,
 }
 
 impl Running {
-    /// Asks every task to stop and waits for them.
+    /// Stops accepting connections, releases long polls, lets in-flight requests and uploads finish
+    /// within the grace period, then ends whatever is left.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
-        while let Some(done) = self.tasks.join_next().await {
-            match done {
-                Ok(name) => tracing::info!(task = name, "stopped"),
-                Err(e) => tracing::error!(error = %e, "task ended abnormally"),
+        let deadline = tokio::time::Instant::now() + self.grace;
+        loop {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(Ok(name))) => tracing::info!(task = name, "stopped"),
+                Ok(Some(Err(e))) => tracing::error!(error = %e, "task ended abnormally"),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        grace_secs = self.grace.as_secs(),
+                        "grace period over; ending remaining requests"
+                    );
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
             }
         }
     }
@@ -110,7 +123,13 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         "jobs"
     });
     tracing::info!(%addr, "expo-controller listening on http://{addr}");
-    Ok(Running { addr, shutdown, tasks })
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    Ok(Running {
+        addr,
+        shutdown,
+        tasks,
+        grace,
+    })
 }
 
 async fn shutdown_signal() {

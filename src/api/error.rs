@@ -108,10 +108,19 @@ impl From<QueueError> for ApiError {
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// Database unreachable (connection refused, pool exhausted, server shutting down or restarting:
+    /// SQLSTATE classes 08 and 57) is a 503 the client may retry; anything else is a 500.
     fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => ApiError::unavailable(error),
-            _ => ApiError::internal(error),
+        let unavailable = match &error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Protocol(_) => true,
+            sqlx::Error::Database(e) => e.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
+            _ => false,
+        };
+        if unavailable {
+            ApiError::unavailable(error)
+        } else {
+            ApiError::internal(error)
         }
     }
 }

@@ -11,6 +11,7 @@ mod long_poll;
 mod observability;
 mod operator;
 mod queue_engine;
+mod resilience;
 mod restart;
 mod reviews;
 mod scale;
