@@ -6,6 +6,7 @@
 //! * [`storage`] — sources, certs and results, streamed to an object store.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod events;

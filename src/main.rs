@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use expo_controller::config::{Config, DbConfig};
-use expo_controller::{db, ids, server};
+use expo_controller::{cli, db, ids, server};
 
 #[derive(Parser)]
 #[command(name = "expo-controller", version, about = "Controller of Expo Free Agent")]
@@ -29,6 +29,41 @@ enum Command {
     },
     /// Print a fresh random 32-byte key (base64), for CONTROLLER_API_KEY or CONTROLLER_CERTS_KEY.
     GenKey,
+    /// Operator: list, show, cancel, retry or requeue builds.
+    Builds {
+        #[command(subcommand)]
+        action: cli::BuildsCommand,
+        #[command(flatten)]
+        target: cli::Target,
+    },
+    /// Operator: pause or resume a platform queue.
+    Queues {
+        #[command(subcommand)]
+        action: cli::QueuesCommand,
+        #[command(flatten)]
+        target: cli::Target,
+    },
+    /// Operator: list, drain or revoke workers.
+    Workers {
+        #[command(subcommand)]
+        action: cli::WorkersCommand,
+        #[command(flatten)]
+        target: cli::Target,
+    },
+}
+
+/// Runs an operator command and prints its JSON (errors to stderr).
+async fn operate(target: cli::Target, operation: cli::Operation) -> std::process::ExitCode {
+    match cli::run(&target, operation).await {
+        Ok(value) => {
+            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(value) => {
+            eprintln!("{value}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[tokio::main]
@@ -59,6 +94,9 @@ async fn main() -> std::process::ExitCode {
             println!("{}", ids::new_key32());
             Ok(())
         }
+        Command::Builds { action, target } => return operate(target, cli::Operation::Builds(action)).await,
+        Command::Queues { action, target } => return operate(target, cli::Operation::Queues(action)).await,
+        Command::Workers { action, target } => return operate(target, cli::Operation::Workers(action)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

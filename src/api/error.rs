@@ -91,6 +91,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The message a client sees.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl From<QueueError> for ApiError {

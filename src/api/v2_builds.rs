@@ -9,11 +9,11 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::auth;
 use super::error::{ApiError, ApiResult};
 use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
+use super::{AppState, operations};
 use crate::events::Event;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
@@ -79,20 +79,16 @@ async fn list(
     if cursor.as_deref().is_some_and(|c| !ids::valid_id(c)) {
         return Err(ApiError::bad_request("Invalid cursor"));
     }
+    let worker_id = auth::worker_id(q.worker.as_deref())?;
     let filter = BuildFilter {
         states,
         platform,
-        worker_id: auth::worker_id(q.worker.as_deref())?,
+        worker_id,
         before: cursor,
         since,
-        limit: limit + 1,
+        limit,
     };
-    let mut builds = queue::list_builds(&state.pool, &filter).await?;
-    let next_cursor = (builds.len() as i64 > limit)
-        .then(|| builds.truncate(limit as usize))
-        .and(builds.last().map(|b| b.id.clone()));
-    let items: Vec<Value> = builds.iter().map(views::build).collect();
-    Ok(etagged(&headers, json!({ "items": items, "next_cursor": next_cursor })))
+    Ok(etagged(&headers, operations::list_builds(&state.pool, filter).await?))
 }
 
 async fn show(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
@@ -120,12 +116,9 @@ async fn attempts(State(state): State<AppState>, headers: HeaderMap, IdPath(id):
 
 async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    let outcome = queue::cancel(&state.pool, &id, Utc::now()).await.map_err(|e| match e {
-        queue::QueueError::AlreadyFinished => ApiError::conflict("Build already finished"),
-        other => other.into(),
-    })?;
+    let build = operations::cancel_build(&state.pool, &id).await?;
     state.events.publish(Event::build("build.finished", &id, "cancelled"));
-    Ok(Json(views::build(&outcome.build)))
+    Ok(Json(build))
 }
 
 /// Re-runs the same build (failed or cancelled) as a new attempt.

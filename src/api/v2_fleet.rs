@@ -15,14 +15,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::AppState;
 use super::auth;
 use super::error::{ApiError, ApiResult};
 use super::extract::{IdPath, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
+use super::{AppState, operations};
 use crate::events::Event;
+use crate::queue;
 use crate::queue::operator;
-use crate::queue::{self, Platform};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -76,12 +76,12 @@ async fn set_state(
     admin_state: &'static str,
 ) -> ApiResult<Json<Value>> {
     auth::require_admin(state, headers)?;
-    let worker = operator::set_worker_state(&state.pool, id, admin_state, &state.config.queue, Utc::now()).await?;
+    let worker = operations::set_worker_state(&state.pool, &state.config.queue, id, admin_state).await?;
     state.workers.clear();
     if admin_state == "revoked" {
         state.events.publish(Event::worker("worker.offline", id));
     }
-    Ok(Json(views::worker(&worker)))
+    Ok(Json(worker))
 }
 
 /// Finish the current build, take no new one.
@@ -116,20 +116,14 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
     Ok(etagged(&headers, json!({ "items": views_, "next_cursor": null })))
 }
 
-fn platform(raw: &str) -> ApiResult<Platform> {
-    Platform::parse(raw).ok_or_else(|| ApiError::not_found("Queue not found"))
-}
-
 async fn pause(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    operator::set_paused(&state.pool, platform(&name)?, true, Utc::now()).await?;
-    Ok(Json(json!({ "name": name, "paused": true })))
+    Ok(Json(operations::set_paused(&state.pool, &name, true).await?))
 }
 
 async fn resume(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    operator::set_paused(&state.pool, platform(&name)?, false, Utc::now()).await?;
-    Ok(Json(json!({ "name": name, "paused": false })))
+    Ok(Json(operations::set_paused(&state.pool, &name, false).await?))
 }
 
 /// Server-Sent Events of state changes on every instance. The subscription ends with the connection.

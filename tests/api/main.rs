@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod cli;
+mod cli_operator;
 mod fleet;
 mod g0_worker;
 mod long_poll;
