@@ -9,6 +9,7 @@ mod error;
 mod extract;
 mod health;
 mod multipart;
+pub mod openapi;
 pub mod operations;
 mod progress;
 mod ratelimit;
@@ -102,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .merge(diagnostics::router())
         .merge(v2_builds::router())
         .merge(v2_fleet::router())
+        .merge(openapi::router())
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)

@@ -10,6 +10,7 @@ mod fleet;
 mod g0_worker;
 mod long_poll;
 mod observability;
+mod openapi;
 mod operator;
 mod queue_engine;
 mod resilience;
