@@ -49,17 +49,15 @@ async fn download_result(State(state): State<AppState>, headers: HeaderMap, IdPa
 /// B7: the source as uploaded, to the owner.
 async fn download_source(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
     let build = owned_build(&state, &headers, &id).await?;
+    stream_source(&state, &headers, &build).await
+}
+
+/// Streams a build's source archive as `<id>.zip`.
+async fn stream_source(state: &AppState, headers: &HeaderMap, build: &Build) -> ApiResult<Response> {
     let not_found = || ApiError::not_found("Build source not found");
     let key = build.source_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
-    stream_object(
-        &state,
-        &key,
-        &headers,
-        "application/zip",
-        &format!("{id}.zip"),
-        not_found,
-    )
-    .await
+    let filename = format!("{}.zip", build.id);
+    stream_object(state, &key, headers, "application/zip", &filename, not_found).await
 }
 
 /// `?worker_id=` on build-scoped worker endpoints.
@@ -89,17 +87,7 @@ async fn source(
 ) -> ApiResult<Response> {
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), CallerRules::default()).await?;
     let build = held_build(&state, &id, &caller).await?;
-    let not_found = || ApiError::not_found("Build source not found");
-    let key = build.source_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
-    stream_object(
-        &state,
-        &key,
-        &headers,
-        "application/zip",
-        &format!("{id}.zip"),
-        not_found,
-    )
-    .await
+    stream_source(&state, &headers, &build).await
 }
 
 /// The decrypted certs bundle of a held build.

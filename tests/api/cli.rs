@@ -5,7 +5,7 @@
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp};
+use crate::support::{API_KEY, TestApp, success_form};
 use crate::token_worker::submit_with_certs;
 
 async fn submit_full(app: &TestApp, platform: &str) -> Value {
@@ -91,22 +91,8 @@ async fn cli_submit_follow_download() {
         .await
         .unwrap();
     let result: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
-    let form = Form::new()
-        .text("build_id", id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(result.clone()).file_name("app.ipa"));
-    assert_eq!(
-        app.client
-            .post(app.url("/api/workers/upload"))
-            .header("X-API-Key", API_KEY)
-            .multipart(form)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let form = success_form(&id, &worker_id, &result.clone());
+    assert_eq!(app.upload_form(form).await.status(), 200);
 
     // Logs with the token alone: whole list (with seq), then incremental.
     let logs: Value = app
@@ -267,16 +253,7 @@ async fn cli_list_is_a_bare_paginated_array() {
     ] {
         assert_eq!(list(&[bad]).await.unwrap().status(), 400, "{bad:?}");
     }
-    let active: Value = app
-        .client
-        .get(app.url("/api/builds/active"))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let active: Value = app.admin_json("/api/builds/active").await;
     assert_eq!(active, json!({ "builds": [] }));
 }
 

@@ -11,7 +11,7 @@ use expo_controller::storage::Storage;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp, fresh_database};
+use crate::support::{API_KEY, TestApp, fresh_database, success_form};
 
 struct Instance {
     child: Child,
@@ -253,18 +253,8 @@ async fn prune_deletes_old_artifacts_then_old_rows() {
     let (worker_id, _) = app.register("w", &["ios"]).await;
     let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
     app.poll(&worker_id).await;
-    let form = Form::new()
-        .text("build_id", id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(b"r".to_vec()).file_name("r"));
-    app.client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let form = success_form(&id, &worker_id, b"r");
+    app.upload_form(form).await;
     let fresh = app.submit("ios", b"still queued").await["id"]
         .as_str()
         .unwrap()

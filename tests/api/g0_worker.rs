@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp};
+use crate::support::{API_KEY, TestApp, success_form};
 
 #[tokio::test]
 async fn register_submit_poll_source_upload_status() {
@@ -57,35 +57,15 @@ async fn register_submit_poll_source_upload_status() {
     assert_eq!(status["status"], "assigned");
     assert_eq!(status["worker_id"], worker_id.as_str());
 
-    let form = Form::new()
-        .text("build_id", build_id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(b"IPA".to_vec()).file_name("app.ipa"));
-    let upload = app
-        .client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let form = success_form(&build_id, &worker_id, b"IPA");
+    let upload = app.upload_form(form).await;
     assert_eq!(upload.status(), 200);
     assert_eq!(
         upload.json::<Value>().await.unwrap(),
         serde_json::json!({ "status": "success" })
     );
 
-    let status: Value = app
-        .client
-        .get(app.url(&format!("/api/builds/{build_id}/status")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.admin_json(&format!("/api/builds/{build_id}/status")).await;
     for key in [
         "id",
         "status",
@@ -128,47 +108,20 @@ async fn a_failure_report_fails_the_build_and_a_late_upload_cannot_flip_it() {
         .text("worker_id", worker_id.clone())
         .text("success", "false")
         .text("error_message", "gradle failed");
-    let answer = app
-        .client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(fail)
-        .send()
-        .await
-        .unwrap();
+    let answer = app.upload_form(fail).await;
     assert_eq!(
         answer.json::<Value>().await.unwrap(),
         serde_json::json!({ "status": "failed" })
     );
 
-    let late = Form::new()
-        .text("build_id", build_id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(b"APK".to_vec()).file_name("app.apk"));
-    let answer = app
-        .client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(late)
-        .send()
-        .await
-        .unwrap();
+    let late = success_form(&build_id, &worker_id, b"APK");
+    let answer = app.upload_form(late).await;
     assert_eq!(answer.status(), 409);
     assert_eq!(
         answer.json::<Value>().await.unwrap(),
         serde_json::json!({ "error": "Build attempt is no longer active" })
     );
-    let status: Value = app
-        .client
-        .get(app.url(&format!("/api/builds/{build_id}/status")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.admin_json(&format!("/api/builds/{build_id}/status")).await;
     assert_eq!(status["status"], "failed");
     assert_eq!(status["error_message"], "gradle failed");
     assert!(
@@ -223,19 +176,8 @@ async fn only_the_holder_reads_the_source_or_uploads() {
         .unwrap();
     assert_eq!(r.status(), 200);
 
-    let form = Form::new()
-        .text("build_id", build_id.clone())
-        .text("worker_id", other.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(b"IPA".to_vec()).file_name("a.ipa"));
-    let r = app
-        .client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let form = success_form(&build_id, &other, b"IPA");
+    let r = app.upload_form(form).await;
     assert_eq!(r.status(), 403);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"],
@@ -273,19 +215,8 @@ async fn concurrent_http_pollers_receive_each_build_once() {
                     break got;
                 }
                 let id = job["id"].as_str().unwrap().to_string();
-                let form = Form::new()
-                    .text("build_id", id.clone())
-                    .text("worker_id", worker_id.clone())
-                    .text("success", "true")
-                    .part("result", Part::bytes(b"x".to_vec()).file_name("r"));
-                let r = app
-                    .client
-                    .post(app.url("/api/workers/upload"))
-                    .header("X-API-Key", API_KEY)
-                    .multipart(form)
-                    .send()
-                    .await
-                    .unwrap();
+                let form = success_form(&id, &worker_id, b"x");
+                let r = app.upload_form(form).await;
                 assert_eq!(r.status(), 200);
                 got.push(id);
             }
@@ -430,19 +361,8 @@ async fn first_generation_worker_whole_life() {
         json!({ "error": "Invalid body. Expected { level, message } or { logs: [...] }" })
     );
 
-    let form = Form::new()
-        .text("build_id", build_id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(b"APK".to_vec()).file_name("app.apk"));
-    let r = app
-        .client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let form = success_form(&build_id, &worker_id, b"APK");
+    let r = app.upload_form(form).await;
     assert_eq!(r.status(), 200);
 
     // A late log line from the last holder is still accepted (VMs flush their tail late).
@@ -477,16 +397,7 @@ async fn first_generation_worker_whole_life() {
     );
     assert!(messages.contains(&"Building…") && messages.contains(&"tail"));
 
-    let stats: Value = app
-        .client
-        .get(app.url(&format!("/api/workers/{worker_id}/stats")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = app.admin_json(&format!("/api/workers/{worker_id}/stats")).await;
     assert_eq!(stats["totalBuilds"], 1);
     assert_eq!(stats["successfulBuilds"], 1);
     assert_eq!(stats["failedBuilds"], 0);
@@ -540,30 +451,10 @@ async fn heartbeats_tell_the_worker_its_build_was_cancelled() {
     assert_eq!(r.headers()["x-build-cancelled"], "true");
     assert_eq!(r.json::<Value>().await.unwrap()["cancel_requested"], true);
     // The upload that follows is refused; the G0 status reads failed with the cancel message.
-    let form = Form::new()
-        .text("build_id", build_id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(b"x".to_vec()).file_name("r"));
-    let r = app
-        .client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let form = success_form(&build_id, &worker_id, b"x");
+    let r = app.upload_form(form).await;
     assert_eq!(r.status(), 409);
-    let status: Value = app
-        .client
-        .get(app.url(&format!("/api/builds/{build_id}/status")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.admin_json(&format!("/api/builds/{build_id}/status")).await;
     assert_eq!(status["status"], "failed");
     assert_eq!(status["error_message"], "Build cancelled by user");
     assert_eq!(
@@ -653,16 +544,7 @@ async fn diagnostics_reports_are_stored_and_listed_newest_first() {
         );
     }
 
-    let list: Value = app
-        .client
-        .get(app.url(&format!("/api/diagnostics/{worker_id}")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.admin_json(&format!("/api/diagnostics/{worker_id}")).await;
     assert_eq!(list["worker_id"], worker_id.as_str());
     let reports = list["reports"].as_array().unwrap();
     assert_eq!(reports.len(), 2);
@@ -670,16 +552,7 @@ async fn diagnostics_reports_are_stored_and_listed_newest_first() {
     assert_eq!(reports[0]["checks"][0]["name"], "disk");
     assert_eq!(reports[0]["auto_fixed"], true);
     assert!(reports[0]["run_at"].is_i64());
-    let latest: Value = app
-        .client
-        .get(app.url(&format!("/api/diagnostics/{worker_id}/latest")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let latest: Value = app.admin_json(&format!("/api/diagnostics/{worker_id}/latest")).await;
     assert_eq!(latest["id"], reports[0]["id"]);
     let one: Value = app
         .client

@@ -44,13 +44,7 @@ async fn metrics_move_with_the_builds() {
         .text("worker_id", worker_id.clone())
         .text("success", "true")
         .part("result", Part::bytes(vec![1u8; 1000]).file_name("r"));
-    app.client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    app.upload_form(form).await;
     app.client
         .get(app.url(&format!("/api/builds/{id}/status")))
         .header("X-API-Key", API_KEY)

@@ -3,10 +3,9 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp};
+use crate::support::{API_KEY, TestApp, success_form};
 
 async fn v2(app: &TestApp, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
     let mut request = app.client.request(method, app.url(path)).header("X-API-Key", API_KEY);
@@ -325,18 +324,8 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
     let (worker_id, _) = app.register("w", &["ios"]).await;
     let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
     app.poll(&worker_id).await;
-    let form = Form::new()
-        .text("build_id", id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(b"r".to_vec()).file_name("r"));
-    app.client
-        .post(app.url("/api/workers/upload"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let form = success_form(&id, &worker_id, b"r");
+    app.upload_form(form).await;
 
     let mut stream = response.bytes_stream();
     let mut text = String::new();

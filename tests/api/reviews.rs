@@ -10,7 +10,7 @@ use expo_controller::storage::Storage;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp, fresh_database};
+use crate::support::{API_KEY, TestApp, fresh_database, success_form};
 use crate::token_worker::submit_with_certs;
 
 /// R7: no key, a short key → refuse to start, naming the variable.
@@ -138,16 +138,7 @@ async fn r11_logs_are_bounded() {
     post(json!({ "logs": [{ "level": "info", "message": "more" }] }))
         .await
         .unwrap();
-    let logs: Value = app
-        .client
-        .get(app.url(&format!("/api/builds/{id}/logs")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let logs: Value = app.admin_json(&format!("/api/builds/{id}/logs")).await;
     let logs = logs["logs"].as_array().unwrap();
     assert_eq!(logs.len(), 11, "10 lines + one marker");
     assert_eq!(logs[1]["message"].as_str().unwrap().len(), 8 * 1024);
@@ -198,18 +189,8 @@ async fn r19_stats_are_real_with_a_utc_day_boundary() {
     for _ in 0..2 {
         let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
         app.poll(&worker_id).await;
-        let form = Form::new()
-            .text("build_id", id)
-            .text("worker_id", worker_id.clone())
-            .text("success", "true")
-            .part("result", Part::bytes(b"r".to_vec()).file_name("r"));
-        app.client
-            .post(app.url("/api/workers/upload"))
-            .header("X-API-Key", API_KEY)
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
+        let form = success_form(&id, &worker_id, b"r");
+        app.upload_form(form).await;
     }
     app.submit("ios", b"queued").await;
     // Move one completion to just before today's UTC midnight.
@@ -350,22 +331,8 @@ async fn r38_downloads_survive_a_deleted_file() {
     let id = app.submit("android", b"s").await["id"].as_str().unwrap().to_string();
     app.poll(&worker_id).await;
     let big = vec![42u8; 16 * 1024 * 1024];
-    let form = Form::new()
-        .text("build_id", id.clone())
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(big).file_name("r"));
-    assert_eq!(
-        app.client
-            .post(app.url("/api/workers/upload"))
-            .header("X-API-Key", API_KEY)
-            .multipart(form)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let form = success_form(&id, &worker_id, &big);
+    assert_eq!(app.upload_form(form).await.status(), 200);
     let key: String = sqlx::query_scalar("SELECT result_key FROM builds WHERE id = $1")
         .bind(&id)
         .fetch_one(&app.pool)

@@ -194,6 +194,29 @@ impl TestApp {
             .expect("poll json")
     }
 
+    /// Posts a worker report form to `/api/workers/upload` with the admin key.
+    pub async fn upload_form(&self, form: Form) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/workers/upload"))
+            .header("X-API-Key", API_KEY)
+            .multipart(form)
+            .send()
+            .await
+            .expect("upload")
+    }
+
+    /// GET with the admin key; the JSON answer.
+    pub async fn admin_json(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(self.url(path))
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .expect("get");
+        response.json().await.expect("json")
+    }
+
     /// Files under the storage root (relative paths), to prove nothing was left behind.
     pub fn stored_files(&self) -> Vec<String> {
         fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
@@ -291,4 +314,13 @@ pub async fn raw_status(base: &str, method: &str, path: &str, headers: &[(&str, 
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line")
+}
+
+/// A G0 success report: `build_id`, `worker_id`, `success=true` and the `result` file.
+pub fn success_form(build_id: &str, worker_id: &str, result: &[u8]) -> Form {
+    Form::new()
+        .text("build_id", build_id.to_string())
+        .text("worker_id", worker_id.to_string())
+        .text("success", "true")
+        .part("result", Part::bytes(result.to_vec()).file_name("app.bin"))
 }
