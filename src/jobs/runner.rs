@@ -59,6 +59,10 @@ impl TickRunner {
                         tracing::debug!(instance = %self.instance.0, "tick ran on another instance");
                         return;
                     }
+                    Ok(Some(0)) => {
+                        tracing::debug!(instance = %self.instance.0, handled = 0, "tick ran");
+                        return;
+                    }
                     Ok(Some(handled)) => {
                         tracing::info!(instance = %self.instance.0, handled, "tick ran");
                         return;
