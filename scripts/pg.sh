@@ -35,7 +35,8 @@ case "$cmd" in
       # Throwaway clusters (tests, benchmarks): durability is not needed, speed is.
       opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     fi
-    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 30 -o "$opts" start >/dev/null
+    # PG_EXTRA_OPTS: more server options for investigations (e.g. pg_stat_statements).
+    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 30 -o "$opts ${PG_EXTRA_OPTS:-}" start >/dev/null
     ;;
   stop)
     if [ -f "$dir/PG_VERSION" ]; then

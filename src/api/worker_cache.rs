@@ -76,6 +76,13 @@ impl WorkerCache {
         }
     }
 
+    /// Drops the cached copies of one worker (its status changed, e.g. it claimed a build).
+    pub fn forget(&self, worker_id: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|_, (_, w)| w.id != worker_id);
+        }
+    }
+
     /// Drops everything (a worker's credentials or state changed).
     pub fn clear(&self) {
         if let Ok(mut entries) = self.entries.lock() {

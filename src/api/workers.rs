@@ -165,7 +165,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
         None if hint_applies => state.wakeups.mark_empty(&seen),
         // The worker's status changed (it is busy now): refresh its cached copy.
         Some(claim) => {
-            state.workers.clear();
+            state.workers.forget(&worker.id);
             if !claim.redelivered {
                 let event = crate::events::Event::build("build.assigned", &claim.build.id, "assigned");
                 state.events.publish(event.with_worker(&worker.id));
