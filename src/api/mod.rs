@@ -113,14 +113,7 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error").into_response()
         }))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let request_id = req
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %request_id)
-        }))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, NewRequestId))
 }
@@ -138,6 +131,37 @@ async fn record_duration(req: Request, next: Next) -> Response {
     metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route, "method" => method, "status" => status)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The span of one request: every log line inside carries the request id, and the build and worker ids
+/// when the request names them (path, `X-Worker-Id` header or `worker_id` query).
+fn request_span(req: &Request) -> tracing::Span {
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let path = req.uri().path();
+    let build_id = ["/api/builds/", "/api/v2/builds/"]
+        .iter()
+        .find_map(|prefix| path.strip_prefix(prefix))
+        .and_then(|rest| rest.split('/').next())
+        .filter(|id| crate::ids::valid_id(id) && *id != "active" && *id != "submit")
+        .unwrap_or("-");
+    let worker_id = req
+        .headers()
+        .get(auth::WORKER_ID)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            req.uri()
+                .query()?
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("worker_id="))
+        })
+        .filter(|id| crate::ids::valid_id(id))
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %req.method(), path = %path, request_id = %request_id,
+        build_id = %build_id, worker_id = %worker_id)
 }
 
 #[derive(Clone, Copy)]

@@ -370,3 +370,77 @@ async fn r38_downloads_survive_a_deleted_file() {
     );
     assert_eq!(app.client.get(app.url("/health")).send().await.unwrap().status(), 200);
 }
+
+/// R23: structured logs — every line inside a request carries its request id, build id and worker id.
+#[tokio::test]
+async fn r23_request_logs_carry_request_build_and_worker_ids() {
+    use std::io::{BufRead, BufReader};
+    let (url, _pool) = fresh_database(1).await;
+    let storage = std::env::temp_dir().join(format!("expo-r23-{}", expo_controller::ids::new_id()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_expo-controller"))
+        .arg("serve")
+        .env("DATABASE_URL", &url)
+        .env("CONTROLLER_API_KEY", API_KEY)
+        .env("CONTROLLER_CERTS_KEY", expo_controller::ids::new_key32())
+        .env("CONTROLLER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CONTROLLER_STORAGE_DIR", &storage)
+        .env("CONTROLLER_LOG_FORMAT", "json")
+        .env("CONTROLLER_RUN_JOBS", "false")
+        .env("RUST_LOG", "info,tower_http=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(std::time::Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let form = Form::new()
+        .text("platform", "ios")
+        .part("source", Part::bytes(b"s".to_vec()).file_name("a.zip"));
+    let submitted: Value = client
+        .post(format!("{base}/api/builds/submit"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap().to_string();
+    let r = client
+        .get(format!("{base}/api/builds/{id}/status"))
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", "wkr-1")
+        .send()
+        .await
+        .unwrap();
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let stdout = child.stdout.take().unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&storage);
+    let line = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .find(|record| record["span"]["request_id"] == request_id.as_str())
+        .expect("a log line of that request");
+    assert_eq!(line["span"]["build_id"], id.as_str());
+    assert_eq!(line["span"]["worker_id"], "wkr-1");
+}
