@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use expo_controller::jobs::{Job, JobContext};
@@ -11,30 +11,16 @@ use expo_controller::storage::Storage;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp, fresh_database, success_form};
+use crate::support::{API_KEY, TestApp, free_port, fresh_database, serve_command, success_form, wait_ready};
 
 struct Instance {
     child: Child,
     base: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(url: &str, storage: &std::path::Path, certs_key: &str) -> Instance {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_expo-controller"))
-        .arg("serve")
-        .env("DATABASE_URL", url)
-        .env("CONTROLLER_API_KEY", API_KEY)
-        .env("CONTROLLER_CERTS_KEY", certs_key)
-        .env("CONTROLLER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CONTROLLER_STORAGE_DIR", storage)
+    let child = serve_command(url, storage, port, certs_key)
         .env("CONTROLLER_LOG_FORMAT", "json")
         .env(
             "CONTROLLER_JOB_SCHEDULES",
@@ -42,26 +28,12 @@ fn start(url: &str, storage: &std::path::Path, certs_key: &str) -> Instance {
         )
         .env("RUST_LOG", "warn,expo_controller::jobs=debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     Instance {
         child,
         base: format!("http://127.0.0.1:{port}"),
     }
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("{base}/ready")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("instance not ready");
 }
 
 /// `(job, tick)` pairs.

@@ -1,11 +1,10 @@
 //! Durability: builds submitted before the controller is killed (-9) are claimable after it restarts.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
 
 use serde_json::Value;
 
-use crate::support::{API_KEY, fresh_database};
+use crate::support::{API_KEY, free_port, fresh_database, serve_command, wait_ready};
 
 struct Controller {
     child: Child,
@@ -13,17 +12,10 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(database_url: &str, storage: &std::path::Path, port: u16) -> Controller {
-        let child = Command::new(env!("CARGO_BIN_EXE_expo-controller"))
-            .arg("serve")
-            .env("DATABASE_URL", database_url)
-            .env("CONTROLLER_API_KEY", API_KEY)
-            .env("CONTROLLER_CERTS_KEY", expo_controller::ids::new_key32())
-            .env("CONTROLLER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("CONTROLLER_STORAGE_DIR", storage)
+    fn start(database_url: &str, storage: &std::path::Path, port: u16, certs_key: &str) -> Controller {
+        let child = serve_command(database_url, storage, port, certs_key)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("spawn controller");
         Controller {
@@ -33,16 +25,7 @@ impl Controller {
     }
 
     async fn wait_ready(&self, client: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(r) = client.get(format!("{}/ready", self.base)).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("controller did not become ready");
+        wait_ready(client, &self.base).await;
     }
 
     fn kill(mut self) {
@@ -51,22 +34,15 @@ impl Controller {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn builds_survive_a_kill_9_of_the_controller() {
     let (url, _pool) = fresh_database(2).await;
     let storage = std::env::temp_dir().join(format!("expo-restart-{}", expo_controller::ids::new_id()));
     let client = reqwest::Client::new();
     let port = free_port();
+    let certs_key = expo_controller::ids::new_key32();
 
-    let first = Controller::start(&url, &storage, port);
+    let first = Controller::start(&url, &storage, port, &certs_key);
     first.wait_ready(&client).await;
     let mut submitted = Vec::new();
     for _ in 0..3 {
@@ -88,7 +64,7 @@ async fn builds_survive_a_kill_9_of_the_controller() {
     }
     first.kill();
 
-    let second = Controller::start(&url, &storage, port);
+    let second = Controller::start(&url, &storage, port, &certs_key);
     second.wait_ready(&client).await;
     let worker: Value = client
         .post(format!("{}/api/workers/register", second.base))

@@ -10,7 +10,7 @@ use expo_controller::storage::Storage;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp, fresh_database, success_form};
+use crate::support::{API_KEY, TestApp, free_port, fresh_database, serve_command, success_form, wait_ready};
 use crate::token_worker::submit_with_certs;
 
 /// R7: no key, a short key → refuse to start, naming the variable.
@@ -44,16 +44,9 @@ async fn r7_the_server_refuses_to_start_without_a_strong_key() {
 async fn r39_startup_logs_the_bound_address() {
     let (url, _pool) = fresh_database(1).await;
     let storage = std::env::temp_dir().join(format!("expo-r39-{}", expo_controller::ids::new_id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expo-controller"))
-        .arg("serve")
-        .env("DATABASE_URL", &url)
-        .env("CONTROLLER_API_KEY", API_KEY)
-        .env("CONTROLLER_CERTS_KEY", expo_controller::ids::new_key32())
-        .env("CONTROLLER_LISTEN", "127.0.0.1:0")
-        .env("CONTROLLER_STORAGE_DIR", &storage)
+    let mut child = serve_command(&url, &storage, 0, &expo_controller::ids::new_key32())
         .env("CONTROLLER_LOG_FORMAT", "json")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -377,38 +370,17 @@ async fn r23_request_logs_carry_request_build_and_worker_ids() {
     use std::io::{BufRead, BufReader};
     let (url, _pool) = fresh_database(1).await;
     let storage = std::env::temp_dir().join(format!("expo-r23-{}", expo_controller::ids::new_id()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expo-controller"))
-        .arg("serve")
-        .env("DATABASE_URL", &url)
-        .env("CONTROLLER_API_KEY", API_KEY)
-        .env("CONTROLLER_CERTS_KEY", expo_controller::ids::new_key32())
-        .env("CONTROLLER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CONTROLLER_STORAGE_DIR", &storage)
+    let port = free_port();
+    let mut child = serve_command(&url, &storage, port, &expo_controller::ids::new_key32())
         .env("CONTROLLER_LOG_FORMAT", "json")
         .env("CONTROLLER_RUN_JOBS", "false")
         .env("RUST_LOG", "info,tower_http=debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(std::time::Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &base).await;
     let form = Form::new()
         .text("platform", "ios")
         .part("source", Part::bytes(b"s".to_vec()).file_name("a.zip"));

@@ -324,3 +324,46 @@ pub fn success_form(build_id: &str, worker_id: &str, result: &[u8]) -> Form {
         .text("success", "true")
         .part("result", Part::bytes(result.to_vec()).file_name("app.bin"))
 }
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// `expo-controller serve` on `port` with the test key, `certs_key` and `storage`; the caller adds
+/// environment and stdio.
+pub fn serve_command(
+    database_url: &str,
+    storage: &std::path::Path,
+    port: u16,
+    certs_key: &str,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_expo-controller"));
+    command
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("CONTROLLER_API_KEY", API_KEY)
+        .env("CONTROLLER_CERTS_KEY", certs_key)
+        .env("CONTROLLER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CONTROLLER_STORAGE_DIR", storage)
+        .stderr(std::process::Stdio::null());
+    command
+}
+
+/// Waits (at most 20 s) until `base/ready` answers 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("controller at {base} did not become ready");
+}
