@@ -19,16 +19,7 @@ async fn submit_full(app: &TestApp, platform: &str) -> Value {
         )
         .text("appleId", "dev@example.com")
         .text("applePassword", "never-store-me");
-    app.client
-        .post(app.url("/api/builds/submit"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.submit_form(form).await.json().await.unwrap()
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@ use expo_controller::storage::Storage;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp, free_port, fresh_database, serve_command, success_form, wait_ready};
+use crate::support::{
+    API_KEY, TestApp, free_port, fresh_database, serve_command, state_of, success_form, wait_ready, worker_status,
+};
 
 struct Instance {
     child: Child,
@@ -190,17 +192,9 @@ async fn unseen_workers_go_offline_but_keep_their_lease_until_it_expires() {
     assert_eq!(Job::OfflineWorkers.run_once(&ctx, Utc::now()).await.unwrap(), 0);
     let later = Utc::now() + chrono::Duration::minutes(3);
     assert_eq!(Job::OfflineWorkers.run_once(&ctx, later).await.unwrap(), 1);
-    let status: String = sqlx::query_scalar("SELECT status FROM workers WHERE id = $1")
-        .bind(&worker_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let status: String = worker_status(&app.pool, &worker_id).await;
     assert_eq!(status, "offline");
-    let state: String = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
-        .bind(&id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let state: String = state_of(&app.pool, &id).await;
     assert_eq!(state, "assigned", "not rescued before the lease expires");
     assert_eq!(
         Job::RescueExpiredLeases
@@ -211,11 +205,7 @@ async fn unseen_workers_go_offline_but_keep_their_lease_until_it_expires() {
     );
     // Polling again brings it back online.
     app.poll(&worker_id).await;
-    let status: String = sqlx::query_scalar("SELECT status FROM workers WHERE id = $1")
-        .bind(&worker_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let status: String = worker_status(&app.pool, &worker_id).await;
     assert_ne!(status, "offline");
 }
 

@@ -8,7 +8,7 @@ use chrono::{Duration, Utc};
 use expo_controller::config::QueueConfig;
 use expo_controller::queue::{self, Failure, FailureKind, Holder, Platform, QueueError, ResultFile};
 
-use crate::support::{enqueue, fresh_database, state_of, worker};
+use crate::support::{enqueue, fresh_database, state_of, worker, worker_status};
 
 fn result_file(id: &str) -> ResultFile {
     ResultFile {
@@ -393,11 +393,7 @@ async fn a_cancelled_build_is_never_claimed_and_its_holder_is_told() {
     .await;
     assert!(matches!(done, Err(QueueError::Stale)));
     assert_eq!(state_of(&pool, &held).await, "cancelled");
-    let status: String = sqlx::query_scalar("SELECT status FROM workers WHERE id = $1")
-        .bind(&w.id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let status: String = worker_status(&pool, &w.id).await;
     assert_eq!(status, "idle", "the worker is freed");
 }
 

@@ -10,7 +10,7 @@ use expo_controller::server;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
-use crate::support::{API_KEY, TestApp, config};
+use crate::support::{API_KEY, TestApp, config, state_of};
 
 fn pg(args: &[&str]) {
     let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg.sh"))
@@ -192,11 +192,7 @@ async fn graceful_shutdown_finishes_an_upload_in_flight() {
     app.stop().await;
     let response = upload.await.unwrap().unwrap();
     assert_eq!(response.status(), 200, "the in-flight upload finished");
-    let state: String = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
-        .bind(&id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let state: String = state_of(&app.pool, &id).await;
     assert_eq!(state, "completed");
     assert!(
         reqwest::get(format!("{base}/health")).await.is_err(),

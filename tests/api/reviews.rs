@@ -82,14 +82,7 @@ async fn r9_internal_errors_reveal_nothing() {
     let form = Form::new()
         .text("platform", "ios")
         .part("source", Part::bytes(b"s".to_vec()).file_name("a.zip"));
-    let r = app
-        .client
-        .post(app.url("/api/builds/submit"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = app.submit_form(form).await;
     assert_eq!(r.status(), 500);
     assert!(r.headers().contains_key("x-request-id"));
     let body = r.text().await.unwrap();

@@ -194,6 +194,17 @@ impl TestApp {
             .expect("poll json")
     }
 
+    /// Posts a submit form to `/api/builds/submit` with the admin key.
+    pub async fn submit_form(&self, form: Form) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/builds/submit"))
+            .header("X-API-Key", API_KEY)
+            .multipart(form)
+            .send()
+            .await
+            .expect("submit")
+    }
+
     /// Posts a worker report form to `/api/workers/upload` with the admin key.
     pub async fn upload_form(&self, form: Form) -> reqwest::Response {
         self.client
@@ -285,6 +296,15 @@ pub async fn enqueue(pool: &PgPool, platform: Platform, priority: i32, max_attem
     let mut conn = pool.acquire().await.expect("conn");
     queue::enqueue(&mut conn, &new, Utc::now()).await.expect("enqueue");
     id
+}
+
+/// The status column of a worker.
+pub async fn worker_status(pool: &PgPool, id: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM workers WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("status")
 }
 
 /// The state column of a build.

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::STANDARD;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, TestApp};
+use crate::support::{API_KEY, TestApp, state_of, worker_status};
 
 async fn json_of(r: reqwest::Response) -> (u16, Value) {
     let status = r.status().as_u16();
@@ -26,14 +26,7 @@ pub async fn submit_with_certs(app: &TestApp) -> String {
         )
         .text("appleId", "dev@example.com")
         .text("applePassword", "app-specific-password");
-    let r = app
-        .client
-        .post(app.url("/api/builds/submit"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = app.submit_form(form).await;
     assert_eq!(r.status(), 200);
     r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
 }
@@ -154,11 +147,7 @@ async fn token_era_worker_and_vm_whole_life() {
     .await;
     assert_eq!(vm_status["vm_ready"], true);
     assert_eq!(vm_status["vm_token"], vm_token.as_str());
-    let state: String = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
-        .bind(&build_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let state: String = state_of(&app.pool, &build_id).await;
     assert_eq!(state, "building");
 
     // Source with the VM token; a log batch.
@@ -382,11 +371,7 @@ async fn vm_tokens_die_with_their_attempt() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let state: String = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
-        .bind(&build_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let state: String = state_of(&app.pool, &build_id).await;
     assert_eq!(state, "retryable");
     let r = app
         .client
@@ -436,11 +421,7 @@ async fn unregister_by_token_requeues_the_held_build() {
             .unwrap();
     assert_eq!(state, "retryable");
     assert_eq!(errors.0[0]["kind"], "infrastructure");
-    let status: String = sqlx::query_scalar("SELECT status FROM workers WHERE id = $1")
-        .bind(&worker_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let status: String = worker_status(&app.pool, &worker_id).await;
     assert_eq!(status, "offline");
     let r = app
         .client
@@ -573,14 +554,7 @@ async fn a_bundle_without_a_certificate_is_unprocessable_and_builds_without_cert
             "certs",
             Part::bytes(zip_of(&[("password.txt", b"x")])).file_name("certs.zip"),
         );
-    let r = app
-        .client
-        .post(app.url("/api/builds/submit"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = app.submit_form(form).await;
     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     app.poll(&worker_id).await;
     let r = app
@@ -602,14 +576,7 @@ async fn a_bundle_without_a_certificate_is_unprocessable_and_builds_without_cert
             "certs",
             Part::bytes(b"PK\x03\x04 not really a zip".to_vec()).file_name("certs.zip"),
         );
-    let r = app
-        .client
-        .post(app.url("/api/builds/submit"))
-        .header("X-API-Key", API_KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = app.submit_form(form).await;
     assert_eq!(json_of(r).await, (400, json!({ "error": "Invalid certs bundle" })));
     assert_eq!(app.stored_files().len(), before);
 
