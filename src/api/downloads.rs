@@ -198,7 +198,22 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Option<ByteRange> {
     }
 }
 
+/// Opens an object (or a range of it), mapping a missing object to `not_found`.
+async fn open(
+    state: &AppState,
+    key: &Key,
+    range: Option<GetRange>,
+    not_found: &impl Fn() -> ApiError,
+) -> ApiResult<object_store::GetResult> {
+    match state.storage.get(key, range).await {
+        Ok(object) => Ok(object),
+        Err(object_store::Error::NotFound { .. }) => Err(not_found()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Streams an object as an attachment with `Content-Length`, honouring a single `Range` (206/416).
+/// Without a `Range` header the object is opened once; with one, its size is read first to resolve it.
 pub(super) async fn stream_object(
     state: &AppState,
     key: &Key,
@@ -207,33 +222,36 @@ pub(super) async fn stream_object(
     filename: &str,
     not_found: impl Fn() -> ApiError,
 ) -> ApiResult<Response> {
-    let size = match state.storage.size(key).await {
-        Ok(size) => size,
-        Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
-        Err(e) => return Err(e.into()),
-    };
-    let range = parse_range(auth::header(request, header::RANGE.as_str()), size);
-    let (status, get_range, length) = match range {
-        Some(ByteRange::Unsatisfiable) => {
-            let mut response =
-                ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "Range not satisfiable").into_response();
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                response.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-            return Ok(response);
+    let (status, object, size) = match auth::header(request, header::RANGE.as_str()) {
+        None => {
+            let object = open(state, key, None, &not_found).await?;
+            let size = object.meta.size;
+            (StatusCode::OK, object, size)
         }
-        Some(ByteRange::Satisfiable(start, end)) => (
-            StatusCode::PARTIAL_CONTENT,
-            Some(GetRange::Bounded(start..end)),
-            end - start,
-        ),
-        None => (StatusCode::OK, None, size),
+        Some(range_header) => {
+            let size = match state.storage.size(key).await {
+                Ok(size) => size,
+                Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
+                Err(e) => return Err(e.into()),
+            };
+            match parse_range(Some(range_header), size) {
+                Some(ByteRange::Unsatisfiable) => {
+                    let mut response =
+                        ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "Range not satisfiable").into_response();
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                        response.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    return Ok(response);
+                }
+                Some(ByteRange::Satisfiable(start, end)) => {
+                    let object = open(state, key, Some(GetRange::Bounded(start..end)), &not_found).await?;
+                    (StatusCode::PARTIAL_CONTENT, object, size)
+                }
+                None => (StatusCode::OK, open(state, key, None, &not_found).await?, size),
+            }
+        }
     };
-    let object = match state.storage.get(key, get_range.clone()).await {
-        Ok(object) => object,
-        Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
-        Err(e) => return Err(e.into()),
-    };
+    let served = object.range.clone();
     let body = Body::from_stream(object.into_stream().map(|chunk| {
         if let Ok(bytes) = &chunk {
             metrics::counter!(crate::metrics::DOWNLOAD_BYTES).increment(bytes.len() as u64);
@@ -246,10 +264,10 @@ pub(super) async fn stream_object(
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     set_attachment(headers, content_type, filename);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(served.end - served.start));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Some(GetRange::Bounded(r)) = get_range
-        && let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start, r.end - 1))
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", served.start, served.end - 1))
     {
         headers.insert(header::CONTENT_RANGE, v);
     }

@@ -90,7 +90,9 @@ fn credential_key(request: &Request) -> Option<[u8; 16]> {
 /// Middleware: 429 `{"error": "Too many requests"}` with `Retry-After` past a limit.
 pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
     let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    match limits.check(ip, credential_key(&request)) {
+    // Hash the credential only when a per-credential limit is configured.
+    let credential = limits.per_credential.as_ref().and_then(|_| credential_key(&request));
+    match limits.check(ip, credential) {
         Ok(()) => next.run(request).await,
         Err(wait) => {
             metrics_rejected();
