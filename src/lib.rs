@@ -4,6 +4,7 @@
 //! * [`jobs`] — maintenance jobs that keep the queue moving (rescue, deadlines, promotion).
 //! * [`api`] — the HTTP contract served to workers, submitters and operators.
 //! * [`storage`] — sources, certs and results, streamed to an object store.
+//! * [`import`] — `import-ts`: moving a TypeScript controller's database and files over.
 
 pub mod api;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod ids;
+pub mod import;
 pub mod jobs;
 pub mod metrics;
 pub mod queue;

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use expo_controller::config::{Config, DbConfig};
-use expo_controller::{cli, db, ids, server};
+use expo_controller::{cli, db, ids, import, server};
 
 #[derive(Parser)]
 #[command(name = "expo-controller", version, about = "Controller of Expo Free Agent")]
@@ -29,6 +29,14 @@ enum Command {
     },
     /// Print a fresh random 32-byte key (base64), for CONTROLLER_API_KEY or CONTROLLER_CERTS_KEY.
     GenKey,
+    /// Import a TypeScript controller's SQLite database and storage folder (idempotent, resumable).
+    /// Uses the same DATABASE_URL and storage settings as `serve`; exits 2 when rows were skipped.
+    ImportTs {
+        #[command(flatten)]
+        args: import::ImportArgs,
+        #[command(flatten)]
+        config: Box<Config>,
+    },
     /// Operator: list, show, cancel, retry or requeue builds.
     Builds {
         #[command(subcommand)]
@@ -66,6 +74,30 @@ async fn operate(target: cli::Target, operation: cli::Operation) -> std::process
     }
 }
 
+/// Runs the import, prints its summary; exit 0, 2 when something was skipped, 1 when it failed.
+async fn import_ts(args: &import::ImportArgs, config: &Config) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match import::run(args, config).await {
+        Ok(summary) => {
+            print!("{}", summary.render());
+            if summary.skipped_total() > 0 {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("expo-controller import-ts: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -94,6 +126,7 @@ async fn main() -> std::process::ExitCode {
             println!("{}", ids::new_key32());
             Ok(())
         }
+        Command::ImportTs { args, config } => return import_ts(&args, &config).await,
         Command::Builds { action, target } => return operate(target, cli::Operation::Builds(action)).await,
         Command::Queues { action, target } => return operate(target, cli::Operation::Queues(action)).await,
         Command::Workers { action, target } => return operate(target, cli::Operation::Workers(action)).await,

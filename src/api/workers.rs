@@ -18,7 +18,7 @@ use super::multipart::{Parts, read_text};
 use super::results::{self, StagedResult};
 use super::{AppState, views};
 use crate::ids;
-use crate::queue::{self, Failure, FailureKind, Platform, RegisterRequest, Worker};
+use crate::queue::{self, Failure, FailureKind, RegisterRequest, Worker};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -67,7 +67,7 @@ async fn register(
     let request = RegisterRequest {
         id,
         name,
-        platforms: platforms_of(&capabilities),
+        platforms: queue::platforms_of(&capabilities),
         capabilities,
         caller_worker,
     };
@@ -82,24 +82,6 @@ async fn register(
         "access_token": registration.token,
         "baseImageId": state.config.base_image_id,
     })))
-}
-
-/// `capabilities.platforms`; absent or without a known platform means both.
-fn platforms_of(capabilities: &Value) -> Vec<Platform> {
-    let listed: Vec<Platform> = capabilities
-        .get("platforms")
-        .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .filter_map(|p| p.as_str().and_then(Platform::parse))
-                .collect()
-        })
-        .unwrap_or_default();
-    if listed.is_empty() {
-        Platform::ALL.to_vec()
-    } else {
-        listed
-    }
 }
 
 #[derive(Deserialize)]

@@ -48,6 +48,7 @@ pub use cancel::{CancelOutcome, cancel};
 pub use claim::{Claim, claim, claim_sql};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub use enqueue::{NOTIFY_CHANNEL, NewBuild, enqueue};
+pub(crate) use enqueue::notify_ready;
 pub use lease::{HeartbeatOutcome, Holder, heartbeat};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
@@ -55,7 +56,7 @@ pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use retention::{claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, stale_artifacts};
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
 pub use wakeups::{Generations, Subscription, Wakeups, listen};
-pub use workers::{RegisterRequest, Registration, find_worker, register, touch_worker, unregister};
+pub use workers::{RegisterRequest, Registration, find_worker, platforms_of, register, touch_worker, unregister};
 
 use crate::config::QueueConfig;
 

@@ -92,6 +92,24 @@ pub async fn register(
     })
 }
 
+/// `capabilities.platforms`; absent or without a known platform means both.
+pub fn platforms_of(capabilities: &serde_json::Value) -> Vec<Platform> {
+    let listed: Vec<Platform> = capabilities
+        .get("platforms")
+        .and_then(serde_json::Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|p| p.as_str().and_then(Platform::parse))
+                .collect()
+        })
+        .unwrap_or_default();
+    if listed.is_empty() {
+        Platform::ALL.to_vec()
+    } else {
+        listed
+    }
+}
+
 /// The worker with this id, if any.
 pub async fn find_worker(pool: &PgPool, id: &str) -> QueueResult<Option<Worker>> {
     Ok(sqlx::query_as("SELECT * FROM workers WHERE id = $1")
