@@ -38,7 +38,9 @@ pub struct Composed {
 
 fn stored(copied: &Copied) -> Option<(String, i64, String)> {
     match copied {
-        Copied::Stored { key, stored, .. } => Some((key.as_str().to_string(), stored.size as i64, stored.sha256.clone())),
+        Copied::Stored { key, stored, .. } => {
+            Some((key.as_str().to_string(), stored.size as i64, stored.sha256.clone()))
+        }
         _ => None,
     }
 }
@@ -74,9 +76,12 @@ pub fn compose(
         BuildState::Cancelled => Some("cancelled"),
         _ => None,
     };
-    let mut completed_at = state
-        .is_final()
-        .then(|| planned.completed_at.or(planned.started_at).unwrap_or(planned.submitted_at));
+    let mut completed_at = state.is_final().then(|| {
+        planned
+            .completed_at
+            .or(planned.started_at)
+            .unwrap_or(planned.submitted_at)
+    });
     if planned.interrupted {
         errors.push(json!({
             "at": now, "attempt": 1, "kind": "infrastructure", "message": INTERRUPTED, "worker_id": worker,

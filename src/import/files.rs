@@ -68,7 +68,9 @@ pub async fn copy(
             size: meta.len(),
             sha256: String::new(),
         }),
-        (Some(storage), Some((certs_key, max_bytes))) => seal(storage, &key, &path, meta.len(), certs_key, max_bytes).await,
+        (Some(storage), Some((certs_key, max_bytes))) => {
+            seal(storage, &key, &path, meta.len(), certs_key, max_bytes).await
+        }
         (Some(storage), None) if meta.len() <= WHOLE_FILE_BYTES => whole(storage, &key, &path).await,
         (Some(storage), None) => stream(storage, &key, &path).await,
     };
@@ -135,7 +137,9 @@ async fn seal(
 
 /// The build id a file of the old folder belongs to (`<id>.<ext>`), if its name has that shape.
 pub fn owner_of(name: &str) -> Option<&str> {
-    name.split_once('.').map(|(id, _)| id).filter(|id| crate::ids::valid_id(id))
+    name.split_once('.')
+        .map(|(id, _)| id)
+        .filter(|id| crate::ids::valid_id(id))
 }
 
 /// Every regular file in the old folder's three subfolders, as `<folder>/<name>`.

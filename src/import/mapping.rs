@@ -223,7 +223,7 @@ pub struct NewLogLine {
 pub fn log_line(row: &Row) -> Result<NewLogLine, Skip> {
     let detail = |what: String| format!("log line {}: {what}", row.rowid);
     let level = match row.cell(3).text() {
-        Some(level @ ("info" | "warn" | "error")) => level.to_string(),
+        Some(level @ ("info" | "warn" | "error" | "debug")) => level.to_string(),
         _ => return Err(skip("unknown level", detail(format!("level {:?}", row.cell(3))))),
     };
     let message = row
@@ -247,7 +247,10 @@ pub fn sample(row: &Row) -> Result<NewSample, Skip> {
     let detail = |what: String| format!("cpu sample {}: {what}", row.rowid);
     let ts = millis(row.cell(2), "timestamp").map_err(|e| skip(e.reason, detail(e.detail)))?;
     let (Some(cpu_percent), Some(memory_mb)) = (row.cell(3).real(), row.cell(4).real()) else {
-        return Err(skip("bad number", detail(format!("{:?} / {:?}", row.cell(3), row.cell(4)))));
+        return Err(skip(
+            "bad number",
+            detail(format!("{:?} / {:?}", row.cell(3), row.cell(4))),
+        ));
     };
     Ok(NewSample {
         ts,
@@ -313,7 +316,14 @@ pub fn uuid_for(id: &str) -> String {
     bytes[6] = (bytes[6] & 0x0f) | 0x80;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex = ids::hex(&bytes);
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 #[cfg(test)]
@@ -361,7 +371,10 @@ mod tests {
             assert_eq!(planned.access_token_hash, ids::hash_secret("token"));
             assert_eq!(planned.submitted_at.timestamp_millis(), 1_700_000_000_000);
         }
-        assert_eq!(build(&old_build("running", Cell::Null)).unwrap_err().reason, "unknown status");
+        assert_eq!(
+            build(&old_build("running", Cell::Null)).unwrap_err().reason,
+            "unknown status"
+        );
     }
 
     #[test]
@@ -401,7 +414,10 @@ mod tests {
             ])
         };
         let ios = worker(&worker_row(r#"{"platforms":["ios"],"xcode_version":"16.0"}"#)).unwrap();
-        assert_eq!((ios.platforms.clone(), ios.status, ios.builds_completed), (vec![Platform::Ios], "idle", 5));
+        assert_eq!(
+            (ios.platforms.clone(), ios.status, ios.builds_completed),
+            (vec![Platform::Ios], "idle", 5)
+        );
         let broken = worker(&worker_row("{not json")).unwrap();
         assert!(broken.broken_capabilities);
         assert_eq!(broken.platforms, Platform::ALL.to_vec());

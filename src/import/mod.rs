@@ -66,6 +66,10 @@ const NOTE_NO_SOURCE: &str = "queued builds failed because their source is missi
 const NOTE_MISSING: &str = "files named by a row but missing (build imported without them)";
 const NOTE_CAPABILITIES: &str = "workers with unreadable capabilities (given both platforms)";
 const NOTE_RETRIES: &str = "retried builds linked to their original";
+const NOTE_PRUNED: &str =
+    "finished builds older than CONTROLLER_RETENTION_DAYS (the next prune deletes them: raise it first to keep them)";
+const NOTE_ARTIFACTS: &str =
+    "finished builds with files older than CONTROLLER_ARTIFACT_RETENTION_DAYS (the next prune deletes the files)";
 
 /// Runs the import and returns its summary; `Err` only for problems that stop it as a whole.
 pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> {
@@ -81,7 +85,10 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
         ),
     };
     if !args.storage.is_dir() {
-        bail!("the storage folder {} does not exist or is not a folder", args.storage.display());
+        bail!(
+            "the storage folder {} does not exist or is not a folder",
+            args.storage.display()
+        );
     }
     let sqlite = args.sqlite.clone();
     let old = tokio::task::spawn_blocking(move || OldDb::open(&sqlite)).await??;
@@ -117,6 +124,8 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
         schema,
         summary: Summary::new(args.dry_run),
         now: Utc::now(),
+        prune_before: Utc::now() - chrono::Duration::days(config.jobs.retention_days.min(36_500) as i64),
+        artifacts_before: Utc::now() - chrono::Duration::days(config.jobs.artifact_retention_days.min(36_500) as i64),
         known_workers: HashSet::new(),
         files_on_disk: listing.iter().cloned().collect(),
         handled_files: HashSet::new(),
@@ -147,6 +156,9 @@ struct Importer {
     schema: bool,
     summary: Summary,
     now: DateTime<Utc>,
+    /// What the prune job deletes: finished builds, and the files of finished builds, completed before these.
+    prune_before: DateTime<Utc>,
+    artifacts_before: DateTime<Utc>,
     known_workers: HashSet<String>,
     files_on_disk: HashSet<String>,
     handled_files: HashSet<String>,
@@ -235,7 +247,8 @@ impl Importer {
         for (table, index) in [("build_logs", &mut logs), ("cpu_snapshots", &mut samples)] {
             self.summary.table(table).read = index.rows;
             for (rowid, reason) in std::mem::take(&mut index.bad) {
-                self.summary.skip(table, skip("bad build_id", format!("row {rowid}: {reason}")));
+                self.summary
+                    .skip(table, skip("bad build_id", format!("row {rowid}: {reason}")));
             }
         }
         let mut progress = Progress::new(total);
@@ -260,9 +273,14 @@ impl Importer {
         progress.finish();
         for (table, index) in [("build_logs", logs), ("cpu_snapshots", samples)] {
             for (build_id, rowids) in index.by_build {
-                let reason = if self.skipped_builds.contains(&build_id) { "build row skipped" } else { "no build row" };
+                let reason = if self.skipped_builds.contains(&build_id) {
+                    "build row skipped"
+                } else {
+                    "no build row"
+                };
                 for rowid in rowids {
-                    self.summary.skip(table, skip(reason, format!("row {rowid} of build {build_id:?}")));
+                    self.summary
+                        .skip(table, skip(reason, format!("row {rowid} of build {build_id:?}")));
                 }
             }
         }
@@ -315,11 +333,19 @@ impl Importer {
                 fresh.push(build);
             }
         }
-        let log_ids: Vec<i64> = fresh.iter().flat_map(|b| logs.by_build.remove(&b.id).unwrap_or_default()).collect();
-        let sample_ids: Vec<i64> =
-            fresh.iter().flat_map(|b| samples.by_build.remove(&b.id).unwrap_or_default()).collect();
+        let log_ids: Vec<i64> = fresh
+            .iter()
+            .flat_map(|b| logs.by_build.remove(&b.id).unwrap_or_default())
+            .collect();
+        let sample_ids: Vec<i64> = fresh
+            .iter()
+            .flat_map(|b| samples.by_build.remove(&b.id).unwrap_or_default())
+            .collect();
         let children = self.old(move |db| {
-            Ok((db.rows_by_id("build_logs", &log_ids)?, db.rows_by_id("cpu_snapshots", &sample_ids)?))
+            Ok((
+                db.rows_by_id("build_logs", &log_ids)?,
+                db.rows_by_id("cpu_snapshots", &sample_ids)?,
+            ))
         });
         let (children, copied) = tokio::join!(children, self.copy_files(&fresh));
         let (log_rows, sample_rows) = children?;
@@ -347,15 +373,29 @@ impl Importer {
             let composed = compose(build, &files, lines, points, self.now);
             self.summary.table("builds").imported += 1;
             self.summary.note(NOTE_REQUEUED, u64::from(composed.requeued));
-            self.summary.note(NOTE_NO_SOURCE, u64::from(composed.failed_without_source));
-            self.summary.note(NOTE_CANCELLED, u64::from(composed.build.state == "cancelled"));
-            self.summary.note(NOTE_RETRIES, u64::from(build.original_build_id.is_some()));
+            self.summary
+                .note(NOTE_NO_SOURCE, u64::from(composed.failed_without_source));
+            self.summary
+                .note(NOTE_CANCELLED, u64::from(composed.build.state == "cancelled"));
+            self.summary
+                .note(NOTE_RETRIES, u64::from(build.original_build_id.is_some()));
+            self.note_retention(&composed.build);
             batch.attempts.extend(composed.attempt);
             batch.logs.extend(composed.logs);
             batch.samples.extend(composed.samples);
             batch.builds.push(composed.build);
         }
         Ok(batch)
+    }
+
+    /// Imported history that the retention settings will delete: worth knowing before `serve` starts.
+    fn note_retention(&mut self, build: &writer::BuildRow) {
+        let Some(completed_at) = build.completed_at else { return };
+        if completed_at < self.prune_before {
+            self.summary.note(NOTE_PRUNED, 1);
+        } else if completed_at < self.artifacts_before && (build.source_key.is_some() || build.result_key.is_some()) {
+            self.summary.note(NOTE_ARTIFACTS, 1);
+        }
     }
 
     /// Copies (or in a dry run, checks) the files of these builds, a few at a time.
@@ -371,7 +411,10 @@ impl Importer {
             let (source, certs, result) = tokio::join!(source, certs, result);
             BuildFiles { source, certs, result }
         });
-        futures_util::stream::iter(tasks).buffered(FILE_CONCURRENCY).collect().await
+        futures_util::stream::iter(tasks)
+            .buffered(FILE_CONCURRENCY)
+            .collect()
+            .await
     }
 
     fn account_files(&mut self, files: &BuildFiles) {
@@ -381,7 +424,8 @@ impl Importer {
                 Copied::Missing(_) => self.summary.note(NOTE_MISSING, 1),
                 Copied::Failed { file, reason } => {
                     self.handled_files.insert(file.clone());
-                    self.summary.skip("files", skip("unreadable", format!("{file}: {reason}")));
+                    self.summary
+                        .skip("files", skip("unreadable", format!("{file}: {reason}")));
                 }
                 Copied::Stored { file, .. } => {
                     self.handled_files.insert(file.clone());

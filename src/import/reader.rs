@@ -189,11 +189,9 @@ impl OldDb {
         if meta.len() > 0 && (read < 16 || &header != b"SQLite format 3\0") {
             bail!("{} is not a SQLite database", path.display());
         }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| explain(path, e))?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(|e| explain(path, e))?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "query_only", true)?;
         rusqlite::vtab::array::load_module(&conn)?;

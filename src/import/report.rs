@@ -11,7 +11,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::mapping::Skip;
 
 /// The tables of the summary, in order.
-pub const TABLES: [&str; 6] = ["workers", "builds", "build_logs", "diagnostics", "cpu_snapshots", "files"];
+pub const TABLES: [&str; 6] = [
+    "workers",
+    "builds",
+    "build_logs",
+    "diagnostics",
+    "cpu_snapshots",
+    "files",
+];
 
 /// Most skipped rows listed one by one (the counts are always complete).
 const LISTED_SKIPS: usize = 50;
@@ -60,7 +67,8 @@ impl Summary {
     pub fn skip(&mut self, table: &'static str, skip: Skip) {
         *self.table(table).skipped.entry(skip.reason.to_string()).or_default() += 1;
         if self.skipped_rows.len() < LISTED_SKIPS {
-            self.skipped_rows.push(format!("{table}: {} ({})", skip.detail, skip.reason));
+            self.skipped_rows
+                .push(format!("{table}: {} ({})", skip.detail, skip.reason));
         }
     }
 
@@ -113,9 +121,17 @@ impl Summary {
         let _ = writeln!(
             out,
             "{} in {:.1} s{}",
-            if self.dry_run { "dry run: nothing written" } else { "import finished" },
+            if self.dry_run {
+                "dry run: nothing written"
+            } else {
+                "import finished"
+            },
             self.elapsed.as_secs_f64(),
-            if total > 0 { "; some rows were skipped (exit code 2)" } else { "" }
+            if total > 0 {
+                "; some rows were skipped (exit code 2)"
+            } else {
+                ""
+            }
         );
         out
     }

@@ -188,7 +188,12 @@ pub async fn insert_reports(pool: &PgPool, reports: &[NewReport]) -> anyhow::Res
 
 /// One batch of builds with their attempts, logs and samples, in one transaction; queued builds are
 /// announced to waiting workers when it commits.
-pub async fn insert_batch(pool: &PgPool, batch: &Batch, max_attempts: i32, retry_build_failures: bool) -> anyhow::Result<()> {
+pub async fn insert_batch(
+    pool: &PgPool,
+    batch: &Batch,
+    max_attempts: i32,
+    retry_build_failures: bool,
+) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     insert_builds(&mut tx, &batch.builds, max_attempts, retry_build_failures).await?;
     insert_attempts(&mut tx, &batch.attempts).await?;

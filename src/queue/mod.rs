@@ -47,8 +47,8 @@ pub use builds::{
 pub use cancel::{CancelOutcome, cancel};
 pub use claim::{Claim, claim, claim_sql};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
-pub use enqueue::{NOTIFY_CHANNEL, NewBuild, enqueue};
 pub(crate) use enqueue::notify_ready;
+pub use enqueue::{NOTIFY_CHANNEL, NewBuild, enqueue};
 pub use lease::{HeartbeatOutcome, Holder, heartbeat};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
