@@ -179,6 +179,7 @@ pub fn compose(
         result_sha256: result.map(|r| r.2),
         original_build_id: planned.original_build_id.clone(),
         log_seq: logs.len() as i64,
+        import_fingerprint: planned.fingerprint.clone(),
     };
     let samples = samples
         .into_iter()

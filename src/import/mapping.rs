@@ -160,6 +160,8 @@ pub struct PlannedBuild {
     pub error_message: Option<String>,
     pub access_token_hash: Vec<u8>,
     pub original_build_id: Option<String>,
+    /// Digest of the old row and its children's row ids (set by the importer), to notice later changes.
+    pub fingerprint: Vec<u8>,
     pub source: FileRef,
     pub certs: FileRef,
     pub result: FileRef,
@@ -205,11 +207,21 @@ pub fn build(row: &Row) -> Result<PlannedBuild, Skip> {
         error_message,
         access_token_hash: ids::hash_secret(token),
         original_build_id: None,
+        fingerprint: Vec::new(),
         source: file_ref(row.cell(3), "builds"),
         certs: file_ref(row.cell(4), "certs"),
         result: file_ref(row.cell(5), "results"),
         id,
     })
+}
+
+/// What a build looked like in the old database: its cells and the row ids of its log lines and samples
+/// (the old controller only ever appended those).
+pub fn fingerprint(row: &Row, lines: &[i64], samples: &[i64]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(format!("{:?}|{lines:?}|{samples:?}", row.cells).as_bytes());
+    hasher.finalize().to_vec()
 }
 
 /// A log line of the new schema (its sequence number is its position among the build's lines).
@@ -264,6 +276,8 @@ pub fn sample(row: &Row) -> Result<NewSample, Skip> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewReport {
     pub id: String,
+    /// The id in the old database (for reports).
+    pub old_id: String,
     pub worker_id: String,
     pub status: String,
     pub run_at: DateTime<Utc>,
@@ -290,6 +304,7 @@ pub fn report(row: &Row) -> Result<NewReport, Skip> {
         .ok_or_else(|| with_id(skip("bad checks", "checks is not JSON")))?;
     Ok(NewReport {
         id: uuid_for(&old_id),
+        old_id: old_id.clone(),
         worker_id,
         status,
         run_at: millis(row.cell(3), "run_at").map_err(with_id)?,

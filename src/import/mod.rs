@@ -66,6 +66,7 @@ const NOTE_NO_SOURCE: &str = "queued builds failed because their source is missi
 const NOTE_MISSING: &str = "files named by a row but missing (build imported without them)";
 const NOTE_CAPABILITIES: &str = "workers with unreadable capabilities (given both platforms)";
 const NOTE_RETRIES: &str = "retried builds linked to their original";
+const NOTE_REFRESHED: &str = "builds changed in the old database since the last import (imported again)";
 const NOTE_PRUNED: &str =
     "finished builds older than CONTROLLER_RETENTION_DAYS (the next prune deletes them: raise it first to keep them)";
 const NOTE_ARTIFACTS: &str =
@@ -104,6 +105,7 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
         )
     };
     let schema = writer::schema_exists(&pool).await?;
+    let fingerprints = schema && writer::has_fingerprints(&pool).await?;
     let storage = if args.dry_run {
         None
     } else {
@@ -122,6 +124,7 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
         retry_build_failures: config.queue.retry_build_failures,
         batch_size: args.batch_size,
         schema,
+        fingerprints,
         summary: Summary::new(args.dry_run),
         now: Utc::now(),
         prune_before: Utc::now() - chrono::Duration::days(config.jobs.retention_days.min(36_500) as i64),
@@ -154,6 +157,8 @@ struct Importer {
     batch_size: usize,
     /// The PostgreSQL schema exists (a dry run on an empty database has nothing present).
     schema: bool,
+    /// The import bookkeeping columns exist (not before migrations, which a dry run does not apply).
+    fingerprints: bool,
     summary: Summary,
     now: DateTime<Utc>,
     /// What the prune job deletes: finished builds, and the files of finished builds, completed before these.
@@ -196,7 +201,6 @@ impl Importer {
         }
         match table {
             "workers" => writer::present_workers(&self.pool, ids).await,
-            "builds" => writer::present_builds(&self.pool, ids).await,
             _ => writer::present_reports(&self.pool, ids).await,
         }
     }
@@ -301,6 +305,9 @@ impl Importer {
             match mapping::build(row) {
                 Ok(mut build) => {
                     build.original_build_id = retries.get(&build.id).cloned();
+                    let lines = logs.by_build.get(&build.id).map_or(&[][..], Vec::as_slice);
+                    let points = samples.by_build.get(&build.id).map_or(&[][..], Vec::as_slice);
+                    build.fingerprint = mapping::fingerprint(row, lines, points);
                     planned.push(build);
                 }
                 Err(skip) => {
@@ -312,25 +319,39 @@ impl Importer {
             }
         }
         let ids: Vec<String> = planned.iter().map(|b| b.id.clone()).collect();
-        let present = self.present("builds", &ids).await?;
+        let present: HashMap<String, writer::PresentBuild> = if self.schema && !ids.is_empty() {
+            writer::present_builds(&self.pool, &ids, self.fingerprints)
+                .await?
+                .into_iter()
+                .map(|p| (p.id.clone(), p))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut fresh = Vec::new();
+        let mut replace = Vec::new();
         for build in planned {
-            if present.contains(&build.id) {
-                self.summary.table("builds").present += 1;
-                let lines = logs.by_build.remove(&build.id).map_or(0, |v| v.len() as u64);
-                let points = samples.by_build.remove(&build.id).map_or(0, |v| v.len() as u64);
-                self.summary.table("build_logs").present += lines;
-                self.summary.table("cpu_snapshots").present += points;
-                for file in [&build.source, &build.certs, &build.result] {
-                    if let FileRef::At(relative) = file
-                        && self.files_on_disk.contains(relative)
-                        && self.handled_files.insert(relative.clone())
-                    {
-                        self.summary.table("files").present += 1;
-                    }
+            match present.get(&build.id) {
+                None => fresh.push(build),
+                Some(p)
+                    if p.import_fingerprint.is_none() || p.import_fingerprint.as_ref() == Some(&build.fingerprint) =>
+                {
+                    self.summary.table("builds").present += 1;
+                    self.account_present(&build, logs, samples);
                 }
-            } else {
-                fresh.push(build);
+                Some(p) if !p.touched => {
+                    self.summary.note(NOTE_REFRESHED, 1);
+                    replace.push(build.id.clone());
+                    fresh.push(build);
+                }
+                Some(_) => {
+                    self.account_present(&build, logs, samples);
+                    let detail = format!(
+                        "build {}: changed in the old database, but this controller has run it since",
+                        build.id
+                    );
+                    self.summary.skip("builds", skip("changed in both controllers", detail));
+                }
             }
         }
         let log_ids: Vec<i64> = fresh
@@ -363,7 +384,10 @@ impl Importer {
                 Err(skip) => self.summary.skip("cpu_snapshots", skip),
             }
         }
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            replace,
+            ..Batch::default()
+        };
         for (build, files) in fresh.iter().zip(copied) {
             self.account_files(&files);
             let lines = lines_of.remove(&build.id).unwrap_or_default();
@@ -386,6 +410,22 @@ impl Importer {
             batch.builds.push(composed.build);
         }
         Ok(batch)
+    }
+
+    /// A build already imported: its children and files count as present.
+    fn account_present(&mut self, build: &PlannedBuild, logs: &mut ChildIndex, samples: &mut ChildIndex) {
+        let lines = logs.by_build.remove(&build.id).map_or(0, |v| v.len() as u64);
+        let points = samples.by_build.remove(&build.id).map_or(0, |v| v.len() as u64);
+        self.summary.table("build_logs").present += lines;
+        self.summary.table("cpu_snapshots").present += points;
+        for file in [&build.source, &build.certs, &build.result] {
+            if let FileRef::At(relative) = file
+                && self.files_on_disk.contains(relative)
+                && self.handled_files.insert(relative.clone())
+            {
+                self.summary.table("files").present += 1;
+            }
+        }
     }
 
     /// Imported history that the retention settings will delete: worth knowing before `serve` starts.
@@ -459,7 +499,7 @@ impl Importer {
                 .into_iter()
                 .partition(|r| self.known_workers.contains(&r.worker_id) || elsewhere.contains(&r.worker_id));
             for report in orphans {
-                let detail = format!("report {} of worker {}", report.id, report.worker_id);
+                let detail = format!("report {} of worker {}", report.old_id, report.worker_id);
                 self.summary.skip("diagnostics", skip("unknown worker", detail));
             }
             let ids: Vec<String> = valid.iter().map(|r| r.id.clone()).collect();

@@ -37,6 +37,7 @@ pub struct BuildRow {
     pub result_attempt: Option<i32>,
     pub original_build_id: Option<String>,
     pub log_seq: i64,
+    pub import_fingerprint: Vec<u8>,
 }
 
 /// The one attempt the old controller ran (or started) for a build.
@@ -71,6 +72,8 @@ pub struct SampleRow {
 /// Everything of one batch of builds.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
+    /// Earlier imports of builds that changed in the old database since: replaced by this batch.
+    pub replace: Vec<String>,
     pub builds: Vec<BuildRow>,
     pub attempts: Vec<AttemptRow>,
     pub logs: Vec<LogRow>,
@@ -103,8 +106,36 @@ async fn existing(pool: &PgPool, sql: &'static str, ids: &[String]) -> anyhow::R
     Ok(found.into_iter().collect())
 }
 
-pub async fn present_builds(pool: &PgPool, ids: &[String]) -> anyhow::Result<HashSet<String>> {
-    existing(pool, "SELECT id FROM builds WHERE id = ANY($1)", ids).await
+/// A build already in the database: how it was imported (if it was) and whether this controller has
+/// touched it since (it logged, ran or holds it).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PresentBuild {
+    pub id: String,
+    pub import_fingerprint: Option<Vec<u8>>,
+    pub touched: bool,
+}
+
+/// Whether the import bookkeeping columns exist (a dry run does not migrate).
+pub async fn has_fingerprints(pool: &PgPool) -> anyhow::Result<bool> {
+    let found: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                        WHERE table_name = 'builds' AND column_name = 'import_fingerprint'
+                          AND table_schema = current_schema())",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(found)
+}
+
+pub async fn present_builds(pool: &PgPool, ids: &[String], fingerprints: bool) -> anyhow::Result<Vec<PresentBuild>> {
+    let sql = if fingerprints {
+        "SELECT id, import_fingerprint,
+                (import_log_seq IS DISTINCT FROM log_seq OR state IN ('assigned', 'building')) AS touched
+         FROM builds WHERE id = ANY($1)"
+    } else {
+        "SELECT id, NULL::bytea AS import_fingerprint, true AS touched FROM builds WHERE id = ANY($1)"
+    };
+    Ok(sqlx::query_as(sql).bind(ids).fetch_all(pool).await?)
 }
 
 pub async fn present_workers(pool: &PgPool, ids: &[String]) -> anyhow::Result<HashSet<String>> {
@@ -195,6 +226,13 @@ pub async fn insert_batch(
     retry_build_failures: bool,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
+    if !batch.replace.is_empty() {
+        // Logs, samples and attempts go with them (ON DELETE CASCADE).
+        sqlx::query("DELETE FROM builds WHERE id = ANY($1)")
+            .bind(&batch.replace)
+            .execute(&mut *tx)
+            .await?;
+    }
     insert_builds(&mut tx, &batch.builds, max_attempts, retry_build_failures).await?;
     insert_attempts(&mut tx, &batch.attempts).await?;
     insert_logs(&mut tx, &batch.logs).await?;
@@ -225,18 +263,19 @@ async fn insert_builds(
         "INSERT INTO builds (id, state, queue, run_at, attempt, worker_id, submitted_at, started_at, completed_at,
                              finished_reason, error_message, errors, access_token_hash, source_key, source_size,
                              certs_key, result_key, result_size, result_sha256, result_attempt, original_build_id,
-                             log_seq, max_attempts, retry_build_failures)
+                             log_seq, import_fingerprint, import_log_seq, max_attempts, retry_build_failures)
          SELECT id, state, queue, run_at, attempt, worker_id, submitted_at, started_at, completed_at,
                 finished_reason, error_message, errors::jsonb, access_token_hash, source_key, source_size,
                 certs_key, result_key, result_size, result_sha256, result_attempt, original_build_id,
-                log_seq, $23, $24
+                log_seq, import_fingerprint, log_seq, $23, $24
          FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int[], $6::text[],
                      $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::text[], $11::text[], $12::text[],
                      $13::bytea[], $14::text[], $15::bigint[], $16::text[], $17::text[], $18::bigint[], $19::text[],
-                     $20::int[], $21::text[], $22::bigint[])
+                     $20::int[], $21::text[], $22::bigint[], $25::bytea[])
               AS t(id, state, queue, run_at, attempt, worker_id, submitted_at, started_at, completed_at,
                    finished_reason, error_message, errors, access_token_hash, source_key, source_size,
-                   certs_key, result_key, result_size, result_sha256, result_attempt, original_build_id, log_seq)",
+                   certs_key, result_key, result_size, result_sha256, result_attempt, original_build_id, log_seq,
+                   import_fingerprint)",
     )
     .bind(col(builds, |b| b.id.clone()))
     .bind(col(builds, |b| b.state))
@@ -262,6 +301,7 @@ async fn insert_builds(
     .bind(col(builds, |b| b.log_seq))
     .bind(max_attempts)
     .bind(retry_build_failures)
+    .bind(col(builds, |b| b.import_fingerprint.clone()))
     .execute(conn)
     .await?;
     Ok(())

@@ -734,3 +734,79 @@ async fn bad_input_fails_with_a_clear_message_and_writes_nothing() {
     assert_eq!(count, 0);
     assert!(!store.exists());
 }
+
+#[tokio::test]
+async fn a_final_import_after_a_live_trial_brings_the_later_changes() {
+    let old = fixture();
+    let certs_key = ids::new_key32();
+    let (url, pool) = fresh_database(2).await;
+    let store = old.dir.join("store");
+    let trial = import(&old, &url, &store, &certs_key, &[]).await;
+    assert_eq!(
+        trial.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&trial.stderr)
+    );
+
+    // The old controller keeps running: P2 completes (with a log line and a result), P0 gets a log line.
+    let db = Connection::open(&old.sqlite).unwrap();
+    db.execute(
+        "UPDATE builds SET status = 'completed', worker_id = ?2, started_at = ?3, completed_at = ?4, result_path = ?5
+         WHERE id = ?1",
+        params![
+            P2,
+            W_IOS,
+            T0 + 90_000,
+            T0 + 95_000,
+            old_path("results", &format!("{P2}.ipa"))
+        ],
+    )
+    .unwrap();
+    for build in [P2, P0] {
+        db.execute(
+            "INSERT INTO build_logs (build_id, timestamp, level, message) VALUES (?1, ?2, 'info', 'late line')",
+            params![build, T0 + 91_000],
+        )
+        .unwrap();
+    }
+    drop(db);
+    std::fs::write(old.storage.join(format!("results/{P2}.ipa")), b"late result").unwrap();
+    // ...while this controller already logged on P0 (as if it had been started in between).
+    sqlx::query(
+        "WITH s AS (UPDATE builds SET log_seq = log_seq + 1 WHERE id = $1 RETURNING log_seq)
+         INSERT INTO build_logs (build_id, seq, ts, level, message) SELECT $1, log_seq, now(), 'info', 'new' FROM s",
+    )
+    .bind(P0)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let last = import(&old, &url, &store, &certs_key, &[]).await;
+    let text = stdout(&last);
+    assert_eq!(last.status.code(), Some(2), "{text}");
+    assert_eq!(summary_row(&last, "builds"), [11, 1, 8, 2], "{text}");
+    assert!(
+        text.contains("builds changed in the old database since the last import (imported again): 1"),
+        "{text}"
+    );
+    assert!(text.contains("changed in both controllers: 1"), "{text}");
+    let (state, result_size, lines): (String, Option<i64>, i64) = sqlx::query_as(
+        "SELECT state, result_size, (SELECT count(*) FROM build_logs l WHERE l.build_id = b.id) FROM builds b WHERE id = $1",
+    )
+    .bind(P2)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), result_size, lines), ("completed", Some(11), 1));
+    // P0 keeps what this controller did with it.
+    let p0: Vec<String> = sqlx::query_scalar("SELECT message FROM build_logs WHERE build_id = $1 ORDER BY seq")
+        .bind(P0)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(p0, ["new"]);
+    // A third run finds nothing new.
+    let again = import(&old, &url, &store, &certs_key, &[]).await;
+    assert_eq!(summary_row(&again, "builds"), [11, 0, 9, 2]);
+}

@@ -1,7 +1,8 @@
 //! `expo-bench` (`make bench`): starts a PostgreSQL and the release controller, measures the SQL
-//! references and the scenarios P1–P7 of performance.md on loopback, and prints one table.
+//! references and the scenarios P1–P7 and P11 of performance.md on loopback, and prints one table.
 //! Benchmarks never fail on a time: they report.
 
+mod import;
 mod scenarios;
 mod setup;
 mod stats;
@@ -119,6 +120,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
         target: "≤ 1 s",
         met: startup <= 1.0,
     });
+    if wants("P11") {
+        rows.push(import::p11(env).await?);
+    }
     let (_, peak) = bench.shared.1.rss_kib();
     stats::print_table(&rows, peak as f64 / 1024.0);
     Ok(())
