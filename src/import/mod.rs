@@ -258,21 +258,35 @@ impl Importer {
         let mut progress = Progress::new(total);
         let mut after = 0;
         let mut committed = 0u64;
+        // One batch is committed while the next one is read and its files are copied; batches still commit
+        // in order, each only after its own files are stored.
+        let mut inserting: Option<tokio::task::JoinHandle<anyhow::Result<u64>>> = None;
         loop {
             let rows = self.page("builds", after).await?;
             let Some(last) = rows.last() else { break };
             after = last.rowid;
-            let done = rows.len() as u64;
             let batch = self.build_batch(&rows, &mut logs, &mut samples, &retries).await?;
-            if !batch.builds.is_empty() && !self.dry_run() {
-                if self.abort_after.is_some_and(|n| committed >= n) {
-                    progress.message("test hook: exiting before committing this batch");
-                    std::process::exit(86);
-                }
-                writer::insert_batch(&self.pool, &batch, self.max_attempts, self.retry_build_failures).await?;
+            if batch.builds.is_empty() || self.dry_run() {
+                progress.advance(rows.len() as u64);
+                continue;
+            }
+            if let Some(previous) = inserting.take() {
+                progress.advance(previous.await??);
                 committed += 1;
             }
-            progress.advance(done);
+            if self.abort_after.is_some_and(|n| committed >= n) {
+                progress.message("test hook: exiting before committing this batch");
+                std::process::exit(86);
+            }
+            let (pool, rows_in_page) = (self.pool.clone(), rows.len() as u64);
+            let (max_attempts, retry) = (self.max_attempts, self.retry_build_failures);
+            inserting = Some(tokio::spawn(async move {
+                writer::insert_batch(&pool, &batch, max_attempts, retry).await?;
+                Ok(rows_in_page)
+            }));
+        }
+        if let Some(previous) = inserting.take() {
+            progress.advance(previous.await??);
         }
         progress.finish();
         for (table, index) in [("build_logs", logs), ("cpu_snapshots", samples)] {
