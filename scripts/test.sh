@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The S3-compatible server the storage tests start on loopback (installed on first use).
+if [ -z "${S3S_FS_BIN:-}" ]; then
+  S3S_FS_BIN="$(scripts/s3s-fs.sh)"
+  export S3S_FS_BIN
+fi
+
 port="${TEST_PG_PORT:-54329}"
 dir="$(mktemp -d /tmp/expo-controller-test-pg.XXXXXX)"
 chmod 755 "$dir"

@@ -28,6 +28,9 @@ pub struct Config {
     #[arg(long, env = "CONTROLLER_STORAGE_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
     pub storage_fsync: bool,
 
+    #[command(flatten)]
+    pub storage: StorageConfig,
+
     /// Key that encrypts certificates at rest: base64 of 32 bytes (`expo-controller gen-key`).
     #[arg(long, env = "CONTROLLER_CERTS_KEY", hide_env_values = true)]
     pub certs_key: Option<String>,
@@ -73,6 +76,40 @@ pub struct Config {
     /// Log format: `text` or `json`.
     #[arg(long, env = "CONTROLLER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// Object storage beyond the local directory (S3-compatible stores shared by several instances).
+#[derive(Debug, Clone, Args)]
+pub struct StorageConfig {
+    /// Artifact store: `s3://bucket[/prefix]` (endpoint, region and credentials from the standard
+    /// `AWS_*` variables), `file:///absolute/dir`, or unset for CONTROLLER_STORAGE_DIR.
+    #[arg(long, env = "CONTROLLER_STORAGE_URL")]
+    pub storage_url: Option<String>,
+
+    /// Answer result and source downloads of owners with a 302 to a short-lived presigned URL (S3 only).
+    #[arg(long, env = "CONTROLLER_PRESIGN_DOWNLOADS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub presign_downloads: bool,
+
+    /// Lifetime of a presigned download URL, in seconds.
+    #[arg(long, env = "CONTROLLER_PRESIGN_TTL_SECS", default_value_t = 300)]
+    pub presign_ttl_secs: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            storage_url: None,
+            presign_downloads: false,
+            presign_ttl_secs: 300,
+        }
+    }
+}
+
+impl Config {
+    /// The configured artifact store.
+    pub fn storage_target(&self) -> Result<crate::storage::StorageTarget, String> {
+        crate::storage::StorageTarget::parse(self.storage.storage_url.as_deref(), &self.storage_dir)
+    }
 }
 
 /// Database connection settings, shared by every subcommand that talks to PostgreSQL.
@@ -181,7 +218,7 @@ impl Default for QueueConfig {
 pub struct JobsConfig {
     /// Schedule overrides, `job=cron;job=cron` with 6-field cron expressions (seconds first), e.g.
     /// `prune=0 0 3 * * *`. Jobs: rescue_expired_leases, deadline_sweep, offline_workers,
-    /// promote_scheduled, purge_certs, prune.
+    /// promote_scheduled, purge_certs, prune, sweep_staging.
     #[arg(long, env = "CONTROLLER_JOB_SCHEDULES", default_value = "")]
     pub job_schedules: String,
 
@@ -197,6 +234,10 @@ pub struct JobsConfig {
     #[arg(long, env = "CONTROLLER_ARTIFACT_RETENTION_DAYS", default_value_t = 7)]
     pub artifact_retention_days: u64,
 
+    /// Staging uploads and partial files older than this are swept (every instance sweeps its own store).
+    #[arg(long, env = "CONTROLLER_STAGING_MAX_AGE_SECS", default_value_t = 6 * 3600)]
+    pub staging_max_age_secs: u64,
+
     /// Run the maintenance jobs in this instance (every instance may; each tick runs once overall).
     #[arg(long, env = "CONTROLLER_RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_jobs: bool,
@@ -209,6 +250,7 @@ impl Default for JobsConfig {
             offline_after_secs: 120,
             retention_days: 30,
             artifact_retention_days: 7,
+            staging_max_age_secs: 6 * 3600,
             run_jobs: true,
         }
     }
@@ -268,6 +310,15 @@ impl Config {
         }
         if self.jobs.artifact_retention_days > self.jobs.retention_days {
             problems.push("CONTROLLER_ARTIFACT_RETENTION_DAYS must not exceed CONTROLLER_RETENTION_DAYS".to_string());
+        }
+        if let Err(problem) = self.storage_target() {
+            problems.push(problem);
+        }
+        if self.storage.presign_downloads && !(1..=7 * 86_400).contains(&self.storage.presign_ttl_secs) {
+            problems.push("CONTROLLER_PRESIGN_TTL_SECS must be between 1 and 604800".to_string());
+        }
+        if self.jobs.staging_max_age_secs < 60 {
+            problems.push("CONTROLLER_STAGING_MAX_AGE_SECS must be at least 60".to_string());
         }
         if self.max_log_lines < 1 {
             problems.push("CONTROLLER_MAX_LOG_LINES must be positive".to_string());

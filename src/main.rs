@@ -43,6 +43,11 @@ enum Command {
         #[command(flatten)]
         target: cli::Target,
     },
+    /// Artifact storage: copy a store into another (move a single host's directory into a bucket).
+    Storage {
+        #[command(subcommand)]
+        action: StorageCommand,
+    },
     /// Operator: list, drain or revoke workers.
     Workers {
         #[command(subcommand)]
@@ -50,6 +55,48 @@ enum Command {
         #[command(flatten)]
         target: cli::Target,
     },
+}
+
+#[derive(Subcommand)]
+enum StorageCommand {
+    /// Copy every artifact into another store with progress, verifying size and SHA-256 of each
+    /// copy; resumable (objects already copied are verified and skipped).
+    Copy {
+        /// Destination: `s3://bucket[/prefix]` (AWS_* variables) or `file:///absolute/dir`.
+        #[arg(long)]
+        to: String,
+        /// Source: CONTROLLER_STORAGE_URL, or the directory CONTROLLER_STORAGE_DIR when unset.
+        #[arg(long, env = "CONTROLLER_STORAGE_URL")]
+        from: Option<String>,
+        #[arg(long, env = "CONTROLLER_STORAGE_DIR", default_value = "./.data/storage")]
+        storage_dir: std::path::PathBuf,
+    },
+}
+
+/// `storage copy`: progress on stderr, a JSON report on stdout.
+async fn storage_copy(from: Option<String>, storage_dir: std::path::PathBuf, to: String) -> anyhow::Result<()> {
+    use expo_controller::storage::{Storage, StorageTarget, copy};
+    let source = StorageTarget::parse(from.as_deref(), &storage_dir).map_err(anyhow::Error::msg)?;
+    let destination = StorageTarget::parse(Some(&to), &storage_dir).map_err(anyhow::Error::msg)?;
+    if source == destination {
+        anyhow::bail!("source and destination are the same store ({})", source.describe());
+    }
+    let (from, to) = (Storage::open(&source, true)?, Storage::open(&destination, true)?);
+    for store in [&from, &to] {
+        store
+            .check()
+            .await
+            .map_err(|e| anyhow::anyhow!("{} is not usable: {e}", store.describe()))?;
+    }
+    eprintln!("copying {} -> {}", from.describe(), to.describe());
+    let report = copy::copy_all(&from, &to, |line| eprintln!("{line}")).await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "copied": report.copied, "skipped": report.skipped, "bytes": report.bytes, "ignored": report.ignored,
+        })
+    );
+    Ok(())
 }
 
 /// Runs an operator command and prints its JSON (errors to stderr).
@@ -94,6 +141,9 @@ async fn main() -> std::process::ExitCode {
             println!("{}", ids::new_key32());
             Ok(())
         }
+        Command::Storage {
+            action: StorageCommand::Copy { to, from, storage_dir },
+        } => storage_copy(from, storage_dir, to).await,
         Command::Builds { action, target } => return operate(target, cli::Operation::Builds(action)).await,
         Command::Queues { action, target } => return operate(target, cli::Operation::Queues(action)).await,
         Command::Workers { action, target } => return operate(target, cli::Operation::Workers(action)).await,

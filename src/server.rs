@@ -67,7 +67,15 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     if migrate {
         db::migrate(&pool).await?;
     }
-    let storage = Storage::local(&config.storage_dir, config.storage_fsync)?;
+    let target = config.storage_target().map_err(anyhow::Error::msg)?;
+    let storage = Storage::open(&target, config.storage_fsync)?;
+    storage.check().await.map_err(|e| {
+        anyhow::anyhow!(
+            "artifact store {} is not usable (bucket missing, credentials refused or endpoint unreachable?): {e}",
+            storage.describe()
+        )
+    })?;
+    tracing::info!(store = %storage.describe(), "artifact store ready");
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen).await?,

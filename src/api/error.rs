@@ -11,6 +11,9 @@ use serde_json::json;
 use crate::queue::QueueError;
 use crate::storage::WriteError;
 
+/// `Retry-After` of a 503 caused by the artifact store.
+pub const STORAGE_RETRY_AFTER_SECS: u64 = 5;
+
 /// An error answer.
 #[derive(Debug)]
 pub struct ApiError {
@@ -69,6 +72,15 @@ impl ApiError {
         Self {
             cause: Some(cause.into()),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+        }
+    }
+
+    /// A 503 with `Retry-After`: the artifact store is unreachable or failing; the cause is logged.
+    pub fn storage_unavailable(cause: impl Into<anyhow::Error>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            retry_after: Some(STORAGE_RETRY_AFTER_SECS),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "Storage unavailable")
         }
     }
 
@@ -131,8 +143,18 @@ impl From<sqlx::Error> for ApiError {
 }
 
 impl From<object_store::Error> for ApiError {
+    /// Errors that are our own mistakes are 500s; anything the store did (unreachable, timed out,
+    /// refused, failed) is a 503 the client may retry.
     fn from(error: object_store::Error) -> Self {
-        ApiError::internal(error)
+        use object_store::Error as E;
+        match error {
+            E::InvalidPath { .. }
+            | E::NotImplemented { .. }
+            | E::NotSupported { .. }
+            | E::UnknownConfigurationKey { .. }
+            | E::JoinError { .. } => ApiError::internal(error),
+            other => ApiError::storage_unavailable(other),
+        }
     }
 }
 
@@ -141,7 +163,7 @@ impl From<WriteError> for ApiError {
         match error {
             WriteError::TooLarge(_) => ApiError::too_large("Request body too large"),
             WriteError::Body(_) => ApiError::bad_request("Invalid multipart body"),
-            WriteError::Store(e) => ApiError::internal(e),
+            WriteError::Store(e) => e.into(),
         }
     }
 }

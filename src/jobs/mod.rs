@@ -6,6 +6,7 @@ mod offline;
 mod prune;
 mod purge_certs;
 mod runner;
+mod sweep_staging;
 
 use std::str::FromStr;
 
@@ -39,16 +40,18 @@ pub enum Job {
     PromoteScheduled,
     PurgeCerts,
     Prune,
+    SweepStaging,
 }
 
 impl Job {
-    pub const ALL: [Job; 6] = [
+    pub const ALL: [Job; 7] = [
         Job::RescueExpiredLeases,
         Job::DeadlineSweep,
         Job::OfflineWorkers,
         Job::PromoteScheduled,
         Job::PurgeCerts,
         Job::Prune,
+        Job::SweepStaging,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Job {
             Job::PromoteScheduled => "promote_scheduled",
             Job::PurgeCerts => "purge_certs",
             Job::Prune => "prune",
+            Job::SweepStaging => "sweep_staging",
         }
     }
 
@@ -71,7 +75,14 @@ impl Job {
             Job::PromoteScheduled => "*/5 * * * * *",
             Job::PurgeCerts => "30 * * * * *",
             Job::Prune => "0 0 * * * *",
+            Job::SweepStaging => "0 */10 * * * *",
         }
+    }
+
+    /// Jobs that run on every instance at each tick instead of once overall: local storage is per
+    /// instance, so each instance sweeps its own staging.
+    pub fn per_instance(self) -> bool {
+        matches!(self, Job::SweepStaging)
     }
 
     /// Runs one batch at `now`; returns the number of rows handled.
@@ -84,6 +95,7 @@ impl Job {
             Job::PromoteScheduled => queue::promote_due(pool, now, BATCH).await,
             Job::PurgeCerts => purge_certs::run_once(ctx).await,
             Job::Prune => prune::run_once(ctx, now).await,
+            Job::SweepStaging => sweep_staging::run_once(ctx, now).await,
         }
     }
 }

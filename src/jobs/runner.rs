@@ -55,6 +55,11 @@ impl TickRunner {
         async {
             for attempt in 1..=ATTEMPTS {
                 match self.claim_and_run(tick).await {
+                    // Per-instance jobs claim nothing, so they say so differently from claimed ticks.
+                    Ok(Some(handled)) if self.job.per_instance() => {
+                        tracing::debug!(instance = %self.instance.0, handled, "per-instance tick ran");
+                        return;
+                    }
                     Ok(None) => {
                         tracing::debug!(instance = %self.instance.0, "tick ran on another instance");
                         return;
@@ -80,7 +85,7 @@ impl TickRunner {
     }
 
     async fn claim_and_run(&self, tick: DateTime<Utc>) -> queue::QueueResult<Option<u64>> {
-        if !queue::claim_tick(&self.ctx.pool, self.job.name(), tick, &self.instance.0).await? {
+        if !self.job.per_instance() && !queue::claim_tick(&self.ctx.pool, self.job.name(), tick, &self.instance.0).await? {
             return Ok(None);
         }
         Ok(Some(self.job.run_once(&self.ctx, Utc::now()).await?))

@@ -15,6 +15,8 @@ mod operator;
 mod queue_engine;
 mod resilience;
 mod restart;
+mod s3;
+mod staging;
 mod reviews;
 mod scale;
 mod token_worker;

@@ -57,6 +57,7 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         api_key: Some(API_KEY.to_string()),
         storage_dir,
         storage_fsync: false,
+        storage: Default::default(),
         certs_key: Some(ids::new_key32()),
         base_image_id: "test-base-image".to_string(),
         max_source_bytes: 1024 * 1024,

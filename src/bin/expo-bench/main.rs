@@ -1,7 +1,9 @@
 //! `expo-bench` (`make bench`): starts a PostgreSQL and the release controller, measures the SQL
-//! references and the scenarios P1–P7 of performance.md on loopback, and prints one table.
+//! references and the scenarios P1–P7 of performance.md (and P8, S3 storage) on loopback, and prints
+//! one table.
 //! Benchmarks never fail on a time: they report.
 
+mod s3;
 mod scenarios;
 mod setup;
 mod stats;
@@ -120,6 +122,12 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
         met: startup <= 1.0,
     });
     let (_, peak) = bench.shared.1.rss_kib();
+    if wants("P8") {
+        match s3::p8(env, &client).await {
+            Ok(row) => rows.push(row),
+            Err(error) => eprintln!("P8 not measured: {error:#}"),
+        }
+    }
     stats::print_table(&rows, peak as f64 / 1024.0);
     Ok(())
 }

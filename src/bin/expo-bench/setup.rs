@@ -63,18 +63,30 @@ pub struct Controller {
 impl Controller {
     /// Launches the release binary and waits for `/ready`; returns it and the time to ready.
     pub async fn launch(env: &Env, client: &reqwest::Client) -> anyhow::Result<(Controller, Duration)> {
+        Self::launch_with(env, client, HTTP_PORT, &[]).await
+    }
+
+    /// [`Controller::launch`] on `port` with extra environment (e.g. S3 storage).
+    pub async fn launch_with(
+        env: &Env,
+        client: &reqwest::Client,
+        port: u16,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<(Controller, Duration)> {
         let binary = std::env::current_exe()?.with_file_name("expo-controller");
         anyhow::ensure!(
-            std::net::TcpListener::bind(("127.0.0.1", HTTP_PORT)).is_ok(),
-            "port {HTTP_PORT} is busy: is another controller still running?"
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} is busy: is another controller still running?"
         );
         let started = Instant::now();
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command.envs(extra.iter().map(|(k, v)| (*k, v.as_str())));
+        let child = command
             .arg("serve")
             .env("DATABASE_URL", &env.database_url)
             .env("CONTROLLER_API_KEY", API_KEY)
             .env("CONTROLLER_CERTS_KEY", &env.certs_key)
-            .env("CONTROLLER_LISTEN", format!("127.0.0.1:{HTTP_PORT}"))
+            .env("CONTROLLER_LISTEN", format!("127.0.0.1:{port}"))
             .env("CONTROLLER_STORAGE_DIR", env.root.join("storage"))
             // As the reference PostgreSQL: no fsync (the default is on).
             .env("CONTROLLER_STORAGE_FSYNC", "false")
@@ -91,7 +103,7 @@ impl Controller {
             .spawn()?;
         let mut controller = Controller {
             child,
-            base: format!("http://127.0.0.1:{HTTP_PORT}"),
+            base: format!("http://127.0.0.1:{port}"),
         };
         let deadline = started + Duration::from_secs(30);
         while Instant::now() < deadline {
