@@ -79,15 +79,13 @@ async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         .filter(|m| m.migration_type.is_up_migration())
         .count() as i64;
     match applied {
-        Ok(n) if n >= expected => {
-            match tokio::time::timeout(STORE_CHECK_TIMEOUT, state.storage.check()).await {
-                Ok(Ok(())) => Ok(Json(json!({ "status": "ready", "storage": "ok" }))),
-                Ok(Err(e)) => Err(ApiError::storage_unavailable(e)),
-                Err(_) => Err(ApiError::storage_unavailable(anyhow::anyhow!(
-                    "artifact store did not answer within {STORE_CHECK_TIMEOUT:?}"
-                ))),
-            }
-        }
+        Ok(n) if n >= expected => match tokio::time::timeout(STORE_CHECK_TIMEOUT, state.storage.check()).await {
+            Ok(Ok(())) => Ok(Json(json!({ "status": "ready", "storage": "ok" }))),
+            Ok(Err(e)) => Err(ApiError::storage_unavailable(e)),
+            Err(_) => Err(ApiError::storage_unavailable(anyhow::anyhow!(
+                "artifact store did not answer within {STORE_CHECK_TIMEOUT:?}"
+            ))),
+        },
         Ok(_) => Err(ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "Migrations pending",

@@ -85,7 +85,9 @@ impl TickRunner {
     }
 
     async fn claim_and_run(&self, tick: DateTime<Utc>) -> queue::QueueResult<Option<u64>> {
-        if !self.job.per_instance() && !queue::claim_tick(&self.ctx.pool, self.job.name(), tick, &self.instance.0).await? {
+        if !self.job.per_instance()
+            && !queue::claim_tick(&self.ctx.pool, self.job.name(), tick, &self.instance.0).await?
+        {
             return Ok(None);
         }
         Ok(Some(self.job.run_once(&self.ctx, Utc::now()).await?))

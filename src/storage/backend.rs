@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
@@ -28,7 +28,9 @@ impl StorageTarget {
         };
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err("CONTROLLER_STORAGE_URL: a file:// URL needs an absolute path (file:///var/lib/expo)".into());
+                return Err(
+                    "CONTROLLER_STORAGE_URL: a file:// URL needs an absolute path (file:///var/lib/expo)".into(),
+                );
             }
             return Ok(Self::Local(PathBuf::from(path)));
         }
@@ -99,11 +101,21 @@ impl Storage {
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout_disabled()
             .with_read_timeout(Duration::from_secs(30));
+        // Our client options first, then every `AWS_*` variable on top (as `from_env` would), so
+        // `AWS_ALLOW_HTTP` and friends are not reset by `with_client_options`.
+        let mut builder = AmazonS3Builder::new()
+            .with_client_options(client)
+            .with_retry(retry_config());
+        for (name, value) in std::env::vars() {
+            if name.starts_with("AWS_")
+                && let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
+            {
+                builder = builder.with_config(key, value);
+            }
+        }
         let signer = Arc::new(
-            AmazonS3Builder::from_env()
+            builder
                 .with_bucket_name(bucket)
-                .with_retry(retry_config())
-                .with_client_options(client)
                 .build()
                 .map_err(|e| anyhow::anyhow!("S3 storage configuration: {e}"))?,
         );
@@ -131,7 +143,10 @@ mod tests {
     fn urls_parse() {
         let dir = Path::new("/d");
         assert_eq!(StorageTarget::parse(None, dir), Ok(StorageTarget::Local("/d".into())));
-        assert_eq!(StorageTarget::parse(Some(""), dir), Ok(StorageTarget::Local("/d".into())));
+        assert_eq!(
+            StorageTarget::parse(Some(""), dir),
+            Ok(StorageTarget::Local("/d".into()))
+        );
         assert_eq!(
             StorageTarget::parse(Some("file:///srv/x"), dir),
             Ok(StorageTarget::Local("/srv/x".into()))
@@ -150,7 +165,14 @@ mod tests {
                 prefix: Some("a/b".into())
             })
         );
-        for bad in ["s3://", "s3://Bad_Bucket", "s3://ok-bucket/a//b", "s3://ok-bucket/../x", "http://x", "file://rel"] {
+        for bad in [
+            "s3://",
+            "s3://Bad_Bucket",
+            "s3://ok-bucket/a//b",
+            "s3://ok-bucket/../x",
+            "http://x",
+            "file://rel",
+        ] {
             assert!(StorageTarget::parse(Some(bad), dir).is_err(), "{bad}");
         }
     }

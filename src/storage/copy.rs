@@ -37,7 +37,11 @@ pub async fn copy_all(from: &Storage, to: &Storage, mut progress: impl FnMut(&st
     let mut report = CopyReport::default();
     for (n, object) in objects.into_iter().enumerate() {
         let Some(key) = Key::parse(&object.key) else {
-            progress(&format!("[{}/{total}] {} ignored (not an artifact key)", n + 1, object.key));
+            progress(&format!(
+                "[{}/{total}] {} ignored (not an artifact key)",
+                n + 1,
+                object.key
+            ));
             report.ignored.push(object.key);
             continue;
         };
@@ -49,7 +53,11 @@ pub async fn copy_all(from: &Storage, to: &Storage, mut progress: impl FnMut(&st
         };
         if present.as_ref().is_some_and(|(_, d)| *d == sha256) {
             report.skipped += 1;
-            progress(&format!("[{}/{total}] {} already present ({size} bytes)", n + 1, key.as_str()));
+            progress(&format!(
+                "[{}/{total}] {} already present ({size} bytes)",
+                n + 1,
+                key.as_str()
+            ));
             continue;
         }
         let body = from.get(&key, None).await?.into_stream();
@@ -66,7 +74,11 @@ pub async fn copy_all(from: &Storage, to: &Storage, mut progress: impl FnMut(&st
         }
         report.copied += 1;
         report.bytes += size;
-        progress(&format!("[{}/{total}] {} copied and verified ({size} bytes)", n + 1, key.as_str()));
+        progress(&format!(
+            "[{}/{total}] {} copied and verified ({size} bytes)",
+            n + 1,
+            key.as_str()
+        ));
     }
     Ok(report)
 }

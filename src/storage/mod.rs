@@ -228,7 +228,12 @@ impl Storage {
     }
 }
 
-async fn copy_parts<S, E>(writer: &mut WriteMultipart, mut body: S, limit: u64, in_flight: usize) -> Result<Stored, WriteError>
+async fn copy_parts<S, E>(
+    writer: &mut WriteMultipart,
+    mut body: S,
+    limit: u64,
+    in_flight: usize,
+) -> Result<Stored, WriteError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,

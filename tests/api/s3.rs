@@ -13,7 +13,7 @@ use expo_controller::ids;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
-use crate::support::{API_KEY, fresh_database, free_port, serve_command, success_form};
+use crate::support::{API_KEY, free_port, fresh_database, serve_command, success_form};
 
 const ACCESS_KEY: &str = "expo-test-access";
 const SECRET_KEY: &str = "expo-test-secret-0123456789";
@@ -27,8 +27,8 @@ fn s3s_fs_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("S3S_FS_BIN") {
         return PathBuf::from(path);
     }
-    let installed = PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-        .join(".cache/expo-controller-tools/bin/s3s-fs");
+    let installed =
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/expo-controller-tools/bin/s3s-fs");
     assert!(
         installed.is_file(),
         "the S3-compatible test server s3s-fs was not found: run the tests with `make test` \
@@ -215,7 +215,9 @@ fn client() -> reqwest::Client {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8).collect()
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8)
+        .collect()
 }
 
 async fn submit(c: &Controller, source: &[u8], certs: Option<&[u8]>) -> (String, String) {
@@ -304,7 +306,10 @@ async fn two_instances_on_one_bucket_serve_the_whole_cycle() {
     // Submit through A (larger than one part), with a certificate.
     let source = pattern(7 * 1024 * 1024 + 123, 1);
     let (id, token) = submit(&a, &source, Some(b"\x30\x82S3P12SECRET")).await;
-    assert_eq!(s3.objects(), vec![format!("builds/{id}/certs.bin"), format!("builds/{id}/source.zip")]);
+    assert_eq!(
+        s3.objects(),
+        vec![format!("builds/{id}/certs.bin"), format!("builds/{id}/source.zip")]
+    );
     assert!(
         !s3.object(&format!("builds/{id}/certs.bin"))
             .windows(11)
@@ -323,7 +328,10 @@ async fn two_instances_on_one_bucket_serve_the_whole_cycle() {
     )
     .await;
     assert_eq!(status, 200);
-    assert!(bytes.as_ref() == source.as_slice(), "source through A is the bytes uploaded");
+    assert!(
+        bytes.as_ref() == source.as_slice(),
+        "source through A is the bytes uploaded"
+    );
     let certs: Value = http
         .get(a.url(&format!("/api/builds/{id}/certs-secure")))
         .header("X-API-Key", API_KEY)
@@ -349,8 +357,11 @@ async fn two_instances_on_one_bucket_serve_the_whole_cycle() {
         .expect("state");
     assert_eq!(status, "completed");
     for c in [&a, &b] {
-        let (status, bytes) =
-            get_bytes(http.get(c.url(&format!("/api/builds/{id}/download"))).header("X-Build-Token", &token)).await;
+        let (status, bytes) = get_bytes(
+            http.get(c.url(&format!("/api/builds/{id}/download")))
+                .header("X-Build-Token", &token),
+        )
+        .await;
         assert_eq!(status, 200);
         assert!(bytes.as_ref() == result.as_slice(), "result through {}", c.base);
     }
@@ -383,7 +394,10 @@ async fn two_instances_on_one_bucket_serve_the_whole_cycle() {
     }
     let objects = s3.objects();
     assert_eq!(objects.len(), 3, "{objects:?}");
-    assert!(objects.iter().all(|k| k.starts_with(&format!("builds/{id}/"))), "{objects:?}");
+    assert!(
+        objects.iter().all(|k| k.starts_with(&format!("builds/{id}/"))),
+        "{objects:?}"
+    );
     assert!(s3.open_uploads().is_empty(), "{:?}", s3.open_uploads());
 }
 
@@ -467,13 +481,19 @@ async fn a_store_that_stops_mid_upload_answers_503_and_keeps_nothing_half_writte
         .multipart(form)
         .send();
     let pending = tokio::spawn(request);
-    sender.send(Ok(Bytes::from(pattern(1024 * 1024, 5)))).await.expect("send");
+    sender
+        .send(Ok(Bytes::from(pattern(1024 * 1024, 5))))
+        .await
+        .expect("send");
     eventually("the multipart upload to open", Duration::from_secs(20), || {
         !s3.open_uploads().is_empty()
     })
     .await;
     s3.kill();
-    sender.send(Ok(Bytes::from(pattern(1024 * 1024, 6)))).await.expect("send");
+    sender
+        .send(Ok(Bytes::from(pattern(1024 * 1024, 6))))
+        .await
+        .expect("send");
     drop(sender);
     let response = pending.await.expect("join").expect("response");
     assert_eq!(response.status(), 503);
@@ -508,8 +528,11 @@ async fn a_store_that_stops_mid_upload_answers_503_and_keeps_nothing_half_writte
     assert!(s3.objects().is_empty(), "{:?}", s3.objects());
     // The store works again end to end.
     let (id, token) = completed_build(&a, b"after", b"done").await;
-    let (status, bytes) =
-        get_bytes(http.get(a.url(&format!("/api/builds/{id}/download"))).header("X-Build-Token", &token)).await;
+    let (status, bytes) = get_bytes(
+        http.get(a.url(&format!("/api/builds/{id}/download")))
+            .header("X-Build-Token", &token),
+    )
+    .await;
     assert_eq!((status, bytes.as_ref()), (200, &b"done"[..]));
 }
 
@@ -533,7 +556,11 @@ async fn presigned_redirects_download_the_same_bytes() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");
-    for (path, expected) in [("download", &result), ("download/result", &result), ("download/source", &source)] {
+    for (path, expected) in [
+        ("download", &result),
+        ("download/result", &result),
+        ("download/source", &source),
+    ] {
         let r = no_redirects
             .get(a.url(&format!("/api/builds/{id}/{path}")))
             .header("X-Build-Token", &token)
@@ -549,8 +576,12 @@ async fn presigned_redirects_download_the_same_bytes() {
         assert_eq!(status, 200, "{path}");
         assert!(bytes.as_ref() == expected.as_slice(), "{path}");
         // A client that follows redirects (the CLI) gets the same bytes in one call.
-        let (status, bytes) =
-            get_bytes(client().get(a.url(&format!("/api/builds/{id}/{path}"))).header("X-Build-Token", &token)).await;
+        let (status, bytes) = get_bytes(
+            client()
+                .get(a.url(&format!("/api/builds/{id}/{path}")))
+                .header("X-Build-Token", &token),
+        )
+        .await;
         assert_eq!(status, 200);
         assert!(bytes.as_ref() == expected.as_slice(), "{path}");
     }
@@ -593,13 +624,22 @@ async fn a_missing_bucket_or_wrong_credentials_refuse_to_start() {
 async fn storage_copy_moves_a_local_store_into_the_bucket_resumably() {
     let s3 = S3Server::start().await;
     // A single-host deployment on its local directory with a finished and a queued build.
-    let local = crate::support::TestApp::spawn().await;
+    let local = crate::support::TestApp::spawn_with(|c| c.max_source_bytes = 16 * 1024 * 1024).await;
     let (worker, _) = local.register("w", &["ios"]).await;
     let big = pattern(7 * 1024 * 1024, 9);
     let done = local.submit("ios", &big).await["id"].as_str().expect("id").to_string();
     local.poll(&worker).await;
-    assert_eq!(local.upload_form(success_form(&done, &worker, b"the result")).await.status(), 200);
-    let queued = local.submit("ios", b"queued").await["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        local
+            .upload_form(success_form(&done, &worker, b"the result"))
+            .await
+            .status(),
+        200
+    );
+    let queued = local.submit("ios", b"queued").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
 
     let copy = || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_expo-controller"));
@@ -616,19 +656,29 @@ async fn storage_copy_moves_a_local_store_into_the_bucket_resumably() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: Value = serde_json::from_slice(&output.stdout).expect("report");
     assert_eq!(report["copied"], 3);
-    assert!(String::from_utf8_lossy(&output.stderr).contains("[3/3]"), "progress is shown");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("[3/3]"),
+        "progress is shown"
+    );
     let mut expected = local.stored_files();
     expected.sort();
     assert_eq!(s3.objects(), expected);
     assert!(s3.object(&format!("builds/{done}/source.zip")) == big);
 
     // Resumable: a damaged copy is copied again, good ones are verified and skipped.
-    let damaged = s3.root.join(BUCKET).join(PREFIX).join(format!("builds/{queued}/source.zip"));
+    let damaged = s3
+        .root
+        .join(BUCKET)
+        .join(PREFIX)
+        .join(format!("builds/{queued}/source.zip"));
     std::fs::write(&damaged, b"QUEUED").expect("damage");
     let output = copy().output().expect("copy again");
     assert!(output.status.success());
     let report: Value = serde_json::from_slice(&output.stdout).expect("report");
-    assert_eq!((report["copied"].as_u64(), report["skipped"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (report["copied"].as_u64(), report["skipped"].as_u64()),
+        (Some(1), Some(2))
+    );
     assert_eq!(s3.object(&format!("builds/{queued}/source.zip")), b"queued");
 
     // A controller on the bucket and the same database serves what the local one stored.

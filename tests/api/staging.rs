@@ -35,7 +35,9 @@ async fn result_uploads_leave_nothing_in_staging_on_any_path() {
     app.poll(&worker).await;
 
     // Refused: too large (the limit is 1 MiB in tests).
-    let r = app.upload_form(success_form(&id, &worker, &vec![7u8; 2 * 1024 * 1024])).await;
+    let r = app
+        .upload_form(success_form(&id, &worker, &vec![7u8; 2 * 1024 * 1024]))
+        .await;
     assert_eq!(r.status(), 413);
     assert_eq!(staging_entries(&app.storage_dir), Vec::<String>::new());
 
@@ -66,7 +68,10 @@ fn write_aged(path: &Path, age: Duration) {
 #[tokio::test]
 async fn the_sweep_removes_old_staging_leftovers_only() {
     let app = TestApp::spawn().await;
-    let id = app.submit("ios", b"kept source").await["id"].as_str().unwrap().to_string();
+    let id = app.submit("ios", b"kept source").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let root = app.storage_dir.clone();
     let old = Duration::from_secs(7 * 3600);
     // Leftovers of uploads cut by a crash: a staged object, a partial staged file, an old-layout
