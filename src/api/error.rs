@@ -143,12 +143,17 @@ impl From<sqlx::Error> for ApiError {
 }
 
 impl From<object_store::Error> for ApiError {
-    /// Errors that are our own mistakes are 500s; anything the store did (unreachable, timed out,
-    /// refused, failed) is a 503 the client may retry.
+    /// Errors that are our own mistakes, and local-disk failures (as before S3 existed), are 500s;
+    /// anything a remote store did (unreachable, timed out, refused, failed) is a 503 the client may
+    /// retry.
     fn from(error: object_store::Error) -> Self {
         use object_store::Error as E;
         match error {
-            E::InvalidPath { .. }
+            E::Generic {
+                store: "LocalFileSystem",
+                ..
+            }
+            | E::InvalidPath { .. }
             | E::NotImplemented { .. }
             | E::NotSupported { .. }
             | E::UnknownConfigurationKey { .. }

@@ -15,12 +15,10 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 
 use crate::scenarios::{Shared, claim_and_upload};
-use crate::setup::{API_KEY, Controller, Env, insert_pending, insert_workers};
+use crate::setup::{API_KEY, Controller, Env, http_port, insert_pending, insert_workers};
 use crate::stats::Row;
 
 const GIB: u64 = 1 << 30;
-const S3_PORT: u16 = 4102;
-const HTTP_PORT: u16 = 4101;
 const BUCKET: &str = "bench";
 const ACCESS_KEY: &str = "bench-access";
 const SECRET_KEY: &str = "bench-secret-0123456789";
@@ -55,9 +53,13 @@ fn skipped(why: String) -> Row {
     }
 }
 
+fn s3_port() -> u16 {
+    http_port() + 2
+}
+
 fn s3_env() -> Vec<(&'static str, String)> {
     vec![
-        ("AWS_ENDPOINT", format!("http://127.0.0.1:{S3_PORT}")),
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", s3_port())),
         ("AWS_ALLOW_HTTP", "true".into()),
         ("AWS_REGION", "us-east-1".into()),
         ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
@@ -102,7 +104,7 @@ pub async fn p8(env: &Env, client: &reqwest::Client) -> anyhow::Result<Row> {
     std::fs::create_dir_all(root.join(BUCKET))?;
     let _server = S3Server(
         Command::new(binary)
-            .args(["--host", "127.0.0.1", "--port", &S3_PORT.to_string()])
+            .args(["--host", "127.0.0.1", "--port", &s3_port().to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
             .arg(&root)
             .stdout(Stdio::null())
@@ -110,7 +112,7 @@ pub async fn p8(env: &Env, client: &reqwest::Client) -> anyhow::Result<Row> {
             .spawn()?,
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", S3_PORT)).is_err() {
+    while std::net::TcpStream::connect(("127.0.0.1", s3_port())).is_err() {
         anyhow::ensure!(Instant::now() < deadline, "s3s-fs did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -123,7 +125,7 @@ pub async fn p8(env: &Env, client: &reqwest::Client) -> anyhow::Result<Row> {
 
     let mut extra = s3_env();
     extra.push(("CONTROLLER_STORAGE_URL", format!("s3://{BUCKET}/controller")));
-    let (controller, _) = Controller::launch_with(env, client, HTTP_PORT, &extra).await?;
+    let (controller, _) = Controller::launch_with(env, client, http_port() + 1, &extra).await?;
     let shared: Shared = Arc::new((client.clone(), controller));
     let workers = insert_workers(&env.pool, "p8-", 1, "android").await?;
     insert_pending(&env.pool, "p8b-", 1, "android").await?;

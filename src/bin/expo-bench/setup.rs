@@ -9,8 +9,22 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub const API_KEY: &str = "bench-admin-key-0123456789abcdef0123456789";
-pub const PG_PORT: u16 = 54331;
-pub const HTTP_PORT: u16 = 4100;
+/// Default ports; `BENCH_PG_PORT` and `BENCH_PORT_BASE` (controller; P8 uses the next two) move them.
+const PG_PORT: u16 = 54331;
+const HTTP_PORT: u16 = 4100;
+
+fn port_from_env(name: &str, default: u16) -> u16 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+pub fn pg_port() -> u16 {
+    port_from_env("BENCH_PG_PORT", PG_PORT)
+}
+
+/// The controller's port; P8 uses the next two (a controller on S3 and the S3 server).
+pub fn http_port() -> u16 {
+    port_from_env("BENCH_PORT_BASE", HTTP_PORT)
+}
 
 pub struct Env {
     pub root: PathBuf,
@@ -26,18 +40,19 @@ pub async fn database(root: &Path) -> anyhow::Result<Env> {
     let status = Command::new("scripts/pg.sh")
         .arg("start")
         .arg(&pg)
-        .arg(PG_PORT.to_string())
+        .arg(pg_port().to_string())
         .arg("fast")
         .status()?;
     anyhow::ensure!(status.success(), "could not start PostgreSQL");
-    let admin_url = format!("postgres://postgres@127.0.0.1:{PG_PORT}/postgres");
+    let pg_port = pg_port();
+    let admin_url = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
     let admin = PgPoolOptions::new().max_connections(1).connect(&admin_url).await?;
     sqlx::query("DROP DATABASE IF EXISTS bench WITH (FORCE)")
         .execute(&admin)
         .await?;
     sqlx::query("CREATE DATABASE bench").execute(&admin).await?;
     admin.close().await;
-    let database_url = format!("postgres://postgres@127.0.0.1:{PG_PORT}/bench");
+    let database_url = format!("postgres://postgres@127.0.0.1:{pg_port}/bench");
     let pool = PgPoolOptions::new().max_connections(8).connect(&database_url).await?;
     expo_controller::db::migrate(&pool).await?;
     let storage = root.join("storage");
@@ -63,7 +78,7 @@ pub struct Controller {
 impl Controller {
     /// Launches the release binary and waits for `/ready`; returns it and the time to ready.
     pub async fn launch(env: &Env, client: &reqwest::Client) -> anyhow::Result<(Controller, Duration)> {
-        Self::launch_with(env, client, HTTP_PORT, &[]).await
+        Self::launch_with(env, client, http_port(), &[]).await
     }
 
     /// [`Controller::launch`] on `port` with extra environment (e.g. S3 storage).
