@@ -18,7 +18,6 @@ use crate::events::Event;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
 use crate::queue::{self, BuildFilter, BuildState, Platform};
-use crate::storage::Key;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -185,13 +184,12 @@ async fn patch(
 /// Purges the files and rows of a finished build.
 async fn delete(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<StatusCode> {
     auth::require_admin(&state, &headers)?;
-    let keys = operator::finished_build_keys(&state.pool, &id)
+    operator::finished_build_keys(&state.pool, &id)
         .await?
         .map_err(conflict)?;
-    for key in keys.iter().filter_map(|k| Key::parse(k)) {
-        state.storage.delete(&key).await?;
-    }
-    operator::delete_finished(&state.pool, &id).await?;
+    let keys = operator::delete_finished(&state.pool, &id).await?;
+    // Objects the store does not delete now stay queued for the `storage_deletions` job.
+    crate::jobs::delete_objects(&state.pool, &state.storage, &keys).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -6,6 +6,7 @@ mod offline;
 mod prune;
 mod purge_certs;
 mod runner;
+mod storage_deletions;
 mod sweep_staging;
 
 use std::str::FromStr;
@@ -14,6 +15,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 pub use runner::{Instance, run};
+pub use storage_deletions::delete_objects;
 
 use crate::config::{JobsConfig, QueueConfig};
 use crate::queue::{self, QueueResult};
@@ -41,10 +43,11 @@ pub enum Job {
     PurgeCerts,
     Prune,
     SweepStaging,
+    StorageDeletions,
 }
 
 impl Job {
-    pub const ALL: [Job; 7] = [
+    pub const ALL: [Job; 8] = [
         Job::RescueExpiredLeases,
         Job::DeadlineSweep,
         Job::OfflineWorkers,
@@ -52,6 +55,7 @@ impl Job {
         Job::PurgeCerts,
         Job::Prune,
         Job::SweepStaging,
+        Job::StorageDeletions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +67,7 @@ impl Job {
             Job::PurgeCerts => "purge_certs",
             Job::Prune => "prune",
             Job::SweepStaging => "sweep_staging",
+            Job::StorageDeletions => "storage_deletions",
         }
     }
 
@@ -76,6 +81,7 @@ impl Job {
             Job::PurgeCerts => "30 * * * * *",
             Job::Prune => "0 0 * * * *",
             Job::SweepStaging => "0 */10 * * * *",
+            Job::StorageDeletions => "45 * * * * *",
         }
     }
 
@@ -96,6 +102,7 @@ impl Job {
             Job::PurgeCerts => purge_certs::run_once(ctx).await,
             Job::Prune => prune::run_once(ctx, now).await,
             Job::SweepStaging => sweep_staging::run_once(ctx, now).await,
+            Job::StorageDeletions => storage_deletions::run_once(ctx).await,
         }
     }
 }

@@ -135,13 +135,47 @@ pub async fn finished_build_keys(pool: &PgPool, build_id: &str) -> OperatorResul
         .collect()))
 }
 
-/// Deletes a finished build's rows.
-pub async fn delete_finished(pool: &PgPool, build_id: &str) -> QueueResult<bool> {
-    let deleted = sqlx::query("DELETE FROM builds WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')")
-        .bind(build_id)
-        .execute(pool)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+/// Deletes a finished build's rows and, in the same transaction, queues its stored objects in
+/// `pending_deletions`; returns those keys (empty if the build was not deleted). The caller deletes the
+/// objects and forgets them ([`forget_deletions`]); what it cannot delete, the `storage_deletions` job
+/// retries.
+pub async fn delete_finished(pool: &PgPool, build_id: &str) -> QueueResult<Vec<String>> {
+    let keys: Vec<String> = sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM builds WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')
+             RETURNING source_key, certs_key, result_key
+         ), keys AS (
+             SELECT k FROM gone, unnest(ARRAY[source_key, certs_key, result_key]) AS k WHERE k IS NOT NULL
+         ), queued AS (
+             INSERT INTO pending_deletions (key) SELECT k FROM keys ON CONFLICT (key) DO NOTHING
+         )
+         SELECT k FROM keys",
+    )
+    .bind(build_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(keys)
+}
+
+/// Up to `limit` queued object deletions, oldest first.
+pub async fn pending_deletions(pool: &PgPool, limit: i64) -> QueueResult<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT key FROM pending_deletions ORDER BY queued_at, key LIMIT $1")
+            .bind(limit)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Drops deleted objects from `pending_deletions`.
+pub async fn forget_deletions(pool: &PgPool, keys: &[String]) -> QueueResult<()> {
+    if !keys.is_empty() {
+        sqlx::query("DELETE FROM pending_deletions WHERE key = ANY($1)")
+            .bind(keys)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Pauses or resumes a platform queue; resuming wakes waiting workers of every instance.

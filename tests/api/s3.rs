@@ -446,21 +446,70 @@ async fn refused_uploads_leave_no_object_and_no_open_multipart_upload() {
 }
 
 #[tokio::test]
-async fn deleting_a_build_deletes_its_objects() {
-    let s3 = S3Server::start().await;
-    let (db, _pool) = fresh_database(2).await;
-    let a = Controller::start(&db, &s3, &ids::new_key32(), &[]).await;
+async fn deleting_a_build_deletes_its_objects_and_retries_while_the_store_is_down() {
+    let mut s3 = S3Server::start().await;
+    let (db, pool) = fresh_database(2).await;
+    let a = Controller::start(
+        &db,
+        &s3,
+        &ids::new_key32(),
+        &[("CONTROLLER_JOB_SCHEDULES", "storage_deletions=* * * * * *")],
+    )
+    .await;
     let (id, _) = completed_build(&a, b"source", b"result").await;
     let (other, _) = submit(&a, b"queued", None).await;
     assert_eq!(s3.objects().len(), 3);
-    let r = client()
-        .delete(a.url(&format!("/api/v2/builds/{id}")))
+    let delete = |id: String| {
+        client()
+            .delete(a.url(&format!("/api/v2/builds/{id}")))
+            .header("X-API-Key", API_KEY)
+            .send()
+    };
+    let r = delete(id.clone()).await.expect("delete");
+    assert_eq!(r.status(), 204);
+    assert_eq!(s3.objects(), vec![format!("builds/{other}/source.zip")]);
+
+    // With the store down, the row goes at once and its objects are queued, then deleted by the job
+    // once the store is back: never a row pointing nowhere, and no object left behind.
+    let http = client();
+    let r = http
+        .post(a.url(&format!("/api/builds/{other}/cancel")))
         .header("X-API-Key", API_KEY)
         .send()
         .await
-        .expect("delete");
+        .expect("cancel");
+    assert_eq!(r.status(), 200);
+    s3.kill();
+    let r = delete(other.clone()).await.expect("delete");
     assert_eq!(r.status(), 204);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0);
+    let queued: Vec<String> = sqlx::query_scalar("SELECT key FROM pending_deletions")
+        .fetch_all(&pool)
+        .await
+        .expect("queued");
+    assert_eq!(queued, vec![format!("builds/{other}/source.zip")]);
     assert_eq!(s3.objects(), vec![format!("builds/{other}/source.zip")]);
+    s3.restart().await;
+    eventually("the job to delete the queued object", Duration::from_secs(30), || {
+        s3.objects().is_empty()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_deletions")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pending deletion not forgotten");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
