@@ -741,3 +741,38 @@ async fn storage_copy_moves_a_local_store_into_the_bucket_resumably() {
     .await;
     assert_eq!((status, bytes.as_ref()), (200, &b"the result"[..]));
 }
+
+#[tokio::test]
+async fn the_staging_sweep_cleans_the_bucket_too() {
+    let s3 = S3Server::start().await;
+    let (db, _pool) = fresh_database(2).await;
+    let staging = s3.root.join(BUCKET).join(PREFIX).join("staging");
+    std::fs::create_dir_all(&staging).expect("staging");
+    // A staged object left by a crashed instance a day ago, and one being written now.
+    let old = staging.join("crashed.bin");
+    std::fs::write(&old, b"left behind").expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .expect("open")
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(86_400))
+        .expect("mtime");
+    std::fs::write(staging.join("fresh.bin"), b"in flight").expect("write");
+    let _a = Controller::start(
+        &db,
+        &s3,
+        &ids::new_key32(),
+        &[
+            ("CONTROLLER_JOB_SCHEDULES", "sweep_staging=* * * * * *"),
+            ("CONTROLLER_STAGING_MAX_AGE_SECS", "3600"),
+        ],
+    )
+    .await;
+    eventually(
+        "the sweep to delete the old staged object",
+        Duration::from_secs(20),
+        || !old.exists(),
+    )
+    .await;
+    assert_eq!(s3.objects(), vec!["staging/fresh.bin".to_string()]);
+}
