@@ -66,6 +66,9 @@ pub struct Config {
     #[command(flatten)]
     pub jobs: JobsConfig,
 
+    #[command(flatten)]
+    pub dashboard: DashboardConfig,
+
     /// On SIGTERM/SIGINT: how long in-flight requests and uploads may take to finish, in seconds.
     #[arg(long, env = "CONTROLLER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -214,6 +217,27 @@ impl Default for JobsConfig {
     }
 }
 
+/// The web dashboard's sign-in.
+#[derive(Debug, Clone, Args)]
+pub struct DashboardConfig {
+    /// Lifetime of a dashboard sign-in, in seconds (the session ends then, or at log-out).
+    #[arg(long, env = "CONTROLLER_DASHBOARD_SESSION_TTL_SECS", default_value_t = 43_200)]
+    pub dashboard_session_ttl_secs: u64,
+
+    /// Dashboard sign-in attempts allowed per client IP per minute.
+    #[arg(long, env = "CONTROLLER_DASHBOARD_SIGNINS_PER_MINUTE", default_value_t = 10)]
+    pub dashboard_signins_per_minute: u32,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            dashboard_session_ttl_secs: 43_200,
+            dashboard_signins_per_minute: 10,
+        }
+    }
+}
+
 /// Shortest admin key accepted.
 pub const MIN_API_KEY_LEN: usize = 32;
 
@@ -268,6 +292,12 @@ impl Config {
         }
         if self.jobs.artifact_retention_days > self.jobs.retention_days {
             problems.push("CONTROLLER_ARTIFACT_RETENTION_DAYS must not exceed CONTROLLER_RETENTION_DAYS".to_string());
+        }
+        if self.dashboard.dashboard_session_ttl_secs == 0 || self.dashboard.dashboard_signins_per_minute == 0 {
+            problems.push(
+                "CONTROLLER_DASHBOARD_SESSION_TTL_SECS and CONTROLLER_DASHBOARD_SIGNINS_PER_MINUTE must be positive"
+                    .to_string(),
+            );
         }
         if self.max_log_lines < 1 {
             problems.push("CONTROLLER_MAX_LOG_LINES must be positive".to_string());

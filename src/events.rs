@@ -101,6 +101,34 @@ impl Events {
     }
 }
 
+/// The SSE answer of the event stream, shared by `/api/v2/events` (admin key) and `/dashboard/events`
+/// (session cookie), so both serve exactly the same stream. The subscription ends with the connection.
+pub fn sse_response(
+    events: &Events,
+    _headers: &axum::http::HeaderMap,
+) -> axum::response::sse::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>> + use<>>
+{
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let receiver = events.subscribe();
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(payload) => {
+                    let kind = serde_json::from_str::<serde_json::Value>(&payload)
+                        .ok()
+                        .and_then(|v| v["kind"].as_str().map(str::to_string))
+                        .unwrap_or_else(|| "event".into());
+                    return Some((Ok(SseEvent::default().event(kind).data(payload.as_ref())), receiver));
+                }
+                Err(RecvError::Lagged(missed)) => tracing::warn!(missed, "SSE subscriber lagged"),
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+}
+
 /// Sends published events to PostgreSQL in batches until `shutdown` flips.
 pub async fn forward(pool: PgPool, mut pending: mpsc::UnboundedReceiver<String>, mut shutdown: watch::Receiver<bool>) {
     loop {

@@ -3,11 +3,13 @@
 //! * [`queue`] — the durable build queue on PostgreSQL (the row is the job).
 //! * [`jobs`] — maintenance jobs that keep the queue moving (rescue, deadlines, promotion).
 //! * [`api`] — the HTTP contract served to workers, submitters and operators.
+//! * [`dashboard`] — the operator's web dashboard at `/dashboard`.
 //! * [`storage`] — sources, certs and results, streamed to an object store.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod events;
 pub mod ids;

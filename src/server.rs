@@ -62,7 +62,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     let secrets = config
         .validate()
         .map_err(|problems| anyhow::anyhow!("invalid configuration:\n  - {problems}"))?;
-    crate::metrics::handle();
+    crate::metrics::init();
     let pool = db::connect(&config.db).await?;
     if migrate {
         db::migrate(&pool).await?;

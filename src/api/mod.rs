@@ -4,7 +4,7 @@
 mod auth;
 mod builds;
 mod diagnostics;
-mod downloads;
+pub(crate) mod downloads;
 mod error;
 mod extract;
 mod health;
@@ -93,6 +93,9 @@ pub fn router(state: AppState) -> Router {
         state.config.rate_limit_per_ip,
         state.config.rate_limit_per_credential,
     ));
+    let dashboard = crate::dashboard::router(&state)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn(record_duration));
     Router::new()
         .merge(health::router())
         .merge(workers::router())
@@ -110,6 +113,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(limits, ratelimit::enforce))
         .layer(axum::middleware::from_fn(record_duration))
         .layer(axum::middleware::from_fn(json_errors))
+        // The dashboard answers in HTML, so it sits outside the JSON error rewriting.
+        .merge(dashboard)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error").into_response()
         }))

@@ -95,6 +95,13 @@ async fn post_logs(
         Utc::now(),
     )
     .await?;
+    // Interim: live log tails follow this until the queue layer emits `build.log` itself.
+    if !lines.is_empty() {
+        state.events.publish(crate::events::Event {
+            build_id: Some(id.clone()),
+            ..crate::events::Event::worker("build.log", &caller.worker_id)
+        });
+    }
     Ok(Json(match batch_size {
         Some(count) => json!({ "success": true, "count": count }),
         None => json!({ "success": true }),

@@ -1,19 +1,13 @@
 //! `/api/v2` for the fleet: workers and their operator states, platform queues, and the event stream.
 
-use std::convert::Infallible;
-use std::time::Duration;
-
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast::error::RecvError;
 
 use super::auth;
 use super::error::{ApiError, ApiResult};
@@ -126,27 +120,8 @@ async fn resume(State(state): State<AppState>, headers: HeaderMap, Path(name): P
     Ok(Json(operations::set_paused(&state.pool, &name, false).await?))
 }
 
-/// Server-Sent Events of state changes on every instance. The subscription ends with the connection.
-async fn events(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+/// Server-Sent Events of state changes on every instance (the stream lives in `crate::events`).
+async fn events(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
-    let receiver = state.events.subscribe();
-    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        loop {
-            match receiver.recv().await {
-                Ok(payload) => {
-                    let kind = serde_json::from_str::<Value>(&payload)
-                        .ok()
-                        .and_then(|v| v["kind"].as_str().map(str::to_string))
-                        .unwrap_or_else(|| "event".into());
-                    return Some((Ok(SseEvent::default().event(kind).data(payload.as_ref())), receiver));
-                }
-                Err(RecvError::Lagged(missed)) => tracing::warn!(missed, "SSE subscriber lagged"),
-                Err(RecvError::Closed) => return None,
-            }
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Ok(crate::events::sse_response(&state.events, &headers).into_response())
 }

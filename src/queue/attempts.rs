@@ -82,6 +82,7 @@ pub async fn complete(
     match done {
         Some(build) => {
             crate::metrics::build_finished("completed");
+            crate::metrics::build_ran(&build.queue, "completed", build.started_at.or(build.assigned_at), now);
             Ok(build)
         }
         None => {
@@ -229,6 +230,13 @@ pub(crate) async fn end_attempt(
         metrics::counter!(crate::metrics::RETRIES, "kind" => failure.kind.as_str()).increment(1);
     } else {
         crate::metrics::build_finished(failure.kind.as_str());
+        crate::metrics::build_failed(failure.kind.as_str());
+        crate::metrics::build_ran(
+            &build.queue,
+            failure.kind.as_str(),
+            build.started_at.or(build.assigned_at),
+            now,
+        );
     }
     Ok(build)
 }

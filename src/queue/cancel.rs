@@ -60,6 +60,7 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
     append_system_log(&mut tx, build_id, "warn", "Build cancelled by user", now).await?;
     tx.commit().await?;
     crate::metrics::build_finished("cancelled");
+    crate::metrics::build_ran(&build.queue, "cancelled", build.started_at.or(build.assigned_at), now);
     Ok(CancelOutcome {
         build,
         interrupted_worker: lease_owner.filter(|_| held),

@@ -94,7 +94,13 @@ pub async fn claim(
         match outcome {
             // A concurrent poll of the same worker claimed first: the next round re-delivers its attempt.
             Err(sqlx::Error::Database(e)) if e.constraint() == Some("builds_held_by_idx") => continue,
-            other => return Ok(other?),
+            other => {
+                let claim = other?;
+                if let Some(c) = claim.as_ref().filter(|c| !c.redelivered) {
+                    crate::metrics::queue_waited(&c.build.queue, c.build.run_at, now);
+                }
+                return Ok(claim);
+            }
         }
     }
     Ok(None)
