@@ -13,6 +13,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The dashboard's browser tests (tests/api/dashboard.rs) drive Debian's Chromium with playwright-core.
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  command -v npm >/dev/null || { echo "npm is missing: apt-get install nodejs npm (the browser tests need it)" >&2; exit 1; }
+  npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+fi
+
 scripts/pg.sh start "$dir" "$port" fast
 export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 unset DATABASE_URL

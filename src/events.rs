@@ -106,8 +106,9 @@ impl Events {
 pub fn sse_response(
     events: &Events,
     _headers: &axum::http::HeaderMap,
-) -> axum::response::sse::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>> + use<>>
-{
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>> + use<>,
+> {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
     let receiver = events.subscribe();

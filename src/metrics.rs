@@ -118,7 +118,10 @@ pub fn init() {
     }
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_histogram!(CLAIM_SECONDS, "Time to claim a build for a polling worker, in seconds");
-    describe_histogram!(HTTP_SECONDS, "HTTP request duration by route, method and status, in seconds");
+    describe_histogram!(
+        HTTP_SECONDS,
+        "HTTP request duration by route, method and status, in seconds"
+    );
     describe_counter!(BUILDS_FINISHED, "Builds that reached a final state, by outcome");
     describe_counter!(LEASE_RESCUES, "Held builds whose lease expired and were rescued");
     describe_counter!(RETRIES, "Failed attempts scheduled for a retry, by failure kind");
@@ -128,12 +131,24 @@ pub fn init() {
     describe_gauge!(QUEUE_DEPTH, "Builds in a queue by state (read at scrape time)");
     describe_gauge!(OLDEST_PENDING, "Age of the oldest pending build per queue, in seconds");
     describe_gauge!(SSE_SUBSCRIBERS, "Open event-stream subscriptions on this instance");
-    describe_gauge!(WORKERS, "Registered (not revoked) workers by status (read at scrape time)");
-    describe_histogram!(BUILD_DURATION, "Run time of finished builds (start of the last attempt to its end), in seconds");
-    describe_histogram!(QUEUE_WAIT, "Time a build waited between becoming eligible and being assigned, in seconds");
+    describe_gauge!(
+        WORKERS,
+        "Registered (not revoked) workers by status (read at scrape time)"
+    );
+    describe_histogram!(
+        BUILD_DURATION,
+        "Run time of finished builds (start of the last attempt to its end), in seconds"
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        "Time a build waited between becoming eligible and being assigned, in seconds"
+    );
     describe_counter!(FAILURES, "Builds that failed for good, by reason");
     describe_counter!(JOB_RUNS, "Maintenance job ticks run by this instance, by job");
-    describe_counter!(JOB_ERRORS, "Maintenance job ticks that failed after their retries, by job");
+    describe_counter!(
+        JOB_ERRORS,
+        "Maintenance job ticks that failed after their retries, by job"
+    );
     describe_gauge!(DB_POOL, "Database pool connections by state (in_use, idle)");
     for outcome in ["completed", "build_failure", "infrastructure", "timeout", "cancelled"] {
         metrics::counter!(BUILDS_FINISHED, "outcome" => outcome).increment(0);

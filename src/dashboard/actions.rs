@@ -116,7 +116,10 @@ pub async fn bulk(State(state): State<AppState>, session: Session, headers: Head
         .take(MAX_BULK)
         .collect();
     if ids.is_empty() {
-        return Ok(back(&return_to, Err(ApiError::bad_request("Select at least one build"))));
+        return Ok(back(
+            &return_to,
+            Err(ApiError::bad_request("Select at least one build")),
+        ));
     }
     let (mut done, mut refused) = (0, 0);
     for id in &ids {

@@ -6,10 +6,26 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 const FILES: &[(&str, &str, &str)] = &[
-    ("app.css", "text/css; charset=utf-8", include_str!("../../assets/dashboard/app.css")),
-    ("app.js", "text/javascript; charset=utf-8", include_str!("../../assets/dashboard/app.js")),
-    ("icon.svg", "image/svg+xml", include_str!("../../assets/dashboard/icon.svg")),
-    ("htmx.min.js", "text/javascript; charset=utf-8", include_str!("../../assets/vendor/htmx.min.js")),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../assets/dashboard/app.css"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/dashboard/app.js"),
+    ),
+    (
+        "icon.svg",
+        "image/svg+xml",
+        include_str!("../../assets/dashboard/icon.svg"),
+    ),
+    (
+        "htmx.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/vendor/htmx.min.js"),
+    ),
 ];
 
 pub async fn serve(Path(name): Path<String>) -> Response {

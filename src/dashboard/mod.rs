@@ -58,6 +58,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
         .layer(Extension(limiter))
+        .layer(Extension(Arc::new(queries::HoursCache::default())))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .layer(axum::middleware::from_fn(security_headers))
 }
@@ -183,10 +184,15 @@ async fn events(State(state): State<AppState>, _session: Session, headers: Heade
     crate::events::sse_response(&state.events, &headers).into_response()
 }
 
-async fn overview(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+async fn overview(
+    State(state): State<AppState>,
+    Extension(hours): Extension<Arc<queries::HoursCache>>,
+    session: Session,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
     let p = params(raw.as_deref());
     let now = Utc::now();
-    let o = queries::overview(&state.pool, &state.config.queue, now)
+    let o = queries::overview(&state.pool, &state.config.queue, &hours, now)
         .await
         .map_err(fail)?;
     let content = pages::overview(&o, now);

@@ -229,7 +229,9 @@ fn action(url: &str, csrf: &str, label: &str, confirm: &str, class: &str) -> Mar
 
 pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
     let last_hour = o.hours.last();
-    let day = o.hours.iter().fold((0, 0, 0), |acc, h| (acc.0 + h.completed, acc.1 + h.failed, acc.2 + h.cancelled));
+    let day = o.hours.iter().fold((0, 0, 0), |acc, h| {
+        (acc.0 + h.completed, acc.1 + h.failed, acc.2 + h.cancelled)
+    });
     let rate = |done: i64, failed: i64| {
         if done + failed == 0 {
             "—".to_string()
@@ -237,7 +239,13 @@ pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
             format!("{:.0} %", failed as f64 * 100.0 / (done + failed) as f64)
         }
     };
-    let count = |status: &str| o.workers.iter().filter(|w| w.0 == status && w.1 != "revoked").map(|w| w.2).sum::<i64>();
+    let count = |status: &str| {
+        o.workers
+            .iter()
+            .filter(|w| w.0 == status && w.1 != "revoked")
+            .map(|w| w.2)
+            .sum::<i64>()
+    };
     let admin = |state: &str| o.workers.iter().filter(|w| w.1 == state).map(|w| w.2).sum::<i64>();
     html! {
         div.page-head {
@@ -247,7 +255,7 @@ pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
         section.cards {
             @for q in &o.queues {
                 article.card {
-                    h2 { (platform(&q.name)) " queue " @if q.paused { span.pill.paused { "paused" } } }
+                    h2 { span { (platform(&q.name)) " queue" } @if q.paused { span.pill.paused { "paused" } } }
                     dl.stats {
                         div { dt { "Pending" } dd { (q.pending) } }
                         div { dt { "Scheduled" } dd { (q.scheduled) } }
@@ -341,7 +349,14 @@ fn progress(p: Option<i16>) -> Markup {
 // ---------- builds ----------
 
 pub const STATES: [&str; 8] = [
-    "pending", "scheduled", "retryable", "assigned", "building", "completed", "failed", "cancelled",
+    "pending",
+    "scheduled",
+    "retryable",
+    "assigned",
+    "building",
+    "completed",
+    "failed",
+    "cancelled",
 ];
 
 pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> Markup {
@@ -383,7 +398,13 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
     }
 }
 
-pub fn builds_table(rows: &[Build], more: bool, query_without_cursor: &str, first_page: bool, now: DateTime<Utc>) -> Markup {
+pub fn builds_table(
+    rows: &[Build],
+    more: bool,
+    query_without_cursor: &str,
+    first_page: bool,
+    now: DateTime<Utc>,
+) -> Markup {
     let sep = if query_without_cursor.is_empty() { "" } else { "&" };
     html! {
         div.table-wrap { table.builds {

@@ -43,6 +43,7 @@ pub struct Overview {
 pub async fn overview(
     pool: &PgPool,
     settings: &queue::Settings,
+    hours_cache: &HoursCache,
     now: DateTime<Utc>,
 ) -> QueueResult<Overview> {
     let queues = operator::queue_views(pool, now).await?;
@@ -53,17 +54,10 @@ pub async fn overview(
     .await?;
     let this_hour = DateTime::from_timestamp(now.timestamp().div_euclid(3600) * 3600, 0).unwrap_or(now);
     let first_hour = this_hour - Duration::hours(23);
-    let counted: Vec<Hour> = sqlx::query_as(
-        "SELECT date_trunc('hour', completed_at) AS hour,
-                count(*) FILTER (WHERE state = 'completed') AS completed,
-                count(*) FILTER (WHERE state = 'failed') AS failed,
-                count(*) FILTER (WHERE state = 'cancelled') AS cancelled
-         FROM builds WHERE state IN ('completed', 'failed', 'cancelled') AND completed_at >= $1
-         GROUP BY 1 ORDER BY 1",
-    )
-    .bind(first_hour)
-    .fetch_all(pool)
-    .await?;
+    // The 23 full hours change rarely (late cancellations, deletions): they are counted at most once a
+    // minute per instance. The current hour is counted on every render, so the chart stays live.
+    let mut counted = hours_cache.full_hours(pool, first_hour, this_hour).await?;
+    counted.extend(count_hours(pool, this_hour, None).await?);
     let hours = (0..24)
         .map(|i| {
             let hour = first_hour + Duration::hours(i);
@@ -80,7 +74,11 @@ pub async fn overview(
     )
     .fetch_all(pool)
     .await?;
-    let stale_after = Duration::seconds(i64::try_from(settings.lease_timeout_secs / 2).unwrap_or(60).clamp(30, 300));
+    let stale_after = Duration::seconds(
+        i64::try_from(settings.lease_timeout_secs / 2)
+            .unwrap_or(60)
+            .clamp(30, 300),
+    );
     let silent = sqlx::query_as(
         "SELECT * FROM builds WHERE state IN ('assigned', 'building')
            AND coalesce(last_heartbeat_at, assigned_at) < $1
@@ -96,13 +94,11 @@ pub async fn overview(
     .bind(now - deadline)
     .fetch_all(pool)
     .await?;
-    let retries_waiting = sqlx::query_as(
-        "SELECT * FROM builds WHERE state = 'retryable' ORDER BY run_at LIMIT 20",
-    )
-    .fetch_all(pool)
-    .await?;
+    let retries_waiting = sqlx::query_as("SELECT * FROM builds WHERE state = 'retryable' ORDER BY run_at LIMIT 20")
+        .fetch_all(pool)
+        .await?;
     let recent_failures = sqlx::query_as(
-        "SELECT * FROM builds WHERE state = 'failed' ORDER BY completed_at DESC NULLS LAST LIMIT 10",
+        "SELECT * FROM builds WHERE state = 'failed' AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT 10",
     )
     .fetch_all(pool)
     .await?;
@@ -120,12 +116,63 @@ pub async fn overview(
     })
 }
 
+/// Finished builds per hour from `from` (until `until`), from the finished-builds index.
+async fn count_hours(pool: &PgPool, from: DateTime<Utc>, until: Option<DateTime<Utc>>) -> QueueResult<Vec<Hour>> {
+    Ok(sqlx::query_as(
+        "SELECT date_trunc('hour', completed_at) AS hour,
+                count(*) FILTER (WHERE state = 'completed') AS completed,
+                count(*) FILTER (WHERE state = 'failed') AS failed,
+                count(*) FILTER (WHERE state = 'cancelled') AS cancelled
+         FROM builds WHERE state IN ('completed', 'failed', 'cancelled') AND completed_at >= $1
+           AND ($2::timestamptz IS NULL OR completed_at < $2)
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(from)
+    .bind(until)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// How long the counts of full hours are reused.
+const FULL_HOURS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// This instance's counts of the last 23 full hours, reused for [`FULL_HOURS_TTL`].
+#[derive(Default)]
+pub struct HoursCache(tokio::sync::Mutex<Option<(DateTime<Utc>, std::time::Instant, Vec<Hour>)>>);
+
+impl HoursCache {
+    async fn full_hours(&self, pool: &PgPool, from: DateTime<Utc>, until: DateTime<Utc>) -> QueueResult<Vec<Hour>> {
+        let mut cached = self.0.lock().await;
+        if let Some((at, computed, hours)) = cached.as_ref()
+            && *at == until
+            && computed.elapsed() < FULL_HOURS_TTL
+        {
+            return Ok(hours.clone());
+        }
+        let hours = count_hours(pool, from, Some(until)).await?;
+        *cached = Some((until, std::time::Instant::now(), hours.clone()));
+        Ok(hours)
+    }
+}
+
+/// Below this many builds the total is counted exactly (a bounded count).
+const SMALL_TABLE: i64 = 10_000;
+
 /// The planner's estimate of the number of builds (no count over the table).
 pub async fn total_estimate(pool: &PgPool) -> QueueResult<i64> {
     let estimate: Option<f32> = sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'builds'::regclass")
         .fetch_optional(pool)
         .await?;
-    Ok(estimate.map_or(0, |e| e.max(0.0) as i64))
+    let estimate = estimate.map_or(0, |e| e.max(0.0) as i64);
+    if estimate >= SMALL_TABLE {
+        return Ok(estimate);
+    }
+    // A small (or never analysed) table: an exact count, bounded so it can never become a full scan.
+    let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM builds LIMIT $1) b")
+        .bind(SMALL_TABLE)
+        .fetch_one(pool)
+        .await?;
+    Ok(counted.max(estimate))
 }
 
 /// Filters of the builds page.
@@ -165,7 +212,8 @@ pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> Queue
             .push_bind(before.clone())
             .push(")");
     }
-    q.push(" ORDER BY submitted_at DESC, id DESC LIMIT ").push_bind(PAGE + 1);
+    q.push(" ORDER BY submitted_at DESC, id DESC LIMIT ")
+        .push_bind(PAGE + 1);
     let mut rows: Vec<Build> = q.build_query_as().fetch_all(pool).await?;
     let more = rows.len() as i64 > PAGE;
     rows.truncate(PAGE as usize);
@@ -209,13 +257,12 @@ pub async fn build_page(pool: &PgPool, id: &str) -> QueueResult<Option<BuildPage
 
 /// The last `LOG_TAIL` lines, oldest first.
 pub async fn log_tail(pool: &PgPool, id: &str) -> QueueResult<Vec<LogLine>> {
-    let mut lines: Vec<LogLine> = sqlx::query_as(
-        "SELECT seq, ts, level, message FROM build_logs WHERE build_id = $1 ORDER BY seq DESC LIMIT $2",
-    )
-    .bind(id)
-    .bind(LOG_TAIL)
-    .fetch_all(pool)
-    .await?;
+    let mut lines: Vec<LogLine> =
+        sqlx::query_as("SELECT seq, ts, level, message FROM build_logs WHERE build_id = $1 ORDER BY seq DESC LIMIT $2")
+            .bind(id)
+            .bind(LOG_TAIL)
+            .fetch_all(pool)
+            .await?;
     lines.reverse();
     Ok(lines)
 }
@@ -250,11 +297,10 @@ pub async fn workers(pool: &PgPool) -> QueueResult<Vec<WorkerRow>> {
     )
     .fetch_all(pool)
     .await?;
-    let held: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT lease_owner, id, state FROM builds WHERE state IN ('assigned', 'building') LIMIT 10000",
-    )
-    .fetch_all(pool)
-    .await?;
+    let held: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT lease_owner, id, state FROM builds WHERE state IN ('assigned', 'building') LIMIT 10000")
+            .fetch_all(pool)
+            .await?;
     let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
     let reports: Vec<Diagnostics> = sqlx::query_as(
         "SELECT d.worker_id, d.status, d.run_at, d.checks FROM unnest($1::text[]) AS w(id)

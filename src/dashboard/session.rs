@@ -194,10 +194,10 @@ impl FromRequestParts<AppState> for Session {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let page = parts.method == axum::http::Method::GET
             && !parts.headers.contains_key("hx-request")
-            && parts.headers.get(header::ACCEPT).is_none_or(|v| {
-                v.to_str()
-                    .is_ok_and(|v| v.contains("text/html") || v.contains("*/*"))
-            })
+            && parts
+                .headers
+                .get(header::ACCEPT)
+                .is_none_or(|v| v.to_str().is_ok_and(|v| v.contains("text/html") || v.contains("*/*")))
             && !parts.uri.path().ends_with("/events");
         match from_headers(&state.pool, &parts.headers).await {
             Ok(Some(session)) => Ok(session),

@@ -45,7 +45,12 @@ async fn sign_in_sessions_and_cross_site_protection() {
     let client = no_redirects();
     let r = client.get(app.url("/")).send().await.unwrap();
     assert_eq!(r.headers()["location"], "/dashboard");
-    for path in ["/dashboard", "/dashboard/builds", "/dashboard/workers", "/dashboard/queues"] {
+    for path in [
+        "/dashboard",
+        "/dashboard/builds",
+        "/dashboard/workers",
+        "/dashboard/queues",
+    ] {
         let r = client.get(app.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 303, "{path} without a session");
         assert_eq!(r.headers()["location"], "/dashboard/login");
@@ -63,7 +68,11 @@ async fn sign_in_sessions_and_cross_site_protection() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert!(started.elapsed() >= Duration::from_millis(900), "answered after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "answered after {:?}",
+        started.elapsed()
+    );
     assert!(r.headers().get("set-cookie").is_none());
     assert_eq!(app.count("dashboard_sessions").await, 0);
 
@@ -83,7 +92,11 @@ async fn sign_in_sessions_and_cross_site_protection() {
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert_eq!(stored, expo_controller::ids::hash_secret(id), "only a hash of the session id is stored");
+    assert_eq!(
+        stored,
+        expo_controller::ids::hash_secret(id),
+        "only a hash of the session id is stored"
+    );
 
     // Sign-ins are rate limited per IP (3 per minute here: 2 used above, this is the 4th).
     let r = client
@@ -103,7 +116,10 @@ async fn sign_in_sessions_and_cross_site_protection() {
         .unwrap();
     assert_eq!(page.status(), 200);
     let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
-    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"), "{csp}");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
     let csrf = csrf_of(&page.text().await.unwrap());
 
     let paused = || async {
@@ -196,10 +212,21 @@ async fn pages_render_and_bad_input_is_refused() {
         let r = get(path.clone()).await;
         assert_eq!(r.status(), 200, "{path}");
     }
-    let list = get("/dashboard/builds?state=pending".to_string()).await.text().await.unwrap();
+    let list = get("/dashboard/builds?state=pending".to_string())
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(list.contains(&format!("data-build=\"{id}\"")));
-    let none = get("/dashboard/builds?state=completed".to_string()).await.text().await.unwrap();
-    assert!(!none.contains(&format!("data-build=\"{id}\"")), "the state filter applies");
+    let none = get("/dashboard/builds?state=completed".to_string())
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !none.contains(&format!("data-build=\"{id}\"")),
+        "the state filter applies"
+    );
     for path in [
         "/dashboard/builds?state=nonsense",
         "/dashboard/builds?platform=windows",
@@ -273,7 +300,10 @@ async fn dashboard_in_a_real_browser() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = root.join("tests/browser/dashboard.mjs");
     assert!(
-        std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success()),
+        std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
         "node is required for the browser tests (apt-get install nodejs; .ci/run installs it)"
     );
     assert!(

@@ -2,6 +2,7 @@
 //! references and the scenarios P1–P7 of performance.md on loopback, and prints one table.
 //! Benchmarks never fail on a time: they report.
 
+mod dashboard;
 mod scenarios;
 mod setup;
 mod stats;
@@ -108,6 +109,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     }
     if let Some(small) = small {
         rows.push(p6(&bench, small).await?);
+    }
+    if wants("D") {
+        rows.extend(dashboard_rows(&bench).await?);
     }
     rows.push(Row {
         id: "P7",
@@ -259,4 +263,50 @@ async fn p6(b: &Bench<'_>, small: Samples) -> anyhow::Result<Row> {
         target: "≤ 2×",
         met: ratio <= 2.0,
     })
+}
+
+/// D1–D3: the dashboard's overview and builds page with 1,000,000 builds of history.
+async fn dashboard_rows(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
+    dashboard::history(b.pool, 1_000_000).await?;
+    let cookie = dashboard::sign_in(&b.shared).await?;
+    let second_page = format!(
+        "/dashboard/builds?state=failed&before={}",
+        dashboard::cursor(b.pool).await?
+    );
+    let pages = [
+        (
+            "D1",
+            "dashboard overview, 1,000,000 builds".to_string(),
+            "/dashboard".to_string(),
+        ),
+        (
+            "D2",
+            "dashboard builds page, 1,000,000 builds".to_string(),
+            "/dashboard/builds".to_string(),
+        ),
+        (
+            "D3",
+            "builds page: failed, iOS, 24 h; and a failed page 2 (cursor)".to_string(),
+            "/dashboard/builds?state=failed&platform=ios&within=24".to_string(),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (id, scenario, path) in pages {
+        let mut samples = dashboard::render(&b.shared, &cookie, &path, 200).await?;
+        if id == "D3" {
+            samples.extend(dashboard::render(&b.shared, &cookie, &second_page, 200).await?);
+        }
+        eprintln!("{id} {}", samples.summary());
+        rows.push(Row {
+            id,
+            scenario,
+            figure: format!("p95 {}", ms(samples.percentile(0.95))),
+            reference: "-".into(),
+            ratio: "-".into(),
+            latency: samples.summary(),
+            target: "p95 ≤ 100 ms",
+            met: samples.percentile(0.95) <= dashboard::TARGET,
+        });
+    }
+    Ok(rows)
 }
