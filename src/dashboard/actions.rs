@@ -37,11 +37,10 @@ fn back(path: &str, outcome: Result<String, ApiError>) -> Response {
 }
 
 /// Reads the form and checks origin and CSRF token; a refused request changes nothing.
-fn checked_form(session: &Session, headers: &HeaderMap, body: &Bytes) -> Result<HashMap<String, String>, Response> {
+fn checked_form(session: &Session, headers: &HeaderMap, body: &Bytes) -> Result<HashMap<String, String>, ApiError> {
     let form = params(std::str::from_utf8(body).ok());
-    session::check_action(session, headers, form.get("csrf").map(String::as_str)).map_err(|e| {
+    session::check_action(session, headers, form.get("csrf").map(String::as_str)).inspect_err(|_| {
         tracing::warn!("dashboard action refused: cross-site or missing CSRF token");
-        fail(e)
     })?;
     Ok(form)
 }
@@ -88,7 +87,7 @@ pub async fn build_action(
     Path((id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> PageResult {
-    let form = checked_form(&session, &headers, &body)?;
+    let form = checked_form(&session, &headers, &body).map_err(fail)?;
     if !valid_id(&id) {
         return Err(super::pages::not_found("Build not found"));
     }
@@ -98,7 +97,7 @@ pub async fn build_action(
 
 /// Cancel or retry the selected builds; reports how many did and did not apply.
 pub async fn bulk(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
-    checked_form(&session, &headers, &body)?;
+    checked_form(&session, &headers, &body).map_err(fail)?;
     let pairs: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
     let value = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let return_to = value("return")
@@ -144,7 +143,7 @@ pub async fn worker_action(
     Path((id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> PageResult {
-    checked_form(&session, &headers, &body)?;
+    checked_form(&session, &headers, &body).map_err(fail)?;
     if !valid_id(&id) {
         return Err(super::pages::not_found("Worker not found"));
     }
@@ -173,7 +172,7 @@ pub async fn queue_action(
     Path((name, action)): Path<(String, String)>,
     body: Bytes,
 ) -> PageResult {
-    checked_form(&session, &headers, &body)?;
+    checked_form(&session, &headers, &body).map_err(fail)?;
     let paused = match action.as_str() {
         "pause" => true,
         "resume" => false,

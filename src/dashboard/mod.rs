@@ -203,13 +203,13 @@ async fn overview(
     Ok(html(pages::layout(&chrome("Overview", "overview", &session, &p), body)))
 }
 
-fn bad(message: &'static str) -> Response {
-    fail(ApiError::bad_request(message))
+fn bad(message: &'static str) -> ApiError {
+    ApiError::bad_request(message)
 }
 
 /// Parses the builds page's filters; anything malformed is a 400 page.
-fn filter_of(p: &HashMap<String, String>) -> Result<queries::Filter, Response> {
-    let id_param = |name: &str, message: &'static str| -> Result<Option<String>, Response> {
+fn filter_of(p: &HashMap<String, String>) -> Result<queries::Filter, ApiError> {
+    let id_param = |name: &str, message: &'static str| -> Result<Option<String>, ApiError> {
         match param(p, name) {
             None => Ok(None),
             Some(v) if valid_id(v) => Ok(Some(v.to_string())),
@@ -262,7 +262,7 @@ fn filter_query(f: &queries::Filter) -> String {
 
 async fn builds(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
     let p = params(raw.as_deref());
-    let filter = filter_of(&p)?;
+    let filter = filter_of(&p).map_err(fail)?;
     let now = Utc::now();
     let (rows, more) = queries::builds(&state.pool, &filter, now).await.map_err(fail)?;
     let base_query = filter_query(&filter);
@@ -320,7 +320,7 @@ async fn build_logs(
     let after = match param(&p, "after").map(str::parse::<i64>) {
         None => 0,
         Some(Ok(after)) if after >= 0 => after,
-        Some(_) => return Err(bad("Invalid after")),
+        Some(_) => return Err(fail(bad("Invalid after"))),
     };
     let lines = queries::log_after(&state.pool, &id, after).await.map_err(fail)?;
     Ok(html(pages::log_lines(&lines)))

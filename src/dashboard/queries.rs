@@ -138,7 +138,10 @@ const FULL_HOURS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// This instance's counts of the last 23 full hours, reused for [`FULL_HOURS_TTL`].
 #[derive(Default)]
-pub struct HoursCache(tokio::sync::Mutex<Option<(DateTime<Utc>, std::time::Instant, Vec<Hour>)>>);
+pub struct HoursCache(tokio::sync::Mutex<Option<CachedHours>>);
+
+/// Counts of full hours up to an hour, and when they were counted.
+type CachedHours = (DateTime<Utc>, std::time::Instant, Vec<Hour>);
 
 impl HoursCache {
     async fn full_hours(&self, pool: &PgPool, from: DateTime<Utc>, until: DateTime<Utc>) -> QueueResult<Vec<Hour>> {
