@@ -199,8 +199,19 @@ try {
     await page.screenshot({ path: `${shots}/builds.png`, fullPage: true });
   });
 
-  await check("drain a worker", async () => {
+  await check("drain a worker (its latest diagnostics shown beside it)", async () => {
+    const report = await api("POST", "/api/diagnostics/report", {
+      json: {
+        worker_id: workerId, status: "warning", duration_ms: 812,
+        checks: [
+          { name: "disk_space", status: "pass", message: "182 GB free" },
+          { name: "xcode", status: "warn", message: "Xcode 16.1 (16.2 recommended)" },
+        ],
+      },
+    });
+    assert.equal(report.status, 200, JSON.stringify(report.body));
     await page.goto(base + "/dashboard/workers");
+    await page.locator(`#w-${workerId} details summary .pill`, { hasText: "warning" }).waitFor();
     await page.locator(`#w-${workerId}`).getByRole("button", { name: "Drain" }).click();
     await page.getByText("Worker mac-mini-01 draining").waitFor();
     const w = await api("GET", `/api/v2/workers/${workerId}`);
