@@ -12,6 +12,10 @@ use crate::api::operations;
 use crate::config::{DbConfig, QueueConfig};
 use crate::queue::{BuildFilter, BuildState, Platform};
 
+/// Shown under the operator commands' help: ids use `A-Za-z0-9_-`, so one in 64 starts with `-`.
+pub const ID_HELP: &str = "Ids may start with '-' and are accepted as they are (builds show -0SgRZVL5Z4WI1KpaoV13).\n\
+     `--` ends the options of any command: everything after it is an argument (builds show -- -0SgRZVL5Z4WI1KpaoV13).";
+
 /// Where the operator commands act.
 #[derive(Debug, Clone, Args)]
 pub struct Target {
@@ -38,13 +42,25 @@ pub enum BuildsCommand {
         limit: i64,
     },
     /// One build with its attempts.
-    Show { id: String },
+    Show {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
     /// Cancel a queued or running build.
-    Cancel { id: String },
+    Cancel {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
     /// Re-run a failed or cancelled build as a new attempt.
-    Retry { id: String },
+    Retry {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
     /// Give a running attempt back to the queue.
-    Requeue { id: String },
+    Requeue {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,9 +76,15 @@ pub enum WorkersCommand {
         limit: i64,
     },
     /// Finish the current build, take no new one.
-    Drain { id: String },
+    Drain {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
     /// Revoke: token dropped, offline, its attempt requeued.
-    Revoke { id: String },
+    Revoke {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
 }
 
 /// An operator command.

@@ -30,6 +30,7 @@ enum Command {
     /// Print a fresh random 32-byte key (base64), for CONTROLLER_API_KEY or CONTROLLER_CERTS_KEY.
     GenKey,
     /// Operator: list, show, cancel, retry or requeue builds.
+    #[command(after_help = cli::ID_HELP)]
     Builds {
         #[command(subcommand)]
         action: cli::BuildsCommand,
@@ -44,6 +45,7 @@ enum Command {
         target: cli::Target,
     },
     /// Operator: list, drain or revoke workers.
+    #[command(after_help = cli::ID_HELP)]
     Workers {
         #[command(subcommand)]
         action: cli::WorkersCommand,

@@ -181,9 +181,13 @@ async fn create_build(
     })))
 }
 
+/// Enqueues; this instance's next poll for the platform looks at the queue even before the
+/// notification comes back from PostgreSQL.
 async fn enqueue(state: &AppState, new: &NewBuild) -> ApiResult<Build> {
     let mut conn = state.pool.acquire().await?;
-    Ok(queue::enqueue(&mut conn, new, Utc::now()).await?)
+    let build = queue::enqueue(&mut conn, new, Utc::now()).await?;
+    state.wakeups.invalidate(new.platform);
+    Ok(build)
 }
 
 fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {

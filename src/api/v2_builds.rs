@@ -127,6 +127,7 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
     let build = operator::retry_same(&state.pool, &id, Utc::now())
         .await?
         .map_err(conflict)?;
+    state.wakeups.invalidate(build.platform());
     state.events.publish(Event::build("build.updated", &id, "pending"));
     Ok(Json(views::build(&build)))
 }
@@ -138,6 +139,7 @@ async fn requeue(State(state): State<AppState>, headers: HeaderMap, IdPath(id): 
         .await?
         .map_err(conflict)?;
     state.workers.clear();
+    state.wakeups.invalidate(build.platform());
     state.events.publish(Event::build("build.updated", &id, "pending"));
     Ok(Json(views::build(&build)))
 }
@@ -178,6 +180,7 @@ async fn patch(
     let build = operator::patch(&state.pool, &id, priority, run_at, max_attempts, Utc::now())
         .await?
         .map_err(conflict)?;
+    state.wakeups.invalidate(build.platform());
     state.events.publish(Event::build("build.updated", &id, &build.state));
     Ok(Json(views::build(&build)))
 }

@@ -123,7 +123,12 @@ async fn pause(State(state): State<AppState>, headers: HeaderMap, Path(name): Pa
 
 async fn resume(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    Ok(Json(operations::set_paused(&state.pool, &name, false).await?))
+    let resumed = operations::set_paused(&state.pool, &name, false).await?;
+    // Pollers of this instance look again at once; other instances follow the notification.
+    if let Some(platform) = queue::Platform::parse(&name) {
+        state.wakeups.wake_all(platform);
+    }
+    Ok(Json(resumed))
 }
 
 /// Server-Sent Events of state changes on every instance. The subscription ends with the connection.

@@ -115,7 +115,9 @@ pub async fn fail(
         .fetch_optional(&mut *tx)
         .await?;
     let Some(locked) = locked else {
-        return Err(holder_view(&mut tx, build_id, holder.worker_id).await?.refusal());
+        let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
+        tx.rollback().await?;
+        return Err(refusal);
     };
     let build = end_attempt(&mut tx, &locked, failure, settings, now).await?;
     tx.commit().await?;

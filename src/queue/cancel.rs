@@ -28,6 +28,8 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
     };
     let state = BuildState::parse(&state).unwrap_or(BuildState::Pending);
     if state.is_final() {
+        // Release the row lock now, not when the pool next touches this connection.
+        tx.rollback().await?;
         return Err(QueueError::AlreadyFinished);
     }
     let held = state.is_held();

@@ -121,7 +121,10 @@ pub async fn append_worker_logs(
     };
     let holds = current.held_by(holder);
     if !holds && !current.late_tail_allowed(holder, now) {
-        return Err(holder_view(&mut tx, build_id, holder.worker_id).await?.refusal());
+        let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
+        // Release the row lock now: the real holder's next call must not wait for the pool.
+        tx.rollback().await?;
+        return Err(refusal);
     }
     let room = if current.log_marker_seq.is_some() {
         0

@@ -22,6 +22,14 @@ pub struct WrongState(pub &'static str);
 /// Result of an operator action: the build, or why not.
 pub type OperatorResult<T> = Result<Result<T, WrongState>, QueueError>;
 
+/// Ends a refused action's transaction at once. A dropped transaction is rolled back only when the pool
+/// next touches its connection, and until then the row lock makes the build invisible to claims
+/// (`SKIP LOCKED`): a refused retry must not hide a pending build from the next poll.
+async fn refuse<T>(tx: sqlx::Transaction<'_, sqlx::Postgres>, why: &'static str) -> OperatorResult<T> {
+    tx.rollback().await?;
+    Ok(Err(WrongState(why)))
+}
+
 async fn lock(tx: &mut sqlx::PgConnection, build_id: &str) -> QueueResult<Build> {
     sqlx::query_as("SELECT * FROM builds WHERE id = $1 FOR UPDATE")
         .bind(build_id)
@@ -35,7 +43,7 @@ pub async fn requeue(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> Opera
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !build.state().is_held() {
-        return Ok(Err(WrongState(NOT_RUNNING)));
+        return refuse(tx, NOT_RUNNING).await;
     }
     sqlx::query(
         "UPDATE build_attempts SET finished_at = $3, outcome = 'requeued' WHERE build_id = $1 AND attempt = $2",
@@ -60,7 +68,7 @@ pub async fn retry_same(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> Op
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !matches!(build.state(), BuildState::Failed | BuildState::Cancelled) {
-        return Ok(Err(WrongState(NOT_RETRYABLE)));
+        return refuse(tx, NOT_RETRYABLE).await;
     }
     let build = reset_to_pending(&mut tx, build_id, now).await?;
     append_system_log(&mut tx, build_id, "info", "Build retried by an operator", now).await?;
@@ -97,7 +105,7 @@ pub async fn patch(
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if build.state().is_held() || build.state().is_final() {
-        return Ok(Err(WrongState(RUNNING)));
+        return refuse(tx, RUNNING).await;
     }
     let build: Build = sqlx::query_as(
         "UPDATE builds SET priority = coalesce($2, priority), max_attempts = coalesce($4, max_attempts),
@@ -156,7 +164,7 @@ pub async fn set_paused(pool: &PgPool, platform: Platform, paused: bool, now: Da
     if !paused {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(NOTIFY_CHANNEL)
-            .bind(platform.as_str())
+            .bind(format!("{}:{}", platform.as_str(), super::wakeups::ALL_BUILDS))
             .execute(&mut *tx)
             .await?;
     }

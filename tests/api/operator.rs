@@ -354,3 +354,24 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
         "the subscription ended with its client"
     );
 }
+
+/// A refused operator action ends its transaction at once: a dropped one is rolled back only when the
+/// pool next uses its connection, and until then its row lock hid the pending build from claims
+/// (`SKIP LOCKED`), so the poll right after a refused retry, patch or requeue answered `{"job": null}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_action_does_not_hide_the_build_from_the_next_poll() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    for round in 0..12 {
+        let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+        let refused = match round % 2 {
+            0 => v2(&app, Method::POST, &format!("/api/v2/builds/{id}/retry"), None).await,
+            _ => v2(&app, Method::POST, &format!("/api/v2/builds/{id}/requeue"), None).await,
+        };
+        assert_eq!(refused.0, 409, "round {round}: {}", refused.1);
+        let polled = app.poll(&worker_id).await;
+        assert_eq!(polled["job"]["id"], id.as_str(), "round {round}: {polled}");
+        let (status, _) = v2(&app, Method::POST, &format!("/api/v2/builds/{id}/cancel"), None).await;
+        assert_eq!(status, 200);
+    }
+}

@@ -280,8 +280,18 @@ pub async fn worker(pool: &PgPool, name: &str, platforms: &[Platform]) -> Worker
 /// Enqueues a build directly (no files) and returns its id.
 pub async fn enqueue(pool: &PgPool, platform: Platform, priority: i32, max_attempts: i32) -> String {
     let id = ids::new_id();
+    enqueue_with(pool, &id, platform, priority, max_attempts).await;
+    id
+}
+
+/// Enqueues a build with a chosen id directly (no files).
+pub async fn enqueue_as(pool: &PgPool, id: &str, platform: Platform) {
+    enqueue_with(pool, id, platform, 0, 3).await;
+}
+
+async fn enqueue_with(pool: &PgPool, id: &str, platform: Platform, priority: i32, max_attempts: i32) {
     let new = NewBuild {
-        id: id.clone(),
+        id: id.to_string(),
         platform,
         priority,
         max_attempts,
@@ -295,7 +305,6 @@ pub async fn enqueue(pool: &PgPool, platform: Platform, priority: i32, max_attem
     };
     let mut conn = pool.acquire().await.expect("conn");
     queue::enqueue(&mut conn, &new, Utc::now()).await.expect("enqueue");
-    id
 }
 
 /// The status column of a worker.
