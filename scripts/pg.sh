@@ -15,8 +15,9 @@ cmd="${1:?usage: pg.sh start|stop DIR [PORT] [fast] | pg.sh devdir}"
 
 is_root() { [ "$(id -u)" = 0 ]; }
 
+# Runs a command as the cluster's owner; as root, from / (the caller's directory may be private to root).
 as_pg() {
-  if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
+  if is_root; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 ensure_postgres_user() {
@@ -39,7 +40,7 @@ MSG
 
 # Whether the postgres user can reach DIR (always true when not root).
 reachable() {
-  ! is_root || runuser -u postgres -- test -x "$1" 2>/dev/null
+  ! is_root || (cd / && runuser -u postgres -- test -x "$1") 2>/dev/null
 }
 
 case "$cmd" in
