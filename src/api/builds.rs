@@ -70,12 +70,11 @@ struct SubmitForm {
 async fn submit(State(state): State<AppState>, headers: HeaderMap, body: MultipartBody) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let multipart = require_multipart(body)?;
-    // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body.
-    let mut all_full = true;
-    for platform in Platform::ALL {
-        all_full &= queue_full(&state, platform).await?;
-    }
-    if all_full {
+    // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
+    // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
+    let full = full_queues(&state).await?;
+    if Platform::ALL.iter().all(|p| full.contains(p)) {
+        Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
         return Err(queue_full_error());
     }
     let build_id = ids::new_id();
@@ -86,7 +85,7 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Multipa
         )));
     };
     let mut form = SubmitForm::default();
-    let outcome = match read_submit_form(&state, multipart, &source_key, &mut form).await {
+    let outcome = match read_submit_form(&state, multipart, &source_key, &full, &mut form).await {
         Ok(()) => create_build(&state, &build_id, &source_key, &certs_key, form).await,
         Err(e) => Err(e),
     };
@@ -102,6 +101,7 @@ async fn read_submit_form(
     state: &AppState,
     multipart: Multipart,
     source_key: &Key,
+    full: &[Platform],
     form: &mut SubmitForm,
 ) -> ApiResult<()> {
     let limits = &state.config;
@@ -126,8 +126,9 @@ async fn read_submit_form(
                 let platform = read_text(field).await?;
                 // A full queue is refused as soon as the platform is known, before the rest is read.
                 if let Some(p) = Platform::parse(platform.trim())
-                    && queue_full(state, p).await?
+                    && full.contains(&p)
                 {
+                    queue::count_refusal(p);
                     return Err(queue_full_error());
                 }
                 form.platform = Some(platform);
@@ -204,10 +205,10 @@ async fn enqueue(state: &AppState, new: &NewBuild) -> ApiResult<Build> {
     Ok(queue::enqueue_bounded(&mut conn, new, max_queued, Utc::now()).await?)
 }
 
-/// Whether `platform`'s queue is at its backpressure limit.
-async fn queue_full(state: &AppState, platform: Platform) -> ApiResult<bool> {
+/// The platform queues at their backpressure limit.
+async fn full_queues(state: &AppState) -> ApiResult<Vec<Platform>> {
     let mut conn = state.pool.acquire().await?;
-    Ok(queue::queue_full(&mut conn, platform, state.config.queue.max_queued_builds).await?)
+    Ok(queue::full_queues(&mut conn, state.config.queue.max_queued_builds).await?)
 }
 
 fn queue_full_error() -> ApiError {
@@ -319,7 +320,8 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
         let mut conn = state.pool.acquire().await?;
         queue::check_retry(&mut conn, &id, limited).await?;
     }
-    if queue_full(&state, original.platform()).await? {
+    if full_queues(&state).await?.contains(&original.platform()) {
+        queue::count_refusal(original.platform());
         return Err(queue_full_error());
     }
     let gone = || ApiError::bad_request("Original build source no longer available. Please submit a new build.");

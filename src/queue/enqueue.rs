@@ -56,23 +56,27 @@ pub async fn enqueue_bounded(
 ) -> QueueResult<Build> {
     let inserted = insert(conn, new, Some(max_queued), now).await;
     if matches!(inserted, Err(QueueError::QueueFull)) {
-        metrics::counter!(crate::metrics::QUEUE_FULL, "queue" => new.platform.as_str()).increment(1);
+        count_refusal(new.platform);
     }
     inserted
 }
 
-/// Whether `platform`'s queue holds `max_queued` queued builds or more (counted on the claim index,
-/// never past the limit).
-pub async fn queue_full(conn: &mut PgConnection, platform: Platform, max_queued: i64) -> QueueResult<bool> {
-    let full: bool = sqlx::query_scalar(concat!("SELECT ", queued_at_least!("$1", "$2")))
-        .bind(platform.as_str())
-        .bind(max_queued)
-        .fetch_one(conn)
-        .await?;
-    if full {
-        metrics::counter!(crate::metrics::QUEUE_FULL, "queue" => platform.as_str()).increment(1);
-    }
-    Ok(full)
+/// The platform queues holding `max_queued` queued builds or more, in one statement (each count reads
+/// at most `max_queued` entries of the claim index).
+pub async fn full_queues(conn: &mut PgConnection, max_queued: i64) -> QueueResult<Vec<Platform>> {
+    let names: Vec<String> = sqlx::query_scalar(concat!(
+        "SELECT q.name FROM queues q WHERE ",
+        queued_at_least!("q.name", "$1")
+    ))
+    .bind(max_queued)
+    .fetch_all(conn)
+    .await?;
+    Ok(names.iter().filter_map(|n| Platform::parse(n)).collect())
+}
+
+/// Counts a submit or retry refused because `platform`'s queue is full.
+pub fn count_refusal(platform: Platform) {
+    metrics::counter!(crate::metrics::QUEUE_FULL, "queue" => platform.as_str()).increment(1);
 }
 
 async fn insert(

@@ -48,7 +48,8 @@ pub use cancel::{CancelOutcome, cancel};
 pub use claim::{Claim, claim, claim_sql, held_back_by_requeue};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub use enqueue::{
-    NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, enqueue, enqueue_bounded, enqueue_retry, queue_full,
+    NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue, enqueue_bounded, enqueue_retry,
+    full_queues,
 };
 pub use lease::{HeartbeatOutcome, Holder, heartbeat, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
