@@ -30,6 +30,7 @@ WITH held AS (
 ), picked AS (
     SELECT b.id FROM builds b
     WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
+      AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL)
       AND b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND {queue}
@@ -83,7 +84,8 @@ pub fn claim_sql(platforms: usize) -> &'static str {
 ///
 /// Eligible: queued (`pending`, or `scheduled`/`retryable` whose `run_at` has passed), on one of the
 /// worker's platforms, queue not paused; best: priority, then `run_at`, then id. Rows locked by a
-/// concurrent claim are skipped, never waited for. A draining or disabled worker gets nothing new, and
+/// concurrent claim are skipped, never waited for. A draining, disabled, revoked or unregistered worker
+/// gets nothing new (checked on its row, not only on the caller's possibly cached copy), and
 /// a build an operator requeued away from this worker is not handed back to it within the requeue
 /// cool-off (R51).
 pub async fn claim(
