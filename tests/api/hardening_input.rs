@@ -557,6 +557,10 @@ async fn r58_a_full_queue_pushes_back() {
         .submit_form(Form::new().part("source", Part::bytes(vec![1u8; 10]).file_name("a.zip")))
         .await;
     assert_eq!(response.status(), 503);
+    // The answer comes although not one byte of the announced 300 MiB body was sent.
+    let head = head_only_submit(&app.base, 300 * 1024 * 1024).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
 
     let (_, queues) = admin(&app, Method::GET, "/api/v2/queues", None).await;
     let ios = queues["items"]
@@ -587,4 +591,32 @@ async fn r58_a_full_queue_pushes_back() {
             .any(|l| l.starts_with("expo_queue_full_rejections_total{queue=\"ios\"}")),
         "{metrics}"
     );
+}
+
+/// Sends only the head of a multipart submit announcing `length` body bytes, and returns the head of
+/// the answer (bounded wait: a server that waits for the body fails the test instead of hanging).
+async fn head_only_submit(base: &str, length: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/builds/submit HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {API_KEY}\r\n\
+         Content-Type: multipart/form-data; boundary=XYZ\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buffer = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buffer).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buffer[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("answered without the body");
+    String::from_utf8_lossy(&answer).to_string()
 }
