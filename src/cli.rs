@@ -56,10 +56,13 @@ pub enum BuildsCommand {
         #[arg(allow_hyphen_values = true, value_name = "ID")]
         id: String,
     },
-    /// Give a running attempt back to the queue.
+    /// Give a running attempt back to the queue (not to the same worker within the cool-off).
     Requeue {
         #[arg(allow_hyphen_values = true, value_name = "ID")]
         id: String,
+        /// Also drain the worker it came from.
+        #[arg(long)]
+        drain: bool,
     },
 }
 
@@ -123,7 +126,10 @@ fn request_for(operation: &Operation) -> (&'static str, String) {
         Operation::Builds(BuildsCommand::Show { id }) => ("GET", format!("/api/v2/builds/{id}")),
         Operation::Builds(BuildsCommand::Cancel { id }) => ("POST", format!("/api/v2/builds/{id}/cancel")),
         Operation::Builds(BuildsCommand::Retry { id }) => ("POST", format!("/api/v2/builds/{id}/retry")),
-        Operation::Builds(BuildsCommand::Requeue { id }) => ("POST", format!("/api/v2/builds/{id}/requeue")),
+        Operation::Builds(BuildsCommand::Requeue { id, drain }) => {
+            let query = if *drain { "?drain=true" } else { "" };
+            ("POST", format!("/api/v2/builds/{id}/requeue{query}"))
+        }
         Operation::Queues(QueuesCommand::Pause { platform }) => ("POST", format!("/api/v2/queues/{platform}/pause")),
         Operation::Queues(QueuesCommand::Resume { platform }) => ("POST", format!("/api/v2/queues/{platform}/resume")),
         Operation::Workers(WorkersCommand::List { limit }) => ("GET", format!("/api/v2/workers?limit={limit}")),
@@ -194,7 +200,7 @@ async fn on_database(target: &Target, operation: Operation) -> Result<Value, Val
         Operation::Builds(BuildsCommand::Show { id }) => operations::show_build(&pool, &id).await,
         Operation::Builds(BuildsCommand::Cancel { id }) => operations::cancel_build(&pool, &id).await,
         Operation::Builds(BuildsCommand::Retry { id }) => operations::retry_build(&pool, &id).await,
-        Operation::Builds(BuildsCommand::Requeue { id }) => operations::requeue_build(&pool, &id).await,
+        Operation::Builds(BuildsCommand::Requeue { id, drain }) => operations::requeue_build(&pool, &id, drain).await,
         Operation::Queues(QueuesCommand::Pause { platform }) => operations::set_paused(&pool, &platform, true).await,
         Operation::Queues(QueuesCommand::Resume { platform }) => operations::set_paused(&pool, &platform, false).await,
         Operation::Workers(WorkersCommand::List { limit }) => {
@@ -207,5 +213,6 @@ async fn on_database(target: &Target, operation: Operation) -> Result<Value, Val
             operations::set_worker_state(&pool, &settings, &id, "revoked").await
         }
     };
-    outcome.map_err(|e| error(e.message()))
+    // The same body as the server's `/api/v2` answer: the message and its stable code.
+    outcome.map_err(|e| serde_json::json!({ "error": e.message(), "code": e.code() }))
 }

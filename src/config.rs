@@ -125,6 +125,16 @@ pub struct QueueConfig {
     /// Lifetime of a worker token; every authenticated poll extends it.
     #[arg(long, env = "CONTROLLER_WORKER_TOKEN_TTL_SECS", default_value_t = 86_400)]
     pub worker_token_ttl_secs: u64,
+
+    /// A build an operator requeued is not handed back to the worker it came from for this long
+    /// (0: no cool-off).
+    #[arg(long, env = "CONTROLLER_REQUEUE_COOLOFF_SECS", default_value_t = 600)]
+    pub requeue_cooloff_secs: u64,
+
+    /// Most queued builds (pending, scheduled, retryable) per platform; past it, submit and retry
+    /// answer 503 `Build queue is full` with `Retry-After`.
+    #[arg(long, env = "CONTROLLER_MAX_QUEUED_BUILDS", default_value_t = 10_000)]
+    pub max_queued_builds: i64,
 }
 
 impl QueueConfig {
@@ -154,6 +164,9 @@ impl QueueConfig {
         if self.build_deadline_secs == 0 {
             problems.push("CONTROLLER_BUILD_DEADLINE_SECS must be positive".to_string());
         }
+        if self.max_queued_builds < 1 {
+            problems.push("CONTROLLER_MAX_QUEUED_BUILDS must be positive".to_string());
+        }
         if self.backoff_base_secs > self.backoff_cap_secs {
             problems.push("CONTROLLER_BACKOFF_BASE_SECS must not exceed CONTROLLER_BACKOFF_CAP_SECS".to_string());
         }
@@ -172,6 +185,8 @@ impl Default for QueueConfig {
             backoff_cap_secs: 600,
             retry_build_failures: false,
             worker_token_ttl_secs: 86_400,
+            requeue_cooloff_secs: 600,
+            max_queued_builds: 10_000,
         }
     }
 }

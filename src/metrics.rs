@@ -17,6 +17,8 @@ pub const DOWNLOAD_BYTES: &str = "expo_download_bytes_total";
 pub const RATE_LIMITED: &str = "expo_rate_limited_total";
 pub const QUEUE_DEPTH: &str = "expo_queue_depth";
 pub const OLDEST_PENDING: &str = "expo_oldest_pending_age_seconds";
+/// Submits and retries refused because their platform queue was full (R58), by queue.
+pub const QUEUE_FULL: &str = "expo_queue_full_rejections_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,

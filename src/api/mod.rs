@@ -176,14 +176,30 @@ impl MakeRequestId for NewRequestId {
 /// Safety net: an error answer produced outside our handlers (framework rejections, panics) gets a
 /// JSON body with a generic message, so no client ever sees plain text or internal details (R30).
 async fn json_errors(req: Request, next: Next) -> Response {
+    // `/api/v2` (the native and admin API) answers carry a machine-readable `code` beside `error` (R47);
+    // G0 answers keep their exact shape.
+    let native = req.uri().path().starts_with("/api/v2/") || req.uri().path() == "/api/v2";
     let response = next.run(req).await;
     let status = response.status();
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.as_u16() < 400 || is_json {
+    if status.as_u16() < 400 {
         return response;
+    }
+    if is_json {
+        let info = response.extensions().get::<error::ErrorInfo>().cloned();
+        return match info {
+            Some(info) if native => {
+                let mut body = info.body;
+                body["code"] = serde_json::json!(info.code);
+                let (mut parts, _) = response.into_parts();
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, Body::from(body.to_string()))
+            }
+            _ => response,
+        };
     }
     let message = match status {
         StatusCode::NOT_FOUND => "Not found",
@@ -195,7 +211,11 @@ async fn json_errors(req: Request, next: Next) -> Response {
     };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    let body = serde_json::json!({ "error": message }).to_string();
+    let mut body = serde_json::json!({ "error": message });
+    if native {
+        body["code"] = serde_json::json!(error::code_for(status));
+    }
+    let body = body.to_string();
     parts
         .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -42,10 +42,12 @@ impl Parts {
     }
 }
 
-/// Reads a text part (at most [`MAX_TEXT_BYTES`]).
+/// Reads a text part (at most [`MAX_TEXT_BYTES`]), NUL replaced by U+FFFD (R45).
 pub async fn read_text(field: Field<'_>) -> ApiResult<String> {
     let bytes = read_limited(field, MAX_TEXT_BYTES as u64, "Form field too large").await?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::bad_request("Form fields must be UTF-8"))
+    String::from_utf8(bytes.to_vec())
+        .map(crate::text::scrub_owned)
+        .map_err(|_| ApiError::bad_request("Form fields must be UTF-8"))
 }
 
 /// Reads a small file part into memory, answering 413 with `too_large` past `limit` bytes.

@@ -54,8 +54,10 @@ pub async fn retry_build(pool: &PgPool, id: &str) -> ApiResult<Value> {
     Ok(views::build(&build))
 }
 
-pub async fn requeue_build(pool: &PgPool, id: &str) -> ApiResult<Value> {
-    let build = operator::requeue(pool, id, Utc::now()).await?.map_err(conflict)?;
+pub async fn requeue_build(pool: &PgPool, id: &str, drain: bool) -> ApiResult<Value> {
+    let build = operator::requeue(pool, id, drain, Utc::now())
+        .await?
+        .map_err(conflict)?;
     Ok(views::build(&build))
 }
 

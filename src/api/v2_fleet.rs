@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::auth;
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int};
+use super::extract::{IdPath, NoParams, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
 use super::{AppState, operations};
 use crate::events::Event;
@@ -38,6 +38,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Page {
     cursor: Option<String>,
     limit: Option<String>,
@@ -106,12 +107,13 @@ async fn revoke_worker(
     set_state(&state, &headers, &id, "revoked").await
 }
 
-async fn queues(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParams<NoParams>) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
+    let max_queued = state.config.queue.max_queued_builds;
     let views_: Vec<Value> = operator::queue_views(&state.pool, Utc::now())
         .await?
         .iter()
-        .map(views::queue)
+        .map(|q| views::queue(q, max_queued))
         .collect();
     Ok(etagged(&headers, json!({ "items": views_, "next_cursor": null })))
 }

@@ -56,12 +56,15 @@ pub fn worker(w: &Worker) -> Value {
     })
 }
 
-pub fn queue(q: &QueueView) -> Value {
+/// A platform queue; `max_queued` is the backpressure limit and `full` whether submits are refused (R58).
+pub fn queue(q: &QueueView, max_queued: i64) -> Value {
+    let queued = q.scheduled + q.pending + q.retryable;
     json!({
         "name": q.name, "paused": q.paused,
         "depth": { "scheduled": q.scheduled, "pending": q.pending, "retryable": q.retryable,
                    "assigned": q.assigned, "building": q.building },
         "oldest_pending_age_seconds": q.oldest_pending_age_seconds,
+        "queued": queued, "max_queued": max_queued, "full": queued >= max_queued,
     })
 }
 

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::auth::{self, CallerRules, WORKER_TOKEN, header};
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
+use super::extract::{IdPath, JsonBody, QueryParams, bounded_int, parse_json};
 use super::multipart::{Parts, read_text};
 use super::results::{self, StagedResult};
 use super::{AppState, views};
@@ -162,7 +162,14 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
     let seen = state.wakeups.generations(&platforms);
     let claim = queue::claim(&state.pool, worker, &state.config.queue, Utc::now()).await?;
     match &claim {
-        None if hint_applies => state.wakeups.mark_empty(&seen),
+        // Nothing for this worker; the queues are empty for everyone unless a build is only held back
+        // from this worker by the requeue cool-off (R51).
+        None if hint_applies => {
+            let settings = &state.config.queue;
+            if !queue::held_back_by_requeue(&state.pool, &worker.id, settings, Utc::now()).await? {
+                state.wakeups.mark_empty(&seen);
+            }
+        }
         // The worker's status changed (it is busy now): refresh its cached copy.
         Some(claim) => {
             state.workers.forget(&worker.id);
@@ -238,7 +245,7 @@ async fn report(
         let bytes = Bytes::from_request(request, &state)
             .await
             .map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
-        serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("Invalid JSON body"))?
+        parse_json(&bytes)?
     } else {
         let multipart = Multipart::from_request(request, &state)
             .await
@@ -379,7 +386,9 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         return Err(ApiError::attempt_not_active());
     }
     if !caller.holds(&build) {
-        return Err(ApiError::not_authorized_for_build());
+        // A stale holder gets 409 like every other stale call (R53); a stranger 403.
+        let refusal = queue::refusal(&state.pool, build_id, &caller.worker_id).await?;
+        return Err(explain(state, &caller.worker_id, refusal).await);
     }
     Err(ApiError::bad_request("Missing result file"))
 }

@@ -115,6 +115,13 @@ impl HolderView {
     }
 }
 
+/// The error for a caller who does not hold the build's current attempt: [`QueueError::Stale`] when it
+/// held an earlier attempt (409, api.md B17), else [`QueueError::NotHolder`]; unknown build first.
+pub async fn refusal(pool: &PgPool, build_id: &str, worker_id: &str) -> QueueResult<QueueError> {
+    let mut conn = pool.acquire().await?;
+    Ok(holder_view(&mut conn, build_id, worker_id).await?.refusal())
+}
+
 /// Reads why a fenced operation did not match: unknown build, never held, or a stale attempt.
 pub(crate) async fn holder_view(conn: &mut PgConnection, build_id: &str, worker_id: &str) -> QueueResult<HolderView> {
     sqlx::query_as::<_, HolderView>(

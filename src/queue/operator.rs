@@ -39,11 +39,19 @@ async fn lock(tx: &mut sqlx::PgConnection, build_id: &str) -> QueueResult<Build>
 }
 
 /// Gives a running attempt back to the queue at once (not counted against the build's attempts' fate).
-pub async fn requeue(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> OperatorResult<Build> {
+/// The claim does not hand it back to the same worker within the requeue cool-off (R51); with `drain`,
+/// that worker is also set to `draining` in the same transaction.
+pub async fn requeue(pool: &PgPool, build_id: &str, drain: bool, now: DateTime<Utc>) -> OperatorResult<Build> {
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !build.state().is_held() {
         return refuse(tx, NOT_RUNNING).await;
+    }
+    if drain {
+        sqlx::query("UPDATE workers SET admin_state = 'draining' WHERE id = $1 AND admin_state = 'active'")
+            .bind(&build.lease_owner)
+            .execute(&mut *tx)
+            .await?;
     }
     sqlx::query(
         "UPDATE build_attempts SET finished_at = $3, outcome = 'requeued' WHERE build_id = $1 AND attempt = $2",
@@ -172,8 +180,12 @@ pub async fn set_paused(pool: &PgPool, platform: Platform, paused: bool, now: Da
     Ok(())
 }
 
+/// Why a revoked worker's state cannot change.
+pub const REVOKED: &str = "Worker is revoked; a new registration is a new worker";
+
 /// Sets a worker's operator state: `active`, `draining` (finish the current build, take no new one),
-/// `disabled`; `revoked` also drops its token, marks it offline and requeues its attempt.
+/// `disabled`; `revoked` also drops its token, marks it offline and requeues its attempt. Revoked is
+/// final (R50): revoking again is a no-op, any other change is refused.
 pub async fn set_worker_state(
     pool: &PgPool,
     worker_id: &str,
@@ -181,15 +193,24 @@ pub async fn set_worker_state(
     settings: &super::Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Worker> {
+    let current = super::find_worker(pool, worker_id)
+        .await?
+        .ok_or(QueueError::WorkerNotFound)?;
+    if current.admin_state == "revoked" {
+        return match admin_state {
+            "revoked" => Ok(current),
+            _ => Err(QueueError::Conflict(REVOKED.to_string())),
+        };
+    }
     if admin_state == "revoked" {
         super::unregister(pool, worker_id, settings, now).await?;
     }
-    sqlx::query_as("UPDATE workers SET admin_state = $2 WHERE id = $1 RETURNING *")
+    sqlx::query_as("UPDATE workers SET admin_state = $2 WHERE id = $1 AND admin_state <> 'revoked' RETURNING *")
         .bind(worker_id)
         .bind(admin_state)
         .fetch_optional(pool)
         .await?
-        .ok_or(QueueError::WorkerNotFound)
+        .ok_or_else(|| QueueError::Conflict(REVOKED.to_string()))
 }
 
 /// Revokes a build's access token; the admin key still works.

@@ -26,22 +26,52 @@ pub struct Registration {
     pub reregistered: bool,
 }
 
+/// Longest worker name accepted, in bytes (R48: the name is copied into every assignment log line).
+pub const MAX_NAME_BYTES: usize = 256;
+/// Largest capabilities document accepted, in bytes of compact JSON (R48).
+pub const MAX_CAPABILITIES_BYTES: usize = 16 * 1024;
+
+/// Refuses names and capability documents past their bounds (R48).
+fn check_bounds(req: &RegisterRequest) -> QueueResult<()> {
+    if req.name.len() > MAX_NAME_BYTES {
+        return Err(QueueError::Invalid(format!(
+            "Worker name too long (at most {MAX_NAME_BYTES} bytes)"
+        )));
+    }
+    if serde_json::to_vec(&req.capabilities).map_or(usize::MAX, |v| v.len()) > MAX_CAPABILITIES_BYTES {
+        return Err(QueueError::Invalid(format!(
+            "Capabilities too large (at most {MAX_CAPABILITIES_BYTES} bytes of JSON)"
+        )));
+    }
+    Ok(())
+}
+
 /// Registers a worker, or re-registers a known one for the admin key or that worker's own token.
 /// Re-registering issues a fresh token and revokes the previous one; a worker that still holds an
-/// attempt stays busy.
+/// attempt stays busy. A revoked worker is never re-registered: naming its id registers a new worker
+/// with a fresh id (R50).
 pub async fn register(
     pool: &PgPool,
     req: &RegisterRequest,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Registration> {
-    let id = match (&req.id, &req.caller_worker) {
+    check_bounds(req)?;
+    let mut id = match (&req.id, &req.caller_worker) {
         (Some(id), _) => id.clone(),
         (None, Some(own)) => own.clone(),
         (None, None) => ids::new_id(),
     };
     if req.caller_worker.as_ref().is_some_and(|own| *own != id) {
         return Err(QueueError::Forbidden);
+    }
+    let revoked: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workers WHERE id = $1 AND admin_state = 'revoked')")
+            .bind(&id)
+            .fetch_one(pool)
+            .await?;
+    if revoked {
+        id = ids::new_id();
     }
     let token = ids::new_secret();
     let token_hash = ids::hash_secret(&token);
@@ -70,10 +100,10 @@ pub async fn register(
     }
     let worker: Worker = sqlx::query_as(
         "UPDATE workers SET name = $2, capabilities = $3, platforms = $4, token_hash = $5, token_expires_at = $6,
-            last_seen_at = $7,
+            last_seen_at = $7, unregistered_at = NULL,
             status = CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
                           THEN 'busy' ELSE 'idle' END
-         WHERE id = $1 RETURNING *",
+         WHERE id = $1 AND admin_state <> 'revoked' RETURNING *",
     )
     .bind(&id)
     .bind(&req.name)
@@ -104,13 +134,16 @@ pub async fn find_worker(pool: &PgPool, id: &str) -> QueueResult<Option<Worker>>
 pub const SEEN_DEBOUNCE_SECS: i64 = 10;
 
 /// Records that the worker is alive and slides its token's expiry, at most once per debounce window.
-/// Returns whether it wrote.
+/// A revoked or unregistered worker stays offline (R50). Returns whether it wrote.
 pub async fn touch_worker(
     pool: &PgPool,
     worker: &Worker,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<bool> {
+    if worker.is_out() {
+        return Ok(false);
+    }
     let offline = worker.status == "offline";
     if !offline && worker.last_seen_at > now - Duration::seconds(SEEN_DEBOUNCE_SECS) {
         return Ok(false);
@@ -118,7 +151,7 @@ pub async fn touch_worker(
     sqlx::query(
         "UPDATE workers SET last_seen_at = $2,
             token_expires_at = CASE WHEN token_hash IS NULL THEN NULL ELSE $3 END,
-            status = CASE WHEN status = 'offline' THEN
+            status = CASE WHEN status = 'offline' AND admin_state <> 'revoked' AND unregistered_at IS NULL THEN
                 (CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
                       THEN 'busy' ELSE 'idle' END)
                 ELSE status END
@@ -136,11 +169,15 @@ pub async fn touch_worker(
 /// infrastructure failure. Returns how many builds went back.
 pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now: DateTime<Utc>) -> QueueResult<u64> {
     let mut tx = pool.begin().await?;
-    let found =
-        sqlx::query("UPDATE workers SET status = 'offline', token_hash = NULL, token_expires_at = NULL WHERE id = $1")
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await?;
+    let found = sqlx::query(
+        "UPDATE workers SET status = 'offline', token_hash = NULL, token_expires_at = NULL,
+                unregistered_at = coalesce(unregistered_at, $2)
+             WHERE id = $1",
+    )
+    .bind(worker_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
     if found.rows_affected() == 0 {
         return Err(QueueError::WorkerNotFound);
     }

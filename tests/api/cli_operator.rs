@@ -74,11 +74,17 @@ async fn both_modes_behave_the_same() {
     // Errors are the same too.
     assert_eq!(
         run(&app, true, &["builds", "show", "nosuchbuild"]),
-        (false, serde_json::json!({ "error": "Build not found" }))
+        (
+            false,
+            serde_json::json!({ "error": "Build not found", "code": "build_not_found" })
+        )
     );
     assert_eq!(
         run(&app, false, &["builds", "show", "nosuchbuild"]),
-        (false, serde_json::json!({ "error": "Build not found" }))
+        (
+            false,
+            serde_json::json!({ "error": "Build not found", "code": "build_not_found" })
+        )
     );
     assert_eq!(
         run(&app, true, &["builds", "retry", &id]).1["error"],

@@ -86,7 +86,8 @@ async fn builds_are_listed_with_cursors_filters_and_etags() {
 
 #[tokio::test]
 async fn an_operator_pauses_drains_requeues_retries_patches_and_deletes() {
-    let app = TestApp::spawn().await;
+    // No requeue cool-off: the requeued build may go back to the only worker (R51 tests the cool-off).
+    let app = TestApp::spawn_with(|c| c.queue.requeue_cooloff_secs = 0).await;
     let (worker_id, _) = app.register("w", &["ios"]).await;
 
     // Pause: nothing is handed out; the queue view says so.
