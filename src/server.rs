@@ -155,9 +155,14 @@ async fn shutdown_signal() {
 
 /// Installs the tracing subscriber (`text` or `json`), filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing(format: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // apalis announces each scheduler at INFO ("Worker prune started"), which reads like build workers.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,apalis_core=warn,apalis_cron=warn,sqlx::postgres::notice=warn"));
+    // Colour only for a person at a terminal; never in files, pipes or journald.
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     let _ = if format == "json" {
         builder.json().try_init()
     } else {

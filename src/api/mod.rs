@@ -127,10 +127,23 @@ async fn record_duration(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let started = std::time::Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route, "method" => method, "status" => status)
-        .record(started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    log_request(&route, status, elapsed);
+    metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route, "method" => method, "status" => status.to_string())
+        .record(elapsed.as_secs_f64());
     response
+}
+
+/// One line per request, inside the request span (method, path, request id, build and worker ids):
+/// INFO, except probes and scrapes (DEBUG) so they do not drown the rest.
+fn log_request(route: &str, status: u16, elapsed: std::time::Duration) {
+    let duration_ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
+    if matches!(route, "/health" | "/ready" | "/metrics") {
+        tracing::debug!(route = %route, status, duration_ms, "request");
+    } else {
+        tracing::info!(route = %route, status, duration_ms, "request");
+    }
 }
 
 /// The span of one request: every log line inside carries the request id, and the build and worker ids

@@ -170,10 +170,22 @@ pub async fn enqueue_retry(
         .bind(original_id)
         .execute(&mut *tx)
         .await?;
-    check_retry(&mut tx, original_id, limited).await?;
-    let build = enqueue_bounded(&mut tx, new, max_queued, now).await?;
-    tx.commit().await?;
-    Ok(build)
+    let outcome = async {
+        check_retry(&mut tx, original_id, limited).await?;
+        enqueue_bounded(&mut tx, new, max_queued, now).await
+    }
+    .await;
+    match outcome {
+        Ok(build) => {
+            tx.commit().await?;
+            Ok(build)
+        }
+        // Release the original's row lock now, not when the pool next uses this connection.
+        Err(refused) => {
+            tx.rollback().await?;
+            Err(refused)
+        }
+    }
 }
 
 /// Tells every instance that these `(queue, build id)` became claimable (delivered at commit). One
