@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod queue;
 pub mod server;
 pub mod storage;
+pub mod transport;

@@ -8,6 +8,7 @@ mod cli;
 mod cli_operator;
 mod fleet;
 mod g0_worker;
+mod hardening_transport;
 mod long_poll;
 mod observability;
 mod openapi;
