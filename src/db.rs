@@ -23,7 +23,12 @@ pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
         );
     }
     let options = PgConnectOptions::from_str(&cfg.database_url)
-        .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL {}: {e}", crate::config::redact_url(&cfg.database_url)))?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "invalid DATABASE_URL {}: {e}",
+                crate::config::redact_url(&cfg.database_url)
+            )
+        })?
         .options([
             ("statement_timeout", cfg.db_statement_timeout_ms.to_string()),
             ("lock_timeout", "5000".to_string()),

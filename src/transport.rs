@@ -89,6 +89,7 @@ pub fn raise_fd_limit() -> Option<u64> {
                 limit = raised;
             }
         }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
         Some(limit.rlim_cur as u64)
     }
     #[cfg(not(unix))]

@@ -58,13 +58,10 @@ impl RateLimits {
 
     /// The limiter for a request's credential: the admin key's own, or the shared one.
     fn credential_limiter(&self, headers: &axum::http::HeaderMap) -> Option<&DefaultKeyedRateLimiter<[u8; 16]>> {
-        let is_admin = headers
-            .get(API_KEY)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|key| {
-                let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
-                subtle::ConstantTimeEq::ct_eq(&presented[..], &self.admin_digest[..]).into()
-            });
+        let is_admin = headers.get(API_KEY).and_then(|v| v.to_str().ok()).is_some_and(|key| {
+            let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+            subtle::ConstantTimeEq::ct_eq(&presented[..], &self.admin_digest[..]).into()
+        });
         if is_admin {
             self.per_admin.as_ref()
         } else {

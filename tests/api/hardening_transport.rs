@@ -205,7 +205,15 @@ async fn r42_endless_part_headers_are_bounded() {
         ("/api/workers/upload", ("X-Worker-Token", "bogus-worker-token"), 401),
     ];
     for (path, header, expected) in cases {
-        let sent = stream_body(&server.base, path, &[header], endless_header.as_bytes(), b'a', 200 * MIB).await;
+        let sent = stream_body(
+            &server.base,
+            path,
+            &[header],
+            endless_header.as_bytes(),
+            b'a',
+            200 * MIB,
+        )
+        .await;
         let after = peak_rss_bytes(pid);
         assert!(
             after < before + 32 * MIB,
@@ -292,7 +300,10 @@ async fn r43_silent_trickling_and_idle_connections_are_closed() {
     closed_within(&mut silent, Duration::from_secs(10)).await;
 
     let mut trickling = TcpStream::connect(&addr).await.unwrap();
-    trickling.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    trickling
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let (mut reader, mut writer) = trickling.into_split();
     let trickle = tokio::spawn(async move {
         for _ in 0..100 {
@@ -318,7 +329,9 @@ async fn r43_silent_trickling_and_idle_connections_are_closed() {
     trickle.abort();
 
     let mut idle = TcpStream::connect(&addr).await.unwrap();
-    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut response = Vec::new();
     while !response.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = idle.read(&mut buffer).await.unwrap();
@@ -394,7 +407,10 @@ async fn r55_controller_connections_commit_synchronously() {
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert_eq!(cluster, "off", "the test cluster is expected to run with synchronous_commit=off");
+    assert_eq!(
+        cluster, "off",
+        "the test cluster is expected to run with synchronous_commit=off"
+    );
     let pool = expo_controller::db::connect(&expo_controller::config::DbConfig::new(&app.database_url))
         .await
         .unwrap();
@@ -445,7 +461,13 @@ async fn r56_admin_key_is_not_limited_like_a_worker_token() {
         admin.iter().filter(|s| **s == 429).count()
     });
     // A wrong key is just another credential, limited as such.
-    let wrong = burst(&app, "/health", ("X-API-Key", "not-the-admin-key-but-long-enough-1234"), 1_200).await;
+    let wrong = burst(
+        &app,
+        "/health",
+        ("X-API-Key", "not-the-admin-key-but-long-enough-1234"),
+        1_200,
+    )
+    .await;
     assert!(wrong.contains(&429));
     let (_, token) = app.register("w", &["ios"]).await;
     let worker = burst(&app, "/health", ("X-Worker-Token", &token), 1_200).await;
@@ -469,7 +491,10 @@ async fn r57_help_and_logs_hide_secrets() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(text.contains("DATABASE_URL"), "{args:?}: {text}");
-        assert!(!text.contains("hunter2-db-password"), "{args:?} shows the password: {text}");
+        assert!(
+            !text.contains("hunter2-db-password"),
+            "{args:?} shows the password: {text}"
+        );
         assert!(!text.contains(API_KEY), "{args:?} shows the admin key: {text}");
     }
     // A start that fails to reach the database logs the URL without its password.
@@ -492,5 +517,8 @@ async fn r57_help_and_logs_hide_secrets() {
     );
     assert!(!output.status.success());
     assert!(text.contains("postgres://expo:***@127.0.0.1:1/expo"), "{text}");
-    assert!(!text.contains("hunter2-db-password"), "the log shows the password: {text}");
+    assert!(
+        !text.contains("hunter2-db-password"),
+        "the log shows the password: {text}"
+    );
 }
