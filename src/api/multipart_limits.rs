@@ -101,8 +101,42 @@ impl Scanner {
         if self.state == State::Done {
             return Ok(());
         }
+        if self.carry.is_empty() {
+            return self.scan(chunk);
+        }
+        let reach = self.delimiter_len - 1;
+        if let State::Searching { preamble } = self.state
+            && chunk.len() >= reach
+        {
+            // Inside a part's content (the bulk of an upload), avoid copying the chunk: a delimiter
+            // that spans the two chunks starts in the carried tail and ends within `reach` bytes.
+            let carried = self.carry.len();
+            let mut junction = std::mem::take(&mut self.carry);
+            junction.extend_from_slice(&chunk[..reach]);
+            return match self.delimiter.find(&junction) {
+                Some(at) if at < carried => {
+                    if preamble {
+                        self.grow_preamble(at)?;
+                    }
+                    self.state = State::AfterDelimiter;
+                    self.scan(&chunk[at + self.delimiter_len - carried..])
+                }
+                _ => {
+                    if preamble {
+                        self.grow_preamble(carried)?;
+                    }
+                    self.scan(chunk)
+                }
+            };
+        }
         let mut buffer = std::mem::take(&mut self.carry);
         buffer.extend_from_slice(chunk);
+        self.scan(&buffer)
+    }
+
+    /// Runs the state machine over `buffer` (the carried tail already prepended), leaving in
+    /// `carry` what the next chunk must be read with.
+    fn scan(&mut self, buffer: &[u8]) -> Result<(), LimitError> {
         let mut pos = 0;
         loop {
             let rest = &buffer[pos..];
@@ -210,18 +244,46 @@ mod tests {
         chunks.iter().try_for_each(|c| scanner.check(c))
     }
 
+    /// Scans a complete form; its two parts and the close delimiter must all be seen.
+    fn scan_form(chunks: &[&[u8]]) -> Result<(), LimitError> {
+        let mut scanner = Scanner::new("XyZ");
+        chunks.iter().try_for_each(|c| scanner.check(c))?;
+        assert_eq!((scanner.parts, scanner.state), (2, State::Done));
+        Ok(())
+    }
+
     const FORM: &[u8] = b"--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nvalue\r\n--XyZ\r\n\
 Content-Disposition: form-data; name=\"f\"; filename=\"x\"\r\n\r\n\r\n--Xy not yet\r\n--XyZ--\r\n";
 
     #[test]
     fn a_valid_form_passes_however_it_is_split() {
-        assert_eq!(scan(&[FORM]), Ok(()));
+        assert_eq!(scan_form(&[FORM]), Ok(()));
         for split in 1..FORM.len() {
             let (a, b) = FORM.split_at(split);
-            assert_eq!(scan(&[a, b]), Ok(()), "split at {split}");
+            assert_eq!(scan_form(&[a, b]), Ok(()), "split at {split}");
         }
-        let bytes: Vec<&[u8]> = FORM.chunks(1).collect();
-        assert_eq!(scan(&bytes), Ok(()));
+        for size in 1..12 {
+            let chunks: Vec<&[u8]> = FORM.chunks(size).collect();
+            assert_eq!(scan_form(&chunks), Ok(()), "chunks of {size}");
+        }
+        for first in 1..FORM.len() {
+            for second in first + 1..FORM.len() {
+                let chunks = [&FORM[..first], &FORM[first..second], &FORM[second..]];
+                assert_eq!(scan_form(&chunks), Ok(()), "split at {first} and {second}");
+            }
+        }
+    }
+
+    #[test]
+    fn parts_are_counted_however_the_body_is_split() {
+        let mut body = Vec::new();
+        for _ in 0..=MAX_PARTS {
+            body.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nvalue\r\n");
+        }
+        for size in [1, 2, 3, 5, 7, 8, 9, 13, 64, 1000] {
+            let chunks: Vec<&[u8]> = body.chunks(size).collect();
+            assert_eq!(scan(&chunks), Err(TOO_MANY_PARTS), "chunks of {size}");
+        }
     }
 
     #[test]
