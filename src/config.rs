@@ -95,7 +95,8 @@ pub struct DbConfig {
 
     /// `synchronous_commit` of the controller's own connections. `on` (the default) makes every
     /// acknowledged change durable whatever the cluster's setting; `off` is for benchmarks only.
-    #[arg(long, env = "CONTROLLER_DB_SYNCHRONOUS_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "CONTROLLER_DB_SYNCHRONOUS_COMMIT", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub db_synchronous_commit: bool,
 }
 

@@ -417,6 +417,11 @@ async fn r55_controller_connections_commit_synchronously() {
         cluster, "off",
         "the test cluster is expected to run with synchronous_commit=off"
     );
+    assert!(default_config().db.db_synchronous_commit, "on by default");
+    for (value, expected) in [("off", false), ("false", false), ("on", true), ("true", true)] {
+        let parsed = parse_config(&["--db-synchronous-commit", value]);
+        assert_eq!(parsed.db.db_synchronous_commit, expected, "{value}");
+    }
     let pool = expo_controller::db::connect(&expo_controller::config::DbConfig::new(&app.database_url))
         .await
         .unwrap();
@@ -450,17 +455,20 @@ async fn burst(client: &reqwest::Client, url: &str, header: (&str, &str), count:
         .await
 }
 
-/// The configuration's defaults, as `expo-controller serve` would have them.
-fn default_config() -> expo_controller::config::Config {
+/// The configuration `expo-controller serve` would have with `args` (and defaults for the rest).
+fn parse_config(args: &[&str]) -> expo_controller::config::Config {
     use clap::Parser;
     #[derive(Parser)]
     struct Serve {
         #[command(flatten)]
         config: expo_controller::config::Config,
     }
-    Serve::try_parse_from(["serve", "--database-url", "postgres://unused/db"])
-        .expect("defaults parse")
-        .config
+    let all = ["serve", "--database-url", "postgres://unused/db"].iter().chain(args);
+    Serve::try_parse_from(all).expect("arguments parse").config
+}
+
+fn default_config() -> expo_controller::config::Config {
+    parse_config(&[])
 }
 
 /// A client whose requests come from `ip` (another client, for the per-IP limit).
