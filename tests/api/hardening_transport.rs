@@ -556,3 +556,24 @@ async fn r57_help_and_logs_hide_secrets() {
         "the log shows the password: {text}"
     );
 }
+
+/// R43: the header timeout covers only the wait for a request head: a long poll held longer than it,
+/// and the next request on the same connection, are answered.
+#[tokio::test]
+async fn r43_long_polls_outlast_the_header_timeout() {
+    let app = short_timeouts().await;
+    let (_, token) = app.register("w", &["ios"]).await;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let r = app
+            .client
+            .get(app.url("/api/workers/poll?wait=3"))
+            .header("X-Worker-Token", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["job"], Value::Null);
+        assert!(started.elapsed() >= Duration::from_secs(3));
+    }
+}
