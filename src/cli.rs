@@ -26,7 +26,7 @@ pub struct Target {
     #[arg(long, env = "CONTROLLER_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
     /// PostgreSQL URL when no `--server` is given.
-    #[arg(long, env = "DATABASE_URL", global = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 }
 
@@ -168,9 +168,8 @@ async fn on_database(target: &Target, operation: Operation) -> Result<Value, Val
         .clone()
         .ok_or_else(|| error("set --server or DATABASE_URL"))?;
     let db = DbConfig {
-        database_url: url,
         db_pool_size: 2,
-        db_statement_timeout_ms: 30_000,
+        ..DbConfig::new(url)
     };
     let pool = crate::db::connect(&db).await.map_err(|e| error(e.to_string()))?;
     let settings = QueueConfig::default();

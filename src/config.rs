@@ -61,6 +61,9 @@ pub struct Config {
     pub rate_limit_per_credential: u32,
 
     #[command(flatten)]
+    pub http: HttpConfig,
+
+    #[command(flatten)]
     pub queue: QueueConfig,
 
     #[command(flatten)]
@@ -78,8 +81,8 @@ pub struct Config {
 /// Database connection settings, shared by every subcommand that talks to PostgreSQL.
 #[derive(Debug, Clone, Args)]
 pub struct DbConfig {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL")]
+    /// PostgreSQL connection URL (its value is never shown in `--help` or logs).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
     /// Largest number of pooled database connections.
@@ -89,6 +92,93 @@ pub struct DbConfig {
     /// Statement timeout for every pooled connection, in milliseconds.
     #[arg(long, env = "CONTROLLER_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
     pub db_statement_timeout_ms: u64,
+
+    /// `synchronous_commit` of the controller's own connections. `on` (the default) makes every
+    /// acknowledged change durable whatever the cluster's setting; `off` is for benchmarks only.
+    #[arg(long, env = "CONTROLLER_DB_SYNCHRONOUS_COMMIT", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub db_synchronous_commit: bool,
+}
+
+impl DbConfig {
+    /// Settings for `database_url` with the defaults of every other field.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            db_pool_size: 16,
+            db_statement_timeout_ms: 30_000,
+            db_synchronous_commit: true,
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                url.to_string()
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Transport limits of the HTTP server (R43, R56): how long a connection may take to send a request
+/// head or the next piece of a body, and the admin key's own rate limit.
+#[derive(Debug, Clone, Args)]
+pub struct HttpConfig {
+    /// A connection must send a complete request head within this many seconds of opening, or of the
+    /// previous answer on a kept-alive connection (so it is also the idle keep-alive timeout).
+    #[arg(long, env = "CONTROLLER_HEADER_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_timeout_secs: u64,
+
+    /// A request body (an upload) that delivers no data for this many seconds is cut. A slow upload
+    /// that keeps making progress is never cut, however long it takes.
+    #[arg(long, env = "CONTROLLER_BODY_READ_TIMEOUT_SECS", default_value_t = 60)]
+    pub body_read_timeout_secs: u64,
+
+    /// Requests per second allowed for the admin key (per worker id for G0 workers sharing it);
+    /// 0 (the default) means the admin key has no per-credential limit. The per-IP limit still applies.
+    #[arg(long, env = "CONTROLLER_RATE_LIMIT_PER_ADMIN_KEY", default_value_t = 0)]
+    pub rate_limit_per_admin_key: u32,
+}
+
+impl HttpConfig {
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_read_timeout_secs)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.header_timeout_secs == 0 || self.body_read_timeout_secs == 0 {
+            problems.push(
+                "CONTROLLER_HEADER_TIMEOUT_SECS and CONTROLLER_BODY_READ_TIMEOUT_SECS must be positive".to_string(),
+            );
+        }
+        problems
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 30,
+            body_read_timeout_secs: 60,
+            rate_limit_per_admin_key: 0,
+        }
+    }
 }
 
 /// Leases, deadlines and retries of the build queue.
@@ -243,6 +333,7 @@ impl Config {
     /// Checks every setting and reports all problems together, naming the variables.
     pub fn validate(&self) -> Result<Secrets, String> {
         let mut problems = self.queue.problems();
+        problems.extend(self.http.problems());
         let api_key = match self.api_key.as_deref() {
             None | Some("") => {
                 problems.push("CONTROLLER_API_KEY is not set: refusing to start without an admin API key (make run generates a development key; production needs its own, e.g. from `expo-controller gen-key`)".to_string());
@@ -295,5 +386,22 @@ impl Config {
         } else {
             Err(problems.join("\n  - "))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db.example:5432/expo?sslmode=require"),
+            "postgres://app:***@db.example:5432/expo?sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://app:p@ss@db/expo"), "postgres://app:***@db/expo");
+        assert_eq!(redact_url("postgres://app@db/expo"), "postgres://app@db/expo");
+        assert_eq!(redact_url("postgres://db/expo"), "postgres://db/expo");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }

@@ -17,3 +17,4 @@ pub mod queue;
 pub mod server;
 pub mod storage;
 pub mod text;
+pub mod transport;

@@ -74,6 +74,9 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve { config, no_migrate } => {
             server::init_tracing(&config.log_format);
+            if let Some(limit) = expo_controller::transport::raise_fd_limit() {
+                tracing::info!(open_files = limit, "file descriptor limit");
+            }
             match server::start(*config, None, !no_migrate).await {
                 Ok(running) => {
                     running.wait().await;

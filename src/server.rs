@@ -63,6 +63,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         .validate()
         .map_err(|problems| anyhow::anyhow!("invalid configuration:\n  - {problems}"))?;
     crate::metrics::handle();
+    tracing::info!(
+        database = %crate::config::redact_url(&config.db.database_url),
+        header_timeout_secs = config.http.header_timeout_secs,
+        body_read_timeout_secs = config.http.body_read_timeout_secs,
+        "starting"
+    );
     let pool = db::connect(&config.db).await?;
     if migrate {
         db::migrate(&pool).await?;
@@ -94,15 +100,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     let forward_stop = stop.clone();
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(state);
-    let mut http_stop = stop.clone();
+    let (http_stop, http) = (stop.clone(), config.http.clone());
     tasks.spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = http_stop.changed().await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server failed");
-        }
+        crate::transport::serve(listener, app, &http, http_stop).await;
         "http"
     });
     tasks.spawn(async move {

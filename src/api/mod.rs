@@ -9,6 +9,7 @@ mod error;
 mod extract;
 mod health;
 mod multipart;
+mod multipart_limits;
 pub mod openapi;
 pub mod operations;
 mod progress;
@@ -89,10 +90,12 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let limits = Arc::new(ratelimit::RateLimits::new(
-        state.config.rate_limit_per_ip,
-        state.config.rate_limit_per_credential,
-    ));
+    let rates = ratelimit::Rates {
+        per_ip: state.config.rate_limit_per_ip,
+        per_credential: state.config.rate_limit_per_credential,
+        per_admin: state.config.http.rate_limit_per_admin_key,
+    };
+    let limits = Arc::new(ratelimit::RateLimits::new(rates, &state.secrets.api_key));
     Router::new()
         .merge(health::router())
         .merge(workers::router())
@@ -107,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)
+        .layer(axum::middleware::from_fn(multipart_limits::bound))
         .layer(axum::middleware::from_fn_with_state(limits, ratelimit::enforce))
         .layer(axum::middleware::from_fn(record_duration))
         .layer(axum::middleware::from_fn(json_errors))

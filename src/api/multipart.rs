@@ -11,6 +11,14 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 /// Most parts accepted in one request.
 pub const MAX_PARTS: usize = 64;
 
+/// The answer for a body that failed to parse: the bound it broke (R42), or 400.
+fn invalid(error: &(dyn std::error::Error + 'static)) -> ApiError {
+    match super::multipart_limits::limit_error(error) {
+        Some(limit) => ApiError::new(limit.status, limit.message),
+        None => ApiError::bad_request("Invalid multipart body"),
+    }
+}
+
 /// A multipart body; anything else is rejected by [`require_multipart`].
 pub type MultipartBody = Result<Multipart, MultipartRejection>;
 
@@ -35,10 +43,7 @@ impl Parts {
         if self.seen > MAX_PARTS {
             return Err(ApiError::bad_request("Too many multipart parts"));
         }
-        self.inner
-            .next_field()
-            .await
-            .map_err(|_| ApiError::bad_request("Invalid multipart body"))
+        self.inner.next_field().await.map_err(|e| invalid(&e))
     }
 }
 
@@ -53,11 +58,7 @@ pub async fn read_text(field: Field<'_>) -> ApiResult<String> {
 /// Reads a small file part into memory, answering 413 with `too_large` past `limit` bytes.
 pub async fn read_limited(mut field: Field<'_>, limit: u64, too_large: &'static str) -> ApiResult<Bytes> {
     let mut buffer = BytesMut::new();
-    while let Some(chunk) = field
-        .chunk()
-        .await
-        .map_err(|_| ApiError::bad_request("Invalid multipart body"))?
-    {
+    while let Some(chunk) = field.chunk().await.map_err(|e| invalid(&e))? {
         if (buffer.len() + chunk.len()) as u64 > limit {
             return Err(ApiError::too_large(too_large));
         }

@@ -233,10 +233,8 @@ async fn report(
     request: Request,
     success: Option<bool>,
 ) -> ApiResult<Json<Value>> {
-    // Reject callers without any credential before accepting a byte of the body.
-    if header(&headers, auth::VM_TOKEN).is_none() && header(&headers, WORKER_TOKEN).is_none() {
-        auth::require_admin(&state, &headers)?;
-    }
+    // Authenticate before accepting a byte of the body (R41).
+    auth::require_upload_credential(&state, &headers).await?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

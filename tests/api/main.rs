@@ -9,6 +9,7 @@ mod cli_operator;
 mod fleet;
 mod g0_worker;
 mod hardening_input;
+mod hardening_transport;
 mod long_poll;
 mod observability;
 mod openapi;

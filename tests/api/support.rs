@@ -50,9 +50,8 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         db: DbConfig {
-            database_url: database_url.to_string(),
             db_pool_size: 10,
-            db_statement_timeout_ms: 30_000,
+            ..DbConfig::new(database_url)
         },
         api_key: Some(API_KEY.to_string()),
         storage_dir,
@@ -65,6 +64,7 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         max_log_lines: 10_000,
         rate_limit_per_ip: 0,
         rate_limit_per_credential: 0,
+        http: Default::default(),
         queue: QueueConfig::default(),
         jobs: Default::default(),
         shutdown_grace_secs: 10,

@@ -78,6 +78,8 @@ impl Controller {
             .env("CONTROLLER_STORAGE_DIR", env.root.join("storage"))
             // As the reference PostgreSQL: no fsync (the default is on).
             .env("CONTROLLER_STORAGE_FSYNC", "false")
+            // As the reference PostgreSQL (fast mode): asynchronous commit, an explicit opt-out.
+            .env("CONTROLLER_DB_SYNCHRONOUS_COMMIT", "off")
             .env("CONTROLLER_RATE_LIMIT_PER_IP", "0")
             .env("CONTROLLER_RATE_LIMIT_PER_CREDENTIAL", "0")
             .env(
