@@ -79,7 +79,7 @@ pub struct Config {
 #[derive(Debug, Clone, Args)]
 pub struct DbConfig {
     /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
     /// Largest number of pooled database connections.
@@ -149,6 +149,16 @@ impl QueueConfig {
     }
     pub fn worker_token_ttl(&self) -> Duration {
         Duration::from_secs(self.worker_token_ttl_secs)
+    }
+
+    /// Checks the settings alone (the operator CLI's database mode uses them without a full `Config`).
+    pub fn check(&self) -> Result<(), String> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
     }
 
     fn problems(&self) -> Vec<String> {
