@@ -410,21 +410,19 @@ async fn execute(backend: &Backend, operation: Operation, json: bool) -> CliResu
         Operation::Workers(WorkersCommand::Show { id }) => {
             output::Shown::Worker(backend.call(&Call::ShowWorker(id)).await?)
         }
-        Operation::Workers(command) => {
-            let (id, state) = match command {
-                WorkersCommand::Drain { id } => (id, "draining"),
-                WorkersCommand::Disable { id } => (id, "disabled"),
-                WorkersCommand::Enable { id } => (id, "active"),
-                WorkersCommand::Revoke { id } => (id, "revoked"),
-                WorkersCommand::List { .. } | WorkersCommand::Show { .. } => {
-                    return Err(Failure::new(Exit::Usage, "unreachable worker command"));
-                }
-            };
-            output::Shown::Worker(backend.call(&Call::SetWorkerState { id, state }).await?)
-        }
+        Operation::Workers(WorkersCommand::Drain { id }) => set_worker_state(backend, id, "draining").await?,
+        Operation::Workers(WorkersCommand::Disable { id }) => set_worker_state(backend, id, "disabled").await?,
+        Operation::Workers(WorkersCommand::Enable { id }) => set_worker_state(backend, id, "active").await?,
+        Operation::Workers(WorkersCommand::Revoke { id }) => set_worker_state(backend, id, "revoked").await?,
     };
     output::print(&shown, json);
     Ok(Exit::Ok)
+}
+
+async fn set_worker_state(backend: &Backend, id: String, state: &'static str) -> CliResult<output::Shown> {
+    Ok(output::Shown::Worker(
+        backend.call(&Call::SetWorkerState { id, state }).await?,
+    ))
 }
 
 impl Page {

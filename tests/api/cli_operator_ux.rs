@@ -202,6 +202,10 @@ async fn new_commands_work_the_same_in_both_modes() {
     let polled = app.poll(&worker_id).await;
     let running = polled["job"]["id"].as_str().unwrap().to_string();
     post_logs(&app, &running, &worker_id, &["one", "two & three"]).await;
+    assert_eq!(
+        json_of(&app, true, &["builds", "logs", &running]).await,
+        json_of(&app, false, &["builds", "logs", &running]).await
+    );
     for over_http in [true, false] {
         let (code, logs) = json_of(&app, over_http, &["builds", "logs", &running]).await;
         assert_eq!(code, 0, "{logs}");
