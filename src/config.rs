@@ -78,7 +78,7 @@ pub struct Config {
 /// Database connection settings, shared by every subcommand that talks to PostgreSQL.
 #[derive(Debug, Clone, Args)]
 pub struct DbConfig {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection URL (its value is never shown in `--help` or logs).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use clap::Parser;
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -11,6 +12,13 @@ use super::{Call, CliResult, Exit, Failure};
 use crate::config::{DbConfig, QueueConfig};
 use crate::ops::{self, OpError};
 use crate::queue::QueueError;
+
+/// The `serve` command's database settings, parsed alone.
+#[derive(Parser)]
+struct DbSettings {
+    #[command(flatten)]
+    db: DbConfig,
+}
 
 /// The database of a controller.
 pub(crate) struct Local {
@@ -25,11 +33,25 @@ impl Local {
         if let Err(problems) = settings.check() {
             return Err(Failure::new(Exit::Usage, format!("invalid queue settings: {problems}")));
         }
-        let db = DbConfig {
-            database_url: url.to_string(),
-            db_pool_size: 2,
-            db_statement_timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
-        };
+        // The server's database settings (from the same variables, e.g. CONTROLLER_DB_*), with a small
+        // pool and the CLI's timeout as the statement timeout.
+        let timeout_ms = timeout.as_millis().to_string();
+        let db = DbSettings::try_parse_from([
+            "expo-controller",
+            "--database-url",
+            url,
+            "--db-pool-size",
+            "2",
+            "--db-statement-timeout-ms",
+            &timeout_ms,
+        ])
+        .map_err(|e| {
+            Failure::new(
+                Exit::Usage,
+                format!("invalid database settings: {}", redact_in(&e.to_string(), url)),
+            )
+        })?
+        .db;
         let pool = crate::db::connect(&db).await.map_err(|e| {
             Failure::new(
                 Exit::Usage,
