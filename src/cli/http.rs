@@ -3,6 +3,7 @@
 //! what the server said.
 
 use std::error::Error as _;
+use std::path::Path;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
@@ -25,7 +26,7 @@ pub(crate) struct Remote {
 }
 
 impl Remote {
-    pub fn new(server: &str, api_key: &str, timeout: Duration) -> CliResult<Remote> {
+    pub fn new(server: &str, api_key: &str, ca_cert: Option<&Path>, timeout: Duration) -> CliResult<Remote> {
         let shown = redact_url(server);
         let base =
             Url::parse(server).map_err(|e| Failure::new(Exit::Usage, format!("invalid --server URL {shown}: {e}")))?;
@@ -41,7 +42,16 @@ impl Remote {
                 "--server needs the admin API key: pass --api-key or set CONTROLLER_API_KEY",
             ));
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            let shown = path.display();
+            let pem = std::fs::read(path)
+                .map_err(|e| Failure::new(Exit::Usage, format!("cannot read --ca-cert {shown}: {e}")))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| Failure::new(Exit::Usage, format!("--ca-cert {shown} holds no PEM certificate: {e}")))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .timeout(timeout)
             .user_agent(concat!("expo-controller-cli/", env!("CARGO_PKG_VERSION")))

@@ -37,6 +37,10 @@ pub struct Target {
     /// Admin API key for `--server`.
     #[arg(long, env = "CONTROLLER_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
+    /// Extra root certificate(s) (PEM) trusted for an https:// `--server`, beside the system's (for a
+    /// private CA or a self-signed controller).
+    #[arg(long, env = "CONTROLLER_CA_CERT", value_name = "PEM_FILE", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// PostgreSQL URL when no `--server` is given (the controller's own DATABASE_URL).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
@@ -305,6 +309,7 @@ impl Backend {
             (Some(server), _) => Ok(Backend::Http(http::Remote::new(
                 server,
                 target.api_key.as_deref().unwrap_or_default(),
+                target.ca_cert.as_deref(),
                 timeout,
             )?)),
             (None, Some(url)) => Ok(Backend::Database(

@@ -571,3 +571,73 @@ async fn secrets_stay_out_of_help_and_errors() {
         "{err}"
     );
 }
+
+/// A TLS front (tokio-rustls, the fixture certificate for 127.0.0.1) forwarding to `backend`.
+async fn tls_front(backend: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = backend.trim_start_matches("http://").to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    format!("https://127.0.0.1:{}", addr.port())
+}
+
+/// `--server https://…` speaks TLS: it works against a controller behind TLS whose CA is given with
+/// `--ca-cert`, and refuses (exit 3, saying why) a certificate it cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_servers_work_and_unknown_certificates_are_refused() {
+    let app = TestApp::spawn().await;
+    let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    let https = tls_front(&app.base).await;
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls/ca.pem");
+
+    let mut trusted = against(&https, &["builds", "show", &id, "--json"]);
+    trusted.arg("--ca-cert").arg(&ca);
+    let (code, out, err) = run(trusted).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["id"], id.as_str());
+
+    let (code, _, err) = run(against(&https, &["builds", "show", &id, "--table"])).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("cannot connect to https://127.0.0.1") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+
+    let mut missing = against(&https, &["builds", "list"]);
+    missing.args(["--ca-cert", "/nonexistent/ca.pem"]);
+    let (code, _, err) = run(missing).await;
+    assert_eq!(code, 2, "{err}");
+}
