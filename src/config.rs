@@ -241,6 +241,16 @@ impl QueueConfig {
         Duration::from_secs(self.worker_token_ttl_secs)
     }
 
+    /// Checks the settings alone (the operator CLI's database mode uses them without a full `Config`).
+    pub fn check(&self) -> Result<(), String> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !(1..=10).contains(&self.max_attempts) {

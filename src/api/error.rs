@@ -160,6 +160,17 @@ impl From<QueueError> for ApiError {
     }
 }
 
+impl From<crate::ops::OpError> for ApiError {
+    fn from(error: crate::ops::OpError) -> Self {
+        match error {
+            crate::ops::OpError::Refused { status, message, code } => {
+                ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), message).with_code(code)
+            }
+            crate::ops::OpError::Queue(e) => e.into(),
+        }
+    }
+}
+
 /// What a `Retry-After` says when a queue is full.
 pub const QUEUE_FULL_RETRY_AFTER_SECS: u64 = 30;
 

@@ -11,7 +11,6 @@ mod health;
 mod multipart;
 mod multipart_limits;
 pub mod openapi;
-pub mod operations;
 mod progress;
 mod ratelimit;
 mod results;
@@ -36,6 +35,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+/// The operator operations the handlers share with the CLI (they live below the API layer).
+pub use crate::ops as operations;
 pub use error::{ApiError, ApiResult};
 
 use tokio::sync::watch;

@@ -20,7 +20,7 @@ fn run(app: &TestApp, over_http: bool, args: &[&str]) -> (bool, Value) {
         .env_remove("CONTROLLER_API_KEY");
     // The target goes right after the command group, so that `--` in `args` ends the options.
     let (group, rest) = args.split_first().expect("a command group");
-    command.arg(group);
+    command.args([*group, "--json"]);
     if over_http {
         command.args(["--server", &app.base, "--api-key", API_KEY]);
     } else {

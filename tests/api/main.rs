@@ -6,6 +6,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod cli_operator;
+mod cli_operator_ux;
 mod fleet;
 mod g0_worker;
 mod hardening_input;
