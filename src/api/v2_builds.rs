@@ -14,7 +14,6 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
 use super::{AppState, operations};
-use crate::events::Event;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
 use crate::queue::{self, BuildFilter, BuildState, Platform};
@@ -117,7 +116,6 @@ async fn attempts(State(state): State<AppState>, headers: HeaderMap, IdPath(id):
 async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let build = operations::cancel_build(&state.pool, &id).await?;
-    state.events.publish(Event::build("build.finished", &id, "cancelled"));
     Ok(Json(build))
 }
 
@@ -127,7 +125,6 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
     let build = operator::retry_same(&state.pool, &id, Utc::now())
         .await?
         .map_err(conflict)?;
-    state.events.publish(Event::build("build.updated", &id, "pending"));
     Ok(Json(views::build(&build)))
 }
 
@@ -138,7 +135,6 @@ async fn requeue(State(state): State<AppState>, headers: HeaderMap, IdPath(id): 
         .await?
         .map_err(conflict)?;
     state.workers.clear();
-    state.events.publish(Event::build("build.updated", &id, "pending"));
     Ok(Json(views::build(&build)))
 }
 
@@ -178,7 +174,6 @@ async fn patch(
     let build = operator::patch(&state.pool, &id, priority, run_at, max_attempts, Utc::now())
         .await?
         .map_err(conflict)?;
-    state.events.publish(Event::build("build.updated", &id, &build.state));
     Ok(Json(views::build(&build)))
 }
 

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::attempts::{LockedAttempt, end_attempt, locked_columns};
+use super::emit;
 use super::enqueue::notify_ready;
 use super::{Failure, FailureKind, QueueResult, Settings};
 
@@ -23,7 +24,7 @@ async fn rescue_expired_batch(pool: &PgPool, settings: &Settings, now: DateTime<
         " FROM builds WHERE state IN ('assigned', 'building') AND lease_expires_at < $1
          ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
     );
-    sweep_held(pool, settings, now, batch, SQL, now, |locked| Failure {
+    sweep_held(pool, settings, now, batch, (SQL, "build.rescued"), now, |locked| Failure {
         kind: FailureKind::Infrastructure,
         message: format!(
             "Worker {} stopped responding (lease expired)",
@@ -48,7 +49,7 @@ pub async fn fail_past_deadline(
          ORDER BY started_at LIMIT $2 FOR UPDATE SKIP LOCKED"
     );
     let deadline = settings.build_deadline_secs;
-    sweep_held(pool, settings, now, batch, SQL, cutoff, |_| Failure {
+    sweep_held(pool, settings, now, batch, (SQL, "build.timed_out"), cutoff, |_| Failure {
         kind: FailureKind::Timeout,
         message: format!("Build exceeded the deadline of {deadline} s"),
     })
@@ -56,13 +57,13 @@ pub async fn fail_past_deadline(
 }
 
 /// Locks up to `batch` held rows selected by `select` (`$1 = bound`, `$2 = batch`), skipping rows
-/// other sweepers hold, and ends each attempt with the failure `failure_for` describes.
+/// other sweepers hold, and ends each attempt with the failure `failure_for` describes, emitting `event`.
 async fn sweep_held(
     pool: &PgPool,
     settings: &Settings,
     now: DateTime<Utc>,
     batch: i64,
-    select: &'static str,
+    (select, event): (&'static str, &'static str),
     bound: DateTime<Utc>,
     failure_for: impl Fn(&LockedAttempt) -> Failure,
 ) -> QueueResult<u64> {
@@ -73,7 +74,10 @@ async fn sweep_held(
         .fetch_all(&mut *tx)
         .await?;
     for locked in &rows {
-        end_attempt(&mut tx, locked, &failure_for(locked), settings, now).await?;
+        let failure = failure_for(locked);
+        let build = end_attempt(&mut tx, locked, &failure, settings, now).await?;
+        let data = emit::failure_data(&build, failure.kind, &failure.message, event);
+        emit::emit_build(&mut tx, event, &build, locked.lease_owner.as_deref(), data).await?;
     }
     tx.commit().await?;
     Ok(rows.len() as u64)
@@ -83,10 +87,18 @@ async fn sweep_held(
 pub async fn promote_due(pool: &PgPool, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
     let mut tx = pool.begin().await?;
     let promoted: Vec<(String, String)> = sqlx::query_as(
-        "UPDATE builds SET state = 'pending' WHERE id IN (
-            SELECT id FROM builds WHERE state IN ('scheduled', 'retryable') AND run_at <= $1
-            ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING queue, id",
+        "WITH promoted AS (
+            UPDATE builds SET state = 'pending' WHERE id IN (
+                SELECT id FROM builds WHERE state IN ('scheduled', 'retryable') AND run_at <= $1
+                ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+            RETURNING queue, id, state, attempt
+         ), event AS (
+            INSERT INTO events (kind, build_id, data)
+            SELECT 'build.updated', id, jsonb_build_object('platform', queue, 'state', state, 'attempt', attempt,
+                'reason', 'promoted')
+            FROM promoted
+         )
+         SELECT queue, id FROM promoted",
     )
     .bind(now)
     .bind(batch)

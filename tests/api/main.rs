@@ -6,6 +6,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod cli_operator;
+mod events;
 mod fleet;
 mod g0_worker;
 mod long_poll;

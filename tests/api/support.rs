@@ -67,6 +67,7 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         rate_limit_per_credential: 0,
         queue: QueueConfig::default(),
         jobs: Default::default(),
+        events: Default::default(),
         shutdown_grace_secs: 10,
         log_format: "text".to_string(),
     }
