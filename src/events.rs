@@ -299,7 +299,11 @@ async fn step(pool: &PgPool, events: &Events, gap: &mut Option<Gap>) -> Result<b
             Some(open) if open.at == next && open.waiting.is_empty() => {
                 // Every transaction that could have drawn them has ended since the last read, and
                 // this read (a later snapshot) still lacks them: they will never appear.
-                tracing::debug!(from = next, to = visible - 1, "skipping event ids that were never committed");
+                tracing::debug!(
+                    from = next,
+                    to = visible - 1,
+                    "skipping event ids that were never committed"
+                );
                 next = open.until.min(visible);
                 *gap = None;
             }
@@ -381,7 +385,11 @@ impl Filter {
         if self.build.as_ref().is_some_and(|b| event.build_id.as_ref() != Some(b)) {
             return false;
         }
-        if self.worker.as_ref().is_some_and(|w| event.worker_id.as_ref() != Some(w)) {
+        if self
+            .worker
+            .as_ref()
+            .is_some_and(|w| event.worker_id.as_ref() != Some(w))
+        {
             return false;
         }
         self.kinds.is_empty()

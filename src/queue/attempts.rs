@@ -124,8 +124,7 @@ pub async fn fail(
         return Err(holder_view(&mut tx, build_id, holder.worker_id).await?.refusal());
     };
     let build = end_attempt(&mut tx, &locked, failure, settings, now).await?;
-    let data = emit::failure_data(&build, failure.kind, &failure.message, "reported");
-    emit::emit_build(&mut tx, emit::failure_kind(&build, failure.kind), &build, Some(holder.worker_id), data).await?;
+    emit::emit_failure(&mut tx, &build, Some(holder.worker_id), failure, emit::Ended::Reported).await?;
     tx.commit().await?;
     Ok(build)
 }

@@ -9,7 +9,7 @@
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use super::{Build, FailureKind, QueueResult};
+use super::{Build, Failure, FailureKind, QueueResult};
 
 /// Inserts one event in the caller's transaction.
 pub(crate) async fn emit(
@@ -44,23 +44,42 @@ pub(crate) async fn emit_build(
     emit(conn, kind, Some(&build.id), worker_id, data).await
 }
 
-/// The event of a failed attempt: `build.retry_scheduled` when another attempt follows, else
-/// `build.timed_out` for deadline failures and `build.failed` for the rest.
-pub(crate) fn failure_kind(build: &Build, failure: FailureKind) -> &'static str {
-    if build.state == "retryable" {
-        "build.retry_scheduled"
-    } else if failure == FailureKind::Timeout {
-        "build.timed_out"
-    } else {
-        "build.failed"
-    }
+/// Why an attempt ended with a failure, as its event tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The worker reported it (or abandoned the build).
+    Reported,
+    /// The worker was unregistered or revoked.
+    Unregistered,
+    /// The maintenance sweeps: lease expired, deadline passed.
+    Swept,
 }
 
-/// Fields of a failure event: the error and, when retried, the next attempt's time.
-pub(crate) fn failure_data(build: &Build, kind: FailureKind, message: &str, reason: &str) -> Value {
-    let mut data = json!({ "error": { "kind": kind.as_str(), "message": message }, "reason": reason });
-    if build.state == "retryable" {
+/// The event of a failed attempt (after `end_attempt`): `build.rescued` for a swept infrastructure
+/// failure (lease expired), `build.timed_out` for deadline failures, else `build.retry_scheduled` when
+/// another attempt follows and `build.failed` when none does. Carries the error and the next run time.
+pub(crate) async fn emit_failure(
+    conn: &mut PgConnection,
+    build: &Build,
+    worker_id: Option<&str>,
+    failure: &Failure,
+    ended: Ended,
+) -> QueueResult<()> {
+    let retried = build.state == "retryable";
+    let kind = match (failure.kind, ended) {
+        (FailureKind::Infrastructure, Ended::Swept) => "build.rescued",
+        (FailureKind::Timeout, _) => "build.timed_out",
+        _ if retried => "build.retry_scheduled",
+        _ => "build.failed",
+    };
+    let reason = match ended {
+        Ended::Reported => "reported",
+        Ended::Unregistered => "worker_unregistered",
+        Ended::Swept => kind.trim_start_matches("build."),
+    };
+    let mut data = json!({ "error": { "kind": failure.kind.as_str(), "message": failure.message }, "reason": reason });
+    if retried {
         data["next_run_at"] = json!(build.run_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     }
-    data
+    emit_build(conn, kind, build, worker_id, data).await
 }

@@ -24,7 +24,7 @@ async fn rescue_expired_batch(pool: &PgPool, settings: &Settings, now: DateTime<
         " FROM builds WHERE state IN ('assigned', 'building') AND lease_expires_at < $1
          ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
     );
-    sweep_held(pool, settings, now, batch, (SQL, "build.rescued"), now, |locked| Failure {
+    sweep_held(pool, settings, now, batch, SQL, now, |locked| Failure {
         kind: FailureKind::Infrastructure,
         message: format!(
             "Worker {} stopped responding (lease expired)",
@@ -49,7 +49,7 @@ pub async fn fail_past_deadline(
          ORDER BY started_at LIMIT $2 FOR UPDATE SKIP LOCKED"
     );
     let deadline = settings.build_deadline_secs;
-    sweep_held(pool, settings, now, batch, (SQL, "build.timed_out"), cutoff, |_| Failure {
+    sweep_held(pool, settings, now, batch, SQL, cutoff, |_| Failure {
         kind: FailureKind::Timeout,
         message: format!("Build exceeded the deadline of {deadline} s"),
     })
@@ -57,13 +57,13 @@ pub async fn fail_past_deadline(
 }
 
 /// Locks up to `batch` held rows selected by `select` (`$1 = bound`, `$2 = batch`), skipping rows
-/// other sweepers hold, and ends each attempt with the failure `failure_for` describes, emitting `event`.
+/// other sweepers hold, and ends each attempt with the failure `failure_for` describes.
 async fn sweep_held(
     pool: &PgPool,
     settings: &Settings,
     now: DateTime<Utc>,
     batch: i64,
-    (select, event): (&'static str, &'static str),
+    select: &'static str,
     bound: DateTime<Utc>,
     failure_for: impl Fn(&LockedAttempt) -> Failure,
 ) -> QueueResult<u64> {
@@ -76,8 +76,8 @@ async fn sweep_held(
     for locked in &rows {
         let failure = failure_for(locked);
         let build = end_attempt(&mut tx, locked, &failure, settings, now).await?;
-        let data = emit::failure_data(&build, failure.kind, &failure.message, event);
-        emit::emit_build(&mut tx, event, &build, locked.lease_owner.as_deref(), data).await?;
+        let worker = locked.lease_owner.as_deref();
+        emit::emit_failure(&mut tx, &build, worker, &failure, emit::Ended::Swept).await?;
     }
     tx.commit().await?;
     Ok(rows.len() as u64)

@@ -55,7 +55,8 @@ pub async fn requeue(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> Opera
     let worker = build.lease_owner.clone();
     let build = reset_to_pending(&mut tx, build_id, now).await?;
     append_system_log(&mut tx, build_id, "warn", "Attempt requeued by an operator", now).await?;
-    emit_build(&mut tx, "build.requeued", &build, worker.as_deref(), json!({ "reason": "operator" })).await?;
+    let reason = json!({ "reason": "operator" });
+    emit_build(&mut tx, "build.requeued", &build, worker.as_deref(), reason).await?;
     tx.commit().await?;
     Ok(Ok(build))
 }

@@ -111,12 +111,8 @@ pub async fn delete_history(
 
 /// Deletes events created before `cutoff`, oldest first, at most `batch`; returns how many.
 pub async fn prune_events(pool: &PgPool, cutoff: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
-    Ok(sqlx::query(
-        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < $1 ORDER BY id LIMIT $2)",
-    )
-    .bind(cutoff)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    const SQL: &str =
+        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < $1 ORDER BY id LIMIT $2)";
+    let deleted = sqlx::query(SQL).bind(cutoff).bind(batch).execute(pool).await?;
+    Ok(deleted.rows_affected())
 }

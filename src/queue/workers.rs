@@ -179,8 +179,7 @@ pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now
     };
     for locked in &held {
         let build = super::attempts::end_attempt(&mut tx, locked, &failure, settings, now).await?;
-        let data = emit::failure_data(&build, failure.kind, &failure.message, "worker_unregistered");
-        emit::emit_build(&mut tx, emit::failure_kind(&build, failure.kind), &build, Some(worker_id), data).await?;
+        emit::emit_failure(&mut tx, &build, Some(worker_id), &failure, emit::Ended::Unregistered).await?;
     }
     // end_attempt frees a busy worker to idle; an unregistered one stays offline.
     let admin_state: String =

@@ -107,7 +107,10 @@ fn assert_increasing(frames: &[Frame]) {
         assert_eq!(frame.data["id"].as_i64(), frame.id, "data.id is the SSE id");
         assert_eq!(frame.data["kind"], frame.event.as_str());
         let at = frame.data["at"].as_str().expect("at");
-        assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.ends_with('Z') && at.len() == 24, "{at}");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.ends_with('Z') && at.len() == 24,
+            "{at}"
+        );
     }
 }
 
@@ -194,7 +197,10 @@ async fn a_build_run_by_a_worker_emits_each_change_once_in_order() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(app.upload_form(success_form(&id, &worker_id, b"app")).await.status(), 200);
+    assert_eq!(
+        app.upload_form(success_form(&id, &worker_id, b"app")).await.status(),
+        200
+    );
 
     let frames = stream.until(|f| f.event == "build.completed").await;
     assert_eq!(
@@ -217,18 +223,27 @@ async fn a_build_run_by_a_worker_emits_each_change_once_in_order() {
         assert_eq!((&d["build_id"], &d["platform"]), (&json!(id), &json!("ios")));
     }
     assert_eq!(data[1]["state"], "pending");
-    assert_eq!((&data[2]["state"], &data[2]["worker_id"]), (&json!("assigned"), &json!(worker_id)));
+    assert_eq!(
+        (&data[2]["state"], &data[2]["worker_id"]),
+        (&json!("assigned"), &json!(worker_id))
+    );
     assert_eq!(
         (&data[3]["state"], &data[3]["progress"], &data[3]["stage"]),
         (&json!("building"), &json!(10), &json!("pod install"))
     );
-    assert_eq!((&data[4]["state"], &data[4]["progress"]), (&json!("building"), &json!(55)));
+    assert_eq!(
+        (&data[4]["state"], &data[4]["progress"]),
+        (&json!("building"), &json!(55))
+    );
     assert_eq!(
         (&data[5]["from_seq"], &data[5]["to_seq"], &data[5]["count"]),
         (&json!(2), &json!(3), &json!(2)),
         "one event per posted batch, with its sequence range (seq 1 is the assignment line)"
     );
-    assert_eq!((&data[6]["state"], &data[6]["worker_id"]), (&json!("completed"), &json!(worker_id)));
+    assert_eq!(
+        (&data[6]["state"], &data[6]["worker_id"]),
+        (&json!("completed"), &json!(worker_id))
+    );
     assert!(stream.next(Duration::from_millis(300)).await.is_none(), "nothing else");
     // The stream is the outbox, in the same order.
     let rows = outbox(&app.pool).await;
@@ -250,15 +265,26 @@ async fn failures_unregistering_and_abandoned_workers_emit_their_events() {
     assert_eq!(app.upload_form(form).await.status(), 200);
     let rows = outbox(&app.pool).await;
     let last = rows.last().unwrap();
-    assert_eq!((last.0.as_str(), last.2.as_deref()), ("build.failed", Some(worker_id.as_str())));
+    assert_eq!(
+        (last.0.as_str(), last.2.as_deref()),
+        ("build.failed", Some(worker_id.as_str()))
+    );
     assert_eq!(last.3["state"], "failed");
-    assert_eq!(last.3["error"], json!({ "kind": "build_failure", "message": "gradle exploded" }));
+    assert_eq!(
+        last.3["error"],
+        json!({ "kind": "build_failure", "message": "gradle exploded" })
+    );
 
     // Unregistering gives the held attempt back (retry scheduled) and takes the worker offline.
     let held = app.submit("android", b"s").await["id"].as_str().unwrap().to_string();
     app.poll(&worker_id).await;
     let before = outbox(&app.pool).await.len();
-    assert_eq!(admin_post(&app, &format!("/api/workers/{worker_id}/unregister")).await.status(), 200);
+    assert_eq!(
+        admin_post(&app, &format!("/api/workers/{worker_id}/unregister"))
+            .await
+            .status(),
+        200
+    );
     let rows = outbox(&app.pool).await;
     let new: Vec<&str> = rows[before..]
         .iter()
@@ -268,7 +294,10 @@ async fn failures_unregistering_and_abandoned_workers_emit_their_events() {
     assert_eq!(new, ["build.retry_scheduled", "worker.offline"]);
     let retry = rows[before..].iter().find(|r| r.0 == "build.retry_scheduled").unwrap();
     assert_eq!(retry.1.as_deref(), Some(held.as_str()));
-    assert_eq!((&retry.3["state"], &retry.3["reason"]), (&json!("retryable"), &json!("worker_unregistered")));
+    assert_eq!(
+        (&retry.3["state"], &retry.3["reason"]),
+        (&json!("retryable"), &json!("worker_unregistered"))
+    );
     assert!(retry.3["next_run_at"].is_string());
 }
 
@@ -276,13 +305,27 @@ async fn failures_unregistering_and_abandoned_workers_emit_their_events() {
 async fn operator_actions_emit_one_event_each_and_only_for_real_changes() {
     let app = TestApp::spawn().await;
     let (worker_id, _) = app.register("w", &["ios"]).await;
-    let mut stream = Stream::open(&app, "?kind=build.*,queue.*,worker.draining,worker.disabled,worker.enabled,worker.offline,worker.revoked", None).await;
+    let mut stream = Stream::open(
+        &app,
+        "?kind=build.*,queue.*,worker.draining,worker.disabled,worker.enabled,worker.offline,worker.revoked",
+        None,
+    )
+    .await;
     let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
 
-    assert_eq!(admin_post(&app, &format!("/api/v2/builds/{id}/cancel")).await.status(), 200);
-    assert_eq!(admin_post(&app, &format!("/api/v2/builds/{id}/retry")).await.status(), 200);
+    assert_eq!(
+        admin_post(&app, &format!("/api/v2/builds/{id}/cancel")).await.status(),
+        200
+    );
+    assert_eq!(
+        admin_post(&app, &format!("/api/v2/builds/{id}/retry")).await.status(),
+        200
+    );
     app.poll(&worker_id).await;
-    assert_eq!(admin_post(&app, &format!("/api/v2/builds/{id}/requeue")).await.status(), 200);
+    assert_eq!(
+        admin_post(&app, &format!("/api/v2/builds/{id}/requeue")).await.status(),
+        200
+    );
     let r = app
         .client
         .patch(app.url(&format!("/api/v2/builds/{id}")))
@@ -293,10 +336,18 @@ async fn operator_actions_emit_one_event_each_and_only_for_real_changes() {
         .unwrap();
     assert_eq!(r.status(), 200);
     for path in ["pause", "pause", "resume", "resume"] {
-        assert_eq!(admin_post(&app, &format!("/api/v2/queues/ios/{path}")).await.status(), 200);
+        assert_eq!(
+            admin_post(&app, &format!("/api/v2/queues/ios/{path}")).await.status(),
+            200
+        );
     }
     for path in ["drain", "drain", "disable", "enable"] {
-        assert_eq!(admin_post(&app, &format!("/api/v2/workers/{worker_id}/{path}")).await.status(), 200);
+        assert_eq!(
+            admin_post(&app, &format!("/api/v2/workers/{worker_id}/{path}"))
+                .await
+                .status(),
+            200
+        );
     }
     let r = app
         .client
@@ -306,7 +357,10 @@ async fn operator_actions_emit_one_event_each_and_only_for_real_changes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(admin_post(&app, &format!("/api/v2/builds/{id}/cancel")).await.status(), 200);
+    assert_eq!(
+        admin_post(&app, &format!("/api/v2/builds/{id}/cancel")).await.status(),
+        200
+    );
     let r = app
         .client
         .delete(app.url(&format!("/api/v2/builds/{id}")))
@@ -346,7 +400,10 @@ async fn operator_actions_emit_one_event_each_and_only_for_real_changes() {
         ]
     );
     assert_eq!(changes[2].data["reason"], "retry");
-    assert_eq!((&changes[4].data["reason"], &changes[4].data["worker_id"]), (&json!("operator"), &json!(worker_id)));
+    assert_eq!(
+        (&changes[4].data["reason"], &changes[4].data["worker_id"]),
+        (&json!("operator"), &json!(worker_id))
+    );
     assert_eq!(changes[5].data["priority"], 7);
     assert_eq!(changes[6].data["platform"], "ios");
     assert_eq!(changes[9].data["admin_state"], "disabled");
@@ -385,7 +442,10 @@ async fn each_maintenance_job_emits_its_events() {
     let rescued: Vec<_> = new.iter().filter(|(k, _)| k != "build.log").collect();
     assert_eq!(rescued.len(), 1, "{new:?}");
     assert_eq!(rescued[0].0, "build.rescued");
-    assert_eq!((&rescued[0].1["state"], &rescued[0].1["error"]["kind"]), (&json!("retryable"), &json!("infrastructure")));
+    assert_eq!(
+        (&rescued[0].1["state"], &rescued[0].1["error"]["kind"]),
+        (&json!("retryable"), &json!("infrastructure"))
+    );
     assert!(rescued[0].1["next_run_at"].is_string());
 
     // Promotion: the retry came due.
@@ -395,10 +455,16 @@ async fn each_maintenance_job_emits_its_events() {
     let new = since(&outbox(pool).await, n);
     assert_eq!(new.len(), 1);
     assert_eq!(new[0].0, "build.updated");
-    assert_eq!((&new[0].1["state"], &new[0].1["reason"]), (&json!("pending"), &json!("promoted")));
+    assert_eq!(
+        (&new[0].1["state"], &new[0].1["reason"]),
+        (&json!("pending"), &json!("promoted"))
+    );
 
     // Deadline: the second attempt runs too long.
-    queue::claim(pool, &worker, &settings, much_later).await.unwrap().unwrap();
+    queue::claim(pool, &worker, &settings, much_later)
+        .await
+        .unwrap()
+        .unwrap();
     let n = outbox(pool).await.len();
     let past_deadline = much_later + chrono::Duration::hours(3);
     assert_eq!(Job::DeadlineSweep.run_once(&jobs, past_deadline).await.unwrap(), 1);
@@ -406,29 +472,61 @@ async fn each_maintenance_job_emits_its_events() {
     let timed_out: Vec<_> = new.iter().filter(|(k, _)| k != "build.log").collect();
     assert_eq!(timed_out.len(), 1, "{new:?}");
     assert_eq!(timed_out[0].0, "build.timed_out");
-    assert_eq!((&timed_out[0].1["state"], &timed_out[0].1["error"]["kind"]), (&json!("failed"), &json!("timeout")));
+    assert_eq!(
+        (&timed_out[0].1["state"], &timed_out[0].1["error"]["kind"]),
+        (&json!("failed"), &json!("timeout"))
+    );
 
     // Offline workers, and back online at the next poll.
     let n = outbox(pool).await.len();
     assert_eq!(Job::OfflineWorkers.run_once(&jobs, past_deadline).await.unwrap(), 1);
     let new = since(&outbox(pool).await, n);
-    assert_eq!(new, [("worker.offline".to_string(), json!({ "state": "offline", "admin_state": "active", "reason": "unseen" }))]);
+    assert_eq!(
+        new,
+        [(
+            "worker.offline".to_string(),
+            json!({ "state": "offline", "admin_state": "active", "reason": "unseen" })
+        )]
+    );
     let offline = queue::find_worker(pool, &worker.id).await.unwrap().unwrap();
-    assert!(queue::touch_worker(pool, &offline, &settings, past_deadline).await.unwrap());
+    assert!(
+        queue::touch_worker(pool, &offline, &settings, past_deadline)
+            .await
+            .unwrap()
+    );
     let new = since(&outbox(pool).await, n + 1);
-    assert_eq!(new, [("worker.online".to_string(), json!({ "state": "idle", "admin_state": "active" }))]);
+    assert_eq!(
+        new,
+        [(
+            "worker.online".to_string(),
+            json!({ "state": "idle", "admin_state": "active" })
+        )]
+    );
 
     // Prune: the finished build's row goes (its objects are already gone), with an event.
-    sqlx::query("UPDATE builds SET source_key = NULL WHERE id = $1").bind(&id).execute(pool).await.unwrap();
+    sqlx::query("UPDATE builds SET source_key = NULL WHERE id = $1")
+        .bind(&id)
+        .execute(pool)
+        .await
+        .unwrap();
     let n = outbox(pool).await.len();
-    Job::Prune.run_once(&jobs, past_deadline + chrono::Duration::days(31)).await.unwrap();
+    Job::Prune
+        .run_once(&jobs, past_deadline + chrono::Duration::days(31))
+        .await
+        .unwrap();
     let new = since(&outbox(pool).await, n);
     assert_eq!(new.len(), 1, "{new:?}");
     assert_eq!(new[0].0, "build.deleted");
-    assert_eq!((&new[0].1["state"], &new[0].1["reason"]), (&json!("failed"), &json!("pruned")));
+    assert_eq!(
+        (&new[0].1["state"], &new[0].1["reason"]),
+        (&json!("failed"), &json!("pruned"))
+    );
 
     // Prune also trims the outbox itself, by age.
-    Job::Prune.run_once(&ctx(Default::default()), Utc::now() + chrono::Duration::hours(25)).await.unwrap();
+    Job::Prune
+        .run_once(&ctx(Default::default()), Utc::now() + chrono::Duration::hours(25))
+        .await
+        .unwrap();
     assert_eq!(app.count("events").await, 0);
 }
 
@@ -444,8 +542,14 @@ async fn a_rolled_back_change_has_no_event_and_the_stream_moves_past_its_id() {
     let mut conn = app.pool.acquire().await.unwrap();
     queue::enqueue(&mut conn, &real, Utc::now()).await.unwrap();
 
-    let frame = stream.next(Duration::from_secs(10)).await.expect("the committed build's event");
-    assert_eq!((frame.event.as_str(), &frame.data["build_id"]), ("build.submitted", &json!(real.id)));
+    let frame = stream
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the committed build's event");
+    assert_eq!(
+        (frame.event.as_str(), &frame.data["build_id"]),
+        ("build.submitted", &json!(real.id))
+    );
     assert!(stream.next(Duration::from_millis(300)).await.is_none());
     assert_eq!(outbox_kinds_of(&app.pool, &ghost.id).await, Vec::<String>::new());
     assert_eq!(app.count("builds").await, 1);
@@ -486,7 +590,11 @@ async fn resuming_after_disconnects_misses_nothing_and_repeats_nothing_under_con
         writers.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in 0..EACH {
-                let build = new_build(if (w + i) % 2 == 0 { Platform::Ios } else { Platform::Android });
+                let build = new_build(if (w + i) % 2 == 0 {
+                    Platform::Ios
+                } else {
+                    Platform::Android
+                });
                 // Some transactions roll back: their ids are gaps the stream must pass.
                 let mut tx = pool.begin().await.unwrap();
                 queue::enqueue(&mut tx, &build, Utc::now()).await.unwrap();
@@ -511,7 +619,9 @@ async fn resuming_after_disconnects_misses_nothing_and_repeats_nothing_under_con
         round += 1;
         let mut stream = Stream::open(instance, "?kind=build.submitted", last.or(Some(0))).await;
         for _ in 0..7 {
-            let Some(frame) = stream.next(Duration::from_millis(300)).await else { break };
+            let Some(frame) = stream.next(Duration::from_millis(300)).await else {
+                break;
+            };
             last = frame.id;
             seen.push(frame);
         }
@@ -531,7 +641,10 @@ async fn resuming_after_disconnects_misses_nothing_and_repeats_nothing_under_con
     }
     let all = expected.expect("writers finished");
     assert_increasing(&seen);
-    let got: Vec<String> = seen.iter().map(|f| f.data["build_id"].as_str().unwrap().to_string()).collect();
+    let got: Vec<String> = seen
+        .iter()
+        .map(|f| f.data["build_id"].as_str().unwrap().to_string())
+        .collect();
     let unique: HashSet<String> = got.iter().cloned().collect();
     assert_eq!(unique.len(), got.len(), "no event twice");
     assert_eq!(unique, all, "every committed build, and only those");
@@ -551,7 +664,10 @@ async fn filters_select_by_build_worker_and_kind_and_bad_ones_are_refused() {
     app.poll(&w1).await;
     app.poll(&w2).await;
     admin_post(&app, &format!("/api/v2/workers/{w1}/drain")).await;
-    assert_eq!(admin_post(&app, &format!("/api/v2/builds/{b1}/cancel")).await.status(), 200);
+    assert_eq!(
+        admin_post(&app, &format!("/api/v2/builds/{b1}/cancel")).await.status(),
+        200
+    );
     admin_post(&app, &format!("/api/v2/workers/{w2}/drain")).await;
 
     let mut frames = by_build.until(|f| f.event == "build.cancelled").await;
@@ -567,7 +683,14 @@ async fn filters_select_by_build_worker_and_kind_and_bad_ones_are_refused() {
     let frames = workers.until(|f| f.data["worker_id"] == json!(w2)).await;
     assert_eq!(kinds(&frames), ["worker.draining", "worker.draining"]);
 
-    for bad in ["?build=../x", "?worker=%20", "?kind=Build", "?kind=build.log,", "?last_event_id=-1", "?last_event_id=x"] {
+    for bad in [
+        "?build=../x",
+        "?worker=%20",
+        "?kind=Build",
+        "?kind=build.log,",
+        "?last_event_id=-1",
+        "?last_event_id=x",
+    ] {
         let r = app
             .client
             .get(app.url(&format!("/api/v2/events{bad}")))
@@ -601,7 +724,10 @@ async fn a_resume_from_before_the_replay_window_says_so_then_continues() {
         queue::enqueue(&mut conn, &build, Utc::now()).await.unwrap();
         ids.push(build.id);
     }
-    let last: i64 = sqlx::query_scalar("SELECT max(id) FROM events").fetch_one(&app.pool).await.unwrap();
+    let last: i64 = sqlx::query_scalar("SELECT max(id) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     // Wait until this instance has delivered them all.
     let mut live = Stream::open(&app, "", Some(last - 1)).await;
     live.next(Duration::from_secs(10)).await.expect("latest");
@@ -624,7 +750,10 @@ async fn shutdown_ends_open_streams_at_once() {
     let started = Instant::now();
     app.stop().await;
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(20), "stop waited {took:?}: streams held shutdown (grace is 60 s)");
+    assert!(
+        took < Duration::from_secs(20),
+        "stop waited {took:?}: streams held shutdown (grace is 60 s)"
+    );
     for stream in &mut streams {
         assert!(stream.next(Duration::from_secs(5)).await.is_none(), "stream ended");
     }

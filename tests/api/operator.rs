@@ -338,7 +338,12 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
     let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
     assert_eq!(
         kinds,
-        vec!["worker.registered", "build.submitted", "build.assigned", "build.completed"],
+        vec![
+            "worker.registered",
+            "build.submitted",
+            "build.assigned",
+            "build.completed"
+        ],
         "{text}"
     );
     assert!(text.contains(&id));

@@ -76,7 +76,9 @@ async fn transactions(pool: &PgPool) -> anyhow::Result<i64> {
     // Backends flush their statistics at most once a second.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let mut conn = pool.acquire().await?;
-    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await?;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await?;
     Ok(sqlx::query_scalar(
         "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
     )
@@ -113,7 +115,10 @@ async fn load_with(shared: &Shared, pool: &PgPool, subscribers: usize) -> anyhow
     }
     // The statistics read itself is one transaction per call: not the controller's.
     let controller_and_probes = (after - before - 2).max(0) as f64;
-    Ok((controller_and_probes / elapsed.as_secs_f64(), received.load(Ordering::Relaxed)))
+    Ok((
+        controller_and_probes / elapsed.as_secs_f64(),
+        received.load(Ordering::Relaxed),
+    ))
 }
 
 /// P9b: database transactions/s with 0 and with `subscribers` open streams, same change rate.

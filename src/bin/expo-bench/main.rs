@@ -285,7 +285,9 @@ async fn p9(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         },
         Row {
             id: "P9b",
-            scenario: format!("DB transactions/s, 100 changes in 3 s, 200 SSE subscribers ({received} events received)"),
+            scenario: format!(
+                "DB transactions/s, 100 changes in 3 s, 200 SSE subscribers ({received} events received)"
+            ),
             figure: format!("{with:.1}/s with 200"),
             reference: format!("{without:.1}/s with 0"),
             ratio: format!("{extra:+.3}/s per subscriber"),
