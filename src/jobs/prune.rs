@@ -32,14 +32,18 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
     let row_cutoff = now - Duration::days(ctx.jobs.retention_days as i64);
     let old = queue::prunable_builds(&ctx.pool, row_cutoff, BATCH).await?;
     handled += queue::delete_history(&ctx.pool, &old, row_cutoff, BATCH).await?;
-    // Events are many and small: up to EVENT_BATCHES batches per tick.
+    // Events are many and small: up to EVENT_BATCHES batches per tick (not counted as rows handled).
     let event_cutoff = now - Duration::hours(ctx.jobs.event_retention_hours as i64);
+    let mut events = 0;
     for _ in 0..EVENT_BATCHES {
         let deleted = queue::prune_events(&ctx.pool, event_cutoff, EVENT_BATCH).await?;
-        handled += deleted;
+        events += deleted;
         if deleted < EVENT_BATCH as u64 {
             break;
         }
+    }
+    if events > 0 {
+        tracing::debug!(events, "old events deleted");
     }
     Ok(handled)
 }

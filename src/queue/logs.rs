@@ -71,6 +71,7 @@ pub async fn append_system_log(
 #[derive(sqlx::FromRow)]
 struct LogState {
     state: String,
+    queue: String,
     lease_owner: Option<String>,
     lease_token: Option<i64>,
     worker_id: Option<String>,
@@ -116,7 +117,7 @@ pub async fn append_worker_logs(
     }
     let mut tx = pool.begin().await?;
     let current: Option<LogState> = sqlx::query_as(
-        "SELECT state, lease_owner, lease_token, worker_id, completed_at, log_seq, log_dropped, log_marker_seq
+        "SELECT state, queue, lease_owner, lease_token, worker_id, completed_at, log_seq, log_dropped, log_marker_seq
          FROM builds WHERE id = $1 FOR UPDATE",
     )
     .bind(build_id)
@@ -192,7 +193,8 @@ pub async fn append_worker_logs(
     .await?;
     if log_seq > current.log_seq {
         let data = serde_json::json!({
-            "state": current.state, "from_seq": current.log_seq + 1, "to_seq": log_seq, "count": log_seq - current.log_seq,
+            "platform": current.queue, "state": current.state,
+            "from_seq": current.log_seq + 1, "to_seq": log_seq, "count": log_seq - current.log_seq,
         });
         super::emit::emit(&mut tx, "build.log", Some(build_id), Some(holder.worker_id), data).await?;
     }

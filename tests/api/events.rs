@@ -248,6 +248,30 @@ async fn a_build_run_by_a_worker_emits_each_change_once_in_order() {
     // The stream is the outbox, in the same order.
     let rows = outbox(&app.pool).await;
     assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), kinds(&frames));
+
+    // A late tail after completion (the general append path) is announced too; seq 4 is "Build completed".
+    let late = json!({ "logs": [{ "level": "info", "message": "flushed late" }] });
+    let r = app
+        .client
+        .post(app.url(&format!("/api/builds/{id}/logs")))
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", &worker_id)
+        .json(&late)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tail = stream.next(Duration::from_secs(10)).await.expect("late log event");
+    assert_eq!(tail.event, "build.log");
+    assert_eq!(
+        (
+            &tail.data["state"],
+            &tail.data["platform"],
+            &tail.data["from_seq"],
+            &tail.data["to_seq"]
+        ),
+        (&json!("completed"), &json!("ios"), &json!(5), &json!(5))
+    );
 }
 
 #[tokio::test]
