@@ -38,6 +38,7 @@ pub async fn requeue(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> Opera
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !build.state().is_held() {
+        tx.rollback().await?; // release the row lock now, not when the connection is next used
         return Ok(Err(WrongState(NOT_RUNNING)));
     }
     sqlx::query(
@@ -66,6 +67,7 @@ pub async fn retry_same(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> Op
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !matches!(build.state(), BuildState::Failed | BuildState::Cancelled) {
+        tx.rollback().await?; // release the row lock now, not when the connection is next used
         return Ok(Err(WrongState(NOT_RETRYABLE)));
     }
     let build = reset_to_pending(&mut tx, build_id, now).await?;
@@ -104,6 +106,7 @@ pub async fn patch(
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if build.state().is_held() || build.state().is_final() {
+        tx.rollback().await?; // release the row lock now, not when the connection is next used
         return Ok(Err(WrongState(RUNNING)));
     }
     let build: Build = sqlx::query_as(
