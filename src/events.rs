@@ -30,7 +30,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use chrono::{DateTime, Utc};
 use futures_util::Stream;
 use serde_json::{Value, json};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, PgConnection, PgPool};
 use tokio::sync::{Notify, watch};
 
 use crate::config::EventsConfig;
@@ -247,13 +247,26 @@ pub async fn pump(pool: PgPool, events: Arc<Events>, mut shutdown: watch::Receiv
         }
     }
     let mut gap: Option<Gap> = None;
+    // Its own connection: under load, waiting for a pooled one would delay every event.
+    let mut conn: Option<PgConnection> = None;
     loop {
-        let wait = match step(&pool, &events, &mut gap).await {
+        let read = match conn.as_mut() {
+            Some(conn) => step(conn, &events, &mut gap).await,
+            None => match pool.connect_options().connect().await {
+                Ok(fresh) => {
+                    conn = Some(fresh);
+                    continue;
+                }
+                Err(error) => Err(error),
+            },
+        };
+        let wait = match read {
             Ok(true) => continue,
             Ok(false) if gap.is_some() => GAP_RECHECK,
             Ok(false) => IDLE_RECHECK,
             Err(error) => {
-                tracing::warn!(%error, "reading events failed; retrying");
+                tracing::warn!(%error, "reading events failed; reconnecting");
+                conn = None;
                 IDLE_RECHECK
             }
         };
@@ -267,14 +280,14 @@ pub async fn pump(pool: PgPool, events: Arc<Events>, mut shutdown: watch::Receiv
 
 /// One read: delivers the contiguous run after the last delivered id. Returns true when there may be
 /// more to read at once.
-async fn step(pool: &PgPool, events: &Events, gap: &mut Option<Gap>) -> Result<bool, sqlx::Error> {
+async fn step(conn: &mut PgConnection, events: &Events, gap: &mut Option<Gap>) -> Result<bool, sqlx::Error> {
     let mut next = events.next();
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, kind, build_id, worker_id, data, created_at FROM events WHERE id >= $1 ORDER BY id LIMIT $2",
     )
     .bind(next)
     .bind(READ_BATCH)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let full = rows.len() as i64 == READ_BATCH;
     let mut delivered = Vec::new();
@@ -308,13 +321,13 @@ async fn step(pool: &PgPool, events: &Events, gap: &mut Option<Gap>) -> Result<b
                 *gap = None;
             }
             Some(open) if open.at == next => {
-                let lockers = event_writers(pool).await?;
+                let lockers = event_writers(conn).await?;
                 open.waiting.retain(|vxid| lockers.contains(vxid));
                 blocked = true;
                 break;
             }
             _ => {
-                let waiting = event_writers(pool).await?;
+                let waiting = event_writers(conn).await?;
                 *gap = Some(Gap {
                     at: next,
                     until: visible,
@@ -332,14 +345,14 @@ async fn step(pool: &PgPool, events: &Events, gap: &mut Option<Gap>) -> Result<b
 }
 
 /// Transactions (virtual ids) holding a lock on `events` in this database right now.
-async fn event_writers(pool: &PgPool) -> Result<HashSet<String>, sqlx::Error> {
+async fn event_writers(conn: &mut PgConnection) -> Result<HashSet<String>, sqlx::Error> {
     let lockers: Vec<String> = sqlx::query_scalar(
         "SELECT virtualtransaction FROM pg_locks
          WHERE locktype = 'relation' AND relation = 'events'::regclass
            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
            AND mode = 'RowExclusiveLock' AND virtualtransaction IS NOT NULL",
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok(lockers.into_iter().collect())
 }
