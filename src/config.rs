@@ -69,6 +69,9 @@ pub struct Config {
     #[command(flatten)]
     pub jobs: JobsConfig,
 
+    #[command(flatten)]
+    pub events: EventsConfig,
+
     /// On SIGTERM/SIGINT: how long in-flight requests and uploads may take to finish, in seconds.
     #[arg(long, env = "CONTROLLER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -312,6 +315,10 @@ pub struct JobsConfig {
     #[arg(long, env = "CONTROLLER_ARTIFACT_RETENTION_DAYS", default_value_t = 7)]
     pub artifact_retention_days: u64,
 
+    /// Rows of the event outbox are deleted after this many hours (by the prune job).
+    #[arg(long, env = "CONTROLLER_EVENT_RETENTION_HOURS", default_value_t = 24)]
+    pub event_retention_hours: u64,
+
     /// Run the maintenance jobs in this instance (every instance may; each tick runs once overall).
     #[arg(long, env = "CONTROLLER_RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_jobs: bool,
@@ -324,7 +331,29 @@ impl Default for JobsConfig {
             offline_after_secs: 120,
             retention_days: 30,
             artifact_retention_days: 7,
+            event_retention_hours: 24,
             run_jobs: true,
+        }
+    }
+}
+
+/// The event stream's replay window (what a reconnecting client can still get).
+#[derive(Debug, Clone, Args)]
+pub struct EventsConfig {
+    /// Most recent events kept in memory for `Last-Event-ID` resumes.
+    #[arg(long, env = "CONTROLLER_EVENT_REPLAY_EVENTS", default_value_t = 10_000)]
+    pub event_replay_events: usize,
+
+    /// Events older than this many seconds are no longer replayed.
+    #[arg(long, env = "CONTROLLER_EVENT_REPLAY_SECS", default_value_t = 3_600)]
+    pub event_replay_secs: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            event_replay_events: 10_000,
+            event_replay_secs: 3_600,
         }
     }
 }
@@ -384,6 +413,12 @@ impl Config {
         }
         if self.jobs.artifact_retention_days > self.jobs.retention_days {
             problems.push("CONTROLLER_ARTIFACT_RETENTION_DAYS must not exceed CONTROLLER_RETENTION_DAYS".to_string());
+        }
+        if !(1..=1_000_000).contains(&self.events.event_replay_events) {
+            problems.push("CONTROLLER_EVENT_REPLAY_EVENTS must be between 1 and 1000000".to_string());
+        }
+        if self.jobs.event_retention_hours == 0 {
+            problems.push("CONTROLLER_EVENT_RETENTION_HOURS must be positive".to_string());
         }
         if self.max_log_lines < 1 {
             problems.push("CONTROLLER_MAX_LOG_LINES must be positive".to_string());

@@ -87,7 +87,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     };
     let run_jobs = config.jobs.run_jobs;
     let (shutdown, stop) = watch::channel(false);
-    let (events, outbox) = crate::events::Events::new();
+    let events = crate::events::Events::new(&config.events);
+    if let Err(error) = crate::events::start(&pool, &events).await {
+        tracing::warn!(%error, "event stream not positioned yet; it starts once the database answers");
+    }
     let state = AppState::new(
         pool.clone(),
         storage,
@@ -97,7 +100,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         events.clone(),
     );
     let (listen_pool, wakeups, listen_stop) = (pool.clone(), state.wakeups.clone(), stop.clone());
-    let forward_stop = stop.clone();
+    let (pump_pool, pump_events, pump_stop) = (pool.clone(), events.clone(), stop.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(state);
     let (http_stop, http) = (stop.clone(), config.http.clone());
@@ -110,7 +113,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         "listener"
     });
     tasks.spawn(async move {
-        crate::events::forward(pool, outbox, forward_stop).await;
+        crate::events::pump(pump_pool, pump_events, pump_stop).await;
         "events"
     });
     tasks.spawn(async move {

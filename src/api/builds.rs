@@ -188,9 +188,6 @@ async fn create_build(
         original_build_id: None,
     };
     let build = enqueue(state, &new).await?;
-    state
-        .events
-        .publish(crate::events::Event::build("build.submitted", &build.id, &build.state));
     Ok(Json(json!({
         "id": build.id,
         "status": "pending",
@@ -305,9 +302,6 @@ async fn status(State(state): State<AppState>, headers: HeaderMap, IdPath(id): I
 async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     owned_build(&state, &headers, &id).await?;
     let outcome = queue::cancel(&state.pool, &id, Utc::now()).await?;
-    state
-        .events
-        .publish(crate::events::Event::build("build.finished", &id, "cancelled"));
     if let Some(worker) = &outcome.interrupted_worker {
         tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
     }

@@ -370,7 +370,7 @@ pub const ROUTES: &[(&str, &str, &str, &str, Credential)] = &[
         "GET",
         "/api/v2/events",
         "operator",
-        "Server-Sent Events of state changes",
+        "Server-Sent Events of state changes (`id:` per event; resume with `Last-Event-ID`; filters `?build=`, `?worker=`, `?kind=build.log,worker.*`)",
         Admin,
     ),
 ];

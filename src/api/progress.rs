@@ -151,10 +151,6 @@ async fn heartbeat(
         QueueError::NotHolder => ApiError::forbidden("Build not assigned to this worker"),
         other => other.into(),
     })?;
-    if progress.is_some() {
-        let event = crate::events::Event::build("build.progress", &id, "building").with_progress(progress);
-        state.events.publish(event.with_worker(&caller.worker_id));
-    }
     let mut answer = json!({ "status": "ok", "timestamp": now.timestamp_millis() });
     if outcome.cancel_requested {
         answer["cancel_requested"] = json!(true);

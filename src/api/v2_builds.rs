@@ -14,7 +14,6 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{IdPath, JsonBody, NoParams, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
 use super::{AppState, operations};
-use crate::events::Event;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
 use crate::queue::{self, BuildFilter, BuildState, Platform};
@@ -123,7 +122,6 @@ async fn attempts(
 async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let build = operations::cancel_build(&state.pool, &id).await?;
-    state.events.publish(Event::build("build.finished", &id, "cancelled"));
     Ok(Json(build))
 }
 
@@ -134,7 +132,6 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
         .await?
         .map_err(conflict)?;
     state.wakeups.invalidate(build.platform());
-    state.events.publish(Event::build("build.updated", &id, "pending"));
     Ok(Json(views::build(&build)))
 }
 
@@ -158,7 +155,6 @@ async fn requeue(
         .map_err(conflict)?;
     state.workers.clear();
     state.wakeups.invalidate(build.platform());
-    state.events.publish(Event::build("build.updated", &id, "pending"));
     Ok(Json(views::build(&build)))
 }
 
@@ -199,7 +195,6 @@ async fn patch(
         .await?
         .map_err(conflict)?;
     state.wakeups.invalidate(build.platform());
-    state.events.publish(Event::build("build.updated", &id, &build.state));
     Ok(Json(views::build(&build)))
 }
 

@@ -73,9 +73,6 @@ async fn register(
     };
     let registration = queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    state
-        .events
-        .publish(crate::events::Event::worker("worker.online", &registration.worker.id));
     Ok(Json(json!({
         "id": registration.worker.id,
         "status": if registration.reregistered { "re-registered" } else { "registered" },
@@ -171,13 +168,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
             }
         }
         // The worker's status changed (it is busy now): refresh its cached copy.
-        Some(claim) => {
-            state.workers.forget(&worker.id);
-            if !claim.redelivered {
-                let event = crate::events::Event::build("build.assigned", &claim.build.id, "assigned");
-                state.events.publish(event.with_worker(&worker.id));
-            }
-        }
+        Some(_) => state.workers.forget(&worker.id),
         None => {}
     }
     Ok(claim)
@@ -287,12 +278,7 @@ async fn finish_report(
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
             match results::complete_with(state, &build_id, &caller, staged).await {
-                Ok(()) => {
-                    state
-                        .events
-                        .publish(crate::events::Event::build("build.finished", &build_id, "completed"));
-                    Ok(Json(json!({ "status": "success" })))
-                }
+                Ok(()) => Ok(Json(json!({ "status": "success" }))),
                 Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
                 Err(results::CompleteError::Api(e)) => Err(e),
             }
@@ -358,12 +344,7 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         )
         .await;
         return match outcome {
-            Ok(build) => {
-                state
-                    .events
-                    .publish(crate::events::Event::build("build.finished", build_id, &build.state));
-                Ok(Report::Answered(json!({ "status": "failed" })))
-            }
+            Ok(_) => Ok(Report::Answered(json!({ "status": "failed" }))),
             Err(e) => Err(explain(state, &caller.worker_id, e).await),
         };
     }
@@ -424,9 +405,6 @@ async fn unregister(State(state): State<AppState>, headers: HeaderMap, IdPath(id
     auth::require_admin(&state, &headers)?;
     let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    state
-        .events
-        .publish(crate::events::Event::worker("worker.offline", &id));
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 
@@ -437,9 +415,6 @@ async fn unregister_self(State(state): State<AppState>, headers: HeaderMap) -> A
     let worker = auth::worker_by_token(&state, token).await?;
     let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    state
-        .events
-        .publish(crate::events::Event::worker("worker.offline", &worker.id));
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 

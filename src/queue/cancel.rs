@@ -60,6 +60,8 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
             .await?;
     }
     append_system_log(&mut tx, build_id, "warn", "Build cancelled by user", now).await?;
+    let worker = lease_owner.as_deref().filter(|_| held);
+    super::emit::emit_build(&mut tx, "build.cancelled", &build, worker, serde_json::json!({})).await?;
     tx.commit().await?;
     crate::metrics::build_finished("cancelled");
     Ok(CancelOutcome {

@@ -61,6 +61,11 @@ WITH held AS (
     FROM claimed
 ), worker_row AS (
     UPDATE workers SET status = 'busy', last_seen_at = $2 WHERE id = $1 AND EXISTS (SELECT 1 FROM claimed)
+), event AS (
+    INSERT INTO events (kind, build_id, worker_id, data)
+    SELECT 'build.assigned', id, lease_owner, jsonb_build_object('platform', queue, 'state', state,
+        'attempt', attempt, 'log_seq', log_seq)
+    FROM claimed
 )
 SELECT *, true AS redelivered FROM held
 UNION ALL

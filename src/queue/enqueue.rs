@@ -98,6 +98,11 @@ async fn insert(
             RETURNING *
          ), notified AS (
             SELECT pg_notify($14, queue || ':' || id) FROM inserted WHERE state = 'pending'
+         ), event AS (
+            INSERT INTO events (kind, build_id, data)
+            SELECT 'build.submitted', id, jsonb_build_object('platform', queue, 'state', state, 'attempt', attempt,
+                'priority', priority, 'run_at', run_at, 'original_build_id', original_build_id)
+            FROM inserted
          )
          SELECT inserted.* FROM inserted, (SELECT count(*) FROM notified) AS n"
     );

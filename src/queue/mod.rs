@@ -27,6 +27,7 @@ mod builds;
 mod cancel;
 mod claim;
 mod diagnostics;
+mod emit;
 mod enqueue;
 mod lease;
 mod logs;
@@ -55,7 +56,9 @@ pub use lease::{HeartbeatOutcome, Holder, heartbeat, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
-pub use retention::{claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, stale_artifacts};
+pub use retention::{
+    claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
+};
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
 pub use wakeups::{Generations, Subscription, Wakeups, listen};
 pub use workers::{RegisterRequest, Registration, find_worker, register, touch_worker, unregister};

@@ -199,7 +199,7 @@ async fn recheck(pool: &PgPool, wakeups: &Wakeups) {
     }
 }
 
-/// The LISTEN loop of one instance (build wake-ups and events): runs until `shutdown` flips,
+/// The LISTEN loop of one instance (build wake-ups, and wake-ups of the event pump): runs until `shutdown` flips,
 /// reconnecting after database outages.
 pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
@@ -216,14 +216,16 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mu
             }
         };
         wakeups.forget_hints();
+        events.wake();
         recheck(&pool, &wakeups).await;
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
-                    Ok(Some(notification)) if notification.channel() == EVENTS_CHANNEL => events.deliver(notification.payload()),
+                    Ok(Some(notification)) if notification.channel() == EVENTS_CHANNEL => events.wake(),
                     Ok(Some(notification)) => wakeups.dispatch(notification.payload()),
                     // The connection dropped; notifications may have been lost meanwhile.
                     Ok(None) => {
+                        events.wake();
                         wakeups.forget_hints();
                         recheck(&pool, &wakeups).await;
                     }

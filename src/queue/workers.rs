@@ -3,7 +3,7 @@
 use chrono::{DateTime, Duration, Utc};
 use sqlx::PgPool;
 
-use super::{Platform, QueueError, QueueResult, Settings, Worker};
+use super::{Platform, QueueError, QueueResult, Settings, Worker, emit};
 use crate::ids;
 
 /// A registration request, already validated by the API layer.
@@ -78,9 +78,17 @@ pub async fn register(
     let expires = now + Duration::seconds(settings.worker_token_ttl_secs as i64);
     let platforms: Vec<&str> = req.platforms.iter().map(|p| p.as_str()).collect();
     let inserted: Option<Worker> = sqlx::query_as(
-        "INSERT INTO workers (id, name, capabilities, platforms, token_hash, token_expires_at, registered_at, last_seen_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-         ON CONFLICT (id) DO NOTHING RETURNING *",
+        "WITH inserted AS (
+            INSERT INTO workers (id, name, capabilities, platforms, token_hash, token_expires_at, registered_at, last_seen_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+            ON CONFLICT (id) DO NOTHING RETURNING *
+         ), event AS (
+            INSERT INTO events (kind, worker_id, data)
+            SELECT 'worker.registered', id, jsonb_build_object('state', status, 'admin_state', admin_state,
+                'name', name, 'platforms', platforms, 'reregistered', false)
+            FROM inserted
+         )
+         SELECT * FROM inserted",
     )
     .bind(&id)
     .bind(&req.name)
@@ -99,11 +107,19 @@ pub async fn register(
         });
     }
     let worker: Worker = sqlx::query_as(
-        "UPDATE workers SET name = $2, capabilities = $3, platforms = $4, token_hash = $5, token_expires_at = $6,
-            last_seen_at = $7, unregistered_at = NULL,
-            status = CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
-                          THEN 'busy' ELSE 'idle' END
-         WHERE id = $1 AND admin_state <> 'revoked' RETURNING *",
+        "WITH updated AS (
+            UPDATE workers SET name = $2, capabilities = $3, platforms = $4, token_hash = $5, token_expires_at = $6,
+                last_seen_at = $7, unregistered_at = NULL,
+                status = CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
+                              THEN 'busy' ELSE 'idle' END
+            WHERE id = $1 AND admin_state <> 'revoked' RETURNING *
+         ), event AS (
+            INSERT INTO events (kind, worker_id, data)
+            SELECT 'worker.registered', id, jsonb_build_object('state', status, 'admin_state', admin_state,
+                'name', name, 'platforms', platforms, 'reregistered', true)
+            FROM updated
+         )
+         SELECT * FROM updated",
     )
     .bind(&id)
     .bind(&req.name)
@@ -149,13 +165,20 @@ pub async fn touch_worker(
         return Ok(false);
     }
     sqlx::query(
-        "UPDATE workers SET last_seen_at = $2,
-            token_expires_at = CASE WHEN token_hash IS NULL THEN NULL ELSE $3 END,
-            status = CASE WHEN status = 'offline' AND admin_state <> 'revoked' AND unregistered_at IS NULL THEN
-                (CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
-                      THEN 'busy' ELSE 'idle' END)
-                ELSE status END
-         WHERE id = $1",
+        "WITH prev AS (SELECT id, status FROM workers WHERE id = $1 FOR UPDATE),
+         touched AS (
+            UPDATE workers w SET last_seen_at = $2,
+                token_expires_at = CASE WHEN w.token_hash IS NULL THEN NULL ELSE $3 END,
+                status = CASE WHEN w.status = 'offline' AND w.admin_state <> 'revoked' AND w.unregistered_at IS NULL THEN
+                    (CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
+                          THEN 'busy' ELSE 'idle' END)
+                    ELSE w.status END
+            FROM prev WHERE w.id = prev.id
+            RETURNING w.id, w.status, w.admin_state, prev.status AS was
+         )
+         INSERT INTO events (kind, worker_id, data)
+         SELECT 'worker.online', id, jsonb_build_object('state', status, 'admin_state', admin_state)
+         FROM touched WHERE was = 'offline'",
     )
     .bind(&worker.id)
     .bind(now)
@@ -192,13 +215,17 @@ pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now
         message: format!("Worker {worker_id} unregistered"),
     };
     for locked in &held {
-        super::attempts::end_attempt(&mut tx, locked, &failure, settings, now).await?;
+        let build = super::attempts::end_attempt(&mut tx, locked, &failure, settings, now).await?;
+        emit::emit_failure(&mut tx, &build, Some(worker_id), &failure, emit::Ended::Unregistered).await?;
     }
     // end_attempt frees a busy worker to idle; an unregistered one stays offline.
-    sqlx::query("UPDATE workers SET status = 'offline' WHERE id = $1")
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
+    let admin_state: String =
+        sqlx::query_scalar("UPDATE workers SET status = 'offline' WHERE id = $1 RETURNING admin_state")
+            .bind(worker_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let data = serde_json::json!({ "state": "offline", "admin_state": admin_state, "reason": "unregistered" });
+    emit::emit(&mut tx, "worker.offline", None, Some(worker_id), data).await?;
     tx.commit().await?;
     Ok(held.len() as u64)
 }

@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod cli_operator;
 mod cli_operator_ux;
+mod events;
 mod fleet;
 mod g0_worker;
 mod hardening_input;

@@ -331,7 +331,7 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
     let mut stream = response.bytes_stream();
     let mut text = String::new();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !text.contains("build.finished") && Instant::now() < deadline {
+    while !text.contains("build.completed") && Instant::now() < deadline {
         if let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
             text.push_str(&String::from_utf8_lossy(&chunk));
         }
@@ -339,7 +339,12 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
     let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
     assert_eq!(
         kinds,
-        vec!["worker.online", "build.submitted", "build.assigned", "build.finished"],
+        vec![
+            "worker.registered",
+            "build.submitted",
+            "build.assigned",
+            "build.completed"
+        ],
         "{text}"
     );
     assert!(text.contains(&id));

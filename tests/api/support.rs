@@ -67,6 +67,7 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         http: Default::default(),
         queue: QueueConfig::default(),
         jobs: Default::default(),
+        events: Default::default(),
         shutdown_grace_secs: 10,
         log_format: "text".to_string(),
     }

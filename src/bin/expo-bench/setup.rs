@@ -9,8 +9,13 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub const API_KEY: &str = "bench-admin-key-0123456789abcdef0123456789";
-pub const PG_PORT: u16 = 54331;
-pub const HTTP_PORT: u16 = 4100;
+/// Ports of the bench's PostgreSQL and controller (`BENCH_PG_PORT`, `BENCH_HTTP_PORT` override them).
+fn port(variable: &str, default: u16) -> u16 {
+    std::env::var(variable)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 pub struct Env {
     pub root: PathBuf,
@@ -21,23 +26,24 @@ pub struct Env {
 
 /// Starts PostgreSQL under `root/pg` and creates a fresh `bench` database.
 pub async fn database(root: &Path) -> anyhow::Result<Env> {
+    let pg_port = port("BENCH_PG_PORT", 54331);
     std::fs::create_dir_all(root)?;
     let pg = root.join("pg");
     let status = Command::new("scripts/pg.sh")
         .arg("start")
         .arg(&pg)
-        .arg(PG_PORT.to_string())
+        .arg(pg_port.to_string())
         .arg("fast")
         .status()?;
     anyhow::ensure!(status.success(), "could not start PostgreSQL");
-    let admin_url = format!("postgres://postgres@127.0.0.1:{PG_PORT}/postgres");
+    let admin_url = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
     let admin = PgPoolOptions::new().max_connections(1).connect(&admin_url).await?;
     sqlx::query("DROP DATABASE IF EXISTS bench WITH (FORCE)")
         .execute(&admin)
         .await?;
     sqlx::query("CREATE DATABASE bench").execute(&admin).await?;
     admin.close().await;
-    let database_url = format!("postgres://postgres@127.0.0.1:{PG_PORT}/bench");
+    let database_url = format!("postgres://postgres@127.0.0.1:{pg_port}/bench");
     let pool = PgPoolOptions::new().max_connections(8).connect(&database_url).await?;
     expo_controller::db::migrate(&pool).await?;
     let storage = root.join("storage");
@@ -63,10 +69,11 @@ pub struct Controller {
 impl Controller {
     /// Launches the release binary and waits for `/ready`; returns it and the time to ready.
     pub async fn launch(env: &Env, client: &reqwest::Client) -> anyhow::Result<(Controller, Duration)> {
+        let http_port = port("BENCH_HTTP_PORT", 4100);
         let binary = std::env::current_exe()?.with_file_name("expo-controller");
         anyhow::ensure!(
-            std::net::TcpListener::bind(("127.0.0.1", HTTP_PORT)).is_ok(),
-            "port {HTTP_PORT} is busy: is another controller still running?"
+            std::net::TcpListener::bind(("127.0.0.1", http_port)).is_ok(),
+            "port {http_port} is busy: is another controller still running?"
         );
         let started = Instant::now();
         let child = Command::new(binary)
@@ -74,7 +81,7 @@ impl Controller {
             .env("DATABASE_URL", &env.database_url)
             .env("CONTROLLER_API_KEY", API_KEY)
             .env("CONTROLLER_CERTS_KEY", &env.certs_key)
-            .env("CONTROLLER_LISTEN", format!("127.0.0.1:{HTTP_PORT}"))
+            .env("CONTROLLER_LISTEN", format!("127.0.0.1:{http_port}"))
             .env("CONTROLLER_STORAGE_DIR", env.root.join("storage"))
             // As the reference PostgreSQL: no fsync (the default is on).
             .env("CONTROLLER_STORAGE_FSYNC", "false")
@@ -93,7 +100,7 @@ impl Controller {
             .spawn()?;
         let mut controller = Controller {
             child,
-            base: format!("http://127.0.0.1:{HTTP_PORT}"),
+            base: format!("http://127.0.0.1:{http_port}"),
         };
         let deadline = started + Duration::from_secs(30);
         while Instant::now() < deadline {
