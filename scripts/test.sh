@@ -4,7 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The first free port from TEST_PG_PORT (default 54329) on, so a cluster already there is no obstacle.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port="${TEST_PG_PORT:-54329}"
+for _ in $(seq 1 50); do
+  port_in_use "$port" || break
+  port=$((port + 1))
+done
 dir="$(mktemp -d /tmp/expo-controller-test-pg.XXXXXX)"
 chmod 755 "$dir"
 cleanup() {

@@ -2,6 +2,7 @@
 //!
 //! * [`queue`] — the durable build queue on PostgreSQL (the row is the job).
 //! * [`jobs`] — maintenance jobs that keep the queue moving (rescue, deadlines, promotion).
+//! * [`ops`] — operator operations shared by the `/api/v2` handlers and the operator CLI.
 //! * [`api`] — the HTTP contract served to workers, submitters and operators.
 //! * [`dashboard`] — the operator's web dashboard at `/dashboard`.
 //! * [`storage`] — sources, certs and results, streamed to an object store.
@@ -15,6 +16,9 @@ pub mod events;
 pub mod ids;
 pub mod jobs;
 pub mod metrics;
+pub mod ops;
 pub mod queue;
 pub mod server;
 pub mod storage;
+pub mod text;
+pub mod transport;

@@ -18,6 +18,8 @@ pub const DOWNLOAD_BYTES: &str = "expo_download_bytes_total";
 pub const RATE_LIMITED: &str = "expo_rate_limited_total";
 pub const QUEUE_DEPTH: &str = "expo_queue_depth";
 pub const OLDEST_PENDING: &str = "expo_oldest_pending_age_seconds";
+/// Submits and retries refused because their platform queue was full (R58), by queue.
+pub const QUEUE_FULL: &str = "expo_queue_full_rejections_total";
 
 pub const WORKERS: &str = "expo_workers";
 pub const BUILD_DURATION: &str = "expo_build_duration_seconds";

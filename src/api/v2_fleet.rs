@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 
 use super::auth;
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int};
+use super::extract::{IdPath, NoParams, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
 use super::{AppState, operations};
-use crate::events::Event;
+use crate::events;
 use crate::queue;
 use crate::queue::operator;
 
@@ -32,6 +32,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Page {
     cursor: Option<String>,
     limit: Option<String>,
@@ -72,9 +73,6 @@ async fn set_state(
     auth::require_admin(state, headers)?;
     let worker = operations::set_worker_state(&state.pool, &state.config.queue, id, admin_state).await?;
     state.workers.clear();
-    if admin_state == "revoked" {
-        state.events.publish(Event::worker("worker.offline", id));
-    }
     Ok(Json(worker))
 }
 
@@ -100,12 +98,13 @@ async fn revoke_worker(
     set_state(&state, &headers, &id, "revoked").await
 }
 
-async fn queues(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParams<NoParams>) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
+    let max_queued = state.config.queue.max_queued_builds;
     let views_: Vec<Value> = operator::queue_views(&state.pool, Utc::now())
         .await?
         .iter()
-        .map(views::queue)
+        .map(|q| views::queue(q, max_queued))
         .collect();
     Ok(etagged(&headers, json!({ "items": views_, "next_cursor": null })))
 }
@@ -117,11 +116,23 @@ async fn pause(State(state): State<AppState>, headers: HeaderMap, Path(name): Pa
 
 async fn resume(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    Ok(Json(operations::set_paused(&state.pool, &name, false).await?))
+    let resumed = operations::set_paused(&state.pool, &name, false).await?;
+    // Pollers of this instance look again at once; other instances follow the notification.
+    if let Some(platform) = queue::Platform::parse(&name) {
+        state.wakeups.wake_all(platform);
+    }
+    Ok(Json(resumed))
 }
 
-/// Server-Sent Events of state changes on every instance (the stream lives in `crate::events`).
-async fn events(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+/// Server-Sent Events of state changes on every instance (`crate::events::sse_response`): filters
+/// `?build=`, `?worker=`, `?kind=`; resume with `Last-Event-ID`. The subscription ends with the
+/// connection or at shutdown.
+async fn events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<events::StreamQuery>,
+) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
-    Ok(crate::events::sse_response(&state.events, &headers).into_response())
+    let (filter, last_event_id) = q.resolve(&headers).map_err(ApiError::bad_request)?;
+    Ok(events::sse_response(&state.events, filter, last_event_id, state.shutdown.clone()).into_response())
 }

@@ -14,7 +14,6 @@ use super::session::{self, Session};
 use super::{PageResult, fail, params};
 use crate::api::operations;
 use crate::api::{ApiError, ApiResult, AppState};
-use crate::events::Event;
 use crate::ids::valid_id;
 use crate::queue::Platform;
 use crate::queue::operator;
@@ -45,23 +44,27 @@ fn checked_form(session: &Session, headers: &HeaderMap, body: &Bytes) -> Result<
     Ok(form)
 }
 
-/// One build action; the interim events mirror what `/api/v2` publishes for the same action.
+/// One build action, as `/api/v2` does it (the queue layer emits the events).
 async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap<String, String>) -> ApiResult<String> {
     let short = id.get(..10).unwrap_or(id);
     match action {
         "cancel" => {
             operations::cancel_build(&state.pool, id).await?;
-            state.events.publish(Event::build("build.finished", id, "cancelled"));
             Ok(format!("Build {short} cancelled"))
         }
         "retry" => {
-            operations::retry_build(&state.pool, id).await?;
-            state.events.publish(Event::build("build.updated", id, "pending"));
+            let build = operator::retry_same(&state.pool, id, Utc::now())
+                .await?
+                .map_err(|wrong| ApiError::conflict(wrong.0))?;
+            state.wakeups.invalidate(build.platform());
             Ok(format!("Build {short} queued again"))
         }
         "requeue" => {
-            operations::requeue_build(&state.pool, id).await?;
-            state.events.publish(Event::build("build.updated", id, "pending"));
+            let build = operator::requeue(&state.pool, id, false, Utc::now())
+                .await?
+                .map_err(|wrong| ApiError::conflict(wrong.0))?;
+            state.workers.clear();
+            state.wakeups.invalidate(build.platform());
             Ok(format!("Build {short} requeued"))
         }
         "priority" => {
@@ -73,7 +76,7 @@ async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap
             let build = operator::patch(&state.pool, id, Some(priority), None, None, Utc::now())
                 .await?
                 .map_err(|wrong| ApiError::conflict(wrong.0))?;
-            state.events.publish(Event::build("build.updated", id, &build.state));
+            state.wakeups.invalidate(build.platform());
             Ok(format!("Priority of build {short} set to {priority}"))
         }
         _ => Err(ApiError::not_found("Unknown action")),
@@ -147,17 +150,16 @@ pub async fn worker_action(
     if !valid_id(&id) {
         return Err(super::pages::not_found("Worker not found"));
     }
-    let (admin_state, verb, kind) = match action.as_str() {
-        "drain" => ("draining", "draining", "worker.draining"),
-        "disable" => ("disabled", "disabled", "worker.disabled"),
-        "enable" => ("active", "enabled", "worker.enabled"),
-        "revoke" => ("revoked", "revoked", "worker.revoked"),
+    let (admin_state, verb) = match action.as_str() {
+        "drain" => ("draining", "draining"),
+        "disable" => ("disabled", "disabled"),
+        "enable" => ("active", "enabled"),
+        "revoke" => ("revoked", "revoked"),
         _ => return Err(super::pages::not_found("Unknown action")),
     };
     let outcome = async {
         let worker = operations::set_worker_state(&state.pool, &state.config.queue, &id, admin_state).await?;
         state.workers.clear();
-        state.events.publish(Event::worker(kind, &id));
         let name = worker["name"].as_str().unwrap_or(&id).to_string();
         Ok(format!("Worker {name} {verb}"))
     }
@@ -184,13 +186,12 @@ pub async fn queue_action(
     let outcome = operations::set_paused(&state.pool, platform.as_str(), paused)
         .await
         .map(|_| {
-            let kind = if paused { "queue.paused" } else { "queue.resumed" };
-            state.events.publish(Event {
-                worker_id: None,
-                ..Event::worker(kind, "")
-            });
+            if !paused {
+                state.wakeups.wake_all(platform);
+            }
             format!("Queue {name} {}", if paused { "paused" } else { "resumed" })
-        });
+        })
+        .map_err(ApiError::from);
     Ok(back("/dashboard/queues", outcome))
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -180,8 +180,18 @@ async fn logout(State(state): State<AppState>, session: Session, headers: Header
 }
 
 /// The event stream behind the session cookie: the same stream as `/api/v2/events`.
-async fn events(State(state): State<AppState>, _session: Session, headers: HeaderMap) -> Response {
-    crate::events::sse_response(&state.events, &headers).into_response()
+async fn events(
+    State(state): State<AppState>,
+    _session: Session,
+    headers: HeaderMap,
+    Query(query): Query<crate::events::StreamQuery>,
+) -> Response {
+    match query.resolve(&headers) {
+        Ok((filter, last_event_id)) => {
+            crate::events::sse_response(&state.events, filter, last_event_id, state.shutdown.clone()).into_response()
+        }
+        Err(message) => (StatusCode::BAD_REQUEST, message).into_response(),
+    }
 }
 
 async fn overview(

@@ -1,8 +1,9 @@
 //! `expo-bench` (`make bench`): starts a PostgreSQL and the release controller, measures the SQL
-//! references and the scenarios P1–P7 of performance.md on loopback, and prints one table.
+//! references and the scenarios P1–P7 and P9 of performance.md on loopback, and prints one table.
 //! Benchmarks never fail on a time: they report.
 
 mod dashboard;
+mod events;
 mod scenarios;
 mod setup;
 mod stats;
@@ -112,6 +113,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     }
     if wants("D") {
         rows.extend(dashboard_rows(&bench).await?);
+    }
+    if wants("P9") {
+        rows.extend(p9(&bench).await?);
     }
     rows.push(Row {
         id: "P7",
@@ -309,4 +313,37 @@ async fn dashboard_rows(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+async fn p9(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
+    let latency = events::latency_under_load(&b.shared, b.pool, 200).await?;
+    drain(b.pool).await?;
+    eprintln!("P9 {}", latency.summary());
+    let (without, with, received) = events::subscriber_load(&b.shared, b.pool, 200).await?;
+    eprintln!("P9b {without:.1} vs {with:.1} transactions/s; {received} events received");
+    let extra = (with - without) / 200.0;
+    Ok(vec![
+        Row {
+            id: "P9",
+            scenario: format!("change → SSE client under the P3 load ({} changes)", latency.0.len()),
+            figure: format!("p99 {}", ms(latency.percentile(0.99))),
+            reference: "-".into(),
+            ratio: "-".into(),
+            latency: latency.summary(),
+            target: "p99 ≤ 100 ms",
+            met: latency.percentile(0.99) <= Duration::from_millis(100),
+        },
+        Row {
+            id: "P9b",
+            scenario: format!(
+                "DB transactions/s, 100 changes in 3 s, 200 SSE subscribers ({received} events received)"
+            ),
+            figure: format!("{with:.1}/s with 200"),
+            reference: format!("{without:.1}/s with 0"),
+            ratio: format!("{extra:+.3}/s per subscriber"),
+            latency: "-".into(),
+            target: "no per-subscriber DB work",
+            met: with <= without * 1.2 + 2.0 && received >= 200 * 90,
+        },
+    ])
 }

@@ -10,8 +10,11 @@ use sqlx::postgres::PgPoolOptions;
 
 pub const API_KEY: &str = "bench-admin-key-0123456789abcdef0123456789";
 /// Ports of the bench's PostgreSQL and controller (`BENCH_PG_PORT`, `BENCH_HTTP_PORT` override them).
-fn port(var: &str, default: u16) -> u16 {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+fn port(variable: &str, default: u16) -> u16 {
+    std::env::var(variable)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 pub struct Env {
@@ -82,6 +85,8 @@ impl Controller {
             .env("CONTROLLER_STORAGE_DIR", env.root.join("storage"))
             // As the reference PostgreSQL: no fsync (the default is on).
             .env("CONTROLLER_STORAGE_FSYNC", "false")
+            // As the reference PostgreSQL (fast mode): asynchronous commit, an explicit opt-out.
+            .env("CONTROLLER_DB_SYNCHRONOUS_COMMIT", "off")
             .env("CONTROLLER_RATE_LIMIT_PER_IP", "0")
             .env("CONTROLLER_RATE_LIMIT_PER_CREDENTIAL", "0")
             .env(
