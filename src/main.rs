@@ -29,14 +29,16 @@ enum Command {
     },
     /// Print a fresh random 32-byte key (base64), for CONTROLLER_API_KEY or CONTROLLER_CERTS_KEY.
     GenKey,
-    /// Operator: list, show, cancel, retry or requeue builds.
+    /// Operator: list, show, cancel, retry, requeue or reprioritise builds; print or follow their logs.
+    #[command(after_help = cli::ID_HELP)]
     Builds {
         #[command(subcommand)]
         action: cli::BuildsCommand,
         #[command(flatten)]
         target: cli::Target,
     },
-    /// Operator: pause or resume a platform queue.
+    /// Operator: list, pause or resume the platform queues.
+    #[command(after_help = cli::ID_HELP)]
     Queues {
         #[command(subcommand)]
         action: cli::QueuesCommand,
@@ -48,7 +50,8 @@ enum Command {
         #[command(subcommand)]
         action: StorageCommand,
     },
-    /// Operator: list, drain or revoke workers.
+    /// Operator: list, show, drain, disable, enable or revoke workers.
+    #[command(after_help = cli::ID_HELP)]
     Workers {
         #[command(subcommand)]
         action: cli::WorkersCommand,
@@ -99,26 +102,15 @@ async fn storage_copy(from: Option<String>, storage_dir: std::path::PathBuf, to:
     Ok(())
 }
 
-/// Runs an operator command and prints its JSON (errors to stderr).
-async fn operate(target: cli::Target, operation: cli::Operation) -> std::process::ExitCode {
-    match cli::run(&target, operation).await {
-        Ok(value) => {
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
-            std::process::ExitCode::SUCCESS
-        }
-        Err(value) => {
-            eprintln!("{value}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config, no_migrate } => {
             server::init_tracing(&config.log_format);
+            if let Some(limit) = expo_controller::transport::raise_fd_limit() {
+                tracing::info!(open_files = limit, "file descriptor limit");
+            }
             match server::start(*config, None, !no_migrate).await {
                 Ok(running) => {
                     running.wait().await;
@@ -144,9 +136,9 @@ async fn main() -> std::process::ExitCode {
         Command::Storage {
             action: StorageCommand::Copy { to, from, storage_dir },
         } => storage_copy(from, storage_dir, to).await,
-        Command::Builds { action, target } => return operate(target, cli::Operation::Builds(action)).await,
-        Command::Queues { action, target } => return operate(target, cli::Operation::Queues(action)).await,
-        Command::Workers { action, target } => return operate(target, cli::Operation::Workers(action)).await,
+        Command::Builds { action, target } => return cli::run(&target, cli::Operation::Builds(action)).await,
+        Command::Queues { action, target } => return cli::run(&target, cli::Operation::Queues(action)).await,
+        Command::Workers { action, target } => return cli::run(&target, cli::Operation::Workers(action)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

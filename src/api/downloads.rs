@@ -243,7 +243,7 @@ async fn open(
 
 /// Streams an object as an attachment with `Content-Length`, honouring a single `Range` (206/416).
 /// Without a `Range` header the object is opened once; with one, its size is read first to resolve it.
-pub(super) async fn stream_object(
+pub(crate) async fn stream_object(
     state: &AppState,
     key: &Key,
     request: &HeaderMap,

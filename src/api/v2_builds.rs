@@ -11,10 +11,9 @@ use serde_json::{Value, json};
 
 use super::auth;
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
+use super::extract::{IdPath, JsonBody, NoParams, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
 use super::{AppState, operations};
-use crate::events::Event;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
 use crate::queue::{self, BuildFilter, BuildState, Platform};
@@ -35,6 +34,7 @@ fn conflict(wrong: WrongState) -> ApiError {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     state: Option<String>,
     platform: Option<String>,
@@ -101,7 +101,12 @@ async fn show(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdP
     Ok(etagged(&headers, body))
 }
 
-async fn attempts(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
+async fn attempts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    _: QueryParams<NoParams>,
+) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
     queue::find_build(&state.pool, &id)
         .await?
@@ -116,7 +121,6 @@ async fn attempts(State(state): State<AppState>, headers: HeaderMap, IdPath(id):
 async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let build = operations::cancel_build(&state.pool, &id).await?;
-    state.events.publish(Event::build("build.finished", &id, "cancelled"));
     Ok(Json(build))
 }
 
@@ -126,18 +130,30 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
     let build = operator::retry_same(&state.pool, &id, Utc::now())
         .await?
         .map_err(conflict)?;
-    state.events.publish(Event::build("build.updated", &id, "pending"));
+    state.wakeups.invalidate(build.platform());
     Ok(Json(views::build(&build)))
 }
 
-/// Gives a running attempt back to the queue.
-async fn requeue(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequeueQuery {
+    drain: Option<bool>,
+}
+
+/// Gives a running attempt back to the queue, not to the same worker within the cool-off (R51);
+/// `?drain=true` also drains that worker.
+async fn requeue(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    QueryParams(q): QueryParams<RequeueQuery>,
+) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    let build = operator::requeue(&state.pool, &id, Utc::now())
+    let build = operator::requeue(&state.pool, &id, q.drain.unwrap_or(false), Utc::now())
         .await?
         .map_err(conflict)?;
     state.workers.clear();
-    state.events.publish(Event::build("build.updated", &id, "pending"));
+    state.wakeups.invalidate(build.platform());
     Ok(Json(views::build(&build)))
 }
 
@@ -177,7 +193,7 @@ async fn patch(
     let build = operator::patch(&state.pool, &id, priority, run_at, max_attempts, Utc::now())
         .await?
         .map_err(conflict)?;
-    state.events.publish(Event::build("build.updated", &id, &build.state));
+    state.wakeups.invalidate(build.platform());
     Ok(Json(views::build(&build)))
 }
 

@@ -64,19 +64,23 @@ impl TickRunner {
                         tracing::debug!(instance = %self.instance.0, "tick ran on another instance");
                         return;
                     }
-                    Ok(Some(0)) => {
-                        tracing::debug!(instance = %self.instance.0, handled = 0, "tick ran");
-                        return;
-                    }
                     Ok(Some(handled)) => {
-                        tracing::info!(instance = %self.instance.0, handled, "tick ran");
+                        crate::metrics::job_ran(self.job.name(), false);
+                        if handled == 0 {
+                            tracing::debug!(instance = %self.instance.0, handled, "tick ran");
+                        } else {
+                            tracing::info!(instance = %self.instance.0, handled, "tick ran");
+                        }
                         return;
                     }
                     Err(error) if attempt < ATTEMPTS => {
                         tracing::warn!(%error, attempt, "tick failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                     }
-                    Err(error) => tracing::error!(%error, "tick failed; the next tick will try again"),
+                    Err(error) => {
+                        crate::metrics::job_ran(self.job.name(), true);
+                        tracing::error!(%error, "tick failed; the next tick will try again");
+                    }
                 }
             }
         }

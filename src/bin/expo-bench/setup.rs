@@ -23,7 +23,7 @@ pub fn pg_port() -> u16 {
 
 /// The controller's port; P8 uses the next two (a controller on S3 and the S3 server).
 pub fn http_port() -> u16 {
-    port_from_env("BENCH_PORT_BASE", HTTP_PORT)
+    port_from_env("BENCH_HTTP_PORT", port_from_env("BENCH_PORT_BASE", HTTP_PORT))
 }
 
 pub struct Env {
@@ -105,6 +105,8 @@ impl Controller {
             .env("CONTROLLER_STORAGE_DIR", env.root.join("storage"))
             // As the reference PostgreSQL: no fsync (the default is on).
             .env("CONTROLLER_STORAGE_FSYNC", "false")
+            // As the reference PostgreSQL (fast mode): asynchronous commit, an explicit opt-out.
+            .env("CONTROLLER_DB_SYNCHRONOUS_COMMIT", "off")
             .env("CONTROLLER_RATE_LIMIT_PER_IP", "0")
             .env("CONTROLLER_RATE_LIMIT_PER_CREDENTIAL", "0")
             .env(
