@@ -6,10 +6,10 @@ run: ## Serve on 127.0.0.1:4000 with a local PostgreSQL under ./.data (or DATABA
 test: ## Start a throwaway PostgreSQL, run every test, stop it
 	scripts/test.sh
 
-db-stop: ## Stop the development PostgreSQL under ./.data/pg
-	scripts/pg.sh stop ./.data/pg
+db-stop: ## Stop the development PostgreSQL of `make run`
+	scripts/pg.sh stop "$$(scripts/pg.sh devdir)"
 
-bench: ## Build release binaries and run the P1–P7 benchmarks (prints the table; never fails on a time)
+bench: ## Build release binaries and run the P1–P7 and P9 benchmarks (prints the table; never fails on a time)
 	cargo build --release --features bench --bins
 	ulimit -n $$(ulimit -Hn); target/release/expo-bench
 

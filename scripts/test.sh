@@ -4,7 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The S3-compatible server the storage tests start on loopback (installed on first use).
+if [ -z "${S3S_FS_BIN:-}" ]; then
+  S3S_FS_BIN="$(scripts/s3s-fs.sh)"
+  export S3S_FS_BIN
+fi
+
+# The first free port from TEST_PG_PORT (default 54329) on, so a cluster already there is no obstacle.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port="${TEST_PG_PORT:-54329}"
+for _ in $(seq 1 50); do
+  port_in_use "$port" || break
+  port=$((port + 1))
+done
 dir="$(mktemp -d /tmp/expo-controller-test-pg.XXXXXX)"
 chmod 755 "$dir"
 cleanup() {
@@ -12,6 +24,12 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
+
+# The dashboard's browser tests (tests/api/dashboard.rs) drive Debian's Chromium with playwright-core.
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  command -v npm >/dev/null || { echo "npm is missing: apt-get install nodejs npm (the browser tests need it)" >&2; exit 1; }
+  npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+fi
 
 scripts/pg.sh start "$dir" "$port" fast
 export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"

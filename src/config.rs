@@ -28,6 +28,9 @@ pub struct Config {
     #[arg(long, env = "CONTROLLER_STORAGE_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
     pub storage_fsync: bool,
 
+    #[command(flatten)]
+    pub storage: StorageConfig,
+
     /// Key that encrypts certificates at rest: base64 of 32 bytes (`expo-controller gen-key`).
     #[arg(long, env = "CONTROLLER_CERTS_KEY", hide_env_values = true)]
     pub certs_key: Option<String>,
@@ -61,10 +64,19 @@ pub struct Config {
     pub rate_limit_per_credential: u32,
 
     #[command(flatten)]
+    pub http: HttpConfig,
+
+    #[command(flatten)]
     pub queue: QueueConfig,
 
     #[command(flatten)]
     pub jobs: JobsConfig,
+
+    #[command(flatten)]
+    pub dashboard: DashboardConfig,
+
+    #[command(flatten)]
+    pub events: EventsConfig,
 
     /// On SIGTERM/SIGINT: how long in-flight requests and uploads may take to finish, in seconds.
     #[arg(long, env = "CONTROLLER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
@@ -75,11 +87,45 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// Object storage beyond the local directory (S3-compatible stores shared by several instances).
+#[derive(Debug, Clone, Args)]
+pub struct StorageConfig {
+    /// Artifact store: `s3://bucket[/prefix]` (endpoint, region and credentials from the standard
+    /// `AWS_*` variables), `file:///absolute/dir`, or unset for CONTROLLER_STORAGE_DIR.
+    #[arg(long, env = "CONTROLLER_STORAGE_URL")]
+    pub storage_url: Option<String>,
+
+    /// Answer result and source downloads of owners with a 302 to a short-lived presigned URL (S3 only).
+    #[arg(long, env = "CONTROLLER_PRESIGN_DOWNLOADS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub presign_downloads: bool,
+
+    /// Lifetime of a presigned download URL, in seconds.
+    #[arg(long, env = "CONTROLLER_PRESIGN_TTL_SECS", default_value_t = 300)]
+    pub presign_ttl_secs: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            storage_url: None,
+            presign_downloads: false,
+            presign_ttl_secs: 300,
+        }
+    }
+}
+
+impl Config {
+    /// The configured artifact store.
+    pub fn storage_target(&self) -> Result<crate::storage::StorageTarget, String> {
+        crate::storage::StorageTarget::parse(self.storage.storage_url.as_deref(), &self.storage_dir)
+    }
+}
+
 /// Database connection settings, shared by every subcommand that talks to PostgreSQL.
 #[derive(Debug, Clone, Args)]
 pub struct DbConfig {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL")]
+    /// PostgreSQL connection URL (its value is never shown in `--help` or logs).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
     /// Largest number of pooled database connections.
@@ -89,6 +135,93 @@ pub struct DbConfig {
     /// Statement timeout for every pooled connection, in milliseconds.
     #[arg(long, env = "CONTROLLER_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
     pub db_statement_timeout_ms: u64,
+
+    /// `synchronous_commit` of the controller's own connections. `on` (the default) makes every
+    /// acknowledged change durable whatever the cluster's setting; `off` is for benchmarks only.
+    #[arg(long, env = "CONTROLLER_DB_SYNCHRONOUS_COMMIT", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub db_synchronous_commit: bool,
+}
+
+impl DbConfig {
+    /// Settings for `database_url` with the defaults of every other field.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            db_pool_size: 16,
+            db_statement_timeout_ms: 30_000,
+            db_synchronous_commit: true,
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                url.to_string()
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Transport limits of the HTTP server (R43, R56): how long a connection may take to send a request
+/// head or the next piece of a body, and the admin key's own rate limit.
+#[derive(Debug, Clone, Args)]
+pub struct HttpConfig {
+    /// A connection must send a complete request head within this many seconds of opening, or of the
+    /// previous answer on a kept-alive connection (so it is also the idle keep-alive timeout).
+    #[arg(long, env = "CONTROLLER_HEADER_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_timeout_secs: u64,
+
+    /// A request body (an upload) that delivers no data for this many seconds is cut. A slow upload
+    /// that keeps making progress is never cut, however long it takes.
+    #[arg(long, env = "CONTROLLER_BODY_READ_TIMEOUT_SECS", default_value_t = 60)]
+    pub body_read_timeout_secs: u64,
+
+    /// Requests per second allowed for the admin key (per worker id for G0 workers sharing it);
+    /// 0 (the default) means the admin key has no per-credential limit. The per-IP limit still applies.
+    #[arg(long, env = "CONTROLLER_RATE_LIMIT_PER_ADMIN_KEY", default_value_t = 0)]
+    pub rate_limit_per_admin_key: u32,
+}
+
+impl HttpConfig {
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_read_timeout_secs)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.header_timeout_secs == 0 || self.body_read_timeout_secs == 0 {
+            problems.push(
+                "CONTROLLER_HEADER_TIMEOUT_SECS and CONTROLLER_BODY_READ_TIMEOUT_SECS must be positive".to_string(),
+            );
+        }
+        problems
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 30,
+            body_read_timeout_secs: 60,
+            rate_limit_per_admin_key: 0,
+        }
+    }
 }
 
 /// Leases, deadlines and retries of the build queue.
@@ -125,6 +258,16 @@ pub struct QueueConfig {
     /// Lifetime of a worker token; every authenticated poll extends it.
     #[arg(long, env = "CONTROLLER_WORKER_TOKEN_TTL_SECS", default_value_t = 86_400)]
     pub worker_token_ttl_secs: u64,
+
+    /// A build an operator requeued is not handed back to the worker it came from for this long
+    /// (0: no cool-off).
+    #[arg(long, env = "CONTROLLER_REQUEUE_COOLOFF_SECS", default_value_t = 600)]
+    pub requeue_cooloff_secs: u64,
+
+    /// Most queued builds (pending, scheduled, retryable) per platform; past it, submit and retry
+    /// answer 503 `Build queue is full` with `Retry-After`.
+    #[arg(long, env = "CONTROLLER_MAX_QUEUED_BUILDS", default_value_t = 10_000)]
+    pub max_queued_builds: i64,
 }
 
 impl QueueConfig {
@@ -141,6 +284,16 @@ impl QueueConfig {
         Duration::from_secs(self.worker_token_ttl_secs)
     }
 
+    /// Checks the settings alone (the operator CLI's database mode uses them without a full `Config`).
+    pub fn check(&self) -> Result<(), String> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !(1..=10).contains(&self.max_attempts) {
@@ -153,6 +306,9 @@ impl QueueConfig {
         }
         if self.build_deadline_secs == 0 {
             problems.push("CONTROLLER_BUILD_DEADLINE_SECS must be positive".to_string());
+        }
+        if self.max_queued_builds < 1 {
+            problems.push("CONTROLLER_MAX_QUEUED_BUILDS must be positive".to_string());
         }
         if self.backoff_base_secs > self.backoff_cap_secs {
             problems.push("CONTROLLER_BACKOFF_BASE_SECS must not exceed CONTROLLER_BACKOFF_CAP_SECS".to_string());
@@ -172,6 +328,8 @@ impl Default for QueueConfig {
             backoff_cap_secs: 600,
             retry_build_failures: false,
             worker_token_ttl_secs: 86_400,
+            requeue_cooloff_secs: 600,
+            max_queued_builds: 10_000,
         }
     }
 }
@@ -181,7 +339,7 @@ impl Default for QueueConfig {
 pub struct JobsConfig {
     /// Schedule overrides, `job=cron;job=cron` with 6-field cron expressions (seconds first), e.g.
     /// `prune=0 0 3 * * *`. Jobs: rescue_expired_leases, deadline_sweep, offline_workers,
-    /// promote_scheduled, purge_certs, prune.
+    /// promote_scheduled, purge_certs, prune, sweep_staging, storage_deletions.
     #[arg(long, env = "CONTROLLER_JOB_SCHEDULES", default_value = "")]
     pub job_schedules: String,
 
@@ -197,6 +355,13 @@ pub struct JobsConfig {
     #[arg(long, env = "CONTROLLER_ARTIFACT_RETENTION_DAYS", default_value_t = 7)]
     pub artifact_retention_days: u64,
 
+    /// Staging uploads and partial files older than this are swept (every instance sweeps its own store).
+    #[arg(long, env = "CONTROLLER_STAGING_MAX_AGE_SECS", default_value_t = 6 * 3600)]
+    pub staging_max_age_secs: u64,
+    /// Rows of the event outbox are deleted after this many hours (by the prune job).
+    #[arg(long, env = "CONTROLLER_EVENT_RETENTION_HOURS", default_value_t = 24)]
+    pub event_retention_hours: u64,
+
     /// Run the maintenance jobs in this instance (every instance may; each tick runs once overall).
     #[arg(long, env = "CONTROLLER_RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_jobs: bool,
@@ -209,7 +374,51 @@ impl Default for JobsConfig {
             offline_after_secs: 120,
             retention_days: 30,
             artifact_retention_days: 7,
+            staging_max_age_secs: 6 * 3600,
+            event_retention_hours: 24,
             run_jobs: true,
+        }
+    }
+}
+
+/// The web dashboard's sign-in.
+#[derive(Debug, Clone, Args)]
+pub struct DashboardConfig {
+    /// Lifetime of a dashboard sign-in, in seconds (the session ends then, or at log-out).
+    #[arg(long, env = "CONTROLLER_DASHBOARD_SESSION_TTL_SECS", default_value_t = 43_200)]
+    pub dashboard_session_ttl_secs: u64,
+
+    /// Dashboard sign-in attempts allowed per client IP per minute.
+    #[arg(long, env = "CONTROLLER_DASHBOARD_SIGNINS_PER_MINUTE", default_value_t = 10)]
+    pub dashboard_signins_per_minute: u32,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            dashboard_session_ttl_secs: 43_200,
+            dashboard_signins_per_minute: 10,
+        }
+    }
+}
+
+/// The event stream's replay window (what a reconnecting client can still get).
+#[derive(Debug, Clone, Args)]
+pub struct EventsConfig {
+    /// Most recent events kept in memory for `Last-Event-ID` resumes.
+    #[arg(long, env = "CONTROLLER_EVENT_REPLAY_EVENTS", default_value_t = 10_000)]
+    pub event_replay_events: usize,
+
+    /// Events older than this many seconds are no longer replayed.
+    #[arg(long, env = "CONTROLLER_EVENT_REPLAY_SECS", default_value_t = 3_600)]
+    pub event_replay_secs: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            event_replay_events: 10_000,
+            event_replay_secs: 3_600,
         }
     }
 }
@@ -228,6 +437,7 @@ impl Config {
     /// Checks every setting and reports all problems together, naming the variables.
     pub fn validate(&self) -> Result<Secrets, String> {
         let mut problems = self.queue.problems();
+        problems.extend(self.http.problems());
         let api_key = match self.api_key.as_deref() {
             None | Some("") => {
                 problems.push("CONTROLLER_API_KEY is not set: refusing to start without an admin API key (make run generates a development key; production needs its own, e.g. from `expo-controller gen-key`)".to_string());
@@ -269,6 +479,27 @@ impl Config {
         if self.jobs.artifact_retention_days > self.jobs.retention_days {
             problems.push("CONTROLLER_ARTIFACT_RETENTION_DAYS must not exceed CONTROLLER_RETENTION_DAYS".to_string());
         }
+        if let Err(problem) = self.storage_target() {
+            problems.push(problem);
+        }
+        if self.storage.presign_downloads && !(1..=7 * 86_400).contains(&self.storage.presign_ttl_secs) {
+            problems.push("CONTROLLER_PRESIGN_TTL_SECS must be between 1 and 604800".to_string());
+        }
+        if self.jobs.staging_max_age_secs < 60 {
+            problems.push("CONTROLLER_STAGING_MAX_AGE_SECS must be at least 60".to_string());
+        }
+        if self.dashboard.dashboard_session_ttl_secs == 0 || self.dashboard.dashboard_signins_per_minute == 0 {
+            problems.push(
+                "CONTROLLER_DASHBOARD_SESSION_TTL_SECS and CONTROLLER_DASHBOARD_SIGNINS_PER_MINUTE must be positive"
+                    .to_string(),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.events.event_replay_events) {
+            problems.push("CONTROLLER_EVENT_REPLAY_EVENTS must be between 1 and 1000000".to_string());
+        }
+        if self.jobs.event_retention_hours == 0 {
+            problems.push("CONTROLLER_EVENT_RETENTION_HOURS must be positive".to_string());
+        }
         if self.max_log_lines < 1 {
             problems.push("CONTROLLER_MAX_LOG_LINES must be positive".to_string());
         }
@@ -280,5 +511,22 @@ impl Config {
         } else {
             Err(problems.join("\n  - "))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db.example:5432/expo?sslmode=require"),
+            "postgres://app:***@db.example:5432/expo?sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://app:p@ss@db/expo"), "postgres://app:***@db/expo");
+        assert_eq!(redact_url("postgres://app@db/expo"), "postgres://app@db/expo");
+        assert_eq!(redact_url("postgres://db/expo"), "postgres://db/expo");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }

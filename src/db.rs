@@ -11,13 +11,29 @@ use crate::config::DbConfig;
 /// Migrations embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A pool whose connections carry statement and lock timeouts, so no request waits forever (R12).
+/// A pool whose connections carry statement and lock timeouts, so no request waits forever (R12), and
+/// `synchronous_commit=on` unless opted out, so an acknowledged change survives a crash of PostgreSQL
+/// whatever the cluster's own setting (R55).
 pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(&cfg.database_url)?
+    let synchronous_commit = if cfg.db_synchronous_commit { "on" } else { "off" };
+    if !cfg.db_synchronous_commit {
+        tracing::warn!(
+            "CONTROLLER_DB_SYNCHRONOUS_COMMIT=off: acknowledged submits and completions can be lost if \
+             PostgreSQL crashes; use this for benchmarks only"
+        );
+    }
+    let options = PgConnectOptions::from_str(&cfg.database_url)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "invalid DATABASE_URL {}: {e}",
+                crate::config::redact_url(&cfg.database_url)
+            )
+        })?
         .options([
             ("statement_timeout", cfg.db_statement_timeout_ms.to_string()),
             ("lock_timeout", "5000".to_string()),
             ("idle_in_transaction_session_timeout", "60000".to_string()),
+            ("synchronous_commit", synchronous_commit.to_string()),
         ])
         .disable_statement_logging();
     let pool = PgPoolOptions::new()

@@ -37,21 +37,29 @@ enum Command {
         #[command(flatten)]
         config: Box<Config>,
     },
-    /// Operator: list, show, cancel, retry or requeue builds.
+    /// Operator: list, show, cancel, retry, requeue or reprioritise builds; print or follow their logs.
+    #[command(after_help = cli::ID_HELP)]
     Builds {
         #[command(subcommand)]
         action: cli::BuildsCommand,
         #[command(flatten)]
         target: cli::Target,
     },
-    /// Operator: pause or resume a platform queue.
+    /// Operator: list, pause or resume the platform queues.
+    #[command(after_help = cli::ID_HELP)]
     Queues {
         #[command(subcommand)]
         action: cli::QueuesCommand,
         #[command(flatten)]
         target: cli::Target,
     },
-    /// Operator: list, drain or revoke workers.
+    /// Artifact storage: copy a store into another (move a single host's directory into a bucket).
+    Storage {
+        #[command(subcommand)]
+        action: StorageCommand,
+    },
+    /// Operator: list, show, drain, disable, enable or revoke workers.
+    #[command(after_help = cli::ID_HELP)]
     Workers {
         #[command(subcommand)]
         action: cli::WorkersCommand,
@@ -60,18 +68,46 @@ enum Command {
     },
 }
 
-/// Runs an operator command and prints its JSON (errors to stderr).
-async fn operate(target: cli::Target, operation: cli::Operation) -> std::process::ExitCode {
-    match cli::run(&target, operation).await {
-        Ok(value) => {
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
-            std::process::ExitCode::SUCCESS
-        }
-        Err(value) => {
-            eprintln!("{value}");
-            std::process::ExitCode::FAILURE
-        }
+#[derive(Subcommand)]
+enum StorageCommand {
+    /// Copy every artifact into another store with progress, verifying size and SHA-256 of each
+    /// copy; resumable (objects already copied are verified and skipped).
+    Copy {
+        /// Destination: `s3://bucket[/prefix]` (AWS_* variables) or `file:///absolute/dir`.
+        #[arg(long)]
+        to: String,
+        /// Source: CONTROLLER_STORAGE_URL, or the directory CONTROLLER_STORAGE_DIR when unset.
+        #[arg(long, env = "CONTROLLER_STORAGE_URL")]
+        from: Option<String>,
+        #[arg(long, env = "CONTROLLER_STORAGE_DIR", default_value = "./.data/storage")]
+        storage_dir: std::path::PathBuf,
+    },
+}
+
+/// `storage copy`: progress on stderr, a JSON report on stdout.
+async fn storage_copy(from: Option<String>, storage_dir: std::path::PathBuf, to: String) -> anyhow::Result<()> {
+    use expo_controller::storage::{Storage, StorageTarget, copy};
+    let source = StorageTarget::parse(from.as_deref(), &storage_dir).map_err(anyhow::Error::msg)?;
+    let destination = StorageTarget::parse(Some(&to), &storage_dir).map_err(anyhow::Error::msg)?;
+    if source == destination {
+        anyhow::bail!("source and destination are the same store ({})", source.describe());
     }
+    let (from, to) = (Storage::open(&source, true)?, Storage::open(&destination, true)?);
+    for store in [&from, &to] {
+        store
+            .check()
+            .await
+            .map_err(|e| anyhow::anyhow!("{} is not usable: {e}", store.describe()))?;
+    }
+    eprintln!("copying {} -> {}", from.describe(), to.describe());
+    let report = copy::copy_all(&from, &to, |line| eprintln!("{line}")).await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "copied": report.copied, "skipped": report.skipped, "bytes": report.bytes, "ignored": report.ignored,
+        })
+    );
+    Ok(())
 }
 
 /// Runs the import, prints its summary; exit 0, 2 when something was skipped, 1 when it failed.
@@ -104,6 +140,9 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve { config, no_migrate } => {
             server::init_tracing(&config.log_format);
+            if let Some(limit) = expo_controller::transport::raise_fd_limit() {
+                tracing::info!(open_files = limit, "file descriptor limit");
+            }
             match server::start(*config, None, !no_migrate).await {
                 Ok(running) => {
                     running.wait().await;
@@ -127,9 +166,12 @@ async fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::ImportTs { args, config } => return import_ts(&args, &config).await,
-        Command::Builds { action, target } => return operate(target, cli::Operation::Builds(action)).await,
-        Command::Queues { action, target } => return operate(target, cli::Operation::Queues(action)).await,
-        Command::Workers { action, target } => return operate(target, cli::Operation::Workers(action)).await,
+        Command::Storage {
+            action: StorageCommand::Copy { to, from, storage_dir },
+        } => storage_copy(from, storage_dir, to).await,
+        Command::Builds { action, target } => return cli::run(&target, cli::Operation::Builds(action)).await,
+        Command::Queues { action, target } => return cli::run(&target, cli::Operation::Queues(action)).await,
+        Command::Workers { action, target } => return cli::run(&target, cli::Operation::Workers(action)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 
@@ -17,6 +18,21 @@ pub const DOWNLOAD_BYTES: &str = "expo_download_bytes_total";
 pub const RATE_LIMITED: &str = "expo_rate_limited_total";
 pub const QUEUE_DEPTH: &str = "expo_queue_depth";
 pub const OLDEST_PENDING: &str = "expo_oldest_pending_age_seconds";
+/// Submits and retries refused because their platform queue was full (R58), by queue.
+pub const QUEUE_FULL: &str = "expo_queue_full_rejections_total";
+
+pub const WORKERS: &str = "expo_workers";
+pub const BUILD_DURATION: &str = "expo_build_duration_seconds";
+pub const QUEUE_WAIT: &str = "expo_build_queue_wait_seconds";
+pub const FAILURES: &str = "expo_build_failures_total";
+pub const JOB_RUNS: &str = "expo_job_runs_total";
+pub const JOB_ERRORS: &str = "expo_job_errors_total";
+pub const DB_POOL: &str = "expo_db_pool_connections";
+
+/// Build durations and queue waits are minutes, not milliseconds.
+const BUILD_BUCKETS: &[f64] = &[
+    5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0, 5400.0, 7200.0, 14400.0,
+];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
@@ -29,6 +45,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(BUILD_DURATION.into()), BUILD_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), BUILD_BUCKETS)
                 .ok()?
                 .install_recorder()
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
@@ -43,6 +63,18 @@ pub const SSE_SUBSCRIBERS: &str = "expo_sse_subscribers";
 /// text exposition format.
 pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sqlx::Error> {
     metrics::gauge!(SSE_SUBSCRIBERS).set(sse_subscribers as f64);
+    let idle = pool.num_idle() as f64;
+    metrics::gauge!(DB_POOL, "state" => "idle").set(idle);
+    metrics::gauge!(DB_POOL, "state" => "in_use").set((f64::from(pool.size()) - idle).max(0.0));
+    let workers: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT s.status, count(w.id) FROM unnest(ARRAY['idle', 'busy', 'offline']) AS s(status)
+         LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked' GROUP BY s.status",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (status, count) in workers {
+        metrics::gauge!(WORKERS, "status" => status).set(count as f64);
+    }
     let depth: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT q.name, s.state, count(b.id)
          FROM queues q CROSS JOIN unnest(ARRAY['scheduled', 'pending', 'retryable', 'assigned', 'building']) AS s(state)
@@ -65,6 +97,115 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
         metrics::gauge!(OLDEST_PENDING, "queue" => queue).set(age.unwrap_or(0.0).max(0.0));
     }
     Ok(handle().map(PrometheusHandle::render).unwrap_or_default())
+}
+
+/// Platforms, outcomes, failure reasons and jobs every labelled family starts with (at zero), so alerts
+/// never see a missing series.
+const PLATFORMS: [&str; 2] = ["ios", "android"];
+const OUTCOMES: [&str; 5] = ["completed", "build_failure", "infrastructure", "timeout", "cancelled"];
+const FAILURE_REASONS: [&str; 3] = ["build_failure", "infrastructure", "timeout"];
+pub const JOBS: [&str; 6] = [
+    "rescue_expired_leases",
+    "deadline_sweep",
+    "offline_workers",
+    "promote_scheduled",
+    "purge_certs",
+    "prune",
+];
+
+/// Installs the recorder, describes every family (`# HELP`) and creates each series at zero.
+pub fn init() {
+    if handle().is_none() {
+        return;
+    }
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(CLAIM_SECONDS, "Time to claim a build for a polling worker, in seconds");
+    describe_histogram!(
+        HTTP_SECONDS,
+        "HTTP request duration by route, method and status, in seconds"
+    );
+    describe_counter!(BUILDS_FINISHED, "Builds that reached a final state, by outcome");
+    describe_counter!(LEASE_RESCUES, "Held builds whose lease expired and were rescued");
+    describe_counter!(RETRIES, "Failed attempts scheduled for a retry, by failure kind");
+    describe_counter!(UPLOAD_BYTES, "Bytes stored from uploads");
+    describe_counter!(DOWNLOAD_BYTES, "Bytes streamed to downloads");
+    describe_counter!(RATE_LIMITED, "Requests refused by a rate limit");
+    describe_gauge!(QUEUE_DEPTH, "Builds in a queue by state (read at scrape time)");
+    describe_gauge!(OLDEST_PENDING, "Age of the oldest pending build per queue, in seconds");
+    describe_gauge!(SSE_SUBSCRIBERS, "Open event-stream subscriptions on this instance");
+    describe_gauge!(
+        WORKERS,
+        "Registered (not revoked) workers by status (read at scrape time)"
+    );
+    describe_histogram!(
+        BUILD_DURATION,
+        "Run time of finished builds (start of the last attempt to its end), in seconds"
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        "Time a build waited between becoming eligible and being assigned, in seconds"
+    );
+    describe_counter!(FAILURES, "Builds that failed for good, by reason");
+    describe_counter!(JOB_RUNS, "Maintenance job ticks run by this instance, by job");
+    describe_counter!(
+        JOB_ERRORS,
+        "Maintenance job ticks that failed after their retries, by job"
+    );
+    describe_gauge!(DB_POOL, "Database pool connections by state (in_use, idle)");
+    for outcome in ["completed", "build_failure", "infrastructure", "timeout", "cancelled"] {
+        metrics::counter!(BUILDS_FINISHED, "outcome" => outcome).increment(0);
+    }
+    for reason in FAILURE_REASONS {
+        metrics::counter!(FAILURES, "reason" => reason).increment(0);
+        metrics::counter!(RETRIES, "kind" => reason).increment(0);
+    }
+    for job in JOBS {
+        metrics::counter!(JOB_RUNS, "job" => job).increment(0);
+        metrics::counter!(JOB_ERRORS, "job" => job).increment(0);
+    }
+    for status in ["idle", "busy", "offline"] {
+        metrics::gauge!(WORKERS, "status" => status).set(0.0);
+    }
+    for state in ["in_use", "idle"] {
+        metrics::gauge!(DB_POOL, "state" => state).set(0.0);
+    }
+    for platform in PLATFORMS {
+        let _ = metrics::histogram!(QUEUE_WAIT, "platform" => platform);
+        for outcome in OUTCOMES {
+            let _ = metrics::histogram!(BUILD_DURATION, "platform" => platform, "outcome" => outcome);
+        }
+    }
+    for name in [LEASE_RESCUES, UPLOAD_BYTES, DOWNLOAD_BYTES, RATE_LIMITED] {
+        metrics::counter!(name).increment(0);
+    }
+    let _ = metrics::histogram!(CLAIM_SECONDS);
+}
+
+/// Records a build's run time when it reaches a final state (nothing for a build that never started).
+pub fn build_ran(platform: &str, outcome: &'static str, started: Option<DateTime<Utc>>, ended: DateTime<Utc>) {
+    if let Some(started) = started {
+        let seconds = (ended - started).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!(BUILD_DURATION, "platform" => platform.to_string(), "outcome" => outcome).record(seconds);
+    }
+}
+
+/// Records how long a build waited in its queue before a worker got it.
+pub fn queue_waited(platform: &str, eligible_since: DateTime<Utc>, assigned: DateTime<Utc>) {
+    let seconds = (assigned - eligible_since).num_milliseconds().max(0) as f64 / 1000.0;
+    metrics::histogram!(QUEUE_WAIT, "platform" => platform.to_string()).record(seconds);
+}
+
+/// Counts a build that failed for good.
+pub fn build_failed(reason: &'static str) {
+    metrics::counter!(FAILURES, "reason" => reason).increment(1);
+}
+
+/// Counts a maintenance tick this instance ran, and whether it failed.
+pub fn job_ran(job: &'static str, failed: bool) {
+    metrics::counter!(JOB_RUNS, "job" => job).increment(1);
+    if failed {
+        metrics::counter!(JOB_ERRORS, "job" => job).increment(1);
+    }
 }
 
 /// Records how long a claim took.

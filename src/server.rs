@@ -62,12 +62,19 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     let secrets = config
         .validate()
         .map_err(|problems| anyhow::anyhow!("invalid configuration:\n  - {problems}"))?;
-    crate::metrics::handle();
+    crate::metrics::init();
+    tracing::info!(
+        database = %crate::config::redact_url(&config.db.database_url),
+        header_timeout_secs = config.http.header_timeout_secs,
+        body_read_timeout_secs = config.http.body_read_timeout_secs,
+        "starting"
+    );
     let pool = db::connect(&config.db).await?;
     if migrate {
         db::migrate(&pool).await?;
     }
-    let storage = Storage::local(&config.storage_dir, config.storage_fsync)?;
+    let storage = open_storage(&config).await?;
+    tracing::info!(store = %storage.describe(), "artifact store ready");
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen).await?,
@@ -81,7 +88,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     };
     let run_jobs = config.jobs.run_jobs;
     let (shutdown, stop) = watch::channel(false);
-    let (events, outbox) = crate::events::Events::new();
+    let events = crate::events::Events::new(&config.events);
+    if let Err(error) = crate::events::start(&pool, &events).await {
+        tracing::warn!(%error, "event stream not positioned yet; it starts once the database answers");
+    }
     let state = AppState::new(
         pool.clone(),
         storage,
@@ -91,18 +101,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         events.clone(),
     );
     let (listen_pool, wakeups, listen_stop) = (pool.clone(), state.wakeups.clone(), stop.clone());
-    let forward_stop = stop.clone();
+    let (pump_pool, pump_events, pump_stop) = (pool.clone(), events.clone(), stop.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(state);
-    let mut http_stop = stop.clone();
+    let (http_stop, http) = (stop.clone(), config.http.clone());
     tasks.spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = http_stop.changed().await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server failed");
-        }
+        crate::transport::serve(listener, app, &http, http_stop).await;
         "http"
     });
     tasks.spawn(async move {
@@ -110,7 +114,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         "listener"
     });
     tasks.spawn(async move {
-        crate::events::forward(pool, outbox, forward_stop).await;
+        crate::events::pump(pump_pool, pump_events, pump_stop).await;
         "events"
     });
     tasks.spawn(async move {
@@ -155,12 +159,31 @@ async fn shutdown_signal() {
 
 /// Installs the tracing subscriber (`text` or `json`), filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing(format: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // apalis announces each scheduler at INFO ("Worker prune started"), which reads like build workers.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,apalis_core=warn,apalis_cron=warn,sqlx::postgres::notice=warn"));
+    // Colour only for a person at a terminal; never in files, pipes or journald.
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     let _ = if format == "json" {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// The artifact store the configuration names (`CONTROLLER_STORAGE_URL`, else `CONTROLLER_STORAGE_DIR`),
+/// checked to answer (bucket reachable, credentials accepted) — for `serve` and `import-ts` alike.
+pub async fn open_storage(config: &Config) -> anyhow::Result<Storage> {
+    let target = config.storage_target().map_err(anyhow::Error::msg)?;
+    let storage = Storage::open(&target, config.storage_fsync)?;
+    storage.check().await.map_err(|e| {
+        anyhow::anyhow!(
+            "artifact store {} is not usable (bucket missing, credentials refused or endpoint unreachable?): {e}",
+            storage.describe()
+        )
+    })?;
+    Ok(storage)
 }

@@ -216,6 +216,30 @@ pub async fn build_caller(
     }
 }
 
+/// Authenticates the credential of an upload before a byte of its body is read (R41): a VM token of
+/// some attempt in progress, a valid worker token, or the admin key. Which build the caller may
+/// report on is checked once the form names it ([`build_caller`]).
+pub async fn require_upload_credential(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    if let Some(vm_token) = header(headers, VM_TOKEN) {
+        let held: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM builds
+             WHERE vm_token_hash = $1 AND vm_token_expires_at > $2 AND state IN ('assigned', 'building')
+             LIMIT 1",
+        )
+        .bind(hash_secret(vm_token))
+        .bind(Utc::now())
+        .fetch_optional(&state.pool)
+        .await?;
+        return held
+            .map(|_| ())
+            .ok_or_else(|| ApiError::unauthorized("Invalid or expired VM token"));
+    }
+    if let Some(token) = header(headers, WORKER_TOKEN) {
+        return worker_by_token(state, token).await.map(|_| ());
+    }
+    require_admin(state, headers)
+}
+
 fn missing_worker(rules: CallerRules) -> ApiError {
     if rules.worker_id_is_a_parameter {
         ApiError::bad_request("worker_id required")

@@ -70,6 +70,13 @@ struct SubmitForm {
 async fn submit(State(state): State<AppState>, headers: HeaderMap, body: MultipartBody) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let multipart = require_multipart(body)?;
+    // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
+    // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
+    let full = full_queues(&state).await?;
+    if Platform::ALL.iter().all(|p| full.contains(p)) {
+        Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
+        return Err(queue_full_error());
+    }
     let build_id = ids::new_id();
     let keys = (Key::source(&build_id), Key::certs(&build_id));
     let (Some(source_key), Some(certs_key)) = keys else {
@@ -78,7 +85,7 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Multipa
         )));
     };
     let mut form = SubmitForm::default();
-    let outcome = match read_submit_form(&state, multipart, &source_key, &mut form).await {
+    let outcome = match read_submit_form(&state, multipart, &source_key, &full, &mut form).await {
         Ok(()) => create_build(&state, &build_id, &source_key, &certs_key, form).await,
         Err(e) => Err(e),
     };
@@ -94,6 +101,7 @@ async fn read_submit_form(
     state: &AppState,
     multipart: Multipart,
     source_key: &Key,
+    full: &[Platform],
     form: &mut SubmitForm,
 ) -> ApiResult<()> {
     let limits = &state.config;
@@ -114,7 +122,17 @@ async fn read_submit_form(
             "profile" => {
                 form.profile = Some(read_limited(field, limits.max_certs_bytes, "Certs file too large").await?)
             }
-            "platform" => form.platform = Some(read_text(field).await?),
+            "platform" => {
+                let platform = read_text(field).await?;
+                // A full queue is refused as soon as the platform is known, before the rest is read.
+                if let Some(p) = Platform::parse(platform.trim())
+                    && full.contains(&p)
+                {
+                    queue::count_refusal(p);
+                    return Err(queue_full_error());
+                }
+                form.platform = Some(platform);
+            }
             "priority" => form.priority = Some(read_text(field).await?),
             "max_attempts" => form.max_attempts = Some(read_text(field).await?),
             "run_at" => form.run_at = Some(read_text(field).await?),
@@ -170,9 +188,6 @@ async fn create_build(
         original_build_id: None,
     };
     let build = enqueue(state, &new).await?;
-    state
-        .events
-        .publish(crate::events::Event::build("build.submitted", &build.id, &build.state));
     Ok(Json(json!({
         "id": build.id,
         "status": "pending",
@@ -181,9 +196,24 @@ async fn create_build(
     })))
 }
 
+/// Enqueues; this instance's next poll for the platform looks at the queue even before the
+/// notification comes back from PostgreSQL.
 async fn enqueue(state: &AppState, new: &NewBuild) -> ApiResult<Build> {
     let mut conn = state.pool.acquire().await?;
-    Ok(queue::enqueue(&mut conn, new, Utc::now()).await?)
+    let max_queued = state.config.queue.max_queued_builds;
+    let build = queue::enqueue_bounded(&mut conn, new, max_queued, Utc::now()).await?;
+    state.wakeups.invalidate(new.platform);
+    Ok(build)
+}
+
+/// The platform queues at their backpressure limit.
+async fn full_queues(state: &AppState) -> ApiResult<Vec<Platform>> {
+    let mut conn = state.pool.acquire().await?;
+    Ok(queue::full_queues(&mut conn, state.config.queue.max_queued_builds).await?)
+}
+
+fn queue_full_error() -> ApiError {
+    ApiError::from(queue::QueueError::QueueFull)
 }
 
 fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
@@ -272,18 +302,26 @@ async fn status(State(state): State<AppState>, headers: HeaderMap, IdPath(id): I
 async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     owned_build(&state, &headers, &id).await?;
     let outcome = queue::cancel(&state.pool, &id, Utc::now()).await?;
-    state
-        .events
-        .publish(crate::events::Event::build("build.finished", &id, "cancelled"));
     if let Some(worker) = &outcome.interrupted_worker {
         tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
     }
     Ok(Json(json!({ "status": "cancelled" })))
 }
 
-/// B14: a new build from the original's stored source (and certs while still held).
+/// B14: a new build from the original's stored source (and certs while still held). With only the
+/// build's token, the original must be finished and have no unfinished retry (R49); a full queue is
+/// 503 (R58). Both are checked before the source is copied, and again when the retry is inserted.
 async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     let original = owned_build(&state, &headers, &id).await?;
+    let limited = !auth::admin_if_present(&state, &headers)?;
+    {
+        let mut conn = state.pool.acquire().await?;
+        queue::check_retry(&mut conn, &id, limited).await?;
+    }
+    if full_queues(&state).await?.contains(&original.platform()) {
+        queue::count_refusal(original.platform());
+        return Err(queue_full_error());
+    }
     let gone = || ApiError::bad_request("Original build source no longer available. Please submit a new build.");
     let source = original.source_key.as_deref().and_then(Key::parse).ok_or_else(gone)?;
     let new_id = ids::new_id();
@@ -315,12 +353,13 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
         access_token_hash: ids::hash_secret(&access_token),
         original_build_id: Some(original.id.clone()),
     };
-    let build = match enqueue(&state, &new).await {
+    let max_queued = state.config.queue.max_queued_builds;
+    let build = match queue::enqueue_retry(&state.pool, &new, &original.id, limited, max_queued, Utc::now()).await {
         Ok(build) => build,
         Err(e) => {
             let _ = state.storage.delete(&new_source).await;
             let _ = state.storage.delete(&new_certs).await;
-            return Err(e);
+            return Err(e.into());
         }
     };
     Ok(Json(json!({

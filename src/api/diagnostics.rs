@@ -90,6 +90,10 @@ async fn list(
     auth::require_admin(&state, &headers)?;
     let worker_id = valid_worker(&worker_id)?;
     let limit = bounded_int(q.limit.as_deref(), "limit", 1, 100)?.unwrap_or(10);
+    // The deployed CLI's `doctor` expects 404 for an unknown worker (R54).
+    queue::find_worker(&state.pool, &worker_id)
+        .await?
+        .ok_or_else(ApiError::worker_not_found)?;
     let reports = queue::list_reports(&state.pool, &worker_id, limit).await?;
     Ok(Json(
         json!({ "worker_id": worker_id, "reports": reports.iter().map(render).collect::<Vec<_>>() }),
@@ -104,6 +108,9 @@ async fn latest(
 ) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let worker_id = valid_worker(&worker_id)?;
+    queue::find_worker(&state.pool, &worker_id)
+        .await?
+        .ok_or_else(ApiError::worker_not_found)?;
     let reports = queue::list_reports(&state.pool, &worker_id, 1).await?;
     reports
         .first()

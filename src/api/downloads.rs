@@ -42,6 +42,9 @@ async fn download_result(State(state): State<AppState>, headers: HeaderMap, IdPa
     }
     let not_found = || ApiError::not_found("Build result not found");
     let key = build.result_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
+    if let Some(redirect) = presigned_redirect(&state, &key).await? {
+        return Ok(redirect);
+    }
     let filename = format!("{id}.{}", build.platform().result_extension());
     stream_object(&state, &key, &headers, "application/octet-stream", &filename, not_found).await
 }
@@ -49,7 +52,33 @@ async fn download_result(State(state): State<AppState>, headers: HeaderMap, IdPa
 /// B7: the source as uploaded, to the owner.
 async fn download_source(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
     let build = owned_build(&state, &headers, &id).await?;
+    if let Some(key) = build.source_key.as_deref().and_then(Key::parse)
+        && let Some(redirect) = presigned_redirect(&state, &key).await?
+    {
+        return Ok(redirect);
+    }
     stream_source(&state, &headers, &build).await
+}
+
+/// With `CONTROLLER_PRESIGN_DOWNLOADS=true` on an S3 store: a `302` to a short-lived presigned GET URL,
+/// so the bytes bypass the controller. Only the owner downloads (B7) redirect: the CLI follows redirects
+/// and needs none of our headers; worker endpoints always stream.
+async fn presigned_redirect(state: &AppState, key: &Key) -> ApiResult<Option<Response>> {
+    let settings = &state.config.storage;
+    if !settings.presign_downloads {
+        return Ok(None);
+    }
+    let ttl = std::time::Duration::from_secs(settings.presign_ttl_secs);
+    let Some(url) = state.storage.presigned_get(key, ttl).await? else {
+        return Ok(None);
+    };
+    let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
+    let mut response = StatusCode::FOUND.into_response();
+    response.headers_mut().insert(header::LOCATION, location);
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(Some(response))
 }
 
 /// Streams a build's source archive as `<id>.zip`.
@@ -214,7 +243,7 @@ async fn open(
 
 /// Streams an object as an attachment with `Content-Length`, honouring a single `Range` (206/416).
 /// Without a `Range` header the object is opened once; with one, its size is read first to resolve it.
-pub(super) async fn stream_object(
+pub(crate) async fn stream_object(
     state: &AppState,
     key: &Key,
     request: &HeaderMap,

@@ -11,6 +11,9 @@ use serde_json::json;
 use crate::queue::QueueError;
 use crate::storage::WriteError;
 
+/// `Retry-After` of a 503 caused by the artifact store.
+pub const STORAGE_RETRY_AFTER_SECS: u64 = 5;
+
 /// An error answer.
 #[derive(Debug)]
 pub struct ApiError {
@@ -18,6 +21,19 @@ pub struct ApiError {
     message: Cow<'static, str>,
     retry_after: Option<u64>,
     cause: Option<anyhow::Error>,
+    /// Stable machine-readable code (R47), shown beside `error` in `/api/v2` answers only.
+    code: Option<&'static str>,
+    /// One extra field of the body (e.g. the id a conflict refers to).
+    extra: Option<(&'static str, String)>,
+}
+
+/// The code and message of an error answer, kept on the response so that `/api/v2` answers can show
+/// the code while G0 answers keep their exact `{"error"}` shape.
+#[derive(Debug, Clone)]
+pub struct ErrorInfo {
+    pub code: &'static str,
+    /// The body as sent (`{"error", ...}`).
+    pub body: serde_json::Value,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -29,7 +45,34 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             cause: None,
+            code: None,
+            extra: None,
         }
+    }
+
+    /// Sets the machine-readable code (default: derived from the status).
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// Adds one field to the body beside `error`.
+    pub fn with_field(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.extra = Some((name, value.into()));
+        self
+    }
+
+    /// 503 `Build queue is full` with `Retry-After` (R58).
+    pub fn queue_full(retry_after_secs: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after_secs.max(1)),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "Build queue is full").with_code("queue_full")
+        }
+    }
+
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        self.code.unwrap_or_else(|| code_for(self.status))
     }
 
     pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
@@ -72,12 +115,21 @@ impl ApiError {
         }
     }
 
+    /// A 503 with `Retry-After`: the artifact store is unreachable or failing; the cause is logged.
+    pub fn storage_unavailable(cause: impl Into<anyhow::Error>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            retry_after: Some(STORAGE_RETRY_AFTER_SECS),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "Storage unavailable")
+        }
+    }
+
     pub fn build_not_found() -> Self {
-        Self::not_found("Build not found")
+        Self::not_found("Build not found").with_code("build_not_found")
     }
 
     pub fn worker_not_found() -> Self {
-        Self::not_found("Worker not found")
+        Self::not_found("Worker not found").with_code("worker_not_found")
     }
 
     pub fn not_authorized_for_build() -> Self {
@@ -85,7 +137,7 @@ impl ApiError {
     }
 
     pub fn attempt_not_active() -> Self {
-        Self::conflict("Build attempt is no longer active")
+        Self::conflict("Build attempt is no longer active").with_code("attempt_not_active")
     }
 
     pub fn status(&self) -> StatusCode {
@@ -107,8 +159,49 @@ impl From<QueueError> for ApiError {
             QueueError::Stale => ApiError::attempt_not_active(),
             QueueError::AlreadyFinished => ApiError::bad_request("Build already finished"),
             QueueError::Forbidden => ApiError::forbidden("Invalid or expired worker token"),
+            QueueError::Invalid(message) => ApiError::bad_request(message).with_code("invalid_input"),
+            QueueError::Conflict(message) => ApiError::conflict(message),
+            QueueError::QueueFull => ApiError::queue_full(QUEUE_FULL_RETRY_AFTER_SECS),
+            QueueError::RetryInProgress(id) => {
+                ApiError::conflict(format!("A retry of this build is still unfinished: {id}"))
+                    .with_code("retry_in_progress")
+                    .with_field("retry_build_id", id)
+            }
             QueueError::Db(e) => ApiError::from(e),
         }
+    }
+}
+
+impl From<crate::ops::OpError> for ApiError {
+    fn from(error: crate::ops::OpError) -> Self {
+        match error {
+            crate::ops::OpError::Refused { status, message, code } => {
+                ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), message).with_code(code)
+            }
+            crate::ops::OpError::Queue(e) => e.into(),
+        }
+    }
+}
+
+/// What a `Retry-After` says when a queue is full.
+pub const QUEUE_FULL_RETRY_AFTER_SECS: u64 = 30;
+
+/// The default code of a status.
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "unprocessable",
+        429 => "rate_limited",
+        503 => "unavailable",
+        s if s >= 500 => "internal",
+        _ => "error",
     }
 }
 
@@ -131,8 +224,23 @@ impl From<sqlx::Error> for ApiError {
 }
 
 impl From<object_store::Error> for ApiError {
+    /// Errors that are our own mistakes, and local-disk failures (as before S3 existed), are 500s;
+    /// anything a remote store did (unreachable, timed out, refused, failed) is a 503 the client may
+    /// retry.
     fn from(error: object_store::Error) -> Self {
-        ApiError::internal(error)
+        use object_store::Error as E;
+        match error {
+            E::Generic {
+                store: "LocalFileSystem",
+                ..
+            }
+            | E::InvalidPath { .. }
+            | E::NotImplemented { .. }
+            | E::NotSupported { .. }
+            | E::UnknownConfigurationKey { .. }
+            | E::JoinError { .. } => ApiError::internal(error),
+            other => ApiError::storage_unavailable(other),
+        }
     }
 }
 
@@ -141,7 +249,7 @@ impl From<WriteError> for ApiError {
         match error {
             WriteError::TooLarge(_) => ApiError::too_large("Request body too large"),
             WriteError::Body(_) => ApiError::bad_request("Invalid multipart body"),
-            WriteError::Store(e) => ApiError::internal(e),
+            WriteError::Store(e) => e.into(),
         }
     }
 }
@@ -155,7 +263,17 @@ impl IntoResponse for ApiError {
                 "request failed"
             );
         }
-        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        let mut body = json!({ "error": self.message });
+        if let Some((name, value)) = &self.extra {
+            body[*name] = json!(value);
+        }
+        let code = self.code();
+        let info = ErrorInfo {
+            code,
+            body: body.clone(),
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(info);
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

@@ -1,31 +1,57 @@
-//! Extractors whose rejections are rendered by [`ApiError`] (never axum's plain-text bodies).
+//! Extractors whose rejections are rendered by [`ApiError`] (never axum's plain-text bodies). Every
+//! JSON body goes through [`parse_json`], which applies the text rule (NUL → U+FFFD, R45) and says
+//! why a body was refused (R47).
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use crate::ids::valid_id;
 
-/// A JSON body; malformed JSON is 400, an oversized body 413.
+/// A JSON body (`Content-Type: application/json` or `*+json`); the cause of a refusal is named:
+/// wrong content type, malformed JSON, or a value of the wrong type. An oversized body is 413.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(JsonBody(value)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::too_large("Request body too large"))
-            }
-            Err(_) => Err(ApiError::bad_request("Invalid JSON body")),
+        if !is_json(req.headers()) {
+            return Err(ApiError::bad_request("Expected Content-Type: application/json").with_code("content_type"));
         }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large("Request body too large")
+            } else {
+                ApiError::bad_request("Invalid request body")
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
     }
 }
 
-/// Query parameters; anything that does not parse is 400 (R13).
+/// Whether the request says its body is JSON.
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| v == "application/json" || (v.starts_with("application/") && v.ends_with("+json")))
+}
+
+/// Parses a JSON body after replacing NUL escapes (R45): 400 `Invalid JSON body: <cause>` naming the
+/// line and column, e.g. `expected a string at line 1 column 9`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(&crate::text::scrub_json(bytes))
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")).with_code("invalid_json"))
+}
+
+/// Query parameters; anything that does not parse is 400 with the cause (R13, R47). Structs that
+/// deny unknown fields turn an unknown parameter into a 400 too.
 pub struct QueryParams<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
@@ -35,9 +61,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| QueryParams(q.0))
-            .map_err(|_| ApiError::bad_request("Invalid query parameters"))
+            .map_err(|rejection| {
+                let text = rejection.body_text();
+                let cause = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&text);
+                ApiError::bad_request(format!("Invalid query parameters: {cause}")).with_code("invalid_query")
+            })
     }
 }
+
+/// Query parameters of an endpoint that takes none: any parameter is 400.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
 
 /// The `{id}` path segment, validated as an id before anything else sees it (R8).
 pub struct IdPath(pub String);

@@ -65,7 +65,11 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
     }
 }
 
-/// 200 only when the database answers and every migration is applied; 503 otherwise.
+/// How long `/ready` waits for the artifact store.
+const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// 200 only when the database answers, every migration is applied and the artifact store answers;
+/// 503 otherwise (`Storage unavailable` with `Retry-After` for the store).
 async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     let applied: Result<i64, sqlx::Error> = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
         .fetch_one(&state.pool)
@@ -75,7 +79,13 @@ async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         .filter(|m| m.migration_type.is_up_migration())
         .count() as i64;
     match applied {
-        Ok(n) if n >= expected => Ok(Json(json!({ "status": "ready" }))),
+        Ok(n) if n >= expected => match tokio::time::timeout(STORE_CHECK_TIMEOUT, state.storage.check()).await {
+            Ok(Ok(())) => Ok(Json(json!({ "status": "ready", "storage": "ok" }))),
+            Ok(Err(e)) => Err(ApiError::storage_unavailable(e)),
+            Err(_) => Err(ApiError::storage_unavailable(anyhow::anyhow!(
+                "artifact store did not answer within {STORE_CHECK_TIMEOUT:?}"
+            ))),
+        },
         Ok(_) => Err(ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "Migrations pending",

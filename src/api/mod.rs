@@ -4,13 +4,13 @@
 mod auth;
 mod builds;
 mod diagnostics;
-mod downloads;
+pub(crate) mod downloads;
 mod error;
 mod extract;
 mod health;
 mod multipart;
+mod multipart_limits;
 pub mod openapi;
-pub mod operations;
 mod progress;
 mod ratelimit;
 mod results;
@@ -35,6 +35,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+/// The operator operations the handlers share with the CLI (they live below the API layer).
+pub use crate::ops as operations;
 pub use error::{ApiError, ApiResult};
 
 use tokio::sync::watch;
@@ -89,10 +91,15 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let limits = Arc::new(ratelimit::RateLimits::new(
-        state.config.rate_limit_per_ip,
-        state.config.rate_limit_per_credential,
-    ));
+    let rates = ratelimit::Rates {
+        per_ip: state.config.rate_limit_per_ip,
+        per_credential: state.config.rate_limit_per_credential,
+        per_admin: state.config.http.rate_limit_per_admin_key,
+    };
+    let limits = Arc::new(ratelimit::RateLimits::new(rates, &state.secrets.api_key));
+    let dashboard = crate::dashboard::router(&state)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn(record_duration));
     Router::new()
         .merge(health::router())
         .merge(workers::router())
@@ -107,9 +114,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)
+        .layer(axum::middleware::from_fn(multipart_limits::bound))
         .layer(axum::middleware::from_fn_with_state(limits, ratelimit::enforce))
         .layer(axum::middleware::from_fn(record_duration))
         .layer(axum::middleware::from_fn(json_errors))
+        // The dashboard answers in HTML, so it sits outside the JSON error rewriting.
+        .merge(dashboard)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error").into_response()
         }))
@@ -127,10 +137,23 @@ async fn record_duration(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let started = std::time::Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route, "method" => method, "status" => status)
-        .record(started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    log_request(&route, status, elapsed);
+    metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route, "method" => method, "status" => status.to_string())
+        .record(elapsed.as_secs_f64());
     response
+}
+
+/// One line per request, inside the request span (method, path, request id, build and worker ids):
+/// INFO, except probes and scrapes (DEBUG) so they do not drown the rest.
+fn log_request(route: &str, status: u16, elapsed: std::time::Duration) {
+    let duration_ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
+    if matches!(route, "/health" | "/ready" | "/metrics") {
+        tracing::debug!(route = %route, status, duration_ms, "request");
+    } else {
+        tracing::info!(route = %route, status, duration_ms, "request");
+    }
 }
 
 /// The span of one request: every log line inside carries the request id, and the build and worker ids
@@ -176,14 +199,30 @@ impl MakeRequestId for NewRequestId {
 /// Safety net: an error answer produced outside our handlers (framework rejections, panics) gets a
 /// JSON body with a generic message, so no client ever sees plain text or internal details (R30).
 async fn json_errors(req: Request, next: Next) -> Response {
+    // `/api/v2` (the native and admin API) answers carry a machine-readable `code` beside `error` (R47);
+    // G0 answers keep their exact shape.
+    let native = req.uri().path().starts_with("/api/v2/") || req.uri().path() == "/api/v2";
     let response = next.run(req).await;
     let status = response.status();
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.as_u16() < 400 || is_json {
+    if status.as_u16() < 400 {
         return response;
+    }
+    if is_json {
+        let info = response.extensions().get::<error::ErrorInfo>().cloned();
+        return match info {
+            Some(info) if native => {
+                let mut body = info.body;
+                body["code"] = serde_json::json!(info.code);
+                let (mut parts, _) = response.into_parts();
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, Body::from(body.to_string()))
+            }
+            _ => response,
+        };
     }
     let message = match status {
         StatusCode::NOT_FOUND => "Not found",
@@ -195,7 +234,11 @@ async fn json_errors(req: Request, next: Next) -> Response {
     };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    let body = serde_json::json!({ "error": message }).to_string();
+    let mut body = serde_json::json!({ "error": message });
+    if native {
+        body["code"] = serde_json::json!(error::code_for(status));
+    }
+    let body = body.to_string();
     parts
         .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -11,6 +11,14 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 /// Most parts accepted in one request.
 pub const MAX_PARTS: usize = 64;
 
+/// The answer for a body that failed to parse: the bound it broke (R42), or 400.
+fn invalid(error: &(dyn std::error::Error + 'static)) -> ApiError {
+    match super::multipart_limits::limit_error(error) {
+        Some(limit) => ApiError::new(limit.status, limit.message),
+        None => ApiError::bad_request("Invalid multipart body"),
+    }
+}
+
 /// A multipart body; anything else is rejected by [`require_multipart`].
 pub type MultipartBody = Result<Multipart, MultipartRejection>;
 
@@ -35,27 +43,22 @@ impl Parts {
         if self.seen > MAX_PARTS {
             return Err(ApiError::bad_request("Too many multipart parts"));
         }
-        self.inner
-            .next_field()
-            .await
-            .map_err(|_| ApiError::bad_request("Invalid multipart body"))
+        self.inner.next_field().await.map_err(|e| invalid(&e))
     }
 }
 
-/// Reads a text part (at most [`MAX_TEXT_BYTES`]).
+/// Reads a text part (at most [`MAX_TEXT_BYTES`]), NUL replaced by U+FFFD (R45).
 pub async fn read_text(field: Field<'_>) -> ApiResult<String> {
     let bytes = read_limited(field, MAX_TEXT_BYTES as u64, "Form field too large").await?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::bad_request("Form fields must be UTF-8"))
+    String::from_utf8(bytes.to_vec())
+        .map(crate::text::scrub_owned)
+        .map_err(|_| ApiError::bad_request("Form fields must be UTF-8"))
 }
 
 /// Reads a small file part into memory, answering 413 with `too_large` past `limit` bytes.
 pub async fn read_limited(mut field: Field<'_>, limit: u64, too_large: &'static str) -> ApiResult<Bytes> {
     let mut buffer = BytesMut::new();
-    while let Some(chunk) = field
-        .chunk()
-        .await
-        .map_err(|_| ApiError::bad_request("Invalid multipart body"))?
-    {
+    while let Some(chunk) = field.chunk().await.map_err(|e| invalid(&e))? {
         if (buffer.len() + chunk.len()) as u64 > limit {
             return Err(ApiError::too_large(too_large));
         }

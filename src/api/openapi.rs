@@ -311,7 +311,7 @@ pub const ROUTES: &[(&str, &str, &str, &str, Credential)] = &[
         "POST",
         "/api/v2/builds/{id}/requeue",
         "operator",
-        "Give a running attempt back",
+        "Give a running attempt back (not to the same worker within the cool-off; ?drain=true drains it)",
         Admin,
     ),
     (
@@ -349,7 +349,7 @@ pub const ROUTES: &[(&str, &str, &str, &str, Credential)] = &[
         "GET",
         "/api/v2/queues",
         "operator",
-        "Depth per platform queue, oldest pending age, paused",
+        "Depth per platform queue, oldest pending age, paused, backpressure limit and full flag",
         Admin,
     ),
     (
@@ -370,7 +370,7 @@ pub const ROUTES: &[(&str, &str, &str, &str, Credential)] = &[
         "GET",
         "/api/v2/events",
         "operator",
-        "Server-Sent Events of state changes",
+        "Server-Sent Events of state changes (`id:` per event; resume with `Last-Event-ID`; filters `?build=`, `?worker=`, `?kind=build.log,worker.*`)",
         Admin,
     ),
 ];

@@ -14,7 +14,7 @@ use super::auth::{self, CallerRules};
 use super::builds::owned_build;
 use super::downloads::WorkerQuery;
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int};
+use super::extract::{IdPath, QueryParams, bounded_int, parse_json};
 use super::{AppState, views};
 use crate::queue::{self, NewLogLine, QueueError};
 
@@ -74,7 +74,7 @@ async fn post_logs(
     };
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), rules).await?;
     let invalid = || ApiError::bad_request("Invalid body. Expected { level, message } or { logs: [...] }");
-    let value: Value = serde_json::from_slice(&body).map_err(|_| invalid())?;
+    let value: Value = parse_json(&body).map_err(|_| invalid())?;
     let (lines, batch_size) = match (value.get("logs"), value.get("level"), value.get("message")) {
         (Some(Value::Array(entries)), _, _) => (entries.iter().filter_map(log_line).collect(), Some(entries.len())),
         (None, Some(_), Some(Value::String(_))) => {
@@ -85,7 +85,7 @@ async fn post_logs(
         _ => return Err(invalid()),
     };
     let max = state.config.max_log_lines;
-    queue::append_worker_logs(
+    let stored = queue::append_worker_logs(
         &state.pool,
         &id,
         caller.holder(),
@@ -95,8 +95,10 @@ async fn post_logs(
         Utc::now(),
     )
     .await?;
+    // A batch says what became of it (R46): `count` received (G0), `stored`, and `skipped` (invalid
+    // entries, or lines past the build's cap).
     Ok(Json(match batch_size {
-        Some(count) => json!({ "success": true, "count": count }),
+        Some(count) => json!({ "success": true, "count": count, "stored": stored, "skipped": count - stored }),
         None => json!({ "success": true }),
     }))
 }
@@ -123,7 +125,7 @@ async fn heartbeat(
     let report: HeartbeatBody = if body.iter().all(u8::is_ascii_whitespace) {
         HeartbeatBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|_| ApiError::bad_request("Invalid JSON body"))?
+        parse_json(&body)?
     };
     let progress = match report.progress {
         Some(p) if (0.0..=100.0).contains(&p) => Some(p.round() as i16),
@@ -149,10 +151,6 @@ async fn heartbeat(
         QueueError::NotHolder => ApiError::forbidden("Build not assigned to this worker"),
         other => other.into(),
     })?;
-    if progress.is_some() {
-        let event = crate::events::Event::build("build.progress", &id, "building").with_progress(progress);
-        state.events.publish(event.with_worker(&caller.worker_id));
-    }
     let mut answer = json!({ "status": "ok", "timestamp": now.timestamp_millis() });
     if outcome.cancel_requested {
         answer["cancel_requested"] = json!(true);
@@ -180,7 +178,7 @@ async fn telemetry(
         ..CallerRules::default()
     };
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), rules).await?;
-    let event: Value = serde_json::from_slice(&body).map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
+    let event: Value = parse_json(&body)?;
     let now = Utc::now();
     let settings = &state.config.queue;
     queue::heartbeat(&state.pool, &id, caller.holder(), None, None, settings, now).await?;

@@ -1,5 +1,7 @@
 //! Rate limits per client IP and per credential (R20): 429 with `Retry-After`. The defaults sit far
-//! above what a worker fleet or the CLI sends; `0` disables a limit.
+//! above what a worker fleet or the CLI sends; `0` disables a limit. The admin key has its own limit
+//! (R56; none by default), so operator tools reading the whole queue in a burst are not refused; a
+//! request only counts as admin when it carries the right key.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -21,7 +23,17 @@ use super::error::ApiError;
 pub struct RateLimits {
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     per_credential: Option<DefaultKeyedRateLimiter<[u8; 16]>>,
+    per_admin: Option<DefaultKeyedRateLimiter<[u8; 16]>>,
+    /// Digest of the admin key, to tell it from other credentials.
+    admin_digest: [u8; 32],
     checks: AtomicU64,
+}
+
+/// The limits to apply, in requests per second (0 = none).
+pub struct Rates {
+    pub per_ip: u32,
+    pub per_credential: u32,
+    pub per_admin: u32,
 }
 
 /// How often (in checked requests) idle keys are forgotten, keeping memory bounded.
@@ -34,19 +46,39 @@ fn limiter<K: std::hash::Hash + Eq + Clone>(per_second: u32) -> Option<DefaultKe
 }
 
 impl RateLimits {
-    pub fn new(per_ip: u32, per_credential: u32) -> Self {
+    pub fn new(rates: Rates, admin_key: &str) -> Self {
         Self {
-            per_ip: limiter(per_ip),
-            per_credential: limiter(per_credential),
+            per_ip: limiter(rates.per_ip),
+            per_credential: limiter(rates.per_credential),
+            per_admin: limiter(rates.per_admin),
+            admin_digest: Sha256::digest(admin_key.as_bytes()).into(),
             checks: AtomicU64::new(0),
         }
     }
 
+    /// The limiter for a request's credential: the admin key's own, or the shared one.
+    fn credential_limiter(&self, headers: &axum::http::HeaderMap) -> Option<&DefaultKeyedRateLimiter<[u8; 16]>> {
+        let is_admin = headers.get(API_KEY).and_then(|v| v.to_str().ok()).is_some_and(|key| {
+            let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+            subtle::ConstantTimeEq::ct_eq(&presented[..], &self.admin_digest[..]).into()
+        });
+        if is_admin {
+            self.per_admin.as_ref()
+        } else {
+            self.per_credential.as_ref()
+        }
+    }
+
     /// `Err(seconds to wait)` when either limit is exhausted.
-    fn check(&self, ip: Option<IpAddr>, credential: Option<[u8; 16]>) -> Result<(), u64> {
+    fn check(
+        &self,
+        ip: Option<IpAddr>,
+        credential: Option<(&DefaultKeyedRateLimiter<[u8; 16]>, [u8; 16])>,
+    ) -> Result<(), u64> {
         if self.checks.fetch_add(1, Ordering::Relaxed) % RETAIN_EVERY == RETAIN_EVERY - 1 {
             self.per_ip.iter().for_each(|l| l.retain_recent());
             self.per_credential.iter().for_each(|l| l.retain_recent());
+            self.per_admin.iter().for_each(|l| l.retain_recent());
         }
         let now = DefaultClock::default().now();
         if let (Some(limiter), Some(ip)) = (&self.per_ip, ip) {
@@ -54,7 +86,7 @@ impl RateLimits {
                 .check_key(&ip)
                 .map_err(|not_until| not_until.wait_time_from(now).as_secs() + 1)?;
         }
-        if let (Some(limiter), Some(credential)) = (&self.per_credential, credential) {
+        if let Some((limiter, credential)) = credential {
             limiter
                 .check_key(&credential)
                 .map_err(|not_until| not_until.wait_time_from(now).as_secs() + 1)?;
@@ -90,8 +122,10 @@ fn credential_key(request: &Request) -> Option<[u8; 16]> {
 /// Middleware: 429 `{"error": "Too many requests"}` with `Retry-After` past a limit.
 pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
     let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    // Hash the credential only when a per-credential limit is configured.
-    let credential = limits.per_credential.as_ref().and_then(|_| credential_key(&request));
+    // Hash the credential only when a limit applies to it.
+    let credential = limits
+        .credential_limiter(request.headers())
+        .and_then(|limiter| Some((limiter, credential_key(&request)?)));
     match limits.check(ip, credential) {
         Ok(()) => next.run(request).await,
         Err(wait) => {

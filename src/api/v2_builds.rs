@@ -11,14 +11,12 @@ use serde_json::{Value, json};
 
 use super::auth;
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
+use super::extract::{IdPath, JsonBody, NoParams, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
 use super::{AppState, operations};
-use crate::events::Event;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
 use crate::queue::{self, BuildFilter, BuildState, Platform};
-use crate::storage::Key;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -36,6 +34,7 @@ fn conflict(wrong: WrongState) -> ApiError {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     state: Option<String>,
     platform: Option<String>,
@@ -102,7 +101,12 @@ async fn show(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdP
     Ok(etagged(&headers, body))
 }
 
-async fn attempts(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
+async fn attempts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    _: QueryParams<NoParams>,
+) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
     queue::find_build(&state.pool, &id)
         .await?
@@ -117,7 +121,6 @@ async fn attempts(State(state): State<AppState>, headers: HeaderMap, IdPath(id):
 async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
     let build = operations::cancel_build(&state.pool, &id).await?;
-    state.events.publish(Event::build("build.finished", &id, "cancelled"));
     Ok(Json(build))
 }
 
@@ -127,18 +130,30 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
     let build = operator::retry_same(&state.pool, &id, Utc::now())
         .await?
         .map_err(conflict)?;
-    state.events.publish(Event::build("build.updated", &id, "pending"));
+    state.wakeups.invalidate(build.platform());
     Ok(Json(views::build(&build)))
 }
 
-/// Gives a running attempt back to the queue.
-async fn requeue(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequeueQuery {
+    drain: Option<bool>,
+}
+
+/// Gives a running attempt back to the queue, not to the same worker within the cool-off (R51);
+/// `?drain=true` also drains that worker.
+async fn requeue(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    QueryParams(q): QueryParams<RequeueQuery>,
+) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    let build = operator::requeue(&state.pool, &id, Utc::now())
+    let build = operator::requeue(&state.pool, &id, q.drain.unwrap_or(false), Utc::now())
         .await?
         .map_err(conflict)?;
     state.workers.clear();
-    state.events.publish(Event::build("build.updated", &id, "pending"));
+    state.wakeups.invalidate(build.platform());
     Ok(Json(views::build(&build)))
 }
 
@@ -178,20 +193,19 @@ async fn patch(
     let build = operator::patch(&state.pool, &id, priority, run_at, max_attempts, Utc::now())
         .await?
         .map_err(conflict)?;
-    state.events.publish(Event::build("build.updated", &id, &build.state));
+    state.wakeups.invalidate(build.platform());
     Ok(Json(views::build(&build)))
 }
 
 /// Purges the files and rows of a finished build.
 async fn delete(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<StatusCode> {
     auth::require_admin(&state, &headers)?;
-    let keys = operator::finished_build_keys(&state.pool, &id)
+    operator::finished_build_keys(&state.pool, &id)
         .await?
         .map_err(conflict)?;
-    for key in keys.iter().filter_map(|k| Key::parse(k)) {
-        state.storage.delete(&key).await?;
-    }
-    operator::delete_finished(&state.pool, &id).await?;
+    let keys = operator::delete_finished(&state.pool, &id).await?;
+    // Objects the store does not delete now stay queued for the `storage_deletions` job.
+    crate::jobs::delete_objects(&state.pool, &state.storage, &keys).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

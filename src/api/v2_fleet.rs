@@ -1,26 +1,20 @@
 //! `/api/v2` for the fleet: workers and their operator states, platform queues, and the event stream.
 
-use std::convert::Infallible;
-use std::time::Duration;
-
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast::error::RecvError;
 
 use super::auth;
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int};
+use super::extract::{IdPath, NoParams, QueryParams, bounded_int};
 use super::v2_views::{self as views, etagged};
 use super::{AppState, operations};
-use crate::events::Event;
+use crate::events;
 use crate::queue;
 use crate::queue::operator;
 
@@ -38,6 +32,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Page {
     cursor: Option<String>,
     limit: Option<String>,
@@ -78,9 +73,6 @@ async fn set_state(
     auth::require_admin(state, headers)?;
     let worker = operations::set_worker_state(&state.pool, &state.config.queue, id, admin_state).await?;
     state.workers.clear();
-    if admin_state == "revoked" {
-        state.events.publish(Event::worker("worker.offline", id));
-    }
     Ok(Json(worker))
 }
 
@@ -106,12 +98,13 @@ async fn revoke_worker(
     set_state(&state, &headers, &id, "revoked").await
 }
 
-async fn queues(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParams<NoParams>) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
+    let max_queued = state.config.queue.max_queued_builds;
     let views_: Vec<Value> = operator::queue_views(&state.pool, Utc::now())
         .await?
         .iter()
-        .map(views::queue)
+        .map(|q| views::queue(q, max_queued))
         .collect();
     Ok(etagged(&headers, json!({ "items": views_, "next_cursor": null })))
 }
@@ -123,30 +116,23 @@ async fn pause(State(state): State<AppState>, headers: HeaderMap, Path(name): Pa
 
 async fn resume(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     auth::require_admin(&state, &headers)?;
-    Ok(Json(operations::set_paused(&state.pool, &name, false).await?))
+    let resumed = operations::set_paused(&state.pool, &name, false).await?;
+    // Pollers of this instance look again at once; other instances follow the notification.
+    if let Some(platform) = queue::Platform::parse(&name) {
+        state.wakeups.wake_all(platform);
+    }
+    Ok(Json(resumed))
 }
 
-/// Server-Sent Events of state changes on every instance. The subscription ends with the connection.
+/// Server-Sent Events of state changes on every instance (`crate::events::sse_response`): filters
+/// `?build=`, `?worker=`, `?kind=`; resume with `Last-Event-ID`. The subscription ends with the
+/// connection or at shutdown.
 async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    QueryParams(q): QueryParams<events::StreamQuery>,
+) -> ApiResult<Response> {
     auth::require_admin(&state, &headers)?;
-    let receiver = state.events.subscribe();
-    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        loop {
-            match receiver.recv().await {
-                Ok(payload) => {
-                    let kind = serde_json::from_str::<Value>(&payload)
-                        .ok()
-                        .and_then(|v| v["kind"].as_str().map(str::to_string))
-                        .unwrap_or_else(|| "event".into());
-                    return Some((Ok(SseEvent::default().event(kind).data(payload.as_ref())), receiver));
-                }
-                Err(RecvError::Lagged(missed)) => tracing::warn!(missed, "SSE subscriber lagged"),
-                Err(RecvError::Closed) => return None,
-            }
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    let (filter, last_event_id) = q.resolve(&headers).map_err(ApiError::bad_request)?;
+    Ok(events::sse_response(&state.events, filter, last_event_id, state.shutdown.clone()).into_response())
 }

@@ -69,7 +69,7 @@ impl WorkerCache {
                 .filter(|(_, w)| w.id == worker_id)
                 .for_each(|(_, w)| {
                     w.last_seen_at = at;
-                    if w.status == "offline" {
+                    if w.status == "offline" && !w.is_out() {
                         w.status = "idle".into();
                     }
                 });

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::auth::{self, CallerRules, WORKER_TOKEN, header};
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, QueryParams, bounded_int};
+use super::extract::{IdPath, JsonBody, QueryParams, bounded_int, parse_json};
 use super::multipart::{Parts, read_text};
 use super::results::{self, StagedResult};
 use super::{AppState, views};
@@ -73,9 +73,6 @@ async fn register(
     };
     let registration = queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    state
-        .events
-        .publish(crate::events::Event::worker("worker.online", &registration.worker.id));
     Ok(Json(json!({
         "id": registration.worker.id,
         "status": if registration.reregistered { "re-registered" } else { "registered" },
@@ -144,15 +141,16 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
     let seen = state.wakeups.generations(&platforms);
     let claim = queue::claim(&state.pool, worker, &state.config.queue, Utc::now()).await?;
     match &claim {
-        None if hint_applies => state.wakeups.mark_empty(&seen),
-        // The worker's status changed (it is busy now): refresh its cached copy.
-        Some(claim) => {
-            state.workers.forget(&worker.id);
-            if !claim.redelivered {
-                let event = crate::events::Event::build("build.assigned", &claim.build.id, "assigned");
-                state.events.publish(event.with_worker(&worker.id));
+        // Nothing for this worker; the queues are empty for everyone unless a build is only held back
+        // from this worker by the requeue cool-off (R51).
+        None if hint_applies => {
+            let settings = &state.config.queue;
+            if !queue::held_back_by_requeue(&state.pool, &worker.id, settings, Utc::now()).await? {
+                state.wakeups.mark_empty(&seen);
             }
         }
+        // The worker's status changed (it is busy now): refresh its cached copy.
+        Some(_) => state.workers.forget(&worker.id),
         None => {}
     }
     Ok(claim)
@@ -208,10 +206,8 @@ async fn report(
     request: Request,
     success: Option<bool>,
 ) -> ApiResult<Json<Value>> {
-    // Reject callers without any credential before accepting a byte of the body.
-    if header(&headers, auth::VM_TOKEN).is_none() && header(&headers, WORKER_TOKEN).is_none() {
-        auth::require_admin(&state, &headers)?;
-    }
+    // Authenticate before accepting a byte of the body (R41).
+    auth::require_upload_credential(&state, &headers).await?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -220,7 +216,7 @@ async fn report(
         let bytes = Bytes::from_request(request, &state)
             .await
             .map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
-        serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("Invalid JSON body"))?
+        parse_json(&bytes)?
     } else {
         let multipart = Multipart::from_request(request, &state)
             .await
@@ -264,12 +260,7 @@ async fn finish_report(
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
             match results::complete_with(state, &build_id, &caller, staged).await {
-                Ok(()) => {
-                    state
-                        .events
-                        .publish(crate::events::Event::build("build.finished", &build_id, "completed"));
-                    Ok(Json(json!({ "status": "success" })))
-                }
+                Ok(()) => Ok(Json(json!({ "status": "success" }))),
                 Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
                 Err(results::CompleteError::Api(e)) => Err(e),
             }
@@ -335,12 +326,7 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         )
         .await;
         return match outcome {
-            Ok(build) => {
-                state
-                    .events
-                    .publish(crate::events::Event::build("build.finished", build_id, &build.state));
-                Ok(Report::Answered(json!({ "status": "failed" })))
-            }
+            Ok(_) => Ok(Report::Answered(json!({ "status": "failed" }))),
             Err(e) => Err(explain(state, &caller.worker_id, e).await),
         };
     }
@@ -361,7 +347,9 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         return Err(ApiError::attempt_not_active());
     }
     if !caller.holds(&build) {
-        return Err(ApiError::not_authorized_for_build());
+        // A stale holder gets 409 like every other stale call (R53); a stranger 403.
+        let refusal = queue::refusal(&state.pool, build_id, &caller.worker_id).await?;
+        return Err(explain(state, &caller.worker_id, refusal).await);
     }
     Err(ApiError::bad_request("Missing result file"))
 }
@@ -399,9 +387,6 @@ async fn unregister(State(state): State<AppState>, headers: HeaderMap, IdPath(id
     auth::require_admin(&state, &headers)?;
     let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    state
-        .events
-        .publish(crate::events::Event::worker("worker.offline", &id));
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 
@@ -412,9 +397,6 @@ async fn unregister_self(State(state): State<AppState>, headers: HeaderMap) -> A
     let worker = auth::worker_by_token(&state, token).await?;
     let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    state
-        .events
-        .publish(crate::events::Event::worker("worker.offline", &worker.id));
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
 }
 

@@ -109,8 +109,8 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
     let storage = if args.dry_run {
         None
     } else {
-        // The store `serve` uses (see server::start).
-        Some(Storage::local(&config.storage_dir, config.storage_fsync)?)
+        // The store `serve` uses: local directory or S3 bucket.
+        Some(crate::server::open_storage(config).await?)
     };
     let listing = files::list(&args.storage).with_context(|| format!("listing {}", args.storage.display()))?;
     let mut importer = Importer {

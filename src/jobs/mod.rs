@@ -6,6 +6,8 @@ mod offline;
 mod prune;
 mod purge_certs;
 mod runner;
+mod storage_deletions;
+mod sweep_staging;
 
 use std::str::FromStr;
 
@@ -13,6 +15,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 pub use runner::{Instance, run};
+pub use storage_deletions::delete_objects;
 
 use crate::config::{JobsConfig, QueueConfig};
 use crate::queue::{self, QueueResult};
@@ -39,16 +42,20 @@ pub enum Job {
     PromoteScheduled,
     PurgeCerts,
     Prune,
+    SweepStaging,
+    StorageDeletions,
 }
 
 impl Job {
-    pub const ALL: [Job; 6] = [
+    pub const ALL: [Job; 8] = [
         Job::RescueExpiredLeases,
         Job::DeadlineSweep,
         Job::OfflineWorkers,
         Job::PromoteScheduled,
         Job::PurgeCerts,
         Job::Prune,
+        Job::SweepStaging,
+        Job::StorageDeletions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +66,8 @@ impl Job {
             Job::PromoteScheduled => "promote_scheduled",
             Job::PurgeCerts => "purge_certs",
             Job::Prune => "prune",
+            Job::SweepStaging => "sweep_staging",
+            Job::StorageDeletions => "storage_deletions",
         }
     }
 
@@ -71,7 +80,15 @@ impl Job {
             Job::PromoteScheduled => "*/5 * * * * *",
             Job::PurgeCerts => "30 * * * * *",
             Job::Prune => "0 0 * * * *",
+            Job::SweepStaging => "0 */10 * * * *",
+            Job::StorageDeletions => "45 * * * * *",
         }
+    }
+
+    /// Jobs that run on every instance at each tick instead of once overall: local storage is per
+    /// instance, so each instance sweeps its own staging.
+    pub fn per_instance(self) -> bool {
+        matches!(self, Job::SweepStaging)
     }
 
     /// Runs one batch at `now`; returns the number of rows handled.
@@ -84,6 +101,8 @@ impl Job {
             Job::PromoteScheduled => queue::promote_due(pool, now, BATCH).await,
             Job::PurgeCerts => purge_certs::run_once(ctx).await,
             Job::Prune => prune::run_once(ctx, now).await,
+            Job::SweepStaging => sweep_staging::run_once(ctx, now).await,
+            Job::StorageDeletions => storage_deletions::run_once(ctx).await,
         }
     }
 }

@@ -1,12 +1,17 @@
 //! Prune: sources and results of finished builds older than the artifact retention (7 days) are
 //! deleted; rows of finished builds older than the retention (30 days) go with their logs, attempts and
-//! CPU samples, as do old diagnostic reports and tick records. Bounded per tick.
+//! CPU samples, as do old diagnostic reports and tick records; events older than
+//! `CONTROLLER_EVENT_RETENTION_HOURS` are deleted from the outbox. Bounded per tick.
 
 use chrono::{DateTime, Duration, Utc};
 
 use super::{BATCH, JobContext};
 use crate::queue::{self, QueueResult};
 use crate::storage::Key;
+
+/// Events deleted per statement, and statements per tick at most.
+const EVENT_BATCH: i64 = 10_000;
+const EVENT_BATCHES: usize = 50;
 
 pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> {
     let artifact_cutoff = now - Duration::days(ctx.jobs.artifact_retention_days as i64);
@@ -27,5 +32,18 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
     let row_cutoff = now - Duration::days(ctx.jobs.retention_days as i64);
     let old = queue::prunable_builds(&ctx.pool, row_cutoff, BATCH).await?;
     handled += queue::delete_history(&ctx.pool, &old, row_cutoff, BATCH).await?;
+    // Events are many and small: up to EVENT_BATCHES batches per tick (not counted as rows handled).
+    let event_cutoff = now - Duration::hours(ctx.jobs.event_retention_hours as i64);
+    let mut events = 0;
+    for _ in 0..EVENT_BATCHES {
+        let deleted = queue::prune_events(&ctx.pool, event_cutoff, EVENT_BATCH).await?;
+        events += deleted;
+        if deleted < EVENT_BATCH as u64 {
+            break;
+        }
+    }
+    if events > 0 {
+        tracing::debug!(events, "old events deleted");
+    }
     Ok(handled)
 }

@@ -55,23 +55,32 @@ impl TickRunner {
         async {
             for attempt in 1..=ATTEMPTS {
                 match self.claim_and_run(tick).await {
+                    // Per-instance jobs claim nothing, so they say so differently from claimed ticks.
+                    Ok(Some(handled)) if self.job.per_instance() => {
+                        tracing::debug!(instance = %self.instance.0, handled, "per-instance tick ran");
+                        return;
+                    }
                     Ok(None) => {
                         tracing::debug!(instance = %self.instance.0, "tick ran on another instance");
                         return;
                     }
-                    Ok(Some(0)) => {
-                        tracing::debug!(instance = %self.instance.0, handled = 0, "tick ran");
-                        return;
-                    }
                     Ok(Some(handled)) => {
-                        tracing::info!(instance = %self.instance.0, handled, "tick ran");
+                        crate::metrics::job_ran(self.job.name(), false);
+                        if handled == 0 {
+                            tracing::debug!(instance = %self.instance.0, handled, "tick ran");
+                        } else {
+                            tracing::info!(instance = %self.instance.0, handled, "tick ran");
+                        }
                         return;
                     }
                     Err(error) if attempt < ATTEMPTS => {
                         tracing::warn!(%error, attempt, "tick failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                     }
-                    Err(error) => tracing::error!(%error, "tick failed; the next tick will try again"),
+                    Err(error) => {
+                        crate::metrics::job_ran(self.job.name(), true);
+                        tracing::error!(%error, "tick failed; the next tick will try again");
+                    }
                 }
             }
         }
@@ -80,7 +89,9 @@ impl TickRunner {
     }
 
     async fn claim_and_run(&self, tick: DateTime<Utc>) -> queue::QueueResult<Option<u64>> {
-        if !queue::claim_tick(&self.ctx.pool, self.job.name(), tick, &self.instance.0).await? {
+        if !self.job.per_instance()
+            && !queue::claim_tick(&self.ctx.pool, self.job.name(), tick, &self.instance.0).await?
+        {
             return Ok(None);
         }
         Ok(Some(self.job.run_once(&self.ctx, Utc::now()).await?))

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use super::backoff::random_backoff;
+use super::emit;
 use super::lease::{Holder, held_by, holder_view};
 use super::logs::append_system_log;
 use super::{Build, QueueResult, ResultFile, Settings};
@@ -66,6 +67,11 @@ pub async fn complete(
         ), log_row AS (
             INSERT INTO build_logs (build_id, seq, ts, level, message)
             SELECT id, log_seq, $4, 'info', 'Build completed' FROM done
+        ), event AS (
+            INSERT INTO events (kind, build_id, worker_id, data)
+            SELECT 'build.completed', id, $2, jsonb_build_object('platform', queue, 'state', state,
+                'attempt', attempt, 'log_seq', log_seq, 'result_size', result_size)
+            FROM done
         )
         SELECT * FROM done"
     );
@@ -82,6 +88,7 @@ pub async fn complete(
     match done {
         Some(build) => {
             crate::metrics::build_finished("completed");
+            crate::metrics::build_ran(&build.queue, "completed", build.started_at.or(build.assigned_at), now);
             Ok(build)
         }
         None => {
@@ -115,9 +122,12 @@ pub async fn fail(
         .fetch_optional(&mut *tx)
         .await?;
     let Some(locked) = locked else {
-        return Err(holder_view(&mut tx, build_id, holder.worker_id).await?.refusal());
+        let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
+        tx.rollback().await?;
+        return Err(refusal);
     };
     let build = end_attempt(&mut tx, &locked, failure, settings, now).await?;
+    emit::emit_failure(&mut tx, &build, Some(holder.worker_id), failure, emit::Ended::Reported).await?;
     tx.commit().await?;
     Ok(build)
 }
@@ -229,6 +239,13 @@ pub(crate) async fn end_attempt(
         metrics::counter!(crate::metrics::RETRIES, "kind" => failure.kind.as_str()).increment(1);
     } else {
         crate::metrics::build_finished(failure.kind.as_str());
+        crate::metrics::build_failed(failure.kind.as_str());
+        crate::metrics::build_ran(
+            &build.queue,
+            failure.kind.as_str(),
+            build.started_at.or(build.assigned_at),
+            now,
+        );
     }
     Ok(build)
 }

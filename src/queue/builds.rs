@@ -92,7 +92,7 @@ pub async fn fleet_stats(pool: &PgPool, now: DateTime<Utc>) -> QueueResult<Fleet
     let midnight = now.date_naive().and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
     Ok(sqlx::query_as(
         "SELECT
-            (SELECT count(*) FROM workers WHERE status <> 'offline' AND last_seen_at > $1 - $3::bigint * interval '1 second') AS nodes_online,
+            (SELECT count(*) FROM workers WHERE status <> 'offline' AND admin_state <> 'revoked' AND unregistered_at IS NULL AND last_seen_at > $1 - $3::bigint * interval '1 second') AS nodes_online,
             (SELECT count(*) FROM builds WHERE state IN ('pending', 'scheduled', 'retryable')) AS builds_queued,
             (SELECT count(*) FROM builds WHERE state IN ('assigned', 'building')) AS active_builds,
             (SELECT count(*) FROM builds WHERE state = 'completed' AND completed_at >= $2 AND completed_at <= $1) AS builds_today,

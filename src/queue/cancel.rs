@@ -28,6 +28,8 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
     };
     let state = BuildState::parse(&state).unwrap_or(BuildState::Pending);
     if state.is_final() {
+        // Release the row lock now, not when the pool next touches this connection.
+        tx.rollback().await?;
         return Err(QueueError::AlreadyFinished);
     }
     let held = state.is_held();
@@ -58,8 +60,11 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
             .await?;
     }
     append_system_log(&mut tx, build_id, "warn", "Build cancelled by user", now).await?;
+    let worker = lease_owner.as_deref().filter(|_| held);
+    super::emit::emit_build(&mut tx, "build.cancelled", &build, worker, serde_json::json!({})).await?;
     tx.commit().await?;
     crate::metrics::build_finished("cancelled");
+    crate::metrics::build_ran(&build.queue, "cancelled", build.started_at.or(build.assigned_at), now);
     Ok(CancelOutcome {
         build,
         interrupted_worker: lease_owner.filter(|_| held),

@@ -30,10 +30,14 @@ WITH held AS (
 ), picked AS (
     SELECT b.id FROM builds b
     WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
+      AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL)
       AND b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND {queue}
       AND b.queue NOT IN (SELECT name FROM queues WHERE paused)
+      AND ($9::bigint <= 0 OR NOT EXISTS (
+          SELECT 1 FROM build_attempts a WHERE a.build_id = b.id AND a.worker_id = $1 AND a.outcome = 'requeued'
+            AND a.finished_at > $2 - $9::bigint * interval '1 second'))
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
     FOR UPDATE OF b SKIP LOCKED
@@ -57,6 +61,11 @@ WITH held AS (
     FROM claimed
 ), worker_row AS (
     UPDATE workers SET status = 'busy', last_seen_at = $2 WHERE id = $1 AND EXISTS (SELECT 1 FROM claimed)
+), event AS (
+    INSERT INTO events (kind, build_id, worker_id, data)
+    SELECT 'build.assigned', id, lease_owner, jsonb_build_object('platform', queue, 'state', state,
+        'attempt', attempt, 'log_seq', log_seq)
+    FROM claimed
 )
 SELECT *, true AS redelivered FROM held
 UNION ALL
@@ -80,7 +89,10 @@ pub fn claim_sql(platforms: usize) -> &'static str {
 ///
 /// Eligible: queued (`pending`, or `scheduled`/`retryable` whose `run_at` has passed), on one of the
 /// worker's platforms, queue not paused; best: priority, then `run_at`, then id. Rows locked by a
-/// concurrent claim are skipped, never waited for. A draining or disabled worker gets nothing new.
+/// concurrent claim are skipped, never waited for. A draining, disabled, revoked or unregistered worker
+/// gets nothing new (checked on its row, not only on the caller's possibly cached copy), and
+/// a build an operator requeued away from this worker is not handed back to it within the requeue
+/// cool-off (R51).
 pub async fn claim(
     pool: &PgPool,
     worker: &Worker,
@@ -94,7 +106,13 @@ pub async fn claim(
         match outcome {
             // A concurrent poll of the same worker claimed first: the next round re-delivers its attempt.
             Err(sqlx::Error::Database(e)) if e.constraint() == Some("builds_held_by_idx") => continue,
-            other => return Ok(other?),
+            other => {
+                let claim = other?;
+                if let Some(c) = claim.as_ref().filter(|c| !c.redelivered) {
+                    crate::metrics::queue_waited(&c.build.queue, c.build.run_at, now);
+                }
+                return Ok(claim);
+            }
         }
     }
     Ok(None)
@@ -117,6 +135,7 @@ async fn claim_once(
         .bind(OTP_TTL_SECS)
         .bind(&worker.name)
         .bind(worker.accepts_work())
+        .bind(settings.requeue_cooloff_secs as i64)
         .fetch_optional(pool)
         .await?;
     let Some(row) = row else { return Ok(None) };
@@ -125,4 +144,29 @@ async fn claim_once(
         otp,
         redelivered: row.try_get("redelivered")?,
     }))
+}
+
+/// Whether a queued build is held back from this worker by the requeue cool-off (R51): then an empty
+/// claim does not mean its queues are empty for everyone.
+pub async fn held_back_by_requeue(
+    pool: &PgPool,
+    worker_id: &str,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<bool> {
+    if settings.requeue_cooloff_secs == 0 {
+        return Ok(false);
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (
+            SELECT 1 FROM build_attempts a JOIN builds b ON b.id = a.build_id
+            WHERE a.worker_id = $1 AND a.outcome = 'requeued'
+              AND a.finished_at > $2 - $3::bigint * interval '1 second'
+              AND b.state IN ('pending', 'scheduled', 'retryable'))",
+    )
+    .bind(worker_id)
+    .bind(now)
+    .bind(settings.requeue_cooloff_secs as i64)
+    .fetch_one(pool)
+    .await?)
 }

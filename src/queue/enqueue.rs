@@ -1,12 +1,26 @@
 //! Enqueue: insert a build row and wake the instances that wait for work.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
-use super::{Build, Platform, QueueResult};
+use super::{Build, BuildState, Platform, QueueError, QueueResult};
 
 /// Channel on which every instance LISTENs; the payload is `<queue>:<build id>` of a claimable build.
 pub const NOTIFY_CHANNEL: &str = "expo_builds_ready";
+
+/// SQL: whether queue `$q` holds at least `$n` queued builds (reads at most `$n` index entries).
+macro_rules! queued_at_least {
+    ($q:literal, $n:literal) => {
+        concat!(
+            "(SELECT count(*) FROM (SELECT 1 FROM builds WHERE queue = ",
+            $q,
+            " AND state IN ('pending', 'scheduled', 'retryable') LIMIT ",
+            $n,
+            ") AS queued) >= ",
+            $n
+        )
+    };
+}
 
 /// What a submitter (or a retry) puts in the queue.
 #[derive(Debug, Clone)]
@@ -29,36 +43,154 @@ pub struct NewBuild {
 /// the caller's transaction if it has one. PostgreSQL delivers the NOTIFY only if that transaction
 /// commits, so a waiting worker never wakes for a build that does not exist.
 pub async fn enqueue(conn: &mut PgConnection, new: &NewBuild, now: DateTime<Utc>) -> QueueResult<Build> {
+    insert(conn, new, None, now).await
+}
+
+/// [`enqueue`] with backpressure (R58): refused with [`QueueError::QueueFull`] (nothing inserted) when
+/// the build's platform queue already holds `max_queued` queued builds (pending, scheduled, retryable).
+pub async fn enqueue_bounded(
+    conn: &mut PgConnection,
+    new: &NewBuild,
+    max_queued: i64,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
+    let inserted = insert(conn, new, Some(max_queued), now).await;
+    if matches!(inserted, Err(QueueError::QueueFull)) {
+        count_refusal(new.platform);
+    }
+    inserted
+}
+
+/// The platform queues holding `max_queued` queued builds or more, in one statement (each count reads
+/// at most `max_queued` entries of the claim index).
+pub async fn full_queues(conn: &mut PgConnection, max_queued: i64) -> QueueResult<Vec<Platform>> {
+    let names: Vec<String> = sqlx::query_scalar(concat!(
+        "SELECT q.name FROM queues q WHERE ",
+        queued_at_least!("q.name", "$1")
+    ))
+    .bind(max_queued)
+    .fetch_all(conn)
+    .await?;
+    Ok(names.iter().filter_map(|n| Platform::parse(n)).collect())
+}
+
+/// Counts a submit or retry refused because `platform`'s queue is full.
+pub fn count_refusal(platform: Platform) {
+    metrics::counter!(crate::metrics::QUEUE_FULL, "queue" => platform.as_str()).increment(1);
+}
+
+async fn insert(
+    conn: &mut PgConnection,
+    new: &NewBuild,
+    max_queued: Option<i64>,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
     let run_at = new.run_at.filter(|at| *at > now);
     let state = if run_at.is_some() { "scheduled" } else { "pending" };
-    let build: Build = sqlx::query_as(
+    const SQL: &str = concat!(
         "WITH inserted AS (
             INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
                                 submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+            WHERE $15::bigint IS NULL OR NOT ",
+        queued_at_least!("$3", "$15"),
+        "
             RETURNING *
          ), notified AS (
             SELECT pg_notify($14, queue || ':' || id) FROM inserted WHERE state = 'pending'
+         ), event AS (
+            INSERT INTO events (kind, build_id, data)
+            SELECT 'build.submitted', id, jsonb_build_object('platform', queue, 'state', state, 'attempt', attempt,
+                'priority', priority, 'run_at', run_at, 'original_build_id', original_build_id)
+            FROM inserted
          )
-         SELECT inserted.* FROM inserted, (SELECT count(*) FROM notified) AS n",
+         SELECT inserted.* FROM inserted, (SELECT count(*) FROM notified) AS n"
+    );
+    let build: Option<Build> = sqlx::query_as(SQL)
+        .bind(&new.id)
+        .bind(state)
+        .bind(new.platform.as_str())
+        .bind(new.priority)
+        .bind(run_at.unwrap_or(now))
+        .bind(new.max_attempts)
+        .bind(new.retry_build_failures)
+        .bind(now)
+        .bind(&new.source_key)
+        .bind(new.source_size)
+        .bind(&new.certs_key)
+        .bind(&new.access_token_hash)
+        .bind(&new.original_build_id)
+        .bind(NOTIFY_CHANNEL)
+        .bind(max_queued)
+        .fetch_optional(&mut *conn)
+        .await?;
+    build.ok_or(QueueError::QueueFull)
+}
+
+/// Why a build-token retry is refused before anything is copied (R49): the original must be final,
+/// and no earlier retry of it may be unfinished. The admin key is not `limited`.
+pub async fn check_retry(conn: &mut PgConnection, original_id: &str, limited: bool) -> QueueResult<()> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
+        .bind(original_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let state = state.ok_or(QueueError::BuildNotFound)?;
+    if !limited {
+        return Ok(());
+    }
+    if !BuildState::parse(&state).is_some_and(BuildState::is_final) {
+        return Err(QueueError::Conflict(RETRY_NOT_FINISHED.to_string()));
+    }
+    let live: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM builds WHERE original_build_id = $1
+           AND state NOT IN ('completed', 'failed', 'cancelled')
+         ORDER BY submitted_at DESC LIMIT 1",
     )
-    .bind(&new.id)
-    .bind(state)
-    .bind(new.platform.as_str())
-    .bind(new.priority)
-    .bind(run_at.unwrap_or(now))
-    .bind(new.max_attempts)
-    .bind(new.retry_build_failures)
-    .bind(now)
-    .bind(&new.source_key)
-    .bind(new.source_size)
-    .bind(&new.certs_key)
-    .bind(&new.access_token_hash)
-    .bind(&new.original_build_id)
-    .bind(NOTIFY_CHANNEL)
-    .fetch_one(&mut *conn)
+    .bind(original_id)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(build)
+    match live {
+        Some(id) => Err(QueueError::RetryInProgress(id)),
+        None => Ok(()),
+    }
+}
+
+/// Why a build token may not retry an unfinished build.
+pub const RETRY_NOT_FINISHED: &str =
+    "Build is not finished: only a completed, failed or cancelled build can be retried";
+
+/// Enqueues a retry of `original_id` (B14) with backpressure; for a `limited` caller (build token only)
+/// the rules of [`check_retry`] hold under a lock on the original, so concurrent retries cannot both
+/// pass.
+pub async fn enqueue_retry(
+    pool: &PgPool,
+    new: &NewBuild,
+    original_id: &str,
+    limited: bool,
+    max_queued: i64,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
+        .bind(original_id)
+        .execute(&mut *tx)
+        .await?;
+    let outcome = async {
+        check_retry(&mut tx, original_id, limited).await?;
+        enqueue_bounded(&mut tx, new, max_queued, now).await
+    }
+    .await;
+    match outcome {
+        Ok(build) => {
+            tx.commit().await?;
+            Ok(build)
+        }
+        // Release the original's row lock now, not when the pool next uses this connection.
+        Err(refused) => {
+            tx.rollback().await?;
+            Err(refused)
+        }
+    }
 }
 
 /// Tells every instance that these `(queue, build id)` became claimable (delivered at commit). One

@@ -59,17 +59,27 @@ pub async fn heartbeat(
     now: DateTime<Utc>,
 ) -> QueueResult<HeartbeatOutcome> {
     const SQL: &str = concat!(
-        "WITH hb AS (
-            UPDATE builds SET state = 'building', last_heartbeat_at = $4,
-                lease_expires_at = $4 + $5::bigint * interval '1 second',
-                progress = coalesce($6, progress), stage = coalesce($7, stage)
-            WHERE ",
+        "WITH prev AS (
+            SELECT id, state, progress, stage FROM builds WHERE ",
         held_by!(),
-        "
-            RETURNING id, attempt
+        " FOR UPDATE
+        ), hb AS (
+            UPDATE builds b SET state = 'building', last_heartbeat_at = $4,
+                lease_expires_at = $4 + $5::bigint * interval '1 second',
+                progress = coalesce($6, b.progress), stage = coalesce($7, b.stage)
+            FROM prev WHERE b.id = prev.id
+            RETURNING b.id, b.attempt, b.queue, b.state, b.progress, b.stage, b.lease_owner,
+                prev.state AS was, prev.progress AS was_progress, prev.stage AS was_stage
         ), started AS (
             UPDATE build_attempts a SET started_at = $4 FROM hb
             WHERE a.build_id = hb.id AND a.attempt = hb.attempt AND a.started_at IS NULL
+        ), event AS (
+            -- the first heartbeat starts building; later ones are events only when progress or stage moved
+            INSERT INTO events (kind, build_id, worker_id, data)
+            SELECT CASE WHEN was = 'assigned' THEN 'build.building' ELSE 'build.progress' END, id, lease_owner,
+                jsonb_build_object('platform', queue, 'state', state, 'attempt', attempt, 'progress', progress, 'stage', stage)
+            FROM hb
+            WHERE was = 'assigned' OR progress IS DISTINCT FROM was_progress OR stage IS DISTINCT FROM was_stage
         )
         SELECT attempt FROM hb"
     );
@@ -113,6 +123,13 @@ impl HolderView {
             QueueError::NotHolder
         }
     }
+}
+
+/// The error for a caller who does not hold the build's current attempt: [`QueueError::Stale`] when it
+/// held an earlier attempt (409, api.md B17), else [`QueueError::NotHolder`]; unknown build first.
+pub async fn refusal(pool: &PgPool, build_id: &str, worker_id: &str) -> QueueResult<QueueError> {
+    let mut conn = pool.acquire().await?;
+    Ok(holder_view(&mut conn, build_id, worker_id).await?.refusal())
 }
 
 /// Reads why a fenced operation did not match: unknown build, never held, or a stale attempt.

@@ -50,7 +50,13 @@ pub async fn append_system_log(
     now: DateTime<Utc>,
 ) -> QueueResult<()> {
     sqlx::query(
-        "WITH s AS (UPDATE builds SET log_seq = log_seq + 1 WHERE id = $1 RETURNING log_seq)
+        "WITH s AS (UPDATE builds SET log_seq = log_seq + 1 WHERE id = $1 RETURNING log_seq, queue, state),
+         event AS (
+            INSERT INTO events (kind, build_id, data)
+            SELECT 'build.log', $1, jsonb_build_object('platform', queue, 'state', state,
+                'from_seq', log_seq, 'to_seq', log_seq, 'count', 1)
+            FROM s
+         )
          INSERT INTO build_logs (build_id, seq, ts, level, message) SELECT $1, log_seq, $2, $3, $4 FROM s",
     )
     .bind(build_id)
@@ -65,6 +71,7 @@ pub async fn append_system_log(
 #[derive(sqlx::FromRow)]
 struct LogState {
     state: String,
+    queue: String,
     lease_owner: Option<String>,
     lease_token: Option<i64>,
     worker_id: Option<String>,
@@ -110,7 +117,7 @@ pub async fn append_worker_logs(
     }
     let mut tx = pool.begin().await?;
     let current: Option<LogState> = sqlx::query_as(
-        "SELECT state, lease_owner, lease_token, worker_id, completed_at, log_seq, log_dropped, log_marker_seq
+        "SELECT state, queue, lease_owner, lease_token, worker_id, completed_at, log_seq, log_dropped, log_marker_seq
          FROM builds WHERE id = $1 FOR UPDATE",
     )
     .bind(build_id)
@@ -121,7 +128,10 @@ pub async fn append_worker_logs(
     };
     let holds = current.held_by(holder);
     if !holds && !current.late_tail_allowed(holder, now) {
-        return Err(holder_view(&mut tx, build_id, holder.worker_id).await?.refusal());
+        let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
+        // Release the row lock now: the real holder's next call must not wait for the pool.
+        tx.rollback().await?;
+        return Err(refusal);
     }
     let room = if current.log_marker_seq.is_some() {
         0
@@ -184,6 +194,13 @@ pub async fn append_worker_logs(
     .bind(settings.lease_timeout_secs as i64)
     .execute(&mut *tx)
     .await?;
+    if log_seq > current.log_seq {
+        let data = serde_json::json!({
+            "platform": current.queue, "state": current.state,
+            "from_seq": current.log_seq + 1, "to_seq": log_seq, "count": log_seq - current.log_seq,
+        });
+        super::emit::emit(&mut tx, "build.log", Some(build_id), Some(holder.worker_id), data).await?;
+    }
     tx.commit().await?;
     Ok(kept)
 }
@@ -210,7 +227,13 @@ async fn append_fast(
             WHERE id = $1 AND state IN ('assigned', 'building') AND lease_owner = $2
               AND ($3::bigint IS NULL OR lease_token = $3)
               AND log_marker_seq IS NULL AND log_seq + $5 <= $8
-            RETURNING log_seq - $5 AS base
+            RETURNING log_seq - $5 AS base, queue, state
+         ), event AS (
+            -- one event per posted batch, naming its sequence range
+            INSERT INTO events (kind, build_id, worker_id, data)
+            SELECT 'build.log', $1, $2, jsonb_build_object('platform', queue, 'state', state,
+                'from_seq', base + 1, 'to_seq', base + $5, 'count', $5)
+            FROM taken
          )
          INSERT INTO build_logs (build_id, seq, ts, level, message)
          SELECT $1, taken.base + t.ord, $4, t.level, t.message

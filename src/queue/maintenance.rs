@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::attempts::{LockedAttempt, end_attempt, locked_columns};
+use super::emit;
 use super::enqueue::notify_ready;
 use super::{Failure, FailureKind, QueueResult, Settings};
 
@@ -73,7 +74,10 @@ async fn sweep_held(
         .fetch_all(&mut *tx)
         .await?;
     for locked in &rows {
-        end_attempt(&mut tx, locked, &failure_for(locked), settings, now).await?;
+        let failure = failure_for(locked);
+        let build = end_attempt(&mut tx, locked, &failure, settings, now).await?;
+        let worker = locked.lease_owner.as_deref();
+        emit::emit_failure(&mut tx, &build, worker, &failure, emit::Ended::Swept).await?;
     }
     tx.commit().await?;
     Ok(rows.len() as u64)
@@ -83,10 +87,18 @@ async fn sweep_held(
 pub async fn promote_due(pool: &PgPool, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
     let mut tx = pool.begin().await?;
     let promoted: Vec<(String, String)> = sqlx::query_as(
-        "UPDATE builds SET state = 'pending' WHERE id IN (
-            SELECT id FROM builds WHERE state IN ('scheduled', 'retryable') AND run_at <= $1
-            ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING queue, id",
+        "WITH promoted AS (
+            UPDATE builds SET state = 'pending' WHERE id IN (
+                SELECT id FROM builds WHERE state IN ('scheduled', 'retryable') AND run_at <= $1
+                ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+            RETURNING queue, id, state, attempt
+         ), event AS (
+            INSERT INTO events (kind, build_id, data)
+            SELECT 'build.updated', id, jsonb_build_object('platform', queue, 'state', state, 'attempt', attempt,
+                'reason', 'promoted')
+            FROM promoted
+         )
+         SELECT queue, id FROM promoted",
     )
     .bind(now)
     .bind(batch)

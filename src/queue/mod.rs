@@ -27,6 +27,7 @@ mod builds;
 mod cancel;
 mod claim;
 mod diagnostics;
+mod emit;
 mod enqueue;
 mod lease;
 mod logs;
@@ -45,15 +46,20 @@ pub use builds::{
     queue_counts, record_cpu_sample,
 };
 pub use cancel::{CancelOutcome, cancel};
-pub use claim::{Claim, claim, claim_sql};
+pub use claim::{Claim, claim, claim_sql, held_back_by_requeue};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub(crate) use enqueue::notify_ready;
-pub use enqueue::{NOTIFY_CHANNEL, NewBuild, enqueue};
-pub use lease::{HeartbeatOutcome, Holder, heartbeat};
+pub use enqueue::{
+    NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue, enqueue_bounded, enqueue_retry,
+    full_queues,
+};
+pub use lease::{HeartbeatOutcome, Holder, heartbeat, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
-pub use retention::{claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, stale_artifacts};
+pub use retention::{
+    claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
+};
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
 pub use wakeups::{Generations, Subscription, Wakeups, listen};
 pub use workers::{RegisterRequest, Registration, find_worker, platforms_of, register, touch_worker, unregister};
@@ -78,6 +84,18 @@ pub enum QueueError {
     /// A registration for an existing worker by a caller who is not that worker.
     #[error("not allowed to re-register this worker")]
     Forbidden,
+    /// Input the queue refuses (400 with this message).
+    #[error("{0}")]
+    Invalid(String),
+    /// The action conflicts with the current state (409 with this message).
+    #[error("{0}")]
+    Conflict(String),
+    /// The platform queue holds as many queued builds as allowed (backpressure).
+    #[error("build queue is full")]
+    QueueFull,
+    /// A build-token retry while an earlier retry of the same build is unfinished (its id).
+    #[error("a retry of this build is still unfinished: {0}")]
+    RetryInProgress(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }

@@ -181,6 +181,8 @@ pub struct Worker {
     pub last_seen_at: DateTime<Utc>,
     pub builds_completed: i64,
     pub builds_failed: i64,
+    /// Set by unregister, cleared by the next registration: until then the worker stays offline.
+    pub unregistered_at: Option<DateTime<Utc>>,
 }
 
 impl Worker {
@@ -188,9 +190,14 @@ impl Worker {
         self.platforms.iter().filter_map(|p| Platform::parse(p)).collect()
     }
 
-    /// Whether the worker may be handed new builds.
+    /// Whether the worker may be handed new builds: active, and not unregistered (R50).
     pub fn accepts_work(&self) -> bool {
-        self.admin_state == "active"
+        self.admin_state == "active" && self.unregistered_at.is_none()
+    }
+
+    /// Revoked (final) or unregistered: a poll does not bring it back online (R50).
+    pub fn is_out(&self) -> bool {
+        self.admin_state == "revoked" || self.unregistered_at.is_some()
     }
 }
 

@@ -4,6 +4,9 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use serde_json::json;
+
+use super::emit::emit_build;
 use super::enqueue::notify_ready;
 use super::logs::append_system_log;
 use super::{Build, BuildState, NOTIFY_CHANNEL, Platform, QueueError, QueueResult, Worker};
@@ -22,6 +25,14 @@ pub struct WrongState(pub &'static str);
 /// Result of an operator action: the build, or why not.
 pub type OperatorResult<T> = Result<Result<T, WrongState>, QueueError>;
 
+/// Ends a refused action's transaction at once. A dropped transaction is rolled back only when the pool
+/// next touches its connection, and until then the row lock makes the build invisible to claims
+/// (`SKIP LOCKED`): a refused retry must not hide a pending build from the next poll.
+async fn refuse<T>(tx: sqlx::Transaction<'_, sqlx::Postgres>, why: &'static str) -> OperatorResult<T> {
+    tx.rollback().await?;
+    Ok(Err(WrongState(why)))
+}
+
 async fn lock(tx: &mut sqlx::PgConnection, build_id: &str) -> QueueResult<Build> {
     sqlx::query_as("SELECT * FROM builds WHERE id = $1 FOR UPDATE")
         .bind(build_id)
@@ -31,11 +42,24 @@ async fn lock(tx: &mut sqlx::PgConnection, build_id: &str) -> QueueResult<Build>
 }
 
 /// Gives a running attempt back to the queue at once (not counted against the build's attempts' fate).
-pub async fn requeue(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> OperatorResult<Build> {
+/// The claim does not hand it back to the same worker within the requeue cool-off (R51); with `drain`,
+/// that worker is also set to `draining` in the same transaction.
+pub async fn requeue(pool: &PgPool, build_id: &str, drain: bool, now: DateTime<Utc>) -> OperatorResult<Build> {
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !build.state().is_held() {
-        return Ok(Err(WrongState(NOT_RUNNING)));
+        return refuse(tx, NOT_RUNNING).await;
+    }
+    if drain {
+        let drained =
+            sqlx::query("UPDATE workers SET admin_state = 'draining' WHERE id = $1 AND admin_state = 'active'")
+                .bind(&build.lease_owner)
+                .execute(&mut *tx)
+                .await?;
+        if drained.rows_affected() == 1 {
+            let data = serde_json::json!({ "admin_state": "draining" });
+            super::emit::emit(&mut tx, "worker.draining", None, build.lease_owner.as_deref(), data).await?;
+        }
     }
     sqlx::query(
         "UPDATE build_attempts SET finished_at = $3, outcome = 'requeued' WHERE build_id = $1 AND attempt = $2",
@@ -49,8 +73,11 @@ pub async fn requeue(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> Opera
         .bind(&build.lease_owner)
         .execute(&mut *tx)
         .await?;
+    let worker = build.lease_owner.clone();
     let build = reset_to_pending(&mut tx, build_id, now).await?;
     append_system_log(&mut tx, build_id, "warn", "Attempt requeued by an operator", now).await?;
+    let reason = json!({ "reason": "operator" });
+    emit_build(&mut tx, "build.requeued", &build, worker.as_deref(), reason).await?;
     tx.commit().await?;
     Ok(Ok(build))
 }
@@ -60,10 +87,11 @@ pub async fn retry_same(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> Op
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !matches!(build.state(), BuildState::Failed | BuildState::Cancelled) {
-        return Ok(Err(WrongState(NOT_RETRYABLE)));
+        return refuse(tx, NOT_RETRYABLE).await;
     }
     let build = reset_to_pending(&mut tx, build_id, now).await?;
     append_system_log(&mut tx, build_id, "info", "Build retried by an operator", now).await?;
+    emit_build(&mut tx, "build.requeued", &build, None, json!({ "reason": "retry" })).await?;
     tx.commit().await?;
     Ok(Ok(build))
 }
@@ -97,7 +125,7 @@ pub async fn patch(
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if build.state().is_held() || build.state().is_final() {
-        return Ok(Err(WrongState(RUNNING)));
+        return refuse(tx, RUNNING).await;
     }
     let build: Build = sqlx::query_as(
         "UPDATE builds SET priority = coalesce($2, priority), max_attempts = coalesce($4, max_attempts),
@@ -116,6 +144,8 @@ pub async fn patch(
     if build.state() == BuildState::Pending {
         notify_ready(&mut tx, &[(build.queue.as_str(), build.id.as_str())]).await?;
     }
+    let fields = json!({ "priority": build.priority, "run_at": build.run_at, "max_attempts": build.max_attempts });
+    emit_build(&mut tx, "build.updated", &build, None, fields).await?;
     tx.commit().await?;
     Ok(Ok(build))
 }
@@ -135,28 +165,76 @@ pub async fn finished_build_keys(pool: &PgPool, build_id: &str) -> OperatorResul
         .collect()))
 }
 
-/// Deletes a finished build's rows.
-pub async fn delete_finished(pool: &PgPool, build_id: &str) -> QueueResult<bool> {
-    let deleted = sqlx::query("DELETE FROM builds WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')")
-        .bind(build_id)
-        .execute(pool)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+/// Deletes a finished build's rows and, in the same transaction, queues its stored objects in
+/// `pending_deletions`; returns those keys (empty if the build was not deleted). The caller deletes the
+/// objects and forgets them ([`forget_deletions`]); what it cannot delete, the `storage_deletions` job
+/// retries.
+pub async fn delete_finished(pool: &PgPool, build_id: &str) -> QueueResult<Vec<String>> {
+    let keys: Vec<String> = sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM builds WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')
+             RETURNING id, queue, state, source_key, certs_key, result_key
+         ), event AS (
+             INSERT INTO events (kind, build_id, data)
+             SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'operator')
+             FROM gone
+         ), keys AS (
+             SELECT k FROM gone, unnest(ARRAY[source_key, certs_key, result_key]) AS k WHERE k IS NOT NULL
+         ), queued AS (
+             INSERT INTO pending_deletions (key) SELECT k FROM keys ON CONFLICT (key) DO NOTHING
+         )
+         SELECT k FROM keys",
+    )
+    .bind(build_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(keys)
+}
+
+/// Up to `limit` queued object deletions, oldest first.
+pub async fn pending_deletions(pool: &PgPool, limit: i64) -> QueueResult<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT key FROM pending_deletions ORDER BY queued_at, key LIMIT $1")
+            .bind(limit)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Drops deleted objects from `pending_deletions`.
+pub async fn forget_deletions(pool: &PgPool, keys: &[String]) -> QueueResult<()> {
+    if !keys.is_empty() {
+        sqlx::query("DELETE FROM pending_deletions WHERE key = ANY($1)")
+            .bind(keys)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Pauses or resumes a platform queue; resuming wakes waiting workers of every instance.
 pub async fn set_paused(pool: &PgPool, platform: Platform, paused: bool, now: DateTime<Utc>) -> QueueResult<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query("UPDATE queues SET paused = $2, paused_at = CASE WHEN $2 THEN $3 ELSE NULL END WHERE name = $1")
-        .bind(platform.as_str())
-        .bind(paused)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "WITH prev AS (SELECT name, paused FROM queues WHERE name = $1 FOR UPDATE),
+         changed AS (
+            UPDATE queues q SET paused = $2, paused_at = CASE WHEN $2 THEN $3 ELSE NULL END
+            FROM prev WHERE q.name = prev.name RETURNING q.name, prev.paused AS was
+         )
+         INSERT INTO events (kind, data)
+         SELECT CASE WHEN $2 THEN 'queue.paused' ELSE 'queue.resumed' END,
+             jsonb_build_object('platform', name, 'state', CASE WHEN $2 THEN 'paused' ELSE 'running' END)
+         FROM changed WHERE was <> $2",
+    )
+    .bind(platform.as_str())
+    .bind(paused)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
     if !paused {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(NOTIFY_CHANNEL)
-            .bind(platform.as_str())
+            .bind(format!("{}:{}", platform.as_str(), super::wakeups::ALL_BUILDS))
             .execute(&mut *tx)
             .await?;
     }
@@ -164,8 +242,12 @@ pub async fn set_paused(pool: &PgPool, platform: Platform, paused: bool, now: Da
     Ok(())
 }
 
+/// Why a revoked worker's state cannot change.
+pub const REVOKED: &str = "Worker is revoked; a new registration is a new worker";
+
 /// Sets a worker's operator state: `active`, `draining` (finish the current build, take no new one),
-/// `disabled`; `revoked` also drops its token, marks it offline and requeues its attempt.
+/// `disabled`; `revoked` also drops its token, marks it offline and requeues its attempt. Revoked is
+/// final (R50): revoking again is a no-op, any other change is refused.
 pub async fn set_worker_state(
     pool: &PgPool,
     worker_id: &str,
@@ -173,15 +255,39 @@ pub async fn set_worker_state(
     settings: &super::Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Worker> {
+    let current = super::find_worker(pool, worker_id)
+        .await?
+        .ok_or(QueueError::WorkerNotFound)?;
+    if current.admin_state == "revoked" {
+        return match admin_state {
+            "revoked" => Ok(current),
+            _ => Err(QueueError::Conflict(REVOKED.to_string())),
+        };
+    }
     if admin_state == "revoked" {
         super::unregister(pool, worker_id, settings, now).await?;
     }
-    sqlx::query_as("UPDATE workers SET admin_state = $2 WHERE id = $1 RETURNING *")
-        .bind(worker_id)
-        .bind(admin_state)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(QueueError::WorkerNotFound)
+    let kind = match admin_state {
+        "active" => "worker.enabled",
+        other => &format!("worker.{other}"),
+    };
+    sqlx::query_as(
+        "WITH prev AS (SELECT id, admin_state FROM workers WHERE id = $1 FOR UPDATE),
+         changed AS (UPDATE workers w SET admin_state = $2 FROM prev
+                      WHERE w.id = prev.id AND prev.admin_state <> 'revoked' RETURNING w.*),
+         event AS (
+            INSERT INTO events (kind, worker_id, data)
+            SELECT $3, changed.id, jsonb_build_object('state', changed.status, 'admin_state', changed.admin_state)
+            FROM changed, prev WHERE prev.admin_state <> changed.admin_state
+         )
+         SELECT * FROM changed",
+    )
+    .bind(worker_id)
+    .bind(admin_state)
+    .bind(kind)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| QueueError::Conflict(REVOKED.to_string()))
 }
 
 /// Revokes a build's access token; the admin key still works.

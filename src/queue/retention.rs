@@ -20,9 +20,16 @@ pub async fn claim_tick(pool: &PgPool, job: &str, tick: DateTime<Utc>, instance:
 /// attempts are left to the lease rescue: a worker may be busy building without polling.
 pub async fn mark_offline(pool: &PgPool, after: Duration, now: DateTime<Utc>, batch: i64) -> QueueResult<Vec<String>> {
     Ok(sqlx::query_scalar(
-        "UPDATE workers SET status = 'offline' WHERE id IN (
-            SELECT id FROM workers WHERE status <> 'offline' AND last_seen_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING id",
+        "WITH gone AS (
+            UPDATE workers SET status = 'offline' WHERE id IN (
+                SELECT id FROM workers WHERE status <> 'offline' AND last_seen_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)
+            RETURNING id, admin_state
+         ), event AS (
+            INSERT INTO events (kind, worker_id, data)
+            SELECT 'worker.offline', id, jsonb_build_object('state', 'offline', 'admin_state', admin_state, 'reason', 'unseen')
+            FROM gone
+         )
+         SELECT id FROM gone",
     )
     .bind(now - after)
     .bind(batch)
@@ -77,11 +84,16 @@ pub async fn delete_history(
     cutoff: DateTime<Utc>,
     batch: i64,
 ) -> QueueResult<u64> {
-    let builds = sqlx::query("DELETE FROM builds WHERE id = ANY($1)")
-        .bind(build_ids)
-        .execute(pool)
-        .await?
-        .rows_affected();
+    let builds = sqlx::query(
+        "WITH deleted AS (DELETE FROM builds WHERE id = ANY($1) RETURNING id, queue, state)
+         INSERT INTO events (kind, build_id, data)
+         SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'pruned')
+         FROM deleted",
+    )
+    .bind(build_ids)
+    .execute(pool)
+    .await?
+    .rows_affected();
     sqlx::query("DELETE FROM diagnostics WHERE id IN (SELECT id FROM diagnostics WHERE run_at < $1 LIMIT $2)")
         .bind(cutoff)
         .bind(batch)
@@ -95,4 +107,12 @@ pub async fn delete_history(
     .execute(pool)
     .await?;
     Ok(builds)
+}
+
+/// Deletes events created before `cutoff`, oldest first, at most `batch`; returns how many.
+pub async fn prune_events(pool: &PgPool, cutoff: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
+    const SQL: &str =
+        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < $1 ORDER BY id LIMIT $2)";
+    let deleted = sqlx::query(SQL).bind(cutoff).bind(batch).execute(pool).await?;
+    Ok(deleted.rows_affected())
 }

@@ -26,6 +26,9 @@ use tokio::sync::{Notify, watch};
 use super::{NOTIFY_CHANNEL, Platform};
 use crate::events::{EVENTS_CHANNEL, Events};
 
+/// Notification payload suffix meaning "every build of this queue" (`ios:*`).
+pub const ALL_BUILDS: &str = "*";
+
 /// How often waiting queues are re-checked for work whose notification was lost.
 pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -63,6 +66,20 @@ impl Wakeups {
     pub fn wake(&self, platform: Platform) {
         self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
         self.queues[slot(platform)].notify_one();
+    }
+
+    /// Wakes every poller waiting for `platform` (and the next one to wait): many builds may have become
+    /// claimable at once, e.g. when a paused queue is resumed.
+    pub fn wake_all(&self, platform: Platform) {
+        self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
+        self.queues[slot(platform)].notify_waiters();
+        self.queues[slot(platform)].notify_one();
+    }
+
+    /// Forgets the emptiness hint of `platform` without waking anyone: this instance just made work
+    /// claimable there, and its next poll must look even before the notification arrives.
+    pub fn invalidate(&self, platform: Platform) {
+        self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
     }
 
     /// Forgets every emptiness hint (after a reconnect, when notifications may have been lost).
@@ -122,11 +139,14 @@ impl Wakeups {
         }
     }
 
-    /// Dispatches one notification payload (`<queue>` or `<queue>:<build id>`).
+    /// Dispatches one notification payload: `<queue>:<build id>` wakes one poller, `<queue>:*` (a
+    /// resumed queue) wakes them all.
     pub fn dispatch(&self, payload: &str) {
-        let queue = payload.split(':').next().unwrap_or_default();
-        if let Some(platform) = Platform::parse(queue) {
-            self.wake(platform);
+        let (queue, build) = payload.split_once(':').unwrap_or((payload, ""));
+        match Platform::parse(queue) {
+            Some(platform) if build == ALL_BUILDS => self.wake_all(platform),
+            Some(platform) => self.wake(platform),
+            None => {}
         }
     }
 }
@@ -179,7 +199,7 @@ async fn recheck(pool: &PgPool, wakeups: &Wakeups) {
     }
 }
 
-/// The LISTEN loop of one instance (build wake-ups and events): runs until `shutdown` flips,
+/// The LISTEN loop of one instance (build wake-ups, and wake-ups of the event pump): runs until `shutdown` flips,
 /// reconnecting after database outages.
 pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(RECHECK_INTERVAL);
@@ -196,14 +216,16 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mu
             }
         };
         wakeups.forget_hints();
+        events.wake();
         recheck(&pool, &wakeups).await;
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
-                    Ok(Some(notification)) if notification.channel() == EVENTS_CHANNEL => events.deliver(notification.payload()),
+                    Ok(Some(notification)) if notification.channel() == EVENTS_CHANNEL => events.wake(),
                     Ok(Some(notification)) => wakeups.dispatch(notification.payload()),
                     // The connection dropped; notifications may have been lost meanwhile.
                     Ok(None) => {
+                        events.wake();
                         wakeups.forget_hints();
                         recheck(&pool, &wakeups).await;
                     }
@@ -223,4 +245,50 @@ async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen_all([NOTIFY_CHANNEL, EVENTS_CHANNEL]).await?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn a_build_wakes_one_poller_a_resumed_queue_wakes_all() {
+        let wakeups = Wakeups::new();
+        let mut first = wakeups.subscribe(&[Platform::Ios]);
+        let mut second = wakeups.subscribe(&[Platform::Ios]);
+        let mut other = wakeups.subscribe(&[Platform::Android]);
+
+        wakeups.dispatch("ios:someBuildId");
+        let woken = [
+            first.wait().now_or_never().is_some(),
+            second.wait().now_or_never().is_some(),
+        ];
+        assert_eq!(
+            woken.iter().filter(|w| **w).count(),
+            1,
+            "one build wakes one poller: {woken:?}"
+        );
+
+        let mut first = wakeups.subscribe(&[Platform::Ios]);
+        let mut second = wakeups.subscribe(&[Platform::Ios]);
+        wakeups.dispatch(&format!("ios:{ALL_BUILDS}"));
+        assert!(first.wait().now_or_never().is_some(), "resume wakes every poller");
+        assert!(second.wait().now_or_never().is_some(), "resume wakes every poller");
+        assert!(other.wait().now_or_never().is_none(), "another queue stays asleep");
+    }
+
+    #[test]
+    fn local_changes_forget_the_emptiness_hint() {
+        let wakeups = Wakeups::new();
+        let seen = wakeups.generations(&[Platform::Ios]);
+        wakeups.mark_empty(&seen);
+        assert!(wakeups.known_empty(&[Platform::Ios]));
+        wakeups.invalidate(Platform::Ios);
+        assert!(!wakeups.known_empty(&[Platform::Ios]), "invalidate forgets the hint");
+        wakeups.mark_empty(&wakeups.generations(&[Platform::Ios]));
+        wakeups.wake_all(Platform::Ios);
+        assert!(!wakeups.known_empty(&[Platform::Ios]), "wake_all forgets the hint");
+    }
 }

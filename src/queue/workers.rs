@@ -3,7 +3,7 @@
 use chrono::{DateTime, Duration, Utc};
 use sqlx::PgPool;
 
-use super::{Platform, QueueError, QueueResult, Settings, Worker};
+use super::{Platform, QueueError, QueueResult, Settings, Worker, emit};
 use crate::ids;
 
 /// A registration request, already validated by the API layer.
@@ -26,16 +26,38 @@ pub struct Registration {
     pub reregistered: bool,
 }
 
+/// Longest worker name accepted, in bytes (R48: the name is copied into every assignment log line).
+pub const MAX_NAME_BYTES: usize = 256;
+/// Largest capabilities document accepted, in bytes of compact JSON (R48).
+pub const MAX_CAPABILITIES_BYTES: usize = 16 * 1024;
+
+/// Refuses names and capability documents past their bounds (R48).
+fn check_bounds(req: &RegisterRequest) -> QueueResult<()> {
+    if req.name.len() > MAX_NAME_BYTES {
+        return Err(QueueError::Invalid(format!(
+            "Worker name too long (at most {MAX_NAME_BYTES} bytes)"
+        )));
+    }
+    if serde_json::to_vec(&req.capabilities).map_or(usize::MAX, |v| v.len()) > MAX_CAPABILITIES_BYTES {
+        return Err(QueueError::Invalid(format!(
+            "Capabilities too large (at most {MAX_CAPABILITIES_BYTES} bytes of JSON)"
+        )));
+    }
+    Ok(())
+}
+
 /// Registers a worker, or re-registers a known one for the admin key or that worker's own token.
 /// Re-registering issues a fresh token and revokes the previous one; a worker that still holds an
-/// attempt stays busy.
+/// attempt stays busy. A revoked worker is never re-registered: naming its id registers a new worker
+/// with a fresh id (R50).
 pub async fn register(
     pool: &PgPool,
     req: &RegisterRequest,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Registration> {
-    let id = match (&req.id, &req.caller_worker) {
+    check_bounds(req)?;
+    let mut id = match (&req.id, &req.caller_worker) {
         (Some(id), _) => id.clone(),
         (None, Some(own)) => own.clone(),
         (None, None) => ids::new_id(),
@@ -43,14 +65,30 @@ pub async fn register(
     if req.caller_worker.as_ref().is_some_and(|own| *own != id) {
         return Err(QueueError::Forbidden);
     }
+    let revoked: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workers WHERE id = $1 AND admin_state = 'revoked')")
+            .bind(&id)
+            .fetch_one(pool)
+            .await?;
+    if revoked {
+        id = ids::new_id();
+    }
     let token = ids::new_secret();
     let token_hash = ids::hash_secret(&token);
     let expires = now + Duration::seconds(settings.worker_token_ttl_secs as i64);
     let platforms: Vec<&str> = req.platforms.iter().map(|p| p.as_str()).collect();
     let inserted: Option<Worker> = sqlx::query_as(
-        "INSERT INTO workers (id, name, capabilities, platforms, token_hash, token_expires_at, registered_at, last_seen_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-         ON CONFLICT (id) DO NOTHING RETURNING *",
+        "WITH inserted AS (
+            INSERT INTO workers (id, name, capabilities, platforms, token_hash, token_expires_at, registered_at, last_seen_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+            ON CONFLICT (id) DO NOTHING RETURNING *
+         ), event AS (
+            INSERT INTO events (kind, worker_id, data)
+            SELECT 'worker.registered', id, jsonb_build_object('state', status, 'admin_state', admin_state,
+                'name', name, 'platforms', platforms, 'reregistered', false)
+            FROM inserted
+         )
+         SELECT * FROM inserted",
     )
     .bind(&id)
     .bind(&req.name)
@@ -69,11 +107,19 @@ pub async fn register(
         });
     }
     let worker: Worker = sqlx::query_as(
-        "UPDATE workers SET name = $2, capabilities = $3, platforms = $4, token_hash = $5, token_expires_at = $6,
-            last_seen_at = $7,
-            status = CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
-                          THEN 'busy' ELSE 'idle' END
-         WHERE id = $1 RETURNING *",
+        "WITH updated AS (
+            UPDATE workers SET name = $2, capabilities = $3, platforms = $4, token_hash = $5, token_expires_at = $6,
+                last_seen_at = $7, unregistered_at = NULL,
+                status = CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
+                              THEN 'busy' ELSE 'idle' END
+            WHERE id = $1 AND admin_state <> 'revoked' RETURNING *
+         ), event AS (
+            INSERT INTO events (kind, worker_id, data)
+            SELECT 'worker.registered', id, jsonb_build_object('state', status, 'admin_state', admin_state,
+                'name', name, 'platforms', platforms, 'reregistered', true)
+            FROM updated
+         )
+         SELECT * FROM updated",
     )
     .bind(&id)
     .bind(&req.name)
@@ -122,25 +168,35 @@ pub async fn find_worker(pool: &PgPool, id: &str) -> QueueResult<Option<Worker>>
 pub const SEEN_DEBOUNCE_SECS: i64 = 10;
 
 /// Records that the worker is alive and slides its token's expiry, at most once per debounce window.
-/// Returns whether it wrote.
+/// A revoked or unregistered worker stays offline (R50). Returns whether it wrote.
 pub async fn touch_worker(
     pool: &PgPool,
     worker: &Worker,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<bool> {
+    if worker.is_out() {
+        return Ok(false);
+    }
     let offline = worker.status == "offline";
     if !offline && worker.last_seen_at > now - Duration::seconds(SEEN_DEBOUNCE_SECS) {
         return Ok(false);
     }
     sqlx::query(
-        "UPDATE workers SET last_seen_at = $2,
-            token_expires_at = CASE WHEN token_hash IS NULL THEN NULL ELSE $3 END,
-            status = CASE WHEN status = 'offline' THEN
-                (CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
-                      THEN 'busy' ELSE 'idle' END)
-                ELSE status END
-         WHERE id = $1",
+        "WITH prev AS (SELECT id, status FROM workers WHERE id = $1 FOR UPDATE),
+         touched AS (
+            UPDATE workers w SET last_seen_at = $2,
+                token_expires_at = CASE WHEN w.token_hash IS NULL THEN NULL ELSE $3 END,
+                status = CASE WHEN w.status = 'offline' AND w.admin_state <> 'revoked' AND w.unregistered_at IS NULL THEN
+                    (CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
+                          THEN 'busy' ELSE 'idle' END)
+                    ELSE w.status END
+            FROM prev WHERE w.id = prev.id
+            RETURNING w.id, w.status, w.admin_state, prev.status AS was
+         )
+         INSERT INTO events (kind, worker_id, data)
+         SELECT 'worker.online', id, jsonb_build_object('state', status, 'admin_state', admin_state)
+         FROM touched WHERE was = 'offline'",
     )
     .bind(&worker.id)
     .bind(now)
@@ -154,11 +210,15 @@ pub async fn touch_worker(
 /// infrastructure failure. Returns how many builds went back.
 pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now: DateTime<Utc>) -> QueueResult<u64> {
     let mut tx = pool.begin().await?;
-    let found =
-        sqlx::query("UPDATE workers SET status = 'offline', token_hash = NULL, token_expires_at = NULL WHERE id = $1")
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await?;
+    let found = sqlx::query(
+        "UPDATE workers SET status = 'offline', token_hash = NULL, token_expires_at = NULL,
+                unregistered_at = coalesce(unregistered_at, $2)
+             WHERE id = $1",
+    )
+    .bind(worker_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
     if found.rows_affected() == 0 {
         return Err(QueueError::WorkerNotFound);
     }
@@ -173,13 +233,17 @@ pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now
         message: format!("Worker {worker_id} unregistered"),
     };
     for locked in &held {
-        super::attempts::end_attempt(&mut tx, locked, &failure, settings, now).await?;
+        let build = super::attempts::end_attempt(&mut tx, locked, &failure, settings, now).await?;
+        emit::emit_failure(&mut tx, &build, Some(worker_id), &failure, emit::Ended::Unregistered).await?;
     }
     // end_attempt frees a busy worker to idle; an unregistered one stays offline.
-    sqlx::query("UPDATE workers SET status = 'offline' WHERE id = $1")
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
+    let admin_state: String =
+        sqlx::query_scalar("UPDATE workers SET status = 'offline' WHERE id = $1 RETURNING admin_state")
+            .bind(worker_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let data = serde_json::json!({ "state": "offline", "admin_state": admin_state, "reason": "unregistered" });
+    emit::emit(&mut tx, "worker.offline", None, Some(worker_id), data).await?;
     tx.commit().await?;
     Ok(held.len() as u64)
 }

@@ -25,9 +25,10 @@ impl Key {
         valid_id(upload_id).then(|| Self::under_build(build_id, &format!("result-{upload_id}.bin")))?
     }
 
-    /// Where an upload streams before its build is known; renamed into place afterwards.
+    /// Where an upload streams before its build is known; renamed into place afterwards. Flat (no
+    /// directory per upload), so nothing is left once the object is moved or deleted (R44).
     pub fn staging(upload_id: &str) -> Option<Key> {
-        valid_id(upload_id).then(|| Key(ObjectPath::from_iter(["staging", upload_id, "upload.bin"])))
+        valid_id(upload_id).then(|| Key(ObjectPath::from_iter(["staging", &format!("{upload_id}.bin")])))
     }
 
     /// A key read back from the database; accepted only in the shapes above.

@@ -3,28 +3,55 @@
 //! so no client input ever becomes a path (R8). Writes stream with bounded memory and are published
 //! atomically: an aborted or oversized upload leaves nothing behind.
 
+pub mod backend;
 pub mod bundle;
 pub mod certs;
+pub mod copy;
 mod keys;
+mod sweep;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use object_store::aws::AmazonS3;
 use object_store::local::LocalFileSystem;
-use object_store::{GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer;
+use object_store::{GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
+pub use backend::StorageTarget;
 pub use keys::Key;
 
-/// Bytes buffered before a part is handed to the store; bounds memory per upload.
+/// Bytes buffered before a part is handed to a local store; bounds memory per upload.
 const PART_SIZE: usize = 1024 * 1024;
+/// Part size on S3 (at least 5 MiB except the last part); with [`S3_PARTS_IN_FLIGHT`] it bounds an
+/// upload's memory to about 3 × 6 MiB.
+const S3_PART_SIZE: usize = 6 * 1024 * 1024;
+/// Parts sent concurrently per upload on S3.
+const S3_PARTS_IN_FLIGHT: usize = 2;
 
 /// Where artifacts live.
 #[derive(Clone, Debug)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
+    backend: Arc<Backend>,
+}
+
+/// The concrete store behind [`Storage`].
+#[derive(Debug)]
+enum Backend {
+    Local {
+        root: PathBuf,
+    },
+    S3 {
+        bucket: String,
+        prefix: Option<ObjectPath>,
+        signer: Arc<AmazonS3>,
+    },
 }
 
 /// A completed write.
@@ -45,6 +72,13 @@ pub enum WriteError {
     Store(#[from] object_store::Error),
 }
 
+/// Metadata of a stored object.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+}
+
 impl Storage {
     /// Local filesystem storage under `root` (created if missing); `fsync` makes every completed
     /// write durable before it is acknowledged.
@@ -53,19 +87,61 @@ impl Storage {
         let store = LocalFileSystem::new_with_prefix(root)?
             .with_automatic_cleanup(true)
             .with_fsync(fsync);
-        Ok(Self { store: Arc::new(store) })
+        Ok(Self {
+            store: Arc::new(store),
+            backend: Arc::new(Backend::Local {
+                root: root.to_path_buf(),
+            }),
+        })
+    }
+
+    /// A human description (`local:/dir` or `s3://bucket/prefix`), never with credentials.
+    pub fn describe(&self) -> String {
+        match self.backend.as_ref() {
+            Backend::Local { root } => format!("local:{}", root.display()),
+            Backend::S3 { bucket, prefix, .. } => match prefix {
+                Some(p) => format!("s3://{bucket}/{p}"),
+                None => format!("s3://{bucket}"),
+            },
+        }
+    }
+
+    /// True on an S3-compatible store (shared by every instance).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend.as_ref(), Backend::S3 { .. })
+    }
+
+    fn part_size(&self) -> (usize, usize) {
+        match self.backend.as_ref() {
+            Backend::Local { .. } => (PART_SIZE, 1),
+            Backend::S3 { .. } => (S3_PART_SIZE, S3_PARTS_IN_FLIGHT),
+        }
+    }
+
+    /// Checks that the store answers (bucket reachable, credentials accepted) by listing one prefix.
+    pub async fn check(&self) -> object_store::Result<()> {
+        let probe = ObjectPath::from("staging");
+        self.store.list_with_delimiter(Some(&probe)).await.map(|_| ())
     }
 
     /// Streams `body` to `key`, refusing more than `limit` bytes. The object appears only when
-    /// the whole stream arrived; on any error the partial upload is removed.
+    /// the whole stream arrived; on any error the partial (multipart) upload is aborted.
     pub async fn write_stream<S, E>(&self, key: &Key, body: S, limit: u64) -> Result<Stored, WriteError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let mut upload = self.store.put_multipart(key.path()).await?;
-        match copy_parts(upload.as_mut(), body, limit).await {
-            Ok(stored) => match upload.complete().await {
+        let (part_size, in_flight) = self.part_size();
+        let upload = self.store.put_multipart(key.path()).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
+        match copy_parts(&mut writer, body, limit, in_flight).await {
+            Ok(stored) if stored.size == 0 => {
+                // An empty multipart upload is invalid on S3: abort it and store an empty object.
+                let _ = writer.abort().await;
+                self.store.put(key.path(), PutPayload::default()).await?;
+                Ok(stored)
+            }
+            Ok(stored) => match writer.finish().await {
                 Ok(_) => {
                     metrics::counter!(crate::metrics::UPLOAD_BYTES).increment(stored.size);
                     Ok(stored)
@@ -76,7 +152,9 @@ impl Storage {
                 }
             },
             Err(e) => {
-                let _ = upload.abort().await;
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(key = key.as_str(), error = %abort, "could not abort a multipart upload");
+                }
                 Err(e)
             }
         }
@@ -124,12 +202,37 @@ impl Storage {
     pub async fn copy(&self, from: &Key, to: &Key) -> object_store::Result<()> {
         self.store.copy(from.path(), to.path()).await
     }
+
+    /// A short-lived presigned GET URL for `key`, on stores that sign (S3); `None` on local storage.
+    pub async fn presigned_get(&self, key: &Key, expires_in: Duration) -> object_store::Result<Option<String>> {
+        let Backend::S3 { prefix, signer, .. } = self.backend.as_ref() else {
+            return Ok(None);
+        };
+        let path = match prefix {
+            Some(prefix) => prefix.parts().chain(key.path().parts()).collect(),
+            None => key.path().clone(),
+        };
+        let url = signer.signed_url(axum::http::Method::GET, &path, expires_in).await?;
+        Ok(Some(url.to_string()))
+    }
+
+    /// Every object under `builds/` with its size (for `storage copy`).
+    pub fn list_builds(&self) -> impl Stream<Item = object_store::Result<ObjectInfo>> + '_ {
+        let prefix = ObjectPath::from("builds");
+        self.store.list(Some(&prefix)).map(|meta| {
+            meta.map(|m| ObjectInfo {
+                key: m.location.to_string(),
+                size: m.size,
+            })
+        })
+    }
 }
 
 async fn copy_parts<S, E>(
-    upload: &mut dyn object_store::MultipartUpload,
+    writer: &mut WriteMultipart,
     mut body: S,
     limit: u64,
+    in_flight: usize,
 ) -> Result<Stored, WriteError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -137,7 +240,6 @@ where
 {
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
-    let mut buffer = BytesMut::with_capacity(PART_SIZE);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
         size += chunk.len() as u64;
@@ -145,13 +247,8 @@ where
             return Err(WriteError::TooLarge(limit));
         }
         hasher.update(&chunk);
-        buffer.extend_from_slice(&chunk);
-        if buffer.len() >= PART_SIZE {
-            upload.put_part(PutPayload::from(buffer.split().freeze())).await?;
-        }
-    }
-    if !buffer.is_empty() || size == 0 {
-        upload.put_part(PutPayload::from(buffer.freeze())).await?;
+        writer.wait_for_capacity(in_flight).await?;
+        writer.put(chunk);
     }
     Ok(Stored {
         size,

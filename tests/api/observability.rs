@@ -79,3 +79,74 @@ async fn metrics_move_with_the_builds() {
         .unwrap();
     assert_eq!(bearer.status(), 200);
 }
+
+/// Logs an operator can use: one INFO line per request (route, status, duration, request id, ids), no
+/// colour codes when the output is not a terminal, no scheduler chatter at the default level.
+#[tokio::test]
+async fn one_plain_info_line_per_request() {
+    use std::io::Read;
+    use std::process::Stdio;
+
+    use crate::support::{free_port, fresh_database, serve_command, wait_ready};
+
+    let (url, _pool) = fresh_database(1).await;
+    let storage = std::env::temp_dir().join(format!("expo-logs-{}", expo_controller::ids::new_id()));
+    let port = free_port();
+    let mut child = serve_command(&url, &storage, port, &expo_controller::ids::new_key32())
+        .env_remove("RUST_LOG")
+        .env_remove("CONTROLLER_LOG_FORMAT")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+    let mut request_ids = Vec::new();
+    for (path, worker) in [
+        ("/api/builds/active", "wkr-1"),
+        ("/api/builds/nosuchbuild/status", "-"),
+        ("/nowhere", "-"),
+    ] {
+        let r = client
+            .get(format!("{base}{path}"))
+            .header("X-API-Key", API_KEY)
+            .header("X-Worker-Id", worker)
+            .send()
+            .await
+            .unwrap();
+        request_ids.push((
+            r.headers()["x-request-id"].to_str().unwrap().to_string(),
+            r.status().as_u16(),
+        ));
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let mut output = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut output).unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&storage);
+
+    assert!(!output.contains('\u{1b}'), "no colour codes in a pipe:\n{output}");
+    assert!(
+        !output.contains("Worker prune started"),
+        "no scheduler chatter:\n{output}"
+    );
+    for (request_id, status) in request_ids {
+        let lines: Vec<&str> = output
+            .lines()
+            .filter(|l| l.contains(&request_id) && l.contains(" request") && l.contains("route="))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line for {request_id}:\n{output}");
+        assert!(lines[0].contains("INFO"), "{}", lines[0]);
+        assert!(lines[0].contains(&format!("status={status}")), "{}", lines[0]);
+        assert!(lines[0].contains("duration_ms="), "{}", lines[0]);
+    }
+    assert!(
+        output
+            .lines()
+            .any(|l| l.contains("worker_id=wkr-1") && l.contains("route=/api/builds/active")),
+        "the worker id is on the line:\n{output}"
+    );
+}

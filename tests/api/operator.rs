@@ -86,7 +86,8 @@ async fn builds_are_listed_with_cursors_filters_and_etags() {
 
 #[tokio::test]
 async fn an_operator_pauses_drains_requeues_retries_patches_and_deletes() {
-    let app = TestApp::spawn().await;
+    // No requeue cool-off: the requeued build may go back to the only worker (R51 tests the cool-off).
+    let app = TestApp::spawn_with(|c| c.queue.requeue_cooloff_secs = 0).await;
     let (worker_id, _) = app.register("w", &["ios"]).await;
 
     // Pause: nothing is handed out; the queue view says so.
@@ -330,7 +331,7 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
     let mut stream = response.bytes_stream();
     let mut text = String::new();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !text.contains("build.finished") && Instant::now() < deadline {
+    while !text.contains("build.completed") && Instant::now() < deadline {
         if let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
             text.push_str(&String::from_utf8_lossy(&chunk));
         }
@@ -338,7 +339,12 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
     let kinds: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
     assert_eq!(
         kinds,
-        vec!["worker.online", "build.submitted", "build.assigned", "build.finished"],
+        vec![
+            "worker.registered",
+            "build.submitted",
+            "build.assigned",
+            "build.completed"
+        ],
         "{text}"
     );
     assert!(text.contains(&id));
@@ -353,4 +359,25 @@ async fn the_event_stream_delivers_changes_in_order_and_releases_gone_subscriber
         0.0,
         "the subscription ended with its client"
     );
+}
+
+/// A refused operator action ends its transaction at once: a dropped one is rolled back only when the
+/// pool next uses its connection, and until then its row lock hid the pending build from claims
+/// (`SKIP LOCKED`), so the poll right after a refused retry, patch or requeue answered `{"job": null}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_action_does_not_hide_the_build_from_the_next_poll() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    for round in 0..12 {
+        let id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+        let refused = match round % 2 {
+            0 => v2(&app, Method::POST, &format!("/api/v2/builds/{id}/retry"), None).await,
+            _ => v2(&app, Method::POST, &format!("/api/v2/builds/{id}/requeue"), None).await,
+        };
+        assert_eq!(refused.0, 409, "round {round}: {}", refused.1);
+        let polled = app.poll(&worker_id).await;
+        assert_eq!(polled["job"]["id"], id.as_str(), "round {round}: {polled}");
+        let (status, _) = v2(&app, Method::POST, &format!("/api/v2/builds/{id}/cancel"), None).await;
+        assert_eq!(status, 200);
+    }
 }

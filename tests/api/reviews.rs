@@ -119,7 +119,7 @@ async fn r11_logs_are_bounded() {
     let r = post(json!({ "logs": batch })).await.unwrap();
     assert_eq!(
         r.json::<Value>().await.unwrap(),
-        json!({ "success": true, "count": 20 })
+        json!({ "success": true, "count": 20, "stored": 8, "skipped": 12 })
     );
     post(json!({ "logs": [{ "level": "info", "message": "more" }] }))
         .await

@@ -21,6 +21,7 @@ async fn plan(pool: &sqlx::PgPool, platforms: &[&str], generic: bool) -> String 
         .bind(600i64)
         .bind("name")
         .bind(true)
+        .bind(300i64)
         .fetch_all(&mut *conn)
         .await
         .unwrap();

@@ -50,13 +50,13 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         db: DbConfig {
-            database_url: database_url.to_string(),
             db_pool_size: 10,
-            db_statement_timeout_ms: 30_000,
+            ..DbConfig::new(database_url)
         },
         api_key: Some(API_KEY.to_string()),
         storage_dir,
         storage_fsync: false,
+        storage: Default::default(),
         certs_key: Some(ids::new_key32()),
         base_image_id: "test-base-image".to_string(),
         max_source_bytes: 1024 * 1024,
@@ -65,8 +65,11 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         max_log_lines: 10_000,
         rate_limit_per_ip: 0,
         rate_limit_per_credential: 0,
+        http: Default::default(),
         queue: QueueConfig::default(),
         jobs: Default::default(),
+        dashboard: Default::default(),
+        events: Default::default(),
         shutdown_grace_secs: 10,
         log_format: "text".to_string(),
     }
@@ -280,8 +283,18 @@ pub async fn worker(pool: &PgPool, name: &str, platforms: &[Platform]) -> Worker
 /// Enqueues a build directly (no files) and returns its id.
 pub async fn enqueue(pool: &PgPool, platform: Platform, priority: i32, max_attempts: i32) -> String {
     let id = ids::new_id();
+    enqueue_with(pool, &id, platform, priority, max_attempts).await;
+    id
+}
+
+/// Enqueues a build with a chosen id directly (no files).
+pub async fn enqueue_as(pool: &PgPool, id: &str, platform: Platform) {
+    enqueue_with(pool, id, platform, 0, 3).await;
+}
+
+async fn enqueue_with(pool: &PgPool, id: &str, platform: Platform, priority: i32, max_attempts: i32) {
     let new = NewBuild {
-        id: id.clone(),
+        id: id.to_string(),
         platform,
         priority,
         max_attempts,
@@ -295,7 +308,6 @@ pub async fn enqueue(pool: &PgPool, platform: Platform, priority: i32, max_attem
     };
     let mut conn = pool.acquire().await.expect("conn");
     queue::enqueue(&mut conn, &new, Utc::now()).await.expect("enqueue");
-    id
 }
 
 /// The status column of a worker.

@@ -174,7 +174,10 @@ async fn token_era_worker_and_vm_whole_life() {
             .unwrap(),
     )
     .await;
-    assert_eq!((status, answer), (200, json!({ "success": true, "count": 3 })));
+    assert_eq!(
+        (status, answer),
+        (200, json!({ "success": true, "count": 3, "stored": 2, "skipped": 1 }))
+    );
 
     // The VM uploads the artifact; the worker's report without a file is then a no-op success.
     let form = Form::new().part("artifact", Part::bytes(b"IPA-BYTES".to_vec()).file_name("app.ipa"));

@@ -1,8 +1,11 @@
 //! `expo-bench` (`make bench`): starts a PostgreSQL and the release controller, measures the SQL
-//! references and the scenarios P1–P7 and P11 of performance.md on loopback, and prints one table.
-//! Benchmarks never fail on a time: they report.
+//! references and the scenarios P1–P9 and P11 of performance.md (P8: S3 storage) on loopback, and prints
+//! one table. Benchmarks never fail on a time: they report.
 
+mod dashboard;
+mod events;
 mod import;
+mod s3;
 mod scenarios;
 mod setup;
 mod stats;
@@ -110,6 +113,12 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     if let Some(small) = small {
         rows.push(p6(&bench, small).await?);
     }
+    if wants("D") {
+        rows.extend(dashboard_rows(&bench).await?);
+    }
+    if wants("P9") {
+        rows.extend(p9(&bench).await?);
+    }
     rows.push(Row {
         id: "P7",
         scenario: "launch → /ready on a migrated database (median)".into(),
@@ -124,6 +133,12 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
         rows.push(import::p11(env).await?);
     }
     let (_, peak) = bench.shared.1.rss_kib();
+    if wants("P8") {
+        match s3::p8(env, &client).await {
+            Ok(row) => rows.push(row),
+            Err(error) => eprintln!("P8 not measured: {error:#}"),
+        }
+    }
     stats::print_table(&rows, peak as f64 / 1024.0);
     Ok(())
 }
@@ -263,4 +278,83 @@ async fn p6(b: &Bench<'_>, small: Samples) -> anyhow::Result<Row> {
         target: "≤ 2×",
         met: ratio <= 2.0,
     })
+}
+
+/// D1–D3: the dashboard's overview and builds page with 1,000,000 builds of history.
+async fn dashboard_rows(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
+    dashboard::history(b.pool, 1_000_000).await?;
+    let cookie = dashboard::sign_in(&b.shared).await?;
+    let second_page = format!(
+        "/dashboard/builds?state=failed&before={}",
+        dashboard::cursor(b.pool).await?
+    );
+    let pages = [
+        (
+            "D1",
+            "dashboard overview, 1,000,000 builds".to_string(),
+            "/dashboard".to_string(),
+        ),
+        (
+            "D2",
+            "dashboard builds page, 1,000,000 builds".to_string(),
+            "/dashboard/builds".to_string(),
+        ),
+        (
+            "D3",
+            "builds page: failed, iOS, 24 h; and a failed page 2 (cursor)".to_string(),
+            "/dashboard/builds?state=failed&platform=ios&within=24".to_string(),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (id, scenario, path) in pages {
+        let mut samples = dashboard::render(&b.shared, &cookie, &path, 200).await?;
+        if id == "D3" {
+            samples.extend(dashboard::render(&b.shared, &cookie, &second_page, 200).await?);
+        }
+        eprintln!("{id} {}", samples.summary());
+        rows.push(Row {
+            id,
+            scenario,
+            figure: format!("p95 {}", ms(samples.percentile(0.95))),
+            reference: "-".into(),
+            ratio: "-".into(),
+            latency: samples.summary(),
+            target: "p95 ≤ 100 ms",
+            met: samples.percentile(0.95) <= dashboard::TARGET,
+        });
+    }
+    Ok(rows)
+}
+
+async fn p9(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
+    let latency = events::latency_under_load(&b.shared, b.pool, 200).await?;
+    drain(b.pool).await?;
+    eprintln!("P9 {}", latency.summary());
+    let (without, with, received) = events::subscriber_load(&b.shared, b.pool, 200).await?;
+    eprintln!("P9b {without:.1} vs {with:.1} transactions/s; {received} events received");
+    let extra = (with - without) / 200.0;
+    Ok(vec![
+        Row {
+            id: "P9",
+            scenario: format!("change → SSE client under the P3 load ({} changes)", latency.0.len()),
+            figure: format!("p99 {}", ms(latency.percentile(0.99))),
+            reference: "-".into(),
+            ratio: "-".into(),
+            latency: latency.summary(),
+            target: "p99 ≤ 100 ms",
+            met: latency.percentile(0.99) <= Duration::from_millis(100),
+        },
+        Row {
+            id: "P9b",
+            scenario: format!(
+                "DB transactions/s, 100 changes in 3 s, 200 SSE subscribers ({received} events received)"
+            ),
+            figure: format!("{with:.1}/s with 200"),
+            reference: format!("{without:.1}/s with 0"),
+            ratio: format!("{extra:+.3}/s per subscriber"),
+            latency: "-".into(),
+            target: "no per-subscriber DB work",
+            met: with <= without * 1.2 + 2.0 && received >= 200 * 90,
+        },
+    ])
 }

@@ -333,7 +333,7 @@ fn gib_stream(bytes: u64) -> reqwest::Body {
     ))
 }
 
-async fn claim_and_upload(shared: &Shared, token: &str, bytes: u64) -> anyhow::Result<String> {
+pub async fn claim_and_upload(shared: &Shared, token: &str, bytes: u64) -> anyhow::Result<String> {
     let (client, controller) = &**shared;
     let poll: Value = client
         .get(controller.url("/api/workers/poll"))

@@ -9,18 +9,21 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub const API_KEY: &str = "bench-admin-key-0123456789abcdef0123456789";
-/// Port of the bench PostgreSQL (`BENCH_PG_PORT`, default 54331).
-pub fn pg_port() -> u16 {
-    env_port("BENCH_PG_PORT", 54331)
-}
+/// Default ports; `BENCH_PG_PORT` and `BENCH_PORT_BASE` (controller; P8 uses the next two) move them.
+const PG_PORT: u16 = 54331;
+const HTTP_PORT: u16 = 4100;
 
-/// Port of the controller under test (`BENCH_HTTP_PORT`, default 4100).
-pub fn http_port() -> u16 {
-    env_port("BENCH_HTTP_PORT", 4100)
-}
-
-fn env_port(name: &str, default: u16) -> u16 {
+fn port_from_env(name: &str, default: u16) -> u16 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+pub fn pg_port() -> u16 {
+    port_from_env("BENCH_PG_PORT", PG_PORT)
+}
+
+/// The controller's port; P8 uses the next two (a controller on S3 and the S3 server).
+pub fn http_port() -> u16 {
+    port_from_env("BENCH_HTTP_PORT", port_from_env("BENCH_PORT_BASE", HTTP_PORT))
 }
 
 pub struct Env {
@@ -41,14 +44,15 @@ pub async fn database(root: &Path) -> anyhow::Result<Env> {
         .arg("fast")
         .status()?;
     anyhow::ensure!(status.success(), "could not start PostgreSQL");
-    let admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg_port());
+    let pg_port = pg_port();
+    let admin_url = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
     let admin = PgPoolOptions::new().max_connections(1).connect(&admin_url).await?;
     sqlx::query("DROP DATABASE IF EXISTS bench WITH (FORCE)")
         .execute(&admin)
         .await?;
     sqlx::query("CREATE DATABASE bench").execute(&admin).await?;
     admin.close().await;
-    let database_url = format!("postgres://postgres@127.0.0.1:{}/bench", pg_port());
+    let database_url = format!("postgres://postgres@127.0.0.1:{pg_port}/bench");
     let pool = PgPoolOptions::new().max_connections(8).connect(&database_url).await?;
     expo_controller::db::migrate(&pool).await?;
     let storage = root.join("storage");
@@ -74,22 +78,35 @@ pub struct Controller {
 impl Controller {
     /// Launches the release binary and waits for `/ready`; returns it and the time to ready.
     pub async fn launch(env: &Env, client: &reqwest::Client) -> anyhow::Result<(Controller, Duration)> {
+        Self::launch_with(env, client, http_port(), &[]).await
+    }
+
+    /// [`Controller::launch`] on `port` with extra environment (e.g. S3 storage).
+    pub async fn launch_with(
+        env: &Env,
+        client: &reqwest::Client,
+        port: u16,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<(Controller, Duration)> {
         let binary = std::env::current_exe()?.with_file_name("expo-controller");
         anyhow::ensure!(
-            std::net::TcpListener::bind(("127.0.0.1", http_port())).is_ok(),
-            "port {} is busy: is another controller still running?",
-            http_port()
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} is busy: is another controller still running?"
         );
         let started = Instant::now();
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command.envs(extra.iter().map(|(k, v)| (*k, v.as_str())));
+        let child = command
             .arg("serve")
             .env("DATABASE_URL", &env.database_url)
             .env("CONTROLLER_API_KEY", API_KEY)
             .env("CONTROLLER_CERTS_KEY", &env.certs_key)
-            .env("CONTROLLER_LISTEN", format!("127.0.0.1:{}", http_port()))
+            .env("CONTROLLER_LISTEN", format!("127.0.0.1:{port}"))
             .env("CONTROLLER_STORAGE_DIR", env.root.join("storage"))
             // As the reference PostgreSQL: no fsync (the default is on).
             .env("CONTROLLER_STORAGE_FSYNC", "false")
+            // As the reference PostgreSQL (fast mode): asynchronous commit, an explicit opt-out.
+            .env("CONTROLLER_DB_SYNCHRONOUS_COMMIT", "off")
             .env("CONTROLLER_RATE_LIMIT_PER_IP", "0")
             .env("CONTROLLER_RATE_LIMIT_PER_CREDENTIAL", "0")
             .env(
@@ -103,7 +120,7 @@ impl Controller {
             .spawn()?;
         let mut controller = Controller {
             child,
-            base: format!("http://127.0.0.1:{}", http_port()),
+            base: format!("http://127.0.0.1:{port}"),
         };
         let deadline = started + Duration::from_secs(30);
         while Instant::now() < deadline {

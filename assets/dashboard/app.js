@@ -1,0 +1,153 @@
+// Expo Free Agent dashboard: follows the event stream and refreshes what an event concerns.
+//
+// A live region is an element with `data-topics` (space separated: `*`, a kind such as `build.log`,
+// a kind prefix such as `build.*`, `build:<id>` or `worker:<id>`) and an htmx `hx-get` that re-renders
+// it. The log tail (`data-log`) instead fetches the lines after the last `data-seq` it shows.
+// Refreshes are throttled per region, and everything is refreshed after a reconnect (events may have
+// been missed while disconnected).
+(function () {
+  "use strict";
+
+  var KINDS = [
+    "build.submitted", "build.assigned", "build.building", "build.progress", "build.log",
+    "build.retry_scheduled", "build.rescued", "build.timed_out", "build.completed", "build.failed",
+    "build.cancelled", "build.requeued", "build.deleted", "build.updated", "build.finished",
+    "worker.registered", "worker.online", "worker.offline", "worker.draining", "worker.disabled",
+    "worker.enabled", "worker.revoked", "queue.paused", "queue.resumed", "message"
+  ];
+  var THROTTLE_MS = 250;
+
+  function matches(topics, ev) {
+    return topics.split(/\s+/).some(function (t) {
+      if (!t) return false;
+      if (t === "*") return true;
+      if (t.slice(-2) === ".*") return (ev.kind || "").indexOf(t.slice(0, -1)) === 0;
+      if (t.indexOf("build:") === 0) return ev.build_id === t.slice(6);
+      if (t.indexOf("worker:") === 0) return ev.worker_id === t.slice(7);
+      return ev.kind === t;
+    });
+  }
+
+  function fetchLog(el) {
+    if (el._busy) { el._again = true; return; }
+    el._busy = true;
+    var after = el.getAttribute("data-after") || "0";
+    fetch(el.getAttribute("data-log") + "?after=" + encodeURIComponent(after), {
+      headers: { "HX-Request": "true" }, credentials: "same-origin"
+    }).then(function (r) {
+      if (r.status === 401) { location.reload(); return ""; }
+      return r.ok ? r.text() : "";
+    }).then(function (html) {
+      el._busy = false;
+      if (html && html.trim()) {
+        var atBottom = el.scrollHeight - el.scrollTop - el.clientHeight < 40;
+        var empty = el.querySelector(".log-empty");
+        if (empty) empty.remove();
+        el.insertAdjacentHTML("beforeend", html);
+        var lines = el.querySelectorAll("[data-seq]");
+        var last = lines[lines.length - 1];
+        if (last) el.setAttribute("data-after", last.getAttribute("data-seq"));
+        if (atBottom) el.scrollTop = el.scrollHeight;
+        if ((html.match(/data-seq=/g) || []).length >= 500) el._again = true;
+      }
+      if (el._again) { el._again = false; fetchLog(el); }
+    }).catch(function () { el._busy = false; });
+  }
+
+  function refresh(el) {
+    if (el.hasAttribute("data-log")) { fetchLog(el); return; }
+    if (el._busy) { el._again = true; return; }
+    if (window.htmx) window.htmx.trigger(el, "refresh");
+  }
+
+  function schedule(el) {
+    if (el._timer) return;
+    el._timer = setTimeout(function () { el._timer = null; refresh(el); }, THROTTLE_MS);
+  }
+
+  function onEvent(e) {
+    var ev;
+    try { ev = JSON.parse(e.data); } catch (_) { return; }
+    if (!ev.kind) ev.kind = e.type;
+    document.querySelectorAll("[data-topics]").forEach(function (el) {
+      if (matches(el.getAttribute("data-topics"), ev)) schedule(el);
+    });
+  }
+
+  function refreshAll() {
+    document.querySelectorAll("[data-topics]").forEach(schedule);
+  }
+
+  function setStatus(state, text) {
+    var badge = document.getElementById("live");
+    if (!badge) return;
+    badge.className = "live " + state;
+    badge.textContent = text;
+  }
+
+  var retryMs = 1000;
+  function connect() {
+    var url = document.body.getAttribute("data-events");
+    if (!url || !window.EventSource) return;
+    var source = new EventSource(url);
+    var hadError = false;
+    KINDS.forEach(function (k) { source.addEventListener(k, onEvent); });
+    source.onopen = function () {
+      setStatus("ok", "Live");
+      retryMs = 1000;
+      if (hadError) refreshAll();
+    };
+    source.onerror = function () {
+      hadError = true;
+      if (source.readyState === EventSource.CLOSED) {
+        setStatus("bad", "Disconnected — retrying");
+        source.close();
+        setTimeout(connect, retryMs);
+        retryMs = Math.min(retryMs * 2, 15000);
+      } else {
+        setStatus("warn", "Reconnecting…");
+      }
+    };
+    window.addEventListener("pagehide", function () { source.close(); });
+  }
+
+  // Confirmation step before every action that changes something.
+  document.addEventListener("submit", function (e) {
+    var form = e.target;
+    var question = form.getAttribute && form.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) e.preventDefault();
+  }, true);
+
+  // Regions: track requests, keep checked boxes across a refresh, follow an expired session.
+  document.addEventListener("htmx:beforeRequest", function (e) { e.target._busy = true; });
+  document.addEventListener("htmx:afterRequest", function (e) {
+    var el = e.target;
+    el._busy = false;
+    if (e.detail && e.detail.xhr && e.detail.xhr.status === 401) { location.reload(); return; }
+    if (el._again) { el._again = false; schedule(el); }
+  });
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var el = e.target;
+    el._checked = Array.prototype.map.call(
+      el.querySelectorAll("input[type=checkbox]:checked"), function (c) { return c.value; });
+  });
+  document.addEventListener("htmx:afterSwap", function (e) {
+    var el = e.target;
+    (el._checked || []).forEach(function (v) {
+      el.querySelectorAll("input[type=checkbox]").forEach(function (c) { if (c.value === v) c.checked = true; });
+    });
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var log = document.getElementById("log");
+    if (log) log.scrollTop = log.scrollHeight;
+    var flash = document.querySelector(".flash");
+    if (flash && history.replaceState) {
+      var url = new URL(location.href);
+      url.searchParams.delete("notice");
+      url.searchParams.delete("error");
+      history.replaceState(null, "", url.pathname + url.search + url.hash);
+    }
+    connect();
+  });
+})();

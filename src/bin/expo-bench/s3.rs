@@ -1,0 +1,186 @@
+//! P8: 1 GiB up and down through the controller on S3 storage (the `s3s-fs` server of the tests, on
+//! loopback), compared with a plain S3 client moving the same bytes straight to that server in the same
+//! run; and the controller's RSS growth meanwhile. Skipped (reported) when s3s-fs is not installed.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+
+use crate::scenarios::{Shared, claim_and_upload};
+use crate::setup::{API_KEY, Controller, Env, http_port, insert_pending, insert_workers};
+use crate::stats::Row;
+
+const GIB: u64 = 1 << 30;
+const BUCKET: &str = "bench";
+const ACCESS_KEY: &str = "bench-access";
+const SECRET_KEY: &str = "bench-secret-0123456789";
+
+/// The s3s-fs binary, as the tests find it.
+fn s3s_fs() -> Option<PathBuf> {
+    let path = std::env::var_os("S3S_FS_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/expo-controller-tools/bin/s3s-fs")
+    });
+    path.is_file().then_some(path)
+}
+
+struct S3Server(Child);
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn skipped(why: String) -> Row {
+    Row {
+        id: "P8",
+        scenario: "1 GiB up + down through the controller on S3 vs a plain S3 client".into(),
+        figure: format!("skipped: {why}"),
+        reference: "-".into(),
+        ratio: "-".into(),
+        latency: "-".into(),
+        target: "≥ 70 %; RSS ≤ 32 MiB",
+        met: false,
+    }
+}
+
+fn s3_port() -> u16 {
+    http_port() + 2
+}
+
+fn s3_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", s3_port())),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+    ]
+}
+
+fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// The reference: a plain S3 client (object_store, 8 MiB parts, 4 in flight) uploads and downloads 1 GiB.
+async fn direct(store: &dyn ObjectStore) -> anyhow::Result<(Duration, Duration)> {
+    let path = ObjectPath::from("direct/one-gib.bin");
+    let chunk = Bytes::from(vec![0x5au8; 256 * 1024]);
+    let started = Instant::now();
+    let mut writer = WriteMultipart::new_with_chunk_size(store.put_multipart(&path).await?, 8 << 20);
+    for _ in 0..(GIB / chunk.len() as u64) {
+        writer.wait_for_capacity(4).await?;
+        writer.put(chunk.clone());
+    }
+    writer.finish().await?;
+    let up = started.elapsed();
+    let started = Instant::now();
+    let mut stream = store.get(&path).await?.into_stream();
+    let mut total = 0u64;
+    while let Some(part) = stream.next().await {
+        total += part?.len() as u64;
+    }
+    anyhow::ensure!(total == GIB, "direct download got {total} bytes");
+    let down = started.elapsed();
+    store.delete(&path).await?;
+    Ok((up, down))
+}
+
+pub async fn p8(env: &Env, client: &reqwest::Client) -> anyhow::Result<Row> {
+    let Some(binary) = s3s_fs() else {
+        return Ok(skipped("s3s-fs not installed (scripts/s3s-fs.sh)".into()));
+    };
+    let root = env.root.join("s3");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join(BUCKET))?;
+    let _server = S3Server(
+        Command::new(binary)
+            .args(["--host", "127.0.0.1", "--port", &s3_port().to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", s3_port())).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "s3s-fs did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut builder = AmazonS3Builder::new().with_bucket_name(BUCKET);
+    for (key, value) in s3_env() {
+        builder = builder.with_config(key.to_ascii_lowercase().parse()?, value);
+    }
+    let store = builder.build()?;
+    let (direct_up, direct_down) = direct(&store).await?;
+
+    let mut extra = s3_env();
+    extra.push(("CONTROLLER_STORAGE_URL", format!("s3://{BUCKET}/controller")));
+    let (controller, _) = Controller::launch_with(env, client, http_port() + 1, &extra).await?;
+    let shared: Shared = Arc::new((client.clone(), controller));
+    let workers = insert_workers(&env.pool, "p8-", 1, "android").await?;
+    insert_pending(&env.pool, "p8b-", 1, "android").await?;
+    let (baseline, _) = shared.1.rss_kib();
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (shared, peak, sampling) = (shared.clone(), peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(shared.1.rss_kib().0, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let id = claim_and_upload(&shared, &workers[0].1, GIB).await?;
+    let up = started.elapsed();
+    let started = Instant::now();
+    let r = client
+        .get(shared.1.url(&format!("/api/builds/{id}/download")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await?;
+    let mut stream = r.bytes_stream();
+    let mut total = 0u64;
+    while let Some(chunk) = stream.next().await {
+        total += chunk?.len() as u64;
+    }
+    anyhow::ensure!(total == GIB, "downloaded {total} bytes through the controller");
+    let down = started.elapsed();
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await?;
+    let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline) as f64 / 1024.0;
+    let (up_ratio, down_ratio) = (
+        direct_up.as_secs_f64() / up.as_secs_f64(),
+        direct_down.as_secs_f64() / down.as_secs_f64(),
+    );
+    eprintln!("P8 up {up:?} (direct {direct_up:?}), down {down:?} (direct {direct_down:?}), RSS +{growth:.1} MiB");
+    Ok(Row {
+        id: "P8",
+        scenario: "1 GiB up, then down, through the controller on S3 (s3s-fs)".into(),
+        figure: format!(
+            "up {:.0} MiB/s, down {:.0} MiB/s; RSS +{growth:.1} MiB",
+            mib_per_s(GIB, up),
+            mib_per_s(GIB, down)
+        ),
+        reference: format!(
+            "plain S3 client: up {:.0} MiB/s, down {:.0} MiB/s",
+            mib_per_s(GIB, direct_up),
+            mib_per_s(GIB, direct_down)
+        ),
+        ratio: format!("{:.0} % / {:.0} %", 100.0 * up_ratio, 100.0 * down_ratio),
+        latency: "-".into(),
+        target: "≥ 70 %; RSS ≤ 32 MiB",
+        met: up_ratio >= 0.7 && down_ratio >= 0.7 && growth <= 32.0,
+    })
+}

@@ -1,0 +1,235 @@
+//! `--server` mode: the `/api/v2` API (and the owner's log endpoint) over HTTP or HTTPS (rustls), with
+//! connect and request timeouts, path segments and query values percent-encoded, and errors that show
+//! what the server said.
+
+use std::error::Error as _;
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{Value, json};
+
+use super::redact::redact_url;
+use super::{Call, CliResult, Exit, Failure};
+
+/// Most of an error body shown when it is not the API's JSON.
+const MAX_SHOWN_BODY: usize = 2048;
+
+/// A running controller.
+pub(crate) struct Remote {
+    base: Url,
+    /// The base URL as the user gave it, password redacted (for messages).
+    shown: String,
+    api_key: String,
+    timeout: Duration,
+    client: reqwest::Client,
+}
+
+impl Remote {
+    pub fn new(server: &str, api_key: &str, ca_cert: Option<&Path>, timeout: Duration) -> CliResult<Remote> {
+        let shown = redact_url(server);
+        let base =
+            Url::parse(server).map_err(|e| Failure::new(Exit::Usage, format!("invalid --server URL {shown}: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(Failure::new(
+                Exit::Usage,
+                format!("invalid --server URL {shown}: must start with http:// or https://"),
+            ));
+        }
+        if api_key.is_empty() {
+            return Err(Failure::new(
+                Exit::Usage,
+                "--server needs the admin API key: pass --api-key or set CONTROLLER_API_KEY",
+            ));
+        }
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            let shown = path.display();
+            let pem = std::fs::read(path)
+                .map_err(|e| Failure::new(Exit::Usage, format!("cannot read --ca-cert {shown}: {e}")))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| Failure::new(Exit::Usage, format!("--ca-cert {shown} holds no PEM certificate: {e}")))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .timeout(timeout)
+            .user_agent(concat!("expo-controller-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Failure::new(Exit::Usage, format!("cannot set up the HTTP client: {e}")))?;
+        Ok(Remote {
+            base,
+            shown,
+            api_key: api_key.to_string(),
+            timeout,
+            client,
+        })
+    }
+
+    /// The URL of `segments` under the base URL, each segment percent-encoded.
+    fn url(&self, segments: &[&str], query: &[(&str, String)]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    fn request_for(&self, call: &Call) -> (Method, Url, Option<Value>) {
+        use Method as M;
+        let builds = |id: &str, action: Option<&str>| {
+            let mut segments = vec!["api", "v2", "builds", id];
+            segments.extend(action);
+            self.url(&segments, &[])
+        };
+        let workers = |id: &str, action: Option<&str>| {
+            let mut segments = vec!["api", "v2", "workers", id];
+            segments.extend(action);
+            self.url(&segments, &[])
+        };
+        match call {
+            Call::ListBuilds {
+                state,
+                platform,
+                worker,
+                cursor,
+                limit,
+            } => {
+                let mut query = vec![("limit", limit.to_string())];
+                for (name, value) in [
+                    ("state", state),
+                    ("platform", platform),
+                    ("worker", worker),
+                    ("cursor", cursor),
+                ] {
+                    if let Some(value) = value {
+                        query.push((name, value.clone()));
+                    }
+                }
+                (M::GET, self.url(&["api", "v2", "builds"], &query), None)
+            }
+            Call::ShowBuild(id) => (M::GET, builds(id, None), None),
+            Call::CancelBuild(id) => (M::POST, builds(id, Some("cancel")), None),
+            Call::RetryBuild(id) => (M::POST, builds(id, Some("retry")), None),
+            Call::RequeueBuild { id, drain } => {
+                let mut url = builds(id, Some("requeue"));
+                if *drain {
+                    url.query_pairs_mut().append_pair("drain", "true");
+                }
+                (M::POST, url, None)
+            }
+            Call::SetPriority { id, priority } => (M::PATCH, builds(id, None), Some(json!({ "priority": priority }))),
+            Call::Logs { id, after, limit } => (
+                M::GET,
+                self.url(
+                    &["api", "builds", id, "logs"],
+                    &[("after", after.to_string()), ("limit", limit.to_string())],
+                ),
+                None,
+            ),
+            Call::ListQueues => (M::GET, self.url(&["api", "v2", "queues"], &[]), None),
+            Call::SetPaused { platform, paused } => {
+                let action = if *paused { "pause" } else { "resume" };
+                (M::POST, self.url(&["api", "v2", "queues", platform, action], &[]), None)
+            }
+            Call::ListWorkers { cursor, limit } => {
+                let mut query = vec![("limit", limit.to_string())];
+                if let Some(cursor) = cursor {
+                    query.push(("cursor", cursor.clone()));
+                }
+                (M::GET, self.url(&["api", "v2", "workers"], &query), None)
+            }
+            Call::ShowWorker(id) => (M::GET, workers(id, None), None),
+            Call::SetWorkerState { id, state } => match *state {
+                "revoked" => (M::DELETE, workers(id, None), None),
+                "draining" => (M::POST, workers(id, Some("drain")), None),
+                "disabled" => (M::POST, workers(id, Some("disable")), None),
+                _ => (M::POST, workers(id, Some("enable")), None),
+            },
+        }
+    }
+
+    pub async fn call(&self, call: &Call) -> CliResult<Value> {
+        let (method, url, body) = self.request_for(call);
+        let mut request = self
+            .client
+            .request(method, url)
+            .header("X-API-Key", &self.api_key)
+            .header("Accept", "application/json");
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| self.transport(&e))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport(&e))?;
+        let parsed = serde_json::from_slice::<Value>(&bytes).ok();
+        match (status.is_success(), parsed) {
+            (true, Some(value)) => Ok(value),
+            (false, Some(value)) if value.get("error").is_some() => Err(Failure {
+                exit: exit_for(status),
+                body: value,
+            }),
+            (ok, _) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let text = text.trim();
+                let mut cut = text.len().min(MAX_SHOWN_BODY);
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let what = if ok { "an answer that is not JSON" } else { "an error" };
+                let body = if text.is_empty() {
+                    "(empty body)".to_string()
+                } else {
+                    text[..cut].to_string()
+                };
+                Err(Failure {
+                    exit: if ok { Exit::Server } else { exit_for(status) },
+                    body: json!({
+                        "error": format!("{} gave {what}: HTTP {status}: {body}", self.shown),
+                        "status": status.as_u16(),
+                    }),
+                })
+            }
+        }
+    }
+
+    /// A request that got no answer: why, in words, and the matching exit code.
+    fn transport(&self, error: &reqwest::Error) -> Failure {
+        let mut cause = String::new();
+        let mut source = error.source();
+        while let Some(inner) = source {
+            cause = inner.to_string();
+            source = inner.source();
+        }
+        if cause.is_empty() {
+            cause = "no answer".to_string();
+        }
+        let server = &self.shown;
+        if error.is_timeout() {
+            return Failure::new(
+                Exit::Timeout,
+                format!("{server} did not answer within {}s (--timeout)", self.timeout.as_secs()),
+            );
+        }
+        if error.is_connect() {
+            let hint = if self.base.scheme() == "https" {
+                " (TLS handshake or connection failed; if the controller speaks plain HTTP, use http://)"
+            } else {
+                " (is the controller running, and is this its address?)"
+            };
+            return Failure::new(Exit::Connect, format!("cannot connect to {server}: {cause}{hint}"));
+        }
+        Failure::new(Exit::Connect, format!("request to {server} failed: {cause}"))
+    }
+}
+
+fn exit_for(status: StatusCode) -> Exit {
+    if status.is_client_error() {
+        Exit::Refused
+    } else {
+        Exit::Server
+    }
+}

@@ -1,0 +1,229 @@
+//! What the dashboard changes. Every action needs a session, a same-origin request and the session's
+//! CSRF token, then calls the operation `/api/v2` calls (`api::operations`, `queue::operator`) and
+//! redirects back with a notice (or the refusal, e.g. a build that is already finished).
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::Utc;
+
+use super::session::{self, Session};
+use super::{PageResult, fail, params};
+use crate::api::operations;
+use crate::api::{ApiError, ApiResult, AppState};
+use crate::ids::valid_id;
+use crate::queue::Platform;
+use crate::queue::operator;
+use crate::storage::Key;
+
+/// Most builds one bulk action touches.
+const MAX_BULK: usize = 100;
+
+fn back(path: &str, outcome: Result<String, ApiError>) -> Response {
+    let (name, text) = match outcome {
+        Ok(notice) => ("notice", notice),
+        Err(error) if error.status().is_server_error() => return super::pages::error_page(error),
+        Err(error) => ("error", error.message().to_string()),
+    };
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair(name, &text)
+        .finish();
+    let sep = if path.contains('?') { '&' } else { '?' };
+    Redirect::to(&format!("{path}{sep}{query}")).into_response()
+}
+
+/// Reads the form and checks origin and CSRF token; a refused request changes nothing.
+fn checked_form(session: &Session, headers: &HeaderMap, body: &Bytes) -> Result<HashMap<String, String>, ApiError> {
+    let form = params(std::str::from_utf8(body).ok());
+    session::check_action(session, headers, form.get("csrf").map(String::as_str)).inspect_err(|_| {
+        tracing::warn!("dashboard action refused: cross-site or missing CSRF token");
+    })?;
+    Ok(form)
+}
+
+/// One build action, as `/api/v2` does it (the queue layer emits the events).
+async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap<String, String>) -> ApiResult<String> {
+    let short = id.get(..10).unwrap_or(id);
+    match action {
+        "cancel" => {
+            operations::cancel_build(&state.pool, id).await?;
+            Ok(format!("Build {short} cancelled"))
+        }
+        "retry" => {
+            let build = operator::retry_same(&state.pool, id, Utc::now())
+                .await?
+                .map_err(|wrong| ApiError::conflict(wrong.0))?;
+            state.wakeups.invalidate(build.platform());
+            Ok(format!("Build {short} queued again"))
+        }
+        "requeue" => {
+            let build = operator::requeue(&state.pool, id, false, Utc::now())
+                .await?
+                .map_err(|wrong| ApiError::conflict(wrong.0))?;
+            state.workers.clear();
+            state.wakeups.invalidate(build.platform());
+            Ok(format!("Build {short} requeued"))
+        }
+        "priority" => {
+            let priority = form
+                .get("priority")
+                .and_then(|p| p.trim().parse::<i32>().ok())
+                .filter(|p| (-100..=100).contains(p))
+                .ok_or_else(|| ApiError::bad_request("Priority must be a whole number from -100 to 100"))?;
+            let build = operator::patch(&state.pool, id, Some(priority), None, None, Utc::now())
+                .await?
+                .map_err(|wrong| ApiError::conflict(wrong.0))?;
+            state.wakeups.invalidate(build.platform());
+            Ok(format!("Priority of build {short} set to {priority}"))
+        }
+        _ => Err(ApiError::not_found("Unknown action")),
+    }
+}
+
+pub async fn build_action(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> PageResult {
+    let form = checked_form(&session, &headers, &body).map_err(fail)?;
+    if !valid_id(&id) {
+        return Err(super::pages::not_found("Build not found"));
+    }
+    let outcome = apply_to_build(&state, &id, &action, &form).await;
+    Ok(back(&format!("/dashboard/builds/{id}"), outcome))
+}
+
+/// Cancel or retry the selected builds; reports how many did and did not apply.
+pub async fn bulk(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+    checked_form(&session, &headers, &body).map_err(fail)?;
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let value = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let return_to = value("return")
+        .filter(|r| r.starts_with("/dashboard/builds") && !r.contains("//") && !r.contains('\\'))
+        .unwrap_or("/dashboard/builds")
+        .to_string();
+    let action = match value("action") {
+        Some(a @ ("cancel" | "retry")) => a.to_string(),
+        _ => return Ok(back(&return_to, Err(ApiError::bad_request("Choose Cancel or Retry")))),
+    };
+    let ids: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, v)| k == "id" && valid_id(v))
+        .map(|(_, v)| v.as_str())
+        .take(MAX_BULK)
+        .collect();
+    if ids.is_empty() {
+        return Ok(back(
+            &return_to,
+            Err(ApiError::bad_request("Select at least one build")),
+        ));
+    }
+    let (mut done, mut refused) = (0, 0);
+    for id in &ids {
+        match apply_to_build(&state, id, &action, &HashMap::new()).await {
+            Ok(_) => done += 1,
+            Err(e) if e.status().is_server_error() => return Err(fail(e)),
+            Err(_) => refused += 1,
+        }
+    }
+    let verb = if action == "cancel" { "cancelled" } else { "retried" };
+    let mut notice = format!("{done} build(s) {verb}");
+    if refused > 0 {
+        notice.push_str(&format!(", {refused} skipped (not in a state that allows it)"));
+    }
+    Ok(back(&return_to, Ok(notice)))
+}
+
+pub async fn worker_action(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> PageResult {
+    checked_form(&session, &headers, &body).map_err(fail)?;
+    if !valid_id(&id) {
+        return Err(super::pages::not_found("Worker not found"));
+    }
+    let (admin_state, verb) = match action.as_str() {
+        "drain" => ("draining", "draining"),
+        "disable" => ("disabled", "disabled"),
+        "enable" => ("active", "enabled"),
+        "revoke" => ("revoked", "revoked"),
+        _ => return Err(super::pages::not_found("Unknown action")),
+    };
+    let outcome = async {
+        let worker = operations::set_worker_state(&state.pool, &state.config.queue, &id, admin_state).await?;
+        state.workers.clear();
+        let name = worker["name"].as_str().unwrap_or(&id).to_string();
+        Ok(format!("Worker {name} {verb}"))
+    }
+    .await;
+    Ok(back("/dashboard/workers", outcome))
+}
+
+pub async fn queue_action(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+    body: Bytes,
+) -> PageResult {
+    checked_form(&session, &headers, &body).map_err(fail)?;
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        _ => return Err(super::pages::not_found("Unknown action")),
+    };
+    let Some(platform) = Platform::parse(&name) else {
+        return Err(super::pages::not_found("Queue not found"));
+    };
+    let outcome = operations::set_paused(&state.pool, platform.as_str(), paused)
+        .await
+        .map(|_| {
+            if !paused {
+                state.wakeups.wake_all(platform);
+            }
+            format!("Queue {name} {}", if paused { "paused" } else { "resumed" })
+        })
+        .map_err(ApiError::from);
+    Ok(back("/dashboard/queues", outcome))
+}
+
+/// A build's source or result, streamed, for a signed-in operator.
+pub async fn download(
+    State(state): State<AppState>,
+    _session: Session,
+    headers: HeaderMap,
+    Path((id, what)): Path<(String, String)>,
+) -> PageResult {
+    if !valid_id(&id) {
+        return Err(super::pages::not_found("Build not found"));
+    }
+    let build = crate::queue::find_build(&state.pool, &id)
+        .await
+        .map_err(fail)?
+        .ok_or_else(|| super::pages::not_found("Build not found"))?;
+    let (key, content_type, filename) = match what.as_str() {
+        "source" => (build.source_key.as_deref(), "application/zip", format!("{id}.zip")),
+        "result" => (
+            build.result_key.as_deref(),
+            "application/octet-stream",
+            format!("{id}.{}", build.platform().result_extension()),
+        ),
+        _ => return Err(super::pages::not_found("Not found")),
+    };
+    let key = key
+        .and_then(Key::parse)
+        .ok_or_else(|| super::pages::not_found("Artifact not found"))?;
+    crate::api::downloads::stream_object(&state, &key, &headers, content_type, &filename, || {
+        ApiError::not_found("Artifact not found")
+    })
+    .await
+    .map_err(fail)
+}

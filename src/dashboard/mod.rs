@@ -1,0 +1,367 @@
+//! The operator's web dashboard at `/dashboard`: server-rendered pages (maud), a small page script and
+//! vendored htmx, all embedded in the binary (no request ever leaves the controller's origin). Pages
+//! follow the event stream (`/dashboard/events`, the same stream as `/api/v2/events` behind the session
+//! cookie) and re-render the regions an event concerns. Actions call the same queue operations as
+//! `/api/v2`.
+
+mod actions;
+mod assets;
+mod charts;
+mod pages;
+pub mod queries;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use chrono::Utc;
+
+use crate::api::{ApiError, AppState};
+use crate::ids::valid_id;
+use pages::Chrome;
+use session::{ClientIp, Session, SignInLimiter};
+
+/// Largest form body the dashboard reads (sign-in included).
+const MAX_FORM_BYTES: usize = 16 * 1024;
+
+/// Answer of a page handler: a page, or an error page.
+type PageResult = Result<Response, Response>;
+
+fn fail(error: impl Into<ApiError>) -> Response {
+    pages::error_page(error.into())
+}
+
+pub fn router(state: &AppState) -> Router<AppState> {
+    let limiter = Arc::new(SignInLimiter::new(state.config.dashboard.dashboard_signins_per_minute));
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/dashboard") }))
+        .route("/dashboard", get(overview))
+        .route("/dashboard/", get(|| async { Redirect::to("/dashboard") }))
+        .route("/dashboard/login", get(login_form).post(login))
+        .route("/dashboard/logout", post(logout))
+        .route("/dashboard/assets/{name}", get(assets::serve))
+        .route("/dashboard/events", get(events))
+        .route("/dashboard/builds", get(builds))
+        .route("/dashboard/builds/bulk", post(actions::bulk))
+        .route("/dashboard/builds/{id}", get(build))
+        .route("/dashboard/builds/{id}/logs", get(build_logs))
+        .route("/dashboard/builds/{id}/download/{what}", get(actions::download))
+        .route("/dashboard/builds/{id}/{action}", post(actions::build_action))
+        .route("/dashboard/workers", get(workers))
+        .route("/dashboard/workers/{id}/{action}", post(actions::worker_action))
+        .route("/dashboard/queues", get(queues))
+        .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
+        .layer(Extension(limiter))
+        .layer(Extension(Arc::new(queries::HoursCache::default())))
+        .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .layer(axum::middleware::from_fn(security_headers))
+}
+
+/// Every dashboard answer: a strict same-origin Content-Security-Policy, no framing, no sniffing,
+/// no caching of pages.
+async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let is_asset = req.uri().path().starts_with("/dashboard/assets/");
+    let mut response = next.run(req).await;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    if !is_asset && !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// Query parameters as a map (the last value of a repeated key wins).
+fn params(raw: Option<&str>) -> HashMap<String, String> {
+    raw.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// A non-empty, trimmed, short parameter.
+fn param<'a>(params: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    params
+        .get(name)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+}
+
+fn is_fragment(params: &HashMap<String, String>) -> bool {
+    params.contains_key("fragment")
+}
+
+fn chrome<'a>(title: &'a str, nav: &'a str, session: &'a Session, params: &'a HashMap<String, String>) -> Chrome<'a> {
+    Chrome {
+        title,
+        nav,
+        csrf: &session.csrf,
+        notice: param(params, "notice"),
+        error: param(params, "error"),
+    }
+}
+
+fn html(markup: maud::Markup) -> Response {
+    markup.into_response()
+}
+
+async fn login_form(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match session::from_headers(&state.pool, &headers).await {
+        Ok(Some(_)) => Redirect::to("/dashboard").into_response(),
+        _ => html(pages::login(None)),
+    }
+}
+
+/// Sign-in: rate limited per IP, same origin only, a wrong key answered after a delay.
+async fn login(
+    State(state): State<AppState>,
+    Extension(limiter): Extension<Arc<SignInLimiter>>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !limiter.allow(ip) {
+        tracing::warn!(%ip, "dashboard sign-in rate limited");
+        let mut response = (
+            StatusCode::TOO_MANY_REQUESTS,
+            pages::login(Some("Too many sign-in attempts. Wait a minute and try again.")),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        return response;
+    }
+    if !session::same_origin(&headers) {
+        return (StatusCode::FORBIDDEN, pages::login(Some("Cross-site sign-in refused."))).into_response();
+    }
+    let form = params(std::str::from_utf8(&body).ok());
+    let key = form.get("key").map(String::as_str).unwrap_or_default();
+    if !session::key_matches(&state, key) {
+        tracing::warn!(%ip, "dashboard sign-in with a wrong key");
+        tokio::time::sleep(session::WRONG_KEY_DELAY).await;
+        return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
+    }
+    let ttl = state.config.dashboard.dashboard_session_ttl_secs;
+    match session::create(&state.pool, ttl, Utc::now()).await {
+        Ok(id) => {
+            tracing::info!(%ip, "dashboard sign-in");
+            let mut response = Redirect::to("/dashboard").into_response();
+            response
+                .headers_mut()
+                .insert(header::SET_COOKIE, session::set_cookie(&headers, &id, ttl));
+            response
+        }
+        Err(error) => fail(error),
+    }
+}
+
+async fn logout(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+    let form = params(std::str::from_utf8(&body).ok());
+    session::check_action(&session, &headers, form.get("csrf").map(String::as_str)).map_err(fail)?;
+    session::end(&state.pool, &session).await.map_err(fail)?;
+    let mut response = Redirect::to("/dashboard/login").into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, session::clear_cookie());
+    Ok(response)
+}
+
+/// The event stream behind the session cookie: the same stream as `/api/v2/events`.
+async fn events(
+    State(state): State<AppState>,
+    _session: Session,
+    headers: HeaderMap,
+    Query(query): Query<crate::events::StreamQuery>,
+) -> Response {
+    match query.resolve(&headers) {
+        Ok((filter, last_event_id)) => {
+            crate::events::sse_response(&state.events, filter, last_event_id, state.shutdown.clone()).into_response()
+        }
+        Err(message) => (StatusCode::BAD_REQUEST, message).into_response(),
+    }
+}
+
+async fn overview(
+    State(state): State<AppState>,
+    Extension(hours): Extension<Arc<queries::HoursCache>>,
+    session: Session,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
+    let p = params(raw.as_deref());
+    let now = Utc::now();
+    let o = queries::overview(&state.pool, &state.config.queue, &hours, now)
+        .await
+        .map_err(fail)?;
+    let content = pages::overview(&o, now);
+    if is_fragment(&p) {
+        return Ok(html(content));
+    }
+    let body = pages::region("overview", "/dashboard?fragment=1", "*", content);
+    Ok(html(pages::layout(&chrome("Overview", "overview", &session, &p), body)))
+}
+
+fn bad(message: &'static str) -> ApiError {
+    ApiError::bad_request(message)
+}
+
+/// Parses the builds page's filters; anything malformed is a 400 page.
+fn filter_of(p: &HashMap<String, String>) -> Result<queries::Filter, ApiError> {
+    let id_param = |name: &str, message: &'static str| -> Result<Option<String>, ApiError> {
+        match param(p, name) {
+            None => Ok(None),
+            Some(v) if valid_id(v) => Ok(Some(v.to_string())),
+            Some(_) => Err(bad(message)),
+        }
+    };
+    let state = match param(p, "state") {
+        None => None,
+        Some(s) if pages::STATES.contains(&s) => Some(s.to_string()),
+        Some(_) => return Err(bad("Unknown state")),
+    };
+    let platform = match param(p, "platform") {
+        None => None,
+        Some(s @ ("ios" | "android")) => Some(s.to_string()),
+        Some(_) => return Err(bad("Unknown platform")),
+    };
+    let within_hours = match param(p, "within") {
+        None => None,
+        Some(h) => match h.parse::<i64>() {
+            Ok(h @ (1 | 24 | 168 | 720)) => Some(h),
+            _ => return Err(bad("Unknown time window")),
+        },
+    };
+    Ok(queries::Filter {
+        state,
+        platform,
+        worker: id_param("worker", "Invalid worker id")?,
+        within_hours,
+        id: id_param("id", "Invalid build id")?,
+        before: id_param("before", "Invalid cursor")?,
+    })
+}
+
+/// The filter as a query string, without the cursor.
+fn filter_query(f: &queries::Filter) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in [
+        ("id", f.id.clone()),
+        ("state", f.state.clone()),
+        ("platform", f.platform.clone()),
+        ("worker", f.worker.clone()),
+        ("within", f.within_hours.map(|h| h.to_string())),
+    ] {
+        if let Some(value) = value {
+            q.append_pair(name, &value);
+        }
+    }
+    q.finish()
+}
+
+async fn builds(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    let p = params(raw.as_deref());
+    let filter = filter_of(&p).map_err(fail)?;
+    let now = Utc::now();
+    let (rows, more) = queries::builds(&state.pool, &filter, now).await.map_err(fail)?;
+    let base_query = filter_query(&filter);
+    let table = pages::builds_table(&rows, more, &base_query, filter.before.is_none(), now);
+    if is_fragment(&p) {
+        return Ok(html(table));
+    }
+    let mut page_query = base_query.clone();
+    if let Some(before) = &filter.before {
+        page_query = if page_query.is_empty() {
+            format!("before={before}")
+        } else {
+            format!("{page_query}&before={before}")
+        };
+    }
+    let body = pages::builds_page(&filter, &page_query, table, &session.csrf);
+    Ok(html(pages::layout(&chrome("Builds", "builds", &session, &p), body)))
+}
+
+async fn build(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
+    let p = params(raw.as_deref());
+    if !valid_id(&id) {
+        return Err(pages::not_found("Build not found"));
+    }
+    let page = queries::build_page(&state.pool, &id)
+        .await
+        .map_err(fail)?
+        .ok_or_else(|| pages::not_found("Build not found"))?;
+    let now = Utc::now();
+    if is_fragment(&p) {
+        return Ok(html(pages::build_summary(&page, &session.csrf, now)));
+    }
+    let logs = queries::log_tail(&state.pool, &id).await.map_err(fail)?;
+    let body = pages::build_page(&page, &logs, &session.csrf, now);
+    let title = format!("Build {}", id.get(..10).unwrap_or(&id));
+    Ok(html(pages::layout(&chrome(&title, "builds", &session, &p), body)))
+}
+
+/// Log lines after `?after=<seq>`, as HTML rows for the live tail.
+async fn build_logs(
+    State(state): State<AppState>,
+    _session: Session,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
+    let p = params(raw.as_deref());
+    if !valid_id(&id) {
+        return Err(pages::not_found("Build not found"));
+    }
+    let after = match param(&p, "after").map(str::parse::<i64>) {
+        None => 0,
+        Some(Ok(after)) if after >= 0 => after,
+        Some(_) => return Err(fail(bad("Invalid after"))),
+    };
+    let lines = queries::log_after(&state.pool, &id, after).await.map_err(fail)?;
+    Ok(html(pages::log_lines(&lines)))
+}
+
+async fn workers(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    let p = params(raw.as_deref());
+    let rows = queries::workers(&state.pool).await.map_err(fail)?;
+    let table = pages::workers(&rows, &session.csrf, Utc::now());
+    if is_fragment(&p) {
+        return Ok(html(table));
+    }
+    let body = maud::html! {
+        div.page-head { h1 { "Workers" } p.muted { (rows.len()) " registered" } }
+        (pages::region("workers-table", "/dashboard/workers?fragment=1", "worker.* build.*", table))
+    };
+    Ok(html(pages::layout(&chrome("Workers", "workers", &session, &p), body)))
+}
+
+async fn queues(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    let p = params(raw.as_deref());
+    let views = crate::queue::operator::queue_views(&state.pool, Utc::now())
+        .await
+        .map_err(fail)?;
+    let table = pages::queues(&views, &session.csrf);
+    if is_fragment(&p) {
+        return Ok(html(table));
+    }
+    let body = maud::html! {
+        div.page-head { h1 { "Queues" } p.muted { "A paused queue keeps its builds; workers take none until it is resumed." } }
+        (pages::region("queues-table", "/dashboard/queues?fragment=1", "*", table))
+    };
+    Ok(html(pages::layout(&chrome("Queues", "queues", &session, &p), body)))
+}

@@ -1,0 +1,625 @@
+//! Server-rendered pages (maud). Each page is a layout around one or more live regions: a region names
+//! the fragment URL that re-renders it and the events that concern it (`data-topics`), and the page
+//! script refreshes it when such an event arrives.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use maud::{DOCTYPE, Markup, html};
+
+use super::charts;
+use super::queries::{BuildPage, Filter, Overview, WorkerRow};
+use crate::api::ApiError;
+use crate::queue::{Build, LogLine};
+
+/// What the layout needs besides the content.
+pub struct Chrome<'a> {
+    pub title: &'a str,
+    pub nav: &'a str,
+    pub csrf: &'a str,
+    pub notice: Option<&'a str>,
+    pub error: Option<&'a str>,
+}
+
+fn head(title: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false,"historyCacheSize":0}"#;
+            title { (title) " · Expo Free Agent" }
+            link rel="icon" href="/dashboard/assets/icon.svg" type="image/svg+xml";
+            link rel="stylesheet" href="/dashboard/assets/app.css";
+            script src="/dashboard/assets/htmx.min.js" defer {}
+            script src="/dashboard/assets/app.js" defer {}
+        }
+    }
+}
+
+/// A full page.
+pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
+    let nav = [
+        ("overview", "/dashboard", "Overview"),
+        ("builds", "/dashboard/builds", "Builds"),
+        ("workers", "/dashboard/workers", "Workers"),
+        ("queues", "/dashboard/queues", "Queues"),
+    ];
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            (head(chrome.title))
+            body data-events="/dashboard/events" {
+                header.top {
+                    a.brand href="/dashboard" { span.logo aria-hidden="true" { "◆" } " Free Agent" }
+                    nav aria-label="Main" {
+                        @for (key, href, label) in nav {
+                            a href=(href) aria-current=[(key == chrome.nav).then_some("page")] { (label) }
+                        }
+                    }
+                    span #live .live.connecting role="status" aria-live="polite" { "Connecting…" }
+                    form.logout method="post" action="/dashboard/logout" {
+                        input type="hidden" name="csrf" value=(chrome.csrf);
+                        button.btn.ghost type="submit" { "Log out" }
+                    }
+                }
+                main {
+                    @if let Some(notice) = chrome.notice { p.flash.ok role="status" { (notice) } }
+                    @if let Some(error) = chrome.error { p.flash.bad role="alert" { (error) } }
+                    (content)
+                }
+            }
+        }
+    }
+}
+
+/// A region refreshed from `url` when an event matching `topics` arrives.
+pub fn region(id: &str, url: &str, topics: &str, content: Markup) -> Markup {
+    html! {
+        div.region id=(id) data-topics=(topics) hx-get=(url) hx-trigger="refresh" hx-swap="innerHTML" {
+            (content)
+        }
+    }
+}
+
+/// The sign-in form.
+pub fn login(error: Option<&str>) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            (head("Sign in"))
+            body.login {
+                main.login-card {
+                    h1 { span.logo aria-hidden="true" { "◆" } " Expo Free Agent" }
+                    p.muted { "Controller dashboard. Sign in with the admin API key." }
+                    @if let Some(error) = error { p.flash.bad role="alert" { (error) } }
+                    form method="post" action="/dashboard/login" {
+                        label for="key" { "Admin API key" }
+                        input #key type="password" name="key" autocomplete="current-password" required autofocus;
+                        button.btn.primary type="submit" { "Sign in" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An error as a small HTML page.
+pub fn error_page(error: ApiError) -> Response {
+    let status = error.status();
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), "dashboard request failed");
+    }
+    let body = html! {
+        (DOCTYPE)
+        html lang="en" {
+            (head("Error"))
+            body.login {
+                main.login-card {
+                    h1 { (status.as_u16()) }
+                    p { (error.message()) }
+                    p { a href="/dashboard" { "Back to the dashboard" } }
+                }
+            }
+        }
+    };
+    (status, body).into_response()
+}
+
+/// A 404 page.
+pub fn not_found(what: &'static str) -> Response {
+    error_page(ApiError::new(StatusCode::NOT_FOUND, what))
+}
+
+// ---------- formatting ----------
+
+pub fn pill(state: &str) -> Markup {
+    html! { span class={ "pill " (state) } { (state) } }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..10).unwrap_or(id)
+}
+
+pub fn build_link(id: &str) -> Markup {
+    html! { a.mono href={ "/dashboard/builds/" (id) } title=(id) { (short(id)) } }
+}
+
+fn worker_link(id: Option<&str>) -> Markup {
+    html! {
+        @match id {
+            Some(id) => a.mono href={ "/dashboard/workers#w-" (id) } title=(id) { (short(id)) },
+            None => span.muted { "—" },
+        }
+    }
+}
+
+/// `3m 12s`, `2h 05m`, `4d 3h`.
+pub fn span_of(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn ago(at: DateTime<Utc>, now: DateTime<Utc>) -> Markup {
+    let secs = (now - at).num_seconds();
+    let text = if secs < 0 {
+        format!("in {}", span_of(-secs))
+    } else {
+        format!("{} ago", span_of(secs))
+    };
+    html! { time datetime=(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)) title=(at.format("%Y-%m-%d %H:%M:%S UTC")) { (text) } }
+}
+
+fn maybe_ago(at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Markup {
+    html! { @match at { Some(at) => (ago(at, now)), None => span.muted { "—" } } }
+}
+
+pub fn bytes(n: i64) -> String {
+    let n = n.max(0) as f64;
+    if n < 1024.0 {
+        format!("{n} B")
+    } else if n < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", n / 1024.0)
+    } else if n < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", n / 1024.0 / 1024.0)
+    } else {
+        format!("{:.2} GiB", n / 1024.0 / 1024.0 / 1024.0)
+    }
+}
+
+fn thousands(n: i64) -> String {
+    let digits = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn elapsed(b: &Build, now: DateTime<Utc>) -> String {
+    match (b.started_at.or(b.assigned_at), b.completed_at) {
+        (Some(start), Some(end)) => span_of((end - start).num_seconds()),
+        (Some(start), None) => span_of((now - start).num_seconds()),
+        _ => "—".to_string(),
+    }
+}
+
+fn platform(p: &str) -> Markup {
+    html! { span class={ "platform " (p) } { @if p == "ios" { "iOS" } @else { "Android" } } }
+}
+
+/// A POST form with the CSRF token, a confirmation question and one labelled button.
+fn action(url: &str, csrf: &str, label: &str, confirm: &str, class: &str) -> Markup {
+    html! {
+        form.inline method="post" action=(url) data-confirm=(confirm) {
+            input type="hidden" name="csrf" value=(csrf);
+            button type="submit" class={ "btn " (class) } { (label) }
+        }
+    }
+}
+
+// ---------- overview ----------
+
+pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
+    let last_hour = o.hours.last();
+    let day = o.hours.iter().fold((0, 0, 0), |acc, h| {
+        (acc.0 + h.completed, acc.1 + h.failed, acc.2 + h.cancelled)
+    });
+    let rate = |done: i64, failed: i64| {
+        if done + failed == 0 {
+            "—".to_string()
+        } else {
+            format!("{:.0} %", failed as f64 * 100.0 / (done + failed) as f64)
+        }
+    };
+    let count = |status: &str| {
+        o.workers
+            .iter()
+            .filter(|w| w.0 == status && w.1 != "revoked")
+            .map(|w| w.2)
+            .sum::<i64>()
+    };
+    let admin = |state: &str| o.workers.iter().filter(|w| w.1 == state).map(|w| w.2).sum::<i64>();
+    html! {
+        div.page-head {
+            h1 { "Overview" }
+            p.muted { "≈ " (thousands(o.total_estimate)) " builds on record" }
+        }
+        section.cards {
+            @for q in &o.queues {
+                article.card {
+                    h2 { span { (platform(&q.name)) " queue" } @if q.paused { span.pill.paused { "paused" } } }
+                    dl.stats {
+                        div { dt { "Pending" } dd { (q.pending) } }
+                        div { dt { "Scheduled" } dd { (q.scheduled) } }
+                        div { dt { "Retrying" } dd { (q.retryable) } }
+                        div { dt { "Running" } dd { (q.assigned + q.building) } }
+                    }
+                    p.muted { "Oldest pending: "
+                        @match q.oldest_pending_age_seconds { Some(age) => strong { (span_of(age as i64)) }, None => "none" } }
+                }
+            }
+            article.card {
+                h2 { "Workers" }
+                dl.stats {
+                    div { dt { "Idle" } dd { (count("idle")) } }
+                    div { dt { "Busy" } dd { (count("busy")) } }
+                    div { dt { "Offline" } dd { (count("offline")) } }
+                    div { dt { "Draining" } dd { (admin("draining")) } }
+                }
+                p.muted { (admin("disabled")) " disabled · " (admin("revoked")) " revoked" }
+            }
+        }
+        section.cards.wide {
+            article.card.grow {
+                h2 { "Throughput, last 24 hours" }
+                div.legend {
+                    span.key.completed { "completed" } span.key.failed { "failed" } span.key.cancelled { "cancelled" }
+                }
+                (charts::throughput(&o.hours))
+                dl.stats {
+                    div { dt { "Last hour" } dd { (last_hour.map_or(0, |h| h.completed)) " done" } }
+                    div { dt { "Failure rate (1 h)" } dd { (last_hour.map_or("—".into(), |h| rate(h.completed, h.failed))) } }
+                    div { dt { "Last 24 h" } dd { (day.0) " done" } }
+                    div { dt { "Failure rate (24 h)" } dd { (rate(day.0, day.1)) } }
+                }
+            }
+            article.card.grow {
+                h2 { "Needs attention" }
+                @if o.silent.is_empty() && o.past_deadline.is_empty() && o.retries_waiting.is_empty() {
+                    p.empty { "Nothing stuck. Every running build is reporting in." }
+                }
+                @if !o.silent.is_empty() {
+                    h3 { "No heartbeat for " (span_of(o.stale_after.num_seconds())) "+" }
+                    ul.attention { @for b in &o.silent { li { (build_link(&b.id)) " on " (worker_link(b.lease_owner.as_deref())) " · last heard " (maybe_ago(b.last_heartbeat_at.or(b.assigned_at), now)) } } }
+                }
+                @if !o.past_deadline.is_empty() {
+                    h3 { "Past the build deadline" }
+                    ul.attention { @for b in &o.past_deadline { li { (build_link(&b.id)) " running for " (elapsed(b, now)) } } }
+                }
+                @if !o.retries_waiting.is_empty() {
+                    h3 { "Retries waiting" }
+                    ul.attention { @for b in &o.retries_waiting { li { (build_link(&b.id)) " attempt " (b.attempt + 1) "/" (b.max_attempts) " · next run " (ago(b.run_at, now)) } } }
+                }
+            }
+        }
+        section.card {
+            h2 { "Running now" }
+            @if o.running.is_empty() { p.empty { "No build is running." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th { "Build" } th { "Platform" } th { "State" } th { "Worker" } th { "Progress" } th { "Elapsed" } } }
+                    tbody { @for b in &o.running { tr {
+                        td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (pill(&b.state)) }
+                        td { (worker_link(b.lease_owner.as_deref())) } td { (progress(b.progress)) } td { (elapsed(b, now)) }
+                    } } }
+                } }
+            }
+        }
+        section.card {
+            h2 { "Recent failures" }
+            @if o.recent_failures.is_empty() { p.empty { "No failed builds." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th { "Build" } th { "Platform" } th { "Failed" } th { "Reason" } } }
+                    tbody { @for b in &o.recent_failures { tr {
+                        td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (maybe_ago(b.completed_at, now)) }
+                        td.reason { (b.finished_reason.as_deref().unwrap_or("")) @if let Some(m) = &b.error_message { " — " span.muted { (m) } } }
+                    } } }
+                } }
+            }
+        }
+    }
+}
+
+fn progress(p: Option<i16>) -> Markup {
+    html! {
+        @match p {
+            Some(p) => span.progress { progress max="100" value=(p) { (p) "%" } " " (p) "%" },
+            None => span.muted { "—" },
+        }
+    }
+}
+
+// ---------- builds ----------
+
+pub const STATES: [&str; 8] = [
+    "pending",
+    "scheduled",
+    "retryable",
+    "assigned",
+    "building",
+    "completed",
+    "failed",
+    "cancelled",
+];
+
+pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> Markup {
+    let sel = |v: Option<&String>, want: &str| v.is_some_and(|v| v == want);
+    let hours = filter.within_hours;
+    html! {
+        div.page-head { h1 { "Builds" } }
+        form.filters method="get" action="/dashboard/builds" role="search" {
+            label { "Build id" input type="search" name="id" value=[filter.id.as_deref()] placeholder="Search by id"; }
+            label { "State" select name="state" {
+                option value="" { "Any state" }
+                @for s in STATES { option value=(s) selected[sel(filter.state.as_ref(), s)] { (s) } }
+            } }
+            label { "Platform" select name="platform" {
+                option value="" { "Any platform" }
+                option value="ios" selected[sel(filter.platform.as_ref(), "ios")] { "iOS" }
+                option value="android" selected[sel(filter.platform.as_ref(), "android")] { "Android" }
+            } }
+            label { "Worker" input type="text" name="worker" value=[filter.worker.as_deref()] placeholder="Worker id"; }
+            label { "Submitted" select name="within" {
+                option value="" { "Any time" }
+                @for (h, text) in [(1, "Last hour"), (24, "Last 24 hours"), (168, "Last 7 days"), (720, "Last 30 days")] {
+                    option value=(h) selected[hours == Some(h)] { (text) }
+                }
+            } }
+            button.btn type="submit" { "Apply" }
+            a.btn.ghost href="/dashboard/builds" { "Reset" }
+        }
+        form #bulk method="post" action="/dashboard/builds/bulk" data-confirm="Apply this action to the selected builds?" {
+            input type="hidden" name="csrf" value=(csrf);
+            input type="hidden" name="return" value={ "/dashboard/builds" @if !query.is_empty() { "?" (query) } };
+            div.bulk-bar {
+                span.muted { "With selected:" }
+                button.btn type="submit" name="action" value="cancel" { "Cancel" }
+                button.btn type="submit" name="action" value="retry" { "Retry" }
+            }
+        }
+        (region("builds-table", &format!("/dashboard/builds?{}{}fragment=1", query, if query.is_empty() { "" } else { "&" }), "build.*", table))
+    }
+}
+
+pub fn builds_table(
+    rows: &[Build],
+    more: bool,
+    query_without_cursor: &str,
+    first_page: bool,
+    now: DateTime<Utc>,
+) -> Markup {
+    let sep = if query_without_cursor.is_empty() { "" } else { "&" };
+    html! {
+        div.table-wrap { table.builds {
+            thead { tr {
+                th scope="col" { span.sr-only { "Select" } }
+                th scope="col" { "Build" } th scope="col" { "Platform" } th scope="col" { "State" }
+                th scope="col" { "Priority" } th scope="col" { "Attempt" } th scope="col" { "Worker" }
+                th scope="col" { "Submitted" } th scope="col" { "Duration" }
+            } }
+            tbody {
+                @if rows.is_empty() { tr { td colspan="9" { p.empty { "No builds match." } } } }
+                @for b in rows { tr data-build=(b.id) {
+                    td { input type="checkbox" name="id" value=(b.id) form="bulk" aria-label={ "Select build " (b.id) }; }
+                    td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (pill(&b.state)) }
+                    td { (b.priority) } td { (b.attempt) "/" (b.max_attempts) }
+                    td { (worker_link(b.worker_id.as_deref())) } td { (ago(b.submitted_at, now)) } td { (elapsed(b, now)) }
+                } }
+            }
+        } }
+        nav.pager aria-label="Pages" {
+            @if !first_page { a.btn.ghost href={ "/dashboard/builds" @if !query_without_cursor.is_empty() { "?" (query_without_cursor) } } { "← Newest" } }
+            @if more { @if let Some(last) = rows.last() {
+                a.btn.ghost href={ "/dashboard/builds?" (query_without_cursor) (sep) "before=" (last.id) } { "Older →" }
+            } }
+        }
+    }
+}
+
+// ---------- one build ----------
+
+pub fn build_page(page: &BuildPage, logs: &[LogLine], csrf: &str, now: DateTime<Utc>) -> Markup {
+    let id = &page.build.id;
+    let after = logs.last().map_or(0, |l| l.seq);
+    html! {
+        (region("build-summary", &format!("/dashboard/builds/{id}?fragment=1"), &format!("build:{id}"), build_summary(page, csrf, now)))
+        section.card {
+            h2 { "Log" }
+            div #log.log role="log" aria-live="off" data-log={ "/dashboard/builds/" (id) "/logs" } data-after=(after) data-topics={ "build:" (id) } tabindex="0" {
+                @if logs.is_empty() { p.empty.log-empty { "No log lines yet." } }
+                (log_lines(logs))
+            }
+        }
+    }
+}
+
+pub fn log_lines(lines: &[LogLine]) -> Markup {
+    html! {
+        @for l in lines {
+            div class={ "line " (l.level) } data-seq=(l.seq) {
+                span.ts { (l.ts.format("%H:%M:%S")) } span.lvl { (l.level) } span.msg { (l.message) }
+            }
+        }
+    }
+}
+
+pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup {
+    let b = &page.build;
+    let base = format!("/dashboard/builds/{}", b.id);
+    let state = b.state();
+    html! {
+        div.page-head {
+            h1 { "Build " span.mono { (b.id) } " " (pill(&b.state)) }
+            div.actions {
+                @if !state.is_final() { (action(&format!("{base}/cancel"), csrf, "Cancel", "Cancel this build?", "danger")) }
+                @if matches!(b.state.as_str(), "failed" | "cancelled") { (action(&format!("{base}/retry"), csrf, "Retry", "Retry this build as a new attempt?", "")) }
+                @if state.is_held() { (action(&format!("{base}/requeue"), csrf, "Requeue", "Give this attempt back to the queue?", "")) }
+                @if !state.is_held() && !state.is_final() {
+                    form.inline method="post" action={ (base) "/priority" } data-confirm="Change this build's priority?" {
+                        input type="hidden" name="csrf" value=(csrf);
+                        label.compact { "Priority " input type="number" name="priority" min="-100" max="100" value=(b.priority) required; }
+                        button.btn type="submit" { "Set priority" }
+                    }
+                }
+            }
+        }
+        section.cards {
+            article.card {
+                h2 { "Details" }
+                dl.details {
+                    dt { "Platform" } dd { (platform(&b.queue)) }
+                    dt { "Priority" } dd { (b.priority) }
+                    dt { "Attempt" } dd { (b.attempt) " of " (b.max_attempts) }
+                    dt { "Worker" } dd { (worker_link(b.worker_id.as_deref())) }
+                    dt { "Progress" } dd { (progress(b.progress)) @if let Some(stage) = &b.stage { " " span.muted { (stage) } } }
+                    dt { "Last heartbeat" } dd { (maybe_ago(b.last_heartbeat_at, now)) }
+                    dt { "Duration" } dd { (elapsed(b, now)) }
+                    @if let Some(reason) = &b.finished_reason { dt { "Outcome" } dd { (reason) } }
+                    @if let Some(message) = &b.error_message { dt { "Error" } dd.error { (message) } }
+                }
+            }
+            article.card {
+                h2 { "Timeline" }
+                ol.timeline {
+                    li { span.dot {} "Submitted " (ago(b.submitted_at, now)) }
+                    @if b.run_at > b.submitted_at + chrono::Duration::seconds(1) && !state.is_final() { li { span.dot {} "Runs " (ago(b.run_at, now)) } }
+                    @for a in &page.attempts {
+                        li { span.dot {} "Attempt " (a.attempt) " assigned to " (worker_link(Some(&a.worker_id))) " " (ago(a.assigned_at, now)) }
+                        @if let Some(at) = a.started_at { li { span.dot {} "Attempt " (a.attempt) " building " (ago(at, now)) } }
+                        @if let Some(at) = a.finished_at { li { span class={ "dot " (a.outcome.as_deref().unwrap_or("")) } {} "Attempt " (a.attempt) " " (a.outcome.as_deref().unwrap_or("ended")) " " (ago(at, now)) } }
+                    }
+                    @if let Some(at) = b.completed_at { li { span class={ "dot " (b.state) } {} "Build " (b.state) " " (ago(at, now)) } }
+                }
+            }
+            article.card {
+                h2 { "Artifacts" }
+                dl.details {
+                    dt { "Source" }
+                    dd { @if b.source_key.is_some() {
+                        (bytes(b.source_size.unwrap_or(0))) " · " a href={ (base) "/download/source" } download { "Download source" }
+                    } @else { span.muted { "removed" } } }
+                    dt { "Result" }
+                    dd { @if b.result_key.is_some() {
+                        (bytes(b.result_size.unwrap_or(0))) " · " a href={ (base) "/download/result" } download { "Download result" }
+                    } @else { span.muted { "none yet" } } }
+                    @if let Some(sha) = &b.result_sha256 { dt { "SHA-256" } dd.mono.wrap { (sha) } }
+                    dt { "Log lines" } dd { (b.log_seq) @if b.log_dropped > 0 { " (" (b.log_dropped) " dropped)" } }
+                }
+            }
+        }
+        section.card {
+            h2 { "Attempts" }
+            @if page.attempts.is_empty() { p.empty { "Not assigned yet." } } @else {
+                div.table-wrap { table {
+                    thead { tr { th { "#" } th { "Worker" } th { "Assigned" } th { "Started" } th { "Finished" } th { "Outcome" } th { "Error" } } }
+                    tbody { @for a in &page.attempts { tr {
+                        td { (a.attempt) } td { (worker_link(Some(&a.worker_id))) } td { (ago(a.assigned_at, now)) }
+                        td { (maybe_ago(a.started_at, now)) } td { (maybe_ago(a.finished_at, now)) }
+                        td { @match &a.outcome { Some(o) => (pill(o)), None => (pill("running")) } }
+                        td.reason { (a.error_message.as_deref().unwrap_or("")) }
+                    } } }
+                } }
+            }
+        }
+        section.card {
+            h2 { "CPU and memory" }
+            (charts::resources(&page.samples))
+        }
+    }
+}
+
+// ---------- workers ----------
+
+pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
+    html! {
+        div.table-wrap { table.workers {
+            thead { tr {
+                th scope="col" { "Worker" } th scope="col" { "Status" } th scope="col" { "Platforms" }
+                th scope="col" { "Current build" } th scope="col" { "Last seen" } th scope="col" { "Done / failed" }
+                th scope="col" { "Diagnostics" } th scope="col" { "Actions" }
+            } }
+            tbody {
+                @if rows.is_empty() { tr { td colspan="8" { p.empty { "No worker has registered yet." } } } }
+                @for r in rows {
+                    @let w = &r.worker;
+                    @let base = format!("/dashboard/workers/{}", w.id);
+                    tr #{ "w-" (w.id) } data-worker=(w.id) {
+                        td { strong { (w.name) } br; span.mono.muted { (short(&w.id)) } }
+                        td { (pill(&w.status)) @if w.admin_state != "active" { " " (pill(&w.admin_state)) } }
+                        td { @for p in &w.platforms { (platform(p)) " " } }
+                        td { @match &r.current { Some((id, state)) => { (build_link(id)) " " (pill(state)) }, None => span.muted { "—" } } }
+                        td { (ago(w.last_seen_at, now)) }
+                        td { (w.builds_completed) " / " (w.builds_failed) }
+                        td { @match &r.diagnostics {
+                            Some(d) => details {
+                                summary { (pill(&d.status)) " " (ago(d.run_at, now)) }
+                                ul.checks { @for c in d.checks.0.as_array().into_iter().flatten() {
+                                    li { (pill(c.get("status").and_then(|s| s.as_str()).unwrap_or("unknown"))) " "
+                                         (c.get("name").and_then(|s| s.as_str()).unwrap_or("check"))
+                                         @if let Some(m) = c.get("message").and_then(|s| s.as_str()) { " — " span.muted { (m) } } }
+                                } }
+                            },
+                            None => span.muted { "none" },
+                        } }
+                        td.actions {
+                            @if w.admin_state == "revoked" { span.muted { "revoked" } } @else {
+                                @if w.admin_state == "active" {
+                                    (action(&format!("{base}/drain"), csrf, "Drain", &format!("Drain {}? It finishes its current build and takes no new one.", w.name), ""))
+                                    (action(&format!("{base}/disable"), csrf, "Disable", &format!("Disable {}?", w.name), ""))
+                                } @else {
+                                    (action(&format!("{base}/enable"), csrf, "Enable", &format!("Enable {}?", w.name), ""))
+                                }
+                                (action(&format!("{base}/revoke"), csrf, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
+                            }
+                        }
+                    }
+                }
+            }
+        } }
+    }
+}
+
+// ---------- queues ----------
+
+pub fn queues(o: &[crate::queue::operator::QueueView], csrf: &str) -> Markup {
+    html! {
+        div.table-wrap { table.queues {
+            thead { tr {
+                th scope="col" { "Queue" } th scope="col" { "Status" } th scope="col" { "Pending" } th scope="col" { "Scheduled" }
+                th scope="col" { "Retrying" } th scope="col" { "Running" } th scope="col" { "Oldest pending" } th scope="col" { "Action" }
+            } }
+            tbody { @for q in o {
+                tr data-queue=(q.name) {
+                    td { (platform(&q.name)) }
+                    td { @if q.paused { (pill("paused")) } @else { (pill("active")) } }
+                    td { (q.pending) } td { (q.scheduled) } td { (q.retryable) } td { (q.assigned + q.building) }
+                    td { @match q.oldest_pending_age_seconds { Some(a) => (span_of(a as i64)), None => span.muted { "—" } } }
+                    td.actions {
+                        @if q.paused {
+                            (action(&format!("/dashboard/queues/{}/resume", q.name), csrf, "Resume", &format!("Resume the {} queue?", q.name), "primary"))
+                        } @else {
+                            (action(&format!("/dashboard/queues/{}/pause", q.name), csrf, "Pause", &format!("Pause the {} queue? Workers take no new {} builds until it is resumed.", q.name, q.name), "danger"))
+                        }
+                    }
+                }
+            } }
+        } }
+    }
+}

@@ -1,0 +1,208 @@
+//! Dashboard sign-in: the admin key buys a session cookie (HttpOnly, SameSite=Strict, Secure behind
+//! TLS, expiring, a random id whose SHA-256 alone is stored in `dashboard_sessions`, so every instance
+//! shares sessions and a database leak yields no usable cookie). Every state-changing request carries
+//! the session's CSRF token and an Origin (or Referer) of this host. Wrong keys are answered after a
+//! delay, and sign-ins are rate limited per client IP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::{DateTime, Utc};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sqlx::PgPool;
+
+use crate::api::{ApiError, AppState};
+use crate::ids::{hash_secret, new_secret, secret_matches};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "expo_dashboard";
+/// How long a wrong key waits before its answer.
+pub const WRONG_KEY_DELAY: Duration = Duration::from_secs(1);
+
+/// A signed-in operator.
+#[derive(Debug, Clone)]
+pub struct Session {
+    id_hash: Vec<u8>,
+    pub csrf: String,
+}
+
+/// Sign-in attempts per client IP.
+pub struct SignInLimiter(DefaultKeyedRateLimiter<IpAddr>);
+
+impl SignInLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        let rate = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
+        Self(RateLimiter::dashmap(Quota::per_minute(rate)))
+    }
+
+    /// Whether this IP may try again now.
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        if self.0.len() > 10_000 {
+            self.0.retain_recent();
+        }
+        self.0.check_key(&ip).is_ok()
+    }
+}
+
+/// The client's IP (the peer address; the dashboard never trusts forwarding headers for limits).
+pub struct ClientIp(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        Ok(ClientIp(ip))
+    }
+}
+
+/// Whether the admin key is right (constant time).
+pub fn key_matches(state: &AppState, presented: &str) -> bool {
+    secret_matches(presented.trim(), &state.secrets.api_key)
+}
+
+/// Starts a session; returns the cookie value to set.
+pub async fn create(pool: &PgPool, ttl_secs: u64, now: DateTime<Utc>) -> Result<String, sqlx::Error> {
+    let id = new_secret();
+    let expires = now + chrono::Duration::seconds(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2).min(31_536_000));
+    sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < $1")
+        .bind(now)
+        .execute(pool)
+        .await?;
+    sqlx::query("INSERT INTO dashboard_sessions (id_hash, csrf_token, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+        .bind(hash_secret(&id))
+        .bind(new_secret())
+        .bind(now)
+        .bind(expires)
+        .execute(pool)
+        .await?;
+    Ok(id)
+}
+
+/// Ends a session server-side.
+pub async fn end(pool: &PgPool, session: &Session) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM dashboard_sessions WHERE id_hash = $1")
+        .bind(&session.id_hash)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The session named by the request's cookie, if it is live.
+pub async fn from_headers(pool: &PgPool, headers: &HeaderMap) -> Result<Option<Session>, sqlx::Error> {
+    let Some(id) = cookie(headers, COOKIE) else {
+        return Ok(None);
+    };
+    if id.len() > 128 {
+        return Ok(None);
+    }
+    let id_hash = hash_secret(id);
+    let csrf: Option<String> =
+        sqlx::query_scalar("SELECT csrf_token FROM dashboard_sessions WHERE id_hash = $1 AND expires_at > $2")
+            .bind(&id_hash)
+            .bind(Utc::now())
+            .fetch_optional(pool)
+            .await?;
+    Ok(csrf.map(|csrf| Session { id_hash, csrf }))
+}
+
+/// The value of cookie `name`.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find_map(|(k, v)| (k == name).then_some(v))
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether the request came over TLS (a terminating proxy says so in `X-Forwarded-Proto`).
+fn over_tls(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+/// `Set-Cookie` for a new session.
+pub fn set_cookie(headers: &HeaderMap, id: &str, ttl_secs: u64) -> HeaderValue {
+    let secure = if over_tls(headers) { "; Secure" } else { "" };
+    let value = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl_secs}{secure}");
+    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("expo_dashboard=; Path=/"))
+}
+
+/// `Set-Cookie` that removes the session cookie.
+pub fn clear_cookie() -> HeaderValue {
+    HeaderValue::from_static("expo_dashboard=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+/// A same-origin check for state-changing requests: `Origin` (or, failing that, `Referer`) must name
+/// this host. Browsers send `Origin` on every form POST.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let source = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok());
+    let Some(source) = source else { return false };
+    let rest = source
+        .strip_prefix("http://")
+        .or_else(|| source.strip_prefix("https://"));
+    rest.is_some_and(|rest| rest.split('/').next() == Some(host))
+}
+
+/// Checks a state-changing request: same origin and the session's CSRF token.
+pub fn check_action(session: &Session, headers: &HeaderMap, token: Option<&str>) -> Result<(), ApiError> {
+    let token_ok = token.is_some_and(|t| secret_matches(t, &session.csrf));
+    if same_origin(headers) && token_ok {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("Cross-site request refused"))
+    }
+}
+
+/// What a request without a live session gets: pages go to the sign-in form, everything else is 401.
+pub struct SignInRequired {
+    page: bool,
+}
+
+impl IntoResponse for SignInRequired {
+    fn into_response(self) -> Response {
+        if self.page {
+            Redirect::to("/dashboard/login").into_response()
+        } else {
+            (StatusCode::UNAUTHORIZED, "Sign in required").into_response()
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Session {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let page = parts.method == axum::http::Method::GET
+            && !parts.headers.contains_key("hx-request")
+            && parts
+                .headers
+                .get(header::ACCEPT)
+                .is_none_or(|v| v.to_str().is_ok_and(|v| v.contains("text/html") || v.contains("*/*")))
+            && !parts.uri.path().ends_with("/events");
+        match from_headers(&state.pool, &parts.headers).await {
+            Ok(Some(session)) => Ok(session),
+            Ok(None) => Err(SignInRequired { page }.into_response()),
+            Err(error) => Err(super::pages::error_page(ApiError::from(error)).into_response()),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Operator operations shared by the `/api/v2` handlers and the `expo-controller` CLI's database
+//! mode, so both give the same JSON and the same errors. They sit below the API layer: the CLI uses
+//! them without depending on `api`, and `api` turns an [`OpError`] into its one error type.
+
+pub mod views;
+
+use std::borrow::Cow;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::config::QueueConfig;
+use crate::ids;
+use crate::queue::operator::{self, WrongState};
+use crate::queue::{self, BuildFilter, BuildState, Platform, QueueError};
+
+/// Why an operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// Refused: the HTTP status the API answers with, the message and the stable code (`{"error", "code"}`).
+    #[error("{message}")]
+    Refused {
+        status: u16,
+        message: Cow<'static, str>,
+        code: &'static str,
+    },
+    /// Anything else from the queue (the database, or a refusal the API maps itself).
+    #[error(transparent)]
+    Queue(QueueError),
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+impl OpError {
+    fn refused(status: u16, message: impl Into<Cow<'static, str>>, code: &'static str) -> Self {
+        OpError::Refused {
+            status,
+            message: message.into(),
+            code,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::refused(400, message, "bad_request")
+    }
+
+    fn conflict(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::refused(409, message, "conflict")
+    }
+
+    /// The `{"error", "code"}` body the API answers with, when the error is a refusal the caller can
+    /// act on; `None` for database and internal failures.
+    pub fn body(&self) -> Option<Value> {
+        let (message, code): (Cow<'_, str>, &str) = match self {
+            OpError::Refused { message, code, .. } => (Cow::Borrowed(message.as_ref()), code),
+            OpError::Queue(QueueError::BuildNotFound) => ("Build not found".into(), "build_not_found"),
+            OpError::Queue(QueueError::WorkerNotFound) => ("Worker not found".into(), "worker_not_found"),
+            OpError::Queue(QueueError::Invalid(message)) => (message.as_str().into(), "invalid_input"),
+            OpError::Queue(QueueError::Conflict(message)) => (message.as_str().into(), "conflict"),
+            OpError::Queue(QueueError::AlreadyFinished) => ("Build already finished".into(), "bad_request"),
+            OpError::Queue(QueueError::QueueFull) => ("Build queue is full".into(), "queue_full"),
+            OpError::Queue(QueueError::RetryInProgress(id)) => {
+                return Some(json!({
+                    "error": format!("A retry of this build is still unfinished: {id}"),
+                    "code": "retry_in_progress",
+                    "retry_build_id": id,
+                }));
+            }
+            OpError::Queue(_) => return None,
+        };
+        Some(json!({ "error": message, "code": code }))
+    }
+}
+
+impl From<QueueError> for OpError {
+    fn from(error: QueueError) -> Self {
+        OpError::Queue(error)
+    }
+}
+
+impl From<sqlx::Error> for OpError {
+    fn from(error: sqlx::Error) -> Self {
+        OpError::Queue(QueueError::Db(error))
+    }
+}
+
+fn conflict(wrong: WrongState) -> OpError {
+    OpError::conflict(wrong.0)
+}
+
+/// The filter of a build listing from its textual parts, checked as `GET /api/v2/builds` checks them:
+/// `state` may list several states separated by commas.
+pub fn build_filter(
+    state: Option<&str>,
+    platform: Option<&str>,
+    worker: Option<&str>,
+    cursor: Option<&str>,
+    limit: i64,
+) -> OpResult<BuildFilter> {
+    let states = match state {
+        None | Some("") => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(|s| BuildState::parse(s.trim()).map(|s| s.as_str().to_string()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| OpError::bad_request("Invalid state"))?,
+        ),
+    };
+    let platform = match platform {
+        None | Some("") => None,
+        Some(p) => Some(Platform::parse(p).ok_or_else(|| OpError::bad_request("Invalid platform"))?),
+    };
+    let cursor = cursor.filter(|c| !c.is_empty());
+    if cursor.is_some_and(|c| !ids::valid_id(c)) {
+        return Err(OpError::bad_request("Invalid cursor"));
+    }
+    let worker_id = match worker.filter(|w| !w.is_empty()) {
+        Some(w) if !ids::valid_id(w) => return Err(OpError::bad_request("Invalid worker id")),
+        other => other.map(str::to_string),
+    };
+    if !(1..=500).contains(&limit) {
+        return Err(OpError::bad_request("Invalid limit: must be an integer from 1 to 500"));
+    }
+    Ok(BuildFilter {
+        states,
+        platform,
+        worker_id,
+        before: cursor.map(str::to_string),
+        since: None,
+        limit,
+    })
+}
+
+/// A page of builds, newest first: `{"items", "next_cursor"}`.
+pub async fn list_builds(pool: &PgPool, mut filter: BuildFilter) -> OpResult<Value> {
+    let limit = filter.limit;
+    filter.limit = limit + 1;
+    let mut builds = queue::list_builds(pool, &filter).await?;
+    let more = builds.len() as i64 > limit;
+    builds.truncate(limit as usize);
+    let next_cursor = if more {
+        builds.last().map(|b| b.id.clone())
+    } else {
+        None
+    };
+    Ok(json!({ "items": builds.iter().map(views::build).collect::<Vec<_>>(), "next_cursor": next_cursor }))
+}
+
+/// One build with its attempts.
+pub async fn show_build(pool: &PgPool, id: &str) -> OpResult<Value> {
+    let build = queue::find_build(pool, id).await?.ok_or(QueueError::BuildNotFound)?;
+    let attempts = operator::attempts_of(pool, id).await?;
+    let mut body = views::build(&build);
+    body["attempts"] = json!(attempts.iter().map(views::attempt).collect::<Vec<_>>());
+    Ok(body)
+}
+
+pub async fn cancel_build(pool: &PgPool, id: &str) -> OpResult<Value> {
+    let outcome = queue::cancel(pool, id, Utc::now()).await.map_err(|e| match e {
+        QueueError::AlreadyFinished => OpError::conflict("Build already finished"),
+        other => other.into(),
+    })?;
+    Ok(views::build(&outcome.build))
+}
+
+pub async fn retry_build(pool: &PgPool, id: &str) -> OpResult<Value> {
+    let build = operator::retry_same(pool, id, Utc::now()).await?.map_err(conflict)?;
+    Ok(views::build(&build))
+}
+
+pub async fn requeue_build(pool: &PgPool, id: &str, drain: bool) -> OpResult<Value> {
+    let build = operator::requeue(pool, id, drain, Utc::now())
+        .await?
+        .map_err(conflict)?;
+    Ok(views::build(&build))
+}
+
+/// Changes the priority of a build that is not running (as `PATCH /api/v2/builds/:id {"priority"}`).
+pub async fn set_priority(pool: &PgPool, id: &str, priority: i64) -> OpResult<Value> {
+    if !(-100..=100).contains(&priority) {
+        return Err(OpError::bad_request("priority must be an integer from -100 to 100"));
+    }
+    let build = operator::patch(pool, id, Some(priority as i32), None, None, Utc::now())
+        .await?
+        .map_err(conflict)?;
+    Ok(views::build(&build))
+}
+
+/// Log lines of a build after `after`, oldest first, as `GET /api/builds/:id/logs` answers (B5).
+pub async fn read_logs(pool: &PgPool, id: &str, after: i64, limit: Option<i64>) -> OpResult<Value> {
+    queue::find_build(pool, id).await?.ok_or(QueueError::BuildNotFound)?;
+    let lines = queue::read_logs(pool, id, after, limit).await?;
+    Ok(json!({ "build_id": id, "logs": lines.iter().map(views::log_line).collect::<Vec<_>>() }))
+}
+
+pub async fn set_paused(pool: &PgPool, name: &str, paused: bool) -> OpResult<Value> {
+    let platform = Platform::parse(name).ok_or_else(|| OpError::refused(404, "Queue not found", "not_found"))?;
+    operator::set_paused(pool, platform, paused, Utc::now()).await?;
+    Ok(json!({ "name": name, "paused": paused }))
+}
+
+/// Every platform queue: `{"items", "next_cursor": null}` as `GET /api/v2/queues`.
+pub async fn list_queues(pool: &PgPool, settings: &QueueConfig) -> OpResult<Value> {
+    let items: Vec<Value> = operator::queue_views(pool, Utc::now())
+        .await?
+        .iter()
+        .map(|q| views::queue(q, settings.max_queued_builds))
+        .collect();
+    Ok(json!({ "items": items, "next_cursor": null }))
+}
+
+/// A page of workers by id: `{"items", "next_cursor"}`.
+pub async fn list_workers(pool: &PgPool, cursor: Option<&str>, limit: i64) -> OpResult<Value> {
+    let mut workers = operator::list_workers(pool, cursor, limit + 1).await?;
+    let more = workers.len() as i64 > limit;
+    workers.truncate(limit as usize);
+    let next_cursor = if more {
+        workers.last().map(|w| w.id.clone())
+    } else {
+        None
+    };
+    Ok(json!({ "items": workers.iter().map(views::worker).collect::<Vec<_>>(), "next_cursor": next_cursor }))
+}
+
+/// One worker.
+pub async fn show_worker(pool: &PgPool, id: &str) -> OpResult<Value> {
+    let worker = queue::find_worker(pool, id).await?.ok_or(QueueError::WorkerNotFound)?;
+    Ok(views::worker(&worker))
+}
+
+/// Sets a worker's operator state (`active`, `draining`, `disabled`, `revoked`).
+pub async fn set_worker_state(pool: &PgPool, settings: &QueueConfig, id: &str, state: &'static str) -> OpResult<Value> {
+    let worker = operator::set_worker_state(pool, id, state, settings, Utc::now()).await?;
+    Ok(views::worker(&worker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ApiError;
+
+    /// The CLI's database mode shows what the API would answer: same message, same code.
+    #[test]
+    fn refusals_read_as_the_api_answers_them() {
+        let cases: [fn() -> QueueError; 7] = [
+            || QueueError::BuildNotFound,
+            || QueueError::WorkerNotFound,
+            || QueueError::Invalid("bad".into()),
+            || QueueError::Conflict("no".into()),
+            || QueueError::AlreadyFinished,
+            || QueueError::QueueFull,
+            || QueueError::RetryInProgress("abc".into()),
+        ];
+        for case in cases {
+            let body = OpError::from(case()).body().expect("a refusal");
+            let api = ApiError::from(case());
+            assert_eq!(body["error"], api.message(), "{:?}", case());
+            assert_eq!(body["code"], api.code(), "{:?}", case());
+        }
+        assert!(
+            OpError::from(QueueError::Db(sqlx::Error::PoolTimedOut))
+                .body()
+                .is_none()
+        );
+        let refused = OpError::bad_request("Invalid state");
+        assert_eq!(
+            refused.body(),
+            Some(json!({ "error": "Invalid state", "code": "bad_request" }))
+        );
+    }
+}
