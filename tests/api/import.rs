@@ -810,3 +810,57 @@ async fn a_final_import_after_a_live_trial_brings_the_later_changes() {
     let again = import(&old, &url, &store, &certs_key, &[]).await;
     assert_eq!(summary_row(&again, "builds"), [11, 0, 9, 2]);
 }
+
+/// The same import into an S3 bucket (the store `serve` is configured with): the files land in the bucket
+/// with certificates encrypted, nothing is written to local disk, and a controller on that bucket serves the
+/// imported build to its saved token, bytes identical.
+#[tokio::test]
+async fn an_import_into_s3_serves_the_same_downloads() {
+    use crate::s3::{BUCKET, Controller, PREFIX, S3Server};
+
+    let old = fixture();
+    let certs_key = ids::new_key32();
+    let s3 = S3Server::start().await;
+    let (database_url, _pool) = fresh_database(2).await;
+    let local = std::env::temp_dir().join(format!("expo-import-s3-local-{}", ids::new_id()));
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push(("CONTROLLER_STORAGE_URL", format!("s3://{BUCKET}/{PREFIX}")));
+    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let output = import(&old, &database_url, &local, &certs_key, &extra).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "skipped rows exit 2:\n{}\n{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(summary_row(&output, "builds"), [11, 10, 0, 1]);
+    assert_eq!(summary_row(&output, "files"), [13, 11, 0, 2]);
+    assert!(!local.exists(), "an import into S3 writes nothing to the local store");
+
+    let objects = s3.objects();
+    assert_eq!(objects.len(), 11, "one object per imported file: {objects:?}");
+    let certs_object = objects
+        .iter()
+        .find(|k| k.contains(P1) && k.ends_with("certs.bin"))
+        .expect("P1's certs");
+    let stored = s3.object(certs_object);
+    assert_ne!(stored, old.certs, "certs are encrypted before they reach the store");
+    let key = ids::decode_key32(&certs_key).unwrap();
+    assert_eq!(certs::decrypt(&key, &stored).unwrap(), old.certs);
+
+    // A second run changes nothing in the bucket either.
+    let again = import(&old, &database_url, &local, &certs_key, &extra).await;
+    assert_eq!(summary_row(&again, "builds")[1], 0, "{}", stdout(&again));
+    assert_eq!(s3.objects(), objects);
+
+    let controller = Controller::start(&database_url, &s3, &certs_key, &[("CONTROLLER_RUN_JOBS", "false")]).await;
+    let download = reqwest::Client::new()
+        .get(controller.url(&format!("/api/builds/{C1}/download")))
+        .header("X-Build-Token", old.tokens[C1].as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), 200);
+    assert_eq!(download.bytes().await.unwrap().as_ref(), old.result.as_slice());
+}

@@ -17,9 +17,9 @@ use crate::support::{API_KEY, free_port, fresh_database, serve_command, success_
 
 const ACCESS_KEY: &str = "expo-test-access";
 const SECRET_KEY: &str = "expo-test-secret-0123456789";
-const BUCKET: &str = "artifacts";
+pub const BUCKET: &str = "artifacts";
 /// Every controller here stores under this prefix of the bucket.
-const PREFIX: &str = "ci";
+pub const PREFIX: &str = "ci";
 
 /// Where the S3 test server binary is: `S3S_FS_BIN`, else the path `scripts/s3s-fs.sh` installs to.
 /// Absent, the test fails (never skips): run it through `make test`.
