@@ -11,7 +11,6 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use futures_util::StreamExt;
-use object_store::GetRange;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -22,7 +21,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{IdPath, QueryParams};
 use crate::ids;
 use crate::queue::{self, Build, BuildState};
-use crate::storage::{Key, bundle, certs};
+use crate::storage::{Key, ObjectRead, bundle, certs};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -231,10 +230,10 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Option<ByteRange> {
 async fn open(
     state: &AppState,
     key: &Key,
-    range: Option<GetRange>,
+    range: Option<std::ops::Range<u64>>,
     not_found: &impl Fn() -> ApiError,
-) -> ApiResult<object_store::GetResult> {
-    match state.storage.get(key, range).await {
+) -> ApiResult<ObjectRead> {
+    match state.storage.read(key, range).await {
         Ok(object) => Ok(object),
         Err(object_store::Error::NotFound { .. }) => Err(not_found()),
         Err(e) => Err(e.into()),
@@ -254,7 +253,7 @@ pub(crate) async fn stream_object(
     let (status, object, size) = match auth::header(request, header::RANGE.as_str()) {
         None => {
             let object = open(state, key, None, &not_found).await?;
-            let size = object.meta.size;
+            let size = object.size;
             (StatusCode::OK, object, size)
         }
         Some(range_header) => {
@@ -273,7 +272,7 @@ pub(crate) async fn stream_object(
                     return Ok(response);
                 }
                 Some(ByteRange::Satisfiable(start, end)) => {
-                    let object = open(state, key, Some(GetRange::Bounded(start..end)), &not_found).await?;
+                    let object = open(state, key, Some(start..end), &not_found).await?;
                     (StatusCode::PARTIAL_CONTENT, object, size)
                 }
                 None => (StatusCode::OK, open(state, key, None, &not_found).await?, size),
@@ -281,7 +280,7 @@ pub(crate) async fn stream_object(
         }
     };
     let served = object.range.clone();
-    let body = Body::from_stream(object.into_stream().map(|chunk| {
+    let body = Body::from_stream(object.body.map(|chunk| {
         if let Ok(bytes) = &chunk {
             metrics::counter!(crate::metrics::DOWNLOAD_BYTES).increment(bytes.len() as u64);
         }

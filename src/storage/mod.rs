@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod certs;
 pub mod copy;
 mod keys;
+mod read;
 mod sweep;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 pub use backend::StorageTarget;
 pub use keys::Key;
+pub use read::ObjectRead;
 
 /// Bytes buffered before a part is handed to a local store; bounds memory per upload.
 const PART_SIZE: usize = 1024 * 1024;

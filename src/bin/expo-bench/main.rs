@@ -3,6 +3,7 @@
 //! one table. Benchmarks never fail on a time: they report.
 
 mod dashboard;
+mod downloads;
 mod events;
 mod import;
 mod s3;
@@ -112,6 +113,10 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     }
     if let Some(small) = small {
         rows.push(p6(&bench, small).await?);
+    }
+    if wants("P10") {
+        rows.extend(downloads::p10(&bench.shared, pool, env).await?);
+        drain(pool).await?;
     }
     if wants("D") {
         rows.extend(dashboard_rows(&bench).await?);

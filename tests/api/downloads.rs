@@ -1,0 +1,65 @@
+//! Downloads from the local store read the file directly in 1 MiB chunks (issue #13): whole objects and
+//! ranges that cross chunk boundaries come back byte for byte, with the right status and headers.
+
+use crate::support::{API_KEY, TestApp, success_form};
+
+/// A result larger than several read chunks, with no repeating pattern at chunk size.
+fn artifact(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8).collect()
+}
+
+#[tokio::test]
+async fn large_downloads_and_ranges_across_chunks_are_exact() {
+    let app = TestApp::spawn_with(|c| c.max_result_bytes = 8 * 1024 * 1024).await;
+    let (worker_id, _) = app.register("w", &["android"]).await;
+    let id = app.submit("android", b"source").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], id.as_str());
+    let result = artifact(3 * 1024 * 1024 + 12_345);
+    assert_eq!(
+        app.upload_form(success_form(&id, &worker_id, &result)).await.status(),
+        200
+    );
+
+    let get = |range: Option<&str>| {
+        let mut request = app
+            .client
+            .get(app.url(&format!("/api/builds/{id}/download")))
+            .header("X-API-Key", API_KEY);
+        if let Some(range) = range {
+            request = request.header("Range", range);
+        }
+        request.send()
+    };
+    let whole = get(None).await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.headers()["content-length"], result.len().to_string().as_str());
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), result.as_slice());
+
+    let len = result.len() as u64;
+    for (header, start, end) in [
+        ("bytes=1048570-2097160", 1_048_570u64, 2_097_161u64),
+        ("bytes=0-0", 0, 1),
+        ("bytes=3000000-", 3_000_000, len),
+        ("bytes=-100000", len - 100_000, len),
+        ("bytes=2097152-99999999", 2_097_152, len),
+    ] {
+        let part = get(Some(header)).await.unwrap();
+        assert_eq!(part.status(), 206, "{header}");
+        assert_eq!(
+            part.headers()["content-range"],
+            format!("bytes {start}-{}/{len}", end - 1).as_str(),
+            "{header}"
+        );
+        assert_eq!(
+            part.bytes().await.unwrap().as_ref(),
+            &result[start as usize..end as usize],
+            "{header}"
+        );
+    }
+    let beyond = get(Some(&format!("bytes={len}-"))).await.unwrap();
+    assert_eq!(beyond.status(), 416);
+    assert_eq!(beyond.headers()["content-range"], format!("bytes */{len}").as_str());
+}
