@@ -23,9 +23,12 @@ use crate::queue::operator::QueueView;
 /// and if that is not enough the section starts over.
 const MAX_ENTRIES: usize = 1024;
 
-/// Entries of one section: when each was created, and its value once loaded.
+/// An entry: when it was created, and its value once loaded.
+type Entry<T> = (Instant, Arc<OnceCell<Arc<T>>>);
+
+/// Entries of one section.
 struct Section<K, T> {
-    entries: Mutex<HashMap<K, (Instant, Arc<OnceCell<Arc<T>>>)>>,
+    entries: Mutex<HashMap<K, Entry<T>>>,
 }
 
 impl<K: Hash + Eq, T> Default for Section<K, T> {
@@ -37,7 +40,7 @@ impl<K: Hash + Eq, T> Default for Section<K, T> {
 }
 
 impl<K: Hash + Eq + Clone, T> Section<K, T> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, (Instant, Arc<OnceCell<Arc<T>>>)>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Entry<T>>> {
         // Nothing panics while holding the lock; a poisoned map is still a valid map.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
