@@ -116,6 +116,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     if wants("D") {
         rows.extend(dashboard_rows(&bench).await?);
     }
+    if wants("D4") {
+        rows.push(d4(&bench).await?);
+    }
     if wants("P9") {
         rows.extend(p9(&bench).await?);
     }
@@ -324,6 +327,25 @@ async fn dashboard_rows(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+/// D4: the dashboard's database work per event does not grow with the number of open dashboards.
+async fn d4(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let cookie = dashboard::sign_in(&b.shared).await?;
+    let one = dashboard::transactions_per_event(&b.shared, b.pool, &cookie, 1).await?;
+    let many = dashboard::transactions_per_event(&b.shared, b.pool, &cookie, 200).await?;
+    eprintln!("D4 {one:.1} transactions per event with 1 viewer, {many:.1} with 200");
+    let ratio = many / one.max(1.0);
+    Ok(Row {
+        id: "D4",
+        scenario: "dashboard DB transactions per event, 200 open dashboards vs 1".into(),
+        figure: format!("{many:.1} with 200 viewers"),
+        reference: format!("{one:.1} with 1 viewer"),
+        ratio: format!("{ratio:.2}×"),
+        latency: "-".into(),
+        target: "≤ 2×",
+        met: ratio <= 2.0,
+    })
 }
 
 async fn p9(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
