@@ -41,9 +41,10 @@ fn fail(error: impl Into<ApiError>) -> Response {
 
 pub fn router(state: &AppState) -> Router<AppState> {
     let limiter = Arc::new(SignInLimiter::new(state.config.dashboard.dashboard_signins_per_minute));
-    let cache = Arc::new(ReadCache::new(std::time::Duration::from_millis(
-        state.config.dashboard.dashboard_cache_ms,
-    )));
+    let cache = Arc::new(ReadCache::new(
+        std::time::Duration::from_millis(state.config.dashboard.dashboard_cache_ms),
+        state.events.clone(),
+    ));
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(overview))
