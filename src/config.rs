@@ -392,8 +392,8 @@ pub struct DashboardConfig {
     #[arg(long, env = "CONTROLLER_DASHBOARD_SIGNINS_PER_MINUTE", default_value_t = 10)]
     pub dashboard_signins_per_minute: u32,
 
-    /// How long the dashboard reuses what it read (and live sessions) for every open page, in
-    /// milliseconds; 0 reads afresh for every page.
+    /// Longest time the dashboard reuses what it read (and live sessions) for every open page, in
+    /// milliseconds (a newer event ends it sooner); 0 reads afresh for every page.
     #[arg(long, env = "CONTROLLER_DASHBOARD_CACHE_MS", default_value_t = 1_000)]
     pub dashboard_cache_ms: u64,
 }
