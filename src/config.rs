@@ -391,6 +391,11 @@ pub struct DashboardConfig {
     /// Dashboard sign-in attempts allowed per client IP per minute.
     #[arg(long, env = "CONTROLLER_DASHBOARD_SIGNINS_PER_MINUTE", default_value_t = 10)]
     pub dashboard_signins_per_minute: u32,
+
+    /// Longest time the dashboard reuses what it read (and live sessions) for every open page, in
+    /// milliseconds (a newer event ends it sooner); 0 reads afresh for every page.
+    #[arg(long, env = "CONTROLLER_DASHBOARD_CACHE_MS", default_value_t = 1_000)]
+    pub dashboard_cache_ms: u64,
 }
 
 impl Default for DashboardConfig {
@@ -398,6 +403,7 @@ impl Default for DashboardConfig {
         Self {
             dashboard_session_ttl_secs: 43_200,
             dashboard_signins_per_minute: 10,
+            dashboard_cache_ms: 1_000,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod actions;
 mod assets;
+pub mod cache;
 mod charts;
 mod pages;
 pub mod queries;
@@ -24,6 +25,7 @@ use chrono::Utc;
 
 use crate::api::{ApiError, AppState};
 use crate::ids::valid_id;
+use cache::ReadCache;
 use pages::Chrome;
 use session::{ClientIp, Session, SignInLimiter};
 
@@ -39,6 +41,10 @@ fn fail(error: impl Into<ApiError>) -> Response {
 
 pub fn router(state: &AppState) -> Router<AppState> {
     let limiter = Arc::new(SignInLimiter::new(state.config.dashboard.dashboard_signins_per_minute));
+    let cache = Arc::new(ReadCache::new(
+        std::time::Duration::from_millis(state.config.dashboard.dashboard_cache_ms),
+        state.events.clone(),
+    ));
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(overview))
@@ -57,10 +63,30 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/workers/{id}/{action}", post(actions::worker_action))
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
+        .layer(axum::middleware::from_fn_with_state(
+            cache.clone(),
+            invalidate_after_actions,
+        ))
         .layer(Extension(limiter))
+        .layer(Extension(cache))
         .layer(Extension(Arc::new(queries::HoursCache::default())))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .layer(axum::middleware::from_fn(security_headers))
+}
+
+/// A dashboard action that ran (it redirects back) empties this instance's read cache, so the page it
+/// redirects to shows the change. Refused requests (403, 400) and sign-ins leave the cache alone.
+async fn invalidate_after_actions(
+    State(cache): State<Arc<ReadCache>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let action = req.method() == axum::http::Method::POST && req.uri().path() != "/dashboard/login";
+    let response = next.run(req).await;
+    if action && response.status().is_redirection() {
+        cache.invalidate();
+    }
+    response
 }
 
 /// Every dashboard answer: a strict same-origin Content-Security-Policy, no framing, no sniffing,
@@ -197,12 +223,14 @@ async fn events(
 async fn overview(
     State(state): State<AppState>,
     Extension(hours): Extension<Arc<queries::HoursCache>>,
+    Extension(cache): Extension<Arc<ReadCache>>,
     session: Session,
     RawQuery(raw): RawQuery,
 ) -> PageResult {
     let p = params(raw.as_deref());
     let now = Utc::now();
-    let o = queries::overview(&state.pool, &state.config.queue, &hours, now)
+    let o = cache
+        .overview(|| queries::overview(&state.pool, &state.config.queue, &hours, now))
         .await
         .map_err(fail)?;
     let content = pages::overview(&o, now);
@@ -270,13 +298,22 @@ fn filter_query(f: &queries::Filter) -> String {
     q.finish()
 }
 
-async fn builds(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+async fn builds(
+    State(state): State<AppState>,
+    Extension(cache): Extension<Arc<ReadCache>>,
+    session: Session,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
     let p = params(raw.as_deref());
     let filter = filter_of(&p).map_err(fail)?;
     let now = Utc::now();
-    let (rows, more) = queries::builds(&state.pool, &filter, now).await.map_err(fail)?;
+    let found = cache
+        .builds(&filter, || queries::builds(&state.pool, &filter, now))
+        .await
+        .map_err(fail)?;
+    let (rows, more) = found.as_ref();
     let base_query = filter_query(&filter);
-    let table = pages::builds_table(&rows, more, &base_query, filter.before.is_none(), now);
+    let table = pages::builds_table(rows, *more, &base_query, filter.before.is_none(), now);
     if is_fragment(&p) {
         return Ok(html(table));
     }
@@ -294,6 +331,7 @@ async fn builds(State(state): State<AppState>, session: Session, RawQuery(raw): 
 
 async fn build(
     State(state): State<AppState>,
+    Extension(cache): Extension<Arc<ReadCache>>,
     session: Session,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
@@ -302,16 +340,20 @@ async fn build(
     if !valid_id(&id) {
         return Err(pages::not_found("Build not found"));
     }
-    let page = queries::build_page(&state.pool, &id)
+    let found = cache
+        .build(&id, || queries::build_page(&state.pool, &id))
         .await
-        .map_err(fail)?
+        .map_err(fail)?;
+    let page = found
+        .as_ref()
+        .as_ref()
         .ok_or_else(|| pages::not_found("Build not found"))?;
     let now = Utc::now();
     if is_fragment(&p) {
-        return Ok(html(pages::build_summary(&page, &session.csrf, now)));
+        return Ok(html(pages::build_summary(page, &session.csrf, now)));
     }
     let logs = queries::log_tail(&state.pool, &id).await.map_err(fail)?;
-    let body = pages::build_page(&page, &logs, &session.csrf, now);
+    let body = pages::build_page(page, &logs, &session.csrf, now);
     let title = format!("Build {}", id.get(..10).unwrap_or(&id));
     Ok(html(pages::layout(&chrome(&title, "builds", &session, &p), body)))
 }
@@ -336,9 +378,14 @@ async fn build_logs(
     Ok(html(pages::log_lines(&lines)))
 }
 
-async fn workers(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+async fn workers(
+    State(state): State<AppState>,
+    Extension(cache): Extension<Arc<ReadCache>>,
+    session: Session,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
     let p = params(raw.as_deref());
-    let rows = queries::workers(&state.pool).await.map_err(fail)?;
+    let rows = cache.workers(|| queries::workers(&state.pool)).await.map_err(fail)?;
     let table = pages::workers(&rows, &session.csrf, Utc::now());
     if is_fragment(&p) {
         return Ok(html(table));
@@ -350,9 +397,15 @@ async fn workers(State(state): State<AppState>, session: Session, RawQuery(raw):
     Ok(html(pages::layout(&chrome("Workers", "workers", &session, &p), body)))
 }
 
-async fn queues(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+async fn queues(
+    State(state): State<AppState>,
+    Extension(cache): Extension<Arc<ReadCache>>,
+    session: Session,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
     let p = params(raw.as_deref());
-    let views = crate::queue::operator::queue_views(&state.pool, Utc::now())
+    let views = cache
+        .queues(|| crate::queue::operator::queue_views(&state.pool, Utc::now()))
         .await
         .map_err(fail)?;
     let table = pages::queues(&views, &session.csrf);

@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
@@ -16,6 +17,7 @@ use chrono::{DateTime, Utc};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sqlx::PgPool;
 
+use super::cache::ReadCache;
 use crate::api::{ApiError, AppState};
 use crate::ids::{hash_secret, new_secret, secret_matches};
 
@@ -114,6 +116,47 @@ pub async fn from_headers(pool: &PgPool, headers: &HeaderMap) -> Result<Option<S
     Ok(csrf.map(|csrf| Session { id_hash, csrf }))
 }
 
+/// Why a session lookup found nothing to cache.
+enum Lookup {
+    Missing,
+    Db(sqlx::Error),
+}
+
+/// [`from_headers`] through the dashboard's read cache: a live session is looked up at most once per
+/// TTL on this instance, however many pages it has open.
+pub async fn from_headers_cached(
+    pool: &PgPool,
+    cache: &ReadCache,
+    headers: &HeaderMap,
+) -> Result<Option<Session>, sqlx::Error> {
+    let Some(id) = cookie(headers, COOKIE) else {
+        return Ok(None);
+    };
+    if id.len() > 128 {
+        return Ok(None);
+    }
+    let id_hash = hash_secret(id);
+    let found = cache
+        .session(&id_hash, || async {
+            sqlx::query_scalar("SELECT csrf_token FROM dashboard_sessions WHERE id_hash = $1 AND expires_at > $2")
+                .bind(&id_hash)
+                .bind(Utc::now())
+                .fetch_optional(pool)
+                .await
+                .map_err(Lookup::Db)?
+                .ok_or(Lookup::Missing)
+        })
+        .await;
+    match found {
+        Ok(csrf) => Ok(Some(Session {
+            id_hash,
+            csrf: csrf.as_ref().clone(),
+        })),
+        Err(Lookup::Missing) => Ok(None),
+        Err(Lookup::Db(error)) => Err(error),
+    }
+}
+
 /// The value of cookie `name`.
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
@@ -199,7 +242,11 @@ impl FromRequestParts<AppState> for Session {
                 .get(header::ACCEPT)
                 .is_none_or(|v| v.to_str().is_ok_and(|v| v.contains("text/html") || v.contains("*/*")))
             && !parts.uri.path().ends_with("/events");
-        match from_headers(&state.pool, &parts.headers).await {
+        let found = match parts.extensions.get::<Arc<ReadCache>>() {
+            Some(cache) => from_headers_cached(&state.pool, cache, &parts.headers).await,
+            None => from_headers(&state.pool, &parts.headers).await,
+        };
+        match found {
             Ok(Some(session)) => Ok(session),
             Ok(None) => Err(SignInRequired { page }.into_response()),
             Err(error) => Err(super::pages::error_page(ApiError::from(error)).into_response()),

@@ -8,6 +8,7 @@ mod cli;
 mod cli_operator;
 mod cli_operator_ux;
 mod dashboard;
+mod dashboard_cache;
 mod downloads;
 mod events;
 mod fleet;

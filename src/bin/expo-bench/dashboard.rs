@@ -94,3 +94,50 @@ pub async fn cursor(pool: &PgPool) -> anyhow::Result<String> {
 }
 
 pub const TARGET: Duration = Duration::from_millis(100);
+
+/// The regions every open dashboard re-fetches after an event (as htmx does).
+const FRAGMENTS: [&str; 4] = [
+    "/dashboard?fragment=1",
+    "/dashboard/builds?fragment=1",
+    "/dashboard/workers?fragment=1",
+    "/dashboard/queues?fragment=1",
+];
+
+/// D4: database transactions per event with `viewers` open dashboards: in each of 5 rounds every viewer
+/// re-fetches every region at once, as after an event. Rounds are spaced past the read cache's TTL
+/// (`CONTROLLER_DASHBOARD_CACHE_MS`, 1 s by default), so each round reads afresh.
+pub async fn transactions_per_event(
+    shared: &Shared,
+    pool: &PgPool,
+    cookie: &str,
+    viewers: usize,
+) -> anyhow::Result<f64> {
+    const ROUNDS: usize = 5;
+    let before = crate::events::transactions(pool).await?;
+    for _ in 0..ROUNDS {
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let mut fetches = Vec::new();
+        for _ in 0..viewers {
+            for path in FRAGMENTS {
+                let (shared, cookie) = (shared.clone(), cookie.to_string());
+                fetches.push(tokio::spawn(async move {
+                    let (client, controller) = &*shared;
+                    let r = client
+                        .get(controller.url(path))
+                        .header("cookie", cookie)
+                        .header("hx-request", "true")
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status() == 200, "{path} answered {}", r.status());
+                    r.bytes().await?;
+                    anyhow::Ok(())
+                }));
+            }
+        }
+        for fetch in fetches {
+            fetch.await??;
+        }
+    }
+    let after = crate::events::transactions(pool).await?;
+    Ok((after - before) as f64 / ROUNDS as f64)
+}

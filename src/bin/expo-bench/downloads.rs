@@ -105,8 +105,8 @@ pub async fn p10(shared: &Shared, pool: &PgPool, env: &Env) -> anyhow::Result<Ve
     let growth = rss_after.saturating_sub(rss_before) as f64 / 1024.0;
 
     let storage = env.root.join("storage");
-    let reference = match Nginx::start(&storage, &env.root.join("nginx"), http_port() + 3) {
-        Ok(_nginx) => Some(best_rate(client, &format!("http://127.0.0.1:{}/{key}", http_port() + 3), &[]).await?),
+    let reference = match Nginx::start(&storage, &env.root.join("nginx"), http_port() + 4) {
+        Ok(_nginx) => Some(best_rate(client, &format!("http://127.0.0.1:{}/{key}", http_port() + 4), &[]).await?),
         Err(error) => {
             eprintln!("P10 reference not measured (nginx: {error}; apt-get install nginx-light)");
             None

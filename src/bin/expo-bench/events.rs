@@ -72,7 +72,7 @@ pub async fn latency_under_load(shared: &Shared, pool: &PgPool, probes: usize) -
 }
 
 /// Transactions committed or rolled back in this database so far (statistics flushed first).
-async fn transactions(pool: &PgPool) -> anyhow::Result<i64> {
+pub async fn transactions(pool: &PgPool) -> anyhow::Result<i64> {
     // Backends flush their statistics at most once a second.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let mut conn = pool.acquire().await?;

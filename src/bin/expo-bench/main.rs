@@ -55,6 +55,7 @@ async fn drain(pool: &PgPool) -> anyhow::Result<()> {
 
 /// What the scenarios share.
 struct Bench<'a> {
+    env: &'a setup::Env,
     shared: scenarios::Shared,
     pool: &'a PgPool,
     raw_claim: f64,
@@ -90,6 +91,7 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     let (raw_claim, raw_empty) = references(pool).await?;
     eprintln!("references: claim {raw_claim:.0}/s, empty select {raw_empty:.0}/s");
     let bench = Bench {
+        env,
         shared,
         pool,
         raw_claim,
@@ -120,6 +122,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     }
     if wants("D") {
         rows.extend(dashboard_rows(&bench).await?);
+    }
+    if wants("D4") {
+        rows.push(d4(&bench).await?);
     }
     if wants("P9") {
         rows.extend(p9(&bench).await?);
@@ -329,6 +334,31 @@ async fn dashboard_rows(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+/// D4: the dashboard's database work per event does not grow with the number of open dashboards
+/// (a controller of its own, with the default 1 s read cache, on the port after P8's two).
+async fn d4(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let extra = [("CONTROLLER_DASHBOARD_CACHE_MS", "1000".to_string())];
+    let (controller, _) = Controller::launch_with(b.env, &b.shared.0, setup::http_port() + 3, &extra).await?;
+    let shared: scenarios::Shared = Arc::new((b.shared.0.clone(), controller));
+    let cookie = dashboard::sign_in(&shared).await?;
+    // A first pass lets the statistics of earlier scenarios (and their autovacuum) settle.
+    dashboard::transactions_per_event(&shared, b.pool, &cookie, 1).await?;
+    let one = dashboard::transactions_per_event(&shared, b.pool, &cookie, 1).await?;
+    let many = dashboard::transactions_per_event(&shared, b.pool, &cookie, 200).await?;
+    eprintln!("D4 {one:.1} transactions per event with 1 viewer, {many:.1} with 200");
+    let ratio = many / one.max(1.0);
+    Ok(Row {
+        id: "D4",
+        scenario: "dashboard DB transactions per event, 200 open dashboards vs 1".into(),
+        figure: format!("{many:.1} with 200 viewers"),
+        reference: format!("{one:.1} with 1 viewer"),
+        ratio: format!("{ratio:.2}×"),
+        latency: "-".into(),
+        target: "≤ 2×",
+        met: ratio <= 2.0,
+    })
 }
 
 async fn p9(b: &Bench<'_>) -> anyhow::Result<Vec<Row>> {

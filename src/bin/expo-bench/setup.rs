@@ -95,6 +95,8 @@ impl Controller {
         );
         let started = Instant::now();
         let mut command = Command::new(binary);
+        // D1–D3 measure the dashboard's queries: no read cache (D4 launches its own controller with it).
+        command.env("CONTROLLER_DASHBOARD_CACHE_MS", "0");
         command.envs(extra.iter().map(|(k, v)| (*k, v.as_str())));
         let child = command
             .arg("serve")
