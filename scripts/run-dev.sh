@@ -39,6 +39,12 @@ if [ -z "${CONTROLLER_CERTS_KEY:-}" ]; then
 fi
 export CONTROLLER_STORAGE_DIR="${CONTROLLER_STORAGE_DIR:-$data/storage}"
 
+# Refuse early when something else answers there: the banner below must describe this server.
+if (exec 3<>"/dev/tcp/${listen%:*}/${listen##*:}") 2>/dev/null; then
+  echo "Something is already listening on $listen: stop it, or set CONTROLLER_LISTEN=127.0.0.1:<another port>." >&2
+  exit 1
+fi
+
 "$bin" serve "$@" &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' INT TERM
