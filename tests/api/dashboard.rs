@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::{API_KEY, TestApp};
 
-fn no_redirects() -> reqwest::Client {
+/// A client that shows redirects instead of following them (shared with `dashboard_cache`).
+pub(crate) fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(30))
@@ -16,7 +17,7 @@ fn no_redirects() -> reqwest::Client {
 }
 
 /// Signs in; returns the `name=value` of the session cookie.
-async fn sign_in(app: &TestApp, client: &reqwest::Client) -> String {
+pub(crate) async fn sign_in(app: &TestApp, client: &reqwest::Client) -> String {
     let r = client
         .post(app.url("/dashboard/login"))
         .header("Origin", &app.base)
@@ -34,7 +35,7 @@ async fn sign_in(app: &TestApp, client: &reqwest::Client) -> String {
     set.split(';').next().unwrap().to_string()
 }
 
-fn csrf_of(html: &str) -> String {
+pub(crate) fn csrf_of(html: &str) -> String {
     let at = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
     html[at..].split('"').next().unwrap().to_string()
 }

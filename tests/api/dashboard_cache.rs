@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{API_KEY, TestApp};
+use crate::dashboard::{csrf_of, no_redirects, sign_in};
+use crate::support::TestApp;
 
 /// Counts the statements clients send through it to `upstream`.
 async fn counting_proxy(listener: TcpListener, upstream: String, statements: Arc<AtomicU64>) {
@@ -85,27 +86,6 @@ async fn counted_app(cache_ms: u64) -> (TestApp, Arc<AtomicU64>) {
     (app, statements)
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-async fn sign_in(app: &TestApp, client: &reqwest::Client) -> String {
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .body(format!("key={API_KEY}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    set.split(';').next().unwrap().to_string()
-}
-
 async fn get(app: &TestApp, client: &reqwest::Client, cookie: &str, path: &str) -> String {
     let r = client
         .get(app.url(path))
@@ -145,11 +125,6 @@ async fn wait_event(stream: &mut reqwest::Response, seen: &mut String, kind: &st
     seen.clear();
 }
 
-fn csrf_of(html: &str) -> String {
-    let at = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
-    html[at..].split('"').next().unwrap().to_string()
-}
-
 /// `viewers` pages (across two sessions) each re-fetch every region at once, as after an event;
 /// returns the statements the server sent meanwhile.
 async fn refresh_all(
@@ -171,7 +146,7 @@ async fn refresh_all(
                 expect.to_string(),
             );
             tasks.push(tokio::spawn(async move {
-                let r = client()
+                let r = no_redirects()
                     .get(format!("{base}{path}"))
                     .header("cookie", cookie)
                     .header("hx-request", "true")
@@ -196,7 +171,7 @@ async fn refresh_all(
 async fn open_dashboards_share_reads_and_still_show_changes() {
     // A TTL far longer than a burst of requests on a slow machine: here entries end with events.
     let (app, statements) = counted_app(10_000).await;
-    let http = client();
+    let http = no_redirects();
     let cookies = [sign_in(&app, &http).await, sign_in(&app, &http).await];
     let csrf = csrf_of(&get(&app, &http, &cookies[0], "/dashboard/queues").await);
     let mut events = http
