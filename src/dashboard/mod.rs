@@ -29,8 +29,10 @@ use cache::ReadCache;
 use pages::Chrome;
 use session::{ClientIp, Session, SignInLimiter};
 
-/// Largest form body the dashboard reads (sign-in included).
+/// Largest form body the dashboard reads from a signed-in operator (bulk actions name up to 100 builds).
 const MAX_FORM_BYTES: usize = 16 * 1024;
+/// Largest sign-in form: the one body read from a caller without a session (a key and a CSRF-free form).
+const MAX_SIGN_IN_BYTES: usize = 2 * 1024;
 
 /// Answer of a page handler: a page, or an error page.
 type PageResult = Result<Response, Response>;
@@ -49,7 +51,12 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(overview))
         .route("/dashboard/", get(|| async { Redirect::to("/dashboard") }))
-        .route("/dashboard/login", get(login_form).post(login))
+        .route(
+            "/dashboard/login",
+            get(login_form)
+                .post(login)
+                .layer(DefaultBodyLimit::max(MAX_SIGN_IN_BYTES)),
+        )
         .route("/dashboard/logout", post(logout))
         .route("/dashboard/assets/{name}", get(assets::serve))
         .route("/dashboard/events", get(events))

@@ -165,6 +165,15 @@ async fn sign_in_sessions_and_cross_site_protection() {
         .await
         .unwrap();
     assert!(r.status() == 413 || r.status() == 429, "{}", r.status());
+    // A caller without a session gets no more than a couple of KiB read for a sign-in.
+    let r = client
+        .post(app.url("/dashboard/login"))
+        .header("Origin", &app.base)
+        .body(format!("key={}", "a".repeat(4 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status() == 413 || r.status() == 429, "{}", r.status());
 
     // Log-out ends the session on the server: the same cookie no longer works.
     let r = client
