@@ -11,7 +11,7 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
     let after = Duration::seconds(ctx.jobs.offline_after_secs as i64);
     let offline = queue::mark_offline(&ctx.pool, after, now, BATCH).await?;
     for worker_id in &offline {
-        tracing::info!(worker_id, "worker went offline");
+        tracing::info!(worker_id = %worker_id, "worker went offline");
     }
     Ok(offline.len() as u64)
 }

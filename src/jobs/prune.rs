@@ -20,18 +20,23 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
         let mut deleted_all = true;
         for key in keys.iter().filter_map(|k| Key::parse(k)) {
             if let Err(error) = ctx.storage.delete(&key).await {
-                tracing::warn!(build_id, %error, "could not delete an artifact; the next tick retries");
+                tracing::warn!(build_id = %build_id, %error, "could not delete an artifact; the next tick retries");
                 deleted_all = false;
             }
         }
         if deleted_all {
             queue::forget_artifacts(&ctx.pool, &build_id).await?;
+            tracing::info!(build_id = %build_id, "artifacts past retention deleted");
             handled += 1;
         }
     }
     let row_cutoff = now - Duration::days(ctx.jobs.retention_days as i64);
     let old = queue::prunable_builds(&ctx.pool, row_cutoff, BATCH).await?;
-    handled += queue::delete_history(&ctx.pool, &old, row_cutoff, BATCH).await?;
+    let deleted = queue::delete_history(&ctx.pool, &old, row_cutoff, BATCH).await?;
+    handled += deleted.len() as u64;
+    for build_id in &deleted {
+        tracing::info!(build_id = %build_id, "build past retention deleted with its logs and attempts");
+    }
     // Events are many and small: up to EVENT_BATCHES batches per tick (not counted as rows handled).
     let event_cutoff = now - Duration::hours(ctx.jobs.event_retention_hours as i64);
     let mut events = 0;
@@ -43,7 +48,7 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
         }
     }
     if events > 0 {
-        tracing::debug!(events, "old events deleted");
+        tracing::info!(events, "events past retention deleted");
     }
     Ok(handled)
 }

@@ -10,10 +10,11 @@ pub async fn run_once(ctx: &JobContext) -> QueueResult<u64> {
         if let Some(key) = Key::parse(&stored)
             && let Err(error) = ctx.storage.delete(&key).await
         {
-            tracing::warn!(build_id, %error, "could not delete certs; the next tick retries");
+            tracing::warn!(build_id = %build_id, %error, "could not delete certs; the next tick retries");
             continue;
         }
         queue::clear_certs(&ctx.pool, &build_id).await?;
+        tracing::info!(build_id = %build_id, "certs of a finished build deleted");
         purged += 1;
     }
     Ok(purged)

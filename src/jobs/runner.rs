@@ -51,7 +51,7 @@ const ATTEMPTS: u32 = 3;
 impl TickRunner {
     /// Claims the tick, then runs the job; retries transient failures; never fails the worker.
     async fn tick(&self, tick: DateTime<Utc>) {
-        let span = tracing::info_span!("job", job = self.job.name(), tick = %tick.to_rfc3339());
+        let span = tracing::info_span!("job", job = %self.job.name(), tick = %tick.to_rfc3339());
         async {
             for attempt in 1..=ATTEMPTS {
                 match self.claim_and_run(tick).await {

@@ -30,5 +30,8 @@ pub async fn delete_objects(pool: &PgPool, storage: &Storage, keys: &[String]) -
         }
     }
     operator::forget_deletions(pool, &deleted).await?;
+    for key in &deleted {
+        tracing::info!(key = %key, "object of a deleted build removed from the store");
+    }
     Ok(deleted.len() as u64)
 }

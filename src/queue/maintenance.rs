@@ -73,13 +73,25 @@ async fn sweep_held(
         .bind(batch)
         .fetch_all(&mut *tx)
         .await?;
+    let mut ended = Vec::with_capacity(rows.len());
     for locked in &rows {
         let failure = failure_for(locked);
         let build = end_attempt(&mut tx, locked, &failure, settings, now).await?;
         let worker = locked.lease_owner.as_deref();
         emit::emit_failure(&mut tx, &build, worker, &failure, emit::Ended::Swept).await?;
+        ended.push((
+            locked.id.clone(),
+            worker.unwrap_or("-").to_string(),
+            locked.attempt,
+            build.state,
+            failure.message,
+        ));
     }
     tx.commit().await?;
+    // Logged after the commit, so a line never describes a change that was rolled back.
+    for (build_id, worker_id, attempt, state, reason) in &ended {
+        tracing::info!(build_id = %build_id, worker_id = %worker_id, attempt, state = %state, reason = %reason, "attempt ended by a sweep");
+    }
     Ok(rows.len() as u64)
 }
 
@@ -109,5 +121,8 @@ pub async fn promote_due(pool: &PgPool, now: DateTime<Utc>, batch: i64) -> Queue
         notify_ready(&mut tx, &pairs).await?;
     }
     tx.commit().await?;
+    for (queue, build_id) in &promoted {
+        tracing::info!(build_id = %build_id, queue = %queue, "build promoted to pending");
+    }
     Ok(promoted.len() as u64)
 }

@@ -77,23 +77,25 @@ pub async fn prunable_builds(pool: &PgPool, cutoff: DateTime<Utc>, batch: i64) -
     .await?)
 }
 
-/// Deletes build rows (their logs, attempts and CPU samples go with them) and old reports and ticks.
+/// Deletes build rows (their logs, attempts and CPU samples go with them) and old reports and ticks;
+/// returns the ids of the builds deleted.
 pub async fn delete_history(
     pool: &PgPool,
     build_ids: &[String],
     cutoff: DateTime<Utc>,
     batch: i64,
-) -> QueueResult<u64> {
-    let builds = sqlx::query(
-        "WITH deleted AS (DELETE FROM builds WHERE id = ANY($1) RETURNING id, queue, state)
-         INSERT INTO events (kind, build_id, data)
-         SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'pruned')
-         FROM deleted",
+) -> QueueResult<Vec<String>> {
+    let builds: Vec<String> = sqlx::query_scalar(
+        "WITH deleted AS (DELETE FROM builds WHERE id = ANY($1) RETURNING id, queue, state),
+         event AS (
+            INSERT INTO events (kind, build_id, data)
+            SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'pruned')
+            FROM deleted)
+         SELECT id FROM deleted",
     )
     .bind(build_ids)
-    .execute(pool)
-    .await?
-    .rows_affected();
+    .fetch_all(pool)
+    .await?;
     sqlx::query("DELETE FROM diagnostics WHERE id IN (SELECT id FROM diagnostics WHERE run_at < $1 LIMIT $2)")
         .bind(cutoff)
         .bind(batch)

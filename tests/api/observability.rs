@@ -150,3 +150,98 @@ async fn one_plain_info_line_per_request() {
         "the worker id is on the line:\n{output}"
     );
 }
+
+/// Maintenance jobs say what they did with ids: a lease rescue names the build and the worker.
+#[tokio::test]
+async fn a_lease_rescue_logs_the_build_and_worker_ids() {
+    use std::io::Read;
+    use std::process::Stdio;
+
+    use crate::support::{free_port, fresh_database, serve_command, wait_ready};
+
+    let (url, _pool) = fresh_database(1).await;
+    let storage = std::env::temp_dir().join(format!("expo-joblogs-{}", expo_controller::ids::new_id()));
+    let port = free_port();
+    let mut child = serve_command(&url, &storage, port, &expo_controller::ids::new_key32())
+        .env_remove("RUST_LOG")
+        .env_remove("CONTROLLER_LOG_FORMAT")
+        .env("CONTROLLER_LEASE_TIMEOUT_SECS", "1")
+        .env("CONTROLLER_FIRST_HEARTBEAT_GRACE_SECS", "1")
+        .env("CONTROLLER_JOB_SCHEDULES", "rescue_expired_leases=* * * * * *")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+    let form = Form::new()
+        .part("source", Part::bytes(b"src".to_vec()).file_name("app.zip"))
+        .text("platform", "ios");
+    let submitted: serde_json::Value = client
+        .post(format!("{base}/api/builds/submit"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let build_id = submitted["id"].as_str().unwrap().to_string();
+    let registered: serde_json::Value = client
+        .post(format!("{base}/api/workers/register"))
+        .header("X-API-Key", API_KEY)
+        .json(&serde_json::json!({ "name": "silent", "capabilities": { "platforms": ["ios"] } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let worker_id = registered["id"].as_str().unwrap().to_string();
+    let job: serde_json::Value = client
+        .get(format!("{base}/api/workers/poll"))
+        .query(&[("worker_id", worker_id.as_str())])
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["job"]["id"], build_id.as_str());
+    // The worker never heartbeats: the lease expires and the rescue (every second here) takes it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let status: serde_json::Value = client
+            .get(format!("{base}/api/builds/{build_id}/status"))
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["status"] != "assigned" && status["status"] != "building" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never rescued: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let mut output = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut output).unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&storage);
+    let line = output
+        .lines()
+        .find(|l| l.contains("attempt ended by a sweep"))
+        .unwrap_or_else(|| panic!("no rescue line:\n{output}"));
+    assert!(line.contains("INFO"), "{line}");
+    assert!(line.contains(&format!("build_id={build_id}")), "{line}");
+    assert!(line.contains(&format!("worker_id={worker_id}")), "{line}");
+    assert!(line.contains("job=rescue_expired_leases"), "the job's span: {line}");
+}
