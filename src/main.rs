@@ -37,7 +37,7 @@ enum Command {
         #[command(flatten)]
         config: Box<Config>,
     },
-    /// Operator: list, show, cancel, retry, requeue or reprioritise builds; print or follow their logs.
+    /// Operator: list, show, cancel, retry, requeue or reprioritise builds; print or follow their logs; download results.
     #[command(after_help = cli::ID_HELP)]
     Builds {
         #[command(subcommand)]

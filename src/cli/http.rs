@@ -51,9 +51,12 @@ impl Remote {
                 .map_err(|e| Failure::new(Exit::Usage, format!("--ca-cert {shown} holds no PEM certificate: {e}")))?;
             builder = builder.tls_certs_merge(certs);
         }
+        // No redirect is followed with the key: a download may be redirected to the object store
+        // (a presigned URL), which is fetched without it (`download`).
         let client = builder
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .timeout(timeout)
+            .read_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("expo-controller-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Failure::new(Exit::Usage, format!("cannot set up the HTTP client: {e}")))?;
@@ -157,6 +160,7 @@ impl Remote {
         let mut request = self
             .client
             .request(method, url)
+            .timeout(self.timeout)
             .header("X-API-Key", &self.api_key)
             .header("Accept", "application/json");
         if let Some(body) = body {
@@ -165,7 +169,68 @@ impl Remote {
         let response = request.send().await.map_err(|e| self.transport(&e))?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(|e| self.transport(&e))?;
-        let parsed = serde_json::from_slice::<Value>(&bytes).ok();
+        self.answer(status, &bytes)
+    }
+
+    /// Starts downloading `segments` (the owner's download endpoints): the response once its status
+    /// is 200, after following one redirect to the object store without the key. Only the connection
+    /// and the headers are bounded by `--timeout`; the body may take as long as it takes.
+    pub async fn download(&self, segments: &[&str]) -> CliResult<reqwest::Response> {
+        let url = self.url(segments, &[]);
+        let mut response = self
+            .headers_within(self.client.get(url).header("X-API-Key", &self.api_key))
+            .await?;
+        if response.status().is_redirection()
+            && let Some(location) = response.headers().get(reqwest::header::LOCATION)
+        {
+            let target = location
+                .to_str()
+                .ok()
+                .and_then(|l| response.url().join(l).ok())
+                .ok_or_else(|| Failure::new(Exit::Server, "the server redirected to an invalid location"))?;
+            response = self.headers_within(self.client.get(target)).await?;
+        }
+        let status = response.status();
+        if status == StatusCode::OK {
+            return Ok(response);
+        }
+        let bytes = response.bytes().await.map_err(|e| self.transport(&e))?;
+        match self.answer(status, &bytes) {
+            Err(failure) => Err(failure),
+            Ok(_) => Err(Failure::new(
+                Exit::Server,
+                format!("{} answered HTTP {status} to a download", self.shown),
+            )),
+        }
+    }
+
+    /// Sends `request`; its status and headers must come within `--timeout`.
+    async fn headers_within(&self, request: reqwest::RequestBuilder) -> CliResult<reqwest::Response> {
+        match tokio::time::timeout(self.timeout, request.send()).await {
+            Ok(sent) => sent.map_err(|e| self.transport(&e)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> Failure {
+        Failure::new(
+            Exit::Timeout,
+            format!(
+                "{} did not answer within {}s (--timeout)",
+                self.shown,
+                self.timeout.as_secs()
+            ),
+        )
+    }
+
+    /// A transport error while reading a body (a stall longer than `--timeout`, a cut connection).
+    pub fn body_failed(&self, error: &reqwest::Error) -> Failure {
+        self.transport(error)
+    }
+
+    /// The API's JSON answer, or the failure it describes.
+    fn answer(&self, status: StatusCode, bytes: &[u8]) -> CliResult<Value> {
+        let parsed = serde_json::from_slice::<Value>(bytes).ok();
         match (status.is_success(), parsed) {
             (true, Some(value)) => Ok(value),
             (false, Some(value)) if value.get("error").is_some() => Err(Failure {
@@ -173,7 +238,7 @@ impl Remote {
                 body: value,
             }),
             (ok, _) => {
-                let text = String::from_utf8_lossy(&bytes);
+                let text = String::from_utf8_lossy(bytes);
                 let text = text.trim();
                 let mut cut = text.len().min(MAX_SHOWN_BODY);
                 while !text.is_char_boundary(cut) {
@@ -209,10 +274,7 @@ impl Remote {
         }
         let server = &self.shown;
         if error.is_timeout() {
-            return Failure::new(
-                Exit::Timeout,
-                format!("{server} did not answer within {}s (--timeout)", self.timeout.as_secs()),
-            );
+            return self.timed_out();
         }
         if error.is_connect() {
             let hint = if self.base.scheme() == "https" {

@@ -5,6 +5,7 @@
 //! ([`Exit`]).
 
 mod database;
+mod download;
 mod follow;
 mod http;
 mod output;
@@ -122,6 +123,20 @@ pub enum BuildsCommand {
         #[command(flatten)]
         every: Interval,
     },
+    /// Save a build's result (or source) to a file (with --server; progress on a terminal).
+    Download {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+        /// What to download.
+        #[arg(long, value_enum, default_value = "result")]
+        artifact: download::Artifact,
+        /// The file to write (default: the name the server suggests, in the current directory).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a build's state and progress as they change, until it is final.
     Watch {
         #[arg(allow_hyphen_values = true, value_name = "ID")]
@@ -158,12 +173,9 @@ pub enum QueuesCommand {
     /// Every platform queue: depth by state, oldest pending age, paused.
     List,
     /// Stop handing out the platform's builds (submits are still accepted).
-    Pause {
-        platform: String,
-    },
-    Resume {
-        platform: String,
-    },
+    Pause { platform: String },
+    /// Hand out the platform's builds again (waiting workers get them at once).
+    Resume { platform: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -390,6 +402,12 @@ async fn execute(backend: &Backend, operation: Operation, json: bool) -> CliResu
             after,
             every,
         }) => return follow::logs(backend, &id, after, follow, every.period(), json).await,
+        Operation::Builds(BuildsCommand::Download {
+            id,
+            artifact,
+            output,
+            force,
+        }) => return download::download(backend, &id, artifact, output, force, json).await,
         Operation::Builds(BuildsCommand::Watch { id, every }) => {
             return follow::watch(backend, &id, every.period(), json).await;
         }

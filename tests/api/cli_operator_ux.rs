@@ -641,3 +641,67 @@ async fn https_servers_work_and_unknown_certificates_are_refused() {
     let (code, _, err) = run(missing).await;
     assert_eq!(code, 2, "{err}");
 }
+
+/// `builds download`: the result and the source saved byte for byte (SHA-256 printed), never over an
+/// existing file without --force, a refused download leaves no file, and database mode says what to do.
+#[tokio::test]
+async fn builds_download_saves_the_bytes() {
+    let app = TestApp::spawn().await;
+    let source = b"PK source bytes".repeat(1000);
+    let result: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let id = app.submit("ios", &source).await["id"].as_str().unwrap().to_string();
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], id.as_str());
+    assert_eq!(
+        app.upload_form(success_form(&id, &worker_id, &result)).await.status(),
+        200
+    );
+
+    let dir = std::env::temp_dir().join(format!("expo-cli-dl-{}", expo_controller::ids::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("app.ipa");
+    let (code, body) = json_of(&app, true, &["builds", "download", &id, "-o", out.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{body}");
+    assert_eq!(std::fs::read(&out).unwrap(), result);
+    assert_eq!(body["bytes"], result.len());
+    use sha2::Digest;
+    assert_eq!(
+        body["sha256"],
+        expo_controller::ids::hex(&sha2::Sha256::digest(&result))
+    );
+    assert!(!dir.join("app.ipa.part").exists());
+
+    let (code, body) = json_of(&app, true, &["builds", "download", &id, "-o", out.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "an existing file is kept: {body}");
+    assert!(body["error"].as_str().unwrap().contains("--force"), "{body}");
+    let src = dir.join("src.zip");
+    let args = [
+        "builds",
+        "download",
+        &id,
+        "--artifact",
+        "source",
+        "-o",
+        src.to_str().unwrap(),
+        "--force",
+    ];
+    let (code, body) = json_of(&app, true, &args).await;
+    assert_eq!(code, 0, "{body}");
+    assert_eq!(std::fs::read(&src).unwrap(), source);
+
+    let missing = dir.join("missing.bin");
+    let (code, body) = json_of(
+        &app,
+        true,
+        &["builds", "download", "nosuchbuild", "-o", missing.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 1, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+    assert!(!missing.exists() && !dir.join("missing.bin.part").exists());
+
+    let (code, body) = json_of(&app, false, &["builds", "download", &id]).await;
+    assert_eq!(code, 2, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("--server"), "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

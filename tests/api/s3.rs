@@ -634,6 +634,30 @@ async fn presigned_redirects_download_the_same_bytes() {
         assert_eq!(status, 200);
         assert!(bytes.as_ref() == expected.as_slice(), "{path}");
     }
+    // The operator CLI follows the redirect to the store (without its key) and saves the same bytes.
+    let out = std::env::temp_dir().join(format!("expo-s3-cli-{}.bin", ids::new_id()));
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_expo-controller"))
+        .args([
+            "builds",
+            "download",
+            &id,
+            "--json",
+            "--server",
+            &a.base,
+            "--api-key",
+            API_KEY,
+            "-o",
+        ])
+        .arg(&out)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("cli");
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert!(
+        std::fs::read(&out).expect("downloaded") == result,
+        "CLI download through the redirect"
+    );
+    let _ = std::fs::remove_file(&out);
     // Still owner-only: no credential, no redirect.
     let r = no_redirects
         .get(a.url(&format!("/api/builds/{id}/download")))
