@@ -84,49 +84,20 @@ async fn metrics_move_with_the_builds() {
 /// colour codes when the output is not a terminal, no scheduler chatter at the default level.
 #[tokio::test]
 async fn one_plain_info_line_per_request() {
-    use std::io::Read;
-    use std::process::Stdio;
-
-    use crate::support::{free_port, fresh_database, serve_command, wait_ready};
-
-    let (url, _pool) = fresh_database(1).await;
-    let storage = std::env::temp_dir().join(format!("expo-logs-{}", expo_controller::ids::new_id()));
-    let port = free_port();
-    let mut child = serve_command(&url, &storage, port, &expo_controller::ids::new_key32())
-        .env_remove("RUST_LOG")
-        .env_remove("CONTROLLER_LOG_FORMAT")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &base).await;
+    let server = LoggingServer::start(&[]).await;
     let mut request_ids = Vec::new();
     for (path, worker) in [
         ("/api/builds/active", "wkr-1"),
         ("/api/builds/nosuchbuild/status", "-"),
         ("/nowhere", "-"),
     ] {
-        let r = client
-            .get(format!("{base}{path}"))
-            .header("X-API-Key", API_KEY)
-            .header("X-Worker-Id", worker)
-            .send()
-            .await
-            .unwrap();
+        let r = server.send(path, None, &[("X-Worker-Id", worker)]).await;
         request_ids.push((
             r.headers()["x-request-id"].to_str().unwrap().to_string(),
             r.status().as_u16(),
         ));
     }
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let mut output = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut output).unwrap();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&storage);
+    let output = server.stop();
 
     assert!(!output.contains('\u{1b}'), "no colour codes in a pipe:\n{output}");
     assert!(
@@ -154,31 +125,18 @@ async fn one_plain_info_line_per_request() {
 /// Maintenance jobs say what they did with ids: a lease rescue names the build and the worker.
 #[tokio::test]
 async fn a_lease_rescue_logs_the_build_and_worker_ids() {
-    use std::io::Read;
-    use std::process::Stdio;
-
-    use crate::support::{free_port, fresh_database, serve_command, wait_ready};
-
-    let (url, _pool) = fresh_database(1).await;
-    let storage = std::env::temp_dir().join(format!("expo-joblogs-{}", expo_controller::ids::new_id()));
-    let port = free_port();
-    let mut child = serve_command(&url, &storage, port, &expo_controller::ids::new_key32())
-        .env_remove("RUST_LOG")
-        .env_remove("CONTROLLER_LOG_FORMAT")
-        .env("CONTROLLER_LEASE_TIMEOUT_SECS", "1")
-        .env("CONTROLLER_FIRST_HEARTBEAT_GRACE_SECS", "1")
-        .env("CONTROLLER_JOB_SCHEDULES", "rescue_expired_leases=* * * * * *")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &base).await;
+    let server = LoggingServer::start(&[
+        ("CONTROLLER_LEASE_TIMEOUT_SECS", "1"),
+        ("CONTROLLER_FIRST_HEARTBEAT_GRACE_SECS", "1"),
+        ("CONTROLLER_JOB_SCHEDULES", "rescue_expired_leases=* * * * * *"),
+    ])
+    .await;
     let form = Form::new()
         .part("source", Part::bytes(b"src".to_vec()).file_name("app.zip"))
         .text("platform", "ios");
-    let submitted: serde_json::Value = client
-        .post(format!("{base}/api/builds/submit"))
+    let submitted: serde_json::Value = server
+        .client
+        .post(format!("{}/api/builds/submit", server.base))
         .header("X-API-Key", API_KEY)
         .multipart(form)
         .send()
@@ -188,54 +146,29 @@ async fn a_lease_rescue_logs_the_build_and_worker_ids() {
         .await
         .unwrap();
     let build_id = submitted["id"].as_str().unwrap().to_string();
-    let registered: serde_json::Value = client
-        .post(format!("{base}/api/workers/register"))
-        .header("X-API-Key", API_KEY)
-        .json(&serde_json::json!({ "name": "silent", "capabilities": { "platforms": ["ios"] } }))
-        .send()
+    let capabilities = serde_json::json!({ "name": "silent", "capabilities": { "platforms": ["ios"] } });
+    let registered: serde_json::Value = server
+        .send("/api/workers/register", Some(capabilities), &[])
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     let worker_id = registered["id"].as_str().unwrap().to_string();
-    let job: serde_json::Value = client
-        .get(format!("{base}/api/workers/poll"))
-        .query(&[("worker_id", worker_id.as_str())])
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let poll = format!("/api/workers/poll?worker_id={worker_id}");
+    let job: serde_json::Value = server.send(&poll, None, &[]).await.json().await.unwrap();
     assert_eq!(job["job"]["id"], build_id.as_str());
     // The worker never heartbeats: the lease expires and the rescue (every second here) takes it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
-        let status: serde_json::Value = client
-            .get(format!("{base}/api/builds/{build_id}/status"))
-            .header("X-API-Key", API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let path = format!("/api/builds/{build_id}/status");
+        let status: serde_json::Value = server.send(&path, None, &[]).await.json().await.unwrap();
         if status["status"] != "assigned" && status["status"] != "building" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "never rescued: {status}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let mut output = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut output).unwrap();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&storage);
+    let output = server.stop();
     let line = output
         .lines()
         .find(|l| l.contains("attempt ended by a sweep"))
@@ -244,4 +177,65 @@ async fn a_lease_rescue_logs_the_build_and_worker_ids() {
     assert!(line.contains(&format!("build_id={build_id}")), "{line}");
     assert!(line.contains(&format!("worker_id={worker_id}")), "{line}");
     assert!(line.contains("job=rescue_expired_leases"), "the job's span: {line}");
+}
+
+/// The real binary at its default log settings (text, INFO) with `env`, its stdout captured.
+struct LoggingServer {
+    child: std::process::Child,
+    storage: std::path::PathBuf,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl LoggingServer {
+    async fn start(env: &[(&str, &str)]) -> LoggingServer {
+        use crate::support::{free_port, fresh_database, serve_command, wait_ready};
+
+        let (url, _pool) = fresh_database(1).await;
+        let storage = std::env::temp_dir().join(format!("expo-logs-{}", expo_controller::ids::new_id()));
+        let port = free_port();
+        let mut command = serve_command(&url, &storage, port, &expo_controller::ids::new_key32());
+        command
+            .env_remove("RUST_LOG")
+            .env_remove("CONTROLLER_LOG_FORMAT")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped());
+        let server = LoggingServer {
+            child: command.spawn().unwrap(),
+            storage,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        wait_ready(&server.client, &server.base).await;
+        server
+    }
+
+    /// GET (or POST with `json`) `path` with the admin key and `headers`; the response.
+    async fn send(&self, path: &str, json: Option<serde_json::Value>, headers: &[(&str, &str)]) -> reqwest::Response {
+        let url = format!("{}{path}", self.base);
+        let mut request = match json {
+            Some(body) => self.client.post(url).json(&body),
+            None => self.client.get(url),
+        }
+        .header("X-API-Key", API_KEY);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Stops the server (SIGTERM) and returns everything it logged.
+    fn stop(mut self) -> String {
+        use std::io::Read;
+
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let mut output = String::new();
+        self.child.stdout.take().unwrap().read_to_string(&mut output).unwrap();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.storage);
+        output
+    }
 }
