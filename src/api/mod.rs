@@ -1,26 +1,28 @@
 //! The HTTP API. Each area owns its router; they are merged here with the layers every request
 //! shares: request ids, tracing, panic capture and the rule that every error body is `{"error": ...}`.
 
-mod auth;
-mod builds;
-mod diagnostics;
+//!
+//! Routes are grouped by who calls them, one folder each: `public/`, `worker/`, `submitter/`,
+//! `operator/`. A group adds its routes with the credential they accept (`group.rs`), so the
+//! credential is enforced by a layer before any handler runs; shared pieces (credentials, errors,
+//! extractors, multipart, streaming, views) live beside them.
+
+pub mod auth;
 pub(crate) mod downloads;
 mod error;
 mod extract;
-mod health;
+pub mod group;
 mod multipart;
 mod multipart_limits;
 pub mod openapi;
-mod progress;
+pub mod operator;
+pub mod public;
 mod ratelimit;
 mod results;
-mod v2_builds;
-mod v2_fleet;
-pub mod v2_views;
+pub mod submitter;
 mod views;
-mod vm;
+mod worker;
 mod worker_cache;
-mod workers;
 
 use std::sync::Arc;
 
@@ -101,16 +103,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state.clone())
         .layer(axum::middleware::from_fn(record_duration));
     Router::new()
-        .merge(health::router())
-        .merge(workers::router())
-        .merge(builds::router())
-        .merge(downloads::router())
-        .merge(progress::router())
-        .merge(vm::router())
-        .merge(diagnostics::router())
-        .merge(v2_builds::router())
-        .merge(v2_fleet::router())
-        .merge(openapi::router())
+        .merge(public::router(&state))
+        .merge(worker::router(&state))
+        .merge(submitter::router(&state))
+        .merge(operator::router(&state))
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)

@@ -1,17 +1,15 @@
-//! Diagnostic reports from workers (B20).
+//! Diagnostic reports from workers (B20), behind the admin key of the operator group.
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth;
-use super::error::{ApiError, ApiResult};
-use super::extract::{JsonBody, QueryParams, bounded_int};
-use super::{AppState, views};
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{JsonBody, QueryParams, bounded_int};
+use crate::api::{AppState, auth, views};
 use crate::queue::{self, DiagnosticReport, NewReport};
 
 pub fn router() -> Router<AppState> {
@@ -22,12 +20,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Stores a report.
-async fn report(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody<Value>,
-) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn report(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Value>> {
     let (Some(worker_id), Some(status), Some(duration), Some(checks)) = (
         body.get("worker_id"),
         body.get("status"),
@@ -83,11 +76,9 @@ fn valid_worker(worker_id: &str) -> ApiResult<String> {
 /// A worker's reports, newest first.
 async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(worker_id): Path<String>,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
     let worker_id = valid_worker(&worker_id)?;
     let limit = bounded_int(q.limit.as_deref(), "limit", 1, 100)?.unwrap_or(10);
     // The deployed CLI's `doctor` expects 404 for an unknown worker (R54).
@@ -101,12 +92,7 @@ async fn list(
 }
 
 /// A worker's newest report.
-async fn latest(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(worker_id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn latest(State(state): State<AppState>, Path(worker_id): Path<String>) -> ApiResult<Json<Value>> {
     let worker_id = valid_worker(&worker_id)?;
     queue::find_worker(&state.pool, &worker_id)
         .await?

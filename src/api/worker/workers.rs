@@ -4,36 +4,48 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{self, CallerRules, WORKER_TOKEN, header};
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, QueryParams, bounded_int, parse_json};
-use super::multipart::{Parts, read_text};
-use super::results::{self, StagedResult};
-use super::{AppState, views};
+use crate::api::auth::{self, CallerRules, TokenWorker, WORKER_TOKEN, header};
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{JsonBody, QueryParams, bounded_int, parse_json};
+use crate::api::multipart::{Parts, read_text};
+use crate::api::results::{self, StagedResult};
+use crate::api::{AppState, views};
 use crate::ids;
 use crate::queue::{self, Failure, FailureKind, RegisterRequest, Worker};
 
-pub fn router() -> Router<AppState> {
+/// Register (the admin key, or the worker's own token to re-register).
+pub fn register_router() -> Router<AppState> {
+    Router::new().route("/api/workers/register", post(register))
+}
+
+/// Poll (a worker token, or the admin key with `?worker_id=`).
+pub fn poll_router() -> Router<AppState> {
+    Router::new().route("/api/workers/poll", get(poll))
+}
+
+/// Result reports (a VM token, a worker token or the admin key, checked before the body is read).
+pub fn upload_router() -> Router<AppState> {
     Router::new()
-        .route("/api/workers/register", post(register))
-        .route("/api/workers/poll", get(poll))
         .route("/api/workers/upload", post(upload).layer(DefaultBodyLimit::disable()))
         .route(
             "/api/workers/result",
             post(upload_success).layer(DefaultBodyLimit::disable()),
         )
         .route("/api/workers/fail", post(upload_failure))
+}
+
+/// What only a worker's own token may do.
+pub fn token_router() -> Router<AppState> {
+    Router::new()
         .route("/api/workers/unregister", post(unregister_self))
         .route("/api/workers/abandon", post(abandon))
-        .route("/api/workers/{id}/unregister", post(unregister))
-        .route("/api/workers/{id}/stats", get(stats))
 }
 
 #[derive(Deserialize)]
@@ -46,18 +58,11 @@ struct RegisterBody {
 /// B15: admin key, or a worker's own token to re-register it.
 async fn register(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    token_worker: Option<Extension<TokenWorker>>,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> ApiResult<Json<Value>> {
-    let caller_worker = match header(&headers, WORKER_TOKEN) {
-        Some(token) if !auth::admin_if_present(&state, &headers)? => {
-            Some(auth::worker_by_token(&state, token).await?.id)
-        }
-        _ => {
-            auth::require_admin(&state, &headers)?;
-            None
-        }
-    };
+    // Set by the credential layer when the caller re-registers with its own token.
+    let caller_worker = token_worker.map(|Extension(TokenWorker(worker))| worker.id);
     let name = body.name.filter(|n| !n.trim().is_empty());
     let capabilities = body.capabilities.filter(|c| !c.is_null());
     let (Some(name), Some(capabilities)) = (name, capabilities) else {
@@ -91,9 +96,11 @@ struct PollQuery {
 async fn poll(
     State(state): State<AppState>,
     headers: HeaderMap,
+    token_worker: Option<Extension<TokenWorker>>,
     QueryParams(query): QueryParams<PollQuery>,
 ) -> ApiResult<Json<Value>> {
-    let (worker, token) = poll_caller(&state, &headers, query.worker_id.as_deref()).await?;
+    let token_worker = token_worker.map(|Extension(TokenWorker(worker))| worker);
+    let (worker, token) = poll_caller(&state, &headers, token_worker, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
     if queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await? {
@@ -156,17 +163,17 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
     Ok(claim)
 }
 
-/// Token mode (`X-Worker-Token`) or G0 mode (admin key + `?worker_id=`).
+/// Token mode (`X-Worker-Token`, resolved by the credential layer) or G0 mode (admin key, checked by
+/// the layer, + `?worker_id=`).
 async fn poll_caller(
     state: &AppState,
     headers: &HeaderMap,
+    token_worker: Option<Worker>,
     worker_id: Option<&str>,
 ) -> ApiResult<(Worker, Option<String>)> {
-    if let Some(token) = header(headers, WORKER_TOKEN) {
-        let worker = auth::worker_by_token(state, token).await?;
+    if let (Some(worker), Some(token)) = (token_worker, header(headers, WORKER_TOKEN)) {
         return Ok((worker, Some(token.to_string())));
     }
-    auth::require_admin(state, headers)?;
     let id = auth::worker_id(worker_id)?.ok_or_else(|| ApiError::bad_request("worker_id required"))?;
     let worker = auth::worker_by_id(state, &id)
         .await?
@@ -206,8 +213,7 @@ async fn report(
     request: Request,
     success: Option<bool>,
 ) -> ApiResult<Json<Value>> {
-    // Authenticate before accepting a byte of the body (R41).
-    auth::require_upload_credential(&state, &headers).await?;
+    // The credential was checked by the group's layer before a byte of the body was read (R41).
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -365,36 +371,11 @@ async fn explain(state: &AppState, worker_id: &str, error: queue::QueueError) ->
     error.into()
 }
 
-/// B18: counters and uptime of a worker.
-async fn stats(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let worker = queue::find_worker(&state.pool, &id)
-        .await?
-        .ok_or_else(ApiError::worker_not_found)?;
-    let uptime = (Utc::now() - worker.registered_at).num_seconds().max(0);
-    Ok(Json(json!({
-        "totalBuilds": worker.builds_completed + worker.builds_failed,
-        "successfulBuilds": worker.builds_completed,
-        "failedBuilds": worker.builds_failed,
-        "workerName": worker.name,
-        "status": worker.status,
-        "uptime": views::uptime(uptime),
-    })))
-}
-
-/// B19 (admin): take a worker out; its attempt goes back to the queue.
-async fn unregister(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
-    state.workers.clear();
-    Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
-}
-
 /// B19 (worker token): a worker takes itself out.
-async fn unregister_self(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    let token =
-        header(&headers, WORKER_TOKEN).ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
-    let worker = auth::worker_by_token(&state, token).await?;
+async fn unregister_self(
+    State(state): State<AppState>,
+    Extension(TokenWorker(worker)): Extension<TokenWorker>,
+) -> ApiResult<Json<Value>> {
     let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
     Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
@@ -409,12 +390,9 @@ struct AbandonBody {
 /// §4: the holder gives its attempt back (an infrastructure failure: retried while attempts remain).
 async fn abandon(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(TokenWorker(worker)): Extension<TokenWorker>,
     JsonBody(body): JsonBody<AbandonBody>,
 ) -> ApiResult<Json<Value>> {
-    let token =
-        header(&headers, WORKER_TOKEN).ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
-    let worker = auth::worker_by_token(&state, token).await?;
     let build_id = body
         .build_id
         .filter(|id| ids::valid_id(id))

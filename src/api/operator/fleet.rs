@@ -5,18 +5,15 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::auth;
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, NoParams, QueryParams, bounded_int};
-use super::v2_views::{self as views, etagged};
-use super::{AppState, operations};
+use super::views::etagged;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{IdPath, NoParams, QueryParams, bounded_int};
+use crate::api::{AppState, auth, operations};
 use crate::events;
 use crate::queue;
-use crate::queue::operator;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -43,79 +40,52 @@ async fn list_workers(
     headers: HeaderMap,
     QueryParams(q): QueryParams<Page>,
 ) -> ApiResult<Response> {
-    auth::require_admin(&state, &headers)?;
     let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
     let cursor = auth::worker_id(q.cursor.as_deref())?;
-    let mut workers = operator::list_workers(&state.pool, cursor.as_deref(), limit + 1).await?;
-    let next_cursor = (workers.len() as i64 > limit)
-        .then(|| workers.truncate(limit as usize))
-        .and(workers.last().map(|w| w.id.clone()));
-    Ok(etagged(
-        &headers,
-        json!({ "items": workers.iter().map(views::worker).collect::<Vec<_>>(), "next_cursor": next_cursor }),
-    ))
+    let page = operations::list_workers(&state.pool, cursor.as_deref(), limit).await?;
+    Ok(etagged(&headers, page))
 }
 
 async fn show_worker(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
-    auth::require_admin(&state, &headers)?;
-    let worker = queue::find_worker(&state.pool, &id)
-        .await?
-        .ok_or_else(ApiError::worker_not_found)?;
-    Ok(etagged(&headers, views::worker(&worker)))
+    Ok(etagged(&headers, operations::show_worker(&state.pool, &id).await?))
 }
 
-async fn set_state(
-    state: &AppState,
-    headers: &HeaderMap,
-    id: &str,
-    admin_state: &'static str,
-) -> ApiResult<Json<Value>> {
-    auth::require_admin(state, headers)?;
+async fn set_state(state: &AppState, id: &str, admin_state: &'static str) -> ApiResult<Json<Value>> {
     let worker = operations::set_worker_state(&state.pool, &state.config.queue, id, admin_state).await?;
     state.workers.clear();
     Ok(Json(worker))
 }
 
 /// Finish the current build, take no new one.
-async fn drain(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    set_state(&state, &headers, &id, "draining").await
+async fn drain(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "draining").await
 }
 
-async fn disable(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    set_state(&state, &headers, &id, "disabled").await
+async fn disable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "disabled").await
 }
 
-async fn enable(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    set_state(&state, &headers, &id, "active").await
+async fn enable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "active").await
 }
 
 /// Revokes a worker: token dropped, offline, its attempt back in the queue.
-async fn revoke_worker(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    IdPath(id): IdPath,
-) -> ApiResult<Json<Value>> {
-    set_state(&state, &headers, &id, "revoked").await
+async fn revoke_worker(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "revoked").await
 }
 
 async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParams<NoParams>) -> ApiResult<Response> {
-    auth::require_admin(&state, &headers)?;
-    let max_queued = state.config.queue.max_queued_builds;
-    let views_: Vec<Value> = operator::queue_views(&state.pool, Utc::now())
-        .await?
-        .iter()
-        .map(|q| views::queue(q, max_queued))
-        .collect();
-    Ok(etagged(&headers, json!({ "items": views_, "next_cursor": null })))
+    Ok(etagged(
+        &headers,
+        operations::list_queues(&state.pool, &state.config.queue).await?,
+    ))
 }
 
-async fn pause(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     Ok(Json(operations::set_paused(&state.pool, &name, true).await?))
 }
 
-async fn resume(State(state): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     let resumed = operations::set_paused(&state.pool, &name, false).await?;
     // Pollers of this instance look again at once; other instances follow the notification.
     if let Some(platform) = queue::Platform::parse(&name) {
@@ -132,7 +102,6 @@ async fn events(
     headers: HeaderMap,
     QueryParams(q): QueryParams<events::StreamQuery>,
 ) -> ApiResult<Response> {
-    auth::require_admin(&state, &headers)?;
     let (filter, last_event_id) = q.resolve(&headers).map_err(ApiError::bad_request)?;
     Ok(events::sse_response(&state.events, filter, last_event_id, state.shutdown.clone()).into_response())
 }

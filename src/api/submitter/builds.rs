@@ -1,58 +1,45 @@
 //! Build endpoints for submitters and operators: submit, list, active, status, cancel, retry.
 
 use axum::extract::{DefaultBodyLimit, Multipart, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth;
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int};
-use super::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
-use super::{AppState, views};
+use crate::api::auth::OwnedBuild;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::bounded_int;
+use crate::api::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
+use crate::api::{AppState, views};
 use crate::ids;
-use crate::queue::{self, Build, BuildFilter, NewBuild, Platform};
+use crate::queue::{self, Build, NewBuild, Platform};
 use crate::storage::{Key, Stored, WriteError, bundle, certs};
 
-pub fn router() -> Router<AppState> {
+/// Submitting (the admin key).
+pub fn submit_router() -> Router<AppState> {
     Router::new()
         .route("/api/builds/submit", post(submit_g0).layer(DefaultBodyLimit::disable()))
-        .route(
-            "/api/builds",
-            post(submit_created).layer(DefaultBodyLimit::disable()).get(list),
-        )
-        .route("/api/builds/active", get(active))
+        .route("/api/builds", post(submit_created).layer(DefaultBodyLimit::disable()))
+}
+
+/// Following a build (its owner).
+pub fn owner_router() -> Router<AppState> {
+    Router::new()
         .route("/api/builds/{id}/status", get(status))
         .route("/api/builds/{id}/cancel", post(cancel))
         .route("/api/builds/{id}/retry", post(retry))
 }
 
-/// Loads a build for an owner endpoint: a credential first (401), then the build (404), then the match (403).
-pub(super) async fn owned_build(state: &AppState, headers: &HeaderMap, id: &str) -> ApiResult<Build> {
-    auth::require_owner_credential(headers)?;
-    let build = queue::find_build(&state.pool, id)
-        .await?
-        .ok_or_else(ApiError::build_not_found)?;
-    auth::require_owner(state, headers, &build)?;
-    Ok(build)
-}
-
 /// B1: 200 with the new build.
-async fn submit_g0(state: State<AppState>, headers: HeaderMap, multipart: MultipartBody) -> ApiResult<Json<Value>> {
-    submit(state, headers, multipart).await
+async fn submit_g0(state: State<AppState>, multipart: MultipartBody) -> ApiResult<Json<Value>> {
+    submit(state, multipart).await
 }
 
 /// B1 alias `POST /api/builds`: 201 with the same body.
-async fn submit_created(
-    state: State<AppState>,
-    headers: HeaderMap,
-    multipart: MultipartBody,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    Ok((StatusCode::CREATED, submit(state, headers, multipart).await?))
+async fn submit_created(state: State<AppState>, multipart: MultipartBody) -> ApiResult<(StatusCode, Json<Value>)> {
+    Ok((StatusCode::CREATED, submit(state, multipart).await?))
 }
 
 /// What a submit form carried besides the source.
@@ -67,8 +54,7 @@ struct SubmitForm {
     run_at: Option<String>,
 }
 
-async fn submit(State(state): State<AppState>, headers: HeaderMap, body: MultipartBody) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn submit(State(state): State<AppState>, body: MultipartBody) -> ApiResult<Json<Value>> {
     let multipart = require_multipart(body)?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
@@ -225,82 +211,14 @@ fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
     }
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    limit: Option<String>,
-    before: Option<String>,
-    status: Option<String>,
-    platform: Option<String>,
-    worker_id: Option<String>,
-}
-
-/// B2: a bare JSON array, newest first, paginated with `?limit=` and `?before=<id>`.
-async fn list(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    QueryParams(q): QueryParams<ListQuery>,
-) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
-    let states = match q.status.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        None => None,
-        Some(status) => Some(states_for(status).ok_or_else(|| ApiError::bad_request("Invalid status"))?),
-    };
-    let platform = match q.platform.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        None => None,
-        Some(p) => Some(Platform::parse(p).ok_or_else(|| ApiError::bad_request("Invalid platform"))?),
-    };
-    let before = q.before.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    if before.is_some_and(|b| !ids::valid_id(b)) {
-        return Err(ApiError::bad_request("Invalid before cursor"));
-    }
-    let filter = BuildFilter {
-        states,
-        platform,
-        worker_id: auth::worker_id(q.worker_id.as_deref())?,
-        before: before.map(str::to_string),
-        since: None,
-        limit,
-    };
-    let builds = queue::list_builds(&state.pool, &filter).await?;
-    Ok(Json(Value::Array(builds.iter().map(views::build_list_entry).collect())))
-}
-
-/// The native states a `?status=` filter selects: G0 names cover their mapped states.
-fn states_for(status: &str) -> Option<Vec<String>> {
-    let names: &[&str] = match status {
-        "pending" => &["pending", "scheduled", "retryable"],
-        "failed" => &["failed", "cancelled"],
-        other => return queue::BuildState::parse(other).map(|s| vec![s.as_str().to_string()]),
-    };
-    Some(names.iter().map(|s| s.to_string()).collect())
-}
-
-/// B3: builds held by workers now.
-async fn active(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let builds = queue::active_builds(&state.pool).await?;
-    let entries: Vec<Value> = builds
-        .iter()
-        .map(|b| {
-            json!({
-                "id": b.id, "status": b.state().g0(), "platform": b.queue,
-                "worker_id": b.lease_owner, "started_at": views::ms(b.started_at),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "builds": entries })))
-}
-
 /// B4 (owner: admin key or the build's token).
-async fn status(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    let build = owned_build(&state, &headers, &id).await?;
+async fn status(OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<Value>> {
     Ok(Json(views::build_status(&build)))
 }
 
 /// B13: cancel; the body is ignored (the CLI sends an empty body with `Content-Type: application/json`).
-async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    owned_build(&state, &headers, &id).await?;
+async fn cancel(State(state): State<AppState>, OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<Value>> {
+    let id = build.id;
     let outcome = queue::cancel(&state.pool, &id, Utc::now()).await?;
     if let Some(worker) = &outcome.interrupted_worker {
         tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
@@ -311,9 +229,12 @@ async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): I
 /// B14: a new build from the original's stored source (and certs while still held). With only the
 /// build's token, the original must be finished and have no unfinished retry (R49); a full queue is
 /// 503 (R58). Both are checked before the source is copied, and again when the retry is inserted.
-async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    let original = owned_build(&state, &headers, &id).await?;
-    let limited = !auth::admin_if_present(&state, &headers)?;
+async fn retry(
+    State(state): State<AppState>,
+    OwnedBuild { build: original, admin }: OwnedBuild,
+) -> ApiResult<Json<Value>> {
+    let id = original.id.clone();
+    let limited = !admin;
     {
         let mut conn = state.pool.acquire().await?;
         queue::check_retry(&mut conn, &id, limited).await?;

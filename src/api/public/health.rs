@@ -1,12 +1,11 @@
-//! Public health and readiness (R22).
+//! Public health, readiness and fleet statistics (R22, B21): no credential.
 
 use axum::extract::State;
-use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiResult, AppState};
+use crate::api::{ApiError, ApiResult, AppState};
 use crate::queue;
 
 pub fn router() -> Router<AppState> {
@@ -15,21 +14,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/health", get(health))
         .route("/ready", get(ready))
         .route("/api/stats", get(stats))
-        .route("/metrics", get(prometheus))
-}
-
-/// Prometheus text format, for the admin key (`X-API-Key` or `Authorization: Bearer`).
-async fn prometheus(
-    State(state): State<AppState>,
-    headers: axum::http::HeaderMap,
-) -> ApiResult<axum::response::Response> {
-    let bearer = super::auth::header(&headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
-    match bearer {
-        Some(key) if crate::ids::secret_matches(key, &state.secrets.api_key) => {}
-        _ => super::auth::require_admin(&state, &headers)?,
-    }
-    let body = crate::metrics::render(&state.pool, state.events.subscribers()).await?;
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
 /// How long `/api/stats` answers from its cache.

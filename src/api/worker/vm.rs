@@ -9,26 +9,33 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{self, BuildCaller, CallerRules, VM_TOKEN};
-use super::downloads::{WorkerQuery, held_build};
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, QueryParams};
-use super::multipart::{MultipartBody, Parts, require_multipart};
-use super::results::{self, StagedResult};
-use super::{AppState, views};
+use super::files::{WorkerQuery, held_build};
+use crate::api::auth::{self, BuildCaller, CallerRules, VM_TOKEN};
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{IdPath, JsonBody, QueryParams};
+use crate::api::multipart::{MultipartBody, Parts, require_multipart};
+use crate::api::results::{self, StagedResult};
+use crate::api::{AppState, views};
 use crate::ids;
 use crate::queue::{self, VmTokenRecord};
 use crate::storage::certs;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/builds/{id}/authenticate", post(authenticate))
-        .route("/api/builds/{id}/vm-ready", post(vm_ready))
-        .route("/api/builds/{id}/vm-status", get(vm_status))
-        .route(
-            "/api/builds/{id}/artifact",
-            post(artifact).layer(DefaultBodyLimit::disable()),
-        )
+/// Trading the OTP (in the body) for a VM token.
+pub fn otp_router() -> Router<AppState> {
+    Router::new().route("/api/builds/{id}/authenticate", post(authenticate))
+}
+
+/// The VM's own calls (its `X-VM-Token`).
+pub fn vm_router() -> Router<AppState> {
+    Router::new().route("/api/builds/{id}/vm-ready", post(vm_ready)).route(
+        "/api/builds/{id}/artifact",
+        post(artifact).layer(DefaultBodyLimit::disable()),
+    )
+}
+
+/// The worker asking about its VM (build-scoped worker credential).
+pub fn status_router() -> Router<AppState> {
+    Router::new().route("/api/builds/{id}/vm-status", get(vm_status))
 }
 
 #[derive(Deserialize)]
@@ -67,11 +74,8 @@ async fn authenticate(
     ))
 }
 
-/// The caller of a VM-only endpoint.
+/// The caller of a VM-only endpoint (the group's layer required an `X-VM-Token`).
 async fn vm_caller(state: &AppState, headers: &HeaderMap, id: &str) -> ApiResult<BuildCaller> {
-    if auth::header(headers, VM_TOKEN).is_none() {
-        return Err(ApiError::unauthorized("Missing X-VM-Token header"));
-    }
     auth::build_caller(state, headers, id, None, CallerRules::default()).await
 }
 

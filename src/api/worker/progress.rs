@@ -1,52 +1,27 @@
-//! What running builds report: log lines (B5, B6), heartbeats (B11) and telemetry (B12).
+//! What running builds report: log lines (B6), heartbeats (B11) and telemetry (B12).
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{self, CallerRules};
-use super::builds::owned_build;
-use super::downloads::WorkerQuery;
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int, parse_json};
-use super::{AppState, views};
+use super::files::WorkerQuery;
+use crate::api::auth::{self, CallerRules};
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{IdPath, QueryParams, parse_json};
+use crate::api::{AppState, views};
 use crate::queue::{self, NewLogLine, QueueError};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/builds/{id}/logs", get(read_logs).post(post_logs))
+        .route("/api/builds/{id}/logs", post(post_logs))
         .route("/api/builds/{id}/heartbeat", post(heartbeat))
         .route("/api/builds/{id}/telemetry", post(telemetry))
-}
-
-#[derive(Deserialize)]
-struct LogsQuery {
-    after: Option<String>,
-    limit: Option<String>,
-}
-
-/// B5: every line, oldest first, or an incremental page with `?after=<seq>&limit=`.
-async fn read_logs(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    IdPath(id): IdPath,
-    QueryParams(q): QueryParams<LogsQuery>,
-) -> ApiResult<Json<Value>> {
-    owned_build(&state, &headers, &id).await?;
-    let after = bounded_int(q.after.as_deref(), "after", 0, i64::MAX)?.unwrap_or(0);
-    let limit = bounded_int(q.limit.as_deref(), "limit", 1, 100_000)?;
-    let lines = queue::read_logs(&state.pool, &id, after, limit).await?;
-    let logs: Vec<Value> = lines
-        .iter()
-        .map(|l| json!({ "seq": l.seq, "timestamp": l.ts.timestamp_millis(), "level": l.level, "message": l.message }))
-        .collect();
-    Ok(Json(json!({ "build_id": id, "logs": logs })))
 }
 
 const LEVELS: [&str; 4] = ["info", "warn", "error", "debug"];

@@ -1,4 +1,5 @@
-//! `/api/v2/builds`: listing with filters and cursors, detail, attempts, and the operator actions.
+//! `/api/v2/builds`: listing with filters and cursors, detail, attempts, and the operator actions
+//! (behind the admin key of the operator group; the work is in `ops`).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -9,14 +10,12 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth;
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, NoParams, QueryParams, bounded_int};
-use super::v2_views::{self as views, etagged};
-use super::{AppState, operations};
-use crate::ids;
+use super::views::{self, etagged};
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{IdPath, JsonBody, NoParams, QueryParams, bounded_int};
+use crate::api::{AppState, operations};
+use crate::queue;
 use crate::queue::operator::{self, WrongState};
-use crate::queue::{self, BuildFilter, BuildState, Platform};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -51,22 +50,16 @@ async fn list(
     headers: HeaderMap,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> ApiResult<Response> {
-    auth::require_admin(&state, &headers)?;
     let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
-    let states = match q.state.as_deref() {
-        None | Some("") => None,
-        Some(list) => Some(
-            list.split(',')
-                .map(|s| BuildState::parse(s.trim()).map(|s| s.as_str().to_string()))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| ApiError::bad_request("Invalid state"))?,
-        ),
-    };
-    let platform = match q.platform.as_deref().or(q.queue.as_deref()) {
-        None | Some("") => None,
-        Some(p) => Some(Platform::parse(p).ok_or_else(|| ApiError::bad_request("Invalid platform"))?),
-    };
-    let since = match q.since.as_deref() {
+    let platform = q.platform.as_deref().or(q.queue.as_deref());
+    let mut filter = operations::build_filter(
+        q.state.as_deref(),
+        platform,
+        q.worker.as_deref(),
+        q.cursor.as_deref(),
+        limit,
+    )?;
+    filter.since = match q.since.as_deref() {
         None | Some("") => None,
         Some(raw) => Some(
             DateTime::parse_from_rfc3339(raw)
@@ -74,31 +67,11 @@ async fn list(
                 .with_timezone(&Utc),
         ),
     };
-    let cursor = q.cursor.filter(|c| !c.is_empty());
-    if cursor.as_deref().is_some_and(|c| !ids::valid_id(c)) {
-        return Err(ApiError::bad_request("Invalid cursor"));
-    }
-    let worker_id = auth::worker_id(q.worker.as_deref())?;
-    let filter = BuildFilter {
-        states,
-        platform,
-        worker_id,
-        before: cursor,
-        since,
-        limit,
-    };
     Ok(etagged(&headers, operations::list_builds(&state.pool, filter).await?))
 }
 
 async fn show(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
-    auth::require_admin(&state, &headers)?;
-    let build = queue::find_build(&state.pool, &id)
-        .await?
-        .ok_or_else(ApiError::build_not_found)?;
-    let attempts = operator::attempts_of(&state.pool, &id).await?;
-    let mut body = views::build(&build);
-    body["attempts"] = json!(attempts.iter().map(views::attempt).collect::<Vec<_>>());
-    Ok(etagged(&headers, body))
+    Ok(etagged(&headers, operations::show_build(&state.pool, &id).await?))
 }
 
 async fn attempts(
@@ -107,7 +80,6 @@ async fn attempts(
     IdPath(id): IdPath,
     _: QueryParams<NoParams>,
 ) -> ApiResult<Response> {
-    auth::require_admin(&state, &headers)?;
     queue::find_build(&state.pool, &id)
         .await?
         .ok_or_else(ApiError::build_not_found)?;
@@ -118,15 +90,13 @@ async fn attempts(
     ))
 }
 
-async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     let build = operations::cancel_build(&state.pool, &id).await?;
     Ok(Json(build))
 }
 
 /// Re-runs the same build (failed or cancelled) as a new attempt.
-async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn retry(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     let build = operator::retry_same(&state.pool, &id, Utc::now())
         .await?
         .map_err(conflict)?;
@@ -144,11 +114,9 @@ struct RequeueQuery {
 /// `?drain=true` also drains that worker.
 async fn requeue(
     State(state): State<AppState>,
-    headers: HeaderMap,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<RequeueQuery>,
 ) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
     let build = operator::requeue(&state.pool, &id, q.drain.unwrap_or(false), Utc::now())
         .await?
         .map_err(conflict)?;
@@ -167,11 +135,9 @@ struct PatchBody {
 /// Changes priority, run_at or max_attempts of a build that is not running.
 async fn patch(
     State(state): State<AppState>,
-    headers: HeaderMap,
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<PatchBody>,
 ) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
     let priority = match body.priority {
         Some(p) if (-100..=100).contains(&p) => Some(p as i32),
         Some(_) => return Err(ApiError::bad_request("priority must be an integer from -100 to 100")),
@@ -198,8 +164,7 @@ async fn patch(
 }
 
 /// Purges the files and rows of a finished build.
-async fn delete(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<StatusCode> {
-    auth::require_admin(&state, &headers)?;
+async fn delete(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<StatusCode> {
     operator::finished_build_keys(&state.pool, &id)
         .await?
         .map_err(conflict)?;
@@ -209,8 +174,7 @@ async fn delete(State(state): State<AppState>, headers: HeaderMap, IdPath(id): I
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn revoke_token(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn revoke_token(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     operator::revoke_build_token(&state.pool, &id).await?;
     Ok(Json(json!({ "revoked": true })))
 }
