@@ -296,6 +296,34 @@ impl Credential {
         }
     }
 
+    /// The credential's name in the document (`x-credential`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Credential::Public => "public",
+            Credential::Admin => "admin_key",
+            Credential::AdminOrBearer => "admin_key_or_bearer",
+            Credential::Owner => "admin_key_or_build_token",
+            Credential::AdminOrWorkerToken => "admin_key_or_worker_token",
+            Credential::WorkerTokenOrAdmin => "worker_token_or_admin_key",
+            Credential::Upload => "upload",
+            Credential::WorkerToken => "worker_token",
+            Credential::BuildScoped => "build_scoped",
+            Credential::VmToken => "vm_token",
+            Credential::Otp => "otp",
+        }
+    }
+
+    /// The 401 message of a request without this credential; `None` for routes that need none.
+    pub fn missing_message(self) -> Option<&'static str> {
+        match self {
+            Credential::Public | Credential::Otp => None,
+            Credential::Owner => Some("Missing X-API-Key or X-Build-Token header"),
+            Credential::WorkerToken => Some("Missing X-Worker-Token header"),
+            Credential::VmToken => Some("Missing X-VM-Token header"),
+            _ => Some("Missing X-API-Key header"),
+        }
+    }
+
     /// Refuses a request that does not carry this credential (401 missing, 403 wrong), with the
     /// exact G0 wording.
     pub async fn check(self, state: &AppState, headers: &HeaderMap) -> ApiResult<Option<Worker>> {

@@ -55,7 +55,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub secrets: Arc<Secrets>,
     /// `/api/stats` answer and when it was computed.
-    pub stats_cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, serde_json::Value)>>>,
+    pub stats_cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, public::Stats)>>>,
     /// Wakes long-polling workers when their queue gets work.
     pub wakeups: Arc<Wakeups>,
     /// Flips to `true` when the server shuts down (releases long polls at once).
@@ -102,11 +102,13 @@ pub fn router(state: AppState) -> Router {
     let dashboard = crate::dashboard::router(&state)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn(record_duration));
-    Router::new()
-        .merge(public::router(&state))
-        .merge(worker::router(&state))
-        .merge(submitter::router(&state))
-        .merge(operator::router(&state))
+    let mut routes = Router::new();
+    for group in openapi::groups() {
+        let (group_routes, _) = group.build(&state);
+        routes = routes.merge(group_routes);
+    }
+    routes
+        .merge(openapi::swagger_ui())
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)

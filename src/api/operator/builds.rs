@@ -1,38 +1,43 @@
 //! `/api/v2/builds`: listing with filters and cursors, detail, attempts, and the operator actions
 //! (behind the admin key of the operator group; the work is in `ops`).
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::schema;
 use super::views::{self, etagged};
+use crate::api::error::CodedError;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{IdPath, JsonBody, NoParams, QueryParams, bounded_int};
+use crate::api::group::ApiRouter;
 use crate::api::{AppState, operations};
 use crate::queue;
 use crate::queue::operator::{self, WrongState};
+use utoipa::IntoParams;
+use utoipa_axum::routes;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v2/builds", get(list))
-        .route("/api/v2/builds/{id}", get(show).patch(patch).delete(delete))
-        .route("/api/v2/builds/{id}/attempts", get(attempts))
-        .route("/api/v2/builds/{id}/cancel", post(cancel))
-        .route("/api/v2/builds/{id}/retry", post(retry))
-        .route("/api/v2/builds/{id}/requeue", post(requeue))
-        .route("/api/v2/builds/{id}/tokens/revoke", post(revoke_token))
+pub fn router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show, patch, delete))
+        .routes(routes!(attempts))
+        .routes(routes!(cancel))
+        .routes(routes!(retry))
+        .routes(routes!(requeue))
+        .routes(routes!(revoke_token))
 }
 
 fn conflict(wrong: WrongState) -> ApiError {
     ApiError::conflict(wrong.0)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     state: Option<String>,
@@ -45,6 +50,9 @@ struct ListQuery {
 }
 
 /// Builds, newest first: `{"items": [...], "next_cursor": <id or null>}`.
+#[utoipa::path(get, path = "/api/v2/builds", params(ListQuery), responses(
+    (status = 200, description = "Builds, newest first (`ETag`; 304 with `If-None-Match`)", body = schema::BuildPage),
+    (status = 400, description = "A filter that does not parse", body = CodedError)))]
 async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -70,10 +78,16 @@ async fn list(
     Ok(etagged(&headers, operations::list_builds(&state.pool, filter).await?))
 }
 
+#[utoipa::path(get, path = "/api/v2/builds/{id}", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "The build with its attempts (`ETag`)", body = schema::BuildDetail),
+    (status = 404, description = "`Build not found`", body = CodedError)))]
 async fn show(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
     Ok(etagged(&headers, operations::show_build(&state.pool, &id).await?))
 }
 
+#[utoipa::path(get, path = "/api/v2/builds/{id}/attempts", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "Every attempt (`ETag`)", body = schema::AttemptPage),
+    (status = 404, description = "`Build not found`", body = CodedError)))]
 async fn attempts(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -90,12 +104,18 @@ async fn attempts(
     ))
 }
 
+#[utoipa::path(post, path = "/api/v2/builds/{id}/cancel", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "Cancelled", body = schema::Build),
+    (status = 409, description = "`Build already finished`", body = CodedError)))]
 async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     let build = operations::cancel_build(&state.pool, &id).await?;
     Ok(Json(build))
 }
 
 /// Re-runs the same build (failed or cancelled) as a new attempt.
+#[utoipa::path(post, path = "/api/v2/builds/{id}/retry", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "The same build, pending again for a new attempt", body = schema::Build),
+    (status = 409, description = "Not failed or cancelled", body = CodedError)))]
 async fn retry(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     let build = operator::retry_same(&state.pool, &id, Utc::now())
         .await?
@@ -104,7 +124,8 @@ async fn retry(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<J
     Ok(Json(views::build(&build)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RequeueQuery {
     drain: Option<bool>,
@@ -112,6 +133,9 @@ struct RequeueQuery {
 
 /// Gives a running attempt back to the queue, not to the same worker within the cool-off (R51);
 /// `?drain=true` also drains that worker.
+#[utoipa::path(post, path = "/api/v2/builds/{id}/requeue", params(("id" = String, Path, description = "Build id"), RequeueQuery), responses(
+    (status = 200, description = "The running attempt given back to the queue", body = schema::Build),
+    (status = 409, description = "Not running", body = CodedError)))]
 async fn requeue(
     State(state): State<AppState>,
     IdPath(id): IdPath,
@@ -125,18 +149,14 @@ async fn requeue(
     Ok(Json(views::build(&build)))
 }
 
-#[derive(Deserialize)]
-struct PatchBody {
-    priority: Option<i64>,
-    run_at: Option<String>,
-    max_attempts: Option<i64>,
-}
-
 /// Changes priority, run_at or max_attempts of a build that is not running.
+#[utoipa::path(patch, path = "/api/v2/builds/{id}", params(("id" = String, Path, description = "Build id")), request_body = schema::BuildPatch, responses(
+    (status = 200, description = "Changed", body = schema::Build),
+    (status = 409, description = "Running or final", body = CodedError)))]
 async fn patch(
     State(state): State<AppState>,
     IdPath(id): IdPath,
-    JsonBody(body): JsonBody<PatchBody>,
+    JsonBody(body): JsonBody<schema::BuildPatch>,
 ) -> ApiResult<Json<Value>> {
     let priority = match body.priority {
         Some(p) if (-100..=100).contains(&p) => Some(p as i32),
@@ -164,6 +184,9 @@ async fn patch(
 }
 
 /// Purges the files and rows of a finished build.
+#[utoipa::path(delete, path = "/api/v2/builds/{id}", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 204, description = "Files and rows purged"),
+    (status = 409, description = "Not finished", body = CodedError)))]
 async fn delete(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<StatusCode> {
     operator::finished_build_keys(&state.pool, &id)
         .await?
@@ -174,6 +197,9 @@ async fn delete(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/api/v2/builds/{id}/tokens/revoke", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "The build access token no longer works", body = schema::Revoked),
+    (status = 404, description = "`Build not found`", body = CodedError)))]
 async fn revoke_token(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     operator::revoke_build_token(&state.pool, &id).await?;
     Ok(Json(json!({ "revoked": true })))

@@ -1,26 +1,74 @@
 //! Diagnostic reports from workers (B20), behind the admin key of the operator group.
 
+use axum::Json;
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::routes;
 
+use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{JsonBody, QueryParams, bounded_int};
-use crate::api::{AppState, auth, views};
+use crate::api::group::ApiRouter;
+use crate::api::{AppState, auth};
+
+/// A report to store (B20).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReportRequest {
+    pub worker_id: String,
+    /// `healthy`, `warning` or `critical`.
+    pub status: String,
+    pub duration_ms: f64,
+    pub auto_fixed: Option<bool>,
+    /// The checks as the worker ran them (stored as sent).
+    pub checks: Vec<Value>,
+}
+
+/// A report stored.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Stored {
+    /// A UUID.
+    pub id: String,
+    /// Always `stored`.
+    pub status: String,
+}
+
+/// A stored report.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Report {
+    pub id: String,
+    pub worker_id: String,
+    pub status: String,
+    /// Epoch milliseconds.
+    pub run_at: i64,
+    pub duration_ms: i64,
+    pub auto_fixed: bool,
+    pub checks: Value,
+}
+
+/// A worker's reports, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReportList {
+    pub worker_id: String,
+    pub reports: Vec<Report>,
+}
 use crate::queue::{self, DiagnosticReport, NewReport};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/diagnostics/report", post(report))
-        .route("/api/diagnostics/{worker_id}", get(list))
-        .route("/api/diagnostics/{worker_id}/latest", get(latest))
+pub fn router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(report))
+        .routes(routes!(list))
+        .routes(routes!(latest))
 }
 
 /// Stores a report.
-async fn report(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/diagnostics/report", request_body = ReportRequest, responses(
+    (status = 200, description = "Stored", body = Stored),
+    (status = 400, description = "`Missing required fields: worker_id, status, duration_ms, checks`, `Invalid status. Must be: healthy, warning, or critical`, `checks must be an array`", body = ErrorBody),
+    (status = 404, description = "`Worker not found`", body = ErrorBody)))]
+async fn report(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Stored>> {
     let (Some(worker_id), Some(status), Some(duration), Some(checks)) = (
         body.get("worker_id"),
         body.get("status"),
@@ -53,20 +101,28 @@ async fn report(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) 
         checks: checks.clone(),
     };
     let id = queue::store_report(&state.pool, &report, Utc::now()).await?;
-    Ok(Json(json!({ "id": id, "status": "stored" })))
+    Ok(Json(Stored {
+        id,
+        status: "stored".into(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
     limit: Option<String>,
 }
 
-fn render(report: &DiagnosticReport) -> Value {
-    json!({
-        "id": report.id, "worker_id": report.worker_id, "status": report.status,
-        "run_at": views::ms(Some(report.run_at)), "duration_ms": report.duration_ms,
-        "auto_fixed": report.auto_fixed, "checks": report.checks.0,
-    })
+fn render(report: &DiagnosticReport) -> Report {
+    Report {
+        id: report.id.clone(),
+        worker_id: report.worker_id.clone(),
+        status: report.status.clone(),
+        run_at: report.run_at.timestamp_millis(),
+        duration_ms: report.duration_ms,
+        auto_fixed: report.auto_fixed,
+        checks: report.checks.0.clone(),
+    }
 }
 
 fn valid_worker(worker_id: &str) -> ApiResult<String> {
@@ -74,11 +130,14 @@ fn valid_worker(worker_id: &str) -> ApiResult<String> {
 }
 
 /// A worker's reports, newest first.
+#[utoipa::path(get, path = "/api/diagnostics/{worker_id}", params(("worker_id" = String, Path, description = "Worker id"), ListQuery), responses(
+    (status = 200, description = "The worker's reports, newest first", body = ReportList),
+    (status = 404, description = "`Worker not found`", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Path(worker_id): Path<String>,
     QueryParams(q): QueryParams<ListQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ReportList>> {
     let worker_id = valid_worker(&worker_id)?;
     let limit = bounded_int(q.limit.as_deref(), "limit", 1, 100)?.unwrap_or(10);
     // The deployed CLI's `doctor` expects 404 for an unknown worker (R54).
@@ -86,13 +145,17 @@ async fn list(
         .await?
         .ok_or_else(ApiError::worker_not_found)?;
     let reports = queue::list_reports(&state.pool, &worker_id, limit).await?;
-    Ok(Json(
-        json!({ "worker_id": worker_id, "reports": reports.iter().map(render).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(ReportList {
+        reports: reports.iter().map(render).collect(),
+        worker_id,
+    }))
 }
 
 /// A worker's newest report.
-async fn latest(State(state): State<AppState>, Path(worker_id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/api/diagnostics/{worker_id}/latest", params(("worker_id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "The newest report", body = Report),
+    (status = 404, description = "`Worker not found` or `No diagnostic reports found`", body = ErrorBody)))]
+async fn latest(State(state): State<AppState>, Path(worker_id): Path<String>) -> ApiResult<Json<Report>> {
     let worker_id = valid_worker(&worker_id)?;
     queue::find_worker(&state.pool, &worker_id)
         .await?

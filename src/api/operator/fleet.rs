@@ -1,40 +1,48 @@
 //! `/api/v2` for the fleet: workers and their operator states, platform queues, and the event stream.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::schema;
 use super::views::etagged;
+use crate::api::error::CodedError;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{IdPath, NoParams, QueryParams, bounded_int};
+use crate::api::group::ApiRouter;
 use crate::api::{AppState, auth, operations};
 use crate::events;
 use crate::queue;
+use utoipa::IntoParams;
+use utoipa_axum::routes;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v2/workers", get(list_workers))
-        .route("/api/v2/workers/{id}", get(show_worker).delete(revoke_worker))
-        .route("/api/v2/workers/{id}/drain", post(drain))
-        .route("/api/v2/workers/{id}/disable", post(disable))
-        .route("/api/v2/workers/{id}/enable", post(enable))
-        .route("/api/v2/queues", get(queues))
-        .route("/api/v2/queues/{platform}/pause", post(pause))
-        .route("/api/v2/queues/{platform}/resume", post(resume))
-        .route("/api/v2/events", get(events))
+pub fn router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(list_workers))
+        .routes(routes!(show_worker, revoke_worker))
+        .routes(routes!(drain))
+        .routes(routes!(disable))
+        .routes(routes!(enable))
+        .routes(routes!(queues))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(events))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct Page {
     cursor: Option<String>,
     limit: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v2/workers", params(Page), responses(
+    (status = 200, description = "Workers by id (`ETag`)", body = schema::WorkerPage),
+    (status = 400, description = "A parameter that does not parse", body = CodedError)))]
 async fn list_workers(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -46,6 +54,9 @@ async fn list_workers(
     Ok(etagged(&headers, page))
 }
 
+#[utoipa::path(get, path = "/api/v2/workers/{id}", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "The worker (`ETag`)", body = schema::Worker),
+    (status = 404, description = "`Worker not found`", body = CodedError)))]
 async fn show_worker(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
     Ok(etagged(&headers, operations::show_worker(&state.pool, &id).await?))
 }
@@ -57,23 +68,37 @@ async fn set_state(state: &AppState, id: &str, admin_state: &'static str) -> Api
 }
 
 /// Finish the current build, take no new one.
+#[utoipa::path(post, path = "/api/v2/workers/{id}/drain", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "Draining", body = schema::Worker),
+    (status = 404, description = "`Worker not found`", body = CodedError)))]
 async fn drain(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     set_state(&state, &id, "draining").await
 }
 
+#[utoipa::path(post, path = "/api/v2/workers/{id}/disable", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "Disabled", body = schema::Worker),
+    (status = 404, description = "`Worker not found`", body = CodedError)))]
 async fn disable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     set_state(&state, &id, "disabled").await
 }
 
+#[utoipa::path(post, path = "/api/v2/workers/{id}/enable", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "Active again", body = schema::Worker),
+    (status = 404, description = "`Worker not found`", body = CodedError)))]
 async fn enable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     set_state(&state, &id, "active").await
 }
 
 /// Revokes a worker: token dropped, offline, its attempt back in the queue.
+#[utoipa::path(delete, path = "/api/v2/workers/{id}", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "Revoked: token dropped, offline, its attempt back in the queue", body = schema::Worker),
+    (status = 404, description = "`Worker not found`", body = CodedError)))]
 async fn revoke_worker(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     set_state(&state, &id, "revoked").await
 }
 
+#[utoipa::path(get, path = "/api/v2/queues", responses(
+    (status = 200, description = "Every platform queue (`ETag`)", body = schema::QueuePage)))]
 async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParams<NoParams>) -> ApiResult<Response> {
     Ok(etagged(
         &headers,
@@ -81,10 +106,16 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParam
     ))
 }
 
+#[utoipa::path(post, path = "/api/v2/queues/{platform}/pause", params(("platform" = String, Path, description = "`ios` or `android`")), responses(
+    (status = 200, description = "Paused", body = schema::QueueState),
+    (status = 404, description = "`Queue not found`", body = CodedError)))]
 async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     Ok(Json(operations::set_paused(&state.pool, &name, true).await?))
 }
 
+#[utoipa::path(post, path = "/api/v2/queues/{platform}/resume", params(("platform" = String, Path, description = "`ios` or `android`")), responses(
+    (status = 200, description = "Running", body = schema::QueueState),
+    (status = 404, description = "`Queue not found`", body = CodedError)))]
 async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     let resumed = operations::set_paused(&state.pool, &name, false).await?;
     // Pollers of this instance look again at once; other instances follow the notification.
@@ -97,6 +128,10 @@ async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> ApiR
 /// Server-Sent Events of state changes on every instance (`crate::events::sse_response`): filters
 /// `?build=`, `?worker=`, `?kind=`; resume with `Last-Event-ID`. The subscription ends with the
 /// connection or at shutdown.
+#[utoipa::path(get, path = "/api/v2/events", params(schema::EventsQuery,
+    ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")), responses(
+    (status = 200, description = "Server-Sent Events: one JSON event per `data:`, with `id:`", content_type = "text/event-stream", body = String),
+    (status = 400, description = "A filter that does not parse", body = CodedError)))]
 async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,

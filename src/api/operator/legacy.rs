@@ -1,28 +1,65 @@
 //! The G0 admin endpoints (admin key, enforced by the operator group): build listing (B2), builds
 //! held now (B3), worker counters (B18) and unregistering a worker (B19).
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::routes;
 
+use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{IdPath, QueryParams, bounded_int};
+use crate::api::group::ApiRouter;
+use crate::api::views::{BuildListEntry, Unregistered};
 use crate::api::{AppState, auth, views};
+
+/// A build held now (B3).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ActiveBuild {
+    pub id: String,
+    #[schema(value_type = views::G0Status)]
+    pub status: String,
+    pub platform: String,
+    pub worker_id: Option<String>,
+    /// Epoch milliseconds.
+    pub started_at: Option<i64>,
+}
+
+/// `GET /api/builds/active` (B3).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ActiveBuilds {
+    pub builds: Vec<ActiveBuild>,
+}
+
+/// `GET /api/workers/:id/stats` (B18).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStats {
+    pub total_builds: i64,
+    pub successful_builds: i64,
+    pub failed_builds: i64,
+    pub worker_name: String,
+    /// `idle`, `busy` or `offline`.
+    pub status: String,
+    /// `"<d>d <h>h"`, `"<h>h <m>m"`, `"<m>m <s>s"` or `"<s>s"`.
+    pub uptime: String,
+}
+
 use crate::ids;
 use crate::queue::{self, BuildFilter, Platform};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/builds", get(list))
-        .route("/api/builds/active", get(active))
-        .route("/api/workers/{id}/unregister", post(unregister))
-        .route("/api/workers/{id}/stats", get(stats))
+pub fn router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(active))
+        .routes(routes!(unregister))
+        .routes(routes!(stats))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
     limit: Option<String>,
     before: Option<String>,
@@ -32,7 +69,13 @@ struct ListQuery {
 }
 
 /// B2: a bare JSON array, newest first, paginated with `?limit=` and `?before=<id>`.
-async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<ListQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/api/builds", params(ListQuery), responses(
+    (status = 200, description = "A bare JSON array, newest first", body = Vec<BuildListEntry>),
+    (status = 400, description = "`Invalid limit: …`, `Invalid status`, `Invalid platform`, `Invalid before cursor`", body = ErrorBody)))]
+async fn list(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> ApiResult<Json<Vec<BuildListEntry>>> {
     let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
     let states = match q.status.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         None => None,
@@ -55,7 +98,7 @@ async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<ListQue
         limit,
     };
     let builds = queue::list_builds(&state.pool, &filter).await?;
-    Ok(Json(Value::Array(builds.iter().map(views::build_list_entry).collect())))
+    Ok(Json(builds.iter().map(views::build_list_entry).collect()))
 }
 
 /// The native states a `?status=` filter selects: G0 names cover their mapped states.
@@ -69,39 +112,51 @@ fn states_for(status: &str) -> Option<Vec<String>> {
 }
 
 /// B3: builds held by workers now.
-async fn active(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/api/builds/active", responses(
+    (status = 200, description = "Builds in `assigned` or `building`", body = ActiveBuilds)))]
+async fn active(State(state): State<AppState>) -> ApiResult<Json<ActiveBuilds>> {
     let builds = queue::active_builds(&state.pool).await?;
-    let entries: Vec<Value> = builds
+    let builds = builds
         .iter()
-        .map(|b| {
-            json!({
-                "id": b.id, "status": b.state().g0(), "platform": b.queue,
-                "worker_id": b.lease_owner, "started_at": views::ms(b.started_at),
-            })
+        .map(|b| ActiveBuild {
+            id: b.id.clone(),
+            status: b.state().g0().to_string(),
+            platform: b.queue.clone(),
+            worker_id: b.lease_owner.clone(),
+            started_at: views::ms_opt(b.started_at),
         })
         .collect();
-    Ok(Json(json!({ "builds": entries })))
+    Ok(Json(ActiveBuilds { builds }))
 }
 
 /// B18: counters and uptime of a worker.
-async fn stats(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/api/workers/{id}/stats", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "Counters and uptime", body = WorkerStats),
+    (status = 404, description = "`Worker not found`", body = ErrorBody)))]
+async fn stats(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<WorkerStats>> {
     let worker = queue::find_worker(&state.pool, &id)
         .await?
         .ok_or_else(ApiError::worker_not_found)?;
     let uptime = (Utc::now() - worker.registered_at).num_seconds().max(0);
-    Ok(Json(json!({
-        "totalBuilds": worker.builds_completed + worker.builds_failed,
-        "successfulBuilds": worker.builds_completed,
-        "failedBuilds": worker.builds_failed,
-        "workerName": worker.name,
-        "status": worker.status,
-        "uptime": views::uptime(uptime),
-    })))
+    Ok(Json(WorkerStats {
+        total_builds: worker.builds_completed + worker.builds_failed,
+        successful_builds: worker.builds_completed,
+        failed_builds: worker.builds_failed,
+        worker_name: worker.name,
+        status: worker.status,
+        uptime: views::uptime(uptime),
+    }))
 }
 
 /// B19 (admin): take a worker out; its attempt goes back to the queue.
-async fn unregister(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/workers/{id}/unregister", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "Offline, token revoked, its attempt back in the queue", body = Unregistered),
+    (status = 404, description = "`Worker not found`", body = ErrorBody)))]
+async fn unregister(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Unregistered>> {
     let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
+    Ok(Json(Unregistered {
+        success: true,
+        builds_reassigned: moved,
+    }))
 }

@@ -6,22 +6,19 @@ mod diagnostics;
 mod fleet;
 mod legacy;
 mod metrics;
+pub mod schema;
 pub mod views;
 
-use axum::Router;
-
-use super::AppState;
 use super::auth::Credential;
-use super::group::{Caller, Group};
+use super::group::{ApiRouter, Caller, Group};
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    let admin = Router::new()
+pub fn group() -> Group {
+    let admin = ApiRouter::new()
         .merge(builds::router())
         .merge(fleet::router())
         .merge(legacy::router())
         .merge(diagnostics::router());
-    Group::new(Caller::Operator, state)
+    Group::new(Caller::Operator)
         .routes(Credential::Admin, admin)
         .routes(Credential::AdminOrBearer, metrics::router())
-        .into_router()
 }

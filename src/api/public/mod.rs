@@ -1,16 +1,18 @@
-//! Anyone: health, readiness, fleet statistics, and the API document with its Swagger UI.
+//! Anyone: health, readiness, fleet statistics, and the API document (Swagger UI at `/docs` is
+//! added beside it by `api::router`).
 
 mod health;
 
-use axum::Router;
+pub use health::Stats;
 
-use super::AppState;
 use super::auth::Credential;
-use super::group::{Caller, Group};
+use super::group::{ApiRouter, Caller, Group};
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    Group::new(Caller::Public, state)
+pub fn group() -> Group {
+    Group::new(Caller::Public)
         .routes(Credential::Public, health::router())
-        .routes(Credential::Public, super::openapi::router())
-        .into_router()
+        .routes(
+            Credential::Public,
+            ApiRouter::new().routes(utoipa_axum::routes!(super::openapi::openapi_json)),
+        )
 }

@@ -1,50 +1,133 @@
 //! Build endpoints for submitters and operators: submit, list, active, status, cancel, retry.
 
+use axum::Json;
 use axum::extract::{DefaultBodyLimit, Multipart, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
 
 use crate::api::auth::OwnedBuild;
+use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::bounded_int;
+use crate::api::group::ApiRouter;
 use crate::api::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
+use crate::api::views::BuildStatus;
 use crate::api::{AppState, views};
 use crate::ids;
 use crate::queue::{self, Build, NewBuild, Platform};
 use crate::storage::{Key, Stored, WriteError, bundle, certs};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::routes;
 
-/// Submitting (the admin key).
-pub fn submit_router() -> Router<AppState> {
-    Router::new()
-        .route("/api/builds/submit", post(submit_g0).layer(DefaultBodyLimit::disable()))
-        .route("/api/builds", post(submit_created).layer(DefaultBodyLimit::disable()))
+/// Submitting (the admin key). Uploads are bounded by their own limits, not the default body limit.
+pub fn submit_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(submit_g0))
+        .routes(routes!(submit_created))
+        .layer(DefaultBodyLimit::disable())
 }
 
 /// Following a build (its owner).
-pub fn owner_router() -> Router<AppState> {
-    Router::new()
-        .route("/api/builds/{id}/status", get(status))
-        .route("/api/builds/{id}/cancel", post(cancel))
-        .route("/api/builds/{id}/retry", post(retry))
+pub fn owner_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(cancel))
+        .routes(routes!(retry))
+}
+
+/// `ios` or `android`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformName {
+    Ios,
+    Android,
+}
+
+/// The multipart form of a submit (B1). Parts are streamed to storage as they arrive.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct SubmitForm {
+    /// The app's source archive (zip).
+    #[schema(value_type = String, format = Binary)]
+    pub source: Vec<u8>,
+    /// A certs zip (`*.p12`, `password.txt`, `*.mobileprovision`) or a raw PKCS#12 file.
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub certs: Option<Vec<u8>>,
+    /// A `.mobileprovision` file, added to the certs bundle.
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub profile: Option<Vec<u8>>,
+    pub platform: PlatformName,
+    /// −100..100 (default 0).
+    pub priority: Option<i32>,
+    /// 1..10.
+    pub max_attempts: Option<i32>,
+    /// RFC 3339: a scheduled build.
+    pub run_at: Option<String>,
+    /// Accepted and dropped (never stored in clear).
+    #[serde(rename = "appleId")]
+    pub apple_id: Option<String>,
+    /// Accepted and dropped (never stored in clear).
+    #[serde(rename = "applePassword")]
+    pub apple_password: Option<String>,
+}
+
+/// A build submitted (B1).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Submitted {
+    pub id: String,
+    /// Always `pending`.
+    pub status: String,
+    /// Epoch milliseconds.
+    pub submitted_at: i64,
+    /// The build access token (`X-Build-Token`): read, cancel and retry this build.
+    pub access_token: String,
+}
+
+/// A build retried as a new build (B14).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Retried {
+    pub id: String,
+    /// Always `pending`.
+    pub status: String,
+    /// Epoch milliseconds.
+    pub submitted_at: i64,
+    /// The new build's access token.
+    pub access_token: String,
+    pub original_build_id: String,
+}
+
+/// A build cancelled (B13).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Cancelled {
+    /// Always `cancelled`.
+    pub status: String,
 }
 
 /// B1: 200 with the new build.
-async fn submit_g0(state: State<AppState>, multipart: MultipartBody) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/builds/submit", request_body(content = SubmitForm, content_type = "multipart/form-data"), responses(
+    (status = 200, description = "Submitted", body = Submitted),
+    (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
+    (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
+async fn submit_g0(state: State<AppState>, multipart: MultipartBody) -> ApiResult<Json<Submitted>> {
     submit(state, multipart).await
 }
 
 /// B1 alias `POST /api/builds`: 201 with the same body.
-async fn submit_created(state: State<AppState>, multipart: MultipartBody) -> ApiResult<(StatusCode, Json<Value>)> {
+#[utoipa::path(post, path = "/api/builds", request_body(content = SubmitForm, content_type = "multipart/form-data"), responses(
+    (status = 201, description = "Submitted", body = Submitted),
+    (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
+    (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
+async fn submit_created(state: State<AppState>, multipart: MultipartBody) -> ApiResult<(StatusCode, Json<Submitted>)> {
     Ok((StatusCode::CREATED, submit(state, multipart).await?))
 }
 
-/// What a submit form carried besides the source.
+/// What a submit form carried.
 #[derive(Default)]
-struct SubmitForm {
+struct SubmitParts {
     source: Option<Stored>,
     certs: Option<Bytes>,
     profile: Option<Bytes>,
@@ -54,7 +137,7 @@ struct SubmitForm {
     run_at: Option<String>,
 }
 
-async fn submit(State(state): State<AppState>, body: MultipartBody) -> ApiResult<Json<Value>> {
+async fn submit(State(state): State<AppState>, body: MultipartBody) -> ApiResult<Json<Submitted>> {
     let multipart = require_multipart(body)?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
@@ -70,7 +153,7 @@ async fn submit(State(state): State<AppState>, body: MultipartBody) -> ApiResult
             "generated id {build_id} is not a valid key"
         )));
     };
-    let mut form = SubmitForm::default();
+    let mut form = SubmitParts::default();
     let outcome = match read_submit_form(&state, multipart, &source_key, &full, &mut form).await {
         Ok(()) => create_build(&state, &build_id, &source_key, &certs_key, form).await,
         Err(e) => Err(e),
@@ -88,7 +171,7 @@ async fn read_submit_form(
     multipart: Multipart,
     source_key: &Key,
     full: &[Platform],
-    form: &mut SubmitForm,
+    form: &mut SubmitParts,
 ) -> ApiResult<()> {
     let limits = &state.config;
     let mut parts = Parts::new(multipart);
@@ -134,8 +217,8 @@ async fn create_build(
     build_id: &str,
     source_key: &Key,
     certs_key: &Key,
-    form: SubmitForm,
-) -> ApiResult<Json<Value>> {
+    form: SubmitParts,
+) -> ApiResult<Json<Submitted>> {
     let Some(source) = form.source else {
         return Err(ApiError::bad_request("Source file required"));
     };
@@ -174,12 +257,12 @@ async fn create_build(
         original_build_id: None,
     };
     let build = enqueue(state, &new).await?;
-    Ok(Json(json!({
-        "id": build.id,
-        "status": "pending",
-        "submitted_at": build.submitted_at.timestamp_millis(),
-        "access_token": access_token,
-    })))
+    Ok(Json(Submitted {
+        id: build.id,
+        status: "pending".into(),
+        submitted_at: build.submitted_at.timestamp_millis(),
+        access_token,
+    }))
 }
 
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the
@@ -212,27 +295,42 @@ fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
 }
 
 /// B4 (owner: admin key or the build's token).
-async fn status(OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/api/builds/{id}/status", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "The build in the G0 vocabulary", body = BuildStatus),
+    (status = 403, description = "`Invalid or expired build token` or `Invalid API key`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody)))]
+async fn status(OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<BuildStatus>> {
     Ok(Json(views::build_status(&build)))
 }
 
 /// B13: cancel; the body is ignored (the CLI sends an empty body with `Content-Type: application/json`).
-async fn cancel(State(state): State<AppState>, OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/builds/{id}/cancel", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "Cancelled", body = Cancelled),
+    (status = 400, description = "`Build already finished`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody)))]
+async fn cancel(State(state): State<AppState>, OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<Cancelled>> {
     let id = build.id;
     let outcome = queue::cancel(&state.pool, &id, Utc::now()).await?;
     if let Some(worker) = &outcome.interrupted_worker {
         tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
     }
-    Ok(Json(json!({ "status": "cancelled" })))
+    Ok(Json(Cancelled {
+        status: "cancelled".into(),
+    }))
 }
 
 /// B14: a new build from the original's stored source (and certs while still held). With only the
 /// build's token, the original must be finished and have no unfinished retry (R49); a full queue is
 /// 503 (R58). Both are checked before the source is copied, and again when the retry is inserted.
+#[utoipa::path(post, path = "/api/builds/{id}/retry", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "A new build from the original's source", body = Retried),
+    (status = 400, description = "`Original build source no longer available. Please submit a new build.`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 503, description = "`Build queue is full`", body = ErrorBody)))]
 async fn retry(
     State(state): State<AppState>,
     OwnedBuild { build: original, admin }: OwnedBuild,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Retried>> {
     let id = original.id.clone();
     let limited = !admin;
     {
@@ -283,11 +381,11 @@ async fn retry(
             return Err(e.into());
         }
     };
-    Ok(Json(json!({
-        "id": build.id,
-        "status": "pending",
-        "submitted_at": build.submitted_at.timestamp_millis(),
-        "access_token": access_token,
-        "original_build_id": original.id,
-    })))
+    Ok(Json(Retried {
+        id: build.id,
+        status: "pending".into(),
+        submitted_at: build.submitted_at.timestamp_millis(),
+        access_token,
+        original_build_id: original.id,
+    }))
 }

@@ -6,19 +6,15 @@ mod builds;
 mod downloads;
 mod logs;
 
-use axum::Router;
-
-use super::AppState;
 use super::auth::Credential;
-use super::group::{Caller, Group};
+use super::group::{ApiRouter, Caller, Group};
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    let owner = Router::new()
+pub fn group() -> Group {
+    let owner = ApiRouter::new()
         .merge(builds::owner_router())
         .merge(logs::router())
         .merge(downloads::router());
-    Group::new(Caller::Submitter, state)
+    Group::new(Caller::Submitter)
         .routes(Credential::Admin, builds::submit_router())
         .routes(Credential::Owner, owner)
-        .into_router()
 }

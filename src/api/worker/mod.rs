@@ -4,17 +4,15 @@
 
 mod files;
 mod progress;
+pub mod schema;
 mod vm;
 mod workers;
 
-use axum::Router;
-
-use super::AppState;
 use super::auth::Credential;
 use super::group::{Caller, Group};
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    Group::new(Caller::Worker, state)
+pub fn group() -> Group {
+    Group::new(Caller::Worker)
         .routes(Credential::AdminOrWorkerToken, workers::register_router())
         .routes(Credential::WorkerTokenOrAdmin, workers::poll_router())
         .routes(Credential::Upload, workers::upload_router())
@@ -24,5 +22,4 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .routes(Credential::BuildScoped, vm::status_router())
         .routes(Credential::VmToken, vm::vm_router())
         .routes(Credential::Otp, vm::otp_router())
-        .into_router()
 }

@@ -1,41 +1,43 @@
 //! Token-era VM endpoints (api.md §4): trade the OTP for a VM token, report readiness, upload the
 //! artifact; and `vm-status` for the worker holding the build.
 
+use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::files::{WorkerQuery, held_build};
+use super::schema::{ArtifactForm, AuthenticateRequest, Success, VmReady, VmStatus, VmToken};
+use crate::api::AppState;
 use crate::api::auth::{self, BuildCaller, CallerRules, VM_TOKEN};
+use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{IdPath, JsonBody, QueryParams};
+use crate::api::group::ApiRouter;
 use crate::api::multipart::{MultipartBody, Parts, require_multipart};
 use crate::api::results::{self, StagedResult};
-use crate::api::{AppState, views};
 use crate::ids;
 use crate::queue::{self, VmTokenRecord};
 use crate::storage::certs;
+use utoipa_axum::routes;
 
 /// Trading the OTP (in the body) for a VM token.
-pub fn otp_router() -> Router<AppState> {
-    Router::new().route("/api/builds/{id}/authenticate", post(authenticate))
+pub fn otp_router() -> ApiRouter {
+    ApiRouter::new().routes(routes!(authenticate))
 }
 
-/// The VM's own calls (its `X-VM-Token`).
-pub fn vm_router() -> Router<AppState> {
-    Router::new().route("/api/builds/{id}/vm-ready", post(vm_ready)).route(
-        "/api/builds/{id}/artifact",
-        post(artifact).layer(DefaultBodyLimit::disable()),
-    )
+/// The VM's own calls (its `X-VM-Token`); the artifact is bounded by the result limit.
+pub fn vm_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(artifact))
+        .layer(DefaultBodyLimit::disable())
+        .routes(routes!(vm_ready))
 }
 
 /// The worker asking about its VM (build-scoped worker credential).
-pub fn status_router() -> Router<AppState> {
-    Router::new().route("/api/builds/{id}/vm-status", get(vm_status))
+pub fn status_router() -> ApiRouter {
+    ApiRouter::new().routes(routes!(vm_status))
 }
 
 #[derive(Deserialize)]
@@ -44,11 +46,15 @@ struct AuthenticateBody {
 }
 
 /// Trades the attempt's one-time password for a VM token (single use).
+#[utoipa::path(post, path = "/api/builds/{id}/authenticate", params(("id" = String, Path, description = "Build id")), request_body = AuthenticateRequest, responses(
+    (status = 200, description = "The OTP is consumed; a VM token for this attempt", body = VmToken),
+    (status = 400, description = "`otp required`", body = ErrorBody),
+    (status = 401, description = "`Invalid or expired OTP`", body = ErrorBody)))]
 async fn authenticate(
     State(state): State<AppState>,
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<AuthenticateBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<VmToken>> {
     let otp = body
         .otp
         .filter(|o| !o.is_empty())
@@ -69,9 +75,10 @@ async fn authenticate(
     )
     .await?
     .ok_or_else(|| ApiError::unauthorized("Invalid or expired OTP"))?;
-    Ok(Json(
-        json!({ "vm_token": token, "expires_at": expires.timestamp_millis() }),
-    ))
+    Ok(Json(VmToken {
+        vm_token: token,
+        expires_at: expires.timestamp_millis(),
+    }))
 }
 
 /// The caller of a VM-only endpoint (the group's layer required an `X-VM-Token`).
@@ -80,21 +87,32 @@ async fn vm_caller(state: &AppState, headers: &HeaderMap, id: &str) -> ApiResult
 }
 
 /// Records that the VM booted; counts as a heartbeat.
-async fn vm_ready(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/builds/{id}/vm-ready", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "Recorded; counts as a heartbeat", body = VmReady),
+    (status = 403, description = "`Worker not authorized for this build`, `Invalid API key`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
+async fn vm_ready(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<VmReady>> {
     let caller = vm_caller(&state, &headers, &id).await?;
     let ready = queue::mark_vm_ready(&state.pool, &id, caller.holder(), &state.config.queue, Utc::now()).await?;
-    Ok(Json(
-        json!({ "success": true, "vm_ready_at": ready.timestamp_millis() }),
-    ))
+    Ok(Json(VmReady {
+        success: true,
+        vm_ready_at: ready.timestamp_millis(),
+    }))
 }
 
 /// For the worker holding the build: whether its VM is ready, and the VM token when it is.
+#[utoipa::path(get, path = "/api/builds/{id}/vm-status", params(("id" = String, Path, description = "Build id"), ("worker_id" = Option<String>, Query, description = "With the admin key: the worker holding the build (or header `X-Worker-Id`)")), responses(
+    (status = 200, description = "Whether the VM is ready (with its token when it is)", body = VmStatus),
+    (status = 403, description = "`Worker not authorized for this build`, `Invalid API key`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
 async fn vm_status(
     State(state): State<AppState>,
     headers: HeaderMap,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<WorkerQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<VmStatus>> {
     if auth::header(&headers, VM_TOKEN).is_some() {
         return Err(ApiError::forbidden("Worker not authorized for this build"));
     }
@@ -105,22 +123,33 @@ async fn vm_status(
         .as_deref()
         .and_then(|sealed| certs::decrypt(&state.secrets.certs_key, sealed));
     match (build.vm_ready_at, token) {
-        (Some(ready), Some(token)) => Ok(Json(json!({
-            "vm_ready": true,
-            "vm_token": String::from_utf8_lossy(&token),
-            "vm_ready_at": views::ms(Some(ready)),
-        }))),
-        _ => Ok(Json(json!({ "vm_ready": false }))),
+        (Some(ready), Some(token)) => Ok(Json(VmStatus {
+            vm_ready: true,
+            vm_token: Some(String::from_utf8_lossy(&token).into_owned()),
+            vm_ready_at: Some(ready.timestamp_millis()),
+        })),
+        _ => Ok(Json(VmStatus {
+            vm_ready: false,
+            vm_token: None,
+            vm_ready_at: None,
+        })),
     }
 }
 
 /// The VM uploads the result (`artifact` part) and completes its attempt.
+#[utoipa::path(post, path = "/api/builds/{id}/artifact", params(("id" = String, Path, description = "Build id")), request_body(content = ArtifactForm, content_type = "multipart/form-data"), responses(
+    (status = 200, description = "Stored; the attempt is completed", body = Success),
+    (status = 400, description = "`No artifact file provided`", body = ErrorBody),
+    (status = 413, description = "`Result file too large`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`, `Invalid API key`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
 async fn artifact(
     State(state): State<AppState>,
     headers: HeaderMap,
     IdPath(id): IdPath,
     body: MultipartBody,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Success>> {
     let caller = vm_caller(&state, &headers, &id).await?;
     let multipart = require_multipart(body)?;
     let mut parts = Parts::new(multipart);
@@ -142,5 +171,5 @@ async fn artifact(
     results::complete_with(&state, &id, &caller, staged)
         .await
         .map_err(ApiError::from)?;
-    Ok(Json(json!({ "success": true })))
+    Ok(Json(Success { success: true }))
 }

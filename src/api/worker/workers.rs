@@ -3,49 +3,55 @@
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, header};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use super::schema::{
+    AbandonRequest, Abandoned, FailureReport, PollAnswer, PollQuery, RegisterRequest as RegisterDoc, Registered,
+    ReportStatus, UploadForm as UploadFormDoc,
+};
 use crate::api::auth::{self, CallerRules, TokenWorker, WORKER_TOKEN, header};
+use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{JsonBody, QueryParams, bounded_int, parse_json};
+use crate::api::group::ApiRouter;
 use crate::api::multipart::{Parts, read_text};
 use crate::api::results::{self, StagedResult};
+use crate::api::views::Unregistered;
 use crate::api::{AppState, views};
 use crate::ids;
 use crate::queue::{self, Failure, FailureKind, RegisterRequest, Worker};
+use utoipa_axum::routes;
 
 /// Register (the admin key, or the worker's own token to re-register).
-pub fn register_router() -> Router<AppState> {
-    Router::new().route("/api/workers/register", post(register))
+pub fn register_router() -> ApiRouter {
+    ApiRouter::new().routes(routes!(register))
 }
 
 /// Poll (a worker token, or the admin key with `?worker_id=`).
-pub fn poll_router() -> Router<AppState> {
-    Router::new().route("/api/workers/poll", get(poll))
+pub fn poll_router() -> ApiRouter {
+    ApiRouter::new().routes(routes!(poll))
 }
 
-/// Result reports (a VM token, a worker token or the admin key, checked before the body is read).
-pub fn upload_router() -> Router<AppState> {
-    Router::new()
-        .route("/api/workers/upload", post(upload).layer(DefaultBodyLimit::disable()))
-        .route(
-            "/api/workers/result",
-            post(upload_success).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/api/workers/fail", post(upload_failure))
+/// Result reports (a VM token, a worker token or the admin key, checked before the body is read),
+/// bounded by the result limit rather than the default body limit.
+pub fn upload_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(upload))
+        .routes(routes!(upload_success))
+        .layer(DefaultBodyLimit::disable())
+        .routes(routes!(upload_failure))
 }
 
 /// What only a worker's own token may do.
-pub fn token_router() -> Router<AppState> {
-    Router::new()
-        .route("/api/workers/unregister", post(unregister_self))
-        .route("/api/workers/abandon", post(abandon))
+pub fn token_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(unregister_self))
+        .routes(routes!(abandon))
 }
 
 #[derive(Deserialize)]
@@ -56,11 +62,15 @@ struct RegisterBody {
 }
 
 /// B15: admin key, or a worker's own token to re-register it.
+#[utoipa::path(post, path = "/api/workers/register", request_body = RegisterDoc, responses(
+    (status = 200, description = "Registered, with the worker token", body = Registered),
+    (status = 400, description = "`Name and capabilities required`", body = ErrorBody),
+    (status = 403, description = "`Invalid API key`", body = ErrorBody)))]
 async fn register(
     State(state): State<AppState>,
     token_worker: Option<Extension<TokenWorker>>,
     JsonBody(body): JsonBody<RegisterBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Registered>> {
     // Set by the credential layer when the caller re-registers with its own token.
     let caller_worker = token_worker.map(|Extension(TokenWorker(worker))| worker.id);
     let name = body.name.filter(|n| !n.trim().is_empty());
@@ -78,27 +88,30 @@ async fn register(
     };
     let registration = queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    Ok(Json(json!({
-        "id": registration.worker.id,
-        "status": if registration.reregistered { "re-registered" } else { "registered" },
-        "access_token": registration.token,
-        "baseImageId": state.config.base_image_id,
-    })))
-}
-
-#[derive(Deserialize)]
-struct PollQuery {
-    worker_id: Option<String>,
-    wait: Option<String>,
+    let status = if registration.reregistered {
+        "re-registered"
+    } else {
+        "registered"
+    };
+    Ok(Json(Registered {
+        id: registration.worker.id,
+        status: status.into(),
+        access_token: registration.token,
+        base_image_id: state.config.base_image_id.clone(),
+    }))
 }
 
 /// B16: the held attempt again, or a newly claimed build, or `{"job": null}`.
+#[utoipa::path(get, path = "/api/workers/poll", params(PollQuery), responses(
+    (status = 200, description = "The held attempt again, a newly claimed build, or `{\"job\": null}`", body = PollAnswer),
+    (status = 400, description = "`worker_id required`", body = ErrorBody),
+    (status = 404, description = "`Worker not found`", body = ErrorBody)))]
 async fn poll(
     State(state): State<AppState>,
     headers: HeaderMap,
     token_worker: Option<Extension<TokenWorker>>,
     QueryParams(query): QueryParams<PollQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PollAnswer>> {
     let token_worker = token_worker.map(|Extension(TokenWorker(worker))| worker);
     let (worker, token) = poll_caller(&state, &headers, token_worker, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
@@ -107,11 +120,10 @@ async fn poll(
         state.workers.seen(&worker.id, now);
     }
     let claim = claim_or_wait(&state, &worker, Duration::from_secs(wait as u64)).await?;
-    let mut answer = json!({ "job": claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)) });
-    if let Some(token) = token {
-        answer["access_token"] = json!(token);
-    }
-    Ok(Json(answer))
+    Ok(Json(PollAnswer {
+        job: claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)),
+        access_token: token,
+    }))
 }
 
 /// Claims for the worker; with `wait`, holds the request until its queue gets work (woken by NOTIFY),
@@ -193,17 +205,39 @@ struct UploadForm {
 }
 
 /// B17: the holder of the current attempt reports success (with the result) or failure.
-async fn upload(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/workers/upload", request_body(content = UploadFormDoc, content_type = "multipart/form-data"), responses(
+    (status = 200, description = "`success` (completed) or `failed`", body = ReportStatus),
+    (status = 400, description = "`build_id and worker_id required`, `Missing result file`, `Content must be multipart/form-data`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 404, description = "`Build not found` or `Worker not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody),
+    (status = 413, description = "`Result file too large`", body = ErrorBody)))]
+async fn upload(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<ReportStatus>> {
     report(state, headers, request, None).await
 }
 
 /// B17 alias: a success report.
-async fn upload_success(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/workers/result", request_body(content = UploadFormDoc, content_type = "multipart/form-data"), responses(
+    (status = 200, description = "`success`", body = ReportStatus),
+    (status = 400, description = "`build_id and worker_id required`, `Missing result file`, `Content must be multipart/form-data`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 404, description = "`Build not found` or `Worker not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody),
+    (status = 413, description = "`Result file too large`", body = ErrorBody)))]
+async fn upload_success(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<ReportStatus>> {
     report(state, headers, request, Some(true)).await
 }
 
 /// B17 alias: a failure report, JSON or multipart.
-async fn upload_failure(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/workers/fail", request_body(content(
+    (FailureReport = "application/json"), (UploadFormDoc = "multipart/form-data"))), responses(
+    (status = 200, description = "`failed`", body = ReportStatus),
+    (status = 400, description = "`build_id and worker_id required`, `Missing result file`, `Content must be multipart/form-data`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 404, description = "`Build not found` or `Worker not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody),
+    (status = 413, description = "`Result file too large`", body = ErrorBody)))]
+async fn upload_failure(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<ReportStatus>> {
     report(state, headers, request, Some(false)).await
 }
 
@@ -212,7 +246,7 @@ async fn report(
     headers: HeaderMap,
     request: Request,
     success: Option<bool>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ReportStatus>> {
     // The credential was checked by the group's layer before a byte of the body was read (R41).
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -261,12 +295,14 @@ async fn finish_report(
     headers: &HeaderMap,
     form: UploadForm,
     staged: Option<StagedResult>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ReportStatus>> {
     let outcome = apply_report(state, headers, &form, staged.is_some()).await;
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
             match results::complete_with(state, &build_id, &caller, staged).await {
-                Ok(()) => Ok(Json(json!({ "status": "success" }))),
+                Ok(()) => Ok(Json(ReportStatus {
+                    status: "success".into(),
+                })),
                 Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
                 Err(results::CompleteError::Api(e)) => Err(e),
             }
@@ -290,7 +326,7 @@ enum Report {
         caller: auth::BuildCaller,
     },
     /// Done; answer this.
-    Answered(Value),
+    Answered(ReportStatus),
 }
 
 async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, has_file: bool) -> ApiResult<Report> {
@@ -332,7 +368,9 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         )
         .await;
         return match outcome {
-            Ok(_) => Ok(Report::Answered(json!({ "status": "failed" }))),
+            Ok(_) => Ok(Report::Answered(ReportStatus {
+                status: "failed".into(),
+            })),
             Err(e) => Err(explain(state, &caller.worker_id, e).await),
         };
     }
@@ -347,7 +385,9 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         && build.result_key.is_some()
         && build.worker_id.as_deref() == Some(caller.worker_id.as_str());
     if completed_by_caller {
-        return Ok(Report::Answered(json!({ "status": "success" })));
+        return Ok(Report::Answered(ReportStatus {
+            status: "success".into(),
+        }));
     }
     if build.state().is_final() {
         return Err(ApiError::attempt_not_active());
@@ -372,13 +412,18 @@ async fn explain(state: &AppState, worker_id: &str, error: queue::QueueError) ->
 }
 
 /// B19 (worker token): a worker takes itself out.
+#[utoipa::path(post, path = "/api/workers/unregister", responses(
+    (status = 200, description = "Offline, token revoked, its attempt back in the queue", body = Unregistered)))]
 async fn unregister_self(
     State(state): State<AppState>,
     Extension(TokenWorker(worker)): Extension<TokenWorker>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Unregistered>> {
     let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
+    Ok(Json(Unregistered {
+        success: true,
+        builds_reassigned: moved,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -388,11 +433,16 @@ struct AbandonBody {
 }
 
 /// §4: the holder gives its attempt back (an infrastructure failure: retried while attempts remain).
+#[utoipa::path(post, path = "/api/workers/abandon", request_body = AbandonRequest, responses(
+    (status = 200, description = "The attempt given back (an infrastructure failure)", body = Abandoned),
+    (status = 400, description = "`build_id required`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
 async fn abandon(
     State(state): State<AppState>,
     Extension(TokenWorker(worker)): Extension<TokenWorker>,
     JsonBody(body): JsonBody<AbandonBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Abandoned>> {
     let build_id = body
         .build_id
         .filter(|id| ids::valid_id(id))
@@ -415,5 +465,8 @@ async fn abandon(
         Utc::now(),
     )
     .await?;
-    Ok(Json(json!({ "success": true, "status": build.state().g0() })))
+    Ok(Json(Abandoned {
+        success: true,
+        status: build.state().g0().to_string(),
+    }))
 }
