@@ -100,7 +100,10 @@ async fn attempts(
     let attempts = operator::attempts_of(&state.pool, &id).await?;
     Ok(etagged(
         &headers,
-        json!({ "items": attempts.iter().map(views::attempt).collect::<Vec<_>>(), "next_cursor": null }),
+        json!(schema::AttemptPage {
+            items: attempts.iter().map(views::attempt).collect(),
+            next_cursor: None,
+        }),
     ))
 }
 
@@ -116,7 +119,7 @@ async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<
 #[utoipa::path(post, path = "/api/v2/builds/{id}/retry", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "The same build, pending again for a new attempt", body = schema::Build),
     (status = 409, description = "Not failed or cancelled", body = CodedError)))]
-async fn retry(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+async fn retry(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<schema::Build>> {
     let build = operator::retry_same(&state.pool, &id, Utc::now())
         .await?
         .map_err(conflict)?;
@@ -140,7 +143,7 @@ async fn requeue(
     State(state): State<AppState>,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<RequeueQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<schema::Build>> {
     let build = operator::requeue(&state.pool, &id, q.drain.unwrap_or(false), Utc::now())
         .await?
         .map_err(conflict)?;
@@ -157,7 +160,7 @@ async fn patch(
     State(state): State<AppState>,
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<schema::BuildPatch>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<schema::Build>> {
     let priority = match body.priority {
         Some(p) if (-100..=100).contains(&p) => Some(p as i32),
         Some(_) => return Err(ApiError::bad_request("priority must be an integer from -100 to 100")),
@@ -200,7 +203,7 @@ async fn delete(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<
 #[utoipa::path(post, path = "/api/v2/builds/{id}/tokens/revoke", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "The build access token no longer works", body = schema::Revoked),
     (status = 404, description = "`Build not found`", body = CodedError)))]
-async fn revoke_token(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+async fn revoke_token(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<schema::Revoked>> {
     operator::revoke_build_token(&state.pool, &id).await?;
-    Ok(Json(json!({ "revoked": true })))
+    Ok(Json(schema::Revoked { revoked: true }))
 }
