@@ -155,15 +155,23 @@ mod tests {
         let doc = serde_json::to_value(document()).expect("serialises");
         let mut ids = std::collections::BTreeSet::new();
         let mut count = 0;
+        let mut unsummarised = Vec::new();
         for (path, item) in doc["paths"].as_object().expect("paths") {
             for (method, op) in item.as_object().expect("item") {
                 count += 1;
                 let caller = op["x-caller"].as_str().and_then(Caller::parse);
                 assert!(caller.is_some(), "{method} {path}");
                 assert!(op["x-credential"].is_string(), "{method} {path}");
+                if !op["summary"].is_string() {
+                    unsummarised.push(format!("{method} {path}"));
+                }
                 assert!(ids.insert(op["operationId"].to_string()), "{method} {path}");
             }
         }
+        assert!(
+            unsummarised.is_empty(),
+            "no summary (the handler's doc comment): {unsummarised:?}"
+        );
         assert_eq!(ROUTES.into_iter().count(), count);
         assert_eq!(RouteTable::caller("GET", "/api/v2/builds"), Some(Caller::Operator));
         assert_eq!(

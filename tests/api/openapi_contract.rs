@@ -241,6 +241,15 @@ async fn every_route_is_documented_and_belongs_to_one_group() {
     .map(String::from)
     .into();
     assert_eq!(public, expected);
+    // Swagger UI reads this document (its "Try it out" uses the security schemes and multipart forms).
+    let init = app
+        .client
+        .get(app.url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(init.status(), 200);
+    assert!(init.text().await.unwrap().contains("/api/v2/openapi.json"));
     // The table tests walk is the document's.
     let table: BTreeSet<(String, String)> = ROUTES
         .into_iter()

@@ -78,6 +78,7 @@ async fn list(
     Ok(etagged(&headers, operations::list_builds(&state.pool, filter).await?))
 }
 
+/// One build with every job column and its attempts.
 #[utoipa::path(get, path = "/api/v2/builds/{id}", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "The build with its attempts (`ETag`)", body = schema::BuildDetail),
     (status = 404, description = "`Build not found`", body = CodedError)))]
@@ -85,6 +86,7 @@ async fn show(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdP
     Ok(etagged(&headers, operations::show_build(&state.pool, &id).await?))
 }
 
+/// Every attempt of a build: who ran it, when, how it ended.
 #[utoipa::path(get, path = "/api/v2/builds/{id}/attempts", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "Every attempt (`ETag`)", body = schema::AttemptPage),
     (status = 404, description = "`Build not found`", body = CodedError)))]
@@ -107,6 +109,7 @@ async fn attempts(
     ))
 }
 
+/// Cancels a build; a running attempt is told at its next call.
 #[utoipa::path(post, path = "/api/v2/builds/{id}/cancel", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "Cancelled", body = schema::Build),
     (status = 409, description = "`Build already finished`", body = CodedError)))]
@@ -200,6 +203,7 @@ async fn delete(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Revokes the build access token (the submitter loses access).
 #[utoipa::path(post, path = "/api/v2/builds/{id}/tokens/revoke", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "The build access token no longer works", body = schema::Revoked),
     (status = 404, description = "`Build not found`", body = CodedError)))]

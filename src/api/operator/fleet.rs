@@ -40,6 +40,7 @@ struct Page {
     limit: Option<String>,
 }
 
+/// Workers by id, with cursor pagination.
 #[utoipa::path(get, path = "/api/v2/workers", params(Page), responses(
     (status = 200, description = "Workers by id (`ETag`)", body = schema::WorkerPage),
     (status = 400, description = "A parameter that does not parse", body = CodedError)))]
@@ -54,6 +55,7 @@ async fn list_workers(
     Ok(etagged(&headers, page))
 }
 
+/// One worker with its operator state and counters.
 #[utoipa::path(get, path = "/api/v2/workers/{id}", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "The worker (`ETag`)", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
@@ -75,6 +77,7 @@ async fn drain(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<J
     set_state(&state, &id, "draining").await
 }
 
+/// Disables a worker: it takes no builds.
 #[utoipa::path(post, path = "/api/v2/workers/{id}/disable", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Disabled", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
@@ -82,6 +85,7 @@ async fn disable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult
     set_state(&state, &id, "disabled").await
 }
 
+/// Enables a worker again.
 #[utoipa::path(post, path = "/api/v2/workers/{id}/enable", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Active again", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
@@ -97,6 +101,7 @@ async fn revoke_worker(State(state): State<AppState>, IdPath(id): IdPath) -> Api
     set_state(&state, &id, "revoked").await
 }
 
+/// Depth per platform queue, oldest pending age, paused, backpressure limit and full flag.
 #[utoipa::path(get, path = "/api/v2/queues", responses(
     (status = 200, description = "Every platform queue (`ETag`)", body = schema::QueuePage)))]
 async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParams<NoParams>) -> ApiResult<Response> {
@@ -106,6 +111,7 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParam
     ))
 }
 
+/// Pauses a platform queue: nothing is handed out until it resumes.
 #[utoipa::path(post, path = "/api/v2/queues/{platform}/pause", params(("platform" = String, Path, description = "`ios` or `android`")), responses(
     (status = 200, description = "Paused", body = schema::QueueState),
     (status = 404, description = "`Queue not found`", body = CodedError)))]
@@ -113,6 +119,7 @@ async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> ApiRe
     Ok(Json(operations::set_paused(&state.pool, &name, true).await?))
 }
 
+/// Resumes a platform queue; waiting long polls look at once.
 #[utoipa::path(post, path = "/api/v2/queues/{platform}/resume", params(("platform" = String, Path, description = "`ios` or `android`")), responses(
     (status = 200, description = "Running", body = schema::QueueState),
     (status = 404, description = "`Queue not found`", body = CodedError)))]

@@ -12,6 +12,7 @@ pub fn router() -> ApiRouter {
     ApiRouter::new().routes(routes!(prometheus))
 }
 
+/// Prometheus metrics (queue depth, claim latency, outcomes, HTTP durations, …).
 #[utoipa::path(get, path = "/metrics", responses(
     (status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String)))]
 async fn prometheus(State(state): State<AppState>) -> ApiResult<Response> {
