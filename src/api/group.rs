@@ -200,3 +200,38 @@ fn error_response(description: &str, schema: &str) -> RefOr<utoipa::openapi::Res
             .build(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operator route cannot be made public (nor given a worker's credential): the group refuses
+    /// when the router is built.
+    #[test]
+    #[should_panic(expected = "is not a credential of the operator group")]
+    fn an_operator_route_cannot_be_public() {
+        let _ = Group::new(Caller::Operator).routes(Credential::Public, ApiRouter::new());
+    }
+
+    #[test]
+    #[should_panic(expected = "is not a credential of the operator group")]
+    fn an_operator_route_cannot_take_a_worker_token() {
+        let _ = Group::new(Caller::Operator).routes(Credential::WorkerToken, ApiRouter::new());
+    }
+
+    /// Every credential but the public ones answers a request without it with 401 and a message.
+    #[test]
+    fn guarded_credentials_name_what_is_missing() {
+        for caller in Caller::ALL {
+            for credential in caller.credentials() {
+                let public = matches!(credential, Credential::Public | Credential::Otp);
+                assert_eq!(credential.missing_message().is_none(), public, "{credential:?}");
+                assert_eq!(credential.schemes().is_empty(), public, "{credential:?}");
+            }
+        }
+        assert_eq!(
+            operation_id("post", "/api/builds/{id}/cancel"),
+            "post_api_builds_id_cancel"
+        );
+    }
+}
