@@ -25,8 +25,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The dashboard's browser tests (tests/api/dashboard.rs) drive Debian's Chromium with playwright-core.
-if [ ! -d tests/browser/node_modules/playwright-core ]; then
+# The browser tests (tests/api/dashboard.rs: Chromium with playwright-core) and the OpenAPI contract test
+# (tests/api/openapi_contract.rs: validator and generated client) run node packages from tests/browser.
+if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/openapi-client-axios ]; then
   command -v npm >/dev/null || { echo "npm is missing: apt-get install nodejs npm (the browser tests need it)" >&2; exit 1; }
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi

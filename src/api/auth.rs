@@ -247,3 +247,173 @@ fn missing_worker(rules: CallerRules) -> ApiError {
         ApiError::unauthorized("Missing X-Worker-Id header")
     }
 }
+
+/// The credential a group of routes demands, enforced by a route layer ([`Credential::guard`]) that runs
+/// before any handler: a route gets its credential from the group it is added to, never from a line
+/// in its handler. Checks that need the request's build or form (which build a worker holds, whose
+/// token a build carries) finish in the handler with [`build_caller`] or [`OwnedBuild`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// No credential (health, statistics, the API document).
+    Public,
+    /// The admin key in `X-API-Key`: 401 when missing, 403 when wrong.
+    Admin,
+    /// The admin key in `X-API-Key` or `Authorization: Bearer` (Prometheus scrapers).
+    AdminOrBearer,
+    /// The admin key or the build's `X-Build-Token` (build owners); the token is matched against the
+    /// build by [`OwnedBuild`].
+    Owner,
+    /// The admin key when one is presented, else a worker's `X-Worker-Token` (register).
+    AdminOrWorkerToken,
+    /// A worker's `X-Worker-Token` when one is presented, else the admin key (poll).
+    WorkerTokenOrAdmin,
+    /// A VM token of an attempt in progress, a worker token, or the admin key, checked before the
+    /// body is read (uploads).
+    Upload,
+    /// A valid `X-Worker-Token` alone; the worker is handed to the handler as a request extension.
+    WorkerToken,
+    /// A build-scoped worker credential (api.md §2): VM token, worker token, admin key + worker id,
+    /// or the telemetry and OTP forms; resolved against the build by [`build_caller`].
+    BuildScoped,
+    /// An `X-VM-Token`, resolved against the build by [`build_caller`].
+    VmToken,
+    /// The attempt's one-time password, in the JSON body.
+    Otp,
+}
+
+impl Credential {
+    /// The security schemes of the OpenAPI document this credential accepts (any one of).
+    pub fn schemes(self) -> &'static [&'static str] {
+        match self {
+            Credential::Public | Credential::Otp => &[],
+            Credential::Admin => &["api_key"],
+            Credential::AdminOrBearer => &["api_key", "bearer"],
+            Credential::Owner => &["api_key", "build_token"],
+            Credential::AdminOrWorkerToken | Credential::WorkerTokenOrAdmin => &["worker_token", "api_key"],
+            Credential::Upload | Credential::BuildScoped => &["vm_token", "worker_token", "api_key"],
+            Credential::WorkerToken => &["worker_token"],
+            Credential::VmToken => &["vm_token"],
+        }
+    }
+
+    /// The credential's name in the document (`x-credential`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Credential::Public => "public",
+            Credential::Admin => "admin_key",
+            Credential::AdminOrBearer => "admin_key_or_bearer",
+            Credential::Owner => "admin_key_or_build_token",
+            Credential::AdminOrWorkerToken => "admin_key_or_worker_token",
+            Credential::WorkerTokenOrAdmin => "worker_token_or_admin_key",
+            Credential::Upload => "upload",
+            Credential::WorkerToken => "worker_token",
+            Credential::BuildScoped => "build_scoped",
+            Credential::VmToken => "vm_token",
+            Credential::Otp => "otp",
+        }
+    }
+
+    /// The 401 message of a request without this credential; `None` for routes that need none.
+    pub fn missing_message(self) -> Option<&'static str> {
+        match self {
+            Credential::Public | Credential::Otp => None,
+            Credential::Owner => Some("Missing X-API-Key or X-Build-Token header"),
+            Credential::WorkerToken => Some("Missing X-Worker-Token header"),
+            Credential::VmToken => Some("Missing X-VM-Token header"),
+            _ => Some("Missing X-API-Key header"),
+        }
+    }
+
+    /// Refuses a request that does not carry this credential (401 missing, 403 wrong), with the
+    /// exact G0 wording.
+    pub async fn check(self, state: &AppState, headers: &HeaderMap) -> ApiResult<Option<Worker>> {
+        match self {
+            Credential::Public | Credential::Otp => Ok(None),
+            Credential::Admin => require_admin(state, headers).map(|()| None),
+            Credential::AdminOrBearer => {
+                let bearer = header(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
+                match bearer {
+                    Some(key) if secret_matches(key, &state.secrets.api_key) => Ok(None),
+                    _ => require_admin(state, headers).map(|()| None),
+                }
+            }
+            Credential::Owner => require_owner_credential(headers).map(|()| None),
+            Credential::WorkerTokenOrAdmin => match header(headers, WORKER_TOKEN) {
+                Some(token) => worker_by_token(state, token).await.map(Some),
+                None => require_admin(state, headers).map(|()| None),
+            },
+            Credential::AdminOrWorkerToken => match header(headers, WORKER_TOKEN) {
+                // A worker token with a (correct) admin key is an admin call; a wrong key is 403.
+                Some(_) if admin_if_present(state, headers)? => Ok(None),
+                Some(token) => worker_by_token(state, token).await.map(Some),
+                None => require_admin(state, headers).map(|()| None),
+            },
+            Credential::Upload => require_upload_credential(state, headers).await.map(|()| None),
+            Credential::WorkerToken => {
+                let token = header(headers, WORKER_TOKEN)
+                    .ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
+                worker_by_token(state, token).await.map(Some)
+            }
+            Credential::BuildScoped => {
+                let present = [VM_TOKEN, WORKER_TOKEN, API_KEY, WORKER_ID]
+                    .iter()
+                    .any(|name| header(headers, name).is_some());
+                if present {
+                    Ok(None)
+                } else {
+                    Err(ApiError::unauthorized("Missing X-API-Key header"))
+                }
+            }
+            Credential::VmToken => match header(headers, VM_TOKEN) {
+                Some(_) => Ok(None),
+                None => Err(ApiError::unauthorized("Missing X-VM-Token header")),
+            },
+        }
+    }
+
+    /// The route layer enforcing this credential.
+    pub async fn guard(
+        axum::extract::State((state, credential)): axum::extract::State<(AppState, Credential)>,
+        mut request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        match credential.check(&state, request.headers()).await {
+            Ok(worker) => {
+                if let Some(worker) = worker {
+                    request.extensions_mut().insert(TokenWorker(worker));
+                }
+                next.run(request).await
+            }
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+/// The worker a `X-Worker-Token` identified (set by the [`Credential::WorkerToken`] and
+/// token-accepting layers).
+#[derive(Debug, Clone)]
+pub struct TokenWorker(pub Worker);
+
+/// A build whose owner is calling: the admin key or this build's token (401 without either, 404
+/// unknown build, 403 wrong token or key). Owner handlers take it instead of looking the build up.
+pub struct OwnedBuild {
+    pub build: Build,
+    /// Whether the caller used the admin key (else the build token).
+    pub admin: bool,
+}
+
+impl axum::extract::FromRequestParts<AppState> for OwnedBuild {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> ApiResult<Self> {
+        let super::extract::IdPath(id) = super::extract::IdPath::from_request_parts(parts, state).await?;
+        require_owner_credential(&parts.headers)?;
+        let build = crate::queue::find_build(&state.pool, &id)
+            .await?
+            .ok_or_else(ApiError::build_not_found)?;
+        require_owner(state, &parts.headers, &build)?;
+        let admin = admin_if_present(state, &parts.headers)?;
+        Ok(OwnedBuild { build, admin })
+    }
+}

@@ -1,68 +1,21 @@
-//! Streaming downloads: results and sources for owners (with `Range`), sources and certs for the worker
-//! holding the build. Bodies stream from storage; a storage error mid-stream is logged and the
+//! Streaming downloads, shared by the owner downloads (`submitter::downloads`, with `Range`), the
+//! worker's source and certs (`worker::files`) and the dashboard. Bodies stream from storage; a storage error mid-stream is logged and the
 //! connection closed cleanly (R38).
 
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use futures_util::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
 
-use super::AppState;
-use super::auth::{self, BuildCaller, CallerRules};
-use super::builds::owned_build;
 use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams};
-use crate::ids;
-use crate::queue::{self, Build, BuildState};
-use crate::storage::{Key, ObjectRead, bundle, certs};
-
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/builds/{id}/download", get(download_result))
-        .route("/api/builds/{id}/download/result", get(download_result))
-        .route("/api/builds/{id}/download/source", get(download_source))
-        .route("/api/builds/{id}/source", get(source))
-        .route("/api/builds/{id}/certs", get(certs_zip))
-        .route("/api/builds/{id}/certs-secure", get(certs_secure))
-}
-
-/// B7: the result, to the owner.
-async fn download_result(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
-    let build = owned_build(&state, &headers, &id).await?;
-    if build.state() != BuildState::Completed {
-        return Err(ApiError::bad_request("Build not completed"));
-    }
-    let not_found = || ApiError::not_found("Build result not found");
-    let key = build.result_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
-    if let Some(redirect) = presigned_redirect(&state, &key).await? {
-        return Ok(redirect);
-    }
-    let filename = format!("{id}.{}", build.platform().result_extension());
-    stream_object(&state, &key, &headers, "application/octet-stream", &filename, not_found).await
-}
-
-/// B7: the source as uploaded, to the owner.
-async fn download_source(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Response> {
-    let build = owned_build(&state, &headers, &id).await?;
-    if let Some(key) = build.source_key.as_deref().and_then(Key::parse)
-        && let Some(redirect) = presigned_redirect(&state, &key).await?
-    {
-        return Ok(redirect);
-    }
-    stream_source(&state, &headers, &build).await
-}
+use super::{AppState, auth};
+use crate::queue::Build;
+use crate::storage::{Key, ObjectRead};
 
 /// With `CONTROLLER_PRESIGN_DOWNLOADS=true` on an S3 store: a `302` to a short-lived presigned GET URL,
 /// so the bytes bypass the controller. Only the owner downloads (B7) redirect: the CLI follows redirects
 /// and needs none of our headers; worker endpoints always stream.
-async fn presigned_redirect(state: &AppState, key: &Key) -> ApiResult<Option<Response>> {
+pub(crate) async fn presigned_redirect(state: &AppState, key: &Key) -> ApiResult<Option<Response>> {
     let settings = &state.config.storage;
     if !settings.presign_downloads {
         return Ok(None);
@@ -81,96 +34,14 @@ async fn presigned_redirect(state: &AppState, key: &Key) -> ApiResult<Option<Res
 }
 
 /// Streams a build's source archive as `<id>.zip`.
-async fn stream_source(state: &AppState, headers: &HeaderMap, build: &Build) -> ApiResult<Response> {
+pub(crate) async fn stream_source(state: &AppState, headers: &HeaderMap, build: &Build) -> ApiResult<Response> {
     let not_found = || ApiError::not_found("Build source not found");
     let key = build.source_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
     let filename = format!("{}.zip", build.id);
     stream_object(state, &key, headers, "application/zip", &filename, not_found).await
 }
 
-/// `?worker_id=` on build-scoped worker endpoints.
-#[derive(Deserialize)]
-pub(super) struct WorkerQuery {
-    pub worker_id: Option<String>,
-}
-
-/// The build, if `caller` holds its current attempt; 404 / 403 otherwise.
-pub(super) async fn held_build(state: &AppState, id: &str, caller: &BuildCaller) -> ApiResult<Build> {
-    let build = queue::find_build(&state.pool, id)
-        .await?
-        .ok_or_else(ApiError::build_not_found)?;
-    if caller.holds(&build) {
-        Ok(build)
-    } else {
-        Err(ApiError::not_authorized_for_build())
-    }
-}
-
-/// B8: the source archive, only for the holder of the current attempt.
-async fn source(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    IdPath(id): IdPath,
-    QueryParams(q): QueryParams<WorkerQuery>,
-) -> ApiResult<Response> {
-    let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), CallerRules::default()).await?;
-    let build = held_build(&state, &id, &caller).await?;
-    stream_source(&state, &headers, &build).await
-}
-
-/// The decrypted certs bundle of a held build.
-async fn held_certs(state: &AppState, headers: &HeaderMap, id: &str, worker_hint: Option<&str>) -> ApiResult<Vec<u8>> {
-    let caller = auth::build_caller(state, headers, id, worker_hint, CallerRules::default()).await?;
-    let build = held_build(state, id, &caller).await?;
-    let not_found = || ApiError::not_found("Certs not found");
-    let key = build.certs_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
-    let sealed = match state.storage.read_all(&key).await {
-        Ok(bytes) => bytes,
-        Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
-        Err(e) => return Err(e.into()),
-    };
-    certs::decrypt(&state.secrets.certs_key, &sealed).ok_or_else(|| {
-        ApiError::internal(anyhow::anyhow!(
-            "certs bundle of {id} does not decrypt with the configured key"
-        ))
-    })
-}
-
-/// B9: the decrypted bundle as a zip.
-async fn certs_zip(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    IdPath(id): IdPath,
-    QueryParams(q): QueryParams<WorkerQuery>,
-) -> ApiResult<Response> {
-    let bundle = held_certs(&state, &headers, &id, q.worker_id.as_deref()).await?;
-    let mut response = bundle.into_response();
-    set_attachment(response.headers_mut(), "application/zip", &format!("{id}-certs.zip"));
-    Ok(response)
-}
-
-/// B10: the certificate, its password, a fresh keychain password and the provisioning profiles.
-async fn certs_secure(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    IdPath(id): IdPath,
-    QueryParams(q): QueryParams<WorkerQuery>,
-) -> ApiResult<Json<Value>> {
-    if auth::header(&headers, "x-build-id").is_some_and(|named| named != id) {
-        return Err(ApiError::not_authorized_for_build());
-    }
-    let bundle = held_certs(&state, &headers, &id, q.worker_id.as_deref()).await?;
-    let certs = bundle::read_certs(&bundle)
-        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid certs bundle"))?;
-    Ok(Json(json!({
-        "p12": STANDARD.encode(&certs.p12),
-        "p12Password": certs.password,
-        "keychainPassword": ids::new_secret(),
-        "provisioningProfiles": certs.profiles.iter().map(|p| STANDARD.encode(p)).collect::<Vec<_>>(),
-    })))
-}
-
-fn set_attachment(headers: &mut HeaderMap, content_type: &'static str, filename: &str) {
+pub(crate) fn set_attachment(headers: &mut HeaderMap, content_type: &'static str, filename: &str) {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);

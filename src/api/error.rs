@@ -38,6 +38,25 @@ pub struct ErrorInfo {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// `{"error": "<message>"}`: every error answer of the G0 routes (api.md §1), with the exact
+/// message of the contract.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error, example = json!({"error": "Build not found"}))]
+pub struct ErrorBody {
+    /// What went wrong, in words a client may match on.
+    pub error: String,
+}
+
+/// `{"error": "<message>", "code": "<code>"}`: every error answer under `/api/v2` (R47).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": "Build not found", "code": "build_not_found"}))]
+pub struct CodedError {
+    /// What went wrong, in words.
+    pub error: String,
+    /// A stable machine-readable code (`build_not_found`, `conflict`, `invalid_json`, `queue_full`, …).
+    pub code: String,
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<Cow<'static, str>>) -> Self {
         Self {

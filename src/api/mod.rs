@@ -1,26 +1,28 @@
 //! The HTTP API. Each area owns its router; they are merged here with the layers every request
 //! shares: request ids, tracing, panic capture and the rule that every error body is `{"error": ...}`.
 
-mod auth;
-mod builds;
-mod diagnostics;
+//!
+//! Routes are grouped by who calls them, one folder each: `public/`, `worker/`, `submitter/`,
+//! `operator/`. A group adds its routes with the credential they accept (`group.rs`), so the
+//! credential is enforced by a layer before any handler runs; shared pieces (credentials, errors,
+//! extractors, multipart, streaming, views) live beside them.
+
+pub mod auth;
 pub(crate) mod downloads;
 mod error;
 mod extract;
-mod health;
+pub mod group;
 mod multipart;
 mod multipart_limits;
 pub mod openapi;
-mod progress;
+pub mod operator;
+pub mod public;
 mod ratelimit;
 mod results;
-mod v2_builds;
-mod v2_fleet;
-pub mod v2_views;
+pub mod submitter;
 mod views;
-mod vm;
+mod worker;
 mod worker_cache;
-mod workers;
 
 use std::sync::Arc;
 
@@ -53,7 +55,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub secrets: Arc<Secrets>,
     /// `/api/stats` answer and when it was computed.
-    pub stats_cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, serde_json::Value)>>>,
+    pub stats_cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, public::Stats)>>>,
     /// Wakes long-polling workers when their queue gets work.
     pub wakeups: Arc<Wakeups>,
     /// Flips to `true` when the server shuts down (releases long polls at once).
@@ -100,17 +102,13 @@ pub fn router(state: AppState) -> Router {
     let dashboard = crate::dashboard::router(&state)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn(record_duration));
-    Router::new()
-        .merge(health::router())
-        .merge(workers::router())
-        .merge(builds::router())
-        .merge(downloads::router())
-        .merge(progress::router())
-        .merge(vm::router())
-        .merge(diagnostics::router())
-        .merge(v2_builds::router())
-        .merge(v2_fleet::router())
-        .merge(openapi::router())
+    let mut routes = Router::new();
+    for group in openapi::groups() {
+        let (group_routes, _) = group.build(&state);
+        routes = routes.merge(group_routes);
+    }
+    routes
+        .merge(openapi::swagger_ui())
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)

@@ -1,441 +1,182 @@
-//! The OpenAPI document (`/api/v2/openapi.json`) and Swagger UI (`/docs`), built from one table of
-//! every route. `tests/api/openapi.rs` checks that each row is served.
+//! The OpenAPI document (`/api/v2/openapi.json`) and Swagger UI (`/docs`). The document is generated
+//! from the routes: every route is added to its caller group as a `#[utoipa::path]` handler
+//! (`utoipa_axum::routes!`), and the group adds its credential (security, 401), its tag and the
+//! error answers. Nothing here lists routes by hand.
 
-use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{ComponentsBuilder, InfoBuilder, OpenApi, OpenApiBuilder, Paths, Required, ResponseBuilder};
+use std::sync::LazyLock;
 
-/// Who may call a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Credential {
-    Public,
-    Admin,
-    Owner,
-    Worker,
-    VmToken,
-    WorkerToken,
-    Otp,
+use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi as _;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{InfoBuilder, OpenApi};
+
+use super::error::{CodedError, ErrorBody};
+use super::group::{Caller, Group};
+use super::{operator, public, submitter, worker};
+
+/// Every group of the API, in the order the router merges them.
+pub fn groups() -> [Group; 4] {
+    [public::group(), worker::group(), submitter::group(), operator::group()]
 }
 
-impl Credential {
-    fn schemes(self) -> &'static [&'static str] {
-        match self {
-            Credential::Public | Credential::Otp => &[],
-            Credential::Admin => &["api_key"],
-            Credential::Owner => &["api_key", "build_token"],
-            Credential::Worker => &["vm_token", "worker_token", "api_key"],
-            Credential::VmToken => &["vm_token"],
-            Credential::WorkerToken => &["worker_token"],
-        }
-    }
-}
+#[derive(utoipa::OpenApi)]
+#[openapi(components(schemas(ErrorBody, CodedError)))]
+struct Shared;
 
-use Credential::*;
-
-/// Every route: method, path, tag, summary, credential.
-pub const ROUTES: &[(&str, &str, &str, &str, Credential)] = &[
-    ("GET", "/health", "health", "Liveness and queue depth", Public),
-    (
-        "GET",
-        "/api/health",
-        "health",
-        "Liveness and queue depth (alias)",
-        Public,
-    ),
-    (
-        "GET",
-        "/ready",
-        "health",
-        "200 when the database answers and migrations are applied",
-        Public,
-    ),
-    (
-        "GET",
-        "/api/stats",
-        "health",
-        "Fleet statistics (cached up to 10 s)",
-        Public,
-    ),
-    ("GET", "/metrics", "observability", "Prometheus metrics", Admin),
-    (
-        "POST",
-        "/api/builds/submit",
-        "builds",
-        "Submit a build (multipart: source, certs, profile, platform)",
-        Admin,
-    ),
-    ("POST", "/api/builds", "builds", "Submit a build (alias, 201)", Admin),
-    (
-        "GET",
-        "/api/builds",
-        "builds",
-        "List builds (bare array, paginated)",
-        Admin,
-    ),
-    ("GET", "/api/builds/active", "builds", "Builds held by workers", Admin),
-    (
-        "GET",
-        "/api/builds/{id}/status",
-        "builds",
-        "Build status (G0 vocabulary)",
-        Owner,
-    ),
-    (
-        "GET",
-        "/api/builds/{id}/logs",
-        "builds",
-        "Build logs (oldest first; ?after=&limit=)",
-        Owner,
-    ),
-    (
-        "POST",
-        "/api/builds/{id}/logs",
-        "workers",
-        "Post one log line or a batch",
-        Worker,
-    ),
-    (
-        "GET",
-        "/api/builds/{id}/download",
-        "builds",
-        "Download the result (Range)",
-        Owner,
-    ),
-    (
-        "GET",
-        "/api/builds/{id}/download/result",
-        "builds",
-        "Download the result (alias)",
-        Owner,
-    ),
-    (
-        "GET",
-        "/api/builds/{id}/download/source",
-        "builds",
-        "Download the source",
-        Owner,
-    ),
-    ("POST", "/api/builds/{id}/cancel", "builds", "Cancel a build", Owner),
-    (
-        "POST",
-        "/api/builds/{id}/retry",
-        "builds",
-        "New build from the original's source",
-        Owner,
-    ),
-    (
-        "GET",
-        "/api/builds/{id}/source",
-        "workers",
-        "Source archive for the holder",
-        Worker,
-    ),
-    (
-        "GET",
-        "/api/builds/{id}/certs",
-        "workers",
-        "Decrypted certs bundle (zip) for the holder",
-        Worker,
-    ),
-    (
-        "GET",
-        "/api/builds/{id}/certs-secure",
-        "workers",
-        "Certificate, passwords and profiles for the holder",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/builds/{id}/heartbeat",
-        "workers",
-        "Extend the lease; progress and stage",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/builds/{id}/telemetry",
-        "workers",
-        "VM monitor telemetry (counts as a heartbeat)",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/builds/{id}/authenticate",
-        "vm",
-        "Trade the attempt's OTP for a VM token",
-        Otp,
-    ),
-    ("POST", "/api/builds/{id}/vm-ready", "vm", "The VM booted", VmToken),
-    (
-        "GET",
-        "/api/builds/{id}/vm-status",
-        "vm",
-        "Whether the VM is ready (holder only)",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/builds/{id}/artifact",
-        "vm",
-        "The VM uploads the result",
-        VmToken,
-    ),
-    (
-        "POST",
-        "/api/workers/register",
-        "workers",
-        "Register or re-register a worker",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/workers/poll",
-        "workers",
-        "Claim a build (?wait= long poll)",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/workers/upload",
-        "workers",
-        "Report success (with result) or failure",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/workers/result",
-        "workers",
-        "Report success (alias)",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/workers/fail",
-        "workers",
-        "Report failure (alias; JSON or multipart)",
-        Worker,
-    ),
-    (
-        "POST",
-        "/api/workers/unregister",
-        "workers",
-        "A worker takes itself out",
-        WorkerToken,
-    ),
-    (
-        "POST",
-        "/api/workers/abandon",
-        "workers",
-        "Give the held attempt back",
-        WorkerToken,
-    ),
-    (
-        "POST",
-        "/api/workers/{id}/unregister",
-        "workers",
-        "Take a worker out",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/workers/{id}/stats",
-        "workers",
-        "Worker counters and uptime",
-        Admin,
-    ),
-    (
-        "POST",
-        "/api/diagnostics/report",
-        "diagnostics",
-        "Store a diagnostic report",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/diagnostics/{worker_id}",
-        "diagnostics",
-        "A worker's reports, newest first",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/diagnostics/{worker_id}/latest",
-        "diagnostics",
-        "A worker's newest report",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/v2/builds",
-        "operator",
-        "Builds with filters and cursor",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/v2/builds/{id}",
-        "operator",
-        "Build detail with attempts and errors",
-        Admin,
-    ),
-    (
-        "PATCH",
-        "/api/v2/builds/{id}",
-        "operator",
-        "Change priority, run_at, max_attempts",
-        Admin,
-    ),
-    (
-        "DELETE",
-        "/api/v2/builds/{id}",
-        "operator",
-        "Purge a finished build",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/v2/builds/{id}/attempts",
-        "operator",
-        "Attempts of a build",
-        Admin,
-    ),
-    ("POST", "/api/v2/builds/{id}/cancel", "operator", "Cancel", Admin),
-    (
-        "POST",
-        "/api/v2/builds/{id}/retry",
-        "operator",
-        "Re-run the same build",
-        Admin,
-    ),
-    (
-        "POST",
-        "/api/v2/builds/{id}/requeue",
-        "operator",
-        "Give a running attempt back (not to the same worker within the cool-off; ?drain=true drains it)",
-        Admin,
-    ),
-    (
-        "POST",
-        "/api/v2/builds/{id}/tokens/revoke",
-        "operator",
-        "Revoke the build access token",
-        Admin,
-    ),
-    ("GET", "/api/v2/workers", "operator", "Workers with cursor", Admin),
-    ("GET", "/api/v2/workers/{id}", "operator", "One worker", Admin),
-    ("DELETE", "/api/v2/workers/{id}", "operator", "Revoke a worker", Admin),
-    (
-        "POST",
-        "/api/v2/workers/{id}/drain",
-        "operator",
-        "Finish the current build, take no new one",
-        Admin,
-    ),
-    (
-        "POST",
-        "/api/v2/workers/{id}/disable",
-        "operator",
-        "Take no builds",
-        Admin,
-    ),
-    (
-        "POST",
-        "/api/v2/workers/{id}/enable",
-        "operator",
-        "Take builds again",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/v2/queues",
-        "operator",
-        "Depth per platform queue, oldest pending age, paused, backpressure limit and full flag",
-        Admin,
-    ),
-    (
-        "POST",
-        "/api/v2/queues/{platform}/pause",
-        "operator",
-        "Pause a platform queue",
-        Admin,
-    ),
-    (
-        "POST",
-        "/api/v2/queues/{platform}/resume",
-        "operator",
-        "Resume a platform queue",
-        Admin,
-    ),
-    (
-        "GET",
-        "/api/v2/events",
-        "operator",
-        "Server-Sent Events of state changes (`id:` per event; resume with `Last-Event-ID`; filters `?build=`, `?worker=`, `?kind=build.log,worker.*`)",
-        Admin,
-    ),
-];
-
-fn method(name: &str) -> HttpMethod {
-    match name {
-        "POST" => HttpMethod::Post,
-        "PATCH" => HttpMethod::Patch,
-        "DELETE" => HttpMethod::Delete,
-        "PUT" => HttpMethod::Put,
-        _ => HttpMethod::Get,
-    }
-}
-
-fn header_scheme(header: &str) -> SecurityScheme {
-    SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(header)))
-}
-
-/// The document describing every route.
-pub fn document() -> OpenApi {
-    let mut paths = Paths::new();
-    for (verb, path, tag, summary, credential) in ROUTES {
-        let mut operation = OperationBuilder::new()
-            .tag(*tag)
-            .summary(Some(*summary))
-            .operation_id(Some(format!("{} {path}", verb.to_lowercase())))
-            .response("200", ResponseBuilder::new().description("Success"))
-            .response(
-                "4XX",
-                ResponseBuilder::new().description("`{\"error\": \"...\"}` with the exact message of api.md"),
-            );
-        for segment in path.split('/').filter_map(|s| s.strip_prefix('{')?.strip_suffix('}')) {
-            operation = operation.parameter(
-                ParameterBuilder::new()
-                    .name(segment)
-                    .parameter_in(ParameterIn::Path)
-                    .required(Required::True),
-            );
-        }
-        for scheme in credential.schemes() {
-            operation = operation.security(SecurityRequirement::new(*scheme, Vec::<String>::new()));
-        }
-        paths.add_path_operation(*path, vec![method(verb)], operation.build());
-    }
-    let components = ComponentsBuilder::new()
-        .security_scheme("api_key", header_scheme("X-API-Key"))
-        .security_scheme("build_token", header_scheme("X-Build-Token"))
-        .security_scheme("worker_token", header_scheme("X-Worker-Token"))
-        .security_scheme("vm_token", header_scheme("X-VM-Token"))
+/// Adds what every document carries to the merged documents of the groups: title, version,
+/// security schemes, the error schemas.
+pub fn finish(mut doc: OpenApi) -> OpenApi {
+    doc.info = InfoBuilder::new()
+        .title("expo-controller")
+        .version(env!("CARGO_PKG_VERSION"))
+        .description(Some(
+            "The controller of Expo Free Agent. Routes are grouped by caller (tags `public`, `worker`, \
+             `submitter`, `operator`); each operation names the credentials it accepts (`security`, \
+             any one of) and `x-credential`. Errors are `{\"error\": …}` (schema `Error`); under \
+             `/api/v2` they also carry a stable `code` (schema `CodedError`). Times are epoch \
+             milliseconds on the G0 routes and RFC 3339 under `/api/v2`.",
+        ))
         .build();
-    OpenApiBuilder::new()
-        .info(
-            InfoBuilder::new()
-                .title("expo-controller")
-                .version(env!("CARGO_PKG_VERSION"))
-                .build(),
-        )
-        .paths(paths)
-        .components(Some(components))
-        .build()
+    doc.merge(Shared::openapi());
+    let components = doc.components.get_or_insert_with(Default::default);
+    let header =
+        |name: &str, what: &str| SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(name, what)));
+    components.add_security_scheme("api_key", header("X-API-Key", "The admin key"));
+    components.add_security_scheme(
+        "build_token",
+        header("X-Build-Token", "A build's access token (issued at submit and retry)"),
+    );
+    components.add_security_scheme(
+        "worker_token",
+        header("X-Worker-Token", "A worker's token (issued at register)"),
+    );
+    components.add_security_scheme(
+        "vm_token",
+        header("X-VM-Token", "A build VM's token (issued by /authenticate)"),
+    );
+    components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    doc
 }
 
-/// `/docs` (Swagger UI) and `/api/v2/openapi.json`.
-pub fn router<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+/// The whole document.
+pub fn document() -> OpenApi {
+    let mut doc = OpenApi::default();
+    for group in groups() {
+        doc.merge(group.openapi());
+    }
+    finish(doc)
+}
+
+static DOCUMENT: LazyLock<Result<String, String>> = LazyLock::new(|| document().to_json().map_err(|e| e.to_string()));
+
+/// This document.
+#[utoipa::path(get, path = "/api/v2/openapi.json", responses(
+    (status = 200, description = "The OpenAPI 3.1 document of every route", content_type = "application/json", body = Object),
+))]
+pub async fn openapi_json() -> Response {
+    match DOCUMENT.as_ref() {
+        Ok(text) => ([(axum::http::header::CONTENT_TYPE, "application/json")], text.clone()).into_response(),
+        Err(e) => super::ApiError::internal(anyhow::anyhow!("OpenAPI document: {e}")).into_response(),
+    }
+}
+
+/// `/docs` (Swagger UI, vendored) reading `/api/v2/openapi.json`.
+pub fn swagger_ui<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
     utoipa_swagger_ui::SwaggerUi::new("/docs")
-        .url("/api/v2/openapi.json", document())
+        .config(utoipa_swagger_ui::Config::from("/api/v2/openapi.json"))
         .into()
+}
+
+/// Every documented route: method (upper case), path, caller group, summary, credential name.
+/// Read from the generated document, for tests that walk the route table.
+pub const ROUTES: RouteTable = RouteTable;
+
+/// See [`ROUTES`].
+#[derive(Debug, Clone, Copy)]
+pub struct RouteTable;
+
+type Row = (&'static str, &'static str, &'static str, &'static str, &'static str);
+
+type OwnedRow = (String, String, String, String, String);
+
+static TABLE: LazyLock<Vec<OwnedRow>> = LazyLock::new(|| {
+    let doc = serde_json::to_value(document()).unwrap_or_default();
+    let mut rows = Vec::new();
+    let paths = doc["paths"].as_object().cloned().unwrap_or_default();
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().cloned().unwrap_or_default() {
+            if !["get", "put", "post", "delete", "patch"].contains(&method.as_str()) {
+                continue;
+            }
+            let text = |key: &str| operation[key].as_str().unwrap_or_default().to_string();
+            rows.push((
+                method.to_uppercase(),
+                path.clone(),
+                text("x-caller"),
+                text("summary"),
+                text("x-credential"),
+            ));
+        }
+    }
+    rows
+});
+
+impl IntoIterator for RouteTable {
+    type Item = Row;
+    type IntoIter = std::vec::IntoIter<Row>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        TABLE
+            .iter()
+            .map(|(m, p, c, s, k)| (m.as_str(), p.as_str(), c.as_str(), s.as_str(), k.as_str()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+}
+
+impl RouteTable {
+    /// The caller group of a documented route.
+    pub fn caller(method: &str, path: &str) -> Option<Caller> {
+        ROUTES
+            .into_iter()
+            .find(|(m, p, ..)| m.eq_ignore_ascii_case(method) && *p == path)
+            .and_then(|(_, _, caller, ..)| Caller::parse(caller))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Building the document builds every group: a group given a credential its callers do not use
+    /// panics here, and every operation gets a caller, a credential and a unique operationId.
+    #[test]
+    fn every_operation_has_a_group_and_a_credential() {
+        let doc = serde_json::to_value(document()).expect("serialises");
+        let mut ids = std::collections::BTreeSet::new();
+        let mut count = 0;
+        let mut unsummarised = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("item") {
+                count += 1;
+                let caller = op["x-caller"].as_str().and_then(Caller::parse);
+                assert!(caller.is_some(), "{method} {path}");
+                assert!(op["x-credential"].is_string(), "{method} {path}");
+                if !op["summary"].is_string() {
+                    unsummarised.push(format!("{method} {path}"));
+                }
+                assert!(ids.insert(op["operationId"].to_string()), "{method} {path}");
+            }
+        }
+        assert!(
+            unsummarised.is_empty(),
+            "no summary (the handler's doc comment): {unsummarised:?}"
+        );
+        assert_eq!(ROUTES.into_iter().count(), count);
+        assert_eq!(RouteTable::caller("GET", "/api/v2/builds"), Some(Caller::Operator));
+        assert_eq!(
+            RouteTable::caller("POST", "/api/builds/submit"),
+            Some(Caller::Submitter)
+        );
+    }
 }

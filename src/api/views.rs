@@ -1,47 +1,108 @@
 //! JSON shapes of the G0 contract (epoch-millisecond times, the G0 state vocabulary).
 
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::queue::{Build, Claim};
 
-/// Epoch milliseconds, `null` when unset.
-pub fn ms(at: Option<DateTime<Utc>>) -> Value {
-    at.map_or(Value::Null, |t| json!(t.timestamp_millis()))
+/// Epoch milliseconds, `None` when unset.
+pub fn ms_opt(at: Option<DateTime<Utc>>) -> Option<i64> {
+    at.map(|t| t.timestamp_millis())
+}
+
+/// G0 build states (api.md §6): scheduled and retryable read as pending, cancelled as failed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum G0Status {
+    Pending,
+    Assigned,
+    Building,
+    Completed,
+    Failed,
 }
 
 /// `GET /api/builds/:id/status` (B4).
-pub fn build_status(build: &Build) -> Value {
-    let state = build.state();
-    json!({
-        "id": build.id,
-        "status": state.g0(),
-        "platform": build.queue,
-        "worker_id": build.worker_id,
-        "submitted_at": build.submitted_at.timestamp_millis(),
-        "started_at": ms(build.started_at),
-        "completed_at": ms(build.completed_at),
-        "error_message": build.g0_error_message(),
-        "attempt": build.attempt,
-        "max_attempts": build.max_attempts,
-        "priority": build.priority,
-        "progress": build.progress,
-    })
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BuildStatus {
+    pub id: String,
+    #[schema(value_type = G0Status)]
+    pub status: String,
+    /// `ios` or `android`.
+    pub platform: String,
+    pub worker_id: Option<String>,
+    /// Epoch milliseconds.
+    pub submitted_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub error_message: Option<String>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub priority: i32,
+    /// 0..100, as last reported.
+    pub progress: Option<i16>,
+}
+
+pub fn build_status(build: &Build) -> BuildStatus {
+    BuildStatus {
+        id: build.id.clone(),
+        status: build.state().g0().to_string(),
+        platform: build.queue.clone(),
+        worker_id: build.worker_id.clone(),
+        submitted_at: build.submitted_at.timestamp_millis(),
+        started_at: ms_opt(build.started_at),
+        completed_at: ms_opt(build.completed_at),
+        error_message: build.g0_error_message(),
+        attempt: build.attempt,
+        max_attempts: build.max_attempts,
+        priority: build.priority,
+        progress: build.progress,
+    }
 }
 
 /// The `job` of a poll answer (B16).
-pub fn job(claim: &Claim, base_image_id: &str) -> Value {
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    pub platform: String,
+    /// `/api/builds/<id>/source`.
+    pub source_url: String,
+    /// `/api/builds/<id>/certs`, `null` without certificates.
+    pub certs_url: Option<String>,
+    #[serde(rename = "baseImageId")]
+    pub base_image_id: String,
+    /// The attempt's one-time password, for the VM's `/authenticate`.
+    pub otp: String,
+    /// Epoch milliseconds.
+    pub submitted_at: i64,
+    pub attempt: i32,
+}
+
+pub fn job(claim: &Claim, base_image_id: &str) -> Job {
     let build = &claim.build;
-    json!({
-        "id": build.id,
-        "platform": build.queue,
-        "source_url": format!("/api/builds/{}/source", build.id),
-        "certs_url": build.certs_key.as_ref().map(|_| format!("/api/builds/{}/certs", build.id)),
-        "baseImageId": base_image_id,
-        "otp": claim.otp,
-        "submitted_at": build.submitted_at.timestamp_millis(),
-        "attempt": build.attempt,
-    })
+    Job {
+        id: build.id.clone(),
+        platform: build.queue.clone(),
+        source_url: format!("/api/builds/{}/source", build.id),
+        certs_url: build
+            .certs_key
+            .as_ref()
+            .map(|_| format!("/api/builds/{}/certs", build.id)),
+        base_image_id: base_image_id.to_string(),
+        otp: claim.otp.clone(),
+        submitted_at: build.submitted_at.timestamp_millis(),
+        attempt: build.attempt,
+    }
+}
+
+/// A worker taken out (B19).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Unregistered {
+    /// Always `true`.
+    pub success: bool,
+    /// Attempts put back in the queue.
+    pub builds_reassigned: u64,
 }
 
 /// ISO-8601 (RFC 3339 with milliseconds, `Z`).
@@ -50,20 +111,34 @@ pub fn iso(at: DateTime<Utc>) -> String {
 }
 
 /// An entry of `GET /api/builds` (B2): ISO times, `completedAt` omitted when unset.
-pub fn build_list_entry(build: &Build) -> Value {
-    let mut entry = json!({
-        "id": build.id,
-        "status": build.state().g0(),
-        "createdAt": iso(build.submitted_at),
-        "platform": build.queue,
-        "worker_id": build.worker_id,
-        "priority": build.priority,
-        "attempt": build.attempt,
-    });
-    if let Some(done) = build.completed_at {
-        entry["completedAt"] = json!(iso(done));
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BuildListEntry {
+    pub id: String,
+    #[schema(value_type = G0Status)]
+    pub status: String,
+    /// ISO-8601.
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+    /// ISO-8601; absent until the build is finished.
+    #[serde(rename = "completedAt", skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    pub platform: String,
+    pub worker_id: Option<String>,
+    pub priority: i32,
+    pub attempt: i32,
+}
+
+pub fn build_list_entry(build: &Build) -> BuildListEntry {
+    BuildListEntry {
+        id: build.id.clone(),
+        status: build.state().g0().to_string(),
+        created_at: iso(build.submitted_at),
+        completed_at: build.completed_at.map(iso),
+        platform: build.queue.clone(),
+        worker_id: build.worker_id.clone(),
+        priority: build.priority,
+        attempt: build.attempt,
     }
-    entry
 }
 
 /// The debug line a VM monitor heartbeat becomes (B12).

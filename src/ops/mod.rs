@@ -144,16 +144,20 @@ pub async fn list_builds(pool: &PgPool, mut filter: BuildFilter) -> OpResult<Val
     } else {
         None
     };
-    Ok(json!({ "items": builds.iter().map(views::build).collect::<Vec<_>>(), "next_cursor": next_cursor }))
+    Ok(json!(views::BuildPage {
+        items: builds.iter().map(views::build).collect(),
+        next_cursor,
+    }))
 }
 
 /// One build with its attempts.
 pub async fn show_build(pool: &PgPool, id: &str) -> OpResult<Value> {
     let build = queue::find_build(pool, id).await?.ok_or(QueueError::BuildNotFound)?;
     let attempts = operator::attempts_of(pool, id).await?;
-    let mut body = views::build(&build);
-    body["attempts"] = json!(attempts.iter().map(views::attempt).collect::<Vec<_>>());
-    Ok(body)
+    Ok(json!(views::BuildDetail {
+        build: views::build(&build),
+        attempts: attempts.iter().map(views::attempt).collect(),
+    }))
 }
 
 pub async fn cancel_build(pool: &PgPool, id: &str) -> OpResult<Value> {
@@ -161,19 +165,19 @@ pub async fn cancel_build(pool: &PgPool, id: &str) -> OpResult<Value> {
         QueueError::AlreadyFinished => OpError::conflict("Build already finished"),
         other => other.into(),
     })?;
-    Ok(views::build(&outcome.build))
+    Ok(json!(views::build(&outcome.build)))
 }
 
 pub async fn retry_build(pool: &PgPool, id: &str) -> OpResult<Value> {
     let build = operator::retry_same(pool, id, Utc::now()).await?.map_err(conflict)?;
-    Ok(views::build(&build))
+    Ok(json!(views::build(&build)))
 }
 
 pub async fn requeue_build(pool: &PgPool, id: &str, drain: bool) -> OpResult<Value> {
     let build = operator::requeue(pool, id, drain, Utc::now())
         .await?
         .map_err(conflict)?;
-    Ok(views::build(&build))
+    Ok(json!(views::build(&build)))
 }
 
 /// Changes the priority of a build that is not running (as `PATCH /api/v2/builds/:id {"priority"}`).
@@ -184,7 +188,7 @@ pub async fn set_priority(pool: &PgPool, id: &str, priority: i64) -> OpResult<Va
     let build = operator::patch(pool, id, Some(priority as i32), None, None, Utc::now())
         .await?
         .map_err(conflict)?;
-    Ok(views::build(&build))
+    Ok(json!(views::build(&build)))
 }
 
 /// Log lines of a build after `after`, oldest first, as `GET /api/builds/:id/logs` answers (B5).
@@ -202,12 +206,15 @@ pub async fn set_paused(pool: &PgPool, name: &str, paused: bool) -> OpResult<Val
 
 /// Every platform queue: `{"items", "next_cursor": null}` as `GET /api/v2/queues`.
 pub async fn list_queues(pool: &PgPool, settings: &QueueConfig) -> OpResult<Value> {
-    let items: Vec<Value> = operator::queue_views(pool, Utc::now())
+    let items = operator::queue_views(pool, Utc::now())
         .await?
         .iter()
         .map(|q| views::queue(q, settings.max_queued_builds))
         .collect();
-    Ok(json!({ "items": items, "next_cursor": null }))
+    Ok(json!(views::QueuePage {
+        items,
+        next_cursor: None,
+    }))
 }
 
 /// A page of workers by id: `{"items", "next_cursor"}`.
@@ -220,19 +227,22 @@ pub async fn list_workers(pool: &PgPool, cursor: Option<&str>, limit: i64) -> Op
     } else {
         None
     };
-    Ok(json!({ "items": workers.iter().map(views::worker).collect::<Vec<_>>(), "next_cursor": next_cursor }))
+    Ok(json!(views::WorkerPage {
+        items: workers.iter().map(views::worker).collect(),
+        next_cursor,
+    }))
 }
 
 /// One worker.
 pub async fn show_worker(pool: &PgPool, id: &str) -> OpResult<Value> {
     let worker = queue::find_worker(pool, id).await?.ok_or(QueueError::WorkerNotFound)?;
-    Ok(views::worker(&worker))
+    Ok(json!(views::worker(&worker)))
 }
 
 /// Sets a worker's operator state (`active`, `draining`, `disabled`, `revoked`).
 pub async fn set_worker_state(pool: &PgPool, settings: &QueueConfig, id: &str, state: &'static str) -> OpResult<Value> {
     let worker = operator::set_worker_state(pool, id, state, settings, Utc::now()).await?;
-    Ok(views::worker(&worker))
+    Ok(json!(views::worker(&worker)))
 }
 
 #[cfg(test)]

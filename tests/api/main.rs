@@ -19,6 +19,7 @@ mod import;
 mod long_poll;
 mod observability;
 mod openapi;
+mod openapi_contract;
 mod operator;
 mod queue_engine;
 mod resilience;

@@ -3,37 +3,55 @@
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, header};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json};
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::auth::{self, CallerRules, WORKER_TOKEN, header};
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, JsonBody, QueryParams, bounded_int, parse_json};
-use super::multipart::{Parts, read_text};
-use super::results::{self, StagedResult};
-use super::{AppState, views};
+use super::schema::{
+    AbandonRequest, Abandoned, FailureReport, PollAnswer, PollQuery, RegisterRequest as RegisterDoc, Registered,
+    ReportStatus, UploadForm as UploadFormDoc,
+};
+use crate::api::auth::{self, CallerRules, TokenWorker, WORKER_TOKEN, header};
+use crate::api::error::ErrorBody;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{JsonBody, QueryParams, bounded_int, parse_json};
+use crate::api::group::ApiRouter;
+use crate::api::multipart::{Parts, read_text};
+use crate::api::results::{self, StagedResult};
+use crate::api::views::Unregistered;
+use crate::api::{AppState, views};
 use crate::ids;
 use crate::queue::{self, Failure, FailureKind, RegisterRequest, Worker};
+use utoipa_axum::routes;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/workers/register", post(register))
-        .route("/api/workers/poll", get(poll))
-        .route("/api/workers/upload", post(upload).layer(DefaultBodyLimit::disable()))
-        .route(
-            "/api/workers/result",
-            post(upload_success).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/api/workers/fail", post(upload_failure))
-        .route("/api/workers/unregister", post(unregister_self))
-        .route("/api/workers/abandon", post(abandon))
-        .route("/api/workers/{id}/unregister", post(unregister))
-        .route("/api/workers/{id}/stats", get(stats))
+/// Register (the admin key, or the worker's own token to re-register).
+pub fn register_router() -> ApiRouter {
+    ApiRouter::new().routes(routes!(register))
+}
+
+/// Poll (a worker token, or the admin key with `?worker_id=`).
+pub fn poll_router() -> ApiRouter {
+    ApiRouter::new().routes(routes!(poll))
+}
+
+/// Result reports (a VM token, a worker token or the admin key, checked before the body is read),
+/// bounded by the result limit rather than the default body limit.
+pub fn upload_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(upload))
+        .routes(routes!(upload_success))
+        .layer(DefaultBodyLimit::disable())
+        .routes(routes!(upload_failure))
+}
+
+/// What only a worker's own token may do.
+pub fn token_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(unregister_self))
+        .routes(routes!(abandon))
 }
 
 #[derive(Deserialize)]
@@ -44,20 +62,17 @@ struct RegisterBody {
 }
 
 /// B15: admin key, or a worker's own token to re-register it.
+#[utoipa::path(post, path = "/api/workers/register", request_body = RegisterDoc, responses(
+    (status = 200, description = "Registered, with the worker token", body = Registered),
+    (status = 400, description = "`Name and capabilities required`", body = ErrorBody),
+    (status = 403, description = "`Invalid API key`", body = ErrorBody)))]
 async fn register(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    token_worker: Option<Extension<TokenWorker>>,
     JsonBody(body): JsonBody<RegisterBody>,
-) -> ApiResult<Json<Value>> {
-    let caller_worker = match header(&headers, WORKER_TOKEN) {
-        Some(token) if !auth::admin_if_present(&state, &headers)? => {
-            Some(auth::worker_by_token(&state, token).await?.id)
-        }
-        _ => {
-            auth::require_admin(&state, &headers)?;
-            None
-        }
-    };
+) -> ApiResult<Json<Registered>> {
+    // Set by the credential layer when the caller re-registers with its own token.
+    let caller_worker = token_worker.map(|Extension(TokenWorker(worker))| worker.id);
     let name = body.name.filter(|n| !n.trim().is_empty());
     let capabilities = body.capabilities.filter(|c| !c.is_null());
     let (Some(name), Some(capabilities)) = (name, capabilities) else {
@@ -73,38 +88,42 @@ async fn register(
     };
     let registration = queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    Ok(Json(json!({
-        "id": registration.worker.id,
-        "status": if registration.reregistered { "re-registered" } else { "registered" },
-        "access_token": registration.token,
-        "baseImageId": state.config.base_image_id,
-    })))
-}
-
-#[derive(Deserialize)]
-struct PollQuery {
-    worker_id: Option<String>,
-    wait: Option<String>,
+    let status = if registration.reregistered {
+        "re-registered"
+    } else {
+        "registered"
+    };
+    Ok(Json(Registered {
+        id: registration.worker.id,
+        status: status.into(),
+        access_token: registration.token,
+        base_image_id: state.config.base_image_id.clone(),
+    }))
 }
 
 /// B16: the held attempt again, or a newly claimed build, or `{"job": null}`.
+#[utoipa::path(get, path = "/api/workers/poll", params(PollQuery), responses(
+    (status = 200, description = "The held attempt again, a newly claimed build, or `{\"job\": null}`", body = PollAnswer),
+    (status = 400, description = "`worker_id required`", body = ErrorBody),
+    (status = 404, description = "`Worker not found`", body = ErrorBody)))]
 async fn poll(
     State(state): State<AppState>,
     headers: HeaderMap,
+    token_worker: Option<Extension<TokenWorker>>,
     QueryParams(query): QueryParams<PollQuery>,
-) -> ApiResult<Json<Value>> {
-    let (worker, token) = poll_caller(&state, &headers, query.worker_id.as_deref()).await?;
+) -> ApiResult<Json<PollAnswer>> {
+    let token_worker = token_worker.map(|Extension(TokenWorker(worker))| worker);
+    let (worker, token) = poll_caller(&state, &headers, token_worker, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
     if queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await? {
         state.workers.seen(&worker.id, now);
     }
     let claim = claim_or_wait(&state, &worker, Duration::from_secs(wait as u64)).await?;
-    let mut answer = json!({ "job": claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)) });
-    if let Some(token) = token {
-        answer["access_token"] = json!(token);
-    }
-    Ok(Json(answer))
+    Ok(Json(PollAnswer {
+        job: claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)),
+        access_token: token,
+    }))
 }
 
 /// Claims for the worker; with `wait`, holds the request until its queue gets work (woken by NOTIFY),
@@ -156,17 +175,17 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
     Ok(claim)
 }
 
-/// Token mode (`X-Worker-Token`) or G0 mode (admin key + `?worker_id=`).
+/// Token mode (`X-Worker-Token`, resolved by the credential layer) or G0 mode (admin key, checked by
+/// the layer, + `?worker_id=`).
 async fn poll_caller(
     state: &AppState,
     headers: &HeaderMap,
+    token_worker: Option<Worker>,
     worker_id: Option<&str>,
 ) -> ApiResult<(Worker, Option<String>)> {
-    if let Some(token) = header(headers, WORKER_TOKEN) {
-        let worker = auth::worker_by_token(state, token).await?;
+    if let (Some(worker), Some(token)) = (token_worker, header(headers, WORKER_TOKEN)) {
         return Ok((worker, Some(token.to_string())));
     }
-    auth::require_admin(state, headers)?;
     let id = auth::worker_id(worker_id)?.ok_or_else(|| ApiError::bad_request("worker_id required"))?;
     let worker = auth::worker_by_id(state, &id)
         .await?
@@ -186,17 +205,39 @@ struct UploadForm {
 }
 
 /// B17: the holder of the current attempt reports success (with the result) or failure.
-async fn upload(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/workers/upload", request_body(content = UploadFormDoc, content_type = "multipart/form-data"), responses(
+    (status = 200, description = "`success` (completed) or `failed`", body = ReportStatus),
+    (status = 400, description = "`build_id and worker_id required`, `Missing result file`, `Content must be multipart/form-data`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 404, description = "`Build not found` or `Worker not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody),
+    (status = 413, description = "`Result file too large`", body = ErrorBody)))]
+async fn upload(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<ReportStatus>> {
     report(state, headers, request, None).await
 }
 
 /// B17 alias: a success report.
-async fn upload_success(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/workers/result", request_body(content = UploadFormDoc, content_type = "multipart/form-data"), responses(
+    (status = 200, description = "`success`", body = ReportStatus),
+    (status = 400, description = "`build_id and worker_id required`, `Missing result file`, `Content must be multipart/form-data`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 404, description = "`Build not found` or `Worker not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody),
+    (status = 413, description = "`Result file too large`", body = ErrorBody)))]
+async fn upload_success(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<ReportStatus>> {
     report(state, headers, request, Some(true)).await
 }
 
 /// B17 alias: a failure report, JSON or multipart.
-async fn upload_failure(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/api/workers/fail", request_body(content(
+    (FailureReport = "application/json"), (UploadFormDoc = "multipart/form-data"))), responses(
+    (status = 200, description = "`failed`", body = ReportStatus),
+    (status = 400, description = "`build_id and worker_id required`, `Missing result file`, `Content must be multipart/form-data`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 404, description = "`Build not found` or `Worker not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody),
+    (status = 413, description = "`Result file too large`", body = ErrorBody)))]
+async fn upload_failure(state: State<AppState>, headers: HeaderMap, request: Request) -> ApiResult<Json<ReportStatus>> {
     report(state, headers, request, Some(false)).await
 }
 
@@ -205,9 +246,8 @@ async fn report(
     headers: HeaderMap,
     request: Request,
     success: Option<bool>,
-) -> ApiResult<Json<Value>> {
-    // Authenticate before accepting a byte of the body (R41).
-    auth::require_upload_credential(&state, &headers).await?;
+) -> ApiResult<Json<ReportStatus>> {
+    // The credential was checked by the group's layer before a byte of the body was read (R41).
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -255,12 +295,14 @@ async fn finish_report(
     headers: &HeaderMap,
     form: UploadForm,
     staged: Option<StagedResult>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ReportStatus>> {
     let outcome = apply_report(state, headers, &form, staged.is_some()).await;
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
             match results::complete_with(state, &build_id, &caller, staged).await {
-                Ok(()) => Ok(Json(json!({ "status": "success" }))),
+                Ok(()) => Ok(Json(ReportStatus {
+                    status: "success".into(),
+                })),
                 Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
                 Err(results::CompleteError::Api(e)) => Err(e),
             }
@@ -284,7 +326,7 @@ enum Report {
         caller: auth::BuildCaller,
     },
     /// Done; answer this.
-    Answered(Value),
+    Answered(ReportStatus),
 }
 
 async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, has_file: bool) -> ApiResult<Report> {
@@ -326,7 +368,9 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         )
         .await;
         return match outcome {
-            Ok(_) => Ok(Report::Answered(json!({ "status": "failed" }))),
+            Ok(_) => Ok(Report::Answered(ReportStatus {
+                status: "failed".into(),
+            })),
             Err(e) => Err(explain(state, &caller.worker_id, e).await),
         };
     }
@@ -341,7 +385,9 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         && build.result_key.is_some()
         && build.worker_id.as_deref() == Some(caller.worker_id.as_str());
     if completed_by_caller {
-        return Ok(Report::Answered(json!({ "status": "success" })));
+        return Ok(Report::Answered(ReportStatus {
+            status: "success".into(),
+        }));
     }
     if build.state().is_final() {
         return Err(ApiError::attempt_not_active());
@@ -365,39 +411,19 @@ async fn explain(state: &AppState, worker_id: &str, error: queue::QueueError) ->
     error.into()
 }
 
-/// B18: counters and uptime of a worker.
-async fn stats(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let worker = queue::find_worker(&state.pool, &id)
-        .await?
-        .ok_or_else(ApiError::worker_not_found)?;
-    let uptime = (Utc::now() - worker.registered_at).num_seconds().max(0);
-    Ok(Json(json!({
-        "totalBuilds": worker.builds_completed + worker.builds_failed,
-        "successfulBuilds": worker.builds_completed,
-        "failedBuilds": worker.builds_failed,
-        "workerName": worker.name,
-        "status": worker.status,
-        "uptime": views::uptime(uptime),
-    })))
-}
-
-/// B19 (admin): take a worker out; its attempt goes back to the queue.
-async fn unregister(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
-    state.workers.clear();
-    Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
-}
-
 /// B19 (worker token): a worker takes itself out.
-async fn unregister_self(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    let token =
-        header(&headers, WORKER_TOKEN).ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
-    let worker = auth::worker_by_token(&state, token).await?;
+#[utoipa::path(post, path = "/api/workers/unregister", responses(
+    (status = 200, description = "Offline, token revoked, its attempt back in the queue", body = Unregistered)))]
+async fn unregister_self(
+    State(state): State<AppState>,
+    Extension(TokenWorker(worker)): Extension<TokenWorker>,
+) -> ApiResult<Json<Unregistered>> {
     let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
     state.workers.clear();
-    Ok(Json(json!({ "success": true, "builds_reassigned": moved })))
+    Ok(Json(Unregistered {
+        success: true,
+        builds_reassigned: moved,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -407,14 +433,16 @@ struct AbandonBody {
 }
 
 /// §4: the holder gives its attempt back (an infrastructure failure: retried while attempts remain).
+#[utoipa::path(post, path = "/api/workers/abandon", request_body = AbandonRequest, responses(
+    (status = 200, description = "The attempt given back (an infrastructure failure)", body = Abandoned),
+    (status = 400, description = "`build_id required`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
 async fn abandon(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(TokenWorker(worker)): Extension<TokenWorker>,
     JsonBody(body): JsonBody<AbandonBody>,
-) -> ApiResult<Json<Value>> {
-    let token =
-        header(&headers, WORKER_TOKEN).ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
-    let worker = auth::worker_by_token(&state, token).await?;
+) -> ApiResult<Json<Abandoned>> {
     let build_id = body
         .build_id
         .filter(|id| ids::valid_id(id))
@@ -437,5 +465,8 @@ async fn abandon(
         Utc::now(),
     )
     .await?;
-    Ok(Json(json!({ "success": true, "status": build.state().g0() })))
+    Ok(Json(Abandoned {
+        success: true,
+        status: build.state().g0().to_string(),
+    }))
 }

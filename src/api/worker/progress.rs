@@ -1,52 +1,29 @@
-//! What running builds report: log lines (B5, B6), heartbeats (B11) and telemetry (B12).
+//! What running builds report: log lines (B6), heartbeats (B11) and telemetry (B12).
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::auth::{self, CallerRules};
-use super::builds::owned_build;
-use super::downloads::WorkerQuery;
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int, parse_json};
-use super::{AppState, views};
+use super::files::WorkerQuery;
+use super::schema::{HeartbeatAnswer, HeartbeatRequest, LogPost, LogsPosted, StatusOk, Telemetry};
+use crate::api::auth::{self, CallerRules};
+use crate::api::error::ErrorBody;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{IdPath, QueryParams, parse_json};
+use crate::api::group::ApiRouter;
+use crate::api::{AppState, views};
 use crate::queue::{self, NewLogLine, QueueError};
+use utoipa_axum::routes;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/builds/{id}/logs", get(read_logs).post(post_logs))
-        .route("/api/builds/{id}/heartbeat", post(heartbeat))
-        .route("/api/builds/{id}/telemetry", post(telemetry))
-}
-
-#[derive(Deserialize)]
-struct LogsQuery {
-    after: Option<String>,
-    limit: Option<String>,
-}
-
-/// B5: every line, oldest first, or an incremental page with `?after=<seq>&limit=`.
-async fn read_logs(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    IdPath(id): IdPath,
-    QueryParams(q): QueryParams<LogsQuery>,
-) -> ApiResult<Json<Value>> {
-    owned_build(&state, &headers, &id).await?;
-    let after = bounded_int(q.after.as_deref(), "after", 0, i64::MAX)?.unwrap_or(0);
-    let limit = bounded_int(q.limit.as_deref(), "limit", 1, 100_000)?;
-    let lines = queue::read_logs(&state.pool, &id, after, limit).await?;
-    let logs: Vec<Value> = lines
-        .iter()
-        .map(|l| json!({ "seq": l.seq, "timestamp": l.ts.timestamp_millis(), "level": l.level, "message": l.message }))
-        .collect();
-    Ok(Json(json!({ "build_id": id, "logs": logs })))
+pub fn router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(post_logs))
+        .routes(routes!(heartbeat))
+        .routes(routes!(telemetry))
 }
 
 const LEVELS: [&str; 4] = ["info", "warn", "error", "debug"];
@@ -61,13 +38,19 @@ fn log_line(entry: &Value) -> Option<NewLogLine> {
 }
 
 /// B6: one line or a batch, from the holder of the current attempt.
+#[utoipa::path(post, path = "/api/builds/{id}/logs", params(("id" = String, Path, description = "Build id"), ("worker_id" = Option<String>, Query, description = "With the admin key: the worker holding the build (or header `X-Worker-Id`)")), request_body = LogPost, responses(
+    (status = 200, description = "Stored (a batch says how many)", body = LogsPosted),
+    (status = 400, description = "`Invalid log level. Must be: info, warn, or error` or `Invalid body. Expected { level, message } or { logs: [...] }`", body = ErrorBody),
+    (status = 403, description = "`Worker not authorized for this build`, `Invalid API key`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
 async fn post_logs(
     State(state): State<AppState>,
     headers: HeaderMap,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<WorkerQuery>,
     body: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LogsPosted>> {
     let rules = CallerRules {
         otp_as_api_key: true,
         ..CallerRules::default()
@@ -98,18 +81,28 @@ async fn post_logs(
     // A batch says what became of it (R46): `count` received (G0), `stored`, and `skipped` (invalid
     // entries, or lines past the build's cap).
     Ok(Json(match batch_size {
-        Some(count) => json!({ "success": true, "count": count, "stored": stored, "skipped": count - stored }),
-        None => json!({ "success": true }),
+        Some(count) => LogsPosted {
+            success: true,
+            count: Some(count),
+            stored: Some(stored),
+            skipped: Some(count - stored),
+        },
+        None => LogsPosted {
+            success: true,
+            count: None,
+            stored: None,
+            skipped: None,
+        },
     }))
 }
 
-#[derive(Deserialize, Default)]
-struct HeartbeatBody {
-    progress: Option<f64>,
-    stage: Option<String>,
-}
-
 /// B11: extends the lease; tells the worker when its build was cancelled.
+#[utoipa::path(post, path = "/api/builds/{id}/heartbeat", params(("id" = String, Path, description = "Build id"), ("worker_id" = Option<String>, Query, description = "With the admin key: the worker holding the build (or header `X-Worker-Id`)")), request_body(content = HeartbeatRequest, description = "Optional"), responses(
+    (status = 200, description = "Lease extended", body = HeartbeatAnswer),
+    (status = 400, description = "`worker_id required`", body = ErrorBody),
+    (status = 403, description = "`Build not assigned to this worker`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
 async fn heartbeat(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -122,8 +115,8 @@ async fn heartbeat(
         ..CallerRules::default()
     };
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), rules).await?;
-    let report: HeartbeatBody = if body.iter().all(u8::is_ascii_whitespace) {
-        HeartbeatBody::default()
+    let report: HeartbeatRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        HeartbeatRequest::default()
     } else {
         parse_json(&body)?
     };
@@ -151,10 +144,11 @@ async fn heartbeat(
         QueueError::NotHolder => ApiError::forbidden("Build not assigned to this worker"),
         other => other.into(),
     })?;
-    let mut answer = json!({ "status": "ok", "timestamp": now.timestamp_millis() });
-    if outcome.cancel_requested {
-        answer["cancel_requested"] = json!(true);
-    }
+    let answer = HeartbeatAnswer {
+        status: "ok".into(),
+        timestamp: now.timestamp_millis(),
+        cancel_requested: outcome.cancel_requested.then_some(true),
+    };
     let mut response = Json(answer).into_response();
     if outcome.cancel_requested {
         response
@@ -166,13 +160,20 @@ async fn heartbeat(
 
 /// B12: counts as a heartbeat; CPU samples are stored, VM heartbeats summarised as a debug line.
 /// Values out of range are not stored but still answered 200 (the monitors never retry).
+#[utoipa::path(post, path = "/api/builds/{id}/telemetry", params(("id" = String, Path, description = "Build id"), ("worker_id" = Option<String>, Query, description = "With the admin key: the worker holding the build (or header `X-Worker-Id`)"),
+    ("X-Worker-Id" = Option<String>, Header, description = "With `X-Build-Id` and no key: the G0 host monitor"),
+    ("X-Build-Id" = Option<String>, Header, description = "Must equal the path's id")), request_body = Telemetry, responses(
+    (status = 200, description = "Counted as a heartbeat", body = StatusOk),
+    (status = 403, description = "`Worker not authorized for this build`, `Invalid API key`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
 async fn telemetry(
     State(state): State<AppState>,
     headers: HeaderMap,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<WorkerQuery>,
     body: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<StatusOk>> {
     let rules = CallerRules {
         worker_and_build_ids: true,
         ..CallerRules::default()
@@ -212,5 +213,5 @@ async fn telemetry(
         let max = state.config.max_log_lines;
         queue::append_worker_logs(&state.pool, &id, caller.holder(), &[line], max, settings, now).await?;
     }
-    Ok(Json(json!({ "status": "ok" })))
+    Ok(Json(StatusOk { status: "ok".into() }))
 }

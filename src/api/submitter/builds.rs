@@ -1,63 +1,133 @@
 //! Build endpoints for submitters and operators: submit, list, active, status, cancel, retry.
 
+use axum::Json;
 use axum::extract::{DefaultBodyLimit, Multipart, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::http::StatusCode;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{Value, json};
 
-use super::auth;
-use super::error::{ApiError, ApiResult};
-use super::extract::{IdPath, QueryParams, bounded_int};
-use super::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
-use super::{AppState, views};
+use crate::api::auth::OwnedBuild;
+use crate::api::error::ErrorBody;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::bounded_int;
+use crate::api::group::ApiRouter;
+use crate::api::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
+use crate::api::views::BuildStatus;
+use crate::api::{AppState, views};
 use crate::ids;
-use crate::queue::{self, Build, BuildFilter, NewBuild, Platform};
+use crate::queue::{self, Build, NewBuild, Platform};
 use crate::storage::{Key, Stored, WriteError, bundle, certs};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::routes;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/builds/submit", post(submit_g0).layer(DefaultBodyLimit::disable()))
-        .route(
-            "/api/builds",
-            post(submit_created).layer(DefaultBodyLimit::disable()).get(list),
-        )
-        .route("/api/builds/active", get(active))
-        .route("/api/builds/{id}/status", get(status))
-        .route("/api/builds/{id}/cancel", post(cancel))
-        .route("/api/builds/{id}/retry", post(retry))
+/// Submitting (the admin key). Uploads are bounded by their own limits, not the default body limit.
+pub fn submit_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(submit_g0))
+        .routes(routes!(submit_created))
+        .layer(DefaultBodyLimit::disable())
 }
 
-/// Loads a build for an owner endpoint: a credential first (401), then the build (404), then the match (403).
-pub(super) async fn owned_build(state: &AppState, headers: &HeaderMap, id: &str) -> ApiResult<Build> {
-    auth::require_owner_credential(headers)?;
-    let build = queue::find_build(&state.pool, id)
-        .await?
-        .ok_or_else(ApiError::build_not_found)?;
-    auth::require_owner(state, headers, &build)?;
-    Ok(build)
+/// Following a build (its owner).
+pub fn owner_router() -> ApiRouter {
+    ApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(cancel))
+        .routes(routes!(retry))
+}
+
+/// `ios` or `android`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformName {
+    Ios,
+    Android,
+}
+
+/// The multipart form of a submit (B1). Parts are streamed to storage as they arrive.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct SubmitForm {
+    /// The app's source archive (zip).
+    #[schema(value_type = String, format = Binary)]
+    pub source: Vec<u8>,
+    /// A certs zip (`*.p12`, `password.txt`, `*.mobileprovision`) or a raw PKCS#12 file.
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub certs: Option<Vec<u8>>,
+    /// A `.mobileprovision` file, added to the certs bundle.
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub profile: Option<Vec<u8>>,
+    pub platform: PlatformName,
+    /// −100..100 (default 0).
+    pub priority: Option<i32>,
+    /// 1..10.
+    pub max_attempts: Option<i32>,
+    /// RFC 3339: a scheduled build.
+    pub run_at: Option<String>,
+    /// Accepted and dropped (never stored in clear).
+    #[serde(rename = "appleId")]
+    pub apple_id: Option<String>,
+    /// Accepted and dropped (never stored in clear).
+    #[serde(rename = "applePassword")]
+    pub apple_password: Option<String>,
+}
+
+/// A build submitted (B1).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Submitted {
+    pub id: String,
+    /// Always `pending`.
+    pub status: String,
+    /// Epoch milliseconds.
+    pub submitted_at: i64,
+    /// The build access token (`X-Build-Token`): read, cancel and retry this build.
+    pub access_token: String,
+}
+
+/// A build retried as a new build (B14).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Retried {
+    pub id: String,
+    /// Always `pending`.
+    pub status: String,
+    /// Epoch milliseconds.
+    pub submitted_at: i64,
+    /// The new build's access token.
+    pub access_token: String,
+    pub original_build_id: String,
+}
+
+/// A build cancelled (B13).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Cancelled {
+    /// Always `cancelled`.
+    pub status: String,
 }
 
 /// B1: 200 with the new build.
-async fn submit_g0(state: State<AppState>, headers: HeaderMap, multipart: MultipartBody) -> ApiResult<Json<Value>> {
-    submit(state, headers, multipart).await
+#[utoipa::path(post, path = "/api/builds/submit", request_body(content = SubmitForm, content_type = "multipart/form-data"), responses(
+    (status = 200, description = "Submitted", body = Submitted),
+    (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
+    (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
+async fn submit_g0(state: State<AppState>, multipart: MultipartBody) -> ApiResult<Json<Submitted>> {
+    submit(state, multipart).await
 }
 
 /// B1 alias `POST /api/builds`: 201 with the same body.
-async fn submit_created(
-    state: State<AppState>,
-    headers: HeaderMap,
-    multipart: MultipartBody,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    Ok((StatusCode::CREATED, submit(state, headers, multipart).await?))
+#[utoipa::path(post, path = "/api/builds", request_body(content = SubmitForm, content_type = "multipart/form-data"), responses(
+    (status = 201, description = "Submitted", body = Submitted),
+    (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
+    (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
+async fn submit_created(state: State<AppState>, multipart: MultipartBody) -> ApiResult<(StatusCode, Json<Submitted>)> {
+    Ok((StatusCode::CREATED, submit(state, multipart).await?))
 }
 
-/// What a submit form carried besides the source.
+/// What a submit form carried.
 #[derive(Default)]
-struct SubmitForm {
+struct SubmitParts {
     source: Option<Stored>,
     certs: Option<Bytes>,
     profile: Option<Bytes>,
@@ -67,8 +137,7 @@ struct SubmitForm {
     run_at: Option<String>,
 }
 
-async fn submit(State(state): State<AppState>, headers: HeaderMap, body: MultipartBody) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
+async fn submit(State(state): State<AppState>, body: MultipartBody) -> ApiResult<Json<Submitted>> {
     let multipart = require_multipart(body)?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
@@ -84,7 +153,7 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Multipa
             "generated id {build_id} is not a valid key"
         )));
     };
-    let mut form = SubmitForm::default();
+    let mut form = SubmitParts::default();
     let outcome = match read_submit_form(&state, multipart, &source_key, &full, &mut form).await {
         Ok(()) => create_build(&state, &build_id, &source_key, &certs_key, form).await,
         Err(e) => Err(e),
@@ -102,7 +171,7 @@ async fn read_submit_form(
     multipart: Multipart,
     source_key: &Key,
     full: &[Platform],
-    form: &mut SubmitForm,
+    form: &mut SubmitParts,
 ) -> ApiResult<()> {
     let limits = &state.config;
     let mut parts = Parts::new(multipart);
@@ -148,8 +217,8 @@ async fn create_build(
     build_id: &str,
     source_key: &Key,
     certs_key: &Key,
-    form: SubmitForm,
-) -> ApiResult<Json<Value>> {
+    form: SubmitParts,
+) -> ApiResult<Json<Submitted>> {
     let Some(source) = form.source else {
         return Err(ApiError::bad_request("Source file required"));
     };
@@ -188,12 +257,12 @@ async fn create_build(
         original_build_id: None,
     };
     let build = enqueue(state, &new).await?;
-    Ok(Json(json!({
-        "id": build.id,
-        "status": "pending",
-        "submitted_at": build.submitted_at.timestamp_millis(),
-        "access_token": access_token,
-    })))
+    Ok(Json(Submitted {
+        id: build.id,
+        status: "pending".into(),
+        submitted_at: build.submitted_at.timestamp_millis(),
+        access_token,
+    }))
 }
 
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the
@@ -225,95 +294,45 @@ fn parse_run_at(value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
     }
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    limit: Option<String>,
-    before: Option<String>,
-    status: Option<String>,
-    platform: Option<String>,
-    worker_id: Option<String>,
-}
-
-/// B2: a bare JSON array, newest first, paginated with `?limit=` and `?before=<id>`.
-async fn list(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    QueryParams(q): QueryParams<ListQuery>,
-) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
-    let states = match q.status.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        None => None,
-        Some(status) => Some(states_for(status).ok_or_else(|| ApiError::bad_request("Invalid status"))?),
-    };
-    let platform = match q.platform.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        None => None,
-        Some(p) => Some(Platform::parse(p).ok_or_else(|| ApiError::bad_request("Invalid platform"))?),
-    };
-    let before = q.before.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    if before.is_some_and(|b| !ids::valid_id(b)) {
-        return Err(ApiError::bad_request("Invalid before cursor"));
-    }
-    let filter = BuildFilter {
-        states,
-        platform,
-        worker_id: auth::worker_id(q.worker_id.as_deref())?,
-        before: before.map(str::to_string),
-        since: None,
-        limit,
-    };
-    let builds = queue::list_builds(&state.pool, &filter).await?;
-    Ok(Json(Value::Array(builds.iter().map(views::build_list_entry).collect())))
-}
-
-/// The native states a `?status=` filter selects: G0 names cover their mapped states.
-fn states_for(status: &str) -> Option<Vec<String>> {
-    let names: &[&str] = match status {
-        "pending" => &["pending", "scheduled", "retryable"],
-        "failed" => &["failed", "cancelled"],
-        other => return queue::BuildState::parse(other).map(|s| vec![s.as_str().to_string()]),
-    };
-    Some(names.iter().map(|s| s.to_string()).collect())
-}
-
-/// B3: builds held by workers now.
-async fn active(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    auth::require_admin(&state, &headers)?;
-    let builds = queue::active_builds(&state.pool).await?;
-    let entries: Vec<Value> = builds
-        .iter()
-        .map(|b| {
-            json!({
-                "id": b.id, "status": b.state().g0(), "platform": b.queue,
-                "worker_id": b.lease_owner, "started_at": views::ms(b.started_at),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "builds": entries })))
-}
-
 /// B4 (owner: admin key or the build's token).
-async fn status(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    let build = owned_build(&state, &headers, &id).await?;
+#[utoipa::path(get, path = "/api/builds/{id}/status", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "The build in the G0 vocabulary", body = BuildStatus),
+    (status = 403, description = "`Invalid or expired build token` or `Invalid API key`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody)))]
+async fn status(OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<BuildStatus>> {
     Ok(Json(views::build_status(&build)))
 }
 
 /// B13: cancel; the body is ignored (the CLI sends an empty body with `Content-Type: application/json`).
-async fn cancel(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    owned_build(&state, &headers, &id).await?;
+#[utoipa::path(post, path = "/api/builds/{id}/cancel", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "Cancelled", body = Cancelled),
+    (status = 400, description = "`Build already finished`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody)))]
+async fn cancel(State(state): State<AppState>, OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<Cancelled>> {
+    let id = build.id;
     let outcome = queue::cancel(&state.pool, &id, Utc::now()).await?;
     if let Some(worker) = &outcome.interrupted_worker {
         tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
     }
-    Ok(Json(json!({ "status": "cancelled" })))
+    Ok(Json(Cancelled {
+        status: "cancelled".into(),
+    }))
 }
 
 /// B14: a new build from the original's stored source (and certs while still held). With only the
 /// build's token, the original must be finished and have no unfinished retry (R49); a full queue is
 /// 503 (R58). Both are checked before the source is copied, and again when the retry is inserted.
-async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    let original = owned_build(&state, &headers, &id).await?;
-    let limited = !auth::admin_if_present(&state, &headers)?;
+#[utoipa::path(post, path = "/api/builds/{id}/retry", params(("id" = String, Path, description = "Build id")), responses(
+    (status = 200, description = "A new build from the original's source", body = Retried),
+    (status = 400, description = "`Original build source no longer available. Please submit a new build.`", body = ErrorBody),
+    (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 503, description = "`Build queue is full`", body = ErrorBody)))]
+async fn retry(
+    State(state): State<AppState>,
+    OwnedBuild { build: original, admin }: OwnedBuild,
+) -> ApiResult<Json<Retried>> {
+    let id = original.id.clone();
+    let limited = !admin;
     {
         let mut conn = state.pool.acquire().await?;
         queue::check_retry(&mut conn, &id, limited).await?;
@@ -362,11 +381,11 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, IdPath(id): Id
             return Err(e.into());
         }
     };
-    Ok(Json(json!({
-        "id": build.id,
-        "status": "pending",
-        "submitted_at": build.submitted_at.timestamp_millis(),
-        "access_token": access_token,
-        "original_build_id": original.id,
-    })))
+    Ok(Json(Retried {
+        id: build.id,
+        status: "pending".into(),
+        submitted_at: build.submitted_at.timestamp_millis(),
+        access_token,
+        original_build_id: original.id,
+    }))
 }

@@ -1,0 +1,237 @@
+//! Routes grouped by who calls them. A group is the only way a route enters the API, and adding
+//! routes to a group names their credential: the group wraps them in that credential's route layer
+//! ([`Credential::guard`]), documents it (tag = the group, security = the credential's schemes,
+//! `x-credential`), and refuses credentials its callers do not use. So an operator route is behind
+//! the admin key by construction, and a route cannot exist undocumented: routes are added as
+//! `utoipa_axum::routes!` of handlers carrying `#[utoipa::path]`.
+
+use axum::Router;
+use utoipa::openapi::extensions::ExtensionsBuilder;
+use utoipa::openapi::security::SecurityRequirement;
+use utoipa::openapi::{OpenApi, RefOr, ResponseBuilder};
+use utoipa_axum::router::OpenApiRouter;
+
+use super::AppState;
+use super::auth::Credential;
+
+/// Routes with their documentation.
+pub type ApiRouter = OpenApiRouter<AppState>;
+
+/// Who calls a group of routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// Anyone: health, statistics, the API document.
+    Public,
+    /// Build machines: workers, their VMs and host monitors.
+    Worker,
+    /// Whoever submits a build and then follows it with its token (or the admin key).
+    Submitter,
+    /// Operators: the admin API, `/api/v2`, metrics.
+    Operator,
+}
+
+impl Caller {
+    pub const ALL: [Caller; 4] = [Caller::Public, Caller::Worker, Caller::Submitter, Caller::Operator];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Caller::Public => "public",
+            Caller::Worker => "worker",
+            Caller::Submitter => "submitter",
+            Caller::Operator => "operator",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Caller> {
+        Caller::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The credentials routes of this group may demand.
+    pub fn credentials(self) -> &'static [Credential] {
+        match self {
+            Caller::Public => &[Credential::Public],
+            Caller::Worker => &[
+                Credential::AdminOrWorkerToken,
+                Credential::WorkerTokenOrAdmin,
+                Credential::Upload,
+                Credential::WorkerToken,
+                Credential::BuildScoped,
+                Credential::VmToken,
+                Credential::Otp,
+            ],
+            Caller::Submitter => &[Credential::Admin, Credential::Owner],
+            Caller::Operator => &[Credential::Admin, Credential::AdminOrBearer],
+        }
+    }
+}
+
+/// The routes of one caller group, each set with its credential.
+pub struct Group {
+    caller: Caller,
+    parts: Vec<(Credential, ApiRouter)>,
+}
+
+impl Group {
+    pub fn new(caller: Caller) -> Self {
+        Self {
+            caller,
+            parts: Vec::new(),
+        }
+    }
+
+    /// Adds routes behind `credential`. A credential the group's callers do not use is a programming
+    /// error, caught when the router is built (at start-up and by every test).
+    pub fn routes(mut self, credential: Credential, mut routes: ApiRouter) -> Self {
+        assert!(
+            self.caller.credentials().contains(&credential),
+            "{credential:?} is not a credential of the {} group",
+            self.caller.name()
+        );
+        document(routes.get_openapi_mut(), self.caller, credential);
+        self.parts.push((credential, routes));
+        self
+    }
+
+    /// The group's router, every set of routes behind its credential's layer, and its document.
+    pub fn build(self, state: &AppState) -> (Router<AppState>, OpenApi) {
+        let mut router = Router::new();
+        let mut doc = OpenApi::default();
+        for (credential, routes) in self.parts {
+            let (routes, part) = routes.split_for_parts();
+            let routes = match credential {
+                Credential::Public | Credential::Otp => routes,
+                _ => routes.route_layer(axum::middleware::from_fn_with_state(
+                    (state.clone(), credential),
+                    Credential::guard,
+                )),
+            };
+            router = router.merge(routes);
+            doc.merge(part);
+        }
+        (router, doc)
+    }
+
+    /// The group's document alone.
+    pub fn openapi(self) -> OpenApi {
+        let mut doc = OpenApi::default();
+        for (_, routes) in self.parts {
+            doc.merge(routes.into_openapi());
+        }
+        doc
+    }
+}
+
+/// Marks every operation of `doc` with its caller group and credential, and gives it the error
+/// answers every route can produce.
+fn document(doc: &mut OpenApi, caller: Caller, credential: Credential) {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let native = path.starts_with("/api/v2/");
+        let operations = [
+            ("get", &mut item.get),
+            ("put", &mut item.put),
+            ("post", &mut item.post),
+            ("delete", &mut item.delete),
+            ("patch", &mut item.patch),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation.as_mut() else {
+                continue;
+            };
+            // Unique by construction (one operation per method and path), stable for generated clients.
+            operation.operation_id = Some(operation_id(method, path));
+            operation.tags = Some(vec![caller.name().to_string()]);
+            let schemes = credential.schemes();
+            operation.security = Some(if schemes.is_empty() {
+                vec![SecurityRequirement::default()]
+            } else {
+                schemes
+                    .iter()
+                    .map(|s| SecurityRequirement::new(*s, Vec::<String>::new()))
+                    .collect()
+            });
+            let extensions = ExtensionsBuilder::new()
+                .add("x-caller", caller.name())
+                .add("x-credential", credential.name())
+                .build();
+            match operation.extensions.as_mut() {
+                Some(existing) => existing.merge(extensions),
+                None => operation.extensions = Some(extensions),
+            }
+            let errors = &mut operation.responses.responses;
+            let schema = if native { "CodedError" } else { "Error" };
+            if let Some(missing) = credential.missing_message() {
+                errors.entry("401".into()).or_insert_with(|| {
+                    error_response(
+                        &format!("No credential, or one that is not valid: `{{\"error\": \"{missing}\"}}`"),
+                        schema,
+                    )
+                });
+            }
+            errors
+                .entry("4XX".into())
+                .or_insert_with(|| error_response("Refused: the error says why", schema));
+            errors
+                .entry("5XX".into())
+                .or_insert_with(|| error_response("Server or storage unavailable", schema));
+        }
+    }
+}
+
+/// `post /api/builds/{id}/cancel` → `post_api_builds_id_cancel`.
+pub fn operation_id(method: &str, path: &str) -> String {
+    let words = path
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase);
+    std::iter::once(method.to_ascii_lowercase())
+        .chain(words)
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+fn error_response(description: &str, schema: &str) -> RefOr<utoipa::openapi::Response> {
+    let body = utoipa::openapi::ContentBuilder::new()
+        .schema(Some(utoipa::openapi::Ref::from_schema_name(schema)))
+        .build();
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content("application/json", body)
+            .build(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operator route cannot be made public (nor given a worker's credential): the group refuses
+    /// when the router is built.
+    #[test]
+    #[should_panic(expected = "is not a credential of the operator group")]
+    fn an_operator_route_cannot_be_public() {
+        let _ = Group::new(Caller::Operator).routes(Credential::Public, ApiRouter::new());
+    }
+
+    #[test]
+    #[should_panic(expected = "is not a credential of the operator group")]
+    fn an_operator_route_cannot_take_a_worker_token() {
+        let _ = Group::new(Caller::Operator).routes(Credential::WorkerToken, ApiRouter::new());
+    }
+
+    /// Every credential but the public ones answers a request without it with 401 and a message.
+    #[test]
+    fn guarded_credentials_name_what_is_missing() {
+        for caller in Caller::ALL {
+            for credential in caller.credentials() {
+                let public = matches!(credential, Credential::Public | Credential::Otp);
+                assert_eq!(credential.missing_message().is_none(), public, "{credential:?}");
+                assert_eq!(credential.schemes().is_empty(), public, "{credential:?}");
+            }
+        }
+        assert_eq!(
+            operation_id("post", "/api/builds/{id}/cancel"),
+            "post_api_builds_id_cancel"
+        );
+    }
+}

@@ -1,0 +1,24 @@
+//! Operators: the admin API (`/api/v2`, the G0 admin endpoints, diagnostics) and `/metrics`. Every
+//! route here is behind the admin key, enforced by the group's layer.
+
+mod builds;
+mod diagnostics;
+mod fleet;
+mod legacy;
+mod metrics;
+pub mod schema;
+pub mod views;
+
+use super::auth::Credential;
+use super::group::{ApiRouter, Caller, Group};
+
+pub fn group() -> Group {
+    let admin = ApiRouter::new()
+        .merge(builds::router())
+        .merge(fleet::router())
+        .merge(legacy::router())
+        .merge(diagnostics::router());
+    Group::new(Caller::Operator)
+        .routes(Credential::Admin, admin)
+        .routes(Credential::AdminOrBearer, metrics::router())
+}
