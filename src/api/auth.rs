@@ -273,9 +273,12 @@ pub enum Credential {
     /// A valid `X-Worker-Token` alone; the worker is handed to the handler as a request extension.
     WorkerToken,
     /// A build-scoped worker credential (api.md §2): VM token, worker token, admin key + worker id,
-    /// or the telemetry and OTP forms; resolved against the build by [`build_caller`].
+    /// or the telemetry and OTP forms. The layer only requires one of them to be present; the handler
+    /// resolves it against the build by [`build_caller`] **before reading the body** (handlers take the
+    /// body unread and call `extract::read_body` afterwards), so a stranger's body is never read.
     BuildScoped,
-    /// An `X-VM-Token`, resolved against the build by [`build_caller`].
+    /// An `X-VM-Token` (presence checked by the layer), resolved against the build by [`build_caller`]
+    /// before the body is read.
     VmToken,
     /// The attempt's one-time password, in the JSON body.
     Otp,
@@ -409,11 +412,12 @@ impl axum::extract::FromRequestParts<AppState> for OwnedBuild {
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> ApiResult<Self> {
         let super::extract::IdPath(id) = super::extract::IdPath::from_request_parts(parts, state).await?;
         require_owner_credential(&parts.headers)?;
+        // A wrong admin key is refused before the lookup, so it cannot tell which builds exist.
+        let admin = admin_if_present(state, &parts.headers)?;
         let build = crate::queue::find_build(&state.pool, &id)
             .await?
             .ok_or_else(ApiError::build_not_found)?;
         require_owner(state, &parts.headers, &build)?;
-        let admin = admin_if_present(state, &parts.headers)?;
         Ok(OwnedBuild { build, admin })
     }
 }

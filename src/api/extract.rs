@@ -33,6 +33,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// Reads a body the handler took unread (`axum::body::Body`), once the caller is authenticated, up to
+/// `limit` bytes: 413 `Request body too large` beyond it, 400 when the client cuts it. Handlers whose
+/// credential is resolved in the handler (build-scoped callers) take the body this way, so a stranger's
+/// request is refused before anything of its body is read.
+pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large =
+            std::error::Error::source(&error).is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::too_large("Request body too large")
+        } else {
+            ApiError::bad_request("Invalid request body")
+        }
+    })
+}
+
 /// Whether the request says its body is JSON.
 pub fn is_json(headers: &HeaderMap) -> bool {
     headers

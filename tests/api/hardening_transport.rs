@@ -577,3 +577,105 @@ async fn r43_long_polls_outlast_the_header_timeout() {
         assert!(started.elapsed() >= Duration::from_secs(3));
     }
 }
+
+/// Sends `POST path` declaring a `declared`-byte JSON body but writing only its first `written` bytes,
+/// then waits (5 s at most) for an answer: the status, or `None` when the server still waits for the rest.
+async fn answer_to_partial_body(
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    declared: u64,
+    written: usize,
+) -> Option<u16> {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    let _ = stream.write_all(&vec![b' '; written]).await;
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => response.extend_from_slice(&buffer[..n]),
+            }
+            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&response[..end]);
+                return head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+            }
+        }
+    })
+    .await
+    .unwrap_or(None)
+}
+
+/// R41 for the build-scoped reports (logs, heartbeat, telemetry): a stranger's credential is refused
+/// before the body is read — the answer comes while most of a declared 1.5 MB body was never sent — and
+/// the public OTP exchange reads at most 4 KiB.
+#[tokio::test]
+async fn r41_build_reports_authenticate_before_reading_the_body() {
+    let app = TestApp::spawn().await;
+    let build_id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], build_id.as_str());
+    let strangers: [(&[(&str, &str)], u16); 4] = [
+        (&[("X-Worker-Id", worker_id.as_str()), ("X-API-Key", "wrong-key")], 403),
+        (&[("X-Worker-Token", "bogus-worker-token")], 401),
+        (&[("X-VM-Token", "bogus-vm-token")], 401),
+        (&[("X-Worker-Id", "someone-else")], 401),
+    ];
+    for report in ["logs", "heartbeat", "telemetry"] {
+        let path = format!("/api/builds/{build_id}/{report}");
+        for (headers, expected) in strangers {
+            let status = answer_to_partial_body(&app.base, &path, headers, 1_500_000, 64 * 1024).await;
+            assert_eq!(
+                status,
+                Some(expected),
+                "{report} with {headers:?}: refused before the body"
+            );
+        }
+    }
+    // The holder still reports, and an oversized report from the holder is 413.
+    let holder = [("X-Worker-Id", worker_id.as_str()), ("X-API-Key", API_KEY)];
+    let heartbeat = format!("/api/builds/{build_id}/heartbeat");
+    let r = app
+        .client
+        .post(app.url(&heartbeat))
+        .headers(header_map(&holder))
+        .json(&serde_json::json!({ "progress": 10 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
+        .post(app.url(&heartbeat))
+        .headers(header_map(&holder))
+        .header("Content-Type", "application/json")
+        .body(format!("{{\"stage\": \"{}\"}}", "x".repeat(100 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let otp = format!("/api/builds/{build_id}/authenticate");
+    let status = answer_to_partial_body(&app.base, &otp, &[], 1_500_000, 16 * 1024).await;
+    assert_eq!(status, Some(413), "the OTP exchange reads at most 4 KiB");
+}
+
+fn header_map(headers: &[(&str, &str)]) -> reqwest::header::HeaderMap {
+    let mut map = reqwest::header::HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    map
+}

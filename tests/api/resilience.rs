@@ -28,11 +28,7 @@ struct OwnPostgres {
 impl OwnPostgres {
     fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("expo-resilience-pg-{}", expo_controller::ids::new_id()));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::support::free_port();
         let pg = OwnPostgres { dir, port };
         pg.up();
         pg

@@ -357,13 +357,28 @@ pub fn success_form(build_id: &str, worker_id: &str, result: &[u8]) -> Form {
         .part("result", Part::bytes(result.to_vec()).file_name("app.bin"))
 }
 
-/// A free loopback port.
+/// A free loopback port for a server started later, below the ephemeral range (32768+): a port from
+/// that range can be taken by any outgoing connection between this check and the server's bind (or
+/// while a test restarts its PostgreSQL). Ports are handed out in turn from a per-process random start
+/// in 12000..30000, each checked bindable, so concurrent tests never get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 12_000;
+    const SPAN: u32 = 18_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = (std::process::id().wrapping_mul(7_919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()))
+        % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// `expo-controller serve` on `port` with the test key, `certs_key` and `storage`; the caller adds

@@ -1,7 +1,7 @@
 //! What running builds report: log lines (B6), heartbeats (B11) and telemetry (B12).
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +13,7 @@ use super::schema::{HeartbeatAnswer, HeartbeatRequest, LogPost, LogsPosted, Stat
 use crate::api::auth::{self, CallerRules};
 use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{IdPath, QueryParams, parse_json};
+use crate::api::extract::{IdPath, QueryParams, parse_json, read_body};
 use crate::api::group::ApiRouter;
 use crate::api::{AppState, views};
 use crate::queue::{self, NewLogLine, QueueError};
@@ -25,6 +25,10 @@ pub fn router() -> ApiRouter {
         .routes(routes!(heartbeat))
         .routes(routes!(telemetry))
 }
+
+/// Bodies read once the caller is known: a log batch, and a heartbeat or telemetry report.
+const LOG_BODY_LIMIT: usize = 2 * 1024 * 1024;
+const REPORT_BODY_LIMIT: usize = 64 * 1024;
 
 const LEVELS: [&str; 4] = ["info", "warn", "error", "debug"];
 
@@ -49,13 +53,14 @@ async fn post_logs(
     headers: HeaderMap,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<WorkerQuery>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<LogsPosted>> {
     let rules = CallerRules {
         otp_as_api_key: true,
         ..CallerRules::default()
     };
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), rules).await?;
+    let body = read_body(body, LOG_BODY_LIMIT).await?;
     let invalid = || ApiError::bad_request("Invalid body. Expected { level, message } or { logs: [...] }");
     let value: Value = parse_json(&body).map_err(|_| invalid())?;
     let (lines, batch_size) = match (value.get("logs"), value.get("level"), value.get("message")) {
@@ -108,13 +113,14 @@ async fn heartbeat(
     headers: HeaderMap,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<WorkerQuery>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
     let rules = CallerRules {
         worker_id_is_a_parameter: true,
         ..CallerRules::default()
     };
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), rules).await?;
+    let body = read_body(body, REPORT_BODY_LIMIT).await?;
     let report: HeartbeatRequest = if body.iter().all(u8::is_ascii_whitespace) {
         HeartbeatRequest::default()
     } else {
@@ -172,13 +178,14 @@ async fn telemetry(
     headers: HeaderMap,
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<WorkerQuery>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<StatusOk>> {
     let rules = CallerRules {
         worker_and_build_ids: true,
         ..CallerRules::default()
     };
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), rules).await?;
+    let body = read_body(body, REPORT_BODY_LIMIT).await?;
     let event: Value = parse_json(&body)?;
     let now = Utc::now();
     let settings = &state.config.queue;

@@ -22,10 +22,15 @@ use crate::queue::{self, VmTokenRecord};
 use crate::storage::certs;
 use utoipa_axum::routes;
 
-/// Trading the OTP (in the body) for a VM token.
+/// Trading the OTP (in the body) for a VM token. Anyone may call it, so its body is read only up to
+/// 4 KiB (`{"otp": …}` is some 60 bytes).
 pub fn otp_router() -> ApiRouter {
-    ApiRouter::new().routes(routes!(authenticate))
+    ApiRouter::new()
+        .routes(routes!(authenticate))
+        .layer(DefaultBodyLimit::max(OTP_BODY_LIMIT))
 }
+
+const OTP_BODY_LIMIT: usize = 4 * 1024;
 
 /// The VM's own calls (its `X-VM-Token`); the artifact is bounded by the result limit.
 pub fn vm_router() -> ApiRouter {
