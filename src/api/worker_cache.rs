@@ -76,26 +76,6 @@ impl WorkerCache {
         }
     }
 
-    /// Records a claim in the cached copies, as the claim wrote it to the row: the worker is busy and
-    /// was seen at `at`, so its next requests (source download, result upload) need no database
-    /// round trip to learn it. The copy stays busy until it expires: a busy copy is the cautious one
-    /// (the poll then always asks the database, which re-delivers a held attempt).
-    pub fn claimed(&self, worker_id: &str, at: DateTime<Utc>) {
-        self.update(worker_id, |w| {
-            w.status = "busy".into();
-            w.last_seen_at = w.last_seen_at.max(at);
-        });
-    }
-
-    fn update(&self, worker_id: &str, change: impl Fn(&mut Worker)) {
-        if let Ok(mut entries) = self.entries.lock() {
-            entries
-                .values_mut()
-                .filter(|(_, w)| w.id == worker_id)
-                .for_each(|(_, w)| change(w));
-        }
-    }
-
     /// Drops the cached copies of one worker (its status changed, e.g. it claimed a build).
     pub fn forget(&self, worker_id: &str) {
         if let Ok(mut entries) = self.entries.lock() {

@@ -149,8 +149,8 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
                 state.wakeups.mark_empty(&seen);
             }
         }
-        // The worker's status changed (it is busy now): so does its cached copy.
-        Some(_) => state.workers.claimed(&worker.id, Utc::now()),
+        // The worker's status changed (it is busy now): refresh its cached copy.
+        Some(_) => state.workers.forget(&worker.id),
         None => {}
     }
     Ok(claim)
