@@ -129,20 +129,27 @@ impl Storage {
     /// Streams `body` to `key`, refusing more than `limit` bytes. The object appears only when
     /// the whole stream arrived; on any error the partial (multipart) upload is aborted.
     ///
-    /// A body that fits in one part (sources and most results) is stored in one piece once it has
-    /// arrived: on local storage a single blocking call creates a staging file, writes it (fsyncs it
-    /// when configured) and renames it into place; on S3 one PUT. Larger bodies stream as multipart
-    /// uploads of `part_size` parts, starting with the part already buffered.
+    /// On local storage a body that fits in one part (sources and most results) is stored in one
+    /// piece once it has arrived: a single blocking call creates a staging file, writes it (fsyncs it
+    /// when configured) and renames it into place, instead of a multipart upload's three. Larger
+    /// bodies, and every body on S3, stream as multipart uploads of `part_size` parts (an empty body is
+    /// stored as an empty object: an empty multipart upload is invalid on S3).
     pub async fn write_stream<S, E>(&self, key: &Key, mut body: S, limit: u64) -> Result<Stored, WriteError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let (part_size, in_flight) = self.part_size();
+        // On S3 the multipart upload opens with the first bytes, as before (a PUT of up to a whole
+        // part would hold 6 MiB per upload before anything reaches the store).
+        let one_piece = match self.backend.as_ref() {
+            Backend::Local { .. } => part_size,
+            Backend::S3 { .. } => 0,
+        };
         let mut progress = Progress::default();
         let mut head = Vec::new();
         let mut buffered = 0;
-        while buffered <= part_size {
+        while buffered <= one_piece {
             let Some(chunk) = body.next().await else {
                 self.store.put(key.path(), head.into_iter().collect()).await?;
                 metrics::counter!(crate::metrics::UPLOAD_BYTES).increment(progress.size);
