@@ -170,19 +170,17 @@ async fn measure(
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut done = Vec::new();
     for n in 0..runs {
-        // BENCH_P12_PERF=<prefix>: `perf record -g` of the controller during each run, to <prefix>-<label>-<n>.data.
+        // BENCH_P12_PERF=<prefix>: `perf record` of the controller during each run, to
+        // <prefix>-<label>-<n>.data (frame-pointer call graphs; BENCH_P12_PERF_DWARF=1 for DWARF ones).
         let perf = std::env::var("BENCH_P12_PERF").ok().and_then(|prefix| {
+            let graph = match std::env::var("BENCH_P12_PERF_DWARF") {
+                Ok(_) => ["-F", "99", "--call-graph", "dwarf,16384"],
+                Err(_) => ["-F", "499", "--call-graph", "fp"],
+            };
             std::process::Command::new("perf")
-                .args([
-                    "record",
-                    "-F",
-                    "499",
-                    "-g",
-                    "-q",
-                    "-p",
-                    &shared.1.pid().to_string(),
-                    "-o",
-                ])
+                .arg("record")
+                .args(graph)
+                .args(["-q", "-p", &shared.1.pid().to_string(), "-o"])
                 .arg(format!("{prefix}-{label}-{}.data", n + 1))
                 .args(["--", "sleep", &secs.to_string()])
                 .stdout(std::process::Stdio::null())

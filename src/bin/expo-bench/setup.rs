@@ -111,7 +111,11 @@ impl Controller {
         port: u16,
         extra: &[(&str, String)],
     ) -> anyhow::Result<(Controller, Duration)> {
-        let binary = std::env::current_exe()?.with_file_name("expo-controller");
+        // BENCH_CONTROLLER: another controller binary (an A/B against an earlier build).
+        let binary = match std::env::var_os("BENCH_CONTROLLER") {
+            Some(path) => PathBuf::from(path),
+            None => std::env::current_exe()?.with_file_name("expo-controller"),
+        };
         anyhow::ensure!(
             std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
             "port {port} is busy: is another controller still running?"
