@@ -317,7 +317,8 @@ async fn cycles(
     }
 
     let mut workers = Vec::new();
-    for token in tokens.iter().cloned() {
+    for token in tokens {
+        let token = token.clone();
         let (shared, permits, submitting, submitted, finished, in_window, ledger, result) = (
             shared.clone(),
             permits.clone(),
