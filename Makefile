@@ -9,7 +9,7 @@ test: ## Start a throwaway PostgreSQL, run every test, stop it
 db-stop: ## Stop the development PostgreSQL of `make run`
 	scripts/pg.sh stop "$$(scripts/pg.sh devdir)"
 
-bench: ## Build release binaries and run the P1–P11 and D1–D4 benchmarks (prints the table; never fails on a time)
+bench: ## Build release binaries and run the P1–P12 and D1–D4 benchmarks (prints the table; never fails on a time)
 	scripts/bench-tools.sh
 	cargo build --release --features bench --bins
 	ulimit -n $$(ulimit -Hn); PATH="$$PATH:/usr/sbin" target/release/expo-bench

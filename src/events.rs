@@ -44,6 +44,11 @@ const READ_BATCH: i64 = 512;
 const GAP_RECHECK: Duration = Duration::from_millis(5);
 /// Read interval without notifications (covers notifications lost while the LISTEN loop reconnects).
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// After a notification, how long the pump lets further commits arrive before it reads: under load
+/// every state change commits (and notifies) on its own, several per build, and one read per
+/// notification would cost a round trip each; this bounds the reads to a few hundred per second
+/// at the price of a few milliseconds of latency.
+const COALESCE: Duration = Duration::from_millis(4);
 /// Events handed to one subscriber per ring read.
 const SUBSCRIBER_BATCH: usize = 256;
 
@@ -271,7 +276,7 @@ pub async fn pump(pool: PgPool, events: Arc<Events>, mut shutdown: watch::Receiv
             }
         };
         tokio::select! {
-            _ = events.wake.notified() => {}
+            _ = events.wake.notified() => tokio::time::sleep(COALESCE).await,
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }

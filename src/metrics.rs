@@ -113,11 +113,36 @@ pub const JOBS: [&str; 6] = [
     "prune",
 ];
 
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds the histogram samples recorded since the last scrape into their buckets every
+/// [`UPKEEP_INTERVAL`], on a thread of its own (one per process). `install_recorder` starts no upkeep:
+/// without it every sample (one per request and per claim) stays queued in memory until a scrape,
+/// so an unscraped controller grows by every request it serves, and the next scrape drains them all.
+fn start_upkeep(handle: &'static PrometheusHandle) {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    handle.run_upkeep();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "metrics upkeep thread not started");
+        }
+    });
+}
+
 /// Installs the recorder, describes every family (`# HELP`) and creates each series at zero.
 pub fn init() {
-    if handle().is_none() {
+    let Some(handle) = handle() else {
         return;
-    }
+    };
+    start_upkeep(handle);
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_histogram!(CLAIM_SECONDS, "Time to claim a build for a polling worker, in seconds");
     describe_histogram!(

@@ -27,6 +27,8 @@ pub struct RateLimits {
     /// Digest of the admin key, to tell it from other credentials.
     admin_digest: [u8; 32],
     checks: AtomicU64,
+    /// Built once: a new quanta clock runs CPUID (a VM exit under virtualisation) on every call.
+    clock: DefaultClock,
 }
 
 /// The limits to apply, in requests per second (0 = none).
@@ -53,11 +55,15 @@ impl RateLimits {
             per_admin: limiter(rates.per_admin),
             admin_digest: Sha256::digest(admin_key.as_bytes()).into(),
             checks: AtomicU64::new(0),
+            clock: DefaultClock::default(),
         }
     }
 
     /// The limiter for a request's credential: the admin key's own, or the shared one.
     fn credential_limiter(&self, headers: &axum::http::HeaderMap) -> Option<&DefaultKeyedRateLimiter<[u8; 16]>> {
+        if self.per_admin.is_none() && self.per_credential.is_none() {
+            return None;
+        }
         let is_admin = headers.get(API_KEY).and_then(|v| v.to_str().ok()).is_some_and(|key| {
             let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
             subtle::ConstantTimeEq::ct_eq(&presented[..], &self.admin_digest[..]).into()
@@ -75,12 +81,15 @@ impl RateLimits {
         ip: Option<IpAddr>,
         credential: Option<(&DefaultKeyedRateLimiter<[u8; 16]>, [u8; 16])>,
     ) -> Result<(), u64> {
+        if self.per_ip.is_none() && credential.is_none() {
+            return Ok(());
+        }
         if self.checks.fetch_add(1, Ordering::Relaxed) % RETAIN_EVERY == RETAIN_EVERY - 1 {
             self.per_ip.iter().for_each(|l| l.retain_recent());
             self.per_credential.iter().for_each(|l| l.retain_recent());
             self.per_admin.iter().for_each(|l| l.retain_recent());
         }
-        let now = DefaultClock::default().now();
+        let now = self.clock.now();
         if let (Some(limiter), Some(ip)) = (&self.per_ip, ip) {
             limiter
                 .check_key(&ip)

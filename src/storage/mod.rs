@@ -128,21 +128,40 @@ impl Storage {
 
     /// Streams `body` to `key`, refusing more than `limit` bytes. The object appears only when
     /// the whole stream arrived; on any error the partial (multipart) upload is aborted.
-    pub async fn write_stream<S, E>(&self, key: &Key, body: S, limit: u64) -> Result<Stored, WriteError>
+    ///
+    /// On local storage a body that fits in one part (sources and most results) is stored in one
+    /// piece once it has arrived: a single blocking call creates a staging file, writes it (fsyncs it
+    /// when configured) and renames it into place, instead of a multipart upload's three. Larger
+    /// bodies, and every body on S3, stream as multipart uploads of `part_size` parts (an empty body is
+    /// stored as an empty object: an empty multipart upload is invalid on S3).
+    pub async fn write_stream<S, E>(&self, key: &Key, mut body: S, limit: u64) -> Result<Stored, WriteError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let (part_size, in_flight) = self.part_size();
+        // On S3 the multipart upload opens with the first bytes, as before (a PUT of up to a whole
+        // part would hold 6 MiB per upload before anything reaches the store).
+        let one_piece = match self.backend.as_ref() {
+            Backend::Local { .. } => part_size,
+            Backend::S3 { .. } => 0,
+        };
+        let mut progress = Progress::default();
+        let mut head = Vec::new();
+        let mut buffered = 0;
+        while buffered <= one_piece {
+            let Some(chunk) = body.next().await else {
+                self.store.put(key.path(), head.into_iter().collect()).await?;
+                metrics::counter!(crate::metrics::UPLOAD_BYTES).increment(progress.size);
+                return Ok(progress.stored());
+            };
+            let chunk = progress.add(chunk, limit)?;
+            buffered += chunk.len();
+            head.push(chunk);
+        }
         let upload = self.store.put_multipart(key.path()).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
-        match copy_parts(&mut writer, body, limit, in_flight).await {
-            Ok(stored) if stored.size == 0 => {
-                // An empty multipart upload is invalid on S3: abort it and store an empty object.
-                let _ = writer.abort().await;
-                self.store.put(key.path(), PutPayload::default()).await?;
-                Ok(stored)
-            }
+        match copy_parts(&mut writer, head, body, limit, in_flight, progress).await {
             Ok(stored) => match writer.finish().await {
                 Ok(_) => {
                     metrics::counter!(crate::metrics::UPLOAD_BYTES).increment(stored.size);
@@ -230,32 +249,56 @@ impl Storage {
     }
 }
 
+/// Size and digest of a body so far.
+#[derive(Default)]
+struct Progress {
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Progress {
+    /// Counts and hashes one chunk of the body, refusing it past `limit`.
+    fn add<E: std::fmt::Display>(&mut self, chunk: Result<Bytes, E>, limit: u64) -> Result<Bytes, WriteError> {
+        let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
+        self.size += chunk.len() as u64;
+        if self.size > limit {
+            return Err(WriteError::TooLarge(limit));
+        }
+        self.hasher.update(&chunk);
+        Ok(chunk)
+    }
+
+    fn stored(self) -> Stored {
+        Stored {
+            size: self.size,
+            sha256: crate::ids::hex(&self.hasher.finalize()),
+        }
+    }
+}
+
+/// Hands the chunks already read (`head`) and then the rest of `body` to the multipart writer.
 async fn copy_parts<S, E>(
     writer: &mut WriteMultipart,
+    head: Vec<Bytes>,
     mut body: S,
     limit: u64,
     in_flight: usize,
+    mut progress: Progress,
 ) -> Result<Stored, WriteError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut hasher = Sha256::new();
-    let mut size: u64 = 0;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
-        size += chunk.len() as u64;
-        if size > limit {
-            return Err(WriteError::TooLarge(limit));
-        }
-        hasher.update(&chunk);
+    for chunk in head {
         writer.wait_for_capacity(in_flight).await?;
         writer.put(chunk);
     }
-    Ok(Stored {
-        size,
-        sha256: crate::ids::hex(&hasher.finalize()),
-    })
+    while let Some(chunk) = body.next().await {
+        let chunk = progress.add(chunk, limit)?;
+        writer.wait_for_capacity(in_flight).await?;
+        writer.put(chunk);
+    }
+    Ok(progress.stored())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! references and the scenarios P1–P9 and P11 of performance.md (P8: S3 storage) on loopback, and prints
 //! one table. Benchmarks never fail on a time: they report.
 
+mod cycle;
 mod dashboard;
 mod downloads;
 mod events;
@@ -128,6 +129,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     }
     if wants("P9") {
         rows.extend(p9(&bench).await?);
+    }
+    if wants("P12") {
+        rows.extend(cycle::p12(env, &client).await?);
     }
     rows.push(Row {
         id: "P7",

@@ -65,6 +65,29 @@ pub async fn database(root: &Path) -> anyhow::Result<Env> {
     })
 }
 
+/// Restarts the bench PostgreSQL in durable mode (`fsync`, `synchronous_commit` and
+/// `full_page_writes` on, as a real deployment runs) or back in the fast mode of the other scenarios.
+pub async fn restart_database(env: &Env, durable: bool) -> anyhow::Result<()> {
+    let pg = env.root.join("pg");
+    stop_database(&env.root);
+    let mut command = Command::new("scripts/pg.sh");
+    command.arg("start").arg(&pg).arg(pg_port().to_string());
+    if !durable {
+        command.arg("fast");
+    }
+    anyhow::ensure!(command.status()?.success(), "could not restart PostgreSQL");
+    // The pool's connections died with the server: make sure the next query gets a live one.
+    for _ in 0..50 {
+        if sqlx::query("SELECT 1").execute(&env.pool).await.is_ok() {
+            let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&env.pool).await?;
+            eprintln!("bench PostgreSQL restarted with fsync={fsync}");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("PostgreSQL did not come back")
+}
+
 pub fn stop_database(root: &Path) {
     let _ = Command::new("scripts/pg.sh").arg("stop").arg(root.join("pg")).status();
 }
@@ -88,7 +111,11 @@ impl Controller {
         port: u16,
         extra: &[(&str, String)],
     ) -> anyhow::Result<(Controller, Duration)> {
-        let binary = std::env::current_exe()?.with_file_name("expo-controller");
+        // BENCH_CONTROLLER: another controller binary (an A/B against an earlier build).
+        let binary = match std::env::var_os("BENCH_CONTROLLER") {
+            Some(path) => PathBuf::from(path),
+            None => std::env::current_exe()?.with_file_name("expo-controller"),
+        };
         anyhow::ensure!(
             std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
             "port {port} is busy: is another controller still running?"
@@ -97,7 +124,6 @@ impl Controller {
         let mut command = Command::new(binary);
         // D1–D3 measure the dashboard's queries: no read cache (D4 launches its own controller with it).
         command.env("CONTROLLER_DASHBOARD_CACHE_MS", "0");
-        command.envs(extra.iter().map(|(k, v)| (*k, v.as_str())));
         let child = command
             .arg("serve")
             .env("DATABASE_URL", &env.database_url)
@@ -117,6 +143,8 @@ impl Controller {
             )
             .env("CONTROLLER_MAX_RESULT_BYTES", (2u64 << 30).to_string())
             .env("RUST_LOG", "warn")
+            // Scenario settings (S3 storage, durability for P12d) override the defaults above.
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -145,12 +173,23 @@ impl Controller {
 
     /// CPU time (user + system) the controller has used so far, in seconds.
     pub fn cpu_secs(&self) -> f64 {
+        let (user, system) = self.cpu_split();
+        user + system
+    }
+
+    /// The controller's process id (for `perf record -p`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time (user, system) the controller has used so far, in seconds.
+    pub fn cpu_split(&self) -> (f64, f64) {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
         let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
         let fields: Vec<u64> = after.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
-        let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-        ticks as f64 / 100.0
+        let ticks = |n: usize| fields.get(n).copied().unwrap_or(0) as f64 / 100.0;
+        (ticks(11), ticks(12))
     }
 
     /// (current RSS, peak RSS) in KiB.

@@ -1,0 +1,614 @@
+//! P12 (issue #13): the full build cycle without heartbeats or log lines, as the TypeScript controller was
+//! measured — 32 long-polling workers and 8 submitters, at most 64 builds in flight; each build is a
+//! multipart submit of a 10 KiB source → claim → source download → multipart upload of a 10 KiB result
+//! with `success=true` → status read. Several consecutive runs on one fresh controller (drift), the
+//! controller's and PostgreSQL's CPU per build, an exactly-once check of every build, and a pgbench floor
+//! of the same statements on the same PostgreSQL. Then the same with durability on (PostgreSQL
+//! `fsync=on`, `synchronous_commit=on`, storage fsync on).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+
+use crate::scenarios::Shared;
+use crate::setup::{self, API_KEY, Controller, Env};
+use crate::stats::{Row, Samples};
+
+const WORKERS: usize = 32;
+const SUBMITTERS: usize = 8;
+const IN_FLIGHT: usize = 64;
+const FILE_BYTES: usize = 10 * 1024;
+/// Clients of the pgbench floor (the controller's 32 workers + 8 submitters).
+const PGBENCH_CLIENTS: usize = 40;
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// One timed run.
+struct Run {
+    builds: u64,
+    seconds: f64,
+    controller_cpu: f64,
+    controller_sys: f64,
+    rss_kib: u64,
+    postgres_cpu: f64,
+    xacts: i64,
+    samples: Samples,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.builds as f64 / self.seconds
+    }
+    fn per_build(&self, cpu: f64) -> f64 {
+        1000.0 * cpu / (self.builds.max(1) as f64)
+    }
+}
+
+/// What every build of every run did, for the exactly-once check.
+#[derive(Default)]
+struct Ledger {
+    submitted: Vec<String>,
+    claimed: HashSet<String>,
+    claimed_twice: u64,
+    uploaded: HashSet<String>,
+    uploaded_twice: u64,
+}
+
+/// The P12 rows: without durability (several runs, drift, pgbench floor), then with durability.
+pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>> {
+    let runs = env_number("BENCH_P12_RUNS", 5).max(1) as usize;
+    let secs = env_number("BENCH_P12_SECS", 20).max(1);
+    let durable_runs = env_number("BENCH_P12_DURABLE_RUNS", 2) as usize;
+    let mut rows = Vec::new();
+    let port = setup::http_port() + 4;
+
+    let fast = measure(env, client, port, &[], runs, secs, "fast").await?;
+    rows.push(fast.row(
+        "P12",
+        "full cycle (submit → claim → source → result → status), fsync off",
+    ));
+    if durable_runs > 0 {
+        setup::restart_database(env, true).await?;
+        // The durable controller runs with the defaults: synchronous commit and storage fsync on.
+        let extra = [
+            ("CONTROLLER_DB_SYNCHRONOUS_COMMIT", "on".to_string()),
+            ("CONTROLLER_STORAGE_FSYNC", "true".to_string()),
+        ];
+        let outcome = measure(env, client, port, &extra, durable_runs, secs, "durable").await;
+        setup::restart_database(env, false).await?;
+        rows.push(outcome?.row(
+            "P12d",
+            "full cycle, durable (PostgreSQL fsync + synchronous_commit on, storage fsync on)",
+        ));
+    }
+    Ok(rows)
+}
+
+struct Measured {
+    runs: Vec<Run>,
+    floor: Option<f64>,
+    check: String,
+    exact: bool,
+}
+
+impl Measured {
+    fn row(&self, id: &'static str, scenario: &str) -> Row {
+        let rates: Vec<f64> = self.runs.iter().map(Run::rate).collect();
+        let median = crate::stats::median(rates.clone());
+        let (min, max) = rates
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let drift = max / min.max(1e-9);
+        let builds: u64 = self.runs.iter().map(|r| r.builds).sum();
+        let controller: f64 = self.runs.iter().map(|r| r.controller_cpu).sum();
+        let postgres: f64 = self.runs.iter().map(|r| r.postgres_cpu).sum();
+        let cpu_ms = 1000.0 * controller / builds.max(1) as f64;
+        let pg_ms = 1000.0 * postgres / builds.max(1) as f64;
+        let mut samples = Samples::default();
+        for run in &self.runs {
+            samples.extend(run.samples.clone());
+        }
+        let floor_ratio = self.floor.map(|f| median / f);
+        let met = if id == "P12" {
+            median >= 750.0
+                && floor_ratio.is_some_and(|r| r >= 0.5)
+                && cpu_ms <= 0.8
+                && drift <= 1.1 / 0.9
+                && self.exact
+        } else {
+            self.exact
+        };
+        Row {
+            id,
+            scenario: format!(
+                "{scenario}; runs {}; controller CPU {cpu_ms:.2} ms/build, PostgreSQL CPU {pg_ms:.2} ms/build; \
+                 drift max/min {drift:.2}; {}",
+                rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / "),
+                self.check
+            ),
+            figure: format!("{median:.0} builds/s"),
+            reference: match self.floor {
+                Some(f) => format!("pgbench of our statements {f:.0} builds/s"),
+                None => "pgbench missing".into(),
+            },
+            ratio: floor_ratio.map_or("-".into(), |r| format!("{:.0} %", 100.0 * r)),
+            latency: samples.summary(),
+            target: if id == "P12" {
+                "≥ 750 builds/s, ≥ 50 % of pgbench, ≤ 0.8 ms CPU/build, runs within ±10 %, exactly once"
+            } else {
+                "report (durable figure); exactly once"
+            },
+            met,
+        }
+    }
+}
+
+async fn measure(
+    env: &Env,
+    client: &reqwest::Client,
+    port: u16,
+    extra: &[(&str, String)],
+    runs: usize,
+    secs: u64,
+    label: &str,
+) -> anyhow::Result<Measured> {
+    let pool = &env.pool;
+    crate::drain(pool).await?;
+    let statements = statement_stats_reset(pool).await;
+    let (controller, _) = Controller::launch_with(env, client, port, extra).await?;
+    let shared: Shared = Arc::new((client.clone(), controller));
+    let tokens = register(&shared).await?;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut done = Vec::new();
+    for n in 0..runs {
+        // BENCH_P12_PERF=<prefix>: `perf record` of the controller during each run, to
+        // <prefix>-<label>-<n>.data (frame-pointer call graphs; BENCH_P12_PERF_DWARF=1 for DWARF ones).
+        let perf = std::env::var("BENCH_P12_PERF").ok().and_then(|prefix| {
+            let graph = match std::env::var("BENCH_P12_PERF_DWARF") {
+                Ok(_) => ["-F", "99", "--call-graph", "dwarf,16384"],
+                Err(_) => ["-F", "499", "--call-graph", "fp"],
+            };
+            std::process::Command::new("perf")
+                .arg("record")
+                .args(graph)
+                .args(["-q", "-p", &shared.1.pid().to_string(), "-o"])
+                .arg(format!("{prefix}-{label}-{}.data", n + 1))
+                .args(["--", "sleep", &secs.to_string()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .ok()
+        });
+        let run = cycles(&shared, env, &tokens, &ledger, Duration::from_secs(secs)).await?;
+        eprintln!(
+            "P12 {label} run {}: {:.0} builds/s; controller CPU {:.2} ms/build ({:.2} system), RSS {:.1} MiB; \
+             PostgreSQL CPU {:.2} ms/build; {:.1} transactions/build (load {})",
+            n + 1,
+            run.rate(),
+            run.per_build(run.controller_cpu),
+            run.per_build(run.controller_sys),
+            run.rss_kib as f64 / 1024.0,
+            run.per_build(run.postgres_cpu),
+            run.xacts as f64 / run.builds.max(1) as f64,
+            load_average(),
+        );
+        if let Some(mut perf) = perf {
+            let _ = tokio::task::spawn_blocking(move || perf.wait()).await;
+        }
+        done.push(run);
+    }
+    let builds: u64 = done.iter().map(|r| r.builds).sum();
+    if statements {
+        print_statements(pool, builds).await;
+    }
+    let (check, exact) = exactly_once(pool, &env.root, &ledger).await?;
+    eprintln!("P12 {label} {check}");
+    drop(shared);
+    crate::drain(pool).await?;
+    let floor = pgbench_floor(env, secs.clamp(5, 10)).await;
+    match &floor {
+        Ok(f) => eprintln!("P12 {label} pgbench floor: {f:.0} builds/s with {PGBENCH_CLIENTS} clients"),
+        Err(e) => eprintln!("P12 {label} pgbench floor not measured: {e:#}"),
+    }
+    crate::drain(pool).await?;
+    Ok(Measured {
+        runs: done,
+        floor: floor.ok(),
+        check,
+        exact,
+    })
+}
+
+async fn register(shared: &Shared) -> anyhow::Result<Vec<String>> {
+    let (client, controller) = &**shared;
+    let tag = &expo_controller::ids::new_id()[..6];
+    let mut tokens = Vec::new();
+    for n in 0..WORKERS {
+        let body: Value = client
+            .post(controller.url("/api/workers/register"))
+            .header("X-API-Key", API_KEY)
+            .json(&json!({ "name": format!("p12-{tag}-{n}"), "capabilities": { "platforms": ["ios"] } }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let token = body["access_token"].as_str().unwrap_or_default().to_string();
+        anyhow::ensure!(!token.is_empty(), "worker registration failed: {body}");
+        tokens.push(token);
+    }
+    Ok(tokens)
+}
+
+/// One run: builds whose status was read within `duration`; afterwards every build still in flight is
+/// finished (so none is lost), outside the measured window.
+async fn cycles(
+    shared: &Shared,
+    env: &Env,
+    tokens: &[String],
+    ledger: &Arc<Mutex<Ledger>>,
+    duration: Duration,
+) -> anyhow::Result<Run> {
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    let submitting = Arc::new(AtomicBool::new(true));
+    let submitted = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let in_window = Arc::new(AtomicU64::new(0));
+    let source = bytes::Bytes::from(vec![7u8; FILE_BYTES]);
+    let result = bytes::Bytes::from(vec![1u8; FILE_BYTES]);
+
+    let xacts_before = transactions(&env.pool).await?;
+    let cpu_before = (shared.1.cpu_split(), postgres_cpu_secs(&env.root));
+    let started = Instant::now();
+    let stop = started + duration;
+
+    let mut submitters = Vec::new();
+    for _ in 0..SUBMITTERS {
+        let (shared, permits, submitting, submitted, ledger, source) = (
+            shared.clone(),
+            permits.clone(),
+            submitting.clone(),
+            submitted.clone(),
+            ledger.clone(),
+            source.clone(),
+        );
+        submitters.push(tokio::spawn(async move {
+            let (client, controller) = &*shared;
+            while submitting.load(Ordering::Relaxed) {
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout(Duration::from_millis(100), permits.clone().acquire_owned()).await
+                else {
+                    continue;
+                };
+                let form = Form::new()
+                    .text("platform", "ios")
+                    .part("source", Part::stream(source.clone()).file_name("app.zip"));
+                let answer = client
+                    .post(controller.url("/api/builds/submit"))
+                    .header("X-API-Key", API_KEY)
+                    .multipart(form)
+                    .send()
+                    .await;
+                let id = match answer {
+                    Ok(r) if r.status().is_success() => r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|b| b["id"].as_str().map(str::to_string)),
+                    _ => None,
+                };
+                if let Some(id) = id {
+                    // The permit comes back when a worker has read the build's final status.
+                    permit.forget();
+                    submitted.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut l) = ledger.lock() {
+                        l.submitted.push(id);
+                    }
+                }
+            }
+        }));
+    }
+
+    let mut workers = Vec::new();
+    for token in tokens {
+        let token = token.clone();
+        let (shared, permits, submitting, submitted, finished, in_window, ledger, result) = (
+            shared.clone(),
+            permits.clone(),
+            submitting.clone(),
+            submitted.clone(),
+            finished.clone(),
+            in_window.clone(),
+            ledger.clone(),
+            result.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut samples = Samples::default();
+            let give_up = stop + Duration::from_secs(30);
+            loop {
+                let idle = !submitting.load(Ordering::Relaxed)
+                    && finished.load(Ordering::Relaxed) >= submitted.load(Ordering::Relaxed);
+                if idle || Instant::now() > give_up {
+                    break;
+                }
+                let t = Instant::now();
+                match one_build(&shared, &token, &ledger, &result).await {
+                    Ok(true) => {
+                        finished.fetch_add(1, Ordering::Relaxed);
+                        permits.add_permits(1);
+                        if Instant::now() <= stop {
+                            in_window.fetch_add(1, Ordering::Relaxed);
+                            samples.push(t.elapsed());
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        eprintln!("P12 worker: {error:#}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            samples
+        }));
+    }
+
+    tokio::time::sleep_until(stop.into()).await;
+    let cpu_after = (shared.1.cpu_split(), postgres_cpu_secs(&env.root));
+    let xacts_after = transactions(&env.pool).await?;
+    let builds = in_window.load(Ordering::Relaxed);
+    submitting.store(false, Ordering::Relaxed);
+    for s in submitters {
+        s.await?;
+    }
+    let mut samples = Samples::default();
+    for w in workers {
+        samples.extend(w.await?);
+    }
+    Ok(Run {
+        builds,
+        seconds: duration.as_secs_f64(),
+        controller_cpu: (cpu_after.0.0 + cpu_after.0.1) - (cpu_before.0.0 + cpu_before.0.1),
+        controller_sys: cpu_after.0.1 - cpu_before.0.1,
+        rss_kib: shared.1.rss_kib().0,
+        postgres_cpu: cpu_after.1 - cpu_before.1,
+        xacts: xacts_after - xacts_before,
+        samples,
+    })
+}
+
+/// Claim (long poll) → source → result upload → status; true when the status read says `completed`.
+async fn one_build(
+    shared: &Shared,
+    token: &str,
+    ledger: &Mutex<Ledger>,
+    result: &bytes::Bytes,
+) -> anyhow::Result<bool> {
+    let (client, controller) = &**shared;
+    let poll: Value = client
+        .get(controller.url("/api/workers/poll?wait=2"))
+        .header("X-Worker-Token", token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let Some(id) = poll["job"]["id"].as_str() else {
+        return Ok(false);
+    };
+    if let Ok(mut l) = ledger.lock()
+        && !l.claimed.insert(id.to_string())
+    {
+        l.claimed_twice += 1;
+    }
+    let build = |path: &str| controller.url(&format!("/api/builds/{id}/{path}"));
+    let source = client
+        .get(build("source"))
+        .header("X-Worker-Token", token)
+        .send()
+        .await?;
+    anyhow::ensure!(source.status() == 200, "source download: {}", source.status());
+    let got = source.bytes().await?;
+    anyhow::ensure!(got.len() == FILE_BYTES, "source of {} bytes", got.len());
+    let form = Form::new()
+        .text("build_id", id.to_string())
+        .text("success", "true")
+        .part("result", Part::stream(result.clone()).file_name("app.ipa"));
+    let upload = client
+        .post(controller.url("/api/workers/upload"))
+        .header("X-Worker-Token", token)
+        .multipart(form)
+        .send()
+        .await?;
+    anyhow::ensure!(upload.status() == 200, "upload: {}", upload.status());
+    upload.bytes().await?;
+    if let Ok(mut l) = ledger.lock()
+        && !l.uploaded.insert(id.to_string())
+    {
+        l.uploaded_twice += 1;
+    }
+    let status: Value = client
+        .get(build("status"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await?
+        .json()
+        .await?;
+    anyhow::ensure!(status["status"] == "completed", "status after upload: {status}");
+    Ok(true)
+}
+
+/// Every submitted build completed once: one attempt, one stored result, claimed and uploaded once.
+async fn exactly_once(pool: &PgPool, root: &Path, ledger: &Mutex<Ledger>) -> anyhow::Result<(String, bool)> {
+    let (ids, claimed_twice, uploaded_twice) = {
+        let l = ledger.lock().map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
+        (l.submitted.clone(), l.claimed_twice, l.uploaded_twice)
+    };
+    let (completed, multi_attempt): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'completed'),
+                count(*) FILTER (WHERE attempt <> 1 OR result_attempt IS DISTINCT FROM 1)
+         FROM builds WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(pool)
+    .await?;
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM build_attempts WHERE build_id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(pool)
+        .await?;
+    let storage = root.join("storage").join("builds");
+    let mut results_twice = 0;
+    for id in &ids {
+        let results = std::fs::read_dir(storage.join(id))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("result-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if results != 1 {
+            results_twice += 1;
+        }
+    }
+    let lost = ids.len() as i64 - completed;
+    let claimed_twice = claimed_twice as i64 + multi_attempt + (attempts - ids.len() as i64).max(0);
+    let uploaded_twice = uploaded_twice as i64 + results_twice;
+    let exact = lost == 0 && claimed_twice == 0 && uploaded_twice == 0;
+    Ok((
+        format!(
+            "{} builds checked: {lost} lost, {claimed_twice} claimed twice, {uploaded_twice} uploaded twice",
+            ids.len()
+        ),
+        exact,
+    ))
+}
+
+/// Committed and rolled-back transactions of the bench database so far.
+async fn transactions(pool: &PgPool) -> anyhow::Result<i64> {
+    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(pool).await?;
+    Ok(sqlx::query_scalar(
+        "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// CPU seconds of the bench's PostgreSQL: the postmaster, its live children, and its reaped children.
+fn postgres_cpu_secs(root: &Path) -> f64 {
+    let pid_file = std::fs::read_to_string(root.join("pg").join("postmaster.pid")).unwrap_or_default();
+    let Some(postmaster) = pid_file.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    if let Some(f) = stat_fields(postmaster) {
+        ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        ticks += f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(f) = stat_fields(pid)
+                && f.get(1).copied() == Some(u64::from(postmaster))
+            {
+                ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+            }
+        }
+    }
+    ticks as f64 / 100.0
+}
+
+/// The numeric fields of /proc/<pid>/stat after the command name (index 0 is the state, 1 the ppid).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Resets `pg_stat_statements` when the bench PostgreSQL preloads it (`PG_EXTRA_OPTS="-c
+/// shared_preload_libraries=pg_stat_statements"`); false otherwise.
+async fn statement_stats_reset(pool: &PgPool) -> bool {
+    let created = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await
+        .is_ok();
+    created
+        && sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(pool)
+            .await
+            .is_ok()
+}
+
+/// The statements of the runs, by calls per build (with pg_stat_statements only).
+async fn print_statements(pool: &PgPool, builds: u64) {
+    let rows: Result<Vec<(i64, f64, String)>, _> = sqlx::query_as(
+        "SELECT calls, mean_exec_time, regexp_replace(left(query, 110), '\\s+', ' ', 'g')
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY calls DESC LIMIT 20",
+    )
+    .fetch_all(pool)
+    .await;
+    if let Ok(rows) = rows {
+        eprintln!("P12 statements (calls per build, mean ms):");
+        for (calls, mean, query) in rows {
+            eprintln!("  {:6.3}  {mean:6.3}  {query}", calls as f64 / builds.max(1) as f64);
+        }
+    }
+}
+
+/// The statements the controller runs for one build of this cycle, as one pgbench transaction (each
+/// statement commits on its own, as the controller's do). Kept in step with `src/queue/`.
+const PGBENCH_SCRIPT: &str = include_str!("p12_pgbench.sql");
+
+/// Runs the pgbench floor: 40 clients, each a worker of its own, for `secs`; builds per second.
+async fn pgbench_floor(env: &Env, secs: u64) -> anyhow::Result<f64> {
+    let pool = &env.pool;
+    sqlx::query(
+        "INSERT INTO workers (id, name, platforms, status)
+         SELECT 'pgbw-' || g, 'pgbench-' || g, ARRAY['ios'], 'idle' FROM generate_series(1, $1) g
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(PGBENCH_CLIENTS as i32)
+    .execute(pool)
+    .await?;
+    sqlx::query("CREATE SEQUENCE IF NOT EXISTS pgbench_build_seq")
+        .execute(pool)
+        .await?;
+    let script = env.root.join("p12_pgbench.sql");
+    std::fs::write(&script, PGBENCH_SCRIPT)?;
+    let pgbench = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()) + "/pgbench";
+    let mut command = std::process::Command::new(pgbench);
+    command
+        .args(["-n", "-M", "prepared", "-j", "2"])
+        .args(["-c", &PGBENCH_CLIENTS.to_string(), "-T", &secs.to_string()])
+        .args(["-h", "127.0.0.1", "-p", &setup::pg_port().to_string(), "-U", "postgres"])
+        .arg("-f")
+        .arg(&script)
+        .arg("bench");
+    let output = tokio::task::spawn_blocking(move || command.output()).await??;
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {text}"))
+}
