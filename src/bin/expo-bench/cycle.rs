@@ -40,6 +40,8 @@ struct Run {
     controller_sys: f64,
     rss_kib: u64,
     postgres_cpu: f64,
+    /// CPU of this process (the load generator: 40 HTTP clients) during the run.
+    client_cpu: f64,
     xacts: i64,
     samples: Samples,
 }
@@ -113,6 +115,12 @@ impl Measured {
         let postgres: f64 = self.runs.iter().map(|r| r.postgres_cpu).sum();
         let cpu_ms = 1000.0 * controller / builds.max(1) as f64;
         let pg_ms = 1000.0 * postgres / builds.max(1) as f64;
+        let client: f64 = self.runs.iter().map(|r| r.client_cpu).sum();
+        let client_ms = 1000.0 * client / builds.max(1) as f64;
+        // What this machine's cores allow when these three share them: CPU-seconds per second over the
+        // CPU of one build (controller + PostgreSQL + load generator).
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let ceiling = 1000.0 * cores as f64 / (cpu_ms + pg_ms + client_ms).max(1e-9);
         let mut samples = Samples::default();
         for run in &self.runs {
             samples.extend(run.samples.clone());
@@ -130,7 +138,8 @@ impl Measured {
         Row {
             id,
             scenario: format!(
-                "{scenario}; runs {}; controller CPU {cpu_ms:.2} ms/build, PostgreSQL CPU {pg_ms:.2} ms/build; \
+                "{scenario}; runs {}; controller CPU {cpu_ms:.2} ms/build, PostgreSQL CPU {pg_ms:.2} ms/build, \
+                 load generator CPU {client_ms:.2} ms/build ({cores}-core ceiling {ceiling:.0} builds/s); \
                  drift max/min {drift:.2}; {}",
                 rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / "),
                 self.check
@@ -190,13 +199,14 @@ async fn measure(
         let run = cycles(&shared, env, &tokens, &ledger, Duration::from_secs(secs)).await?;
         eprintln!(
             "P12 {label} run {}: {:.0} builds/s; controller CPU {:.2} ms/build ({:.2} system), RSS {:.1} MiB; \
-             PostgreSQL CPU {:.2} ms/build; {:.1} transactions/build (load {})",
+             PostgreSQL CPU {:.2} ms/build; load generator CPU {:.2} ms/build; {:.1} transactions/build (load {})",
             n + 1,
             run.rate(),
             run.per_build(run.controller_cpu),
             run.per_build(run.controller_sys),
             run.rss_kib as f64 / 1024.0,
             run.per_build(run.postgres_cpu),
+            run.per_build(run.client_cpu),
             run.xacts as f64 / run.builds.max(1) as f64,
             load_average(),
         );
@@ -266,6 +276,7 @@ async fn cycles(
 
     let xacts_before = transactions(&env.pool).await?;
     let cpu_before = (shared.1.cpu_split(), postgres_cpu_secs(&env.root));
+    let client_before = own_cpu_secs();
     let started = Instant::now();
     let stop = started + duration;
 
@@ -361,6 +372,7 @@ async fn cycles(
 
     tokio::time::sleep_until(stop.into()).await;
     let cpu_after = (shared.1.cpu_split(), postgres_cpu_secs(&env.root));
+    let client_after = own_cpu_secs();
     let xacts_after = transactions(&env.pool).await?;
     let builds = in_window.load(Ordering::Relaxed);
     submitting.store(false, Ordering::Relaxed);
@@ -378,6 +390,7 @@ async fn cycles(
         controller_sys: cpu_after.0.1 - cpu_before.0.1,
         rss_kib: shared.1.rss_kib().0,
         postgres_cpu: cpu_after.1 - cpu_before.1,
+        client_cpu: client_after - client_before,
         xacts: xacts_after - xacts_before,
         samples,
     })
@@ -522,6 +535,13 @@ fn postgres_cpu_secs(root: &Path) -> f64 {
         }
     }
     ticks as f64 / 100.0
+}
+
+/// CPU seconds (user + system) of this process so far.
+fn own_cpu_secs() -> f64 {
+    stat_fields(std::process::id()).map_or(0, |f| f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0))
+        as f64
+        / 100.0
 }
 
 /// The numeric fields of /proc/<pid>/stat after the command name (index 0 is the state, 1 the ppid).
