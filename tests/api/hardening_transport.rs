@@ -59,22 +59,9 @@ async fn stream_body(base: &str, path: &str, headers: &[(&str, &str)], prefix: &
         // Keep the write half open until the test is done with the connection.
         std::future::pending::<()>().await;
     });
-    let mut response = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let status = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            match reader.read(&mut buffer).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => response.extend_from_slice(&buffer[..n]),
-            }
-            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&response[..end]);
-                return head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-            }
-        }
-    })
-    .await
-    .expect("the server answered or closed within 120 s");
+    let status = tokio::time::timeout(Duration::from_secs(120), response_status(&mut reader))
+        .await
+        .expect("the server answered or closed within 120 s");
     let body_bytes_sent = sent.load(Ordering::SeqCst);
     write.abort();
     Sent {
@@ -598,22 +585,25 @@ async fn answer_to_partial_body(
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await.expect("write head");
     let _ = stream.write_all(&vec![b' '; written]).await;
+    tokio::time::timeout(Duration::from_secs(5), response_status(&mut stream))
+        .await
+        .unwrap_or(None)
+}
+
+/// The status of the HTTP response read from `reader`, or `None` when the connection ends first.
+async fn response_status(reader: &mut (impl AsyncReadExt + Unpin)) -> Option<u16> {
     let mut response = Vec::new();
     let mut buffer = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => response.extend_from_slice(&buffer[..n]),
-            }
-            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&response[..end]);
-                return head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-            }
+    loop {
+        match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => response.extend_from_slice(&buffer[..n]),
         }
-    })
-    .await
-    .unwrap_or(None)
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..end]);
+            return head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+        }
+    }
 }
 
 /// R41 for the build-scoped reports (logs, heartbeat, telemetry): a stranger's credential is refused
