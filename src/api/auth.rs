@@ -277,6 +277,10 @@ pub enum Credential {
     /// resolves it against the build by [`build_caller`] **before reading the body** (handlers take the
     /// body unread and call `extract::read_body` afterwards), so a stranger's body is never read.
     BuildScoped,
+    /// The worker side of a build-scoped credential — a worker token, or the admin key + worker id —
+    /// for what a VM must not ask (its own readiness and token, `vm-status`: a VM token is 403 there,
+    /// api.md §4). Checked like [`Credential::BuildScoped`]; documented without the VM token.
+    BuildScopedWorker,
     /// An `X-VM-Token` (presence checked by the layer), resolved against the build by [`build_caller`]
     /// before the body is read.
     VmToken,
@@ -294,6 +298,7 @@ impl Credential {
             Credential::Owner => &["api_key", "build_token"],
             Credential::AdminOrWorkerToken | Credential::WorkerTokenOrAdmin => &["worker_token", "api_key"],
             Credential::Upload | Credential::BuildScoped => &["vm_token", "worker_token", "api_key"],
+            Credential::BuildScopedWorker => &["worker_token", "api_key"],
             Credential::WorkerToken => &["worker_token"],
             Credential::VmToken => &["vm_token"],
         }
@@ -311,6 +316,7 @@ impl Credential {
             Credential::Upload => "upload",
             Credential::WorkerToken => "worker_token",
             Credential::BuildScoped => "build_scoped",
+            Credential::BuildScopedWorker => "build_scoped_worker",
             Credential::VmToken => "vm_token",
             Credential::Otp => "otp",
         }
@@ -357,7 +363,7 @@ impl Credential {
                     .ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
                 worker_by_token(state, token).await.map(Some)
             }
-            Credential::BuildScoped => {
+            Credential::BuildScoped | Credential::BuildScopedWorker => {
                 let present = [VM_TOKEN, WORKER_TOKEN, API_KEY, WORKER_ID]
                     .iter()
                     .any(|name| header(headers, name).is_some());

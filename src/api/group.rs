@@ -56,6 +56,7 @@ impl Caller {
                 Credential::Upload,
                 Credential::WorkerToken,
                 Credential::BuildScoped,
+                Credential::BuildScopedWorker,
                 Credential::VmToken,
                 Credential::Otp,
             ],

@@ -241,6 +241,21 @@ async fn every_route_is_documented_and_belongs_to_one_group() {
     .map(String::from)
     .into();
     assert_eq!(public, expected);
+    // A VM may not ask for its own readiness and token (api.md §4): vm-status documents no VM token.
+    let vm_status = operations(&doc)
+        .into_iter()
+        .find(|(m, p, _)| m == "get" && p == "/api/builds/{id}/vm-status")
+        .expect("vm-status documented");
+    let schemes: Vec<String> = vm_status.2["security"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_object().unwrap().keys().cloned())
+        .collect();
+    assert!(
+        !schemes.is_empty() && !schemes.contains(&"vm_token".to_string()),
+        "{schemes:?}"
+    );
     // Swagger UI reads this document (its "Try it out" uses the security schemes and multipart forms).
     let init = app
         .client

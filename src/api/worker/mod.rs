@@ -19,7 +19,7 @@ pub fn group() -> Group {
         .routes(Credential::WorkerToken, workers::token_router())
         .routes(Credential::BuildScoped, files::router())
         .routes(Credential::BuildScoped, progress::router())
-        .routes(Credential::BuildScoped, vm::status_router())
+        .routes(Credential::BuildScopedWorker, vm::status_router())
         .routes(Credential::VmToken, vm::vm_router())
         .routes(Credential::Otp, vm::otp_router())
 }
