@@ -40,6 +40,21 @@ pub(crate) fn csrf_of(html: &str) -> String {
     html[at..].split('"').next().unwrap().to_string()
 }
 
+/// A same-origin form POST to the dashboard, with the session `cookie` when given.
+pub(crate) async fn post_form(
+    client: &reqwest::Client,
+    app: &TestApp,
+    path: &str,
+    cookie: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    let mut request = client.post(app.url(path)).header("Origin", &app.base);
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    request.body(body).send().await.unwrap()
+}
+
 #[tokio::test]
 async fn sign_in_sessions_and_cross_site_protection() {
     let app = TestApp::spawn_with(|c| c.dashboard.dashboard_signins_per_minute = 3).await;
@@ -61,13 +76,14 @@ async fn sign_in_sessions_and_cross_site_protection() {
 
     // A wrong key: refused after the delay, no cookie, no session row.
     let started = Instant::now();
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .body("key=wrong-key-wrong-key-wrong-key-wrong")
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        &client,
+        &app,
+        "/dashboard/login",
+        None,
+        "key=wrong-key-wrong-key-wrong-key-wrong",
+    )
+    .await;
     assert_eq!(r.status(), 401);
     assert!(
         started.elapsed() >= Duration::from_millis(900),
@@ -100,13 +116,7 @@ async fn sign_in_sessions_and_cross_site_protection() {
     );
 
     // Sign-ins are rate limited per IP (3 per minute here: 2 used above, this is the 4th).
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .body(format!("key={API_KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(&client, &app, "/dashboard/login", None, format!("key={API_KEY}")).await;
     assert_eq!(r.status(), 429);
 
     let page = client
@@ -145,45 +155,40 @@ async fn sign_in_sessions_and_cross_site_protection() {
         assert_eq!(r.status(), 403, "origin {origin}, body {body}");
         assert!(!paused().await, "a refused request changes nothing");
     }
-    let r = client
-        .post(app.url("/dashboard/queues/ios/pause"))
-        .header("cookie", &cookie)
-        .header("Origin", &app.base)
-        .body(format!("csrf={csrf}"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        &client,
+        &app,
+        "/dashboard/queues/ios/pause",
+        Some(&cookie),
+        format!("csrf={csrf}"),
+    )
+    .await;
     assert_eq!(r.status(), 303);
     assert!(paused().await);
 
     // Oversized form bodies are refused before anything is read into memory.
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .body(vec![b'a'; 64 * 1024])
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(&client, &app, "/dashboard/login", None, vec![b'a'; 64 * 1024]).await;
     assert!(r.status() == 413 || r.status() == 429, "{}", r.status());
     // A caller without a session gets no more than a couple of KiB read for a sign-in.
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .body(format!("key={}", "a".repeat(4 * 1024)))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        &client,
+        &app,
+        "/dashboard/login",
+        None,
+        format!("key={}", "a".repeat(4 * 1024)),
+    )
+    .await;
     assert!(r.status() == 413 || r.status() == 429, "{}", r.status());
 
     // Log-out ends the session on the server: the same cookie no longer works.
-    let r = client
-        .post(app.url("/dashboard/logout"))
-        .header("cookie", &cookie)
-        .header("Origin", &app.base)
-        .body(format!("csrf={csrf}"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        &client,
+        &app,
+        "/dashboard/logout",
+        Some(&cookie),
+        format!("csrf={csrf}"),
+    )
+    .await;
     assert_eq!(r.status(), 303);
     assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
     assert_eq!(app.count("dashboard_sessions").await, 0);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::dashboard::{csrf_of, no_redirects, sign_in};
+use crate::dashboard::{csrf_of, no_redirects, post_form, sign_in};
 use crate::support::TestApp;
 
 /// Counts the statements clients send through it to `upstream`.
@@ -100,14 +100,14 @@ async fn get(app: &TestApp, client: &reqwest::Client, cookie: &str, path: &str) 
 
 /// A dashboard action (pause or resume the ios queue), as a page's form posts it.
 async fn queue_action(app: &TestApp, client: &reqwest::Client, cookie: &str, csrf: &str, action: &str) {
-    let r = client
-        .post(app.url(&format!("/dashboard/queues/ios/{action}")))
-        .header("cookie", cookie)
-        .header("Origin", &app.base)
-        .body(format!("csrf={csrf}"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        client,
+        app,
+        &format!("/dashboard/queues/ios/{action}"),
+        Some(cookie),
+        format!("csrf={csrf}"),
+    )
+    .await;
     assert_eq!(r.status(), 303, "{action}");
 }
 
