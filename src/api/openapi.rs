@@ -67,7 +67,8 @@ pub fn document() -> OpenApi {
     finish(doc)
 }
 
-static DOCUMENT: LazyLock<Result<String, String>> = LazyLock::new(|| document().to_json().map_err(|e| e.to_string()));
+static DOCUMENT: LazyLock<Result<bytes::Bytes, String>> =
+    LazyLock::new(|| document().to_json().map(bytes::Bytes::from).map_err(|e| e.to_string()));
 
 /// This document.
 #[utoipa::path(get, path = "/api/v2/openapi.json", responses(

@@ -105,10 +105,8 @@ pub struct Unregistered {
     pub builds_reassigned: u64,
 }
 
-/// ISO-8601 (RFC 3339 with milliseconds, `Z`).
-pub fn iso(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
+/// ISO-8601 (RFC 3339 with milliseconds, `Z`): the one format of every API time.
+pub use crate::ops::views::iso;
 
 /// An entry of `GET /api/builds` (B2): ISO times, `completedAt` omitted when unset.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -1,6 +1,5 @@
 //! JSON of the native API: RFC 3339 times, the native state vocabulary (`ops::views`), ETags on reads.
 
-use axum::Json;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
@@ -17,10 +16,11 @@ pub fn etagged(request: &HeaderMap, body: Value) -> Response {
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == tag));
+    // The text hashed is the body sent: serialised once.
     let mut response = if matches {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        Json(body).into_response()
+        ([(header::CONTENT_TYPE, "application/json")], text).into_response()
     };
     if let Ok(value) = HeaderValue::from_str(&tag) {
         response.headers_mut().insert(header::ETAG, value);
