@@ -99,19 +99,11 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
     Ok(handle().map(PrometheusHandle::render).unwrap_or_default())
 }
 
-/// Platforms, outcomes, failure reasons and jobs every labelled family starts with (at zero), so alerts
+/// Platforms, outcomes and failure reasons (and `Job::ALL`) every labelled family starts with (at zero), so alerts
 /// never see a missing series.
 const PLATFORMS: [&str; 2] = ["ios", "android"];
 const OUTCOMES: [&str; 5] = ["completed", "build_failure", "infrastructure", "timeout", "cancelled"];
 const FAILURE_REASONS: [&str; 3] = ["build_failure", "infrastructure", "timeout"];
-pub const JOBS: [&str; 6] = [
-    "rescue_expired_leases",
-    "deadline_sweep",
-    "offline_workers",
-    "promote_scheduled",
-    "purge_certs",
-    "prune",
-];
 
 /// How often recorded histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -184,7 +176,7 @@ pub fn init() {
         metrics::counter!(FAILURES, "reason" => reason).increment(0);
         metrics::counter!(RETRIES, "kind" => reason).increment(0);
     }
-    for job in JOBS {
+    for job in crate::jobs::Job::ALL.map(crate::jobs::Job::name) {
         metrics::counter!(JOB_RUNS, "job" => job).increment(0);
         metrics::counter!(JOB_ERRORS, "job" => job).increment(0);
     }

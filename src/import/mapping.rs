@@ -25,16 +25,16 @@ pub struct Skip {
     pub detail: String,
 }
 
-fn skip(reason: &'static str, detail: impl Into<String>) -> Skip {
+pub(super) fn skip(reason: &'static str, detail: impl Into<String>) -> Skip {
     Skip {
         reason,
         detail: detail.into(),
     }
 }
 
-/// PostgreSQL text cannot hold NUL.
+/// PostgreSQL text cannot hold NUL (the text rule every input door applies).
 fn clean(text: &str) -> String {
-    text.replace('\0', "\u{FFFD}")
+    crate::text::scrub(text).into_owned()
 }
 
 fn id_of(cell: &Cell, what: &str) -> Result<String, Skip> {

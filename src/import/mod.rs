@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::storage::{Key, Storage};
 use compose::{BuildFiles, compose};
 use files::Copied;
-use mapping::{FileRef, PlannedBuild, Skip};
+use mapping::{FileRef, PlannedBuild, skip};
 use reader::{ChildIndex, OldDb, Row};
 use report::{Progress, Summary};
 use writer::Batch;
@@ -548,10 +548,6 @@ impl Importer {
         }
         Ok(())
     }
-}
-
-fn skip(reason: &'static str, detail: String) -> Skip {
-    Skip { reason, detail }
 }
 
 fn build_id_of(row: &Row) -> String {
