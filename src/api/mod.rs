@@ -89,6 +89,29 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// After an operator action changed a build (retry, requeue, patch): this instance's long polls of
+    /// its queue stop trusting their emptiness hint; a requeue also forgets the cached workers (the
+    /// worker it came from may be draining now).
+    pub fn build_changed(&self, build: &crate::queue::Build, requeued: bool) {
+        if requeued {
+            self.workers.clear();
+        }
+        self.wakeups.invalidate(build.platform());
+    }
+
+    /// After a worker's admin state changed: polls authenticate from the database again.
+    pub fn worker_changed(&self) {
+        self.workers.clear();
+    }
+
+    /// After a queue resumed: this instance's waiting long polls look at once (other instances follow
+    /// the queue's notification).
+    pub fn queue_resumed(&self, platform: crate::queue::Platform) {
+        self.wakeups.wake_all(platform);
+    }
+}
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole API.

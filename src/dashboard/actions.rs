@@ -8,7 +8,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
-use chrono::Utc;
 
 use super::session::{self, Session};
 use super::{PageResult, fail, params};
@@ -16,7 +15,6 @@ use crate::api::operations;
 use crate::api::{ApiError, ApiResult, AppState};
 use crate::ids::valid_id;
 use crate::queue::Platform;
-use crate::queue::operator;
 use crate::storage::Key;
 
 /// Most builds one bulk action touches.
@@ -53,30 +51,23 @@ async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap
             Ok(format!("Build {short} cancelled"))
         }
         "retry" => {
-            let build = operator::retry_same(&state.pool, id, Utc::now())
-                .await?
-                .map_err(|wrong| ApiError::conflict(wrong.0))?;
-            state.wakeups.invalidate(build.platform());
+            let build = operations::retry(&state.pool, id).await?;
+            state.build_changed(&build, false);
             Ok(format!("Build {short} queued again"))
         }
         "requeue" => {
-            let build = operator::requeue(&state.pool, id, false, Utc::now())
-                .await?
-                .map_err(|wrong| ApiError::conflict(wrong.0))?;
-            state.workers.clear();
-            state.wakeups.invalidate(build.platform());
+            let build = operations::requeue(&state.pool, id, false).await?;
+            state.build_changed(&build, true);
             Ok(format!("Build {short} requeued"))
         }
         "priority" => {
             let priority = form
                 .get("priority")
-                .and_then(|p| p.trim().parse::<i32>().ok())
+                .and_then(|p| p.trim().parse::<i64>().ok())
                 .filter(|p| (-100..=100).contains(p))
                 .ok_or_else(|| ApiError::bad_request("Priority must be a whole number from -100 to 100"))?;
-            let build = operator::patch(&state.pool, id, Some(priority), None, None, Utc::now())
-                .await?
-                .map_err(|wrong| ApiError::conflict(wrong.0))?;
-            state.wakeups.invalidate(build.platform());
+            let build = operations::patch(&state.pool, id, Some(priority), None, None).await?;
+            state.build_changed(&build, false);
             Ok(format!("Priority of build {short} set to {priority}"))
         }
         _ => Err(ApiError::not_found("Unknown action")),
@@ -159,7 +150,7 @@ pub async fn worker_action(
     };
     let outcome = async {
         let worker = operations::set_worker_state(&state.pool, &state.config.queue, &id, admin_state).await?;
-        state.workers.clear();
+        state.worker_changed();
         let name = worker["name"].as_str().unwrap_or(&id).to_string();
         Ok(format!("Worker {name} {verb}"))
     }
@@ -187,7 +178,7 @@ pub async fn queue_action(
         .await
         .map(|_| {
             if !paused {
-                state.wakeups.wake_all(platform);
+                state.queue_resumed(platform);
             }
             format!("Queue {name} {}", if paused { "paused" } else { "resumed" })
         })

@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use crate::config::QueueConfig;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
-use crate::queue::{self, BuildFilter, BuildState, Platform, QueueError};
+use crate::queue::{self, Build, BuildFilter, BuildState, Platform, QueueError};
 
 /// Why an operation did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -168,27 +168,59 @@ pub async fn cancel_build(pool: &PgPool, id: &str) -> OpResult<Value> {
     Ok(json!(views::build(&outcome.build)))
 }
 
+/// Re-runs a failed or cancelled build as a new attempt of the same build.
+pub async fn retry(pool: &PgPool, id: &str) -> OpResult<Build> {
+    operator::retry_same(pool, id, Utc::now()).await?.map_err(conflict)
+}
+
+/// Gives a running attempt back to the queue (and drains its worker with `drain`).
+pub async fn requeue(pool: &PgPool, id: &str, drain: bool) -> OpResult<Build> {
+    operator::requeue(pool, id, drain, Utc::now()).await?.map_err(conflict)
+}
+
+/// Changes priority, run_at (RFC 3339) or max_attempts of a build that is not running, each checked
+/// as `PATCH /api/v2/builds/:id` checks them (in that order: priority, max_attempts, run_at).
+pub async fn patch(
+    pool: &PgPool,
+    id: &str,
+    priority: Option<i64>,
+    run_at: Option<&str>,
+    max_attempts: Option<i64>,
+) -> OpResult<Build> {
+    let priority = match priority {
+        Some(p) if (-100..=100).contains(&p) => Some(p as i32),
+        Some(_) => return Err(OpError::bad_request("priority must be an integer from -100 to 100")),
+        None => None,
+    };
+    let max_attempts = match max_attempts {
+        Some(m) if (1..=10).contains(&m) => Some(m as i32),
+        Some(_) => return Err(OpError::bad_request("max_attempts must be an integer from 1 to 10")),
+        None => None,
+    };
+    let run_at = match run_at {
+        None => None,
+        Some(raw) => Some(
+            chrono::DateTime::parse_from_rfc3339(raw)
+                .map_err(|_| OpError::bad_request("run_at must be an RFC 3339 time"))?
+                .with_timezone(&Utc),
+        ),
+    };
+    operator::patch(pool, id, priority, run_at, max_attempts, Utc::now())
+        .await?
+        .map_err(conflict)
+}
+
 pub async fn retry_build(pool: &PgPool, id: &str) -> OpResult<Value> {
-    let build = operator::retry_same(pool, id, Utc::now()).await?.map_err(conflict)?;
-    Ok(json!(views::build(&build)))
+    Ok(json!(views::build(&retry(pool, id).await?)))
 }
 
 pub async fn requeue_build(pool: &PgPool, id: &str, drain: bool) -> OpResult<Value> {
-    let build = operator::requeue(pool, id, drain, Utc::now())
-        .await?
-        .map_err(conflict)?;
-    Ok(json!(views::build(&build)))
+    Ok(json!(views::build(&requeue(pool, id, drain).await?)))
 }
 
 /// Changes the priority of a build that is not running (as `PATCH /api/v2/builds/:id {"priority"}`).
 pub async fn set_priority(pool: &PgPool, id: &str, priority: i64) -> OpResult<Value> {
-    if !(-100..=100).contains(&priority) {
-        return Err(OpError::bad_request("priority must be an integer from -100 to 100"));
-    }
-    let build = operator::patch(pool, id, Some(priority as i32), None, None, Utc::now())
-        .await?
-        .map_err(conflict)?;
-    Ok(json!(views::build(&build)))
+    Ok(json!(views::build(&patch(pool, id, Some(priority), None, None).await?)))
 }
 
 /// Log lines of a build after `after`, oldest first, as `GET /api/builds/:id/logs` answers (B5).

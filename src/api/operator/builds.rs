@@ -123,10 +123,8 @@ async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<
     (status = 200, description = "The same build, pending again for a new attempt", body = schema::Build),
     (status = 409, description = "Not failed or cancelled", body = CodedError)))]
 async fn retry(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<schema::Build>> {
-    let build = operator::retry_same(&state.pool, &id, Utc::now())
-        .await?
-        .map_err(conflict)?;
-    state.wakeups.invalidate(build.platform());
+    let build = operations::retry(&state.pool, &id).await?;
+    state.build_changed(&build, false);
     Ok(Json(views::build(&build)))
 }
 
@@ -147,11 +145,8 @@ async fn requeue(
     IdPath(id): IdPath,
     QueryParams(q): QueryParams<RequeueQuery>,
 ) -> ApiResult<Json<schema::Build>> {
-    let build = operator::requeue(&state.pool, &id, q.drain.unwrap_or(false), Utc::now())
-        .await?
-        .map_err(conflict)?;
-    state.workers.clear();
-    state.wakeups.invalidate(build.platform());
+    let build = operations::requeue(&state.pool, &id, q.drain.unwrap_or(false)).await?;
+    state.build_changed(&build, true);
     Ok(Json(views::build(&build)))
 }
 
@@ -164,28 +159,15 @@ async fn patch(
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<schema::BuildPatch>,
 ) -> ApiResult<Json<schema::Build>> {
-    let priority = match body.priority {
-        Some(p) if (-100..=100).contains(&p) => Some(p as i32),
-        Some(_) => return Err(ApiError::bad_request("priority must be an integer from -100 to 100")),
-        None => None,
-    };
-    let max_attempts = match body.max_attempts {
-        Some(m) if (1..=10).contains(&m) => Some(m as i32),
-        Some(_) => return Err(ApiError::bad_request("max_attempts must be an integer from 1 to 10")),
-        None => None,
-    };
-    let run_at = match body.run_at.as_deref() {
-        None => None,
-        Some(raw) => Some(
-            DateTime::parse_from_rfc3339(raw)
-                .map_err(|_| ApiError::bad_request("run_at must be an RFC 3339 time"))?
-                .with_timezone(&Utc),
-        ),
-    };
-    let build = operator::patch(&state.pool, &id, priority, run_at, max_attempts, Utc::now())
-        .await?
-        .map_err(conflict)?;
-    state.wakeups.invalidate(build.platform());
+    let build = operations::patch(
+        &state.pool,
+        &id,
+        body.priority,
+        body.run_at.as_deref(),
+        body.max_attempts,
+    )
+    .await?;
+    state.build_changed(&build, false);
     Ok(Json(views::build(&build)))
 }
 

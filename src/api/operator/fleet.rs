@@ -65,7 +65,7 @@ async fn show_worker(State(state): State<AppState>, headers: HeaderMap, IdPath(i
 
 async fn set_state(state: &AppState, id: &str, admin_state: &'static str) -> ApiResult<Json<Value>> {
     let worker = operations::set_worker_state(&state.pool, &state.config.queue, id, admin_state).await?;
-    state.workers.clear();
+    state.worker_changed();
     Ok(Json(worker))
 }
 
@@ -127,7 +127,7 @@ async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> ApiR
     let resumed = operations::set_paused(&state.pool, &name, false).await?;
     // Pollers of this instance look again at once; other instances follow the notification.
     if let Some(platform) = queue::Platform::parse(&name) {
-        state.wakeups.wake_all(platform);
+        state.queue_resumed(platform);
     }
     Ok(Json(resumed))
 }
