@@ -171,22 +171,22 @@ impl ApiError {
 
 impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
-        match error {
-            QueueError::BuildNotFound => ApiError::build_not_found(),
-            QueueError::WorkerNotFound => ApiError::worker_not_found(),
-            QueueError::NotHolder => ApiError::not_authorized_for_build(),
-            QueueError::Stale => ApiError::attempt_not_active(),
-            QueueError::AlreadyFinished => ApiError::bad_request("Build already finished"),
-            QueueError::Forbidden => ApiError::forbidden("Invalid or expired worker token"),
-            QueueError::Invalid(message) => ApiError::bad_request(message).with_code("invalid_input"),
-            QueueError::Conflict(message) => ApiError::conflict(message),
-            QueueError::QueueFull => ApiError::queue_full(QUEUE_FULL_RETRY_AFTER_SECS),
-            QueueError::RetryInProgress(id) => {
-                ApiError::conflict(format!("A retry of this build is still unfinished: {id}"))
-                    .with_code("retry_in_progress")
-                    .with_field("retry_build_id", id)
+        if matches!(error, QueueError::QueueFull) {
+            return ApiError::queue_full(QUEUE_FULL_RETRY_AFTER_SECS);
+        }
+        match crate::ops::refusal(&error) {
+            Some(refusal) => {
+                let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+                let refused = ApiError::new(status, refusal.message).with_code(refusal.code);
+                match refusal.field {
+                    Some((name, value)) => refused.with_field(name, value),
+                    None => refused,
+                }
             }
-            QueueError::Db(e) => ApiError::from(e),
+            None => match error {
+                QueueError::Db(e) => ApiError::from(e),
+                other => ApiError::internal(anyhow::anyhow!("unmapped queue error: {other}")),
+            },
         }
     }
 }

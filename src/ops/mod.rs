@@ -52,25 +52,59 @@ impl OpError {
     /// The `{"error", "code"}` body the API answers with, when the error is a refusal the caller can
     /// act on; `None` for database and internal failures.
     pub fn body(&self) -> Option<Value> {
-        let (message, code): (Cow<'_, str>, &str) = match self {
-            OpError::Refused { message, code, .. } => (Cow::Borrowed(message.as_ref()), code),
-            OpError::Queue(QueueError::BuildNotFound) => ("Build not found".into(), "build_not_found"),
-            OpError::Queue(QueueError::WorkerNotFound) => ("Worker not found".into(), "worker_not_found"),
-            OpError::Queue(QueueError::Invalid(message)) => (message.as_str().into(), "invalid_input"),
-            OpError::Queue(QueueError::Conflict(message)) => (message.as_str().into(), "conflict"),
-            OpError::Queue(QueueError::AlreadyFinished) => ("Build already finished".into(), "bad_request"),
-            OpError::Queue(QueueError::QueueFull) => ("Build queue is full".into(), "queue_full"),
-            OpError::Queue(QueueError::RetryInProgress(id)) => {
-                return Some(json!({
-                    "error": format!("A retry of this build is still unfinished: {id}"),
-                    "code": "retry_in_progress",
-                    "retry_build_id": id,
-                }));
-            }
-            OpError::Queue(_) => return None,
+        let refusal = match self {
+            OpError::Refused { status, message, code } => Refusal {
+                status: *status,
+                message: message.clone(),
+                code,
+                field: None,
+            },
+            OpError::Queue(error) => refusal(error)?,
         };
-        Some(json!({ "error": message, "code": code }))
+        let mut body = json!({ "error": refusal.message, "code": refusal.code });
+        if let Some((name, value)) = refusal.field {
+            body[name] = json!(value);
+        }
+        Some(body)
     }
+}
+
+/// How a queue refusal reads to a caller: the HTTP status, the message, the stable code, and one extra
+/// field. The one table both the API's error type and the CLI's database mode answer from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub status: u16,
+    pub message: Cow<'static, str>,
+    pub code: &'static str,
+    pub field: Option<(&'static str, String)>,
+}
+
+/// The refusal a queue error stands for; `None` for database failures.
+pub fn refusal(error: &QueueError) -> Option<Refusal> {
+    let plain = |status: u16, message: Cow<'static, str>, code: &'static str| Refusal {
+        status,
+        message,
+        code,
+        field: None,
+    };
+    Some(match error {
+        QueueError::BuildNotFound => plain(404, "Build not found".into(), "build_not_found"),
+        QueueError::WorkerNotFound => plain(404, "Worker not found".into(), "worker_not_found"),
+        QueueError::NotHolder => plain(403, "Worker not authorized for this build".into(), "forbidden"),
+        QueueError::Stale => plain(409, "Build attempt is no longer active".into(), "attempt_not_active"),
+        QueueError::AlreadyFinished => plain(400, "Build already finished".into(), "bad_request"),
+        QueueError::Forbidden => plain(403, "Invalid or expired worker token".into(), "forbidden"),
+        QueueError::Invalid(message) => plain(400, message.clone().into(), "invalid_input"),
+        QueueError::Conflict(message) => plain(409, message.clone().into(), "conflict"),
+        QueueError::QueueFull => plain(503, "Build queue is full".into(), "queue_full"),
+        QueueError::RetryInProgress(id) => Refusal {
+            status: 409,
+            message: format!("A retry of this build is still unfinished: {id}").into(),
+            code: "retry_in_progress",
+            field: Some(("retry_build_id", id.clone())),
+        },
+        QueueError::Db(_) => return None,
+    })
 }
 
 impl From<QueueError> for OpError {
