@@ -198,11 +198,14 @@ pub fn init() {
     let _ = metrics::histogram!(CLAIM_SECONDS);
 }
 
-/// Records a build's run time when it reaches a final state (nothing for a build that never started).
-pub fn build_ran(platform: &str, outcome: &'static str, started: Option<DateTime<Utc>>, ended: DateTime<Utc>) {
-    if let Some(started) = started {
+/// A build reached a final state with `outcome`: counted, and its run time recorded (nothing for a
+/// build that never started).
+pub fn build_ended(build: &crate::queue::Build, outcome: &'static str, ended: DateTime<Utc>) {
+    metrics::counter!(BUILDS_FINISHED, "outcome" => outcome).increment(1);
+    if let Some(started) = build.started_at.or(build.assigned_at) {
         let seconds = (ended - started).num_milliseconds().max(0) as f64 / 1000.0;
-        metrics::histogram!(BUILD_DURATION, "platform" => platform.to_string(), "outcome" => outcome).record(seconds);
+        metrics::histogram!(BUILD_DURATION, "platform" => build.platform().as_str(), "outcome" => outcome)
+            .record(seconds);
     }
 }
 
@@ -228,9 +231,4 @@ pub fn job_ran(job: &'static str, failed: bool) {
 /// Records how long a claim took.
 pub fn claim_took(elapsed: Duration) {
     metrics::histogram!(CLAIM_SECONDS).record(elapsed.as_secs_f64());
-}
-
-/// Counts a build reaching a final state.
-pub fn build_finished(outcome: &'static str) {
-    metrics::counter!(BUILDS_FINISHED, "outcome" => outcome).increment(1);
 }

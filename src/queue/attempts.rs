@@ -87,8 +87,7 @@ pub async fn complete(
         .await?;
     match done {
         Some(build) => {
-            crate::metrics::build_finished("completed");
-            crate::metrics::build_ran(&build.queue, "completed", build.started_at.or(build.assigned_at), now);
+            crate::metrics::build_ended(&build, "completed", now);
             Ok(build)
         }
         None => {
@@ -238,14 +237,8 @@ pub(crate) async fn end_attempt(
     if retry {
         metrics::counter!(crate::metrics::RETRIES, "kind" => failure.kind.as_str()).increment(1);
     } else {
-        crate::metrics::build_finished(failure.kind.as_str());
+        crate::metrics::build_ended(&build, failure.kind.as_str(), now);
         crate::metrics::build_failed(failure.kind.as_str());
-        crate::metrics::build_ran(
-            &build.queue,
-            failure.kind.as_str(),
-            build.started_at.or(build.assigned_at),
-            now,
-        );
     }
     Ok(build)
 }

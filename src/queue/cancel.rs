@@ -63,8 +63,7 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
     let worker = lease_owner.as_deref().filter(|_| held);
     super::emit::emit_build(&mut tx, "build.cancelled", &build, worker, serde_json::json!({})).await?;
     tx.commit().await?;
-    crate::metrics::build_finished("cancelled");
-    crate::metrics::build_ran(&build.queue, "cancelled", build.started_at.or(build.assigned_at), now);
+    crate::metrics::build_ended(&build, "cancelled", now);
     Ok(CancelOutcome {
         build,
         interrupted_worker: lease_owner.filter(|_| held),
