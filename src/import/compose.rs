@@ -49,6 +49,7 @@ fn missing_reason(copied: &Copied) -> String {
     match copied {
         Copied::NoFile => "no source path".to_string(),
         Copied::Missing(what) => format!("{what} not found"),
+        Copied::Refused(file) => format!("{file}: {}", super::files::NOT_REGULAR),
         Copied::Failed { file, reason } => format!("{file}: {reason}"),
         Copied::Stored { file, .. } => file.clone(),
     }
