@@ -111,6 +111,10 @@ pub struct BuildCaller {
     pub worker_id: String,
     /// Present when the credential is scoped to one attempt (VM token).
     pub lease_token: Option<i64>,
+    /// Rule 4 (telemetry): only ids, no secret. Such a caller may add CPU samples to the build it
+    /// holds, nothing else (no log lines, no lease extension), and its hold is checked before its body
+    /// is read.
+    pub keyless: bool,
 }
 
 impl BuildCaller {
@@ -164,6 +168,7 @@ pub async fn build_caller(
         return Ok(BuildCaller {
             worker_id,
             lease_token: Some(lease_token),
+            keyless: false,
         });
     }
     if let Some(token) = header(headers, WORKER_TOKEN) {
@@ -171,6 +176,7 @@ pub async fn build_caller(
         return Ok(BuildCaller {
             worker_id: worker.id,
             lease_token: None,
+            keyless: false,
         });
     }
     let named_worker = worker_id(header(headers, WORKER_ID))?.or(worker_id(fallback_worker_id)?);
@@ -180,6 +186,7 @@ pub async fn build_caller(
             Ok(BuildCaller {
                 worker_id,
                 lease_token: None,
+                keyless: false,
             })
         }
         Some(key) if rules.otp_as_api_key && named_worker.is_some() => {
@@ -198,6 +205,7 @@ pub async fn build_caller(
             Ok(BuildCaller {
                 worker_id,
                 lease_token: Some(lease_token),
+                keyless: false,
             })
         }
         Some(_) => Err(ApiError::forbidden("Invalid API key")),
@@ -209,6 +217,7 @@ pub async fn build_caller(
                 Ok(BuildCaller {
                     worker_id,
                     lease_token: None,
+                    keyless: true,
                 })
             }
             _ => Err(ApiError::unauthorized("Missing X-API-Key header")),
@@ -420,9 +429,15 @@ impl axum::extract::FromRequestParts<AppState> for OwnedBuild {
         require_owner_credential(&parts.headers)?;
         // A wrong admin key is refused before the lookup, so it cannot tell which builds exist.
         let admin = admin_if_present(state, &parts.headers)?;
-        let build = crate::queue::find_build(&state.pool, &id)
-            .await?
-            .ok_or_else(ApiError::build_not_found)?;
+        // A build token for an unknown build is answered as a wrong token (T14): without the admin key,
+        // 404 versus 403 would tell a junk token which build ids exist.
+        let build = crate::queue::find_build(&state.pool, &id).await?.ok_or_else(|| {
+            if admin {
+                ApiError::build_not_found()
+            } else {
+                ApiError::forbidden("Invalid or expired build token")
+            }
+        })?;
         require_owner(state, &parts.headers, &build)?;
         Ok(OwnedBuild { build, admin })
     }

@@ -4,6 +4,20 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+/// Writes `text` to standard output. When the reader went away (`builds logs ID | head`), the command
+/// ends quietly with success instead of panicking on the broken pipe as `print!` does.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// A result to show.
 pub(crate) enum Shown {
     Builds(Value),
@@ -39,16 +53,19 @@ pub fn print(shown: &Shown, json: bool) {
             if queue["paused"] == true { "paused" } else { "running" }
         ),
     };
-    print!("{text}");
+    emit(&text);
 }
 
 pub fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    emit(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    ));
 }
 
 /// One JSON object per line (follow modes).
 pub fn print_ndjson(value: &Value) {
-    println!("{value}");
+    emit(&format!("{value}\n"));
 }
 
 /// `12:00:01.250 info  message`.
@@ -58,7 +75,11 @@ pub fn print_log_line(line: &Value) {
         .and_then(DateTime::<Utc>::from_timestamp_millis)
         .map(|t| t.format("%H:%M:%S%.3f").to_string())
         .unwrap_or_default();
-    println!("{at} {:<5} {}", text(&line["level"]), text(&line["message"]));
+    emit(&format!(
+        "{at} {:<5} {}\n",
+        text(&line["level"]),
+        text(&line["message"])
+    ));
 }
 
 /// `12:00:01  <id>  building  45%  compiling`.
@@ -78,7 +99,8 @@ pub fn print_watch_line(build: &Value) {
     if let Some(error) = build["error_message"].as_str() {
         line.push_str(&format!("  {error}"));
     }
-    println!("{line}");
+    line.push('\n');
+    emit(&line);
 }
 
 /// A JSON value as a cell: strings bare, null as `-`.

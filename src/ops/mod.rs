@@ -103,6 +103,11 @@ pub fn refusal(error: &QueueError) -> Option<Refusal> {
             code: "retry_in_progress",
             field: Some(("retry_build_id", id.clone())),
         },
+        QueueError::RetryLimit(max) => plain(
+            409,
+            format!("This build was retried {max} times, the most a build token may; submit a new build").into(),
+            "retry_limit",
+        ),
         QueueError::Db(_) => return None,
     })
 }
@@ -319,7 +324,8 @@ mod tests {
     /// The CLI's database mode shows what the API would answer: same message, same code.
     #[test]
     fn refusals_read_as_the_api_answers_them() {
-        let cases: [fn() -> QueueError; 7] = [
+        let cases: [fn() -> QueueError; 8] = [
+            || QueueError::RetryLimit(10),
             || QueueError::BuildNotFound,
             || QueueError::WorkerNotFound,
             || QueueError::Invalid("bad".into()),

@@ -53,7 +53,7 @@ pub use enqueue::{
     NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue, enqueue_bounded, enqueue_retry,
     full_queues,
 };
-pub use lease::{HeartbeatOutcome, Holder, heartbeat, refusal};
+pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
@@ -62,7 +62,10 @@ pub use retention::{
 };
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
 pub use wakeups::{Generations, Subscription, Wakeups, listen};
-pub use workers::{RegisterRequest, Registration, find_worker, platforms_of, register, touch_worker, unregister};
+pub use workers::{
+    MAX_CAPABILITIES_BYTES, MAX_NAME_BYTES, RegisterRequest, Registration, find_worker, platforms_of, register,
+    touch_worker, unregister,
+};
 
 use crate::config::QueueConfig;
 
@@ -96,6 +99,9 @@ pub enum QueueError {
     /// A build-token retry while an earlier retry of the same build is unfinished (its id).
     #[error("a retry of this build is still unfinished: {0}")]
     RetryInProgress(String),
+    /// A build token reached `CONTROLLER_MAX_RETRIES_PER_BUILD` retries of this build's family (T8).
+    #[error("retry limit of {0} reached")]
+    RetryLimit(i64),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }

@@ -332,7 +332,7 @@ async fn retry(
     OwnedBuild { build: original, admin }: OwnedBuild,
 ) -> ApiResult<Json<Retried>> {
     let id = original.id.clone();
-    let limited = !admin;
+    let limited = (!admin).then_some(state.config.queue.max_retries_per_build);
     {
         let mut conn = state.pool.acquire().await?;
         queue::check_retry(&mut conn, &id, limited).await?;

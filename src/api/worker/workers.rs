@@ -262,7 +262,7 @@ async fn report(
             .await
             .map_err(|_| ApiError::bad_request("Content must be multipart/form-data"))?;
         let mut form = UploadForm::default();
-        if let Err(e) = read_upload_form(&state, multipart, &mut form).await {
+        if let Err(e) = read_upload_form(&state, &headers, multipart, &mut form).await {
             results::discard(&state, form.staged.take()).await;
             return Err(e);
         }
@@ -275,7 +275,12 @@ async fn report(
     finish_report(&state, &headers, form, staged).await
 }
 
-async fn read_upload_form(state: &AppState, multipart: Multipart, form: &mut UploadForm) -> ApiResult<()> {
+async fn read_upload_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    multipart: Multipart,
+    form: &mut UploadForm,
+) -> ApiResult<()> {
     let mut parts = Parts::new(multipart);
     while let Some(field) = parts.next().await? {
         match field.name().unwrap_or_default() {
@@ -283,11 +288,31 @@ async fn read_upload_form(state: &AppState, multipart: Multipart, form: &mut Upl
             "worker_id" => form.worker_id = Some(read_text(field).await?),
             "success" => form.success = Some(read_text(field).await?),
             "error_message" => form.error_message = Some(read_text(field).await?),
-            "result" if form.staged.is_none() => form.staged = Some(results::stage(state, field).await?),
+            "result" if form.staged.is_none() => {
+                check_hold_early(state, headers, form).await?;
+                form.staged = Some(results::stage(state, field).await?);
+            }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// T9: when the fields before the file already name the build and the caller, a caller that does not
+/// hold the build is refused before a byte of the file is read or staged (the answer it would get
+/// after the upload). Otherwise the file is staged and the report decides afterwards.
+async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadForm) -> ApiResult<()> {
+    let build_id = form.build_id.as_deref().map(str::trim).filter(|v| ids::valid_id(v));
+    let field_worker = form.worker_id.as_deref().map(str::trim).filter(|v| !v.is_empty());
+    let has_token = header(headers, auth::VM_TOKEN).is_some() || header(headers, WORKER_TOKEN).is_some();
+    let Some(build_id) = build_id.filter(|_| field_worker.is_some() || has_token) else {
+        return Ok(());
+    };
+    let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
+    match queue::holds_build(&state.pool, build_id, caller.holder()).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(explain(state, &caller.worker_id, e).await),
+    }
 }
 
 async fn finish_report(
