@@ -89,8 +89,8 @@ struct Timeouts {
 fn prepare(request: hyper::Request<Incoming>, remote: SocketAddr, timeouts: Timeouts) -> axum::extract::Request {
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(ConnectInfo(remote));
-    let deadline = (body.size_hint().upper().is_none_or(|n| n <= SMALL_BODY_BYTES))
-        .then(|| Box::pin(tokio::time::sleep(timeouts.head)));
+    let small = body.size_hint().upper().is_none_or(|n| n <= SMALL_BODY_BYTES);
+    let deadline = (small && !body.is_end_stream()).then(|| Box::pin(tokio::time::sleep(timeouts.head)));
     let body = SmallBodyDeadline {
         inner: body,
         deadline,
