@@ -230,8 +230,9 @@ fn request_span(req: &Request) -> tracing::Span {
         })
         .filter(|id| crate::ids::valid_id(id))
         .unwrap_or("-");
-    tracing::info_span!("request", method = %req.method(), path = %path, request_id = %request_id,
-        build_id = %build_id, worker_id = %worker_id)
+    // Text values are recorded as strings, so the text log format prints them quoted (a value can never
+    // pose as another field) and the JSON format as plain strings (T12).
+    tracing::info_span!("request", method = %req.method(), path, request_id, build_id, worker_id)
 }
 
 #[derive(Clone, Copy)]
