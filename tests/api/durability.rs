@@ -58,6 +58,26 @@ async fn waiting_backend(pool: &PgPool, wait: &str, marker: &str) -> i32 {
     }
 }
 
+/// Waits (at most 15 s) until backend `pid` waits on `wait`.
+async fn wait_for(pool: &PgPool, pid: i32, wait: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND $2 IN (wait_event, wait_event_type))",
+        )
+        .bind(pid)
+        .bind(wait)
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting {
+            return;
+        }
+        assert!(Instant::now() < deadline, "backend {pid} never waited on {wait}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 async fn terminate(pool: &PgPool, pid: i32) {
     let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(pid)
@@ -112,7 +132,7 @@ fn source_form(source: &[u8]) -> Form {
         .part("source", Part::bytes(source.to_vec()).file_name("app.zip"))
 }
 
-/// D2 and the minor item, on local storage: a completion and a submit whose commits' answers are lost
+/// D2 and the minor item, on local storage: a completion, a submit and a retry whose commits' answers are lost
 /// (the backend waiting for the synchronous standby is terminated) are answered from the rows that
 /// exist, and the objects those rows name stay; the same attempt re-sending the same file gets 200.
 #[tokio::test]
@@ -233,6 +253,25 @@ async fn a_commit_whose_answer_is_lost_never_deletes_what_its_row_names() {
         .expect("status");
     assert_eq!(status.status(), 200, "the answer's token is the row's");
 
+    // A retry whose transaction commits with its answer lost: answered with the new build, whose
+    // copied source stays.
+    let locked = hold(&pool, LOCK_INSERTS, None).await;
+    let retry = tokio::spawn(
+        http.post(url(&format!("/api/builds/{id}/retry")))
+            .header("X-API-Key", API_KEY)
+            .send(),
+    );
+    let pid = waiting_backend(&pool, "Lock", INSERTING).await;
+    synchronous_standby(&pool, true).await;
+    locked.rollback().await.expect("release");
+    wait_for(&pool, pid, "SyncRep").await;
+    terminate(&pool, pid).await;
+    synchronous_standby(&pool, false).await;
+    let answer = retry.await.expect("join").expect("retry");
+    assert_eq!(answer.status(), 200, "the committed retry is answered with its build");
+    let retried = json_of(answer).await;
+    assert_eq!(retried["original_build_id"], id.as_str());
+
     // Every key a row names is stored; nothing else is, and nothing is left pending.
     let named: Vec<String> = sqlx::query_scalar(
         "SELECT k FROM builds, unnest(ARRAY[source_key, certs_key, result_key]) AS k WHERE k IS NOT NULL ORDER BY k",
@@ -240,7 +279,7 @@ async fn a_commit_whose_answer_is_lost_never_deletes_what_its_row_names() {
     .fetch_all(&pool)
     .await
     .expect("keys");
-    assert_eq!(named.len(), 3, "two sources and one result: {named:?}");
+    assert_eq!(named.len(), 4, "three sources and one result: {named:?}");
     let mut stored = files_under(&storage_dir);
     stored.sort();
     assert_eq!(stored, named, "the store holds exactly what the rows name");
