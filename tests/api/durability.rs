@@ -472,3 +472,176 @@ async fn objects_no_row_names_are_swept_after_kills_and_failed_cleanups() {
             .join("\n")
     );
 }
+
+/// A TCP proxy to the S3 test server that resets every connection on which a delete request
+/// arrives (the store refusing deletes, as in an outage) and passes everything else through.
+async fn delete_resetting_proxy(upstream: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let answers = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    client_write
+                });
+                // Requests one by one: the head, then `Content-Length` bytes of body.
+                let mut buffer = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                'requests: loop {
+                    let head_end = loop {
+                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        match client_read.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break 'requests,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+                    let line = head.lines().next().unwrap_or_default();
+                    // `DELETE` of one object, or the bulk `POST ?delete` (DeleteObjects).
+                    if line.starts_with("DELETE ") || (line.starts_with("POST ") && line.contains("?delete ")) {
+                        answers.abort();
+                        // A reset (RST), not an orderly close: the store's answer never comes.
+                        if let Ok(client_write) = answers.await
+                            && let Ok(stream) = client_read.reunite(client_write)
+                        {
+                            let _ = stream.set_zero_linger();
+                        }
+                        return;
+                    }
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buffer.len() < head_end + length {
+                        match client_read.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break 'requests,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    if server_write.write_all(&buffer[..head_end + length]).await.is_err() {
+                        break;
+                    }
+                    buffer.drain(..head_end + length);
+                }
+                answers.abort();
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// D1 (b) and (c) on S3 with the store refusing deletes: a result is copied under its build but the
+/// staging delete that ends the move is reset, so the upload fails after the copy (503), and the
+/// cleanup's own delete of that copy is reset too. The copy stays named in `pending_writes`, the worker's
+/// retry through a healthy path completes, and `sweep_unlinked` deletes the copy no row names.
+#[tokio::test]
+async fn a_result_whose_deletes_are_reset_is_swept_and_the_retry_completes() {
+    let s3 = S3Server::start().await;
+    let (db, pool) = fresh_database(3).await;
+    let certs_key = ids::new_key32();
+    let http = client();
+    let proxy = delete_resetting_proxy(s3.endpoint().trim_start_matches("http://").to_string()).await;
+    let refusing = Controller::start(&db, &s3, &certs_key, &[("AWS_ENDPOINT", proxy.as_str())]).await;
+    let built: Value = json_of(
+        http.post(refusing.url("/api/builds/submit"))
+            .header("X-API-Key", API_KEY)
+            .multipart(source_form(b"a source"))
+            .send()
+            .await
+            .expect("submit"),
+    )
+    .await;
+    let id = built["id"].as_str().expect("id").to_string();
+    let worker: Value = json_of(
+        http.post(refusing.url("/api/workers/register"))
+            .header("X-API-Key", API_KEY)
+            .json(&serde_json::json!({ "name": "mac", "capabilities": { "platforms": ["ios"] } }))
+            .send()
+            .await
+            .expect("register"),
+    )
+    .await;
+    let worker_id = worker["id"].as_str().expect("id").to_string();
+    let polled = json_of(
+        http.get(refusing.url("/api/workers/poll"))
+            .query(&[("worker_id", worker_id.as_str())])
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .expect("poll"),
+    )
+    .await;
+    assert_eq!(polled["job"]["id"], id.as_str());
+    let failed = http
+        .post(refusing.url("/api/workers/upload"))
+        .header("X-API-Key", API_KEY)
+        .multipart(success_form(&id, &worker_id, b"the result"))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(failed.status(), 503, "the move could not finish");
+    let copies: Vec<String> = s3
+        .objects()
+        .into_iter()
+        .filter(|k| k.starts_with(&format!("builds/{id}/result-")))
+        .collect();
+    assert_eq!(copies.len(), 1, "the copy under the build is left: {:?}", s3.objects());
+    drop(refusing);
+
+    // The worker retries on a healthy instance: completed, with its own result.
+    let healthy = Controller::start(&db, &s3, &certs_key, &[]).await;
+    let retried = http
+        .post(healthy.url("/api/workers/upload"))
+        .header("X-API-Key", API_KEY)
+        .multipart(success_form(&id, &worker_id, b"the result"))
+        .send()
+        .await
+        .expect("upload again");
+    assert_eq!(retried.status(), 200);
+    let result_key: String = sqlx::query_scalar("SELECT result_key FROM builds WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .expect("result key");
+    assert_ne!(copies[0], result_key);
+    drop(healthy);
+
+    sqlx::query("UPDATE pending_writes SET queued_at = now() - interval '7 hours'")
+        .execute(&pool)
+        .await
+        .expect("age");
+    let _sweeper = Controller::start(
+        &db,
+        &s3,
+        &certs_key,
+        &[("CONTROLLER_JOB_SCHEDULES", "sweep_unlinked=* * * * * *")],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3.objects().contains(&copies[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "sweep_unlinked did not delete the unlinked copy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut under_builds: Vec<String> = s3.objects().into_iter().filter(|k| k.starts_with("builds/")).collect();
+    under_builds.sort();
+    let mut named = vec![format!("builds/{id}/source.zip"), result_key];
+    named.sort();
+    assert_eq!(under_builds, named, "under builds/, only what the row names is left");
+}
