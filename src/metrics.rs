@@ -28,6 +28,8 @@ pub const FAILURES: &str = "expo_build_failures_total";
 pub const JOB_RUNS: &str = "expo_job_runs_total";
 pub const JOB_ERRORS: &str = "expo_job_errors_total";
 pub const DB_POOL: &str = "expo_db_pool_connections";
+/// Objects the `sweep_unlinked` job deleted because no build row names them.
+pub const UNLINKED_OBJECTS: &str = "expo_unlinked_objects_deleted_total";
 
 /// Build durations and queue waits are minutes, not milliseconds.
 const BUILD_BUCKETS: &[f64] = &[
@@ -169,6 +171,10 @@ pub fn init() {
         "Maintenance job ticks that failed after their retries, by job"
     );
     describe_gauge!(DB_POOL, "Database pool connections by state (in_use, idle)");
+    describe_counter!(
+        UNLINKED_OBJECTS,
+        "Stored objects no build row names (left by a kill, a lost commit answer or a failed cleanup), deleted by sweep_unlinked"
+    );
     for outcome in ["completed", "build_failure", "infrastructure", "timeout", "cancelled"] {
         metrics::counter!(BUILDS_FINISHED, "outcome" => outcome).increment(0);
     }
@@ -192,7 +198,13 @@ pub fn init() {
             let _ = metrics::histogram!(BUILD_DURATION, "platform" => platform, "outcome" => outcome);
         }
     }
-    for name in [LEASE_RESCUES, UPLOAD_BYTES, DOWNLOAD_BYTES, RATE_LIMITED] {
+    for name in [
+        LEASE_RESCUES,
+        UPLOAD_BYTES,
+        DOWNLOAD_BYTES,
+        RATE_LIMITED,
+        UNLINKED_OBJECTS,
+    ] {
         metrics::counter!(name).increment(0);
     }
     let _ = metrics::histogram!(CLAIM_SECONDS);
@@ -226,6 +238,11 @@ pub fn job_ran(job: &'static str, failed: bool) {
     if failed {
         metrics::counter!(JOB_ERRORS, "job" => job).increment(1);
     }
+}
+
+/// Counts objects deleted because no build row names them.
+pub fn unlinked_deleted(count: u64) {
+    metrics::counter!(UNLINKED_OBJECTS).increment(count);
 }
 
 /// Records how long a claim took.

@@ -72,6 +72,9 @@ pub async fn complete(
             SELECT 'build.completed', id, $2, jsonb_build_object('platform', queue, 'state', state,
                 'attempt', attempt, 'log_seq', log_seq, 'result_size', result_size)
             FROM done
+        ), linked AS (
+            -- the result is named by the row from now on: no longer pending
+            DELETE FROM pending_writes WHERE key = $5 AND EXISTS (SELECT 1 FROM done)
         )
         SELECT * FROM done"
     );

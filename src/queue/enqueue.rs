@@ -103,6 +103,9 @@ async fn insert(
             SELECT 'build.submitted', id, jsonb_build_object('platform', queue, 'state', state, 'attempt', attempt,
                 'priority', priority, 'run_at', run_at, 'original_build_id', original_build_id)
             FROM inserted
+         ), linked AS (
+            -- the build's objects are named by its row from now on: no longer pending
+            DELETE FROM pending_writes WHERE key IN (SELECT source_key FROM inserted UNION ALL SELECT certs_key FROM inserted)
          )
          SELECT inserted.* FROM inserted, (SELECT count(*) FROM notified) AS n"
     );

@@ -34,6 +34,7 @@ mod logs;
 mod maintenance;
 mod model;
 pub mod operator;
+mod pending;
 mod retention;
 mod vm;
 mod wakeups;
@@ -57,6 +58,7 @@ pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
+pub use pending::{PendingWrite, forget_writes, record_writes, stale_writes};
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };
@@ -104,6 +106,15 @@ pub enum QueueError {
     RetryLimit(i64),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+}
+
+impl QueueError {
+    /// Whether the statement that failed may still have committed: a database error (a connection cut
+    /// or a failover between COMMIT and its answer, a cancelled synchronous-standby wait) leaves the
+    /// outcome unknown until the row is read again; a refusal is definite.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, QueueError::Db(_))
+    }
 }
 
 pub type QueueResult<T> = Result<T, QueueError>;

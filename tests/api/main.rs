@@ -10,6 +10,7 @@ mod cli_operator_ux;
 mod dashboard;
 mod dashboard_cache;
 mod downloads;
+mod durability;
 mod events;
 mod fleet;
 mod g0_worker;
