@@ -12,6 +12,8 @@ pub const CLAIM_SECONDS: &str = "expo_claim_duration_seconds";
 pub const HTTP_SECONDS: &str = "expo_http_request_duration_seconds";
 pub const BUILDS_FINISHED: &str = "expo_builds_finished_total";
 pub const LEASE_RESCUES: &str = "expo_lease_rescues_total";
+/// Gaps in every instance's database contact for which the lease clock stopped (fleet-health.md).
+pub const CONTROLLER_OUTAGES: &str = "expo_controller_outages_total";
 pub const RETRIES: &str = "expo_retries_total";
 pub const UPLOAD_BYTES: &str = "expo_upload_bytes_total";
 pub const DOWNLOAD_BYTES: &str = "expo_download_bytes_total";
@@ -143,6 +145,10 @@ pub fn init() {
     );
     describe_counter!(BUILDS_FINISHED, "Builds that reached a final state, by outcome");
     describe_counter!(LEASE_RESCUES, "Held builds whose lease expired and were rescued");
+    describe_counter!(
+        CONTROLLER_OUTAGES,
+        "Outages (no instance reached the database) for which the lease clock stopped"
+    );
     describe_counter!(RETRIES, "Failed attempts scheduled for a retry, by failure kind");
     describe_counter!(UPLOAD_BYTES, "Bytes stored from uploads");
     describe_counter!(DOWNLOAD_BYTES, "Bytes streamed to downloads");
@@ -192,7 +198,13 @@ pub fn init() {
             let _ = metrics::histogram!(BUILD_DURATION, "platform" => platform, "outcome" => outcome);
         }
     }
-    for name in [LEASE_RESCUES, UPLOAD_BYTES, DOWNLOAD_BYTES, RATE_LIMITED] {
+    for name in [
+        LEASE_RESCUES,
+        CONTROLLER_OUTAGES,
+        UPLOAD_BYTES,
+        DOWNLOAD_BYTES,
+        RATE_LIMITED,
+    ] {
         metrics::counter!(name).increment(0);
     }
     let _ = metrics::histogram!(CLAIM_SECONDS);

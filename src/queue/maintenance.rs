@@ -12,6 +12,8 @@ use super::{Failure, FailureKind, QueueResult, Settings};
 
 /// Infrastructure failure for every held build whose lease expired before `now` (up to `batch`).
 pub async fn rescue_expired(pool: &PgPool, settings: &Settings, now: DateTime<Utc>, batch: i64) -> QueueResult<u64> {
+    // After an outage the clock stops first, so undelivered heartbeats are not judged.
+    super::clock::catch_up(pool, settings).await?;
     let rescued = rescue_expired_batch(pool, settings, now, batch).await?;
     metrics::counter!(crate::metrics::LEASE_RESCUES).increment(rescued);
     Ok(rescued)

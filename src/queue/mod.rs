@@ -26,6 +26,7 @@ mod backoff;
 mod builds;
 mod cancel;
 mod claim;
+pub mod clock;
 mod diagnostics;
 mod emit;
 mod enqueue;

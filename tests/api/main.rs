@@ -12,6 +12,7 @@ mod dashboard_cache;
 mod downloads;
 mod events;
 mod fleet;
+mod fleet_health;
 mod g0_worker;
 mod hardening_input;
 mod hardening_transport;

@@ -20,13 +20,14 @@ fn pg(args: &[&str]) {
     assert!(status.success(), "pg.sh {args:?}");
 }
 
-struct OwnPostgres {
-    dir: PathBuf,
+/// A PostgreSQL of the test's own, which it may stop and start.
+pub(crate) struct OwnPostgres {
+    pub(crate) dir: PathBuf,
     port: u16,
 }
 
 impl OwnPostgres {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("expo-resilience-pg-{}", expo_controller::ids::new_id()));
         let port = crate::support::free_port();
         let pg = OwnPostgres { dir, port };
@@ -34,15 +35,15 @@ impl OwnPostgres {
         pg
     }
 
-    fn up(&self) {
+    pub(crate) fn up(&self) {
         pg(&["start", self.dir.to_str().unwrap(), &self.port.to_string(), "fast"]);
     }
 
-    fn down(&self) {
+    pub(crate) fn down(&self) {
         pg(&["stop", self.dir.to_str().unwrap()]);
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 }
@@ -69,7 +70,7 @@ async fn status_within(client: &reqwest::Client, url: &str, want: u16, limit: Du
     }
 }
 
-fn storage(dir: &Path) -> PathBuf {
+pub(crate) fn storage(dir: &Path) -> PathBuf {
     dir.with_extension("storage")
 }
 
