@@ -70,7 +70,10 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
     metrics::gauge!(DB_POOL, "state" => "in_use").set((f64::from(pool.size()) - idle).max(0.0));
     let workers: Vec<(String, i64)> = sqlx::query_as(
         "SELECT s.status, count(w.id) FROM unnest(ARRAY['idle', 'busy', 'offline']) AS s(status)
-         LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked' GROUP BY s.status",
+         LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked' GROUP BY s.status
+         UNION ALL
+         SELECT 'quarantined', count(*) FROM workers WHERE admin_state <> 'revoked' AND health = 'quarantined'
+            AND (quarantined_until IS NULL OR quarantined_until > now())",
     )
     .fetch_all(pool)
     .await?;
@@ -158,7 +161,7 @@ pub fn init() {
     describe_gauge!(SSE_SUBSCRIBERS, "Open event-stream subscriptions on this instance");
     describe_gauge!(
         WORKERS,
-        "Registered (not revoked) workers by status (read at scrape time)"
+        "Registered (not revoked) workers by status, and those quarantined (read at scrape time)"
     );
     describe_histogram!(
         BUILD_DURATION,
@@ -186,7 +189,7 @@ pub fn init() {
         metrics::counter!(JOB_RUNS, "job" => job).increment(0);
         metrics::counter!(JOB_ERRORS, "job" => job).increment(0);
     }
-    for status in ["idle", "busy", "offline"] {
+    for status in ["idle", "busy", "offline", "quarantined"] {
         metrics::gauge!(WORKERS, "status" => status).set(0.0);
     }
     for state in ["in_use", "idle"] {

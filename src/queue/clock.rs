@@ -43,6 +43,18 @@ pub async fn catch_up(pool: &PgPool, settings: &Settings) -> QueueResult<Option<
 }
 
 async fn stamp(pool: &PgPool, settings: &Settings, create: bool) -> QueueResult<Option<Outage>> {
+    // The common case, one statement: contact was never lost, so only the stamp moves. (It waits for a
+    // concurrent catch-up's row lock and then sees that stamp.)
+    let fresh = sqlx::query(
+        "UPDATE controller_clock SET last_contact = clock_timestamp()
+         WHERE id = 1 AND last_contact >= clock_timestamp() - make_interval(secs => $1)",
+    )
+    .bind(OUTAGE_AFTER_SECS)
+    .execute(pool)
+    .await?;
+    if fresh.rows_affected() == 1 {
+        return Ok(None);
+    }
     let mut tx = pool.begin().await?;
     // The row lock serialises instances: the second one to look after an outage sees the first's stamp.
     let last: Option<(f64,)> = sqlx::query_as(

@@ -30,6 +30,7 @@ pub mod clock;
 mod diagnostics;
 mod emit;
 mod enqueue;
+pub mod health;
 mod lease;
 mod logs;
 mod maintenance;
@@ -40,7 +41,7 @@ mod vm;
 mod wakeups;
 mod workers;
 
-pub use attempts::{Failure, FailureKind, complete, fail};
+pub use attempts::{Failure, FailureKind, OWNER_RECLAIMED, complete, fail, release_for_owner};
 pub use backoff::backoff;
 pub use builds::{
     BuildFilter, FleetStats, active_builds, certs_to_purge, clear_certs, find_build, fleet_stats, list_builds,

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use expo_controller::config::Config;
+use chrono::{DateTime, Utc};
+use expo_controller::config::{Config, QueueConfig};
+use expo_controller::queue::{self, Failure, FailureKind, Holder, Platform, ResultFile, Worker};
 use expo_controller::server;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -10,7 +12,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::resilience::{OwnPostgres, storage};
-use crate::support::{API_KEY, TestApp, config, state_of, success_form, worker_status};
+use crate::support::{
+    API_KEY, TestApp, config, enqueue, fresh_database, state_of, success_form, worker, worker_status,
+};
 
 /// Lease 4 s, the rescue, offline and promotion sweeps every second, retries after 1 s.
 fn short_leases(cfg: &mut Config) {
@@ -277,4 +281,525 @@ async fn every_instance_down_longer_than_the_lease_rescues_only_vanished_workers
     assert_eq!(state_of(&app.pool, &a).await, "building");
     assert_eq!(attempts(&app.pool, &a).await, vec![(1, None)]);
     running.stop().await;
+}
+
+// ---------- reputation, quarantine, retry elsewhere ----------
+
+async fn support_worker(pool: &PgPool, name: &str) -> Worker {
+    worker(pool, name, &[Platform::Ios]).await
+}
+
+/// The operator CLI in database mode; its stdout (stderr on failure).
+fn support_cli(app: &TestApp, args: &[&str]) -> String {
+    let (group, rest) = args.split_first().expect("a command group");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_expo-controller"))
+        .env_remove("CONTROLLER_URL")
+        .env_remove("CONTROLLER_API_KEY")
+        .args([*group, "--table", "--database-url", &app.database_url])
+        .args(rest)
+        .output()
+        .unwrap();
+    let text = if output.status.success() {
+        output.stdout
+    } else {
+        output.stderr
+    };
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+fn result_file(id: &str) -> ResultFile {
+    ResultFile {
+        key: format!("builds/{id}/result-x.bin"),
+        size: 1,
+        sha256: "00".into(),
+    }
+}
+
+fn infra(message: &str) -> Failure {
+    Failure {
+        kind: FailureKind::Infrastructure,
+        message: message.to_string(),
+    }
+}
+
+/// Claims for `worker` at `at` and fails the attempt as an infrastructure failure; the build's id.
+async fn claim_and_break(pool: &PgPool, worker: &Worker, settings: &QueueConfig, at: DateTime<Utc>) -> String {
+    let claim = queue::claim(pool, worker, settings, at)
+        .await
+        .unwrap()
+        .expect("a build for the worker");
+    let id = claim.build.id.clone();
+    queue::fail(pool, &id, Holder::worker(&worker.id), &infra("VM hung"), settings, at)
+        .await
+        .unwrap();
+    id
+}
+
+/// Whole seconds, rounded (stored times have micro- or millisecond precision).
+fn secs(d: chrono::Duration) -> i64 {
+    (d.num_milliseconds() as f64 / 1000.0).round() as i64
+}
+
+async fn worker_json(app: &TestApp, id: &str) -> Value {
+    app.admin_json(&format!("/api/v2/workers/{id}")).await
+}
+
+/// Three infrastructure failures in the last five attempts quarantine the worker in the transaction of
+/// the third (event, metric, API); after the quarantine it is on probation; a relapse doubles the
+/// quarantine; a completed build clears it; a critical diagnostics report quarantines until a healthy
+/// one; an operator releases it.
+#[tokio::test]
+async fn infrastructure_failures_quarantine_a_worker_until_probation_or_release() {
+    let app = TestApp::spawn().await;
+    let pool = &app.pool;
+    let settings = QueueConfig::default();
+    let bad = support_worker(pool, "imac").await;
+    // Simulated time starts a little ahead, so builds enqueued now are due.
+    let t0 = Utc::now() + chrono::Duration::seconds(10);
+    for n in 0..3 {
+        assert_eq!(worker_json(&app, &bad.id).await["health"], "ok", "before failure {n}");
+        enqueue(pool, Platform::Ios, 0, 1).await;
+        claim_and_break(pool, &bad, &settings, t0 + chrono::Duration::seconds(n)).await;
+    }
+    let shown = worker_json(&app, &bad.id).await;
+    assert_eq!(shown["health"], "quarantined", "{shown}");
+    assert!(
+        shown["quarantine_reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 infrastructure failures in its last 3 attempts")
+    );
+    let until = chrono::DateTime::parse_from_rfc3339(shown["quarantined_until"].as_str().unwrap()).unwrap();
+    assert_eq!(secs(until.to_utc() - t0), 3600 + 2);
+    let event: Value =
+        sqlx::query_scalar("SELECT data FROM events WHERE kind = 'worker.quarantined' AND worker_id = $1")
+            .bind(&bad.id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(event["failures"].as_array().unwrap().len(), 3, "{event}");
+    assert_eq!(event["failures"][0]["message"], "VM hung");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("expo_workers{status=\"quarantined\"} 1"), "{metrics}");
+    let output = support_cli(&app, &["workers", "show", &bad.id]);
+    assert!(output.contains("quarantined (quarantine until"), "{output}");
+
+    // Quarantined: no new build, even with one waiting.
+    let waiting = enqueue(pool, Platform::Ios, 0, 3).await;
+    let during = t0 + chrono::Duration::seconds(600);
+    assert!(queue::claim(pool, &bad, &settings, during).await.unwrap().is_none());
+
+    // Probation after the quarantine: it may take a build; a relapse quarantines it twice as long.
+    let probation = t0 + chrono::Duration::seconds(3603);
+    assert_eq!(claim_and_break(pool, &bad, &settings, probation).await, waiting);
+    let until: DateTime<Utc> = sqlx::query_scalar("SELECT quarantined_until FROM workers WHERE id = $1")
+        .bind(&bad.id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(secs(until - probation), 7200);
+    assert!(
+        queue::claim(pool, &bad, &settings, probation + chrono::Duration::seconds(7000))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // On probation again, a completed build clears the record.
+    let later = probation + chrono::Duration::seconds(7201);
+    let claim = queue::claim(pool, &bad, &settings, later)
+        .await
+        .unwrap()
+        .expect("probation");
+    queue::complete(
+        pool,
+        &claim.build.id,
+        Holder::worker(&bad.id),
+        &result_file(&claim.build.id),
+        later,
+    )
+    .await
+    .unwrap();
+    let health: (String, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT health, quarantined_until FROM workers WHERE id = $1")
+            .bind(&bad.id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(health, ("ok".to_string(), None));
+    // Its record starts over: two more failures do not quarantine it.
+    for n in 0..2 {
+        enqueue(pool, Platform::Ios, 0, 1).await;
+        claim_and_break(pool, &bad, &settings, later + chrono::Duration::seconds(n + 1)).await;
+    }
+    assert_eq!(worker_json(&app, &bad.id).await["health"], "ok");
+
+    // A critical diagnostics report quarantines it until a healthy one.
+    let report = |status: &str| {
+        json!({ "worker_id": bad.id, "status": status, "duration_ms": 5,
+                "checks": [{ "name": "disk", "status": status }, { "name": "vm", "status": "ok" }] })
+    };
+    let post = |body: Value| {
+        app.client
+            .post(app.url("/api/diagnostics/report"))
+            .header("X-API-Key", API_KEY)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(post(report("critical")).await.unwrap().status(), 200);
+    let shown = worker_json(&app, &bad.id).await;
+    assert_eq!(
+        (
+            &shown["health"],
+            &shown["quarantined_until"],
+            &shown["quarantine_reason"]
+        ),
+        (
+            &json!("quarantined"),
+            &Value::Null,
+            &json!("critical diagnostics report: disk")
+        )
+    );
+    let now = Utc::now();
+    let next = enqueue(pool, Platform::Ios, 0, 3).await;
+    assert!(queue::claim(pool, &bad, &settings, now).await.unwrap().is_none());
+    assert_eq!(post(report("warning")).await.unwrap().status(), 200);
+    assert_eq!(worker_json(&app, &bad.id).await["health"], "ok");
+
+    // An operator's release, over the API and from the CLI.
+    assert_eq!(post(report("critical")).await.unwrap().status(), 200);
+    let released = app
+        .client
+        .post(app.url(&format!("/api/v2/workers/{}/release", bad.id)))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 200);
+    let released: Value = released.json().await.unwrap();
+    assert_eq!(
+        (&released["health"], &released["quarantine_reason"]),
+        (&json!("ok"), &Value::Null)
+    );
+    let claim = queue::claim(pool, &bad, &settings, Utc::now())
+        .await
+        .unwrap()
+        .expect("released");
+    assert_eq!(claim.build.id, next);
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM events WHERE worker_id = $1 AND kind IN ('worker.quarantined', 'worker.released') ORDER BY id",
+    )
+    .bind(&bad.id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kinds,
+        [
+            "worker.quarantined",
+            "worker.quarantined",
+            "worker.quarantined",
+            "worker.released",
+            "worker.quarantined",
+            "worker.released"
+        ]
+    );
+    assert_eq!(post(report("critical")).await.unwrap().status(), 200);
+    let output = support_cli(&app, &["workers", "release", &bad.id]);
+    assert!(output.contains("health") && output.contains(" ok"), "{output}");
+    assert_eq!(worker_json(&app, &bad.id).await["health"], "ok");
+    let missing = app
+        .client
+        .post(app.url("/api/v2/workers/nope/release"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+/// A build whose attempt ended in an infrastructure failure is not handed back to that worker while
+/// another matching worker is online; with none online, it is.
+#[tokio::test]
+async fn a_broken_attempt_is_retried_elsewhere_while_another_worker_is_online() {
+    let (_, pool) = fresh_database(4).await;
+    let settings = QueueConfig::default();
+    let (a, b) = (support_worker(&pool, "a").await, support_worker(&pool, "b").await);
+    let build = enqueue(&pool, Platform::Ios, 0, 3).await;
+    let t = Utc::now();
+    assert_eq!(claim_and_break(&pool, &a, &settings, t).await, build);
+    let retry_at = t + chrono::Duration::seconds(120);
+    assert!(
+        queue::claim(&pool, &a, &settings, retry_at).await.unwrap().is_none(),
+        "not handed back to the worker it broke on"
+    );
+    assert!(
+        queue::held_back_by_requeue(&pool, &a.id, &settings, retry_at)
+            .await
+            .unwrap()
+    );
+    let claim = queue::claim(&pool, &b, &settings, retry_at)
+        .await
+        .unwrap()
+        .expect("b takes it");
+    assert_eq!(claim.build.id, build);
+    queue::fail(
+        &pool,
+        &build,
+        Holder::worker(&b.id),
+        &infra("lid closed"),
+        &settings,
+        retry_at,
+    )
+    .await
+    .unwrap();
+    // b broke it too, and a is the only other worker; once a goes offline, b may take it back.
+    let again = retry_at + chrono::Duration::seconds(120);
+    sqlx::query("UPDATE workers SET status = 'offline' WHERE id = $1")
+        .bind(&a.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let claim = queue::claim(&pool, &b, &settings, again)
+        .await
+        .unwrap()
+        .expect("no one else online");
+    assert_eq!(claim.build.id, build);
+}
+
+/// One bad worker among four in simulated time: it fails every attempt at once and polls first; the
+/// good ones fail one attempt in ten. At least 99 % of retries land on another worker than the one the
+/// build broke on, the bad one is quarantined within its first 5 attempts, and no build runs out of
+/// attempts.
+#[tokio::test]
+async fn one_bad_worker_among_four_retries_land_elsewhere() {
+    let (_, pool) = fresh_database(4).await;
+    let settings = QueueConfig::default();
+    let bad = support_worker(&pool, "bad").await;
+    let mut good = Vec::new();
+    for n in 0..3 {
+        good.push(support_worker(&pool, &format!("good{n}")).await);
+    }
+    let mut broke_on: std::collections::HashMap<String, String> = Default::default();
+    let (mut retries, mut elsewhere, mut bad_attempts_before_quarantine) = (0, 0, 0);
+    let (mut quarantined, mut good_attempts) = (false, 0);
+    let start = Utc::now() + chrono::Duration::seconds(5);
+    for round in 0..120i64 {
+        let t = start + chrono::Duration::seconds(round * 60);
+        for _ in 0..2 {
+            enqueue(&pool, Platform::Ios, 0, 3).await;
+        }
+        // The bad worker fails fast, so it polls three times a round, before the others.
+        for k in 0..3 {
+            let at = t + chrono::Duration::seconds(k);
+            let Some(claim) = queue::claim(&pool, &bad, &settings, at).await.unwrap() else {
+                continue;
+            };
+            if claim.build.attempt > 1 {
+                retries += 1;
+                if broke_on.get(&claim.build.id) != Some(&bad.id) {
+                    elsewhere += 1;
+                }
+            }
+            if !quarantined {
+                bad_attempts_before_quarantine += 1;
+            }
+            queue::fail(
+                &pool,
+                &claim.build.id,
+                Holder::worker(&bad.id),
+                &infra("VM hung"),
+                &settings,
+                at,
+            )
+            .await
+            .unwrap();
+            broke_on.insert(claim.build.id.clone(), bad.id.clone());
+            let health: String = sqlx::query_scalar("SELECT health FROM workers WHERE id = $1")
+                .bind(&bad.id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            quarantined |= health == "quarantined";
+        }
+        for (n, worker) in good.iter().enumerate() {
+            let at = t + chrono::Duration::seconds(10 + n as i64);
+            let Some(claim) = queue::claim(&pool, worker, &settings, at).await.unwrap() else {
+                continue;
+            };
+            if claim.build.attempt > 1 {
+                retries += 1;
+                if broke_on.get(&claim.build.id) != Some(&worker.id) {
+                    elsewhere += 1;
+                }
+            }
+            good_attempts += 1;
+            if good_attempts % 10 == 0 {
+                // Good Macs have bad moments too: their retries must also go elsewhere.
+                queue::fail(
+                    &pool,
+                    &claim.build.id,
+                    Holder::worker(&worker.id),
+                    &infra("Wi-Fi lost"),
+                    &settings,
+                    at,
+                )
+                .await
+                .unwrap();
+                broke_on.insert(claim.build.id.clone(), worker.id.clone());
+                continue;
+            }
+            queue::complete(
+                &pool,
+                &claim.build.id,
+                Holder::worker(&worker.id),
+                &result_file(&claim.build.id),
+                at,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    eprintln!(
+        "{elsewhere} of {retries} retries elsewhere; bad worker quarantined after {bad_attempts_before_quarantine} attempts"
+    );
+    assert!(quarantined, "the bad worker was quarantined");
+    assert!(
+        bad_attempts_before_quarantine <= 5,
+        "{bad_attempts_before_quarantine} attempts"
+    );
+    assert!(retries >= 30, "{retries} retries");
+    assert!(
+        elsewhere * 100 >= retries * 99,
+        "{elsewhere} of {retries} retries landed on another worker"
+    );
+    let lost: i64 = sqlx::query_scalar("SELECT count(*) FROM builds WHERE state = 'failed'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(lost, 0, "no build ran out of attempts on the bad worker");
+}
+
+// ---------- giving a build back for its owner ----------
+
+async fn abandon(app: &TestApp, token: &str, build: &str, reason: &str) -> (u16, Value) {
+    let r = app
+        .client
+        .post(app.url("/api/workers/abandon"))
+        .header("X-Worker-Token", token)
+        .json(&json!({ "build_id": build, "reason": reason }))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// `owner_reclaimed` releases the attempt: pending again at the front of its queue (its run_at kept),
+/// `attempt` counts it but `max_attempts` does not, no reputation damage, not handed back to that worker
+/// while another is online; past `CONTROLLER_MAX_RELEASES` a release is an infrastructure failure.
+#[tokio::test]
+async fn owner_reclaimed_gives_a_build_back_without_spending_an_attempt() {
+    let app = TestApp::spawn_with(|cfg| {
+        cfg.queue.max_releases = 2;
+        cfg.queue.quarantine_failures = 1;
+        cfg.queue.quarantine_window = 1;
+    })
+    .await;
+    let (mac, mac_token) = app.register("mac", &["ios"]).await;
+    let (other, other_token) = app.register("other", &["ios"]).await;
+    let first = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    let second = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    let run_at = |id: String| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, DateTime<Utc>>("SELECT run_at FROM builds WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let submitted_run_at = run_at(first.clone()).await;
+    // max_attempts 1 would leave no retry after a failure: releases must not spend it.
+    sqlx::query("UPDATE builds SET max_attempts = 1 WHERE id = $1")
+        .bind(&first)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        poll(&app.client, &app.base, &mac_token).await.as_deref(),
+        Some(first.as_str())
+    );
+    assert_eq!(
+        abandon(&app, &mac_token, &first, "owner_reclaimed").await,
+        (200, json!({ "success": true, "status": "pending" }))
+    );
+    assert_eq!(state_of(&app.pool, &first).await, "pending");
+    assert_eq!(run_at(first.clone()).await, submitted_run_at, "front of its queue");
+    assert_eq!(worker_json(&app, &mac).await["health"], "ok", "no reputation damage");
+    let event: Value = sqlx::query_scalar("SELECT data FROM events WHERE kind = 'build.released' AND build_id = $1")
+        .bind(&first)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (&event["reason"], &event["releases"]),
+        (&json!("owner_reclaimed"), &json!(1))
+    );
+    // Not handed back to the Mac while another worker is online; the other one gets it before `second`.
+    assert_eq!(
+        poll(&app.client, &app.base, &mac_token).await.as_deref(),
+        Some(second.as_str())
+    );
+    assert_eq!(
+        poll(&app.client, &app.base, &other_token).await.as_deref(),
+        Some(first.as_str())
+    );
+    // Released again by the other worker (release 2 of 2), then claimed and released a third time:
+    // that one is an infrastructure failure, and with max_attempts 1 spent by none of the releases,
+    // attempt 3 fails the build for good.
+    assert_eq!(abandon(&app, &other_token, &first, "owner_reclaimed").await.0, 200);
+    let (_, third_token) = app.register("third", &["ios"]).await;
+    assert_eq!(
+        poll(&app.client, &app.base, &third_token).await.as_deref(),
+        Some(first.as_str())
+    );
+    let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM builds WHERE id = $1")
+        .bind(&first)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempt, 3, "attempt counts the releases");
+    assert_eq!(
+        abandon(&app, &third_token, &first, "owner_reclaimed").await,
+        (200, json!({ "success": true, "status": "failed" }))
+    );
+    let outcomes: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT outcome FROM build_attempts WHERE build_id = $1 ORDER BY attempt")
+            .bind(&first)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Some("released".to_string()),
+            Some("released".to_string()),
+            Some("infrastructure".to_string())
+        ]
+    );
+    // A plain abandon is still an infrastructure failure (and, with a window of one, quarantines).
+    assert_eq!(abandon(&app, &mac_token, &second, "disk full").await.0, 200);
+    assert_eq!(worker_json(&app, &mac).await["health"], "quarantined");
+    let _ = other;
 }
