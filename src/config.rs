@@ -379,7 +379,7 @@ impl Default for QueueConfig {
 pub struct JobsConfig {
     /// Schedule overrides, `job=cron;job=cron` with 6-field cron expressions (seconds first), e.g.
     /// `prune=0 0 3 * * *`. Jobs: rescue_expired_leases, deadline_sweep, offline_workers,
-    /// promote_scheduled, purge_certs, prune, sweep_staging, storage_deletions.
+    /// promote_scheduled, purge_certs, prune, sweep_staging, storage_deletions, reconcile.
     #[arg(long, env = "CONTROLLER_JOB_SCHEDULES", default_value = "")]
     pub job_schedules: String,
 

@@ -12,6 +12,8 @@ pub const CLAIM_SECONDS: &str = "expo_claim_duration_seconds";
 pub const HTTP_SECONDS: &str = "expo_http_request_duration_seconds";
 pub const BUILDS_FINISHED: &str = "expo_builds_finished_total";
 pub const LEASE_RESCUES: &str = "expo_lease_rescues_total";
+/// Inconsistencies the reconciliation job repaired, by kind.
+pub const RECONCILED: &str = "expo_reconciled_total";
 /// Gaps in every instance's database contact for which the lease clock stopped (fleet-health.md).
 pub const CONTROLLER_OUTAGES: &str = "expo_controller_outages_total";
 pub const RETRIES: &str = "expo_retries_total";
@@ -152,6 +154,10 @@ pub fn init() {
         CONTROLLER_OUTAGES,
         "Outages (no instance reached the database) for which the lease clock stopped"
     );
+    describe_counter!(RECONCILED, "Inconsistencies repaired by the reconcile job, by kind");
+    for kind in crate::queue::RECONCILE_KINDS {
+        metrics::counter!(RECONCILED, "kind" => kind).increment(0);
+    }
     describe_counter!(RETRIES, "Failed attempts scheduled for a retry, by failure kind");
     describe_counter!(UPLOAD_BYTES, "Bytes stored from uploads");
     describe_counter!(DOWNLOAD_BYTES, "Bytes streamed to downloads");

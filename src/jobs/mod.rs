@@ -44,10 +44,11 @@ pub enum Job {
     Prune,
     SweepStaging,
     StorageDeletions,
+    Reconcile,
 }
 
 impl Job {
-    pub const ALL: [Job; 8] = [
+    pub const ALL: [Job; 9] = [
         Job::RescueExpiredLeases,
         Job::DeadlineSweep,
         Job::OfflineWorkers,
@@ -56,6 +57,7 @@ impl Job {
         Job::Prune,
         Job::SweepStaging,
         Job::StorageDeletions,
+        Job::Reconcile,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +70,7 @@ impl Job {
             Job::Prune => "prune",
             Job::SweepStaging => "sweep_staging",
             Job::StorageDeletions => "storage_deletions",
+            Job::Reconcile => "reconcile",
         }
     }
 
@@ -82,6 +85,7 @@ impl Job {
             Job::Prune => "0 0 * * * *",
             Job::SweepStaging => "0 */10 * * * *",
             Job::StorageDeletions => "45 * * * * *",
+            Job::Reconcile => "15 * * * * *",
         }
     }
 
@@ -103,6 +107,9 @@ impl Job {
             Job::Prune => prune::run_once(ctx, now).await,
             Job::SweepStaging => sweep_staging::run_once(ctx, now).await,
             Job::StorageDeletions => storage_deletions::run_once(ctx).await,
+            Job::Reconcile => queue::reconcile(pool, settings, now, BATCH)
+                .await
+                .map(|found| found.iter().map(|(_, n)| n).sum()),
         }
     }
 }

@@ -57,7 +57,7 @@ pub use enqueue::{
 };
 pub use lease::{HeartbeatOutcome, Holder, heartbeat, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
-pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
+pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,

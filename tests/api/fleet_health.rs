@@ -803,3 +803,166 @@ async fn owner_reclaimed_gives_a_build_back_without_spending_an_attempt() {
     assert_eq!(worker_json(&app, &mac).await["health"], "quarantined");
     let _ = other;
 }
+
+// ---------- reconciliation: one test per invariant ----------
+
+async fn reconcile_kind(pool: &PgPool, kind: &str) -> u64 {
+    let found = queue::reconcile(pool, &QueueConfig::default(), Utc::now(), 100)
+        .await
+        .unwrap();
+    let again = queue::reconcile(pool, &QueueConfig::default(), Utc::now(), 100)
+        .await
+        .unwrap();
+    assert!(again.iter().all(|(_, n)| *n == 0), "repaired for good: {again:?}");
+    let total: u64 = found.iter().map(|(_, n)| n).sum();
+    let this = found.iter().find(|(k, _)| *k == kind).unwrap().1;
+    assert_eq!(total, this, "only {kind}: {found:?}");
+    this
+}
+
+#[tokio::test]
+async fn reconcile_frees_a_busy_worker_without_a_build() {
+    let (_, pool) = fresh_database(4).await;
+    let (stuck, holding) = (
+        support_worker(&pool, "stuck").await,
+        support_worker(&pool, "holding").await,
+    );
+    enqueue(&pool, Platform::Ios, 0, 3).await;
+    queue::claim(&pool, &holding, &QueueConfig::default(), Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    sqlx::query("UPDATE workers SET status = 'busy' WHERE id = $1")
+        .bind(&stuck.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(reconcile_kind(&pool, "busy_worker_without_attempt").await, 1);
+    assert_eq!(worker_status(&pool, &stuck.id).await, "idle");
+    assert_eq!(
+        worker_status(&pool, &holding.id).await,
+        "busy",
+        "a worker holding a build stays busy"
+    );
+}
+
+#[tokio::test]
+async fn reconcile_closes_a_live_attempt_of_a_final_build() {
+    let (_, pool) = fresh_database(4).await;
+    let w = support_worker(&pool, "w").await;
+    let running = enqueue(&pool, Platform::Ios, 0, 3).await;
+    let done = enqueue(&pool, Platform::Ios, 0, 3).await;
+    let settings = QueueConfig::default();
+    let claim = queue::claim(&pool, &w, &settings, Utc::now()).await.unwrap().unwrap();
+    assert_eq!(claim.build.id, running);
+    queue::complete(
+        &pool,
+        &running,
+        Holder::worker(&w.id),
+        &result_file(&running),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    let claim = queue::claim(&pool, &w, &settings, Utc::now()).await.unwrap().unwrap();
+    assert_eq!(claim.build.id, done);
+    // A crash left the first build's attempt open although the build completed.
+    sqlx::query("UPDATE build_attempts SET finished_at = NULL, outcome = NULL WHERE build_id = $1")
+        .bind(&running)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(reconcile_kind(&pool, "live_attempt_of_idle_build").await, 1);
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM build_attempts WHERE finished_at IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(open, 1, "only the attempt really running stays open");
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM build_attempts WHERE build_id = $1")
+        .bind(&running)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "reconciled");
+}
+
+#[tokio::test]
+async fn reconcile_takes_a_build_back_from_a_revoked_worker() {
+    let app = TestApp::spawn().await;
+    let pool = &app.pool;
+    let w = support_worker(pool, "revoked").await;
+    let build = enqueue(pool, Platform::Ios, 0, 3).await;
+    queue::claim(pool, &w, &QueueConfig::default(), Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    // Revoked without its attempt ending (a crash between the two).
+    sqlx::query("UPDATE workers SET admin_state = 'revoked' WHERE id = $1")
+        .bind(&w.id)
+        .execute(pool)
+        .await
+        .unwrap();
+    let ctx = expo_controller::jobs::JobContext {
+        pool: pool.clone(),
+        storage: expo_controller::storage::Storage::local(&app.storage_dir, false).unwrap(),
+        settings: QueueConfig::default(),
+        jobs: Default::default(),
+    };
+    assert_eq!(
+        expo_controller::jobs::Job::Reconcile
+            .run_once(&ctx, Utc::now())
+            .await
+            .unwrap(),
+        1,
+        "the job runs the reconciliation"
+    );
+    assert_eq!(state_of(pool, &build).await, "retryable");
+    let errors: Value = sqlx::query_scalar("SELECT errors FROM builds WHERE id = $1")
+        .bind(&build)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(
+        errors[0]["message"].as_str().unwrap().contains("was revoked"),
+        "{errors}"
+    );
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("expo_reconciled_total{kind=\"build_held_by_revoked_worker\"}"),
+        "{metrics}"
+    );
+    assert_eq!(reconcile_kind(pool, "build_held_by_revoked_worker").await, 0);
+}
+
+#[tokio::test]
+async fn reconcile_clears_the_lease_of_a_pending_build() {
+    let (_, pool) = fresh_database(4).await;
+    let build = enqueue(&pool, Platform::Ios, 0, 3).await;
+    sqlx::query("UPDATE builds SET lease_owner = 'ghost', lease_expires_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(&build)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(reconcile_kind(&pool, "queued_build_with_lease").await, 1);
+    let lease: (Option<String>, Option<DateTime<Utc>>, String) =
+        sqlx::query_as("SELECT lease_owner, lease_expires_at, state FROM builds WHERE id = $1")
+            .bind(&build)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(lease, (None, None, "pending".to_string()));
+    let w = support_worker(&pool, "w").await;
+    let claim = queue::claim(&pool, &w, &QueueConfig::default(), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(claim.map(|c| c.build.id), Some(build), "claimable as before");
+}
