@@ -201,7 +201,12 @@ pub fn init() {
     for state in ["in_use", "idle"] {
         metrics::gauge!(DB_POOL, "state" => state).set(0.0);
     }
+    describe_counter!(
+        QUEUE_FULL,
+        "Submits and retries refused because their platform queue was full, by queue"
+    );
     for platform in PLATFORMS {
+        metrics::counter!(QUEUE_FULL, "queue" => platform).increment(0);
         let _ = metrics::histogram!(QUEUE_WAIT, "platform" => platform);
         for outcome in OUTCOMES {
             let _ = metrics::histogram!(BUILD_DURATION, "platform" => platform, "outcome" => outcome);
