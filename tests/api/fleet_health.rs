@@ -966,3 +966,52 @@ async fn reconcile_clears_the_lease_of_a_pending_build() {
         .unwrap();
     assert_eq!(claim.map(|c| c.build.id), Some(build), "claimable as before");
 }
+
+/// The dashboard's workers page says why and until when a worker is quarantined, and its Release
+/// button (same-origin + CSRF, like drain) releases it through the same operation as the API.
+#[tokio::test]
+async fn the_dashboard_shows_a_quarantine_and_releases_the_worker() {
+    use crate::dashboard::{csrf_of, no_redirects, post_form, sign_in};
+    let app = TestApp::spawn().await;
+    let (id, _) = app.register("imac", &["ios"]).await;
+    let r = app
+        .client
+        .post(app.url("/api/diagnostics/report"))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "worker_id": id, "status": "critical", "duration_ms": 5,
+                       "checks": [{ "name": "disk", "status": "critical" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let client = no_redirects();
+    let cookie = sign_in(&app, &client).await;
+    let page = client
+        .get(app.url("/dashboard/workers"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("quarantined"), "{page}");
+    assert!(
+        page.contains("critical diagnostics report: disk"),
+        "the reason is shown"
+    );
+    assert!(page.contains("until a healthy diagnostics report or a release"));
+    let action = format!("/dashboard/workers/{id}/release");
+    assert!(page.contains(&action), "a Release button");
+    let csrf = csrf_of(&page);
+    let forged = post_form(&client, &app, &action, Some(&cookie), "csrf=forged").await;
+    assert_eq!(forged.status(), 403);
+    assert_eq!(
+        worker_json(&app, &id).await["health"],
+        "quarantined",
+        "a refused request changes nothing"
+    );
+    let r = post_form(&client, &app, &action, Some(&cookie), format!("csrf={csrf}")).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(worker_json(&app, &id).await["health"], "ok");
+}
