@@ -3,6 +3,7 @@
 
 mod support;
 
+mod alerting;
 mod bad_input;
 mod cli;
 mod cli_operator;
@@ -13,6 +14,7 @@ mod downloads;
 mod durability;
 mod events;
 mod fleet;
+mod fleet_health;
 mod g0_worker;
 mod hardening_input;
 mod hardening_transport;
