@@ -172,6 +172,9 @@ async fn login(
     // Only wrong keys are delayed and limited (T6): the right key always signs in, so nobody sharing
     // an address with someone guessing is locked out.
     if !session::key_matches(&state, key) {
+        // Every wrong key waits, limited or not: answering a limited guess at once would tell a guesser
+        // when to stop waiting and let it keep the rate of answers up (T6).
+        tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         if !limiter.allow(ip) {
             tracing::warn!(%ip, "dashboard sign-in rate limited");
             let mut response = (
@@ -185,7 +188,6 @@ async fn login(
             return response;
         }
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
-        tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
     }
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
