@@ -734,6 +734,34 @@ async fn t5_varying_the_worker_id_does_not_escape_the_credential_limit() {
     assert!(limited >= 40, "only {limited} of 80 requests were limited");
 }
 
+/// T5: a worker token's route ignores `X-API-Key`, so a junk key that varies per request must not buy
+/// the token a fresh bucket each time: every credential header present is charged, and 429 follows
+/// once the token's own bucket is empty (before, only the `X-API-Key` was counted).
+#[tokio::test]
+async fn t5_a_varying_junk_api_key_beside_a_token_does_not_escape_the_limit() {
+    let app = TestApp::spawn_with(|c| c.rate_limit_per_credential = 1).await;
+    let (worker_id, token) = app.register("w", &["ios"]).await;
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let r = app
+            .client
+            .get(app.url("/api/workers/poll"))
+            .header("X-Worker-Token", &token)
+            .header("X-Worker-Id", &worker_id)
+            .header("X-API-Key", format!("junk-key-{i:032}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses.contains(&200), "{statuses:?}");
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        limited >= 20,
+        "only {limited} of 40 requests were limited: {statuses:?}"
+    );
+}
+
 /// T7: dashboard routes are under the per-IP limit too.
 #[tokio::test]
 async fn t7_the_dashboard_is_rate_limited_per_ip() {
