@@ -404,6 +404,24 @@ impl Importer {
             replace,
             ..Batch::default()
         };
+        // Recorded keys whose copy wrote nothing (the file missing or refused) are no longer pending; a
+        // copy that failed may have written, and stays pending for sweep_unlinked.
+        let unwritten: Vec<String> = fresh
+            .iter()
+            .zip(&copied)
+            .flat_map(|(build, copies)| {
+                [
+                    (&copies.source, Key::source(&build.id)),
+                    (&copies.certs, Key::certs(&build.id)),
+                    (&copies.result, Key::result(&build.id, files::IMPORTED_RESULT)),
+                ]
+            })
+            .filter(|(copied, _)| matches!(copied, Copied::Missing(_) | Copied::Refused(_)))
+            .filter_map(|(_, key)| key.map(|k| k.as_str().to_string()))
+            .collect();
+        if !self.dry_run() {
+            crate::queue::forget_writes(&self.pool, &unwritten).await?;
+        }
         for (build, files) in fresh.iter().zip(copied) {
             self.account_files(&files);
             let lines = lines_of.remove(&build.id).unwrap_or_default();
