@@ -387,6 +387,7 @@ impl Importer {
                 db.rows_by_id("cpu_snapshots", &sample_ids)?,
             ))
         });
+        self.record_pending(&fresh).await?;
         let (children, copied) = tokio::join!(children, self.copy_files(&fresh));
         let (log_rows, sample_rows) = children?;
         let mut lines_of: HashMap<String, Vec<mapping::NewLogLine>> = HashMap::new();
@@ -407,6 +408,24 @@ impl Importer {
             replace,
             ..Batch::default()
         };
+        // Recorded keys whose copy wrote nothing (the file missing or refused) are no longer pending; a
+        // copy that failed may have written, and stays pending for sweep_unlinked.
+        let unwritten: Vec<String> = fresh
+            .iter()
+            .zip(&copied)
+            .flat_map(|(build, copies)| {
+                [
+                    (&copies.source, Key::source(&build.id)),
+                    (&copies.certs, Key::certs(&build.id)),
+                    (&copies.result, Key::result(&build.id, files::IMPORTED_RESULT)),
+                ]
+            })
+            .filter(|(copied, _)| matches!(copied, Copied::Missing(_) | Copied::Refused(_)))
+            .filter_map(|(_, key)| key.map(|k| k.as_str().to_string()))
+            .collect();
+        if !self.dry_run() {
+            crate::queue::forget_writes(&self.pool, &unwritten).await?;
+        }
         for (build, files) in fresh.iter().zip(copied) {
             self.account_files(&files);
             let lines = lines_of.remove(&build.id).unwrap_or_default();
@@ -457,6 +476,32 @@ impl Importer {
         } else if completed_at < self.artifacts_before && (build.source_key.is_some() || build.result_key.is_some()) {
             self.summary.note(NOTE_ARTIFACTS, 1);
         }
+    }
+
+    /// Records the keys these builds' files are copied to as pending writes before the copies: the
+    /// batch's insert claims (forgets) those its rows name; whatever an interrupted import copied is
+    /// deleted by `sweep_unlinked`.
+    async fn record_pending(&self, builds: &[PlannedBuild]) -> anyhow::Result<()> {
+        if self.dry_run() {
+            return Ok(());
+        }
+        let mut keys = Vec::new();
+        for build in builds {
+            let result_key = Key::result(&build.id, files::IMPORTED_RESULT);
+            let targets = [
+                (&build.source, Key::source(&build.id)),
+                (&build.certs, Key::certs(&build.id)),
+                (&build.result, result_key),
+            ];
+            for (file, key) in targets {
+                if let (FileRef::At(_), Some(key)) = (file, key) {
+                    keys.push(key.as_str().to_string());
+                }
+            }
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        crate::queue::record_writes(&self.pool, &keys).await?;
+        Ok(())
     }
 
     /// Copies (or in a dry run, checks) the files of these builds, a few at a time.

@@ -108,7 +108,7 @@ pub fn refusal(error: &QueueError) -> Option<Refusal> {
             format!("This build was retried {max} times, the most a build token may; submit a new build").into(),
             "retry_limit",
         ),
-        QueueError::Db(_) => return None,
+        QueueError::Db(_) | QueueError::DbUncommitted(_) | QueueError::ObjectsGone => return None,
     })
 }
 

@@ -648,6 +648,27 @@ async fn a_second_run_changes_nothing_and_a_killed_run_is_finished_by_the_next()
         .await
         .unwrap();
     assert!(partial > 0 && partial < 10, "{partial} builds after the kill");
+    // R63: the files of the batch the kill interrupted are named in `pending_writes` (sweep_unlinked
+    // deletes them if no later run links them); every stored object is named by a row or a pending key.
+    let named: Vec<String> = sqlx::query_scalar(
+        "SELECT k FROM builds, unnest(ARRAY[source_key, certs_key, result_key]) AS k WHERE k IS NOT NULL
+         UNION ALL SELECT key FROM pending_writes",
+    )
+    .fetch_all(&pool_b)
+    .await
+    .unwrap();
+    let stored: Vec<String> = files_under(&store_b)
+        .into_keys()
+        .filter(|k| k.starts_with("builds/"))
+        .collect();
+    let linked: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_writes")
+        .fetch_one(&pool_b)
+        .await
+        .unwrap();
+    assert!(linked > 0, "the interrupted batch's files are pending");
+    for key in &stored {
+        assert!(named.contains(key), "{key} is named by no row and no pending key");
+    }
     let finished = import(&old, &url_b, &store_b, &certs_key, &batch).await;
     assert_eq!(finished.status.code(), Some(2));
     assert_eq!(
@@ -659,6 +680,13 @@ async fn a_second_run_changes_nothing_and_a_killed_run_is_finished_by_the_next()
         after_first.0,
         "the resumed import differs from an uninterrupted one"
     );
+    for pool in [&pool_a, &pool_b] {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_writes")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(pending, 0, "every copied file the rows name was linked");
+    }
     assert_eq!(
         stored_objects(&store_b, &certs_key),
         stored_objects(&store_a, &certs_key)

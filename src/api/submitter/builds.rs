@@ -300,6 +300,10 @@ async fn create_build(
         access_token_hash: ids::hash_secret(new.access_token),
         original_build_id: None,
     };
+    // The sweep's age counts from here, not from before the (possibly slow) source stream.
+    let mut written = vec![row.source_key.as_str()];
+    written.extend(row.certs_key.as_deref());
+    queue::refresh_writes(&state.pool, &written).await?;
     let build = enqueue(state, &row, unsettled).await?;
     Ok(Json(submitted(&build, new.access_token.to_string())))
 }
