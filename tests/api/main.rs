@@ -15,6 +15,7 @@ mod fleet;
 mod g0_worker;
 mod hardening_input;
 mod hardening_transport;
+mod identity;
 mod import;
 mod long_poll;
 mod observability;
