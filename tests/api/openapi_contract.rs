@@ -62,6 +62,7 @@ const BODYLESS: &[&str] = &[
     "post /api/v2/workers/{id}/disable",
     "post /api/v2/workers/{id}/enable",
     "delete /api/v2/workers/{id}",
+    "delete /api/v2/keys/{id}",
     "post /api/v2/queues/{platform}/pause",
     "post /api/v2/queues/{platform}/resume",
 ];
