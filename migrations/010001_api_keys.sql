@@ -24,3 +24,9 @@ ALTER TABLE builds ADD COLUMN submitted_by_name text;
 CREATE INDEX builds_submitted_by_idx ON builds (submitted_by, submitted_at DESC, id DESC) WHERE submitted_by IS NOT NULL;
 -- The worker key a worker was registered with: G0 calls with that key act only for its workers.
 ALTER TABLE workers ADD COLUMN registered_by text REFERENCES api_keys (id);
+
+-- Dashboard sessions remember who signed in (the built-in admin key: no key id) and with which role; a
+-- session of a revoked or expired key stops working with it.
+ALTER TABLE dashboard_sessions ADD COLUMN key_id text REFERENCES api_keys (id) ON DELETE CASCADE;
+ALTER TABLE dashboard_sessions ADD COLUMN key_name text NOT NULL DEFAULT 'admin';
+ALTER TABLE dashboard_sessions ADD COLUMN role text NOT NULL DEFAULT 'admin';

@@ -13,6 +13,7 @@ use super::session::{self, Session};
 use super::{PageResult, fail, params};
 use crate::api::operations;
 use crate::api::{ApiError, ApiResult, AppState};
+use crate::identity::Access;
 use crate::ids::valid_id;
 use crate::queue::Platform;
 use crate::storage::Key;
@@ -35,6 +36,8 @@ fn back(path: &str, outcome: Result<String, ApiError>) -> Response {
 
 /// Reads the form and checks origin and CSRF token; a refused request changes nothing.
 fn checked_form(session: &Session, headers: &HeaderMap, body: &Bytes) -> Result<HashMap<String, String>, ApiError> {
+    // Every dashboard action is an operator's; a viewer is refused whatever the page showed.
+    session.may(Access::Operator)?;
     let form = params(std::str::from_utf8(body).ok());
     session::check_action(session, headers, form.get("csrf").map(String::as_str)).inspect_err(|_| {
         tracing::warn!("dashboard action refused: cross-site or missing CSRF token");
@@ -148,6 +151,9 @@ pub async fn worker_action(
         "revoke" => ("revoked", "revoked"),
         _ => return Err(super::pages::not_found("Unknown action")),
     };
+    if admin_state == "revoked" {
+        session.may(Access::Admin).map_err(fail)?;
+    }
     let outcome = async {
         let worker = operations::set_worker_state(&state.pool, &state.config.queue, &id, admin_state).await?;
         state.worker_changed();
@@ -189,10 +195,12 @@ pub async fn queue_action(
 /// A build's source or result, streamed, for a signed-in operator.
 pub async fn download(
     State(state): State<AppState>,
-    _session: Session,
+    session: Session,
     headers: HeaderMap,
     Path((id, what)): Path<(String, String)>,
 ) -> PageResult {
+    // Sources and results are not for viewers.
+    session.may(Access::Operator).map_err(fail)?;
     if !valid_id(&id) {
         return Err(super::pages::not_found("Build not found"));
     }

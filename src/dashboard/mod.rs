@@ -141,6 +141,8 @@ fn chrome<'a>(title: &'a str, nav: &'a str, session: &'a Session, params: &'a Ha
         title,
         nav,
         csrf: &session.csrf,
+        who: &session.name,
+        role: session.role.as_str(),
         notice: param(params, "notice"),
         error: param(params, "error"),
     }
@@ -182,15 +184,15 @@ async fn login(
     }
     let form = params(std::str::from_utf8(&body).ok());
     let key = form.get("key").map(String::as_str).unwrap_or_default();
-    if !session::key_matches(&state, key) {
+    let Some(who) = session::sign_in_as(&state, key).await else {
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
         tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
-    }
+    };
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
-    match session::create(&state.pool, ttl, Utc::now()).await {
+    match session::create(&state.pool, ttl, &who, Utc::now()).await {
         Ok(id) => {
-            tracing::info!(%ip, "dashboard sign-in");
+            tracing::info!(%ip, role = who.role().as_str(), "dashboard sign-in");
             let mut response = Redirect::to("/dashboard").into_response();
             response
                 .headers_mut()
@@ -332,7 +334,7 @@ async fn builds(
             format!("{page_query}&before={before}")
         };
     }
-    let body = pages::builds_page(&filter, &page_query, table, &session.csrf);
+    let body = pages::builds_page(&filter, &page_query, table, session.action_csrf());
     Ok(html(pages::layout(&chrome("Builds", "builds", &session, &p), body)))
 }
 
@@ -357,10 +359,10 @@ async fn build(
         .ok_or_else(|| pages::not_found("Build not found"))?;
     let now = Utc::now();
     if is_fragment(&p) {
-        return Ok(html(pages::build_summary(page, &session.csrf, now)));
+        return Ok(html(pages::build_summary(page, session.action_csrf(), now)));
     }
     let logs = queries::log_tail(&state.pool, &id).await.map_err(fail)?;
-    let body = pages::build_page(page, &logs, &session.csrf, now);
+    let body = pages::build_page(page, &logs, session.action_csrf(), now);
     let title = format!("Build {}", id.get(..10).unwrap_or(&id));
     Ok(html(pages::layout(&chrome(&title, "builds", &session, &p), body)))
 }
@@ -393,7 +395,12 @@ async fn workers(
 ) -> PageResult {
     let p = params(raw.as_deref());
     let rows = cache.workers(|| queries::workers(&state.pool)).await.map_err(fail)?;
-    let table = pages::workers(&rows, &session.csrf, Utc::now());
+    let table = pages::workers(
+        &rows,
+        session.action_csrf(),
+        session.role == crate::identity::Role::Admin,
+        Utc::now(),
+    );
     if is_fragment(&p) {
         return Ok(html(table));
     }
@@ -415,7 +422,7 @@ async fn queues(
         .queues(|| crate::queue::operator::queue_views(&state.pool, Utc::now()))
         .await
         .map_err(fail)?;
-    let table = pages::queues(&views, &session.csrf);
+    let table = pages::queues(&views, session.action_csrf());
     if is_fragment(&p) {
         return Ok(html(table));
     }

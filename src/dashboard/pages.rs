@@ -17,6 +17,9 @@ pub struct Chrome<'a> {
     pub title: &'a str,
     pub nav: &'a str,
     pub csrf: &'a str,
+    /// The key signed in and its role, named in the top bar.
+    pub who: &'a str,
+    pub role: &'a str,
     pub notice: Option<&'a str>,
     pub error: Option<&'a str>,
 }
@@ -57,6 +60,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
                         }
                     }
                     span #live .live.connecting role="status" aria-live="polite" { "Connecting…" }
+                    span.who #signed-in data-role=(chrome.role) { (chrome.who) " · " (chrome.role) }
                     form.logout method="post" action="/dashboard/logout" {
                         input type="hidden" name="csrf" value=(chrome.csrf);
                         button.btn.ghost type="submit" { "Log out" }
@@ -216,7 +220,11 @@ fn platform(p: &str) -> Markup {
 }
 
 /// A POST form with the CSRF token, a confirmation question and one labelled button.
+/// An action button; none when `csrf` is empty (the role may not act).
 fn action(url: &str, csrf: &str, label: &str, confirm: &str, class: &str) -> Markup {
+    if csrf.is_empty() {
+        return html! {};
+    }
     html! {
         form.inline method="post" action=(url) data-confirm=(confirm) {
             input type="hidden" name="csrf" value=(csrf);
@@ -385,6 +393,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
             button.btn type="submit" { "Apply" }
             a.btn.ghost href="/dashboard/builds" { "Reset" }
         }
+        @if !csrf.is_empty() {
         form #bulk method="post" action="/dashboard/builds/bulk" data-confirm="Apply this action to the selected builds?" {
             input type="hidden" name="csrf" value=(csrf);
             input type="hidden" name="return" value={ "/dashboard/builds" @if !query.is_empty() { "?" (query) } };
@@ -393,6 +402,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
                 button.btn type="submit" name="action" value="cancel" { "Cancel" }
                 button.btn type="submit" name="action" value="retry" { "Retry" }
             }
+        }
         }
         (region("builds-table", &format!("/dashboard/builds?{}{}fragment=1", query, if query.is_empty() { "" } else { "&" }), "build.*", table))
     }
@@ -471,7 +481,7 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
                 @if !state.is_final() { (action(&format!("{base}/cancel"), csrf, "Cancel", "Cancel this build?", "danger")) }
                 @if matches!(b.state.as_str(), "failed" | "cancelled") { (action(&format!("{base}/retry"), csrf, "Retry", "Retry this build as a new attempt?", "")) }
                 @if state.is_held() { (action(&format!("{base}/requeue"), csrf, "Requeue", "Give this attempt back to the queue?", "")) }
-                @if !state.is_held() && !state.is_final() {
+                @if !state.is_held() && !state.is_final() && !csrf.is_empty() {
                     form.inline method="post" action={ (base) "/priority" } data-confirm="Change this build's priority?" {
                         input type="hidden" name="csrf" value=(csrf);
                         label.compact { "Priority " input type="number" name="priority" min="-100" max="100" value=(b.priority) required; }
@@ -547,7 +557,7 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
 
 // ---------- workers ----------
 
-pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
+pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) -> Markup {
     html! {
         div.table-wrap { table.workers {
             thead { tr {
@@ -586,7 +596,7 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
                                 } @else {
                                     (action(&format!("{base}/enable"), csrf, "Enable", &format!("Enable {}?", w.name), ""))
                                 }
-                                (action(&format!("{base}/revoke"), csrf, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
+                                (action(&format!("{base}/revoke"), if admin { csrf } else { "" }, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
                             }
                         }
                     }

@@ -726,3 +726,140 @@ async fn role_matrix_from_the_route_table() {
         failures.join("\n")
     );
 }
+
+/// Signs in to the dashboard with `key`; the session cookie, or the refusal's status.
+async fn dashboard_sign_in(app: &TestApp, client: &reqwest::Client, key: &str) -> Result<String, u16> {
+    let r = client
+        .post(app.url("/dashboard/login"))
+        .header("Origin", &app.base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("key={key}"))
+        .send()
+        .await
+        .unwrap();
+    if r.status() != 303 {
+        return Err(r.status().as_u16());
+    }
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    Ok(set.split(';').next().unwrap().to_string())
+}
+
+async fn dashboard_page(app: &TestApp, client: &reqwest::Client, cookie: &str, path: &str) -> String {
+    let r = client.get(app.url(path)).header("cookie", cookie).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.text().await.unwrap()
+}
+
+/// The dashboard signs in with viewer, operator and admin keys and names who is signed in; a viewer sees
+/// no action controls and a forged action post is 403 (nothing changes); an operator acts but does not
+/// revoke; worker and submitter keys do not sign in; a revoked key's session ends.
+#[tokio::test]
+async fn the_dashboard_knows_who_signed_in_and_what_the_role_may_do() {
+    let app = TestApp::spawn().await;
+    let client = crate::dashboard::no_redirects();
+    let (viewer_id, viewer) = create_key(&app, "lobby screen", "viewer").await;
+    let (_, operator) = create_key(&app, "night shift", "operator").await;
+    let (_, worker_key) = create_key(&app, "mac", "worker").await;
+    let (_, submitter) = create_key(&app, "ci", "submitter").await;
+    let (worker, _) = app.register("mac mini", &["ios"]).await;
+    let build = app.submit("ios", b"SRC").await["id"].as_str().unwrap().to_string();
+
+    for key in [&worker_key, &submitter] {
+        assert_eq!(dashboard_sign_in(&app, &client, key).await, Err(401));
+    }
+
+    let cookie = dashboard_sign_in(&app, &client, &viewer).await.unwrap();
+    let workers = dashboard_page(&app, &client, &cookie, "/dashboard/workers").await;
+    assert!(
+        workers.contains("lobby screen · viewer"),
+        "the top bar names the key and role"
+    );
+    assert!(
+        !workers.contains("/drain") && !workers.contains("/revoke"),
+        "no action controls for a viewer"
+    );
+    let build_page = dashboard_page(&app, &client, &cookie, &format!("/dashboard/builds/{build}")).await;
+    assert!(!build_page.contains("/cancel") && !build_page.contains("Set priority"));
+    let builds = dashboard_page(&app, &client, &cookie, "/dashboard/builds").await;
+    assert!(!builds.contains("/dashboard/builds/bulk"));
+    // The session's token is on the page (log out); a forged action with it is still refused.
+    let csrf = crate::dashboard::csrf_of(&workers);
+    let forged = [
+        (format!("/dashboard/workers/{worker}/drain"), format!("csrf={csrf}")),
+        (format!("/dashboard/builds/{build}/cancel"), format!("csrf={csrf}")),
+        ("/dashboard/queues/ios/pause".to_string(), format!("csrf={csrf}")),
+        (
+            "/dashboard/builds/bulk".to_string(),
+            format!("csrf={csrf}&action=cancel&id={build}"),
+        ),
+    ];
+    for (path, body) in &forged {
+        let r = crate::dashboard::post_form(&client, &app, path, Some(&cookie), body.clone()).await;
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    let r = client
+        .get(app.url(&format!("/dashboard/builds/{build}/download/source")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "no sources for a viewer");
+    assert_eq!(crate::support::worker_status(&app.pool, &worker).await, "idle");
+    assert_eq!(crate::support::state_of(&app.pool, &build).await, "pending");
+    let (_, queues) = call(&app, Method::GET, "/api/v2/queues", Some(API_KEY), None).await;
+    assert!(queues.to_string().contains("\"paused\":false") && !queues.to_string().contains("\"paused\":true"));
+
+    // An operator acts, but revoking a worker is the admin's.
+    let ops = dashboard_sign_in(&app, &client, &operator).await.unwrap();
+    let workers = dashboard_page(&app, &client, &ops, "/dashboard/workers").await;
+    assert!(workers.contains("night shift · operator"));
+    assert!(workers.contains("/drain") && !workers.contains("/revoke"));
+    let csrf = crate::dashboard::csrf_of(&workers);
+    let r = crate::dashboard::post_form(
+        &client,
+        &app,
+        &format!("/dashboard/workers/{worker}/revoke"),
+        Some(&ops),
+        format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    let r = crate::dashboard::post_form(
+        &client,
+        &app,
+        &format!("/dashboard/workers/{worker}/drain"),
+        Some(&ops),
+        format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    let admin_state: String = sqlx::query_scalar("SELECT admin_state FROM workers WHERE id = $1")
+        .bind(&worker)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(admin_state, "draining");
+
+    // The built-in key signs in as admin and sees Revoke.
+    let admin = dashboard_sign_in(&app, &client, API_KEY).await.unwrap();
+    let workers = dashboard_page(&app, &client, &admin, "/dashboard/workers").await;
+    assert!(workers.contains("admin · admin") && workers.contains("/revoke"));
+
+    // Revoking the viewer's key ends its session (within the session cache's lifetime).
+    call(
+        &app,
+        Method::DELETE,
+        &format!("/api/v2/keys/{viewer_id}"),
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = client
+        .get(app.url("/dashboard/workers"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "a revoked key's session is over");
+}
