@@ -97,7 +97,7 @@ pub fn login(error: Option<&str>) -> Markup {
                     p.muted { "Controller dashboard. Sign in with the admin API key." }
                     @if let Some(error) = error { p.flash.bad role="alert" { (error) } }
                     form method="post" action="/dashboard/login" {
-                        label for="key" { "Admin API key" }
+                        label for="key" { "API key (viewer, operator or admin)" }
                         input #key type="password" name="key" autocomplete="current-password" required autofocus;
                         button.btn.primary type="submit" { "Sign in" }
                     }
