@@ -45,6 +45,35 @@ fn checked_form(session: &Session, headers: &HeaderMap, body: &Bytes) -> Result<
     Ok(form)
 }
 
+/// [`checked_form`] for the admin's actions (keys).
+pub(super) fn checked_admin_form(
+    session: &Session,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<HashMap<String, String>, ApiError> {
+    session.may(Access::Admin)?;
+    checked_form(session, headers, body)
+}
+
+/// Revokes a key (the admin's): refused everywhere within 2 s, at once here.
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PageResult {
+    checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let outcome = crate::ops::keys::revoke_key(&state.pool, &id)
+        .await
+        .map(|key| {
+            state.keys.clear();
+            format!("Key {} revoked", key.name)
+        })
+        .map_err(ApiError::from);
+    Ok(back("/dashboard/keys", outcome))
+}
+
 /// One build action, as `/api/v2` does it (the queue layer emits the events).
 async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap<String, String>) -> ApiResult<String> {
     let short = id.get(..10).unwrap_or(id);

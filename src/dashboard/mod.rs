@@ -70,6 +70,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/workers/{id}/{action}", post(actions::worker_action))
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
+        .route("/dashboard/keys", get(keys).post(create_key))
+        .route("/dashboard/keys/{id}/revoke", post(actions::revoke_key))
         .layer(axum::middleware::from_fn_with_state(
             cache.clone(),
             invalidate_after_actions,
@@ -409,6 +411,58 @@ async fn workers(
         (pages::region("workers-table", "/dashboard/workers?fragment=1", "worker.* build.*", table))
     };
     Ok(html(pages::layout(&chrome("Workers", "workers", &session, &p), body)))
+}
+
+/// The admin's Keys page: every key (never a secret), a form to create one, Revoke.
+async fn keys(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    session.may(crate::identity::Access::Admin).map_err(fail)?;
+    let p = params(raw.as_deref());
+    keys_page(&state, &session, &p, None).await
+}
+
+async fn keys_page(
+    state: &AppState,
+    session: &Session,
+    p: &HashMap<String, String>,
+    created: Option<&crate::ops::keys::CreatedKey>,
+) -> PageResult {
+    let list = crate::ops::keys::list_keys(&state.pool).await.map_err(fail)?;
+    let body = pages::keys(&list.items, &session.csrf, created);
+    Ok(html(pages::layout(&chrome("Keys", "keys", session, p), body)))
+}
+
+/// Creates a key and shows its secret on the answer itself, once (never in a URL or a redirect).
+async fn create_key(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+    let form = actions::checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let text = |name: &str| form.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let days = match text("expires_in_days") {
+        None => None,
+        Some(days) => Some(
+            days.parse::<i64>()
+                .ok()
+                .and_then(|d| d.checked_mul(86_400))
+                .ok_or_else(|| fail(ApiError::bad_request("expires_in_days must be a whole number of days")))?,
+        ),
+    };
+    let request = crate::ops::keys::KeyRequest {
+        name: text("name"),
+        role: text("role"),
+        expires_in_secs: days,
+        enroll: Some(form.contains_key("enroll")),
+        ..Default::default()
+    };
+    let defaults = crate::identity::QuotaDefaults {
+        max_running: state.config.submitter_max_running,
+        max_queued: state.config.submitter_max_queued,
+    };
+    match crate::ops::keys::create_key(&state.pool, &request, defaults).await {
+        Ok(created) => keys_page(&state, &session, &HashMap::new(), Some(&created)).await,
+        Err(error) => {
+            let mut p = HashMap::new();
+            p.insert("error".to_string(), ApiError::from(error).message().to_string());
+            keys_page(&state, &session, &p, None).await
+        }
+    }
 }
 
 async fn queues(

@@ -46,6 +46,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
         ("builds", "/dashboard/builds", "Builds"),
         ("workers", "/dashboard/workers", "Workers"),
         ("queues", "/dashboard/queues", "Queues"),
+        ("keys", "/dashboard/keys", "Keys"),
     ];
     html! {
         (DOCTYPE)
@@ -55,7 +56,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
                 header.top {
                     a.brand href="/dashboard" { span.logo aria-hidden="true" { "◆" } " Free Agent" }
                     nav aria-label="Main" {
-                        @for (key, href, label) in nav {
+                        @for (key, href, label) in nav.into_iter().filter(|n| n.0 != "keys" || chrome.role == "admin") {
                             a href=(href) aria-current=[(key == chrome.nav).then_some("page")] { (label) }
                         }
                     }
@@ -601,6 +602,49 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) 
                         }
                     }
                 }
+            }
+        } }
+    }
+}
+
+// ---------- keys ----------
+
+/// Every key (never a secret), the form to create one, and a new key's secret shown this once.
+pub fn keys(list: &[crate::ops::keys::KeyView], csrf: &str, created: Option<&crate::ops::keys::CreatedKey>) -> Markup {
+    html! {
+        div.page-head { h1 { "Keys" } p.muted { "Give each volunteer, submitter and screen its own key with the least role that fits." } }
+        @if let Some(created) = created {
+            section.card #new-key role="status" {
+                h2 { "Key " (created.name) " (" (created.role) ") created" }
+                p { "Copy it now: it is shown this once and never again." }
+                p { code #new-key-secret { (created.key) } }
+            }
+        }
+        form.filters method="post" action="/dashboard/keys" data-confirm="Create this key?" {
+            input type="hidden" name="csrf" value=(csrf);
+            label { "Name" input type="text" name="name" maxlength="256" required; }
+            label { "Role" select name="role" {
+                @for role in ["worker", "submitter", "viewer", "operator", "admin"] { option value=(role) { (role) } }
+            } }
+            label { "Expires in (days)" input type="number" name="expires_in_days" min="1"; }
+            label { input type="checkbox" name="enroll" value="1"; " Enrollment (one worker)" }
+            button.btn.primary type="submit" { "Create key" }
+        }
+        div.table-wrap { table.keys {
+            thead { tr {
+                th scope="col" { "Name" } th scope="col" { "Role" } th scope="col" { "Prefix" } th scope="col" { "Expires" }
+                th scope="col" { "Last used" } th scope="col" { "State" } th scope="col" { "Action" }
+            } }
+            tbody {
+                @if list.is_empty() { tr { td colspan="7" { p.empty { "No keys yet: only the built-in admin key works." } } } }
+                @for k in list { tr data-key=(k.id) {
+                    td { (k.name) } td { (k.role) @if k.enroll { " (enrollment)" } } td.mono { (k.prefix) "…" }
+                    td { (k.expires_at.as_deref().unwrap_or("never")) } td { (k.last_used_at.as_deref().unwrap_or("never")) }
+                    td { @if k.revoked_at.is_some() { (pill("revoked")) } @else { (pill("active")) } }
+                    td.actions { @if k.revoked_at.is_none() {
+                        (action(&format!("/dashboard/keys/{}/revoke", k.id), csrf, "Revoke", &format!("Revoke {}? It stops working everywhere within 2 s.", k.name), "danger"))
+                    } }
+                } }
             }
         } }
     }

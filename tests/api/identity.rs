@@ -863,3 +863,85 @@ async fn the_dashboard_knows_who_signed_in_and_what_the_role_may_do() {
         .unwrap();
     assert_eq!(r.status(), 303, "a revoked key's session is over");
 }
+
+/// The admin's Keys page: create (the secret on the answer, once), list without secrets, revoke; other
+/// roles get neither the link nor the page.
+#[tokio::test]
+async fn the_keys_page_is_the_admins() {
+    let app = TestApp::spawn().await;
+    let client = crate::dashboard::no_redirects();
+    let (_, operator) = create_key(&app, "night shift", "operator").await;
+    let ops = dashboard_sign_in(&app, &client, &operator).await.unwrap();
+    let page = dashboard_page(&app, &client, &ops, "/dashboard/workers").await;
+    assert!(!page.contains("href=\"/dashboard/keys\""));
+    let r = client
+        .get(app.url("/dashboard/keys"))
+        .header("cookie", &ops)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let csrf = crate::dashboard::csrf_of(&page);
+    let r = crate::dashboard::post_form(
+        &client,
+        &app,
+        "/dashboard/keys",
+        Some(&ops),
+        format!("csrf={csrf}&name=sneaky&role=admin"),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(app.count("api_keys").await, 1, "an operator creates no key");
+
+    let admin = dashboard_sign_in(&app, &client, API_KEY).await.unwrap();
+    let page = dashboard_page(&app, &client, &admin, "/dashboard/keys").await;
+    assert!(page.contains("href=\"/dashboard/keys\"") && page.contains("night shift"));
+    let csrf = crate::dashboard::csrf_of(&page);
+    let r = crate::dashboard::post_form(
+        &client,
+        &app,
+        "/dashboard/keys",
+        Some(&admin),
+        format!("csrf={csrf}&name=app+team&role=submitter&expires_in_days=30"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let created = r.text().await.unwrap();
+    let at = created.find("id=\"new-key-secret\">").expect("the new secret") + "id=\"new-key-secret\">".len();
+    let secret = created[at..].split('<').next().unwrap().to_string();
+    assert!(secret.starts_with("efa_"));
+    let (status, _) = seed_cli_submit(&app, &secret, b"SRC").await;
+    assert_eq!(status, 200, "the new submitter key submits");
+    let listed = dashboard_page(&app, &client, &admin, "/dashboard/keys").await;
+    assert!(
+        listed.contains("app team") && !listed.contains(&secret),
+        "listed, never with its secret"
+    );
+    // Bad input is named, nothing is created.
+    let r = crate::dashboard::post_form(
+        &client,
+        &app,
+        "/dashboard/keys",
+        Some(&admin),
+        format!("csrf={csrf}&name=x&role=root"),
+    )
+    .await;
+    assert!(r.text().await.unwrap().contains("Unknown role"));
+    assert_eq!(app.count("api_keys").await, 2);
+
+    let id: String = sqlx::query_scalar("SELECT id FROM api_keys WHERE name = 'app team'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let r = crate::dashboard::post_form(
+        &client,
+        &app,
+        &format!("/dashboard/keys/{id}/revoke"),
+        Some(&admin),
+        format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    let (status, answer) = seed_cli_submit(&app, &secret, b"SRC").await;
+    assert_eq!((status, answer["error"].clone()), (401, json!("API key revoked")));
+}
