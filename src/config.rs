@@ -107,7 +107,8 @@ pub struct StorageConfig {
     #[arg(long, env = "CONTROLLER_PRESIGN_DOWNLOADS", default_value_t = false, action = clap::ArgAction::Set)]
     pub presign_downloads: bool,
 
-    /// Lifetime of a presigned download URL, in seconds.
+    /// Lifetime of a presigned download URL, in seconds (at most 3600). A URL already handed out stays
+    /// valid for this long even if the build token that obtained it is revoked or the build deleted.
     #[arg(long, env = "CONTROLLER_PRESIGN_TTL_SECS", default_value_t = 300)]
     pub presign_ttl_secs: u64,
 }
@@ -183,6 +184,9 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Longest lifetime of a presigned download URL (T13): it outlives a revoked token for that long.
+pub const MAX_PRESIGN_TTL_SECS: u64 = 3600;
+
 /// Transport limits of the HTTP server (R43, R56): how long a connection may take to send a request
 /// head or the next piece of a body, and the admin key's own rate limit.
 #[derive(Debug, Clone, Args)]
@@ -197,6 +201,12 @@ pub struct HttpConfig {
     #[arg(long, env = "CONTROLLER_BODY_READ_TIMEOUT_SECS", default_value_t = 60)]
     pub body_read_timeout_secs: u64,
 
+    /// An answer the client does not take (its connection accepts no byte) for this many seconds is cut
+    /// and the connection closed. An idle connection (a long poll, an event stream between events) is not
+    /// writing, so it is never cut by this.
+    #[arg(long, env = "CONTROLLER_WRITE_TIMEOUT_SECS", default_value_t = 60)]
+    pub write_timeout_secs: u64,
+
     /// Requests per second allowed for the admin key (per worker id for G0 workers sharing it);
     /// 0 (the default) means the admin key has no per-credential limit. The per-IP limit still applies.
     #[arg(long, env = "CONTROLLER_RATE_LIMIT_PER_ADMIN_KEY", default_value_t = 0)]
@@ -210,12 +220,17 @@ impl HttpConfig {
     pub fn body_read_timeout(&self) -> Duration {
         Duration::from_secs(self.body_read_timeout_secs)
     }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
+    }
 
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.header_timeout_secs == 0 || self.body_read_timeout_secs == 0 {
+        if self.header_timeout_secs == 0 || self.body_read_timeout_secs == 0 || self.write_timeout_secs == 0 {
             problems.push(
-                "CONTROLLER_HEADER_TIMEOUT_SECS and CONTROLLER_BODY_READ_TIMEOUT_SECS must be positive".to_string(),
+                "CONTROLLER_HEADER_TIMEOUT_SECS, CONTROLLER_BODY_READ_TIMEOUT_SECS and CONTROLLER_WRITE_TIMEOUT_SECS \
+                 must be positive"
+                    .to_string(),
             );
         }
         problems
@@ -227,6 +242,7 @@ impl Default for HttpConfig {
         Self {
             header_timeout_secs: 30,
             body_read_timeout_secs: 60,
+            write_timeout_secs: 60,
             rate_limit_per_admin_key: 0,
         }
     }
@@ -276,6 +292,38 @@ pub struct QueueConfig {
     /// answer 503 `Build queue is full` with `Retry-After`.
     #[arg(long, env = "CONTROLLER_MAX_QUEUED_BUILDS", default_value_t = 10_000)]
     pub max_queued_builds: i64,
+
+    /// Most CPU/memory samples kept per build; past it, every other one of the oldest half is dropped
+    /// (the chart keeps the whole run, at a coarser step for its beginning).
+    #[arg(long, env = "CONTROLLER_MAX_SAMPLES_PER_BUILD", default_value_t = 2_000)]
+    pub max_samples_per_build: i64,
+
+    /// Most retries a build token may create per original build (the admin key is not limited).
+    #[arg(long, env = "CONTROLLER_MAX_RETRIES_PER_BUILD", default_value_t = 10)]
+    pub max_retries_per_build: i64,
+
+    /// A worker with this many infrastructure failures among its last `CONTROLLER_QUARANTINE_WINDOW`
+    /// ended attempts is quarantined (0: never).
+    #[arg(long, env = "CONTROLLER_QUARANTINE_FAILURES", default_value_t = 3)]
+    pub quarantine_failures: u32,
+
+    /// How many of a worker's last ended attempts its reputation looks at.
+    #[arg(long, env = "CONTROLLER_QUARANTINE_WINDOW", default_value_t = 5)]
+    pub quarantine_window: u32,
+
+    /// Length of a first quarantine; then probation (a relapse doubles it, capped at 24 h).
+    #[arg(long, env = "CONTROLLER_QUARANTINE_SECS", default_value_t = 3600)]
+    pub quarantine_secs: u64,
+
+    /// A build whose attempt ended in an infrastructure failure (or was given back) is not handed back
+    /// to that worker for this long while another matching worker is online (0: off).
+    #[arg(long, env = "CONTROLLER_RETRY_ELSEWHERE_SECS", default_value_t = 600)]
+    pub retry_elsewhere_secs: u64,
+
+    /// Times a build may be given back for its owner (`owner_reclaimed`) without spending an attempt;
+    /// past it a release counts as an infrastructure failure.
+    #[arg(long, env = "CONTROLLER_MAX_RELEASES", default_value_t = 5)]
+    pub max_releases: i32,
 }
 
 impl QueueConfig {
@@ -315,8 +363,26 @@ impl QueueConfig {
         if self.build_deadline_secs == 0 {
             problems.push("CONTROLLER_BUILD_DEADLINE_SECS must be positive".to_string());
         }
+        if self.max_samples_per_build < 2 {
+            problems.push("CONTROLLER_MAX_SAMPLES_PER_BUILD must be at least 2".to_string());
+        }
+        if self.max_retries_per_build < 1 {
+            problems.push("CONTROLLER_MAX_RETRIES_PER_BUILD must be positive".to_string());
+        }
         if self.max_queued_builds < 1 {
             problems.push("CONTROLLER_MAX_QUEUED_BUILDS must be positive".to_string());
+        }
+        if self.quarantine_failures > 0 && !(self.quarantine_failures..=100).contains(&self.quarantine_window) {
+            problems.push(
+                "CONTROLLER_QUARANTINE_WINDOW must be at least CONTROLLER_QUARANTINE_FAILURES and at most 100"
+                    .to_string(),
+            );
+        }
+        if self.quarantine_secs == 0 || self.quarantine_secs > 86_400 {
+            problems.push("CONTROLLER_QUARANTINE_SECS must be between 1 and 86400".to_string());
+        }
+        if self.max_releases < 0 {
+            problems.push("CONTROLLER_MAX_RELEASES must not be negative".to_string());
         }
         if self.backoff_base_secs > self.backoff_cap_secs {
             problems.push("CONTROLLER_BACKOFF_BASE_SECS must not exceed CONTROLLER_BACKOFF_CAP_SECS".to_string());
@@ -338,6 +404,13 @@ impl Default for QueueConfig {
             worker_token_ttl_secs: 86_400,
             requeue_cooloff_secs: 600,
             max_queued_builds: 10_000,
+            max_samples_per_build: 2_000,
+            max_retries_per_build: 10,
+            quarantine_failures: 3,
+            quarantine_window: 5,
+            quarantine_secs: 3600,
+            retry_elsewhere_secs: 600,
+            max_releases: 5,
         }
     }
 }
@@ -347,7 +420,7 @@ impl Default for QueueConfig {
 pub struct JobsConfig {
     /// Schedule overrides, `job=cron;job=cron` with 6-field cron expressions (seconds first), e.g.
     /// `prune=0 0 3 * * *`. Jobs: rescue_expired_leases, deadline_sweep, offline_workers,
-    /// promote_scheduled, purge_certs, prune, sweep_staging, storage_deletions.
+    /// promote_scheduled, purge_certs, prune, sweep_staging, storage_deletions, sweep_unlinked, reconcile.
     #[arg(long, env = "CONTROLLER_JOB_SCHEDULES", default_value = "")]
     pub job_schedules: String,
 
@@ -496,8 +569,10 @@ impl Config {
         if let Err(problem) = self.storage_target() {
             problems.push(problem);
         }
-        if self.storage.presign_downloads && !(1..=7 * 86_400).contains(&self.storage.presign_ttl_secs) {
-            problems.push("CONTROLLER_PRESIGN_TTL_SECS must be between 1 and 604800".to_string());
+        if self.storage.presign_downloads && !(1..=MAX_PRESIGN_TTL_SECS).contains(&self.storage.presign_ttl_secs) {
+            problems.push(format!(
+                "CONTROLLER_PRESIGN_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}"
+            ));
         }
         if self.jobs.staging_max_age_secs < 60 {
             problems.push("CONTROLLER_STAGING_MAX_AGE_SECS must be at least 60".to_string());

@@ -2,19 +2,31 @@
 //! the keep-alive idle timeout) and every request body a per-read timeout, so a client that sends
 //! nothing, trickles a head, or stalls an upload cannot hold a connection (and a file descriptor)
 //! forever. A slow upload that keeps delivering data is never cut.
+//!
+//! T1: a small body (declared at most [`SMALL_BODY_BYTES`], or of unknown length until that much has
+//! arrived) must arrive whole within the header timeout of its head, so a body trickled a byte at a time
+//! cannot hold a route that reads before it knows a credential (OTP exchange, dashboard sign-in). And an
+//! answer the client does not take for `CONTROLLER_WRITE_TIMEOUT_SECS` is cut ([`WriteTimeout`]), so a
+//! client that never reads cannot keep a connection and its buffers.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 
@@ -28,7 +40,11 @@ pub async fn serve(listener: TcpListener, app: Router, http: &HttpConfig, mut st
         .timer(TokioTimer::new())
         .header_read_timeout(http.header_timeout())
         .keep_alive(true);
-    let body_timeout = http.body_read_timeout();
+    let timeouts = Timeouts {
+        head: http.header_timeout(),
+        body_read: http.body_read_timeout(),
+    };
+    let write_timeout = http.write_timeout();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -46,8 +62,9 @@ pub async fn serve(listener: TcpListener, app: Router, http: &HttpConfig, mut st
         let _ = stream.set_nodelay(true);
         let service = app
             .clone()
-            .map_request(move |request: hyper::Request<Incoming>| prepare(request, remote, body_timeout));
-        let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            .map_request(move |request: hyper::Request<Incoming>| prepare(request, remote, timeouts));
+        let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
+        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = watched.await {
@@ -59,11 +76,172 @@ pub async fn serve(listener: TcpListener, app: Router, http: &HttpConfig, mut st
     graceful.shutdown().await;
 }
 
-/// Adds the peer address (for per-IP limits) and the per-read body timeout.
-fn prepare(request: hyper::Request<Incoming>, remote: SocketAddr, body_timeout: Duration) -> axum::extract::Request {
+/// The body timeouts of one request.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// The header timeout: also the time a small body has to arrive whole.
+    head: Duration,
+    /// The most a body may go without delivering data.
+    body_read: Duration,
+}
+
+/// Adds the peer address (for per-IP limits), the per-read body timeout and the small-body deadline.
+fn prepare(request: hyper::Request<Incoming>, remote: SocketAddr, timeouts: Timeouts) -> axum::extract::Request {
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(ConnectInfo(remote));
-    axum::extract::Request::from_parts(parts, Body::new(TimeoutBody::new(body_timeout, body)))
+    let small = body.size_hint().upper().is_none_or(|n| n <= SMALL_BODY_BYTES);
+    let deadline = (small && !body.is_end_stream()).then(|| Box::pin(tokio::time::sleep(timeouts.head)));
+    let body = SmallBodyDeadline {
+        inner: body,
+        deadline,
+        received: 0,
+    };
+    axum::extract::Request::from_parts(parts, Body::new(TimeoutBody::new(timeouts.body_read, body)))
+}
+
+/// Bodies up to this size (and the first this many bytes of a body of unknown length) must arrive within
+/// the header timeout of the request head.
+pub const SMALL_BODY_BYTES: u64 = 64 * 1024;
+
+/// The error of a small body that did not arrive in time; handlers answer it 408.
+#[derive(Debug)]
+pub struct BodyDeadline;
+
+impl std::fmt::Display for BodyDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body not received in time")
+    }
+}
+
+impl std::error::Error for BodyDeadline {}
+
+/// A request body that fails with [`BodyDeadline`] unless it has ended, or delivered
+/// [`SMALL_BODY_BYTES`], when its deadline passes.
+struct SmallBodyDeadline {
+    inner: Incoming,
+    /// `None` once the body is past the small-body size (or was declared larger).
+    deadline: Option<Pin<Box<Sleep>>>,
+    received: u64,
+}
+
+impl HttpBody for SmallBodyDeadline {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    this.received += data.map_or(0, |d| d.len() as u64);
+                    if this.received > SMALL_BODY_BYTES {
+                        this.deadline = None;
+                    }
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.deadline.as_mut() {
+                Some(deadline) => {
+                    ready!(deadline.as_mut().poll(cx));
+                    this.deadline = None;
+                    Poll::Ready(Some(Err(Box::new(BodyDeadline))))
+                }
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection whose writes must make progress: when the peer has not taken a byte for `timeout`
+/// while an answer waits to be written, writing fails (`TimedOut`) and hyper closes the connection.
+/// Reads are passed through; a connection that is idle (nothing to write) never times out here.
+pub struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    stall: Pin<Box<Sleep>>,
+    /// Whether `stall` runs (a write is waiting for the peer).
+    stalled: bool,
+}
+
+impl<S> WriteTimeout<S> {
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        WriteTimeout {
+            inner,
+            timeout,
+            stall: Box::pin(tokio::time::sleep(timeout)),
+            stalled: false,
+        }
+    }
+
+    /// Passes a ready write result through (progress: the stall timer stops); on `Pending` starts
+    /// or checks the stall timer.
+    fn progress<T>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.stalled = false;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                if !self.stalled {
+                    self.stalled = true;
+                    self.stall.as_mut().reset(Instant::now() + self.timeout);
+                }
+                ready!(self.stall.as_mut().poll(cx));
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client took no data within CONTROLLER_WRITE_TIMEOUT_SECS",
+                )))
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(cx, polled)
+    }
 }
 
 /// Raises the soft limit of open file descriptors to the hard limit, so that the connection limit

@@ -172,6 +172,10 @@ pub struct BuildCaller {
     pub worker_id: String,
     /// Present when the credential is scoped to one attempt (VM token).
     pub lease_token: Option<i64>,
+    /// Rule 4 (telemetry): only ids, no secret. Such a caller may add CPU samples to the build it
+    /// holds, nothing else (no log lines, no lease extension), and its hold is checked before its body
+    /// is read.
+    pub keyless: bool,
 }
 
 impl BuildCaller {
@@ -225,6 +229,7 @@ pub async fn build_caller(
         return Ok(BuildCaller {
             worker_id,
             lease_token: Some(lease_token),
+            keyless: false,
         });
     }
     if let Some(token) = header(headers, WORKER_TOKEN) {
@@ -232,6 +237,7 @@ pub async fn build_caller(
         return Ok(BuildCaller {
             worker_id: worker.id,
             lease_token: None,
+            keyless: false,
         });
     }
     let named_worker = worker_id(header(headers, WORKER_ID))?.or(worker_id(fallback_worker_id)?);
@@ -251,6 +257,7 @@ pub async fn build_caller(
             Ok(BuildCaller {
                 worker_id,
                 lease_token: None,
+                keyless: false,
             })
         }
         Some(key) if rules.otp_as_api_key && named_worker.is_some() => {
@@ -269,6 +276,7 @@ pub async fn build_caller(
             Ok(BuildCaller {
                 worker_id,
                 lease_token: Some(lease_token),
+                keyless: false,
             })
         }
         Some(_) => Err(ApiError::forbidden("Invalid API key")),
@@ -280,6 +288,7 @@ pub async fn build_caller(
                 Ok(BuildCaller {
                     worker_id,
                     lease_token: None,
+                    keyless: true,
                 })
             }
             _ => Err(ApiError::unauthorized("Missing X-API-Key header")),
@@ -521,9 +530,15 @@ impl axum::extract::FromRequestParts<AppState> for OwnedBuild {
             Some(presented) => Some(key_with_access(state, presented, Access::Submitter, false, false).await?),
             None => None,
         };
-        let build = crate::queue::find_build(&state.pool, &id)
-            .await?
-            .ok_or_else(ApiError::build_not_found)?;
+        // A build token for an unknown build is answered as a wrong token (T14): without a key, 404
+        // versus 403 would tell a junk token which build ids exist.
+        let build = crate::queue::find_build(&state.pool, &id).await?.ok_or_else(|| {
+            if caller.is_some() {
+                ApiError::build_not_found()
+            } else {
+                ApiError::forbidden("Invalid or expired build token")
+            }
+        })?;
         match &caller {
             Some(who) if who.role() == Role::Submitter => {
                 if build.submitted_by.is_none() || build.submitted_by.as_deref() != who.key_id() {

@@ -118,6 +118,11 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, message)
     }
 
+    /// A small body that did not arrive within the header timeout of its head (T1).
+    pub fn request_timeout() -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "Request body not received in time").with_code("request_timeout")
+    }
+
     /// A 500 whose cause is logged but not shown.
     pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
         Self {
@@ -213,6 +218,7 @@ pub fn code_for(status: StatusCode) -> &'static str {
         403 => "forbidden",
         404 => "not_found",
         405 => "method_not_allowed",
+        408 => "request_timeout",
         409 => "conflict",
         413 => "payload_too_large",
         415 => "unsupported_media_type",

@@ -41,8 +41,16 @@ pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, Ap
     axum::body::to_bytes(body, limit).await.map_err(|error| {
         let too_large =
             std::error::Error::source(&error).is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+        let mut late = false;
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(current) = cause {
+            late |= current.is::<crate::transport::BodyDeadline>();
+            cause = current.source();
+        }
         if too_large {
             ApiError::too_large("Request body too large")
+        } else if late {
+            ApiError::request_timeout()
         } else {
             ApiError::bad_request("Invalid request body")
         }

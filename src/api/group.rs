@@ -77,6 +77,7 @@ pub const ROLES: &[(&str, &str, Access)] = &[
     ("post", "/api/v2/builds/{id}/requeue", Access::Operator),
     ("patch", "/api/v2/builds/{id}", Access::Operator),
     ("post", "/api/v2/workers/{id}/drain", Access::Operator),
+    ("post", "/api/v2/workers/{id}/release", Access::Operator),
     ("post", "/api/v2/workers/{id}/disable", Access::Operator),
     ("post", "/api/v2/workers/{id}/enable", Access::Operator),
     ("post", "/api/v2/queues/{platform}/pause", Access::Operator),

@@ -125,8 +125,10 @@ pub fn router(state: AppState) -> Router {
         per_admin: state.config.http.rate_limit_per_admin_key,
     };
     let limits = Arc::new(ratelimit::RateLimits::new(rates, &state.secrets.api_key));
+    // The dashboard shares the per-IP limit (T7): one limiter for every route.
     let dashboard = crate::dashboard::router(&state)
         .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(limits.clone(), ratelimit::enforce))
         .layer(axum::middleware::from_fn(record_duration));
     let mut routes = Router::new();
     for group in openapi::groups() {
@@ -150,6 +152,30 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, NewRequestId))
+        .layer(axum::middleware::from_fn(drop_unsafe_request_id))
+}
+
+/// Longest request id a client may choose.
+pub const MAX_REQUEST_ID_BYTES: usize = 64;
+
+/// Whether a client's `X-Request-Id` may be kept (and logged): 1–64 characters of `A–Z a–z 0–9 . _ : -`.
+pub fn safe_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_BYTES).contains(&id.len())
+        && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
+}
+
+/// A client's `X-Request-Id` outside the safe alphabet or length is replaced by a new one (T12), so it
+/// can never forge fields in a log line (`x status=500 user=admin`).
+async fn drop_unsafe_request_id(mut req: Request, next: Next) -> Response {
+    let unsafe_ids = req
+        .headers()
+        .get_all(REQUEST_ID)
+        .iter()
+        .any(|v| !safe_request_id(v.as_bytes()));
+    if unsafe_ids || req.headers().get_all(REQUEST_ID).iter().count() > 1 {
+        req.headers_mut().remove(REQUEST_ID);
+    }
+    next.run(req).await
 }
 
 /// Records each request's duration by route template, method and status.
@@ -207,8 +233,9 @@ fn request_span(req: &Request) -> tracing::Span {
         })
         .filter(|id| crate::ids::valid_id(id))
         .unwrap_or("-");
-    tracing::info_span!("request", method = %req.method(), path = %path, request_id = %request_id,
-        build_id = %build_id, worker_id = %worker_id)
+    // Text values are recorded as strings, so the text log format prints them quoted (a value can never
+    // pose as another field) and the JSON format as plain strings (T12).
+    tracing::info_span!("request", method = %req.method(), path, request_id, build_id, worker_id)
 }
 
 #[derive(Clone, Copy)]

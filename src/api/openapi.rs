@@ -89,9 +89,29 @@ pub async fn openapi_json() -> Response {
 
 /// `/docs` (Swagger UI, vendored) reading `/api/v2/openapi.json`.
 pub fn swagger_ui<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
-    utoipa_swagger_ui::SwaggerUi::new("/docs")
+    let ui: axum::Router<S> = utoipa_swagger_ui::SwaggerUi::new("/docs")
         .config(utoipa_swagger_ui::Config::from("/api/v2/openapi.json"))
-        .into()
+        .into();
+    ui.layer(axum::middleware::from_fn(docs_headers))
+}
+
+/// `/docs` (T13–T15): same-origin content only, never framed (clickjacking "Try it out"), no sniffing.
+/// Swagger UI sets inline styles, so styles may be inline; scripts come from the origin only.
+async fn docs_headers(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let mut response = next.run(req).await;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    response
 }
 
 /// Every documented route: method (upper case), path, caller group, summary, credential name.

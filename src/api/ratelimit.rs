@@ -59,20 +59,38 @@ impl RateLimits {
         }
     }
 
-    /// The limiter for a request's credential: the admin key's own, or the shared one.
-    fn credential_limiter(&self, headers: &axum::http::HeaderMap) -> Option<&DefaultKeyedRateLimiter<[u8; 16]>> {
+    /// The limiter for a request's credential (the admin key's own, or the shared one) and the key
+    /// within it.
+    fn credential_limit(&self, request: &Request) -> Option<(&DefaultKeyedRateLimiter<[u8; 16]>, [u8; 16])> {
         if self.per_admin.is_none() && self.per_credential.is_none() {
             return None;
         }
-        let is_admin = headers.get(API_KEY).and_then(|v| v.to_str().ok()).is_some_and(|key| {
-            let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
-            subtle::ConstantTimeEq::ct_eq(&presented[..], &self.admin_digest[..]).into()
-        });
-        if is_admin {
+        let (header_name, digest) = presented_credential(request.headers())?;
+        let is_admin =
+            header_name == API_KEY && bool::from(subtle::ConstantTimeEq::ct_eq(&digest[..], &self.admin_digest[..]));
+        let limiter = if is_admin {
             self.per_admin.as_ref()
         } else {
             self.per_credential.as_ref()
+        }?;
+        let mut key = Sha256::new();
+        key.update(digest);
+        if is_admin {
+            // G0 workers share the admin key: its own limit applies per worker id (R56).
+            if let Some(worker) = request.headers().get(WORKER_ID) {
+                key.update(worker.as_bytes());
+            }
+            if let Some(query) = request.uri().query() {
+                query
+                    .split('&')
+                    .filter(|kv| kv.starts_with("worker_id="))
+                    .for_each(|kv| key.update(kv.as_bytes()));
+            }
         }
+        let full = key.finalize();
+        let mut short = [0u8; 16];
+        short.copy_from_slice(&full[..16]);
+        Some((limiter, short))
     }
 
     /// `Err(seconds to wait)` when either limit is exhausted.
@@ -104,37 +122,26 @@ impl RateLimits {
     }
 }
 
-/// A short digest of whatever credential the request carries (with the worker id, so that G0
-/// workers sharing the admin key are limited one by one).
-fn credential_key(request: &Request) -> Option<[u8; 16]> {
-    let headers = request.headers();
-    let secret = [API_KEY, WORKER_TOKEN, VM_TOKEN, BUILD_TOKEN]
-        .iter()
-        .find_map(|name| headers.get(*name))?;
-    let mut digest = Sha256::new();
-    digest.update(secret.as_bytes());
-    if let Some(worker) = headers.get(WORKER_ID) {
-        digest.update(worker.as_bytes());
-    }
-    if let Some(query) = request.uri().query() {
-        query
-            .split('&')
-            .filter(|kv| kv.starts_with("worker_id="))
-            .for_each(|kv| digest.update(kv.as_bytes()));
-    }
-    let full = digest.finalize();
-    let mut key = [0u8; 16];
-    key.copy_from_slice(&full[..16]);
-    Some(key)
+/// What authenticates a request, for the per-credential limit (T5): the header that carries the
+/// secret and the SHA-256 of the secret presented — admin key, worker token, VM token or build token.
+/// Nothing a client may vary freely beside the secret (a worker id, a query) is part of it, so a wrong
+/// key or a token is limited as one credential however the rest of the request changes. New kinds of
+/// credential are added here.
+pub fn presented_credential(headers: &axum::http::HeaderMap) -> Option<(&'static str, [u8; 32])> {
+    [API_KEY, WORKER_TOKEN, VM_TOKEN, BUILD_TOKEN]
+        .into_iter()
+        .find_map(|name| {
+            let value = headers.get(name)?;
+            let trimmed = value.to_str().map_or(value.as_bytes(), |v| v.trim().as_bytes());
+            Some((name, Sha256::digest(trimmed).into()))
+        })
 }
 
 /// Middleware: 429 `{"error": "Too many requests"}` with `Retry-After` past a limit.
 pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
     let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     // Hash the credential only when a limit applies to it.
-    let credential = limits
-        .credential_limiter(request.headers())
-        .and_then(|limiter| Some((limiter, credential_key(&request)?)));
+    let credential = limits.credential_limit(&request);
     match limits.check(ip, credential) {
         Ok(()) => next.run(request).await,
         Err(wait) => {

@@ -8,6 +8,7 @@ use super::AppState;
 use super::auth::BuildCaller;
 use super::error::{ApiError, ApiResult};
 use crate::ids;
+use crate::jobs::discard_unlinked;
 use crate::queue::{self, ResultFile};
 use crate::storage::{Key, Stored, WriteError};
 
@@ -55,6 +56,11 @@ impl From<CompleteError> for ApiError {
 }
 
 /// Moves the staged result under the build and completes the caller's attempt with it.
+///
+/// The result's key is recorded as pending before the move and linked by the completion's own
+/// transaction, so a kill or a failed delete never leaves an object that nothing names. When the
+/// completion's outcome is unknown (its answer lost), the row is read again: the attempt completed
+/// with this key is a success, and the object is never deleted while a row may name it.
 pub async fn complete_with(
     state: &AppState,
     build_id: &str,
@@ -62,8 +68,14 @@ pub async fn complete_with(
     staged: StagedResult,
 ) -> Result<(), CompleteError> {
     let key = Key::result(build_id, &ids::new_id()).ok_or_else(|| CompleteError::Api(ApiError::build_not_found()))?;
+    if let Err(e) = queue::record_writes(&state.pool, &[key.as_str()]).await {
+        let _ = state.storage.delete(&staged.key).await;
+        return Err(CompleteError::Api(e.into()));
+    }
     if let Err(e) = state.storage.rename(&staged.key, &key).await {
         let _ = state.storage.delete(&staged.key).await;
+        // The move may have copied before failing: the pending key covers that object.
+        discard_unlinked(&state.pool, &state.storage, &[&key]).await;
         return Err(CompleteError::Api(e.into()));
     }
     let size = staged.stored.size as i64;
@@ -72,9 +84,38 @@ pub async fn complete_with(
         size,
         sha256: staged.stored.sha256,
     };
-    if let Err(e) = queue::complete(&state.pool, build_id, caller.holder(), &result, Utc::now()).await {
-        let _ = state.storage.delete(&key).await;
-        return Err(CompleteError::Queue(e));
+    let error = match queue::complete(&state.pool, build_id, caller.holder(), &result, Utc::now()).await {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    if error.outcome_unknown() {
+        return match queue::find_build(&state.pool, build_id).await {
+            Ok(Some(build)) if build.result_key.as_deref() == Some(result.key.as_str()) => {
+                tracing::warn!(build_id = %build_id, "completion committed although its answer was lost");
+                Ok(())
+            }
+            _ => {
+                tracing::warn!(build_id = %build_id, "completion outcome unknown; its result is left to sweep_unlinked");
+                Err(CompleteError::Queue(error))
+            }
+        };
     }
-    Ok(())
+    discard_unlinked(&state.pool, &state.storage, &[&key]).await;
+    // The same attempt re-sending the same bytes after a lost answer: already stored, a success.
+    if matches!(error, queue::QueueError::Stale)
+        && let Ok(Some(build)) = queue::find_build(&state.pool, build_id).await
+        && stored_by(&build, caller, &result)
+    {
+        return Ok(());
+    }
+    Err(CompleteError::Queue(error))
+}
+
+/// Whether `build` was completed by `caller`'s last attempt with this very file (size and SHA-256).
+fn stored_by(build: &queue::Build, caller: &BuildCaller, result: &ResultFile) -> bool {
+    build.state() == queue::BuildState::Completed
+        && build.worker_id.as_deref() == Some(caller.worker_id.as_str())
+        && build.result_attempt == Some(build.attempt)
+        && build.result_size == Some(result.size)
+        && build.result_sha256.as_deref() == Some(result.sha256.as_str())
 }

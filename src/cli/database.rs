@@ -113,6 +113,7 @@ impl Local {
                 .and_then(to_value),
             Call::UpdateKey { id, update } => ops::keys::update_key(pool, id, update).await.and_then(to_value),
             Call::RevokeKey(id) => ops::keys::revoke_key(pool, id).await.and_then(to_value),
+            Call::ReleaseWorker(id) => ops::release_worker(pool, id).await,
         };
         outcome.map_err(|e| self.failure(e))
     }

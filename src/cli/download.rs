@@ -54,7 +54,7 @@ pub async fn download(
     }
     let expected = response.content_length();
     let partial = partial_path(&path);
-    let mut file = tokio::fs::File::create(&partial)
+    let mut file = create_partial(&partial)
         .await
         .map_err(|e| Failure::new(Exit::Refused, format!("cannot write {}: {e}", partial.display())))?;
     let bar = ProgressBar::with_draw_target(expected, indicatif::ProgressDrawTarget::stderr());
@@ -97,12 +97,12 @@ pub async fn download(
     }
     let sha256 = crate::ids::hex(&hasher.finalize());
     if json {
-        println!(
-            "{}",
+        super::output::emit(&format!(
+            "{}\n",
             json!({ "id": id, "artifact": which, "path": path.display().to_string(), "bytes": written, "sha256": sha256 })
-        );
+        ));
     } else {
-        println!("{} ({written} bytes, sha256 {sha256})", path.display());
+        super::output::emit(&format!("{} ({written} bytes, sha256 {sha256})\n", path.display()));
     }
     Ok(Exit::Ok)
 }
@@ -123,6 +123,28 @@ fn default_name(response: &reqwest::Response, id: &str, what: Artifact) -> PathB
             Artifact::Source => format!("{id}-source.zip"),
         })
     })
+}
+
+/// Creates `<file>.part` afresh (T11): never through a symlink or into an existing file someone else
+/// planted (`O_CREAT | O_EXCL | O_NOFOLLOW`). A leftover from an interrupted
+/// download (or a planted link) is unlinked first — the name, never what it points at.
+async fn create_partial(partial: &Path) -> std::io::Result<tokio::fs::File> {
+    fn open(partial: &Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(partial)
+    }
+    let file = match open(partial) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(partial)?;
+            open(partial)?
+        }
+        other => other?,
+    };
+    Ok(tokio::fs::File::from_std(file))
 }
 
 fn partial_path(path: &Path) -> PathBuf {

@@ -165,6 +165,7 @@ impl Remote {
                 serde_json::to_value(update).ok(),
             ),
             Call::RevokeKey(id) => (M::DELETE, self.url(&["api", "v2", "keys", id], &[]), None),
+            Call::ReleaseWorker(id) => (M::POST, workers(id, Some("release")), None),
         }
     }
 

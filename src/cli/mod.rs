@@ -210,6 +210,11 @@ pub enum WorkersCommand {
         #[arg(allow_hyphen_values = true, value_name = "ID")]
         id: String,
     },
+    /// Release from quarantine or probation: healthy again, its record cleared.
+    Release {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -346,6 +351,7 @@ pub(crate) enum Call {
         update: crate::ops::keys::KeyUpdate,
     },
     RevokeKey(String),
+    ReleaseWorker(String),
 }
 
 /// How a command ended; the process exit code scripts can rely on.
@@ -566,6 +572,9 @@ async fn execute(backend: &Backend, operation: Operation, json: bool) -> CliResu
             backend.call(&Call::RevokeKey(id.clone())).await?;
             // The API answers 204; both modes show the key as it is now.
             output::Shown::Key(backend.call(&Call::ShowKey(id)).await?)
+        }
+        Operation::Workers(WorkersCommand::Release { id }) => {
+            output::Shown::Worker(backend.call(&Call::ReleaseWorker(id)).await?)
         }
     };
     output::print(&shown, json);

@@ -4,6 +4,20 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+/// Writes `text` to standard output. When the reader went away (`builds logs ID | head`), the command
+/// ends quietly with success instead of panicking on the broken pipe as `print!` does.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// A result to show.
 pub(crate) enum Shown {
     Builds(Value),
@@ -45,7 +59,7 @@ pub fn print(shown: &Shown, json: bool) {
             if queue["paused"] == true { "paused" } else { "running" }
         ),
     };
-    print!("{text}");
+    emit(&text);
 }
 
 /// Keys: id, name, role, prefix, expiry, last use, state.
@@ -104,12 +118,15 @@ fn key_details(key: &Value) -> String {
 }
 
 pub fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    emit(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    ));
 }
 
 /// One JSON object per line (follow modes).
 pub fn print_ndjson(value: &Value) {
-    println!("{value}");
+    emit(&format!("{value}\n"));
 }
 
 /// `12:00:01.250 info  message`.
@@ -119,7 +136,11 @@ pub fn print_log_line(line: &Value) {
         .and_then(DateTime::<Utc>::from_timestamp_millis)
         .map(|t| t.format("%H:%M:%S%.3f").to_string())
         .unwrap_or_default();
-    println!("{at} {:<5} {}", text(&line["level"]), text(&line["message"]));
+    emit(&format!(
+        "{at} {:<5} {}\n",
+        text(&line["level"]),
+        text(&line["message"])
+    ));
 }
 
 /// `12:00:01  <id>  building  45%  compiling`.
@@ -139,7 +160,8 @@ pub fn print_watch_line(build: &Value) {
     if let Some(error) = build["error_message"].as_str() {
         line.push_str(&format!("  {error}"));
     }
-    println!("{line}");
+    line.push('\n');
+    emit(&line);
 }
 
 /// A JSON value as a cell: strings bare, null as `-`.
@@ -317,6 +339,7 @@ fn worker_details(w: &Value, now: DateTime<Utc>) -> String {
         ("platforms", text(&w["platforms"])),
         ("builds completed", text(&w["builds_completed"])),
         ("builds failed", text(&w["builds_failed"])),
+        ("health", health(w)),
         ("registered", text(&w["registered_at"])),
         (
             "last seen",
@@ -357,6 +380,21 @@ fn queues_table(list: &Value) -> String {
         "QUEUED",
     ];
     table(&header, &rows)
+}
+
+/// `ok`, or `quarantined`/`probation` with until when and why.
+fn health(w: &Value) -> String {
+    let mut shown = text(&w["health"]);
+    if shown != "ok" {
+        match w["quarantined_until"].as_str() {
+            Some(until) => shown.push_str(&format!(" (quarantine until {until})")),
+            None => shown.push_str(" (until a healthy diagnostics report or a release)"),
+        }
+        if let Some(reason) = w["quarantine_reason"].as_str() {
+            shown.push_str(&format!(": {reason}"));
+        }
+    }
+    shown
 }
 
 #[cfg(test)]

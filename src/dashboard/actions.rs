@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
 
 use super::session::{self, Session};
@@ -31,7 +31,12 @@ fn back(path: &str, outcome: Result<String, ApiError>) -> Response {
         .append_pair(name, &text)
         .finish();
     let sep = if path.contains('?') { '&' } else { '?' };
-    Redirect::to(&format!("{path}{sep}{query}")).into_response()
+    let location = format!("{path}{sep}{query}");
+    if HeaderValue::from_str(&location).is_err() {
+        // Never a panic (a 500) for a strange return path: back to the list.
+        return Redirect::to("/dashboard/builds").into_response();
+    }
+    Redirect::to(&location).into_response()
 }
 
 /// Reads the form and checks origin and CSRF token; a refused request changes nothing.
@@ -127,7 +132,9 @@ pub async fn bulk(State(state): State<AppState>, session: Session, headers: Head
     let pairs: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
     let value = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let return_to = value("return")
+        // Visible ASCII only (T15): a CR/LF here could not become a Location header.
         .filter(|r| r.starts_with("/dashboard/builds") && !r.contains("//") && !r.contains('\\'))
+        .filter(|r| r.bytes().all(|b| b.is_ascii_graphic()))
         .unwrap_or("/dashboard/builds")
         .to_string();
     let action = match value("action") {
@@ -172,6 +179,16 @@ pub async fn worker_action(
     checked_form(&session, &headers, &body).map_err(fail)?;
     if !valid_id(&id) {
         return Err(super::pages::not_found("Worker not found"));
+    }
+    if action == "release" {
+        let outcome = async {
+            let worker = operations::release_worker(&state.pool, &id).await?;
+            state.worker_changed();
+            let name = worker["name"].as_str().unwrap_or(&id).to_string();
+            Ok(format!("Worker {name} released from quarantine"))
+        }
+        .await;
+        return Ok(back("/dashboard/workers", outcome));
     }
     let (admin_state, verb) = match action.as_str() {
         "drain" => ("draining", "draining"),

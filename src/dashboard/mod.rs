@@ -161,7 +161,7 @@ async fn login_form(State(state): State<AppState>, headers: HeaderMap) -> Respon
     }
 }
 
-/// Sign-in: rate limited per IP, same origin only, a wrong key answered after a delay.
+/// Sign-in: same origin only; a wrong key is answered after a delay and wrong keys are limited per IP.
 async fn login(
     State(state): State<AppState>,
     Extension(limiter): Extension<Arc<SignInLimiter>>,
@@ -169,24 +169,24 @@ async fn login(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !limiter.allow(ip) {
-        tracing::warn!(%ip, "dashboard sign-in rate limited");
-        let mut response = (
-            StatusCode::TOO_MANY_REQUESTS,
-            pages::login(Some("Too many sign-in attempts. Wait a minute and try again.")),
-        )
-            .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
-        return response;
-    }
     if !session::same_origin(&headers) {
         return (StatusCode::FORBIDDEN, pages::login(Some("Cross-site sign-in refused."))).into_response();
     }
     let form = params(std::str::from_utf8(&body).ok());
     let key = form.get("key").map(String::as_str).unwrap_or_default();
     let Some(who) = session::sign_in_as(&state, key).await else {
+        if !limiter.allow(ip) {
+            tracing::warn!(%ip, "dashboard sign-in rate limited");
+            let mut response = (
+                StatusCode::TOO_MANY_REQUESTS,
+                pages::login(Some("Too many wrong keys. Wait a minute and try again.")),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            return response;
+        }
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
         tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();

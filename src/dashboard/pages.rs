@@ -573,7 +573,21 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) 
                     @let base = format!("/dashboard/workers/{}", w.id);
                     tr #{ "w-" (w.id) } data-worker=(w.id) {
                         td { strong { (w.name) } br; span.mono.muted { (short(&w.id)) } }
-                        td { (pill(&w.status)) @if w.admin_state != "active" { " " (pill(&w.admin_state)) } }
+                        td {
+                            (pill(&w.status)) @if w.admin_state != "active" { " " (pill(&w.admin_state)) }
+                            @let health = w.health(now);
+                            @if health != "ok" {
+                                " " (pill(health))
+                                p.muted.health {
+                                    @match w.quarantined_until {
+                                        Some(until) if health == "quarantined" => { "until " (until.format("%Y-%m-%d %H:%M UTC")) },
+                                        Some(_) => { "probation: one build to prove itself" },
+                                        None => { "until a healthy diagnostics report or a release" },
+                                    }
+                                    @if let Some(reason) = &w.quarantine_reason { br; (reason) }
+                                }
+                            }
+                        }
                         td { @for p in &w.platforms { (platform(p)) " " } }
                         td { @match &r.current { Some((id, state)) => { (build_link(id)) " " (pill(state)) }, None => span.muted { "—" } } }
                         td { (ago(w.last_seen_at, now)) }
@@ -596,6 +610,9 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) 
                                     (action(&format!("{base}/disable"), csrf, "Disable", &format!("Disable {}?", w.name), ""))
                                 } @else {
                                     (action(&format!("{base}/enable"), csrf, "Enable", &format!("Enable {}?", w.name), ""))
+                                }
+                                @if w.health(now) != "ok" {
+                                    (action(&format!("{base}/release"), csrf, "Release", &format!("Release {} from quarantine? It takes builds again and its record is cleared.", w.name), ""))
                                 }
                                 (action(&format!("{base}/revoke"), if admin { csrf } else { "" }, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
                             }

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::reader::{Cell, Row};
 use crate::ids;
-use crate::queue::{BuildState, Platform, platforms_of};
+use crate::queue::{BuildState, MAX_CAPABILITIES_BYTES, MAX_NAME_BYTES, Platform, platforms_of, truncate_message};
 
 /// The error text of a build the old controller cancelled.
 pub const CANCELLED_MESSAGE: &str = "Build cancelled by user";
@@ -35,6 +35,18 @@ pub(super) fn skip(reason: &'static str, detail: impl Into<String>) -> Skip {
 /// PostgreSQL text cannot hold NUL (the text rule every input door applies).
 fn clean(text: &str) -> String {
     crate::text::scrub(text).into_owned()
+}
+
+/// `text` cut to at most `max` bytes at a character boundary (the API's bounds apply to imported text).
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 fn id_of(cell: &Cell, what: &str) -> Result<String, Skip> {
@@ -92,11 +104,12 @@ pub fn worker(row: &Row) -> Result<NewWorker, Skip> {
     let parsed = row
         .cell(3)
         .text()
+        .filter(|text| text.len() <= MAX_CAPABILITIES_BYTES)
         .and_then(|text| serde_json::from_str::<Value>(text).ok())
         .filter(Value::is_object);
     let broken_capabilities = parsed.is_none();
     let capabilities = parsed.unwrap_or_else(|| Value::Object(Default::default()));
-    let name = optional_text(row.cell(1)).unwrap_or_else(|| id.clone());
+    let name = optional_text(row.cell(1)).map_or_else(|| id.clone(), |name| bounded(name, MAX_NAME_BYTES));
     let with_id = |e: Skip| skip(e.reason, format!("worker {id}: {}", e.detail));
     Ok(NewWorker {
         platforms: platforms_of(&capabilities),
@@ -241,7 +254,7 @@ pub fn log_line(row: &Row) -> Result<NewLogLine, Skip> {
     let message = row
         .cell(4)
         .text()
-        .map(clean)
+        .map(|message| truncate_message(&clean(message)).to_string())
         .ok_or_else(|| skip("bad message", detail(format!("message {:?}", row.cell(4)))))?;
     let ts = millis(row.cell(2), "timestamp").map_err(|e| skip(e.reason, detail(e.detail)))?;
     Ok(NewLogLine { ts, level, message })

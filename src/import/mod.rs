@@ -117,7 +117,8 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
         old: Arc::new(Mutex::new(old)),
         pool,
         storage,
-        root: args.storage.clone(),
+        // Old files must resolve inside this (a symlinked `builds/` or a link out of the folder is refused).
+        root: std::fs::canonicalize(&args.storage).unwrap_or_else(|_| args.storage.clone()),
         certs_key,
         max_certs_bytes: config.max_certs_bytes,
         max_attempts: config.queue.max_attempts,
@@ -476,6 +477,10 @@ impl Importer {
             match copied {
                 Copied::NoFile => {}
                 Copied::Missing(_) => self.summary.note(NOTE_MISSING, 1),
+                Copied::Refused(file) => {
+                    self.handled_files.insert(file.clone());
+                    self.summary.skip("files", skip(files::NOT_REGULAR, file.clone()));
+                }
                 Copied::Failed { file, reason } => {
                     self.handled_files.insert(file.clone());
                     self.summary

@@ -378,6 +378,23 @@ async fn insert_samples(conn: &mut sqlx::PgConnection, samples: &[SampleRow]) ->
     .bind(&ts)
     .bind(&cpu)
     .bind(&memory)
+    .execute(&mut *conn)
+    .await?;
+    // The per-build totals that live samples keep up to date (count, last time, CPU seconds).
+    sqlx::query(
+        "UPDATE builds b SET cpu_samples = t.n, cpu_sample_at = t.last, cpu_seconds = t.seconds
+         FROM (
+            SELECT build_id, count(*) AS n, max(ts) AS last, sum(cpu_percent / 100.0 * least(gap, 60)) AS seconds
+            FROM (
+                SELECT build_id, ts, cpu_percent,
+                       coalesce(extract(epoch FROM ts - lag(ts) OVER (PARTITION BY build_id ORDER BY ts)), 0) AS gap
+                FROM cpu_snapshots WHERE build_id = ANY($1)
+            ) s
+            GROUP BY build_id
+         ) t
+         WHERE b.id = t.build_id",
+    )
+    .bind(&build_ids)
     .execute(conn)
     .await?;
     Ok(())

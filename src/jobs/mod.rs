@@ -8,6 +8,7 @@ mod purge_certs;
 mod runner;
 mod storage_deletions;
 mod sweep_staging;
+mod sweep_unlinked;
 
 use std::str::FromStr;
 
@@ -16,6 +17,7 @@ use sqlx::PgPool;
 
 pub use runner::{Instance, run};
 pub use storage_deletions::delete_objects;
+pub use sweep_unlinked::discard_unlinked;
 
 use crate::config::{JobsConfig, QueueConfig};
 use crate::queue::{self, QueueResult};
@@ -44,10 +46,12 @@ pub enum Job {
     Prune,
     SweepStaging,
     StorageDeletions,
+    SweepUnlinked,
+    Reconcile,
 }
 
 impl Job {
-    pub const ALL: [Job; 8] = [
+    pub const ALL: [Job; 10] = [
         Job::RescueExpiredLeases,
         Job::DeadlineSweep,
         Job::OfflineWorkers,
@@ -56,6 +60,8 @@ impl Job {
         Job::Prune,
         Job::SweepStaging,
         Job::StorageDeletions,
+        Job::SweepUnlinked,
+        Job::Reconcile,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +74,8 @@ impl Job {
             Job::Prune => "prune",
             Job::SweepStaging => "sweep_staging",
             Job::StorageDeletions => "storage_deletions",
+            Job::SweepUnlinked => "sweep_unlinked",
+            Job::Reconcile => "reconcile",
         }
     }
 
@@ -82,6 +90,8 @@ impl Job {
             Job::Prune => "0 0 * * * *",
             Job::SweepStaging => "0 */10 * * * *",
             Job::StorageDeletions => "45 * * * * *",
+            Job::SweepUnlinked => "15 * * * * *",
+            Job::Reconcile => "50 * * * * *",
         }
     }
 
@@ -103,6 +113,10 @@ impl Job {
             Job::Prune => prune::run_once(ctx, now).await,
             Job::SweepStaging => sweep_staging::run_once(ctx, now).await,
             Job::StorageDeletions => storage_deletions::run_once(ctx).await,
+            Job::SweepUnlinked => sweep_unlinked::run_once(ctx, now).await,
+            Job::Reconcile => queue::reconcile(pool, settings, now, BATCH)
+                .await
+                .map(|found| found.iter().map(|(_, n)| n).sum()),
         }
     }
 }

@@ -104,6 +104,11 @@ pub fn refusal(error: &QueueError) -> Option<Refusal> {
             code: "retry_in_progress",
             field: Some(("retry_build_id", id.clone())),
         },
+        QueueError::RetryLimit(max) => plain(
+            409,
+            format!("This build was retried {max} times, the most a build token may; submit a new build").into(),
+            "retry_limit",
+        ),
         QueueError::Db(_) => return None,
     })
 }
@@ -313,6 +318,12 @@ pub async fn set_worker_state(pool: &PgPool, settings: &QueueConfig, id: &str, s
     Ok(json!(views::worker(&worker)))
 }
 
+/// Releases a worker from quarantine or probation (fleet-health.md); the one place an audit row joins.
+pub async fn release_worker(pool: &PgPool, id: &str) -> OpResult<Value> {
+    let worker = queue::health::release(pool, id, Utc::now()).await?;
+    Ok(json!(views::worker(&worker)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,7 +332,8 @@ mod tests {
     /// The CLI's database mode shows what the API would answer: same message, same code.
     #[test]
     fn refusals_read_as_the_api_answers_them() {
-        let cases: [fn() -> QueueError; 7] = [
+        let cases: [fn() -> QueueError; 8] = [
+            || QueueError::RetryLimit(10),
             || QueueError::BuildNotFound,
             || QueueError::WorkerNotFound,
             || QueueError::Invalid("bad".into()),

@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{Build, Platform, QueueCounts, QueueResult};
+use super::lease::{Holder, held_by};
+use super::{Build, Platform, QueueCounts, QueueResult, Settings};
 
 /// The build with this id, if any.
 pub async fn find_build(pool: &PgPool, id: &str) -> QueueResult<Option<Build>> {
@@ -103,10 +104,7 @@ pub async fn fleet_stats(pool: &PgPool, now: DateTime<Utc>) -> QueueResult<Fleet
             (SELECT count(*) FROM builds) AS total_builds,
             (SELECT coalesce(sum(extract(epoch FROM completed_at - started_at) * 1000), 0)::bigint
                FROM builds WHERE state = 'completed' AND started_at IS NOT NULL) AS total_build_time_ms,
-            (SELECT coalesce(sum(cpu_percent / 100.0 * least(gap, 60)), 0)::bigint FROM (
-                SELECT cpu_percent,
-                       coalesce(extract(epoch FROM ts - lag(ts) OVER (PARTITION BY build_id ORDER BY ts)), 0) AS gap
-                FROM cpu_snapshots) s) AS total_cpu_seconds",
+            (SELECT coalesce(sum(cpu_seconds), 0)::bigint FROM builds) AS total_cpu_seconds",
     )
     .bind(now)
     .bind(midnight)
@@ -119,17 +117,60 @@ pub async fn fleet_stats(pool: &PgPool, now: DateTime<Utc>) -> QueueResult<Fleet
 pub async fn record_cpu_sample(
     pool: &PgPool,
     build_id: &str,
+    holder: Holder<'_>,
     cpu_percent: f64,
     memory_mb: f64,
+    settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<()> {
+    // Only the holder's samples are kept, and at most `max_samples_per_build` of them (T3): when one more
+    // would exceed it, every other one of the oldest half goes, so a long run keeps its whole curve at a
+    // coarser step for its start. The build row keeps the count and the CPU seconds (so neither the cap
+    // nor `/api/stats` ever counts samples), and its row lock orders concurrent posters.
+    const SQL: &str = concat!(
+        "UPDATE builds SET cpu_samples = cpu_samples + 1, cpu_sample_at = $4,
+            cpu_seconds = cpu_seconds + $5 / 100.0
+                * least(coalesce(extract(epoch FROM $4 - cpu_sample_at), 0), 60)
+         WHERE ",
+        held_by!(),
+        " RETURNING cpu_samples"
+    );
+    let mut tx = pool.begin().await?;
+    let count: Option<i32> = sqlx::query_scalar(SQL)
+        .bind(build_id)
+        .bind(holder.worker_id)
+        .bind(holder.lease_token)
+        .bind(now)
+        .bind(cpu_percent)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(count) = count else {
+        drop(tx);
+        return Err(super::lease::refusal(pool, build_id, holder.worker_id).await?);
+    };
     sqlx::query("INSERT INTO cpu_snapshots (build_id, ts, cpu_percent, memory_mb) VALUES ($1, $2, $3, $4)")
         .bind(build_id)
         .bind(now)
         .bind(cpu_percent)
         .bind(memory_mb)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    if i64::from(count) > settings.max_samples_per_build {
+        sqlx::query(
+            "WITH oldest AS (
+                SELECT ctid, row_number() OVER (ORDER BY ts) AS n FROM cpu_snapshots
+                WHERE build_id = $1 ORDER BY ts LIMIT $2 / 2
+             ), thinned AS (
+                DELETE FROM cpu_snapshots WHERE ctid IN (SELECT ctid FROM oldest WHERE n % 2 = 0) RETURNING 1
+             )
+             UPDATE builds SET cpu_samples = cpu_samples - (SELECT count(*) FROM thinned) WHERE id = $1",
+        )
+        .bind(build_id)
+        .bind(settings.max_samples_per_build)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 

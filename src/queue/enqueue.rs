@@ -107,6 +107,9 @@ async fn insert(
             SELECT 'build.submitted', id, jsonb_build_object('platform', queue, 'state', state, 'attempt', attempt,
                 'priority', priority, 'run_at', run_at, 'original_build_id', original_build_id)
             FROM inserted
+         ), linked AS (
+            -- the build's objects are named by its row from now on: no longer pending
+            DELETE FROM pending_writes WHERE key IN (SELECT source_key FROM inserted UNION ALL SELECT certs_key FROM inserted)
          )
          SELECT inserted.* FROM inserted, (SELECT count(*) FROM notified) AS n"
     );
@@ -132,17 +135,19 @@ async fn insert(
     build.ok_or(QueueError::QueueFull)
 }
 
-/// Why a build-token retry is refused before anything is copied (R49): the original must be final,
-/// and no earlier retry of it may be unfinished. The admin key is not `limited`.
-pub async fn check_retry(conn: &mut PgConnection, original_id: &str, limited: bool) -> QueueResult<()> {
+/// Why a build-token retry is refused before anything is copied (R49, T8): the original must be final,
+/// no earlier retry of it may be unfinished, and its family (the first build and every retry made from
+/// it, or from one of its retries) may hold at most `max_retries` retries. The admin key is not limited
+/// (`limit` = `None`).
+pub async fn check_retry(conn: &mut PgConnection, original_id: &str, limit: Option<i64>) -> QueueResult<()> {
     let state: Option<String> = sqlx::query_scalar("SELECT state FROM builds WHERE id = $1")
         .bind(original_id)
         .fetch_optional(&mut *conn)
         .await?;
     let state = state.ok_or(QueueError::BuildNotFound)?;
-    if !limited {
+    let Some(max_retries) = limit else {
         return Ok(());
-    }
+    };
     if !BuildState::parse(&state).is_some_and(BuildState::is_final) {
         return Err(QueueError::Conflict(RETRY_NOT_FINISHED.to_string()));
     }
@@ -154,24 +159,49 @@ pub async fn check_retry(conn: &mut PgConnection, original_id: &str, limited: bo
     .bind(original_id)
     .fetch_optional(&mut *conn)
     .await?;
-    match live {
-        Some(id) => Err(QueueError::RetryInProgress(id)),
-        None => Ok(()),
+    if let Some(id) = live {
+        return Err(QueueError::RetryInProgress(id));
     }
+    // The family is walked from its first build (a retry of a retry names its parent, so a token cannot
+    // start a fresh count by retrying the retry); both walks are bounded by the limit itself.
+    let retries: i64 = sqlx::query_scalar(
+        "WITH RECURSIVE up AS (
+            SELECT id, original_build_id, 0 AS depth FROM builds WHERE id = $1
+            UNION ALL
+            SELECT b.id, b.original_build_id, up.depth + 1 FROM builds b JOIN up ON b.id = up.original_build_id
+            WHERE up.depth <= $2
+         ), root AS (
+            SELECT id FROM up ORDER BY depth DESC LIMIT 1
+         ), down AS (
+            SELECT id, 0 AS depth FROM root
+            UNION ALL
+            SELECT b.id, down.depth + 1 FROM builds b JOIN down ON b.original_build_id = down.id
+            WHERE down.depth <= $2
+         )
+         SELECT count(*) - 1 FROM down",
+    )
+    .bind(original_id)
+    .bind(max_retries)
+    .fetch_one(&mut *conn)
+    .await?;
+    if retries >= max_retries {
+        return Err(QueueError::RetryLimit(max_retries));
+    }
+    Ok(())
 }
 
 /// Why a build token may not retry an unfinished build.
 pub const RETRY_NOT_FINISHED: &str =
     "Build is not finished: only a completed, failed or cancelled build can be retried";
 
-/// Enqueues a retry of `original_id` (B14) with backpressure; for a `limited` caller (build token only)
-/// the rules of [`check_retry`] hold under a lock on the original, so concurrent retries cannot both
-/// pass.
+/// Enqueues a retry of `original_id` (B14) with backpressure; for a `limited` caller (build token only:
+/// `Some(CONTROLLER_MAX_RETRIES_PER_BUILD)`) the rules of [`check_retry`] hold under a lock on the
+/// original, so concurrent retries cannot both pass.
 pub async fn enqueue_retry(
     pool: &PgPool,
     new: &NewBuild,
     original_id: &str,
-    limited: bool,
+    limited: Option<i64>,
     max_queued: i64,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {

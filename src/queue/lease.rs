@@ -106,6 +106,21 @@ pub async fn heartbeat(
     Err(view.refusal())
 }
 
+/// Ok when `holder` holds the build's current attempt, else why not ([`refusal`]); changes nothing.
+pub async fn holds_build(pool: &PgPool, build_id: &str, holder: Holder<'_>) -> QueueResult<()> {
+    const SQL: &str = concat!("SELECT 1 FROM builds WHERE ", held_by!());
+    let held: Option<i32> = sqlx::query_scalar(SQL)
+        .bind(build_id)
+        .bind(holder.worker_id)
+        .bind(holder.lease_token)
+        .fetch_optional(pool)
+        .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(refusal(pool, build_id, holder.worker_id).await?),
+    }
+}
+
 /// How a build relates to a caller whose fenced operation matched nothing.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct HolderView {

@@ -26,20 +26,23 @@ mod backoff;
 mod builds;
 mod cancel;
 mod claim;
+pub mod clock;
 mod diagnostics;
 mod emit;
 mod enqueue;
+pub mod health;
 mod lease;
 mod logs;
 mod maintenance;
 mod model;
 pub mod operator;
+mod pending;
 mod retention;
 mod vm;
 mod wakeups;
 mod workers;
 
-pub use attempts::{Failure, FailureKind, complete, fail};
+pub use attempts::{Failure, FailureKind, OWNER_RECLAIMED, complete, fail, release_for_owner};
 pub use backoff::backoff;
 pub use builds::{
     BuildFilter, FleetStats, active_builds, certs_to_purge, clear_certs, find_build, fleet_stats, list_builds,
@@ -53,16 +56,20 @@ pub use enqueue::{
     NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue, enqueue_bounded, enqueue_retry,
     full_queues,
 };
-pub use lease::{HeartbeatOutcome, Holder, heartbeat, refusal};
+pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
-pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
+pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
+pub use pending::{PendingWrite, forget_writes, record_writes, stale_writes};
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
 pub use wakeups::{Generations, Subscription, Wakeups, listen};
-pub use workers::{RegisterRequest, Registration, find_worker, platforms_of, register, touch_worker, unregister};
+pub use workers::{
+    MAX_CAPABILITIES_BYTES, MAX_NAME_BYTES, RegisterRequest, Registration, find_worker, platforms_of, register,
+    touch_worker, unregister,
+};
 
 use crate::config::QueueConfig;
 
@@ -96,8 +103,20 @@ pub enum QueueError {
     /// A build-token retry while an earlier retry of the same build is unfinished (its id).
     #[error("a retry of this build is still unfinished: {0}")]
     RetryInProgress(String),
+    /// A build token reached `CONTROLLER_MAX_RETRIES_PER_BUILD` retries of this build's family (T8).
+    #[error("retry limit of {0} reached")]
+    RetryLimit(i64),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+}
+
+impl QueueError {
+    /// Whether the statement that failed may still have committed: a database error (a connection cut
+    /// or a failover between COMMIT and its answer, a cancelled synchronous-standby wait) leaves the
+    /// outcome unknown until the row is read again; a refusal is definite.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, QueueError::Db(_))
+    }
 }
 
 pub type QueueResult<T> = Result<T, QueueError>;

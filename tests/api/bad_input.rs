@@ -242,20 +242,29 @@ async fn worker_endpoint_errors_have_the_exact_wording() {
         .await,
         (404, json!({ "error": "Build not found" }))
     );
-    let too_big = Form::new()
-        .text("build_id", "nope")
-        .text("worker_id", worker_id.clone())
-        .text("success", "true")
-        .part("result", Part::bytes(vec![0u8; 2 * 1024 * 1024]).file_name("r"));
+    let too_big = |build_id: &str| {
+        Form::new()
+            .text("build_id", build_id.to_string())
+            .text("worker_id", worker_id.clone())
+            .text("success", "true")
+            .part("result", Part::bytes(vec![0u8; 2 * 1024 * 1024]).file_name("r"))
+    };
+    // The form names the build before the file: an unknown build is refused before the file (T9).
     assert_eq!(
-        error_of(upload(too_big).await.unwrap()).await,
-        (413, json!({ "error": "Result file too large" }))
+        error_of(upload(too_big("nope")).await.unwrap()).await,
+        (404, json!({ "error": "Build not found" }))
     );
     assert!(app.stored_files().is_empty(), "{:?}", app.stored_files());
 
-    // A held build without a result file.
+    // A held build: an oversized result, then none.
     let build_id = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
     app.poll(&worker_id).await;
+    let stored_before = app.stored_files();
+    assert_eq!(
+        error_of(upload(too_big(&build_id)).await.unwrap()).await,
+        (413, json!({ "error": "Result file too large" }))
+    );
+    assert_eq!(app.stored_files(), stored_before);
     assert_eq!(
         error_of(
             upload(

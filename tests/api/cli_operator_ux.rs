@@ -705,3 +705,62 @@ async fn builds_download_saves_the_bytes() {
     assert!(body["error"].as_str().unwrap().contains("--server"), "{body}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// T11: `builds download -o FILE` never writes through a planted `FILE.part` symlink: the link's target
+/// is untouched and FILE gets the bytes.
+#[tokio::test]
+async fn t11_download_does_not_follow_a_planted_part_file() {
+    let app = TestApp::spawn().await;
+    let result = b"the real artifact".repeat(100);
+    let id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], id.as_str());
+    assert_eq!(
+        app.upload_form(success_form(&id, &worker_id, &result)).await.status(),
+        200
+    );
+    let dir = std::env::temp_dir().join(format!("expo-cli-part-{}", expo_controller::ids::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let out = dir.join("app.ipa");
+    std::os::unix::fs::symlink(&victim, dir.join("app.ipa.part")).unwrap();
+    let (code, body) = json_of(&app, true, &["builds", "download", &id, "-o", out.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{body}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(std::fs::read(&out).unwrap(), result);
+    assert!(!std::fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The CLI ends quietly (exit 0, no panic) when its output pipe closes early, as with `| head`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_exits_quietly() {
+    let app = TestApp::spawn().await;
+    let id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], id.as_str());
+    let lines: Vec<String> = (0..500).map(|i| format!("line {i} {}", "x".repeat(200))).collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    post_logs(&app, &id, &worker_id, &refs).await;
+    for _ in 0..3 {
+        app.submit("android", b"more").await;
+    }
+    let id_arg = id.as_str();
+    let cases: [&[&str]; 4] = [
+        &["builds", "logs", id_arg],
+        &["builds", "logs", id_arg, "--table"],
+        &["builds", "list", "--all", "--limit", "1"],
+        &["builds", "show", id_arg],
+    ];
+    for args in cases {
+        for over_http in [true, false] {
+            let mut child = command(&app, over_http, args).spawn().expect("spawn");
+            drop(child.stdout.take());
+            let out = finish(child, Duration::from_secs(30)).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{args:?} (http: {over_http}): {stderr}");
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        }
+    }
+}

@@ -115,9 +115,15 @@ async fn sign_in_sessions_and_cross_site_protection() {
         "only a hash of the session id is stored"
     );
 
-    // Sign-ins are rate limited per IP (3 per minute here: 2 used above, this is the 4th).
+    // T6: wrong keys are limited per IP (3 per minute here, 1 used above); the right key never is, so
+    // someone guessing behind the same address cannot lock the operator out.
+    for expected in [401, 401, 429, 429] {
+        let r = post_form(&client, &app, "/dashboard/login", None, "key=wrong-again").await;
+        assert_eq!(r.status(), expected);
+    }
     let r = post_form(&client, &app, "/dashboard/login", None, format!("key={API_KEY}")).await;
-    assert_eq!(r.status(), 429);
+    assert_eq!(r.status(), 303, "the right key after the limit was reached");
+    assert!(r.headers().get("set-cookie").is_some());
 
     let page = client
         .get(app.url("/dashboard/queues"))
@@ -191,7 +197,11 @@ async fn sign_in_sessions_and_cross_site_protection() {
     .await;
     assert_eq!(r.status(), 303);
     assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
-    assert_eq!(app.count("dashboard_sessions").await, 0);
+    assert_eq!(
+        app.count("dashboard_sessions").await,
+        1,
+        "only the session of the T6 sign-in is left"
+    );
     let r = client
         .get(app.url("/dashboard/queues"))
         .header("cookie", &cookie)
@@ -350,4 +360,33 @@ async fn dashboard_in_a_real_browser() {
     eprintln!("{stderr}");
     assert!(output.status.success(), "browser tests failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("dashboard browser tests passed"));
+}
+
+/// T15: a CR/LF (or any control character) in a bulk form's return path is a redirect to the list, not
+/// a 500 from building an impossible `Location` header.
+#[tokio::test]
+async fn t15_control_characters_in_a_bulk_form_are_not_a_500() {
+    let app = TestApp::spawn().await;
+    let client = no_redirects();
+    let cookie = sign_in(&app, &client).await;
+    let page = client
+        .get(app.url("/dashboard/builds"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let csrf = csrf_of(&page.text().await.unwrap());
+    let id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    for ret in [
+        "/dashboard/builds%0D%0ASet-Cookie:%20x=1",
+        "/dashboard/builds%0A",
+        "/dashboard/builds%09x",
+    ] {
+        let body = format!("csrf={csrf}&action=cancel&id={id}&return={ret}");
+        let r = post_form(&client, &app, "/dashboard/builds/bulk", Some(&cookie), body).await;
+        assert_eq!(r.status(), 303, "{ret}");
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        assert!(location.starts_with("/dashboard/builds?"), "{location}");
+        assert!(r.headers().get("set-cookie").is_none());
+    }
 }

@@ -110,8 +110,8 @@ async fn r45_nul_bytes_are_replaced_in_every_stored_text() {
     let telemetry = app
         .client
         .post(app.url(&format!("/api/builds/{build}/telemetry")))
+        .header("X-API-Key", API_KEY)
         .header("X-Worker-Id", &worker)
-        .header("X-Build-Id", &build)
         .json(&json!({ "type": "heartbeat", "data": { "stage": "sign\u{0}", "heartbeat_count": 3 } }))
         .send()
         .await
@@ -619,4 +619,221 @@ async fn head_only_submit(base: &str, length: u64) -> String {
         .await
         .expect("answered without the body");
     String::from_utf8_lossy(&answer).to_string()
+}
+
+/// Posts a CPU sample as the holder (admin key + worker id).
+async fn post_sample(app: &TestApp, build: &str, worker: &str, cpu: f64) -> u16 {
+    app.client
+        .post(app.url(&format!("/api/builds/{build}/telemetry")))
+        .header("X-API-Key", API_KEY)
+        .header("X-Worker-Id", worker)
+        .json(&json!({ "type": "cpu_snapshot", "data": { "cpu_percent": cpu, "memory_mb": 100 } }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// T3: at most `CONTROLLER_MAX_SAMPLES_PER_BUILD` samples are kept per build (the oldest thinned, the
+/// first and the latest kept), and `/api/stats` reads per-build totals, never the samples table.
+#[tokio::test]
+async fn t3_samples_are_bounded_and_stats_do_not_scan_them() {
+    let app = TestApp::spawn_with(|c| c.queue.max_samples_per_build = 10).await;
+    let (worker, build) = claimed_build(&app, "sampler").await;
+    for i in 0..25 {
+        assert_eq!(post_sample(&app, &build, &worker, f64::from(i)).await, 200);
+    }
+    let kept: Vec<f64> = sqlx::query_scalar("SELECT cpu_percent FROM cpu_snapshots WHERE build_id = $1 ORDER BY ts")
+        .bind(&build)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert!(kept.len() <= 10 && kept.len() >= 5, "{kept:?}");
+    assert_eq!(kept.first(), Some(&0.0), "the first sample is kept: {kept:?}");
+    assert_eq!(kept.last(), Some(&24.0), "the latest sample is kept: {kept:?}");
+
+    // Rows the API never saw (60 s apart at 100 %: 60 core-seconds if the table were summed).
+    let other = app.submit("ios", b"other").await["id"].as_str().unwrap().to_string();
+    sqlx::query(
+        "INSERT INTO cpu_snapshots (build_id, ts, cpu_percent, memory_mb)
+         VALUES ($1, now() - interval '60 seconds', 100, 1), ($1, now(), 100, 1)",
+    )
+    .bind(&other)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let stats: Value = app
+        .client
+        .get(app.url("/api/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cpu = stats["totalCpuCycles"].as_i64().unwrap();
+    assert!(cpu < 5, "stats summed the samples table: {stats}");
+}
+
+/// T4: rule-4 telemetry (worker and build ids, no secret) adds CPU samples only: no log lines, no
+/// lease extension.
+#[tokio::test]
+async fn t4_keyless_telemetry_carries_samples_only() {
+    let app = TestApp::spawn().await;
+    let (worker, build) = claimed_build(&app, "monitor").await;
+    let lease = || async {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT lease_expires_at FROM builds WHERE id = $1",
+        )
+        .bind(&build)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let before = (lease().await, messages(&app, &build).await);
+    for body in [
+        json!({ "type": "monitor_started", "data": {} }),
+        json!({ "type": "heartbeat", "data": { "stage": "flood", "heartbeat_count": 1 } }),
+        json!({ "type": "cpu_snapshot", "data": { "cpu_percent": 10, "memory_mb": 5 } }),
+    ] {
+        let r = app
+            .client
+            .post(app.url(&format!("/api/builds/{build}/telemetry")))
+            .header("X-Worker-Id", &worker)
+            .header("X-Build-Id", &build)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!((lease().await, messages(&app, &build).await), before);
+    assert_eq!(app.count("cpu_snapshots").await, 1);
+}
+
+/// T5: the per-credential limit counts what authenticates: varying `X-Worker-Id` beside the same
+/// (wrong) key or token does not make a new credential.
+#[tokio::test]
+async fn t5_varying_the_worker_id_does_not_escape_the_credential_limit() {
+    let app = TestApp::spawn_with(|c| c.rate_limit_per_credential = 5).await;
+    let mut limited = 0;
+    for i in 0..40 {
+        for header in ["X-API-Key", "X-Worker-Token"] {
+            let r = app
+                .client
+                .get(app.url("/api/workers/poll"))
+                .header(header, "guessed-secret-guessed-secret-guessed")
+                .header("X-Worker-Id", format!("worker{i:016}"))
+                .send()
+                .await
+                .unwrap();
+            limited += u32::from(r.status() == 429);
+        }
+    }
+    assert!(limited >= 40, "only {limited} of 80 requests were limited");
+}
+
+/// T7: dashboard routes are under the per-IP limit too.
+#[tokio::test]
+async fn t7_the_dashboard_is_rate_limited_per_ip() {
+    let app = TestApp::spawn_with(|c| c.rate_limit_per_ip = 2).await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let r = app.client.get(app.url("/dashboard/login")).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
+
+/// T8: a build token cannot keep minting builds with retry → cancel → retry (nor by retrying the
+/// retry with its own token): at most `CONTROLLER_MAX_RETRIES_PER_BUILD` per family; the admin key can.
+#[tokio::test]
+async fn t8_a_build_token_retries_a_build_a_bounded_number_of_times() {
+    let app = TestApp::spawn_with(|c| c.queue.max_retries_per_build = 2).await;
+    let submitted = app.submit("ios", b"source").await;
+    let id = submitted["id"].as_str().unwrap().to_string();
+    let token = submitted["access_token"].as_str().unwrap().to_string();
+    let call = |path: String, token: String| {
+        let request = app.client.post(app.url(&path)).header("X-Build-Token", token);
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, _) = call(format!("/api/builds/{id}/cancel"), token.clone()).await;
+    assert_eq!(status, 200);
+    let mut last = (id.clone(), token.clone());
+    for _ in 0..2 {
+        let (status, retried) = call(format!("/api/builds/{id}/retry"), token.clone()).await;
+        assert_eq!(status, 200, "{retried}");
+        last = (
+            retried["id"].as_str().unwrap().to_string(),
+            retried["access_token"].as_str().unwrap().to_string(),
+        );
+        let (status, _) = call(format!("/api/builds/{}/cancel", last.0), last.1.clone()).await;
+        assert_eq!(status, 200);
+    }
+    let (status, body) = call(format!("/api/builds/{id}/retry"), token.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("retried 2 times"), "{body}");
+    let (status, body) = call(format!("/api/builds/{}/retry", last.0), last.1.clone()).await;
+    assert_eq!(status, 409, "retrying the retry: {body}");
+    assert_eq!(app.count("builds").await, 3);
+    let (status, _) = admin(&app, Method::POST, &format!("/api/builds/{id}/retry"), None).await;
+    assert_eq!(status, 200, "the admin key is not limited");
+}
+
+/// T12: a client's `X-Request-Id` is kept only when it is short and of a safe alphabet; anything else
+/// (spaces, `=`, control characters) is replaced, so it cannot forge fields in a log line.
+#[tokio::test]
+async fn t12_request_ids_cannot_forge_log_fields() {
+    let app = TestApp::spawn().await;
+    let answered = |id: String| {
+        let request = app.client.get(app.url("/health")).header("X-Request-Id", id);
+        async move {
+            let r = request.send().await.unwrap();
+            r.headers()["x-request-id"].to_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(answered("req-123_abc.def:9".into()).await, "req-123_abc.def:9");
+    for forged in [
+        "x status=500 user=admin".to_string(),
+        "a\"b".to_string(),
+        "z".repeat(65),
+    ] {
+        let id = answered(forged.clone()).await;
+        assert_ne!(id, forged);
+        assert!(
+            !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)),
+            "{id:?}"
+        );
+    }
+}
+
+/// T14: a junk build token gets the same answer for a build that exists and one that does not (no
+/// existence oracle); `/docs` carries a CSP that forbids framing, and `nosniff`.
+#[tokio::test]
+async fn t14_no_existence_oracle_and_docs_cannot_be_framed() {
+    let app = TestApp::spawn().await;
+    let id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let mut answers = Vec::new();
+    for build in [id.as_str(), "noSuchBuild000000000a"] {
+        for path in ["status", "logs", "download"] {
+            let r = app
+                .client
+                .get(app.url(&format!("/api/builds/{build}/{path}")))
+                .header("X-Build-Token", "junk-token")
+                .send()
+                .await
+                .unwrap();
+            answers.push((path, r.status().as_u16(), r.text().await.unwrap()));
+        }
+    }
+    assert_eq!(answers[..3], answers[3..], "{answers:?}");
+    let docs = app.client.get(app.url("/docs/")).send().await.unwrap();
+    let csp = docs.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(docs.headers()["x-frame-options"], "DENY");
+    assert_eq!(docs.headers()["x-content-type-options"], "nosniff");
 }

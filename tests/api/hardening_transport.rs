@@ -669,3 +669,231 @@ fn header_map(headers: &[(&str, &str)]) -> reqwest::header::HeaderMap {
     }
     map
 }
+
+/// Writes `head` then trickles `body` a byte every 200 ms; returns how long the server took to answer
+/// or close (`None`: still waiting after 8 s, the trickle then had ~40 bytes to go).
+async fn trickled_body_cut_after(base: &str, head: String, body: Vec<u8>) -> Option<Duration> {
+    let addr = base.trim_start_matches("http://");
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    writer.write_all(head.as_bytes()).await.expect("head");
+    let trickle = tokio::spawn(async move {
+        for byte in body {
+            if writer.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Keep the connection open (never finish the request) until the test ends.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match reader.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    trickle.abort();
+    ended.ok().map(|()| started.elapsed())
+}
+
+/// T1: a body trickled a byte at a time to the routes that read before any credential (OTP exchange,
+/// dashboard sign-in) is cut once the header timeout after its head has passed, although each byte
+/// arrives well within the body read timeout; rule-4 telemetry (ids only) checks the hold before it reads.
+#[tokio::test]
+async fn t1_trickled_bodies_and_keyless_telemetry_do_not_hold_connections() {
+    let app = short_timeouts().await;
+    let build_id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let (worker_id, _) = app.register("w", &["ios"]).await;
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], build_id.as_str());
+
+    let otp = br#"{"otp":"0123456789012345678901234567890123456789"}"#.to_vec();
+    let head = format!(
+        "POST /api/builds/{build_id}/authenticate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        otp.len() + 20
+    );
+    let cut = trickled_body_cut_after(&app.base, head, otp).await;
+    assert!(
+        cut.is_some_and(|t| t < Duration::from_secs(5)),
+        "a trickled OTP body held its connection ({cut:?})"
+    );
+
+    let form = format!("key={}", "k".repeat(60)).into_bytes();
+    let head = format!(
+        "POST /dashboard/login HTTP/1.1\r\nHost: x\r\nOrigin: {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+        app.base,
+        form.len()
+    );
+    let cut = trickled_body_cut_after(&app.base, head, form).await;
+    assert!(
+        cut.is_some_and(|t| t < Duration::from_secs(5)),
+        "a trickled sign-in held its connection ({cut:?})"
+    );
+
+    // Rule 4 names a worker and a build, no secret: a stranger is refused before its body is read.
+    let telemetry = format!("/api/builds/{build_id}/telemetry");
+    let stranger = [
+        ("X-Worker-Id", "someoneElse000000000"),
+        ("X-Build-Id", build_id.as_str()),
+    ];
+    let status = answer_to_partial_body(&app.base, &telemetry, &stranger, 10_000, 10).await;
+    assert_eq!(
+        status,
+        Some(403),
+        "keyless telemetry of a build the worker does not hold"
+    );
+    // The holder's keyless telemetry still works.
+    let r = app
+        .client
+        .post(app.url(&telemetry))
+        .header("X-Worker-Id", &worker_id)
+        .header("X-Build-Id", &build_id)
+        .json(&serde_json::json!({ "type": "cpu_snapshot", "data": { "cpu_percent": 50, "memory_mb": 10 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// T1: a client that sends requests but never reads the answers is cut once the server could write
+/// nothing for `CONTROLLER_WRITE_TIMEOUT_SECS`, instead of holding the connection and its buffers.
+#[tokio::test]
+async fn t1_a_client_that_never_reads_is_cut() {
+    let app = TestApp::spawn_with(|c| {
+        c.http.header_timeout_secs = 30;
+        c.http.write_timeout_secs = 1;
+    })
+    .await;
+    let document = app.client.get(app.url("/api/v2/openapi.json")).send().await.unwrap();
+    let size = document.bytes().await.unwrap().len() as u64;
+    let requests: u64 = (64 * MIB / size).max(200);
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let stream = TcpStream::connect(&addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let request = b"GET /api/v2/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n";
+        for _ in 0..requests {
+            if writer.write_all(request).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    // Read nothing while the server's writes stall past the write timeout, then drain what was sent.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut received = 0u64;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match reader.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n as u64,
+            }
+        }
+    })
+    .await;
+    sender.abort();
+    assert!(drained.is_ok(), "the connection stayed open");
+    assert!(
+        received < requests * size / 2,
+        "the server kept answering a client that did not read: {received} of {} bytes",
+        requests * size
+    );
+    // The server itself is fine.
+    let health = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+/// T9: when the form names the build and the caller before the file, a caller that does not hold the
+/// build is refused before the file is read: 403 while most of a 300 MiB result was never sent, and
+/// nothing staged (before, the file streamed to staging up to the size limit first).
+#[tokio::test]
+async fn t9_the_hold_is_checked_before_the_result_file_is_read() {
+    let app = TestApp::spawn_with(|c| c.max_result_bytes = 1024 * MIB).await;
+    let build_id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let (holder, _) = app.register("holder", &["ios"]).await;
+    let (stranger, stranger_token) = app.register("stranger", &["ios"]).await;
+    assert_eq!(app.poll(&holder).await["job"]["id"], build_id.as_str());
+    let field = |name: &str, value: &str| {
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+    };
+    let cases: [(&[(&str, &str)], String); 2] = [
+        (
+            &[("X-API-Key", API_KEY)],
+            field("build_id", &build_id) + &field("worker_id", &stranger) + &field("success", "true"),
+        ),
+        (
+            &[("X-Worker-Token", stranger_token.as_str())],
+            field("build_id", &build_id) + &field("success", "true"),
+        ),
+    ];
+    for (headers, fields) in cases {
+        let mut prefix = fields.into_bytes();
+        prefix.extend_from_slice(&file_part_prefix("result"));
+        let sent = stream_body(&app.base, "/api/workers/upload", headers, &prefix, 0, 300 * MIB).await;
+        assert_eq!(sent.status, Some(403), "{headers:?}");
+        assert!(
+            sent.body_bytes_sent < 32 * MIB,
+            "{} MiB were taken before the refusal",
+            sent.body_bytes_sent / MIB
+        );
+        assert!(
+            app.stored_files().iter().all(|f| !f.contains("staging")),
+            "{:?}",
+            app.stored_files()
+        );
+    }
+    assert_eq!(support::state_of(&app.pool, &build_id).await, "assigned");
+    let r = app
+        .upload_form(support::success_form(&build_id, &holder, b"artifact"))
+        .await;
+    assert_eq!(r.status(), 200, "the holder still uploads");
+}
+
+/// T13 (and the new settings): presigned URLs are short-lived (at most an hour), and the new limits
+/// have their documented defaults and refuse nonsense.
+#[test]
+fn t13_presigned_urls_are_short_lived_and_new_limits_are_checked() {
+    let defaults = default_config();
+    assert_eq!(defaults.http.write_timeout_secs, 60);
+    assert_eq!(defaults.queue.max_samples_per_build, 2_000);
+    assert_eq!(defaults.queue.max_retries_per_build, 10);
+    let problems = |args: &[&str]| match parse_config(args).validate() {
+        Ok(_) => String::new(),
+        Err(problems) => problems.to_string(),
+    };
+    let day = [
+        "--api-key",
+        "0123456789abcdef0123456789abcdef01234567",
+        "--storage-url",
+        "s3://bucket",
+        "--presign-downloads",
+        "true",
+        "--presign-ttl-secs",
+        "86400",
+    ];
+    assert!(
+        problems(&day).contains("CONTROLLER_PRESIGN_TTL_SECS must be between 1 and 3600"),
+        "{}",
+        problems(&day)
+    );
+    for zero in [
+        "--write-timeout-secs",
+        "--max-samples-per-build",
+        "--max-retries-per-build",
+    ] {
+        let args = ["--api-key", "0123456789abcdef0123456789abcdef01234567", zero, "0"];
+        assert!(
+            problems(&args).contains(&zero[2..].to_uppercase().replace('-', "_")),
+            "{zero}: {}",
+            problems(&args)
+        );
+    }
+}

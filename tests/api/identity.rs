@@ -522,6 +522,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("post", "/api/v2/builds/{id}/requeue", "operator"),
     ("patch", "/api/v2/builds/{id}", "operator"),
     ("post", "/api/v2/workers/{id}/drain", "operator"),
+    ("post", "/api/v2/workers/{id}/release", "operator"),
     ("post", "/api/v2/workers/{id}/disable", "operator"),
     ("post", "/api/v2/workers/{id}/enable", "operator"),
     ("post", "/api/v2/queues/{platform}/pause", "operator"),

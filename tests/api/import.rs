@@ -864,3 +864,102 @@ async fn an_import_into_s3_serves_the_same_downloads() {
     assert_eq!(download.status(), 200);
     assert_eq!(download.bytes().await.unwrap().as_ref(), old.result.as_slice());
 }
+
+/// T2: a symlink planted in the old folder (to the import's own environment, or any file the importing user
+/// can read) or a symlinked `builds/` is never copied into the store: each is reported as skipped. T10: the
+/// API's bounds apply to imported text (a 3 MiB worker name, 64 KiB capabilities, a 3 MiB log line).
+#[tokio::test]
+async fn symlinks_out_of_the_folder_are_refused_and_imported_text_is_bounded() {
+    let old = fixture();
+    let secret = old.dir.join("secret.env");
+    std::fs::write(&secret, "DATABASE_URL=postgres://admin:hunter2@db/prod").unwrap();
+    for file in [format!("results/{C1}.ipa"), format!("certs/{P1}.zip")] {
+        let planted = old.storage.join(&file);
+        std::fs::remove_file(&planted).unwrap();
+        std::os::unix::fs::symlink(&secret, &planted).unwrap();
+    }
+    std::os::unix::fs::symlink("/proc/self/environ", old.storage.join(format!("results/{P0}.apk"))).unwrap();
+    let db = Connection::open(&old.sqlite).unwrap();
+    db.execute(
+        "UPDATE builds SET result_path = ?1 WHERE id = ?2",
+        params![old_path("results", &format!("{P0}.apk")), P0],
+    )
+    .unwrap();
+    let huge_name = "n".repeat(3 * 1024 * 1024);
+    let huge_caps = format!(r#"{{"platforms":["ios"],"pad":"{}"}}"#, "x".repeat(64 * 1024));
+    db.execute(
+        "INSERT INTO workers (id, name, status, capabilities, registered_at, last_seen_at, builds_completed, builds_failed)
+         VALUES ('wHugeNameWorker000001', ?1, 'idle', ?2, ?3, ?3, 0, 0)",
+        params![huge_name, huge_caps, T0],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO build_logs (build_id, timestamp, level, message) VALUES (?1, ?2, 'info', ?3)",
+        params![C1, T0 + 29_000, "é".repeat(1024 * 1024 + 1)],
+    )
+    .unwrap();
+    drop(db);
+
+    let (url, pool) = fresh_database(2).await;
+    let store = old.dir.join("store");
+    let certs_key = ids::new_key32();
+    let output = import(&old, &url, &store, &certs_key, &[]).await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("not a regular file inside the folder: 3"), "{text}");
+    for file in [
+        format!("results/{C1}.ipa"),
+        format!("certs/{P1}.zip"),
+        format!("results/{P0}.apk"),
+    ] {
+        assert!(
+            text.contains(&format!("files: {file} (not a regular file inside the folder)")),
+            "{file}: {text}"
+        );
+    }
+    for (name, bytes) in stored_objects(&store, &certs_key) {
+        let bytes = String::from_utf8_lossy(&bytes);
+        assert!(!bytes.contains("hunter2"), "{name} holds the planted file");
+        assert!(!bytes.contains("DATABASE_URL"), "{name} holds an environment");
+    }
+    let result: Option<String> = sqlx::query_scalar("SELECT result_key FROM builds WHERE id = $1")
+        .bind(C1)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(result, None);
+
+    let (name, caps): (i32, i32) = sqlx::query_as(
+        "SELECT octet_length(name), octet_length(capabilities::text) FROM workers WHERE id = 'wHugeNameWorker000001'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(name, 256);
+    assert!(caps <= 16 * 1024, "capabilities of {caps} bytes");
+    let longest: i32 = sqlx::query_scalar("SELECT max(octet_length(message)) FROM build_logs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(longest <= 8 * 1024, "a log line of {longest} bytes");
+
+    // A symlinked `builds/` (its files regular, but outside the folder) is refused file by file.
+    let elsewhere = old.dir.join("elsewhere");
+    std::fs::rename(old.storage.join("builds"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, old.storage.join("builds")).unwrap();
+    let (url, _pool) = fresh_database(2).await;
+    let output = import(&old, &url, &old.dir.join("store2"), &certs_key, &[]).await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!(
+            "files: builds/{P0}.zip (not a regular file inside the folder)"
+        )),
+        "{text}"
+    );
+    let stored = files_under(&old.dir.join("store2"));
+    assert!(
+        !stored.keys().any(|name| name.contains("source")),
+        "sources copied from outside the folder: {stored:?}"
+    );
+}

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod alerting;
 mod bad_input;
 mod cli;
 mod cli_operator;
@@ -10,8 +11,10 @@ mod cli_operator_ux;
 mod dashboard;
 mod dashboard_cache;
 mod downloads;
+mod durability;
 mod events;
 mod fleet;
+mod fleet_health;
 mod g0_worker;
 mod hardening_input;
 mod hardening_transport;

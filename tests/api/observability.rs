@@ -113,11 +113,17 @@ async fn one_plain_info_line_per_request() {
         assert!(lines[0].contains("INFO"), "{}", lines[0]);
         assert!(lines[0].contains(&format!("status={status}")), "{}", lines[0]);
         assert!(lines[0].contains("duration_ms="), "{}", lines[0]);
+        // T12: text values are quoted, so no value can pose as another field.
+        assert!(
+            lines[0].contains(&format!("request_id=\"{request_id}\"")),
+            "{}",
+            lines[0]
+        );
     }
     assert!(
         output
             .lines()
-            .any(|l| l.contains("worker_id=wkr-1") && l.contains("route=/api/builds/active")),
+            .any(|l| l.contains("worker_id=\"wkr-1\"") && l.contains("route=/api/builds/active")),
         "the worker id is on the line:\n{output}"
     );
 }

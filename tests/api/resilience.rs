@@ -20,29 +20,36 @@ fn pg(args: &[&str]) {
     assert!(status.success(), "pg.sh {args:?}");
 }
 
-struct OwnPostgres {
-    dir: PathBuf,
+/// A PostgreSQL cluster of its own, for tests that restart it or change its server settings.
+pub(crate) struct OwnPostgres {
+    pub(crate) dir: PathBuf,
     port: u16,
+    mode: &'static str,
 }
 
 impl OwnPostgres {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
+        Self::start_in("fast")
+    }
+
+    /// `mode` `durable` keeps synchronous commits (which synchronous replication needs).
+    pub(crate) fn start_in(mode: &'static str) -> Self {
         let dir = std::env::temp_dir().join(format!("expo-resilience-pg-{}", expo_controller::ids::new_id()));
         let port = crate::support::free_port();
-        let pg = OwnPostgres { dir, port };
+        let pg = OwnPostgres { dir, port, mode };
         pg.up();
         pg
     }
 
-    fn up(&self) {
-        pg(&["start", self.dir.to_str().unwrap(), &self.port.to_string(), "fast"]);
+    pub(crate) fn up(&self) {
+        pg(&["start", self.dir.to_str().unwrap(), &self.port.to_string(), self.mode]);
     }
 
-    fn down(&self) {
+    pub(crate) fn down(&self) {
         pg(&["stop", self.dir.to_str().unwrap()]);
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 }
@@ -69,7 +76,7 @@ async fn status_within(client: &reqwest::Client, url: &str, want: u16, limit: Du
     }
 }
 
-fn storage(dir: &Path) -> PathBuf {
+pub(crate) fn storage(dir: &Path) -> PathBuf {
     dir.with_extension("storage")
 }
 

@@ -14,9 +14,9 @@ use crate::api::group::ApiRouter;
 use crate::api::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
 use crate::api::views::BuildStatus;
 use crate::api::{AppState, views};
-use crate::ids;
 use crate::queue::{self, Build, NewBuild, Platform};
 use crate::storage::{Key, Stored, WriteError, bundle, certs};
+use crate::{ids, jobs};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::routes;
@@ -167,17 +167,60 @@ async fn submit(
             "generated id {build_id} is not a valid key"
         )));
     };
+    // Recorded before anything is written: whatever this request leaves behind (a kill, a lost commit
+    // answer, a failed delete) stays named, and `sweep_unlinked` settles it.
+    queue::record_writes(&state.pool, &[source_key.as_str()]).await?;
+    let access_token = ids::new_secret();
+    let mut unsettled = false;
     let mut form = SubmitParts::default();
     let outcome = match read_submit_form(&state, multipart, &source_key, &full, &mut form).await {
-        Ok(()) => create_build(&state, &build_id, &source_key, &certs_key, form, submitted_by).await,
+        Ok(()) => {
+            let new = Creating {
+                build_id: &build_id,
+                source_key: &source_key,
+                certs_key: &certs_key,
+                access_token: &access_token,
+            };
+            create_build(&state, new, form, submitted_by, &mut unsettled).await
+        }
         Err(e) => Err(e),
     };
-    if outcome.is_err() {
-        // Nothing is left behind: no row (never inserted) and no file.
-        let _ = state.storage.delete(&source_key).await;
-        let _ = state.storage.delete(&certs_key).await;
+    let Err(error) = outcome else { return outcome };
+    if unsettled {
+        // The insert may have committed with its answer lost: the row, if it exists, is the answer,
+        // and its objects are never deleted here.
+        return match queue::find_build(&state.pool, &build_id).await {
+            Ok(Some(build)) => {
+                tracing::warn!(build_id = %build_id, "submit committed although its answer was lost");
+                state.wakeups.invalidate(build.platform());
+                Ok(Json(submitted(&build, access_token)))
+            }
+            _ => {
+                tracing::warn!(build_id = %build_id, "submit outcome unknown; its objects are left to sweep_unlinked");
+                Err(error)
+            }
+        };
     }
-    outcome
+    // Refused before any row could exist: nothing is left behind.
+    jobs::discard_unlinked(&state.pool, &state.storage, &[&source_key, &certs_key]).await;
+    Err(error)
+}
+
+/// What a submit creates.
+struct Creating<'a> {
+    build_id: &'a str,
+    source_key: &'a Key,
+    certs_key: &'a Key,
+    access_token: &'a str,
+}
+
+fn submitted(build: &Build, access_token: String) -> Submitted {
+    Submitted {
+        id: build.id.clone(),
+        status: "pending".into(),
+        submitted_at: build.submitted_at.timestamp_millis(),
+        access_token,
+    }
 }
 
 async fn read_submit_form(
@@ -226,13 +269,14 @@ async fn read_submit_form(
     Ok(())
 }
 
+/// Validates the form, stores the certs and inserts the row. `unsettled` is set when the insert failed
+/// in a way that may still have committed.
 async fn create_build(
     state: &AppState,
-    build_id: &str,
-    source_key: &Key,
-    certs_key: &Key,
+    new: Creating<'_>,
     form: SubmitParts,
     submitted_by: Option<String>,
+    unsettled: &mut bool,
 ) -> ApiResult<Json<Submitted>> {
     let Some(source) = form.source else {
         return Err(ApiError::bad_request("Source file required"));
@@ -253,40 +297,37 @@ async fn create_build(
             let bundle =
                 bundle::normalise(certs_part, profile).map_err(|_| ApiError::bad_request("Invalid certs bundle"))?;
             let sealed = certs::encrypt(&state.secrets.certs_key, &bundle);
-            state.storage.put(certs_key, Bytes::from(sealed)).await?;
-            Some(certs_key.as_str().to_string())
+            queue::record_writes(&state.pool, &[new.certs_key.as_str()]).await?;
+            state.storage.put(new.certs_key, Bytes::from(sealed)).await?;
+            Some(new.certs_key.as_str().to_string())
         }
     };
-    let access_token = ids::new_secret();
-    let new = NewBuild {
+    let row = NewBuild {
         submitted_by,
-        id: build_id.to_string(),
+        id: new.build_id.to_string(),
         platform,
         priority,
         max_attempts,
         run_at,
         retry_build_failures: state.config.queue.retry_build_failures,
-        source_key: source_key.as_str().to_string(),
+        source_key: new.source_key.as_str().to_string(),
         source_size: source.size as i64,
         certs_key: stored_certs,
-        access_token_hash: ids::hash_secret(&access_token),
+        access_token_hash: ids::hash_secret(new.access_token),
         original_build_id: None,
     };
-    let build = enqueue(state, &new).await?;
-    Ok(Json(Submitted {
-        id: build.id,
-        status: "pending".into(),
-        submitted_at: build.submitted_at.timestamp_millis(),
-        access_token,
-    }))
+    let build = enqueue(state, &row, unsettled).await?;
+    Ok(Json(submitted(&build, new.access_token.to_string())))
 }
 
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the
 /// notification comes back from PostgreSQL.
-async fn enqueue(state: &AppState, new: &NewBuild) -> ApiResult<Build> {
+async fn enqueue(state: &AppState, new: &NewBuild, unsettled: &mut bool) -> ApiResult<Build> {
     let mut conn = state.pool.acquire().await?;
     let max_queued = state.config.queue.max_queued_builds;
-    let build = queue::enqueue_bounded(&mut conn, new, max_queued, Utc::now()).await?;
+    let build = queue::enqueue_bounded(&mut conn, new, max_queued, Utc::now())
+        .await
+        .inspect_err(|e| *unsettled = e.outcome_unknown())?;
     state.wakeups.invalidate(new.platform);
     Ok(build)
 }
@@ -348,7 +389,7 @@ async fn retry(
     OwnedBuild { build: original, admin }: OwnedBuild,
 ) -> ApiResult<Json<Retried>> {
     let id = original.id.clone();
-    let limited = !admin;
+    let limited = (!admin).then_some(state.config.queue.max_retries_per_build);
     {
         let mut conn = state.pool.acquire().await?;
         queue::check_retry(&mut conn, &id, limited).await?;
@@ -365,7 +406,16 @@ async fn retry(
             "generated id {new_id} is not a valid key"
         )));
     };
+    // Recorded before the copies: whatever this request leaves behind stays named (sweep_unlinked).
+    let mut writes = vec![new_source.as_str()];
+    if original.certs_key.is_some() {
+        writes.push(new_certs.as_str());
+    }
+    queue::record_writes(&state.pool, &writes).await?;
+    let written = [&new_source, &new_certs];
+    let discard = || jobs::discard_unlinked(&state.pool, &state.storage, &written);
     if state.storage.copy(&source, &new_source).await.is_err() {
+        discard().await;
         return Err(gone());
     }
     let mut certs_key = None;
@@ -392,9 +442,14 @@ async fn retry(
     let max_queued = state.config.queue.max_queued_builds;
     let build = match queue::enqueue_retry(&state.pool, &new, &original.id, limited, max_queued, Utc::now()).await {
         Ok(build) => build,
+        // The insert may have committed with its answer lost: the row, if it exists, is the answer;
+        // otherwise its objects are left to sweep_unlinked, never deleted here.
+        Err(e) if e.outcome_unknown() => match queue::find_build(&state.pool, &new_id).await {
+            Ok(Some(build)) => build,
+            _ => return Err(e.into()),
+        },
         Err(e) => {
-            let _ = state.storage.delete(&new_source).await;
-            let _ = state.storage.delete(&new_certs).await;
+            discard().await;
             return Err(e.into());
         }
     };

@@ -295,7 +295,7 @@ async fn report(
             .await
             .map_err(|_| ApiError::bad_request("Content must be multipart/form-data"))?;
         let mut form = UploadForm::default();
-        if let Err(e) = read_upload_form(&state, multipart, &mut form).await {
+        if let Err(e) = read_upload_form(&state, &headers, multipart, &mut form).await {
             results::discard(&state, form.staged.take()).await;
             return Err(e);
         }
@@ -308,7 +308,12 @@ async fn report(
     finish_report(&state, &headers, form, staged).await
 }
 
-async fn read_upload_form(state: &AppState, multipart: Multipart, form: &mut UploadForm) -> ApiResult<()> {
+async fn read_upload_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    multipart: Multipart,
+    form: &mut UploadForm,
+) -> ApiResult<()> {
     let mut parts = Parts::new(multipart);
     while let Some(field) = parts.next().await? {
         match field.name().unwrap_or_default() {
@@ -316,11 +321,31 @@ async fn read_upload_form(state: &AppState, multipart: Multipart, form: &mut Upl
             "worker_id" => form.worker_id = Some(read_text(field).await?),
             "success" => form.success = Some(read_text(field).await?),
             "error_message" => form.error_message = Some(read_text(field).await?),
-            "result" if form.staged.is_none() => form.staged = Some(results::stage(state, field).await?),
+            "result" if form.staged.is_none() => {
+                check_hold_early(state, headers, form).await?;
+                form.staged = Some(results::stage(state, field).await?);
+            }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// T9: when the fields before the file already name the build and the caller, a caller that does not
+/// hold the build is refused before a byte of the file is read or staged (the answer it would get
+/// after the upload). Otherwise the file is staged and the report decides afterwards.
+async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadForm) -> ApiResult<()> {
+    let build_id = form.build_id.as_deref().map(str::trim).filter(|v| ids::valid_id(v));
+    let field_worker = form.worker_id.as_deref().map(str::trim).filter(|v| !v.is_empty());
+    let has_token = header(headers, auth::VM_TOKEN).is_some() || header(headers, WORKER_TOKEN).is_some();
+    let Some(build_id) = build_id.filter(|_| field_worker.is_some() || has_token) else {
+        return Ok(());
+    };
+    let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
+    match queue::holds_build(&state.pool, build_id, caller.holder()).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(explain(state, &caller.worker_id, e).await),
+    }
 }
 
 async fn finish_report(
@@ -466,8 +491,10 @@ struct AbandonBody {
 }
 
 /// §4: the holder gives its attempt back (an infrastructure failure: retried while attempts remain).
+/// With `"reason": "owner_reclaimed"` the Mac's owner took it back: the build is pending again at the
+/// front of its queue without spending an attempt (at most `CONTROLLER_MAX_RELEASES` times).
 #[utoipa::path(post, path = "/api/workers/abandon", request_body = AbandonRequest, responses(
-    (status = 200, description = "The attempt given back (an infrastructure failure)", body = Abandoned),
+    (status = 200, description = "The attempt given back (an infrastructure failure, or released for its owner)", body = Abandoned),
     (status = 400, description = "`build_id required`", body = ErrorBody),
     (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
     (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
@@ -484,11 +511,18 @@ async fn abandon(
         .reason
         .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| "abandoned by worker".into());
+    let holder = queue::Holder::worker(&worker.id);
+    if reason == queue::OWNER_RECLAIMED {
+        let build = queue::release_for_owner(&state.pool, &build_id, holder, &state.config.queue, Utc::now()).await?;
+        return Ok(Json(Abandoned {
+            success: true,
+            status: build.state().g0().to_string(),
+        }));
+    }
     let failure = Failure {
         kind: FailureKind::Infrastructure,
         message: format!("Worker abandoned the build: {reason}"),
     };
-    let holder = queue::Holder::worker(&worker.id);
     let build = queue::fail(
         &state.pool,
         &build_id,
