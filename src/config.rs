@@ -107,10 +107,19 @@ pub struct StorageConfig {
     #[arg(long, env = "CONTROLLER_PRESIGN_DOWNLOADS", default_value_t = false, action = clap::ArgAction::Set)]
     pub presign_downloads: bool,
 
-    /// Lifetime of a presigned download URL, in seconds (at most 3600). A URL already handed out stays
+    /// Lifetime of a presigned download URL, in seconds (a larger value is clamped to 3600, with a
+    /// warning at start). A URL already handed out stays
     /// valid for this long even if the build token that obtained it is revoked or the build deleted.
     #[arg(long, env = "CONTROLLER_PRESIGN_TTL_SECS", default_value_t = 300)]
     pub presign_ttl_secs: u64,
+}
+
+impl StorageConfig {
+    /// The lifetime given to presigned URLs: `CONTROLLER_PRESIGN_TTL_SECS`, at most
+    /// [`MAX_PRESIGN_TTL_SECS`] (T13).
+    pub fn effective_presign_ttl_secs(&self) -> u64 {
+        self.presign_ttl_secs.min(MAX_PRESIGN_TTL_SECS)
+    }
 }
 
 impl Default for StorageConfig {
@@ -569,10 +578,10 @@ impl Config {
         if let Err(problem) = self.storage_target() {
             problems.push(problem);
         }
-        if self.storage.presign_downloads && !(1..=MAX_PRESIGN_TTL_SECS).contains(&self.storage.presign_ttl_secs) {
-            problems.push(format!(
-                "CONTROLLER_PRESIGN_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}"
-            ));
+        // Above MAX_PRESIGN_TTL_SECS is clamped (with a warning at start), not refused: a deployment that
+        // set a longer lifetime before the bound existed must still start after the upgrade.
+        if self.storage.presign_downloads && self.storage.presign_ttl_secs == 0 {
+            problems.push("CONTROLLER_PRESIGN_TTL_SECS must be positive".to_string());
         }
         if self.jobs.staging_max_age_secs < 60 {
             problems.push("CONTROLLER_STAGING_MAX_AGE_SECS must be at least 60".to_string());

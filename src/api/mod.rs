@@ -40,6 +40,7 @@ use tower_http::trace::TraceLayer;
 /// The operator operations the handlers share with the CLI (they live below the API layer).
 pub use crate::ops as operations;
 pub use error::{ApiError, ApiResult};
+pub use extract::BodyBytes;
 
 use tokio::sync::watch;
 

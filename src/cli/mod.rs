@@ -19,6 +19,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::config::QueueConfig;
+pub use output::{emit, emit_or_exit};
 pub use redact::redact_url;
 
 /// Shown under the operator commands' help: ids use `A-Za-z0-9_-`, so one in 64 starts with `-`.

@@ -7,11 +7,17 @@ use serde_json::Value;
 /// Writes `text` to standard output. When the reader went away (`builds logs ID | head`), the command
 /// ends quietly with success instead of panicking on the broken pipe as `print!` does.
 pub fn emit(text: &str) {
+    emit_or_exit(text, 0);
+}
+
+/// [`emit`], ending the process with `closed_code` when the reader has gone (a closed pipe is not an
+/// error of the command: `| head` took what it wanted). Any other write error exits 1.
+pub fn emit_or_exit(text: &str, closed_code: i32) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            std::process::exit(closed_code);
         }
         eprintln!("error: cannot write to standard output: {e}");
         std::process::exit(1);

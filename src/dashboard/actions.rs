@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use super::session::{self, Session};
 use super::{PageResult, fail, params};
 use crate::api::operations;
-use crate::api::{ApiError, ApiResult, AppState};
+use crate::api::{ApiError, ApiResult, AppState, BodyBytes};
 use crate::identity::Access;
 use crate::ids::valid_id;
 use crate::queue::Platform;
@@ -66,7 +66,7 @@ pub async fn revoke_key(
     session: Session,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> PageResult {
     checked_admin_form(&session, &headers, &body).map_err(fail)?;
     let outcome = crate::ops::keys::revoke_key(&state.pool, &id)
@@ -116,7 +116,7 @@ pub async fn build_action(
     session: Session,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> PageResult {
     let form = checked_form(&session, &headers, &body).map_err(fail)?;
     if !valid_id(&id) {
@@ -127,7 +127,12 @@ pub async fn build_action(
 }
 
 /// Cancel or retry the selected builds; reports how many did and did not apply.
-pub async fn bulk(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+pub async fn bulk(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
     checked_form(&session, &headers, &body).map_err(fail)?;
     let pairs: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
     let value = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
@@ -174,7 +179,7 @@ pub async fn worker_action(
     session: Session,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> PageResult {
     checked_form(&session, &headers, &body).map_err(fail)?;
     if !valid_id(&id) {
@@ -215,7 +220,7 @@ pub async fn queue_action(
     session: Session,
     headers: HeaderMap,
     Path((name, action)): Path<(String, String)>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> PageResult {
     checked_form(&session, &headers, &body).map_err(fail)?;
     let paused = match action.as_str() {

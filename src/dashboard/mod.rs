@@ -15,7 +15,6 @@ pub mod session;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -23,7 +22,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use chrono::Utc;
 
-use crate::api::{ApiError, AppState};
+use crate::api::{ApiError, AppState, BodyBytes};
 use crate::ids::valid_id;
 use cache::ReadCache;
 use pages::Chrome;
@@ -167,7 +166,7 @@ async fn login(
     Extension(limiter): Extension<Arc<SignInLimiter>>,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     if !session::same_origin(&headers) {
         return (StatusCode::FORBIDDEN, pages::login(Some("Cross-site sign-in refused."))).into_response();
@@ -175,6 +174,9 @@ async fn login(
     let form = params(std::str::from_utf8(&body).ok());
     let key = form.get("key").map(String::as_str).unwrap_or_default();
     let Some(who) = session::sign_in_as(&state, key).await else {
+        // Only wrong keys are delayed and limited (T6): the right key always signs in. Every wrong key
+        // waits, limited or not: answering a limited guess at once would let a guesser keep its rate up.
+        tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         if !limiter.allow(ip) {
             tracing::warn!(%ip, "dashboard sign-in rate limited");
             let mut response = (
@@ -188,7 +190,6 @@ async fn login(
             return response;
         }
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
-        tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
     };
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
@@ -205,7 +206,12 @@ async fn login(
     }
 }
 
-async fn logout(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+async fn logout(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
     let form = params(std::str::from_utf8(&body).ok());
     session::check_action(&session, &headers, form.get("csrf").map(String::as_str)).map_err(fail)?;
     session::end(&state.pool, &session).await.map_err(fail)?;
@@ -432,7 +438,12 @@ async fn keys_page(
 }
 
 /// Creates a key and shows its secret on the answer itself, once (never in a URL or a redirect).
-async fn create_key(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+async fn create_key(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
     let form = actions::checked_admin_form(&session, &headers, &body).map_err(fail)?;
     let text = |name: &str| form.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
     let days = match text("expires_in_days") {

@@ -66,6 +66,7 @@ const NOTE_NO_SOURCE: &str = "queued builds failed because their source is missi
 const NOTE_MISSING: &str = "files named by a row but missing (build imported without them)";
 const NOTE_CAPABILITIES: &str = "workers with unreadable capabilities (given both platforms)";
 const NOTE_RETRIES: &str = "retried builds linked to their original";
+const NOTE_THINNED: &str = "CPU samples left out (more than CONTROLLER_MAX_SAMPLES_PER_BUILD per build)";
 const NOTE_REFRESHED: &str = "builds changed in the old database since the last import (imported again)";
 const NOTE_PRUNED: &str =
     "finished builds older than CONTROLLER_RETENTION_DAYS (the next prune deletes them: raise it first to keep them)";
@@ -121,6 +122,7 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
         root: std::fs::canonicalize(&args.storage).unwrap_or_else(|_| args.storage.clone()),
         certs_key,
         max_certs_bytes: config.max_certs_bytes,
+        max_samples: usize::try_from(config.queue.max_samples_per_build).unwrap_or(usize::MAX),
         max_attempts: config.queue.max_attempts,
         retry_build_failures: config.queue.retry_build_failures,
         batch_size: args.batch_size,
@@ -153,6 +155,8 @@ struct Importer {
     root: PathBuf,
     certs_key: [u8; 32],
     max_certs_bytes: u64,
+    /// `CONTROLLER_MAX_SAMPLES_PER_BUILD`: more old samples of a build are thinned.
+    max_samples: usize,
     max_attempts: i32,
     retry_build_failures: bool,
     batch_size: usize,
@@ -406,7 +410,9 @@ impl Importer {
         for (build, files) in fresh.iter().zip(copied) {
             self.account_files(&files);
             let lines = lines_of.remove(&build.id).unwrap_or_default();
-            let points = samples_of.remove(&build.id).unwrap_or_default();
+            let mut points = samples_of.remove(&build.id).unwrap_or_default();
+            let thinned = mapping::thin_samples(&mut points, self.max_samples);
+            self.summary.note(NOTE_THINNED, thinned as u64);
             self.summary.table("build_logs").imported += lines.len() as u64;
             self.summary.table("cpu_snapshots").imported += points.len() as u64;
             let composed = compose(build, &files, lines, points, self.now);

@@ -196,7 +196,7 @@ pub const RETRY_NOT_FINISHED: &str =
 
 /// Enqueues a retry of `original_id` (B14) with backpressure; for a `limited` caller (build token only:
 /// `Some(CONTROLLER_MAX_RETRIES_PER_BUILD)`) the rules of [`check_retry`] hold under a lock on the
-/// original, so concurrent retries cannot both pass.
+/// family's first build (and the original), so concurrent retries of any members cannot both pass.
 pub async fn enqueue_retry(
     pool: &PgPool,
     new: &NewBuild,
@@ -206,6 +206,22 @@ pub async fn enqueue_retry(
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
     let mut tx = pool.begin().await?;
+    // Retries of different members of one family count against the same limit, so the lock is on the
+    // family's first build (T8): a lock on the build being retried let parallel retries of two finished
+    // members each pass the count. The walk up follows `original_build_id`, which never changes; the
+    // original itself is locked after its root (always in this order, so two retries cannot deadlock).
+    sqlx::query(
+        "WITH RECURSIVE up AS (
+            SELECT id, original_build_id, 0 AS depth FROM builds WHERE id = $1
+            UNION ALL
+            SELECT b.id, b.original_build_id, up.depth + 1 FROM builds b JOIN up ON b.id = up.original_build_id
+            WHERE up.depth < 100000
+         )
+         SELECT 1 FROM builds WHERE id = (SELECT id FROM up ORDER BY depth DESC LIMIT 1) FOR UPDATE",
+    )
+    .bind(original_id)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
         .bind(original_id)
         .execute(&mut *tx)

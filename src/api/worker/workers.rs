@@ -1,6 +1,5 @@
 //! Worker endpoints: register, poll, result upload (and its aliases), stats, unregister, abandon.
 
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::{Extension, Json};
@@ -17,7 +16,7 @@ use super::schema::{
 use crate::api::auth::{self, CallerRules, KeyCaller, TokenWorker, WORKER_TOKEN, header};
 use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{JsonBody, QueryParams, bounded_int, parse_json};
+use crate::api::extract::{BodyBytes, JsonBody, QueryParams, bounded_int, parse_json};
 use crate::api::group::ApiRouter;
 use crate::api::multipart::{Parts, read_text};
 use crate::api::results::{self, StagedResult};
@@ -286,9 +285,7 @@ async fn report(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let mut form = if is_json && success == Some(false) {
-        let bytes = Bytes::from_request(request, &state)
-            .await
-            .map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
+        let BodyBytes(bytes) = BodyBytes::from_request(request, &state).await?;
         parse_json(&bytes)?
     } else {
         let multipart = Multipart::from_request(request, &state)
