@@ -51,6 +51,14 @@ pub struct Config {
     #[arg(long, env = "CONTROLLER_MAX_RESULT_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_result_bytes: u64,
 
+    /// Default `max_running` of new submitter keys (0 = unlimited).
+    #[arg(long, env = "CONTROLLER_SUBMITTER_MAX_RUNNING", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1_000_000))]
+    pub submitter_max_running: i64,
+
+    /// Default `max_queued` of new submitter keys (0 = unlimited).
+    #[arg(long, env = "CONTROLLER_SUBMITTER_MAX_QUEUED", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1_000_000))]
+    pub submitter_max_queued: i64,
+
     /// Most log lines kept per build; later lines are counted and dropped.
     #[arg(long, env = "CONTROLLER_MAX_LOG_LINES", default_value_t = 10_000)]
     pub max_log_lines: i64,

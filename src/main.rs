@@ -58,6 +58,14 @@ enum Command {
         #[command(subcommand)]
         action: StorageCommand,
     },
+    /// Admin: create, list, show, update or revoke keys with a role (the secret is shown once, at creation).
+    #[command(after_help = cli::ID_HELP)]
+    Keys {
+        #[command(subcommand)]
+        action: cli::KeysCommand,
+        #[command(flatten)]
+        target: cli::Target,
+    },
     /// Operator: list, show, drain, disable, enable or revoke workers.
     #[command(after_help = cli::ID_HELP)]
     Workers {
@@ -170,6 +178,7 @@ async fn main() -> std::process::ExitCode {
         Command::Builds { action, target } => return cli::run(&target, cli::Operation::Builds(action)).await,
         Command::Queues { action, target } => return cli::run(&target, cli::Operation::Queues(action)).await,
         Command::Workers { action, target } => return cli::run(&target, cli::Operation::Workers(action)).await,
+        Command::Keys { action, target } => return cli::run(&target, cli::Operation::Keys(action)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -65,6 +65,8 @@ pub struct AppState {
     pub workers: Arc<worker_cache::WorkerCache>,
     /// State-change events (SSE).
     pub events: Arc<crate::events::Events>,
+    /// Recent key look-ups (each trusted for a second, so revocations reach every instance in time).
+    pub keys: Arc<crate::identity::KeyCache>,
 }
 
 impl AppState {
@@ -86,6 +88,7 @@ impl AppState {
             shutdown,
             workers: Arc::default(),
             events,
+            keys: Arc::default(),
         }
     }
 }

@@ -69,6 +69,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/workers/{id}/{action}", post(actions::worker_action))
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
+        .route("/dashboard/keys", get(keys).post(create_key))
+        .route("/dashboard/keys/{id}/revoke", post(actions::revoke_key))
         .layer(axum::middleware::from_fn_with_state(
             cache.clone(),
             invalidate_after_actions,
@@ -140,6 +142,8 @@ fn chrome<'a>(title: &'a str, nav: &'a str, session: &'a Session, params: &'a Ha
         title,
         nav,
         csrf: &session.csrf,
+        who: &session.name,
+        role: session.role.as_str(),
         notice: param(params, "notice"),
         error: param(params, "error"),
     }
@@ -169,11 +173,9 @@ async fn login(
     }
     let form = params(std::str::from_utf8(&body).ok());
     let key = form.get("key").map(String::as_str).unwrap_or_default();
-    // Only wrong keys are delayed and limited (T6): the right key always signs in, so nobody sharing
-    // an address with someone guessing is locked out.
-    if !session::key_matches(&state, key) {
-        // Every wrong key waits, limited or not: answering a limited guess at once would tell a guesser
-        // when to stop waiting and let it keep the rate of answers up (T6).
+    let Some(who) = session::sign_in_as(&state, key).await else {
+        // Only wrong keys are delayed and limited (T6): the right key always signs in. Every wrong key
+        // waits, limited or not: answering a limited guess at once would let a guesser keep its rate up.
         tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         if !limiter.allow(ip) {
             tracing::warn!(%ip, "dashboard sign-in rate limited");
@@ -189,11 +191,11 @@ async fn login(
         }
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
-    }
+    };
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
-    match session::create(&state.pool, ttl, Utc::now()).await {
+    match session::create(&state.pool, ttl, &who, Utc::now()).await {
         Ok(id) => {
-            tracing::info!(%ip, "dashboard sign-in");
+            tracing::info!(%ip, role = who.role().as_str(), "dashboard sign-in");
             let mut response = Redirect::to("/dashboard").into_response();
             response
                 .headers_mut()
@@ -340,7 +342,7 @@ async fn builds(
             format!("{page_query}&before={before}")
         };
     }
-    let body = pages::builds_page(&filter, &page_query, table, &session.csrf);
+    let body = pages::builds_page(&filter, &page_query, table, session.action_csrf());
     Ok(html(pages::layout(&chrome("Builds", "builds", &session, &p), body)))
 }
 
@@ -365,10 +367,10 @@ async fn build(
         .ok_or_else(|| pages::not_found("Build not found"))?;
     let now = Utc::now();
     if is_fragment(&p) {
-        return Ok(html(pages::build_summary(page, &session.csrf, now)));
+        return Ok(html(pages::build_summary(page, session.action_csrf(), now)));
     }
     let logs = queries::log_tail(&state.pool, &id).await.map_err(fail)?;
-    let body = pages::build_page(page, &logs, &session.csrf, now);
+    let body = pages::build_page(page, &logs, session.action_csrf(), now);
     let title = format!("Build {}", id.get(..10).unwrap_or(&id));
     Ok(html(pages::layout(&chrome(&title, "builds", &session, &p), body)))
 }
@@ -401,7 +403,12 @@ async fn workers(
 ) -> PageResult {
     let p = params(raw.as_deref());
     let rows = cache.workers(|| queries::workers(&state.pool)).await.map_err(fail)?;
-    let table = pages::workers(&rows, &session.csrf, Utc::now());
+    let table = pages::workers(
+        &rows,
+        session.action_csrf(),
+        session.role == crate::identity::Role::Admin,
+        Utc::now(),
+    );
     if is_fragment(&p) {
         return Ok(html(table));
     }
@@ -410,6 +417,63 @@ async fn workers(
         (pages::region("workers-table", "/dashboard/workers?fragment=1", "worker.* build.*", table))
     };
     Ok(html(pages::layout(&chrome("Workers", "workers", &session, &p), body)))
+}
+
+/// The admin's Keys page: every key (never a secret), a form to create one, Revoke.
+async fn keys(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    session.may(crate::identity::Access::Admin).map_err(fail)?;
+    let p = params(raw.as_deref());
+    keys_page(&state, &session, &p, None).await
+}
+
+async fn keys_page(
+    state: &AppState,
+    session: &Session,
+    p: &HashMap<String, String>,
+    created: Option<&crate::ops::keys::CreatedKey>,
+) -> PageResult {
+    let list = crate::ops::keys::list_keys(&state.pool).await.map_err(fail)?;
+    let body = pages::keys(&list.items, &session.csrf, created);
+    Ok(html(pages::layout(&chrome("Keys", "keys", session, p), body)))
+}
+
+/// Creates a key and shows its secret on the answer itself, once (never in a URL or a redirect).
+async fn create_key(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
+    let form = actions::checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let text = |name: &str| form.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let days = match text("expires_in_days") {
+        None => None,
+        Some(days) => Some(
+            days.parse::<i64>()
+                .ok()
+                .and_then(|d| d.checked_mul(86_400))
+                .ok_or_else(|| fail(ApiError::bad_request("expires_in_days must be a whole number of days")))?,
+        ),
+    };
+    let request = crate::ops::keys::KeyRequest {
+        name: text("name"),
+        role: text("role"),
+        expires_in_secs: days,
+        enroll: Some(form.contains_key("enroll")),
+        ..Default::default()
+    };
+    let defaults = crate::identity::QuotaDefaults {
+        max_running: state.config.submitter_max_running,
+        max_queued: state.config.submitter_max_queued,
+    };
+    match crate::ops::keys::create_key(&state.pool, &request, defaults).await {
+        Ok(created) => keys_page(&state, &session, &HashMap::new(), Some(&created)).await,
+        Err(error) => {
+            let mut p = HashMap::new();
+            p.insert("error".to_string(), ApiError::from(error).message().to_string());
+            keys_page(&state, &session, &p, None).await
+        }
+    }
 }
 
 async fn queues(
@@ -423,7 +487,7 @@ async fn queues(
         .queues(|| crate::queue::operator::queue_views(&state.pool, Utc::now()))
         .await
         .map_err(fail)?;
-    let table = pages::queues(&views, &session.csrf);
+    let table = pages::queues(&views, session.action_csrf());
     if is_fragment(&p) {
         return Ok(html(table));
     }

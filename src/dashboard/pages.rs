@@ -17,6 +17,9 @@ pub struct Chrome<'a> {
     pub title: &'a str,
     pub nav: &'a str,
     pub csrf: &'a str,
+    /// The key signed in and its role, named in the top bar.
+    pub who: &'a str,
+    pub role: &'a str,
     pub notice: Option<&'a str>,
     pub error: Option<&'a str>,
 }
@@ -43,6 +46,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
         ("builds", "/dashboard/builds", "Builds"),
         ("workers", "/dashboard/workers", "Workers"),
         ("queues", "/dashboard/queues", "Queues"),
+        ("keys", "/dashboard/keys", "Keys"),
     ];
     html! {
         (DOCTYPE)
@@ -52,11 +56,12 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
                 header.top {
                     a.brand href="/dashboard" { span.logo aria-hidden="true" { "◆" } " Free Agent" }
                     nav aria-label="Main" {
-                        @for (key, href, label) in nav {
+                        @for (key, href, label) in nav.into_iter().filter(|n| n.0 != "keys" || chrome.role == "admin") {
                             a href=(href) aria-current=[(key == chrome.nav).then_some("page")] { (label) }
                         }
                     }
                     span #live .live.connecting role="status" aria-live="polite" { "Connecting…" }
+                    span.who #signed-in data-role=(chrome.role) { (chrome.who) " · " (chrome.role) }
                     form.logout method="post" action="/dashboard/logout" {
                         input type="hidden" name="csrf" value=(chrome.csrf);
                         button.btn.ghost type="submit" { "Log out" }
@@ -93,7 +98,7 @@ pub fn login(error: Option<&str>) -> Markup {
                     p.muted { "Controller dashboard. Sign in with the admin API key." }
                     @if let Some(error) = error { p.flash.bad role="alert" { (error) } }
                     form method="post" action="/dashboard/login" {
-                        label for="key" { "Admin API key" }
+                        label for="key" { "API key (viewer, operator or admin)" }
                         input #key type="password" name="key" autocomplete="current-password" required autofocus;
                         button.btn.primary type="submit" { "Sign in" }
                     }
@@ -216,7 +221,11 @@ fn platform(p: &str) -> Markup {
 }
 
 /// A POST form with the CSRF token, a confirmation question and one labelled button.
+/// An action button; none when `csrf` is empty (the role may not act).
 fn action(url: &str, csrf: &str, label: &str, confirm: &str, class: &str) -> Markup {
+    if csrf.is_empty() {
+        return html! {};
+    }
     html! {
         form.inline method="post" action=(url) data-confirm=(confirm) {
             input type="hidden" name="csrf" value=(csrf);
@@ -385,6 +394,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
             button.btn type="submit" { "Apply" }
             a.btn.ghost href="/dashboard/builds" { "Reset" }
         }
+        @if !csrf.is_empty() {
         form #bulk method="post" action="/dashboard/builds/bulk" data-confirm="Apply this action to the selected builds?" {
             input type="hidden" name="csrf" value=(csrf);
             input type="hidden" name="return" value={ "/dashboard/builds" @if !query.is_empty() { "?" (query) } };
@@ -393,6 +403,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
                 button.btn type="submit" name="action" value="cancel" { "Cancel" }
                 button.btn type="submit" name="action" value="retry" { "Retry" }
             }
+        }
         }
         (region("builds-table", &format!("/dashboard/builds?{}{}fragment=1", query, if query.is_empty() { "" } else { "&" }), "build.*", table))
     }
@@ -471,7 +482,7 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
                 @if !state.is_final() { (action(&format!("{base}/cancel"), csrf, "Cancel", "Cancel this build?", "danger")) }
                 @if matches!(b.state.as_str(), "failed" | "cancelled") { (action(&format!("{base}/retry"), csrf, "Retry", "Retry this build as a new attempt?", "")) }
                 @if state.is_held() { (action(&format!("{base}/requeue"), csrf, "Requeue", "Give this attempt back to the queue?", "")) }
-                @if !state.is_held() && !state.is_final() {
+                @if !state.is_held() && !state.is_final() && !csrf.is_empty() {
                     form.inline method="post" action={ (base) "/priority" } data-confirm="Change this build's priority?" {
                         input type="hidden" name="csrf" value=(csrf);
                         label.compact { "Priority " input type="number" name="priority" min="-100" max="100" value=(b.priority) required; }
@@ -547,7 +558,7 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
 
 // ---------- workers ----------
 
-pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
+pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) -> Markup {
     html! {
         div.table-wrap { table.workers {
             thead { tr {
@@ -603,11 +614,54 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
                                 @if w.health(now) != "ok" {
                                     (action(&format!("{base}/release"), csrf, "Release", &format!("Release {} from quarantine? It takes builds again and its record is cleared.", w.name), ""))
                                 }
-                                (action(&format!("{base}/revoke"), csrf, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
+                                (action(&format!("{base}/revoke"), if admin { csrf } else { "" }, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
                             }
                         }
                     }
                 }
+            }
+        } }
+    }
+}
+
+// ---------- keys ----------
+
+/// Every key (never a secret), the form to create one, and a new key's secret shown this once.
+pub fn keys(list: &[crate::ops::keys::KeyView], csrf: &str, created: Option<&crate::ops::keys::CreatedKey>) -> Markup {
+    html! {
+        div.page-head { h1 { "Keys" } p.muted { "Give each volunteer, submitter and screen its own key with the least role that fits." } }
+        @if let Some(created) = created {
+            section.card #new-key role="status" {
+                h2 { "Key " (created.name) " (" (created.role) ") created" }
+                p { "Copy it now: it is shown this once and never again." }
+                p { code #new-key-secret { (created.key) } }
+            }
+        }
+        form.filters method="post" action="/dashboard/keys" data-confirm="Create this key?" {
+            input type="hidden" name="csrf" value=(csrf);
+            label { "Name" input type="text" name="name" maxlength="256" required; }
+            label { "Role" select name="role" {
+                @for role in ["worker", "submitter", "viewer", "operator", "admin"] { option value=(role) { (role) } }
+            } }
+            label { "Expires in (days)" input type="number" name="expires_in_days" min="1"; }
+            label { input type="checkbox" name="enroll" value="1"; " Enrollment (one worker)" }
+            button.btn.primary type="submit" { "Create key" }
+        }
+        div.table-wrap { table.keys {
+            thead { tr {
+                th scope="col" { "Name" } th scope="col" { "Role" } th scope="col" { "Prefix" } th scope="col" { "Expires" }
+                th scope="col" { "Last used" } th scope="col" { "State" } th scope="col" { "Action" }
+            } }
+            tbody {
+                @if list.is_empty() { tr { td colspan="7" { p.empty { "No keys yet: only the built-in admin key works." } } } }
+                @for k in list { tr data-key=(k.id) {
+                    td { (k.name) } td { (k.role) @if k.enroll { " (enrollment)" } } td.mono { (k.prefix) "…" }
+                    td { (k.expires_at.as_deref().unwrap_or("never")) } td { (k.last_used_at.as_deref().unwrap_or("never")) }
+                    td { @if k.revoked_at.is_some() { (pill("revoked")) } @else { (pill("active")) } }
+                    td.actions { @if k.revoked_at.is_none() {
+                        (action(&format!("/dashboard/keys/{}/revoke", k.id), csrf, "Revoke", &format!("Revoke {}? It stops working everywhere within 2 s.", k.name), "danger"))
+                    } }
+                } }
             }
         } }
     }

@@ -37,6 +37,8 @@ pub struct NewBuild {
     pub certs_key: Option<String>,
     pub access_token_hash: Vec<u8>,
     pub original_build_id: Option<String>,
+    /// The key that submitted it (`None`: the built-in admin key).
+    pub submitted_by: Option<String>,
 }
 
 /// Inserts the build and, when it is claimable now, notifies every instance — one statement, inside
@@ -101,8 +103,10 @@ async fn insert(
             SELECT key FROM pending_writes WHERE $16 AND key IN ($9, $11) AND NOT doomed FOR UPDATE
          ), inserted AS (
             INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
-                                submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id)
-            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+                                submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id,
+                                submitted_by, submitted_by_name)
+            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $17,
+                   (SELECT name FROM api_keys WHERE id = $17)
             WHERE (NOT $16 OR (SELECT count(*) FROM claimed) = 1 + ($11::text IS NOT NULL)::int)
               AND ($15::bigint IS NULL OR NOT ",
         queued_at_least!("$3", "$15"),
@@ -138,6 +142,7 @@ async fn insert(
         .bind(NOTIFY_CHANNEL)
         .bind(max_queued)
         .bind(claim)
+        .bind(&new.submitted_by)
         .fetch_optional(&mut *conn)
         .await?;
     if let Some(build) = build {
