@@ -315,6 +315,14 @@ fn result_file(id: &str) -> ResultFile {
     }
 }
 
+/// A result file whose key is recorded as pending, as an upload records it before storing it (the
+/// completion links it and refuses a key it cannot claim).
+async fn recorded_result(pool: &PgPool, id: &str) -> ResultFile {
+    let file = result_file(id);
+    queue::record_writes(pool, &[file.key.as_str()]).await.expect("pending");
+    file
+}
+
 fn infra(message: &str) -> Failure {
     Failure {
         kind: FailureKind::Infrastructure,
@@ -424,7 +432,7 @@ async fn infrastructure_failures_quarantine_a_worker_until_probation_or_release(
         pool,
         &claim.build.id,
         Holder::worker(&bad.id),
-        &result_file(&claim.build.id),
+        &recorded_result(pool, &claim.build.id).await,
         later,
     )
     .await
@@ -662,7 +670,7 @@ async fn one_bad_worker_among_four_retries_land_elsewhere() {
                 &pool,
                 &claim.build.id,
                 Holder::worker(&worker.id),
-                &result_file(&claim.build.id),
+                &recorded_result(&pool, &claim.build.id).await,
                 at,
             )
             .await
@@ -859,7 +867,7 @@ async fn reconcile_closes_a_live_attempt_of_a_final_build() {
         &pool,
         &running,
         Holder::worker(&w.id),
-        &result_file(&running),
+        &recorded_result(&pool, &running).await,
         Utc::now(),
     )
     .await

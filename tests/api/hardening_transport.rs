@@ -369,12 +369,21 @@ async fn r43_slow_but_steady_upload_completes() {
     .into_bytes();
     body.extend_from_slice(&source);
     body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+    // The first 64 KiB arrive at once (a body's first 64 KiB must arrive within the header timeout, T1);
+    // the rest trickles in 8 KiB every 100 ms, longer than both timeouts.
+    let (first, rest) = body.split_at(72 * 1024);
+    let mut chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(first.to_vec())];
+    chunks.extend(rest.chunks(8 * 1024).map(|c| Ok(c.to_vec())));
     let length = body.len();
-    let slow = futures_util::StreamExt::then(futures_util::stream::iter(chunks), |chunk| async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        chunk
-    });
+    let slow = futures_util::StreamExt::then(
+        futures_util::stream::iter(chunks.into_iter().enumerate()),
+        |(i, chunk)| async move {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            chunk
+        },
+    );
     let started = Instant::now();
     let r = app
         .client
