@@ -76,8 +76,7 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
         "SELECT s.status, count(w.id) FROM unnest(ARRAY['idle', 'busy', 'offline']) AS s(status)
          LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked' GROUP BY s.status
          UNION ALL
-         SELECT 'quarantined', count(*) FROM workers WHERE admin_state <> 'revoked' AND health = 'quarantined'
-            AND (quarantined_until IS NULL OR quarantined_until > now())",
+         SELECT 'quarantined', count(*) FROM workers WHERE admin_state <> 'revoked' AND ((health = 'quarantined' AND quarantined_until > now()) OR diag_critical_at IS NOT NULL)",
     )
     .fetch_all(pool)
     .await?;

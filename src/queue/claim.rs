@@ -31,7 +31,7 @@ WITH held AS (
     SELECT b.id FROM builds b
     WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
       AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL
-                  AND (w.health = 'ok' OR w.quarantined_until <= $2))
+                  AND (w.health = 'ok' OR w.quarantined_until <= $2) AND w.diag_critical_at IS NULL)
       AND b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND {queue}
@@ -42,7 +42,7 @@ WITH held AS (
               OR (a.outcome IN ('infrastructure', 'released') AND a.finished_at > $2 - $10::bigint * interval '1 second'
                   AND EXISTS (SELECT 1 FROM workers o WHERE o.id <> $1 AND o.status <> 'offline'
                       AND o.admin_state = 'active' AND o.unregistered_at IS NULL AND b.queue = ANY(o.platforms)
-                      AND (o.health = 'ok' OR o.quarantined_until <= $2)))))
+                      AND (o.health = 'ok' OR o.quarantined_until <= $2) AND o.diag_critical_at IS NULL))))
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
     FOR UPDATE OF b SKIP LOCKED

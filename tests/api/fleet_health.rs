@@ -1015,3 +1015,69 @@ async fn the_dashboard_shows_a_quarantine_and_releases_the_worker() {
     assert_eq!(r.status(), 303);
     assert_eq!(worker_json(&app, &id).await["health"], "ok");
 }
+
+/// A critical diagnostics report and the healthy one after it lift only their own quarantine: a worker
+/// quarantined for its failures stays quarantined until its time (then probation), and a repeated
+/// critical report is no new event.
+#[tokio::test]
+async fn a_healthy_report_does_not_cut_a_failure_quarantine_short() {
+    let app = TestApp::spawn().await;
+    let pool = &app.pool;
+    let settings = QueueConfig::default();
+    let bad = support_worker(pool, "mini").await;
+    let t0 = Utc::now() + chrono::Duration::seconds(10);
+    for n in 0..3 {
+        enqueue(pool, Platform::Ios, 0, 1).await;
+        claim_and_break(pool, &bad, &settings, t0 + chrono::Duration::seconds(n)).await;
+    }
+    let until = worker_json(&app, &bad.id).await["quarantined_until"].clone();
+    assert!(until.is_string(), "{until}");
+    for status in ["critical", "critical", "healthy"] {
+        let body = json!({ "worker_id": bad.id, "status": status, "duration_ms": 5,
+                           "checks": [{ "name": "disk", "status": status }] });
+        let r = app
+            .client
+            .post(app.url("/api/diagnostics/report"))
+            .header("X-API-Key", API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{status}");
+    }
+    let shown = worker_json(&app, &bad.id).await;
+    assert_eq!(
+        (&shown["health"], &shown["quarantined_until"]),
+        (&json!("quarantined"), &until),
+        "{shown}"
+    );
+    assert!(
+        shown["quarantine_reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 infrastructure failures"),
+        "{shown}"
+    );
+    let waiting = enqueue(pool, Platform::Ios, 0, 3).await;
+    let during = t0 + chrono::Duration::seconds(600);
+    assert!(queue::claim(pool, &bad, &settings, during).await.unwrap().is_none());
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM events WHERE worker_id = $1 AND kind IN ('worker.quarantined', 'worker.released') ORDER BY id",
+    )
+    .bind(&bad.id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kinds,
+        ["worker.quarantined", "worker.quarantined"],
+        "one per real change"
+    );
+    // Its time passes: on probation it takes the waiting build.
+    let probation = t0 + chrono::Duration::seconds(3603);
+    let claim = queue::claim(pool, &bad, &settings, probation)
+        .await
+        .unwrap()
+        .expect("on probation");
+    assert_eq!(claim.build.id, waiting);
+}
