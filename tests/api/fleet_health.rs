@@ -1081,3 +1081,53 @@ async fn a_healthy_report_does_not_cut_a_failure_quarantine_short() {
         .expect("on probation");
     assert_eq!(claim.build.id, waiting);
 }
+
+/// A gap in the controller's contact shorter than a quarter of the lease timeout is no outage, and a
+/// longer one shorter than the lease timeout extends live leases by the gap only (a few seconds to
+/// heartbeat at least), not to a full lease from now: recurring short gaps never keep a vanished
+/// worker's build from being rescued.
+#[tokio::test]
+async fn a_short_contact_gap_extends_leases_only_by_the_gap() {
+    let (_, pool) = fresh_database(4).await;
+    let settings = QueueConfig::default(); // lease 300 s: an outage is a gap over 75 s
+    assert_eq!(queue::clock::outage_after_secs(&settings), 75.0);
+    let w = support_worker(&pool, "w").await;
+    let build = enqueue(&pool, Platform::Ios, 0, 3).await;
+    queue::claim(&pool, &w, &settings, Utc::now())
+        .await
+        .unwrap()
+        .expect("claimed");
+    let lease_left = || {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 FROM builds WHERE id = $1",
+        )
+        .bind(&build)
+        .fetch_one(&pool)
+    };
+    sqlx::query("UPDATE builds SET lease_expires_at = clock_timestamp() + interval '10 seconds'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let gap = |secs: i32| {
+        sqlx::query(
+            "INSERT INTO controller_clock (id, last_contact) VALUES (1, clock_timestamp() - make_interval(secs => $1))
+             ON CONFLICT (id) DO UPDATE SET last_contact = excluded.last_contact",
+        )
+        .bind(f64::from(secs))
+        .execute(&pool)
+    };
+    // 5 s (a saturated pool, a slow disk): not an outage, nothing extended.
+    gap(5).await.unwrap();
+    assert_eq!(queue::clock::catch_up(&pool, &settings).await.unwrap(), None);
+    let left = lease_left().await.unwrap();
+    assert!(left < 10.5, "lease untouched: {left}");
+    // 100 s: an outage; the lease gains the gap, not a full lease timeout.
+    gap(100).await.unwrap();
+    let outage = queue::clock::catch_up(&pool, &settings)
+        .await
+        .unwrap()
+        .expect("an outage");
+    assert_eq!(outage.leases_extended, 1);
+    let left = lease_left().await.unwrap();
+    assert!((105.0..111.0).contains(&left), "extended by the gap: {left}");
+}
