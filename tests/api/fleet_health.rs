@@ -389,7 +389,7 @@ async fn infrastructure_failures_quarantine_a_worker_until_probation_or_release(
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("expo_workers{status=\"quarantined\"} 1"), "{metrics}");
+    assert!(metrics.contains("expo_workers_quarantined 1"), "{metrics}");
     let output = support_cli(&app, &["workers", "show", &bad.id]);
     assert!(output.contains("quarantined (quarantine until"), "{output}");
 
