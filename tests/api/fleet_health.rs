@@ -1131,3 +1131,24 @@ async fn a_short_contact_gap_extends_leases_only_by_the_gap() {
     let left = lease_left().await.unwrap();
     assert!((105.0..111.0).contains(&left), "extended by the gap: {left}");
 }
+
+/// Two workers that both broke a build do not hold it back from each other: with no third worker, the
+/// retry goes to one of them rather than waiting out the retry-elsewhere period.
+#[tokio::test]
+async fn two_workers_that_both_broke_a_build_do_not_block_each_other() {
+    let (_, pool) = fresh_database(4).await;
+    let settings = QueueConfig::default();
+    let (a, b) = (support_worker(&pool, "a").await, support_worker(&pool, "b").await);
+    let build = enqueue(&pool, Platform::Ios, 0, 5).await;
+    let t = Utc::now();
+    assert_eq!(claim_and_break(&pool, &a, &settings, t).await, build);
+    let second = t + chrono::Duration::seconds(60);
+    assert_eq!(claim_and_break(&pool, &b, &settings, second).await, build);
+    // Both online, both broke it, within the retry-elsewhere period: a may take it back.
+    let third = second + chrono::Duration::seconds(60);
+    let claim = queue::claim(&pool, &a, &settings, third)
+        .await
+        .unwrap()
+        .expect("no worker that did not break it is online");
+    assert_eq!(claim.build.id, build);
+}
