@@ -26,6 +26,12 @@ pub const OLDEST_PENDING: &str = "expo_oldest_pending_age_seconds";
 pub const QUEUE_FULL: &str = "expo_queue_full_rejections_total";
 
 pub const WORKERS: &str = "expo_workers";
+/// Workers able to take work now (online, active, not quarantined), by platform.
+pub const WORKERS_AVAILABLE: &str = "expo_workers_available";
+/// Workers quarantined now (for infrastructure failures or a critical diagnostics report).
+pub const WORKERS_QUARANTINED: &str = "expo_workers_quarantined";
+/// Requests the artifact store failed (answered 503 `Storage unavailable`).
+pub const STORAGE_ERRORS: &str = "expo_storage_errors_total";
 pub const BUILD_DURATION: &str = "expo_build_duration_seconds";
 pub const QUEUE_WAIT: &str = "expo_build_queue_wait_seconds";
 pub const FAILURES: &str = "expo_build_failures_total";
@@ -74,15 +80,32 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
     metrics::gauge!(DB_POOL, "state" => "in_use").set((f64::from(pool.size()) - idle).max(0.0));
     let workers: Vec<(String, i64)> = sqlx::query_as(
         "SELECT s.status, count(w.id) FROM unnest(ARRAY['idle', 'busy', 'offline']) AS s(status)
-         LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked' GROUP BY s.status
-         UNION ALL
-         SELECT 'quarantined', count(*) FROM workers WHERE admin_state <> 'revoked' AND health = 'quarantined'
-            AND (quarantined_until IS NULL OR quarantined_until > now())",
+         LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked' GROUP BY s.status",
     )
     .fetch_all(pool)
     .await?;
     for (status, count) in workers {
         metrics::gauge!(WORKERS, "status" => status).set(count as f64);
+    }
+    let quarantined: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workers WHERE admin_state <> 'revoked'
+            AND ((health = 'quarantined' AND quarantined_until > now()) OR diag_critical_at IS NOT NULL)",
+    )
+    .fetch_one(pool)
+    .await?;
+    metrics::gauge!(WORKERS_QUARANTINED).set(quarantined as f64);
+    // As the claim decides who may take work (claim.rs), per platform queue.
+    let available: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT q.name, count(w.id) FROM queues q
+         LEFT JOIN workers w ON q.name = ANY(w.platforms) AND w.status <> 'offline' AND w.admin_state = 'active'
+            AND w.unregistered_at IS NULL AND (w.health = 'ok' OR w.quarantined_until <= now())
+            AND w.diag_critical_at IS NULL
+         GROUP BY q.name",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (platform, count) in available {
+        metrics::gauge!(WORKERS_AVAILABLE, "platform" => platform).set(count as f64);
     }
     let depth: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT q.name, s.state, count(b.id)
@@ -169,7 +192,16 @@ pub fn init() {
     describe_gauge!(SSE_SUBSCRIBERS, "Open event-stream subscriptions on this instance");
     describe_gauge!(
         WORKERS,
-        "Registered (not revoked) workers by status, and those quarantined (read at scrape time)"
+        "Registered (not revoked) workers by status (read at scrape time)"
+    );
+    describe_gauge!(
+        WORKERS_AVAILABLE,
+        "Workers able to take work now (online, active, not quarantined) by platform (read at scrape time)"
+    );
+    describe_gauge!(WORKERS_QUARANTINED, "Workers quarantined now (read at scrape time)");
+    describe_counter!(
+        STORAGE_ERRORS,
+        "Requests the artifact store failed (answered 503 Storage unavailable)"
     );
     describe_histogram!(
         BUILD_DURATION,
@@ -201,9 +233,10 @@ pub fn init() {
         metrics::counter!(JOB_RUNS, "job" => job).increment(0);
         metrics::counter!(JOB_ERRORS, "job" => job).increment(0);
     }
-    for status in ["idle", "busy", "offline", "quarantined"] {
+    for status in ["idle", "busy", "offline"] {
         metrics::gauge!(WORKERS, "status" => status).set(0.0);
     }
+    metrics::gauge!(WORKERS_QUARANTINED).set(0.0);
     for state in ["in_use", "idle"] {
         metrics::gauge!(DB_POOL, "state" => state).set(0.0);
     }
@@ -213,6 +246,7 @@ pub fn init() {
     );
     for platform in PLATFORMS {
         metrics::counter!(QUEUE_FULL, "queue" => platform).increment(0);
+        metrics::gauge!(WORKERS_AVAILABLE, "platform" => platform).set(0.0);
         let _ = metrics::histogram!(QUEUE_WAIT, "platform" => platform);
         for outcome in OUTCOMES {
             let _ = metrics::histogram!(BUILD_DURATION, "platform" => platform, "outcome" => outcome);
@@ -225,6 +259,7 @@ pub fn init() {
         DOWNLOAD_BYTES,
         RATE_LIMITED,
         UNLINKED_OBJECTS,
+        STORAGE_ERRORS,
     ] {
         metrics::counter!(name).increment(0);
     }

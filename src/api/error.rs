@@ -139,8 +139,10 @@ impl ApiError {
         }
     }
 
-    /// A 503 with `Retry-After`: the artifact store is unreachable or failing; the cause is logged.
+    /// A 503 with `Retry-After`: the artifact store is unreachable or failing; the cause is logged and
+    /// counted (`expo_storage_errors_total`, which the storage alert watches: not every 503).
     pub fn storage_unavailable(cause: impl Into<anyhow::Error>) -> Self {
+        metrics::counter!(crate::metrics::STORAGE_ERRORS).increment(1);
         Self {
             cause: Some(cause.into()),
             retry_after: Some(STORAGE_RETRY_AFTER_SECS),

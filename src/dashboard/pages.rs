@@ -579,12 +579,12 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) 
                             @if health != "ok" {
                                 " " (pill(health))
                                 p.muted.health {
-                                    @match w.quarantined_until {
+                                    @match w.quarantine_ends() {
                                         Some(until) if health == "quarantined" => { "until " (until.format("%Y-%m-%d %H:%M UTC")) },
                                         Some(_) => { "probation: one build to prove itself" },
                                         None => { "until a healthy diagnostics report or a release" },
                                     }
-                                    @if let Some(reason) = &w.quarantine_reason { br; (reason) }
+                                    @if let Some(reason) = w.quarantine_reason() { br; (reason) }
                                 }
                             }
                         }

@@ -281,8 +281,8 @@ pub fn worker(w: &Worker) -> WorkerView {
         builds_completed: w.builds_completed,
         builds_failed: w.builds_failed,
         health: w.health(chrono::Utc::now()).to_string(),
-        quarantined_until: w.quarantined_until.map(iso),
-        quarantine_reason: w.quarantine_reason.clone(),
+        quarantined_until: w.quarantine_ends().map(iso),
+        quarantine_reason: w.quarantine_reason(),
     }
 }
 

@@ -31,7 +31,7 @@ WITH held AS (
     SELECT b.id FROM builds b
     WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
       AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL
-                  AND (w.health = 'ok' OR w.quarantined_until <= $2))
+                  AND (w.health = 'ok' OR w.quarantined_until <= $2) AND w.diag_critical_at IS NULL)
       AND b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND {queue}
@@ -42,7 +42,10 @@ WITH held AS (
               OR (a.outcome IN ('infrastructure', 'released') AND a.finished_at > $2 - $10::bigint * interval '1 second'
                   AND EXISTS (SELECT 1 FROM workers o WHERE o.id <> $1 AND o.status <> 'offline'
                       AND o.admin_state = 'active' AND o.unregistered_at IS NULL AND b.queue = ANY(o.platforms)
-                      AND (o.health = 'ok' OR o.quarantined_until <= $2)))))
+                      AND (o.health = 'ok' OR o.quarantined_until <= $2) AND o.diag_critical_at IS NULL
+                      AND NOT EXISTS (SELECT 1 FROM build_attempts oa WHERE oa.build_id = b.id AND oa.worker_id = o.id
+                          AND oa.outcome IN ('infrastructure', 'released')
+                          AND oa.finished_at > $2 - $10::bigint * interval '1 second')))))
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
     FOR UPDATE OF b SKIP LOCKED
@@ -99,7 +102,8 @@ pub fn claim_sql(platforms: usize) -> &'static str {
 /// a build an operator requeued away from this worker is not handed back to it within the requeue
 /// cool-off (R51). A quarantined worker gets nothing (on probation it may); a build whose attempt on this
 /// worker ended in an infrastructure failure or was given back is retried elsewhere: not handed back to
-/// it within `retry_elsewhere_secs` while another matching worker is online (fleet-health.md).
+/// it within `retry_elsewhere_secs` while another matching worker is online that did not break it too
+/// (fleet-health.md): two workers that both broke a build do not hold it back from each other.
 pub async fn claim(
     pool: &PgPool,
     worker: &Worker,

@@ -86,7 +86,7 @@ pub(crate) async fn after_infrastructure_failure(
     Ok(true)
 }
 
-/// Quarantines a worker until `until` (`None`: until a healthy report or release) and emits
+/// Quarantines a worker for its failures until `until` and emits
 /// `worker.quarantined` with the reason and the evidence.
 async fn quarantine(
     conn: &mut PgConnection,
@@ -121,7 +121,9 @@ async fn quarantine(
 }
 
 /// A diagnostics report arrived (in the caller's transaction): `critical` quarantines the worker until a
-/// later `healthy`/`warning` report (which lifts such a quarantine) or an operator's release.
+/// later `healthy`/`warning` report (which lifts only that quarantine, never one for infrastructure
+/// failures) or an operator's release. The events mark real changes only: a repeated critical report
+/// updates the reason silently, and a healthy report that leaves a timed quarantine in force says nothing.
 pub(crate) async fn after_report(
     conn: &mut PgConnection,
     worker_id: &str,
@@ -136,17 +138,41 @@ pub(crate) async fn after_report(
         } else {
             format!("critical diagnostics report: {}", failed.join(", "))
         };
-        return quarantine(conn, worker_id, None, None, &reason, json!(failed), now).await;
+        // The old value of `diag_critical_at` comes from the locked row the UPDATE read.
+        let began: Option<bool> = sqlx::query_scalar(
+            "UPDATE workers w SET diag_critical_at = coalesce(w.diag_critical_at, $2), diag_reason = $3
+             FROM (SELECT id, diag_critical_at FROM workers WHERE id = $1 FOR UPDATE) old
+             WHERE w.id = old.id
+             RETURNING old.diag_critical_at IS NULL",
+        )
+        .bind(worker_id)
+        .bind(now)
+        .bind(&reason)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if began == Some(true) {
+            let data = json!({
+                "health": "quarantined",
+                "quarantined_until": Value::Null,
+                "reason": reason,
+                "failures": failed,
+            });
+            super::emit::emit(conn, "worker.quarantined", None, Some(worker_id), data).await?;
+            tracing::warn!(worker_id = %worker_id, reason = %reason, "worker quarantined by a diagnostics report");
+        }
+        return Ok(());
     }
-    let lifted = sqlx::query(
-        "UPDATE workers SET health = 'ok', quarantine_reason = NULL, reputation_since = $2
-         WHERE id = $1 AND health = 'quarantined' AND quarantined_until IS NULL",
+    // Lifts the diagnostics quarantine only; says whether a quarantine for failures still holds.
+    let lifted: Option<bool> = sqlx::query_scalar(
+        "UPDATE workers SET diag_critical_at = NULL, diag_reason = NULL
+         WHERE id = $1 AND diag_critical_at IS NOT NULL
+         RETURNING health = 'quarantined' AND quarantined_until > $2",
     )
     .bind(worker_id)
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    if lifted.rows_affected() == 1 {
+    if lifted == Some(false) {
         let data = json!({ "health": "ok", "reason": format!("{status} diagnostics report") });
         super::emit::emit(conn, "worker.released", None, Some(worker_id), data).await?;
     }
@@ -176,24 +202,26 @@ fn failed_checks(checks: &Value) -> Vec<String> {
 /// Goes through `ops::release_worker` like drain and disable.
 pub async fn release(pool: &PgPool, worker_id: &str, now: DateTime<Utc>) -> QueueResult<Worker> {
     let mut tx = pool.begin().await?;
-    let was: Option<String> = sqlx::query_scalar("SELECT health FROM workers WHERE id = $1 FOR UPDATE")
-        .bind(worker_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let was: Option<bool> = sqlx::query_scalar(
+        "SELECT health = 'quarantined' OR diag_critical_at IS NOT NULL FROM workers WHERE id = $1 FOR UPDATE",
+    )
+    .bind(worker_id)
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some(was) = was else {
         tx.rollback().await?;
         return Err(QueueError::WorkerNotFound);
     };
     let worker: Worker = sqlx::query_as(
         "UPDATE workers SET health = 'ok', quarantined_until = NULL, quarantine_reason = NULL,
-            quarantine_secs = NULL, reputation_since = $2
+            quarantine_secs = NULL, reputation_since = $2, diag_critical_at = NULL, diag_reason = NULL
          WHERE id = $1 RETURNING *",
     )
     .bind(worker_id)
     .bind(now)
     .fetch_one(&mut *tx)
     .await?;
-    if was == "quarantined" {
+    if was {
         let data = json!({ "health": "ok", "reason": "released by an operator" });
         super::emit::emit(&mut tx, "worker.released", None, Some(worker_id), data).await?;
     }

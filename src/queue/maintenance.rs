@@ -147,17 +147,31 @@ pub async fn reconcile(
 ) -> QueueResult<Vec<(&'static str, u64)>> {
     let [busy, live, revoked, leased] = RECONCILE_KINDS;
     // A worker marked busy that holds no build: idle again (a claim marks it busy in the statement
-    // that assigns the build, so a live claim is never undone).
-    let idle: Vec<String> = sqlx::query_scalar(
-        "UPDATE workers SET status = 'idle' WHERE id IN (
-            SELECT w.id FROM workers w WHERE w.status = 'busy'
-              AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.lease_owner = w.id AND b.state IN ('assigned', 'building'))
-            LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING id",
+    // that assigns the build, so a live claim is never undone). The candidates are locked first and
+    // looked at again in a second statement, whose fresh snapshot sees a claim that committed after
+    // the first one's snapshot was taken (its build would be invisible to a single statement).
+    let mut tx = pool.begin().await?;
+    let candidates: Vec<String> = sqlx::query_scalar(
+        "SELECT w.id FROM workers w WHERE w.status = 'busy'
+           AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.lease_owner = w.id AND b.state IN ('assigned', 'building'))
+         LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(batch)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    let idle: Vec<String> = if candidates.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_scalar(
+            "UPDATE workers w SET status = 'idle' WHERE w.id = ANY($1) AND w.status = 'busy'
+               AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.lease_owner = w.id AND b.state IN ('assigned', 'building'))
+             RETURNING w.id",
+        )
+        .bind(&candidates)
+        .fetch_all(&mut *tx)
+        .await?
+    };
+    tx.commit().await?;
     for worker_id in &idle {
         tracing::warn!(worker_id = %worker_id, kind = busy, "reconciled: busy worker without a held build set idle");
     }

@@ -197,6 +197,10 @@ pub struct Worker {
     /// End of the quarantine (then probation); `None` while quarantined: until a healthy report or release.
     pub quarantined_until: Option<DateTime<Utc>>,
     pub quarantine_reason: Option<String>,
+    /// Since when a `critical` diagnostics report quarantines it (until a `healthy`/`warning` report or
+    /// a release), apart from a quarantine for infrastructure failures.
+    pub diag_critical_at: Option<DateTime<Utc>>,
+    pub diag_reason: Option<String>,
 }
 
 impl Worker {
@@ -210,12 +214,30 @@ impl Worker {
     }
 
     /// `ok`, `quarantined`, or `probation` (the quarantine ended; a completed build clears it, another
-    /// infrastructure failure quarantines it again for twice as long).
+    /// infrastructure failure quarantines it again for twice as long). A critical diagnostics report
+    /// quarantines it whatever its record says.
     pub fn health(&self, now: DateTime<Utc>) -> &'static str {
+        if self.diag_critical_at.is_some() {
+            return "quarantined";
+        }
         match (self.health.as_str(), self.quarantined_until) {
             ("quarantined", Some(until)) if until <= now => "probation",
             ("quarantined", _) => "quarantined",
             _ => "ok",
+        }
+    }
+
+    /// When the quarantine ends (then probation): `None` when not quarantined for infrastructure
+    /// failures, or while a critical diagnostics report holds it (until a healthy report or a release).
+    pub fn quarantine_ends(&self) -> Option<DateTime<Utc>> {
+        self.quarantined_until.filter(|_| self.diag_critical_at.is_none())
+    }
+
+    /// Why it is (or, on probation, was) quarantined: the failures, the critical report, or both.
+    pub fn quarantine_reason(&self) -> Option<String> {
+        match (&self.quarantine_reason, &self.diag_reason) {
+            (Some(failures), Some(diag)) => Some(format!("{failures}; {diag}")),
+            (failures, diag) => failures.clone().or_else(|| diag.clone()),
         }
     }
 

@@ -144,3 +144,33 @@ fn promtool_checks_the_rules_their_tests_and_every_dashboard_query() {
     run(Command::new(promtool).args(["check", "rules"]).arg(&file));
     let _ = std::fs::remove_file(&file);
 }
+
+/// Every alert of alerts.yml has a unit test in alerts.test.yml in which it fires (promtool runs them).
+#[test]
+fn every_alert_has_a_case_that_fires() {
+    let rules = std::fs::read_to_string(docs("prometheus/alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(docs("prometheus/alerts.test.yml")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .map(str::trim)
+        .collect();
+    assert!(alerts.len() >= 9, "{alerts:?}");
+    // An `alertname:` line followed (before the next case) by `exp_alerts:` is a case that fires.
+    let mut firing = BTreeSet::new();
+    let mut current: Option<&str> = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("alertname: ") {
+            current = Some(name.trim());
+        } else if line.starts_with("- eval_time:") || line.starts_with("- interval:") {
+            current = None;
+        } else if line == "exp_alerts:" {
+            firing.extend(current);
+        }
+    }
+    let missing: Vec<&&str> = alerts.iter().filter(|a| !firing.contains(**a)).collect();
+    assert!(
+        missing.is_empty(),
+        "alerts without a firing case in alerts.test.yml: {missing:?}"
+    );
+}

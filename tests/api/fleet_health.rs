@@ -397,7 +397,7 @@ async fn infrastructure_failures_quarantine_a_worker_until_probation_or_release(
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("expo_workers{status=\"quarantined\"} 1"), "{metrics}");
+    assert!(metrics.contains("expo_workers_quarantined 1"), "{metrics}");
     let output = support_cli(&app, &["workers", "show", &bad.id]);
     assert!(output.contains("quarantined (quarantine until"), "{output}");
 
@@ -1022,4 +1022,141 @@ async fn the_dashboard_shows_a_quarantine_and_releases_the_worker() {
     let r = post_form(&client, &app, &action, Some(&cookie), format!("csrf={csrf}")).await;
     assert_eq!(r.status(), 303);
     assert_eq!(worker_json(&app, &id).await["health"], "ok");
+}
+
+/// A critical diagnostics report and the healthy one after it lift only their own quarantine: a worker
+/// quarantined for its failures stays quarantined until its time (then probation), and a repeated
+/// critical report is no new event.
+#[tokio::test]
+async fn a_healthy_report_does_not_cut_a_failure_quarantine_short() {
+    let app = TestApp::spawn().await;
+    let pool = &app.pool;
+    let settings = QueueConfig::default();
+    let bad = support_worker(pool, "mini").await;
+    let t0 = Utc::now() + chrono::Duration::seconds(10);
+    for n in 0..3 {
+        enqueue(pool, Platform::Ios, 0, 1).await;
+        claim_and_break(pool, &bad, &settings, t0 + chrono::Duration::seconds(n)).await;
+    }
+    let until = worker_json(&app, &bad.id).await["quarantined_until"].clone();
+    assert!(until.is_string(), "{until}");
+    for status in ["critical", "critical", "healthy"] {
+        let body = json!({ "worker_id": bad.id, "status": status, "duration_ms": 5,
+                           "checks": [{ "name": "disk", "status": status }] });
+        let r = app
+            .client
+            .post(app.url("/api/diagnostics/report"))
+            .header("X-API-Key", API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{status}");
+    }
+    let shown = worker_json(&app, &bad.id).await;
+    assert_eq!(
+        (&shown["health"], &shown["quarantined_until"]),
+        (&json!("quarantined"), &until),
+        "{shown}"
+    );
+    assert!(
+        shown["quarantine_reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 infrastructure failures"),
+        "{shown}"
+    );
+    let waiting = enqueue(pool, Platform::Ios, 0, 3).await;
+    let during = t0 + chrono::Duration::seconds(600);
+    assert!(queue::claim(pool, &bad, &settings, during).await.unwrap().is_none());
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM events WHERE worker_id = $1 AND kind IN ('worker.quarantined', 'worker.released') ORDER BY id",
+    )
+    .bind(&bad.id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kinds,
+        ["worker.quarantined", "worker.quarantined"],
+        "one per real change"
+    );
+    // Its time passes: on probation it takes the waiting build.
+    let probation = t0 + chrono::Duration::seconds(3603);
+    let claim = queue::claim(pool, &bad, &settings, probation)
+        .await
+        .unwrap()
+        .expect("on probation");
+    assert_eq!(claim.build.id, waiting);
+}
+
+/// A gap in the controller's contact shorter than a quarter of the lease timeout is no outage, and a
+/// longer one shorter than the lease timeout extends live leases by the gap only (a few seconds to
+/// heartbeat at least), not to a full lease from now: recurring short gaps never keep a vanished
+/// worker's build from being rescued.
+#[tokio::test]
+async fn a_short_contact_gap_extends_leases_only_by_the_gap() {
+    let (_, pool) = fresh_database(4).await;
+    let settings = QueueConfig::default(); // lease 300 s: an outage is a gap over 75 s
+    assert_eq!(queue::clock::outage_after_secs(&settings), 75.0);
+    let w = support_worker(&pool, "w").await;
+    let build = enqueue(&pool, Platform::Ios, 0, 3).await;
+    queue::claim(&pool, &w, &settings, Utc::now())
+        .await
+        .unwrap()
+        .expect("claimed");
+    let lease_left = || {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 FROM builds WHERE id = $1",
+        )
+        .bind(&build)
+        .fetch_one(&pool)
+    };
+    sqlx::query("UPDATE builds SET lease_expires_at = clock_timestamp() + interval '10 seconds'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let gap = |secs: i32| {
+        sqlx::query(
+            "INSERT INTO controller_clock (id, last_contact) VALUES (1, clock_timestamp() - make_interval(secs => $1))
+             ON CONFLICT (id) DO UPDATE SET last_contact = excluded.last_contact",
+        )
+        .bind(f64::from(secs))
+        .execute(&pool)
+    };
+    // 5 s (a saturated pool, a slow disk): not an outage, nothing extended.
+    gap(5).await.unwrap();
+    assert_eq!(queue::clock::catch_up(&pool, &settings).await.unwrap(), None);
+    let left = lease_left().await.unwrap();
+    assert!(left < 10.5, "lease untouched: {left}");
+    // 100 s: an outage; the lease gains the gap, not a full lease timeout.
+    gap(100).await.unwrap();
+    let outage = queue::clock::catch_up(&pool, &settings)
+        .await
+        .unwrap()
+        .expect("an outage");
+    assert_eq!(outage.leases_extended, 1);
+    let left = lease_left().await.unwrap();
+    assert!((105.0..111.0).contains(&left), "extended by the gap: {left}");
+}
+
+/// Two workers that both broke a build do not hold it back from each other: with no third worker, the
+/// retry goes to one of them rather than waiting out the retry-elsewhere period.
+#[tokio::test]
+async fn two_workers_that_both_broke_a_build_do_not_block_each_other() {
+    let (_, pool) = fresh_database(4).await;
+    let settings = QueueConfig::default();
+    let (a, b) = (support_worker(&pool, "a").await, support_worker(&pool, "b").await);
+    let build = enqueue(&pool, Platform::Ios, 0, 5).await;
+    let t = Utc::now();
+    assert_eq!(claim_and_break(&pool, &a, &settings, t).await, build);
+    let second = t + chrono::Duration::seconds(60);
+    assert_eq!(claim_and_break(&pool, &b, &settings, second).await, build);
+    // Both online, both broke it, within the retry-elsewhere period: a may take it back.
+    let third = second + chrono::Duration::seconds(60);
+    let claim = queue::claim(&pool, &a, &settings, third)
+        .await
+        .unwrap()
+        .expect("no worker that did not break it is online");
+    assert_eq!(claim.build.id, build);
 }

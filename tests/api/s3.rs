@@ -547,6 +547,7 @@ async fn a_store_that_stops_mid_upload_answers_503_and_keeps_nothing_half_writte
         .multipart(form)
         .send();
     let pending = tokio::spawn(request);
+    let storage_errors_before = storage_errors(&a, &http).await;
     sender
         .send(Ok(Bytes::from(pattern(1024 * 1024, 5))))
         .await
@@ -566,6 +567,8 @@ async fn a_store_that_stops_mid_upload_answers_503_and_keeps_nothing_half_writte
     assert!(response.headers().get("retry-after").is_some(), "Retry-After is set");
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"], "Storage unavailable");
+    // Counted for the storage alert (which a 503 for a full queue does not trip).
+    assert!(storage_errors(&a, &http).await > storage_errors_before);
 
     // While the store is down: /ready says so, new uploads get 503, downloads too.
     let r = http.get(a.url("/ready")).send().await.expect("ready");
@@ -603,6 +606,23 @@ async fn a_store_that_stops_mid_upload_answers_503_and_keeps_nothing_half_writte
 }
 
 /// A `Stream` over an mpsc receiver (no extra dependency).
+/// `expo_storage_errors_total` as the instance exports it (one recorder per test process: it only grows).
+async fn storage_errors(c: &Controller, http: &reqwest::Client) -> f64 {
+    let text = http
+        .get(c.url("/metrics"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("expo_storage_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("expo_storage_errors_total is exported")
+}
+
 fn tokio_stream_from(
     mut receiver: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
