@@ -190,10 +190,20 @@ async fn login(
             return response;
         }
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
+        // A refused sign-in is recorded without the key (only those the limiter let through, so a
+        // guesser cannot grow the table faster than the limit).
+        let actor = crate::audit::Actor::anonymous(Some(ip), session::header_str(&headers, header::USER_AGENT));
+        let change = crate::audit::Change::new("dashboard.sign_in", "session", "dashboard")
+            .after(serde_json::json!({ "outcome": "refused" }));
+        if let Err(error) = crate::audit::record_alone(&state.pool, &actor, change).await {
+            return fail(error);
+        }
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
     };
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
-    match session::create(&state.pool, ttl, &who, Utc::now()).await {
+    let user_agent = session::header_str(&headers, header::USER_AGENT);
+    let actor = crate::audit::Actor::key(&who, Some(ip), user_agent);
+    match session::create(&state.pool, ttl, &who, Utc::now(), &actor).await {
         Ok(id) => {
             tracing::info!(%ip, role = who.role().as_str(), "dashboard sign-in");
             let mut response = Redirect::to("/dashboard").into_response();
@@ -466,7 +476,7 @@ async fn create_key(
         max_running: state.config.submitter_max_running,
         max_queued: state.config.submitter_max_queued,
     };
-    match crate::ops::keys::create_key(&state.pool, &request, defaults).await {
+    match crate::ops::keys::create_key(&state.pool, &request, defaults, &session.actor()).await {
         Ok(created) => keys_page(&state, &session, &HashMap::new(), Some(&created)).await,
         Err(error) => {
             let mut p = HashMap::new();

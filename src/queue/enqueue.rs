@@ -204,6 +204,7 @@ pub async fn enqueue_retry(
     limited: Option<i64>,
     max_queued: i64,
     now: DateTime<Utc>,
+    actor: &crate::audit::Actor,
 ) -> QueueResult<Build> {
     let mut tx = pool.begin().await?;
     // Retries of different members of one family count against the same limit, so the lock is on the
@@ -228,7 +229,11 @@ pub async fn enqueue_retry(
         .await?;
     let outcome = async {
         check_retry(&mut tx, original_id, limited).await?;
-        enqueue_bounded(&mut tx, new, max_queued, now).await
+        let build = enqueue_bounded(&mut tx, new, max_queued, now).await?;
+        let change = crate::audit::Change::new("build.retry", "build", original_id)
+            .after(serde_json::json!({ "retry_build_id": build.id, "state": build.state }));
+        crate::audit::record(&mut tx, actor, change).await?;
+        Ok(build)
     }
     .await;
     match outcome {
