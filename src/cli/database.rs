@@ -116,6 +116,24 @@ impl Local {
             Call::UpdateKey { id, update } => ops::keys::update_key(pool, id, update, actor).await.and_then(to_value),
             Call::RevokeKey(id) => ops::keys::revoke_key(pool, id, actor).await.and_then(to_value),
             Call::ReleaseWorker(id) => ops::release_worker(pool, id, actor).await,
+            Call::ListAudit {
+                actor: who,
+                action,
+                target,
+                since,
+                cursor,
+                limit,
+            } => ops::list_audit(
+                pool,
+                who.as_deref(),
+                action.as_deref(),
+                target.as_deref(),
+                since.as_deref(),
+                cursor.as_deref(),
+                *limit,
+            )
+            .await
+            .and_then(to_value),
         };
         outcome.map_err(|e| self.failure(e))
     }

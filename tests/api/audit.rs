@@ -611,6 +611,52 @@ async fn the_database_mode_cli_is_audited_as_its_os_user() {
     assert_eq!(row["actor_name"], "cli:alice");
     assert_eq!(row["target_id"], build.as_str());
     assert!(row["actor"].is_null() && row["client_ip"].is_null());
+
+    // `audit list` reads it in both modes, with the same JSON.
+    let list = |over_http: bool, args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_expo-controller"));
+        command
+            .env_remove("DATABASE_URL")
+            .env_remove("CONTROLLER_URL")
+            .env_remove("CONTROLLER_API_KEY")
+            .args(["audit", "--json"]);
+        if over_http {
+            command.args(["--server", &app.base, "--api-key", API_KEY]);
+        } else {
+            command.args(["--database-url", &app.database_url]);
+        }
+        let output = command.arg("list").args(args).output().unwrap();
+        let text = if output.status.success() {
+            output.stdout
+        } else {
+            output.stderr
+        };
+        (
+            output.status.code(),
+            serde_json::from_slice::<Value>(&text).unwrap_or(Value::Null),
+        )
+    };
+    let filters = [
+        "--actor",
+        "cli:alice",
+        "--action",
+        "build.cancel",
+        "--target",
+        build.as_str(),
+    ];
+    let (code_db, db) = list(false, &filters);
+    let (code_http, http) = list(true, &filters);
+    assert_eq!((code_db, code_http), (Some(0), Some(0)), "{db} / {http}");
+    assert_eq!(db, http);
+    assert_eq!(db["items"].as_array().unwrap().len(), 1, "{db}");
+    assert_eq!(db["items"][0]["actor_name"], "cli:alice");
+    let (_, none) = list(false, &["--actor", "cli:bob"]);
+    assert!(none["items"].as_array().unwrap().is_empty());
+    for over_http in [false, true] {
+        let (code, refused) = list(over_http, &["--since", "yesterday"]);
+        assert_eq!(code, Some(1), "{refused}");
+        assert!(refused["error"].as_str().unwrap().contains("since"), "{refused}");
+    }
 }
 
 /// `GET /api/v2/audit`: the admin's, newest first, with actor/action/target/since filters, a cursor,
