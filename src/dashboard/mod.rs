@@ -6,6 +6,7 @@
 
 mod actions;
 mod assets;
+mod audit;
 pub mod cache;
 mod charts;
 mod pages;
@@ -70,6 +71,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
         .route("/dashboard/keys", get(keys).post(create_key))
+        .route("/dashboard/audit", get(audit_page))
         .route("/dashboard/keys/{id}/revoke", post(actions::revoke_key))
         .layer(axum::middleware::from_fn_with_state(
             cache.clone(),
@@ -434,6 +436,28 @@ async fn keys(State(state): State<AppState>, session: Session, RawQuery(raw): Ra
     session.may(crate::identity::Access::Admin).map_err(fail)?;
     let p = params(raw.as_deref());
     keys_page(&state, &session, &p, None).await
+}
+
+/// The audit log (the admin's), with the filters of `GET /api/v2/audit`.
+async fn audit_page(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    session.may(crate::identity::Access::Admin).map_err(fail)?;
+    let p = params(raw.as_deref());
+    let get = |name: &str| p.get(name).map(String::as_str);
+    let list = crate::ops::list_audit(
+        &state.pool,
+        get("actor"),
+        get("action"),
+        get("target"),
+        get("since"),
+        get("cursor"),
+        50,
+    )
+    .await
+    .map_err(fail)?;
+    Ok(html(pages::layout(
+        &chrome("Audit", "audit", &session, &p),
+        audit::page(&list, &p),
+    )))
 }
 
 async fn keys_page(

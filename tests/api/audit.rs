@@ -582,6 +582,39 @@ async fn dashboard_sign_ins_and_actions_are_audited() {
     .await;
     assert_eq!(r.status(), 403);
     assert_eq!(app.count("audit_events").await, before);
+
+    // The Audit page is the admin's: linked in the admin's nav, filtered like the API; refused to others.
+    let page = client
+        .get(app.url("/dashboard/audit?action=worker.*"))
+        .header("cookie", &admin_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("href=\"/dashboard/audit\""),
+        "no Audit link for the admin"
+    );
+    assert!(html.contains("worker.drain") && html.contains("night shift") && html.contains("127.0.0.1"));
+    assert!(!html.contains("queue.pause"), "the filter was not applied");
+    let r = client
+        .get(app.url("/dashboard/audit"))
+        .header("cookie", &viewer_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let workers = client
+        .get(app.url("/dashboard/workers"))
+        .header("cookie", &viewer_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !workers.text().await.unwrap().contains("/dashboard/audit"),
+        "an Audit link for a viewer"
+    );
 }
 
 /// The database-mode CLI names its user (`cli:<$USER>`); `audit list` reads the log in both modes.
