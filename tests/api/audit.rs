@@ -790,3 +790,31 @@ async fn the_audit_log_is_read_through_the_api_with_filters() {
     let (status, _) = send(&app, Method::GET, "/api/v2/audit", &operator, None).await;
     assert_eq!(status, 403, "the admin's");
 }
+
+/// Retention is the only deletion: the prune job drops rows older than `CONTROLLER_AUDIT_RETENTION_DAYS`
+/// and keeps the rest.
+#[tokio::test]
+async fn the_prune_job_keeps_audit_rows_for_their_retention() {
+    use expo_controller::jobs::{Job, JobContext};
+    let app = TestApp::spawn().await;
+    sqlx::raw_sql(
+        "INSERT INTO audit_events (at, actor_name, role, action) VALUES
+           (now() - interval '400 days', 'admin', 'admin', 'queue.pause'),
+           (now() - interval '300 days', 'admin', 'admin', 'queue.resume')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let ctx = JobContext {
+        pool: app.pool.clone(),
+        storage: expo_controller::storage::Storage::local(&app.storage_dir, false).unwrap(),
+        settings: Default::default(),
+        jobs: Default::default(),
+    };
+    Job::Prune.run_once(&ctx, chrono::Utc::now()).await.unwrap();
+    let left: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_events")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["queue.resume"]);
+}
