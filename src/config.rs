@@ -452,6 +452,10 @@ pub struct JobsConfig {
     #[arg(long, env = "CONTROLLER_EVENT_RETENTION_HOURS", default_value_t = 24)]
     pub event_retention_hours: u64,
 
+    /// Rows of the audit log are deleted after this many days (by the prune job; nothing else deletes them).
+    #[arg(long, env = "CONTROLLER_AUDIT_RETENTION_DAYS", default_value_t = 365)]
+    pub audit_retention_days: u64,
+
     /// Run the maintenance jobs in this instance (every instance may; each tick runs once overall).
     #[arg(long, env = "CONTROLLER_RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_jobs: bool,
@@ -466,6 +470,7 @@ impl Default for JobsConfig {
             artifact_retention_days: 7,
             staging_max_age_secs: 6 * 3600,
             event_retention_hours: 24,
+            audit_retention_days: 365,
             run_jobs: true,
         }
     }

@@ -9,6 +9,7 @@
 //! * [`import`] — `import-ts`: moving a TypeScript controller's database and files over.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dashboard;

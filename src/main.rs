@@ -66,6 +66,13 @@ enum Command {
         #[command(flatten)]
         target: cli::Target,
     },
+    /// Admin: read the audit log (who changed what, from where), newest first.
+    Audit {
+        #[command(subcommand)]
+        action: cli::AuditCommand,
+        #[command(flatten)]
+        target: cli::Target,
+    },
     /// Operator: list, show, drain, disable, enable or revoke workers.
     #[command(after_help = cli::ID_HELP)]
     Workers {
@@ -179,6 +186,7 @@ async fn main() -> std::process::ExitCode {
         Command::Queues { action, target } => return cli::run(&target, cli::Operation::Queues(action)).await,
         Command::Workers { action, target } => return cli::run(&target, cli::Operation::Workers(action)).await,
         Command::Keys { action, target } => return cli::run(&target, cli::Operation::Keys(action)).await,
+        Command::Audit { action, target } => return cli::run(&target, cli::Operation::Audit(action)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

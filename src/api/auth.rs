@@ -517,6 +517,8 @@ pub struct OwnedBuild {
     pub build: Build,
     /// Whether the caller used an admin key (else a submitter key or the build token).
     pub admin: bool,
+    /// Who is calling, for the audit row of an owner's action.
+    pub actor: crate::audit::Actor,
 }
 
 impl axum::extract::FromRequestParts<AppState> for OwnedBuild {
@@ -548,7 +550,38 @@ impl axum::extract::FromRequestParts<AppState> for OwnedBuild {
             Some(_) => {}
             None => require_build_token(&parts.headers, &build)?,
         }
-        let admin = caller.is_some_and(|who| who.role() == Role::Admin);
-        Ok(OwnedBuild { build, admin })
+        let admin = caller.as_ref().is_some_and(|who| who.role() == Role::Admin);
+        let (ip, user_agent) = client_of(parts);
+        let actor = match &caller {
+            Some(who) => crate::audit::Actor::key(who, ip, user_agent),
+            None => crate::audit::Actor::build_token(ip, user_agent),
+        };
+        Ok(OwnedBuild { build, admin, actor })
+    }
+}
+
+/// The client's address (the peer) and user agent, for audit rows.
+pub fn client_of(parts: &axum::http::request::Parts) -> (Option<std::net::IpAddr>, Option<&str>) {
+    let ip = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    (ip, header(&parts.headers, "user-agent"))
+}
+
+/// The key behind a route of a key-taking group, as the actor of its audit row: the route layer
+/// ([`Credential::guard`]) has checked the key and left it in the request.
+impl axum::extract::FromRequestParts<AppState> for crate::audit::Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &AppState) -> ApiResult<Self> {
+        let (ip, user_agent) = client_of(parts);
+        match parts.extensions.get::<KeyCaller>() {
+            Some(KeyCaller(who)) => Ok(crate::audit::Actor::key(who, ip, user_agent)),
+            None => Err(ApiError::internal(anyhow::anyhow!(
+                "an audited route was reached without a key ({})",
+                parts.uri.path()
+            ))),
+        }
     }
 }

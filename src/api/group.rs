@@ -92,6 +92,7 @@ pub const ROLES: &[(&str, &str, Access)] = &[
     ("get", "/api/v2/keys/{id}", Access::Admin),
     ("patch", "/api/v2/keys/{id}", Access::Admin),
     ("delete", "/api/v2/keys/{id}", Access::Admin),
+    ("get", "/api/v2/audit", Access::Admin),
 ];
 
 /// The least role of a route (`None`: not in [`ROLES`]).

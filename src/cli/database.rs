@@ -72,6 +72,8 @@ impl Local {
 
     pub async fn call(&self, call: &Call) -> CliResult<Value> {
         let pool = &self.pool;
+        // Who changes what from here, for the audit rows: `cli:<os user>`.
+        let actor = &ops::Actor::cli();
         let outcome = match call {
             Call::ListBuilds {
                 state,
@@ -90,13 +92,13 @@ impl Local {
                 Err(e) => Err(e),
             },
             Call::ShowBuild(id) => ops::show_build(pool, id).await,
-            Call::CancelBuild(id) => ops::cancel_build(pool, id).await,
-            Call::RetryBuild(id) => ops::retry_build(pool, id).await,
-            Call::RequeueBuild { id, drain } => ops::requeue_build(pool, id, *drain).await,
-            Call::SetPriority { id, priority } => ops::set_priority(pool, id, *priority).await,
+            Call::CancelBuild(id) => ops::cancel_build(pool, id, actor).await,
+            Call::RetryBuild(id) => ops::retry_build(pool, id, actor).await,
+            Call::RequeueBuild { id, drain } => ops::requeue_build(pool, id, *drain, actor).await,
+            Call::SetPriority { id, priority } => ops::set_priority(pool, id, *priority, actor).await,
             Call::Logs { id, after, limit } => ops::read_logs(pool, id, *after, Some(*limit)).await,
             Call::ListQueues => ops::list_queues(pool, &self.settings).await,
-            Call::SetPaused { platform, paused } => ops::set_paused(pool, platform, *paused).await,
+            Call::SetPaused { platform, paused } => ops::set_paused(pool, platform, *paused, actor).await,
             Call::ListWorkers { cursor, limit } => {
                 if cursor.as_deref().is_some_and(|c| !crate::ids::valid_id(c)) {
                     Err(OpError::bad_request("Invalid worker id"))
@@ -105,15 +107,33 @@ impl Local {
                 }
             }
             Call::ShowWorker(id) => ops::show_worker(pool, id).await,
-            Call::SetWorkerState { id, state } => ops::set_worker_state(pool, &self.settings, id, state).await,
+            Call::SetWorkerState { id, state } => ops::set_worker_state(pool, &self.settings, id, state, actor).await,
             Call::ListKeys => ops::keys::list_keys(pool).await.and_then(to_value),
             Call::ShowKey(id) => ops::keys::show_key(pool, id).await.and_then(to_value),
-            Call::CreateKey(request) => ops::keys::create_key(pool, request, QuotaDefaults::from_env())
+            Call::CreateKey(request) => ops::keys::create_key(pool, request, QuotaDefaults::from_env(), actor)
                 .await
                 .and_then(to_value),
-            Call::UpdateKey { id, update } => ops::keys::update_key(pool, id, update).await.and_then(to_value),
-            Call::RevokeKey(id) => ops::keys::revoke_key(pool, id).await.and_then(to_value),
-            Call::ReleaseWorker(id) => ops::release_worker(pool, id).await,
+            Call::UpdateKey { id, update } => ops::keys::update_key(pool, id, update, actor).await.and_then(to_value),
+            Call::RevokeKey(id) => ops::keys::revoke_key(pool, id, actor).await.and_then(to_value),
+            Call::ReleaseWorker(id) => ops::release_worker(pool, id, actor).await,
+            Call::ListAudit {
+                actor: who,
+                action,
+                target,
+                since,
+                cursor,
+                limit,
+            } => ops::list_audit(
+                pool,
+                who.as_deref(),
+                action.as_deref(),
+                target.as_deref(),
+                since.as_deref(),
+                cursor.as_deref(),
+                *limit,
+            )
+            .await
+            .and_then(to_value),
         };
         outcome.map_err(|e| self.failure(e))
     }

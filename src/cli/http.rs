@@ -166,6 +166,28 @@ impl Remote {
             ),
             Call::RevokeKey(id) => (M::DELETE, self.url(&["api", "v2", "keys", id], &[]), None),
             Call::ReleaseWorker(id) => (M::POST, workers(id, Some("release")), None),
+            Call::ListAudit {
+                actor,
+                action,
+                target,
+                since,
+                cursor,
+                limit,
+            } => {
+                let mut query = vec![("limit", limit.to_string())];
+                for (name, value) in [
+                    ("actor", actor),
+                    ("action", action),
+                    ("target", target),
+                    ("since", since),
+                    ("cursor", cursor),
+                ] {
+                    if let Some(value) = value {
+                        query.push((name, value.clone()));
+                    }
+                }
+                (M::GET, self.url(&["api", "v2", "audit"], &query), None)
+            }
         }
     }
 

@@ -273,6 +273,31 @@ pub enum KeysCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The audit log, newest first: who changed what, from where.
+    List {
+        /// A key id or an actor name (`admin`, a key's name, `cli:alice`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// An action (`build.cancel`), or every action of a kind (`build.*`).
+        #[arg(long)]
+        action: Option<String>,
+        /// A target id (a build, worker, key or queue).
+        #[arg(long)]
+        target: Option<String>,
+        /// Rows at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Rows older than this cursor (the `next_cursor` of a page).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Rows per page, 1–500.
+        #[arg(long, default_value_t = 50, allow_hyphen_values = true)]
+        limit: i64,
+    },
+}
+
 /// `30d`, `12h`, `90m`, `45s` or plain seconds. Zero and negative values are passed on, so the
 /// controller names the problem (an expiry in the past).
 fn parse_duration_secs(text: &str) -> Result<i64, String> {
@@ -302,6 +327,7 @@ pub enum Operation {
     Queues(QueuesCommand),
     Workers(WorkersCommand),
     Keys(KeysCommand),
+    Audit(AuditCommand),
 }
 
 /// One call to the controller, the same in both modes.
@@ -353,6 +379,14 @@ pub(crate) enum Call {
     },
     RevokeKey(String),
     ReleaseWorker(String),
+    ListAudit {
+        actor: Option<String>,
+        action: Option<String>,
+        target: Option<String>,
+        since: Option<String>,
+        cursor: Option<String>,
+        limit: i64,
+    },
 }
 
 /// How a command ended; the process exit code scripts can rely on.
@@ -531,6 +565,25 @@ async fn execute(backend: &Backend, operation: Operation, json: bool) -> CliResu
         Operation::Workers(WorkersCommand::Enable { id }) => set_worker_state(backend, id, "active").await?,
         Operation::Workers(WorkersCommand::Revoke { id }) => set_worker_state(backend, id, "revoked").await?,
         Operation::Keys(KeysCommand::List) => output::Shown::Keys(backend.call(&Call::ListKeys).await?),
+        Operation::Audit(AuditCommand::List {
+            actor,
+            action,
+            target,
+            since,
+            cursor,
+            limit,
+        }) => output::Shown::Audit(
+            backend
+                .call(&Call::ListAudit {
+                    actor,
+                    action,
+                    target,
+                    since,
+                    cursor,
+                    limit,
+                })
+                .await?,
+        ),
         Operation::Keys(KeysCommand::Show { id }) => output::Shown::Key(backend.call(&Call::ShowKey(id)).await?),
         Operation::Keys(KeysCommand::Create {
             name,

@@ -34,6 +34,7 @@ pub(crate) enum Shown {
     Queue(Value),
     Keys(Value),
     Key(Value),
+    Audit(Value),
 }
 
 pub fn print(shown: &Shown, json: bool) {
@@ -46,7 +47,8 @@ pub fn print(shown: &Shown, json: bool) {
             | Shown::Queues(v)
             | Shown::Queue(v)
             | Shown::Keys(v)
-            | Shown::Key(v) => v,
+            | Shown::Key(v)
+            | Shown::Audit(v) => v,
         };
         print_json(value);
         return;
@@ -59,6 +61,7 @@ pub fn print(shown: &Shown, json: bool) {
         Shown::Queues(list) => queues_table(list),
         Shown::Keys(list) => keys_table(list),
         Shown::Key(key) => key_details(key),
+        Shown::Audit(list) => audit_table(list),
         Shown::Queue(queue) => format!(
             "queue {}: {}\n",
             text(&queue["name"]),
@@ -66,6 +69,32 @@ pub fn print(shown: &Shown, json: bool) {
         ),
     };
     emit(&text);
+}
+
+/// The audit log: time, actor, role, action, target, client address; the next page's cursor.
+fn audit_table(list: &Value) -> String {
+    let empty = Vec::new();
+    let items = list["items"].as_array().unwrap_or(&empty);
+    let mut out = format!(
+        "{:<25} {:<24} {:<9} {:<20} {:<32} {}\n",
+        "AT", "ACTOR", "ROLE", "ACTION", "TARGET", "FROM"
+    );
+    for row in items {
+        let target = format!("{} {}", text(&row["target_kind"]), text(&row["target_id"]));
+        out.push_str(&format!(
+            "{:<25} {:<24} {:<9} {:<20} {:<32} {}\n",
+            text(&row["at"]),
+            text(&row["actor_name"]),
+            text(&row["role"]),
+            text(&row["action"]),
+            target,
+            text(&row["client_ip"]),
+        ));
+    }
+    if let Some(cursor) = list["next_cursor"].as_str() {
+        out.push_str(&format!("more: --cursor {cursor}\n"));
+    }
+    out
 }
 
 /// Keys: id, name, role, prefix, expiry, last use, state.

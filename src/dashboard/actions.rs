@@ -69,7 +69,7 @@ pub async fn revoke_key(
     BodyBytes(body): BodyBytes,
 ) -> PageResult {
     checked_admin_form(&session, &headers, &body).map_err(fail)?;
-    let outcome = crate::ops::keys::revoke_key(&state.pool, &id)
+    let outcome = crate::ops::keys::revoke_key(&state.pool, &id, &session.actor())
         .await
         .map(|key| {
             state.keys.clear();
@@ -80,20 +80,27 @@ pub async fn revoke_key(
 }
 
 /// One build action, as `/api/v2` does it (the queue layer emits the events).
-async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap<String, String>) -> ApiResult<String> {
+async fn apply_to_build(
+    state: &AppState,
+    session: &Session,
+    id: &str,
+    action: &str,
+    form: &HashMap<String, String>,
+) -> ApiResult<String> {
+    let actor = session.actor();
     let short = id.get(..10).unwrap_or(id);
     match action {
         "cancel" => {
-            operations::cancel_build(&state.pool, id).await?;
+            operations::cancel_build(&state.pool, id, &actor).await?;
             Ok(format!("Build {short} cancelled"))
         }
         "retry" => {
-            let build = operations::retry(&state.pool, id).await?;
+            let build = operations::retry(&state.pool, id, &actor).await?;
             state.build_changed(&build, false);
             Ok(format!("Build {short} queued again"))
         }
         "requeue" => {
-            let build = operations::requeue(&state.pool, id, false).await?;
+            let build = operations::requeue(&state.pool, id, false, &actor).await?;
             state.build_changed(&build, true);
             Ok(format!("Build {short} requeued"))
         }
@@ -103,7 +110,7 @@ async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap
                 .and_then(|p| p.trim().parse::<i64>().ok())
                 .filter(|p| (-100..=100).contains(p))
                 .ok_or_else(|| ApiError::bad_request("Priority must be a whole number from -100 to 100"))?;
-            let build = operations::patch(&state.pool, id, Some(priority), None, None).await?;
+            let build = operations::patch(&state.pool, id, Some(priority), None, None, &actor).await?;
             state.build_changed(&build, false);
             Ok(format!("Priority of build {short} set to {priority}"))
         }
@@ -122,7 +129,7 @@ pub async fn build_action(
     if !valid_id(&id) {
         return Err(super::pages::not_found("Build not found"));
     }
-    let outcome = apply_to_build(&state, &id, &action, &form).await;
+    let outcome = apply_to_build(&state, &session, &id, &action, &form).await;
     Ok(back(&format!("/dashboard/builds/{id}"), outcome))
 }
 
@@ -160,7 +167,7 @@ pub async fn bulk(
     }
     let (mut done, mut refused) = (0, 0);
     for id in &ids {
-        match apply_to_build(&state, id, &action, &HashMap::new()).await {
+        match apply_to_build(&state, &session, id, &action, &HashMap::new()).await {
             Ok(_) => done += 1,
             Err(e) if e.status().is_server_error() => return Err(fail(e)),
             Err(_) => refused += 1,
@@ -187,7 +194,7 @@ pub async fn worker_action(
     }
     if action == "release" {
         let outcome = async {
-            let worker = operations::release_worker(&state.pool, &id).await?;
+            let worker = operations::release_worker(&state.pool, &id, &session.actor()).await?;
             state.worker_changed();
             let name = worker["name"].as_str().unwrap_or(&id).to_string();
             Ok(format!("Worker {name} released from quarantine"))
@@ -206,7 +213,8 @@ pub async fn worker_action(
         session.may(Access::Admin).map_err(fail)?;
     }
     let outcome = async {
-        let worker = operations::set_worker_state(&state.pool, &state.config.queue, &id, admin_state).await?;
+        let worker =
+            operations::set_worker_state(&state.pool, &state.config.queue, &id, admin_state, &session.actor()).await?;
         state.worker_changed();
         let name = worker["name"].as_str().unwrap_or(&id).to_string();
         Ok(format!("Worker {name} {verb}"))
@@ -231,7 +239,7 @@ pub async fn queue_action(
     let Some(platform) = Platform::parse(&name) else {
         return Err(super::pages::not_found("Queue not found"));
     };
-    let outcome = operations::set_paused(&state.pool, platform.as_str(), paused)
+    let outcome = operations::set_paused(&state.pool, platform.as_str(), paused, &session.actor())
         .await
         .map(|_| {
             if !paused {

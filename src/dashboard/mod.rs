@@ -6,6 +6,7 @@
 
 mod actions;
 mod assets;
+mod audit;
 pub mod cache;
 mod charts;
 mod pages;
@@ -70,6 +71,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
         .route("/dashboard/keys", get(keys).post(create_key))
+        .route("/dashboard/audit", get(audit_page))
         .route("/dashboard/keys/{id}/revoke", post(actions::revoke_key))
         .layer(axum::middleware::from_fn_with_state(
             cache.clone(),
@@ -190,10 +192,20 @@ async fn login(
             return response;
         }
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
+        // A refused sign-in is recorded without the key (only those the limiter let through, so a
+        // guesser cannot grow the table faster than the limit).
+        let actor = crate::audit::Actor::anonymous(Some(ip), session::header_str(&headers, header::USER_AGENT));
+        let change = crate::audit::Change::new("dashboard.sign_in", "session", "dashboard")
+            .after(serde_json::json!({ "outcome": "refused" }));
+        if let Err(error) = crate::audit::record_alone(&state.pool, &actor, change).await {
+            return fail(error);
+        }
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
     };
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
-    match session::create(&state.pool, ttl, &who, Utc::now()).await {
+    let user_agent = session::header_str(&headers, header::USER_AGENT);
+    let actor = crate::audit::Actor::key(&who, Some(ip), user_agent);
+    match session::create(&state.pool, ttl, &who, Utc::now(), &actor).await {
         Ok(id) => {
             tracing::info!(%ip, role = who.role().as_str(), "dashboard sign-in");
             let mut response = Redirect::to("/dashboard").into_response();
@@ -426,6 +438,28 @@ async fn keys(State(state): State<AppState>, session: Session, RawQuery(raw): Ra
     keys_page(&state, &session, &p, None).await
 }
 
+/// The audit log (the admin's), with the filters of `GET /api/v2/audit`.
+async fn audit_page(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    session.may(crate::identity::Access::Admin).map_err(fail)?;
+    let p = params(raw.as_deref());
+    let get = |name: &str| p.get(name).map(String::as_str);
+    let list = crate::ops::list_audit(
+        &state.pool,
+        get("actor"),
+        get("action"),
+        get("target"),
+        get("since"),
+        get("cursor"),
+        50,
+    )
+    .await
+    .map_err(fail)?;
+    Ok(html(pages::layout(
+        &chrome("Audit", "audit", &session, &p),
+        audit::page(&list, &p),
+    )))
+}
+
 async fn keys_page(
     state: &AppState,
     session: &Session,
@@ -466,7 +500,7 @@ async fn create_key(
         max_running: state.config.submitter_max_running,
         max_queued: state.config.submitter_max_queued,
     };
-    match crate::ops::keys::create_key(&state.pool, &request, defaults).await {
+    match crate::ops::keys::create_key(&state.pool, &request, defaults, &session.actor()).await {
         Ok(created) => keys_page(&state, &session, &HashMap::new(), Some(&created)).await,
         Err(error) => {
             let mut p = HashMap::new();

@@ -47,6 +47,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
         ("workers", "/dashboard/workers", "Workers"),
         ("queues", "/dashboard/queues", "Queues"),
         ("keys", "/dashboard/keys", "Keys"),
+        ("audit", "/dashboard/audit", "Audit"),
     ];
     html! {
         (DOCTYPE)
@@ -56,7 +57,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
                 header.top {
                     a.brand href="/dashboard" { span.logo aria-hidden="true" { "◆" } " Free Agent" }
                     nav aria-label="Main" {
-                        @for (key, href, label) in nav.into_iter().filter(|n| n.0 != "keys" || chrome.role == "admin") {
+                        @for (key, href, label) in nav.into_iter().filter(|n| !matches!(n.0, "keys" | "audit") || chrome.role == "admin") {
                             a href=(href) aria-current=[(key == chrome.nav).then_some("page")] { (label) }
                         }
                     }

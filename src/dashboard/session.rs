@@ -35,6 +35,11 @@ pub struct Session {
     /// The key that signed in (`admin` for the built-in key) and its role.
     pub name: String,
     pub role: Role,
+    /// The key's id (`None`: the built-in key).
+    pub key_id: Option<String>,
+    /// The client's address and user agent on this request, for audit rows.
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
 }
 
 /// A live session's row: its CSRF token, and who signed in with which role.
@@ -43,10 +48,11 @@ pub struct SessionRow {
     csrf_token: String,
     key_name: String,
     role: String,
+    key_id: Option<String>,
 }
 
 /// The live session with this id hash; a session of a revoked or expired key is not live.
-const SESSION_SQL: &str = "SELECT s.csrf_token, s.key_name, s.role FROM dashboard_sessions s
+const SESSION_SQL: &str = "SELECT s.csrf_token, s.key_name, s.role, s.key_id FROM dashboard_sessions s
      LEFT JOIN api_keys k ON k.id = s.key_id
      WHERE s.id_hash = $1 AND s.expires_at > $2
        AND (s.key_id IS NULL OR (k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)))";
@@ -59,6 +65,20 @@ impl Session {
             name: row.key_name.clone(),
             // Only viewer, operator and admin keys sign in; anything else reads as the least of them.
             role: Role::parse(&row.role).unwrap_or(Role::Viewer),
+            key_id: row.key_id.clone(),
+            ip: None,
+            user_agent: None,
+        }
+    }
+
+    /// Who acts through this session, for the audit row of its action.
+    pub fn actor(&self) -> crate::audit::Actor {
+        crate::audit::Actor {
+            key_id: self.key_id.clone(),
+            name: self.name.clone(),
+            role: self.role.as_str().to_string(),
+            ip: self.ip.map(|ip| ip.to_string()),
+            user_agent: self.user_agent.clone(),
         }
     }
 
@@ -125,14 +145,22 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     }
 }
 
-/// Starts a session; returns the cookie value to set.
-pub async fn create(pool: &PgPool, ttl_secs: u64, who: &Principal, now: DateTime<Utc>) -> Result<String, sqlx::Error> {
+/// Starts a session; returns the cookie value to set. The `dashboard.sign_in` audit row is written in
+/// the same transaction (never the key).
+pub async fn create(
+    pool: &PgPool,
+    ttl_secs: u64,
+    who: &Principal,
+    now: DateTime<Utc>,
+    actor: &crate::audit::Actor,
+) -> Result<String, sqlx::Error> {
     let id = new_secret();
     let expires = now + chrono::Duration::seconds(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2).min(31_536_000));
     sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < $1")
         .bind(now)
         .execute(pool)
         .await?;
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO dashboard_sessions (id_hash, csrf_token, created_at, expires_at, key_id, key_name, role)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -144,17 +172,25 @@ pub async fn create(pool: &PgPool, ttl_secs: u64, who: &Principal, now: DateTime
     .bind(who.key_id())
     .bind(who.name())
     .bind(who.role().as_str())
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    let change = crate::audit::Change::new("dashboard.sign_in", "session", "dashboard")
+        .after(serde_json::json!({ "outcome": "signed_in" }));
+    crate::audit::record(&mut tx, actor, change).await?;
+    tx.commit().await?;
     Ok(id)
 }
 
 /// Ends a session server-side.
 pub async fn end(pool: &PgPool, session: &Session) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
     sqlx::query("DELETE FROM dashboard_sessions WHERE id_hash = $1")
         .bind(&session.id_hash)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    let change = crate::audit::Change::new("dashboard.sign_out", "session", "dashboard");
+    crate::audit::record(&mut tx, &session.actor(), change).await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -303,9 +339,19 @@ impl FromRequestParts<AppState> for Session {
             None => from_headers(&state.pool, &parts.headers).await,
         };
         match found {
-            Ok(Some(session)) => Ok(session),
+            Ok(Some(mut session)) => {
+                let (ip, user_agent) = crate::api::auth::client_of(parts);
+                session.ip = ip;
+                session.user_agent = user_agent.map(crate::audit::clip);
+                Ok(session)
+            }
             Ok(None) => Err(SignInRequired { page }.into_response()),
             Err(error) => Err(super::pages::error_page(ApiError::from(error)).into_response()),
         }
     }
+}
+
+/// A header's value as text, if it is.
+pub fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng;
 use sqlx::PgPool;
 
+use crate::audit::{self, Actor, Change};
 use crate::ids;
 
 /// Every key's secret starts with this, so secret scanners can recognise it.
@@ -307,6 +308,7 @@ pub async fn create(
     new: &NewKey,
     defaults: QuotaDefaults,
     now: DateTime<Utc>,
+    actor: &Actor,
 ) -> Result<(ApiKey, String), KeyError> {
     let name = check_name(new.name.as_deref().unwrap_or(""))?;
     let role_name = new.role.as_deref().map(str::trim).unwrap_or("");
@@ -330,6 +332,7 @@ pub async fn create(
     let max_queued = check_quota("max_queued", new.max_queued.unwrap_or(defaults.max_queued))?;
     let secret = new_secret();
     let prefix: String = secret.chars().take(DISPLAY_PREFIX_LEN).collect();
+    let mut tx = pool.begin().await?;
     let key: ApiKey = sqlx::query_as(
         "INSERT INTO api_keys (id, name, role, prefix, secret_hash, created_at, expires_at, weight, max_running,
                                max_queued, enroll)
@@ -346,8 +349,11 @@ pub async fn create(
     .bind(max_running)
     .bind(max_queued)
     .bind(new.enroll)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    let change = Change::new("key.create", "key", &key.id).after(audit_view(&key));
+    audit::record(&mut tx, actor, change).await?;
+    tx.commit().await?;
     Ok((key, secret))
 }
 
@@ -372,7 +378,13 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<ApiKey, KeyError> {
 }
 
 /// Changes a key's name, expiry or quotas (a revoked key cannot be changed: 409).
-pub async fn update(pool: &PgPool, id: &str, patch: &KeyPatch, now: DateTime<Utc>) -> Result<ApiKey, KeyError> {
+pub async fn update(
+    pool: &PgPool,
+    id: &str,
+    patch: &KeyPatch,
+    now: DateTime<Utc>,
+    actor: &Actor,
+) -> Result<ApiKey, KeyError> {
     let name = patch.name.as_deref().map(check_name).transpose()?;
     let expires_at = patch.expires_in_secs.map(|s| check_expiry(s, now)).transpose()?;
     let weight = patch.weight.map(check_weight).transpose()?;
@@ -382,6 +394,7 @@ pub async fn update(pool: &PgPool, id: &str, patch: &KeyPatch, now: DateTime<Utc
     if current.revoked_at.is_some() {
         return Err(KeyError::AlreadyRevoked);
     }
+    let mut tx = pool.begin().await?;
     let key: Option<ApiKey> = sqlx::query_as(
         "UPDATE api_keys SET name = COALESCE($2, name), expires_at = COALESCE($3, expires_at),
              weight = COALESCE($4, weight), max_running = COALESCE($5, max_running),
@@ -394,21 +407,49 @@ pub async fn update(pool: &PgPool, id: &str, patch: &KeyPatch, now: DateTime<Utc
     .bind(weight)
     .bind(max_running)
     .bind(max_queued)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
-    key.ok_or(KeyError::AlreadyRevoked)
+    let key = key.ok_or(KeyError::AlreadyRevoked)?;
+    let change = Change::new("key.update", "key", id)
+        .before(audit_view(&current))
+        .after(audit_view(&key));
+    audit::record(&mut tx, actor, change).await?;
+    tx.commit().await?;
+    Ok(key)
 }
 
 /// Revokes a key (409 when it already is).
-pub async fn revoke(pool: &PgPool, id: &str, now: DateTime<Utc>) -> Result<ApiKey, KeyError> {
+pub async fn revoke(pool: &PgPool, id: &str, now: DateTime<Utc>, actor: &Actor) -> Result<ApiKey, KeyError> {
     find(pool, id).await?;
+    let mut tx = pool.begin().await?;
     let key: Option<ApiKey> =
         sqlx::query_as("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING *")
             .bind(id)
             .bind(now)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
-    key.ok_or(KeyError::AlreadyRevoked)
+    let key = key.ok_or(KeyError::AlreadyRevoked)?;
+    let change = Change::new("key.revoke", "key", id)
+        .before(serde_json::json!({ "revoked_at": null }))
+        .after(audit_view(&key));
+    audit::record(&mut tx, actor, change).await?;
+    tx.commit().await?;
+    Ok(key)
+}
+
+/// What an audit row keeps of a key: never its secret nor the secret's hash.
+fn audit_view(key: &ApiKey) -> serde_json::Value {
+    serde_json::json!({
+        "name": key.name,
+        "role": key.role,
+        "prefix": key.prefix,
+        "expires_at": key.expires_at,
+        "weight": key.weight,
+        "max_running": key.max_running,
+        "max_queued": key.max_queued,
+        "enroll": key.enroll,
+        "revoked_at": key.revoked_at,
+    })
 }
 
 /// Marks an enrollment key spent; `false` when it already was (another registration won).

@@ -144,6 +144,26 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
     importer.diagnostics().await?;
     importer.unclaimed_files(&listing).await?;
     importer.summary.elapsed = started.elapsed();
+    if !args.dry_run {
+        // One `import.run` audit row with the summary, by the OS user who ran it.
+        let tables: serde_json::Map<String, serde_json::Value> = importer
+            .summary
+            .tables
+            .iter()
+            .map(|(name, c)| {
+                let counts = serde_json::json!({
+                    "read": c.read, "imported": c.imported, "present": c.present, "skipped": c.skipped_total(),
+                });
+                (name.to_string(), counts)
+            })
+            .collect();
+        let source = args.sqlite.display().to_string();
+        let change = crate::audit::Change::new("import.run", "import", &source)
+            .after(serde_json::json!({ "tables": tables, "notes": importer.summary.notes }));
+        crate::audit::record_alone(&importer.pool, &crate::audit::Actor::cli(), change)
+            .await
+            .context("writing the import's audit row")?;
+    }
     Ok(importer.summary)
 }
 

@@ -1,7 +1,8 @@
 //! Prune: sources and results of finished builds older than the artifact retention (7 days) are
 //! deleted; rows of finished builds older than the retention (30 days) go with their logs, attempts and
 //! CPU samples, as do old diagnostic reports and tick records; events older than
-//! `CONTROLLER_EVENT_RETENTION_HOURS` are deleted from the outbox. Bounded per tick.
+//! `CONTROLLER_EVENT_RETENTION_HOURS` are deleted from the outbox, audit rows older than
+//! `CONTROLLER_AUDIT_RETENTION_DAYS` from the audit log. Bounded per tick.
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -49,6 +50,12 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
     }
     if events > 0 {
         tracing::info!(events, "events past retention deleted");
+    }
+    // The audit log's only deletion (identity.md): rows past CONTROLLER_AUDIT_RETENTION_DAYS.
+    let audit_cutoff = now - Duration::days(ctx.jobs.audit_retention_days.min(100_000) as i64);
+    let audited = crate::audit::prune(&ctx.pool, audit_cutoff, EVENT_BATCH).await?;
+    if audited > 0 {
+        tracing::info!(audited, "audit rows past retention deleted");
     }
     Ok(handled)
 }

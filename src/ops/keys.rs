@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use super::views::iso;
 use super::{OpError, OpResult};
+use crate::audit::Actor;
 use crate::identity::{self, ApiKey, KeyError, KeyPatch, NewKey, QuotaDefaults};
 use crate::queue::QueueError;
 
@@ -117,7 +118,12 @@ pub fn view(key: &ApiKey) -> KeyView {
     }
 }
 
-pub async fn create_key(pool: &PgPool, request: &KeyRequest, defaults: QuotaDefaults) -> OpResult<CreatedKey> {
+pub async fn create_key(
+    pool: &PgPool,
+    request: &KeyRequest,
+    defaults: QuotaDefaults,
+    actor: &Actor,
+) -> OpResult<CreatedKey> {
     let new = NewKey {
         name: request.name.clone(),
         role: request.role.clone(),
@@ -127,7 +133,7 @@ pub async fn create_key(pool: &PgPool, request: &KeyRequest, defaults: QuotaDefa
         max_queued: request.max_queued,
         enroll: request.enroll.unwrap_or(false),
     };
-    let (key, secret) = identity::create(pool, &new, defaults, Utc::now()).await?;
+    let (key, secret) = identity::create(pool, &new, defaults, Utc::now(), actor).await?;
     Ok(CreatedKey {
         id: key.id,
         key: secret,
@@ -154,7 +160,7 @@ pub async fn show_key(pool: &PgPool, id: &str) -> OpResult<KeyView> {
     Ok(view(&identity::find(pool, id).await?))
 }
 
-pub async fn update_key(pool: &PgPool, id: &str, update: &KeyUpdate) -> OpResult<KeyView> {
+pub async fn update_key(pool: &PgPool, id: &str, update: &KeyUpdate, actor: &Actor) -> OpResult<KeyView> {
     let patch = KeyPatch {
         name: update.name.clone(),
         expires_in_secs: update.expires_in_secs,
@@ -162,9 +168,9 @@ pub async fn update_key(pool: &PgPool, id: &str, update: &KeyUpdate) -> OpResult
         max_running: update.max_running,
         max_queued: update.max_queued,
     };
-    Ok(view(&identity::update(pool, id, &patch, Utc::now()).await?))
+    Ok(view(&identity::update(pool, id, &patch, Utc::now(), actor).await?))
 }
 
-pub async fn revoke_key(pool: &PgPool, id: &str) -> OpResult<KeyView> {
-    Ok(view(&identity::revoke(pool, id, Utc::now()).await?))
+pub async fn revoke_key(pool: &PgPool, id: &str, actor: &Actor) -> OpResult<KeyView> {
+    Ok(view(&identity::revoke(pool, id, Utc::now(), actor).await?))
 }

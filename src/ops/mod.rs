@@ -11,6 +11,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+pub use crate::audit::Actor;
 use crate::config::QueueConfig;
 use crate::ids;
 use crate::queue::operator::{self, WrongState};
@@ -201,8 +202,8 @@ pub async fn show_build(pool: &PgPool, id: &str) -> OpResult<Value> {
     }))
 }
 
-pub async fn cancel_build(pool: &PgPool, id: &str) -> OpResult<Value> {
-    let outcome = queue::cancel(pool, id, Utc::now()).await.map_err(|e| match e {
+pub async fn cancel_build(pool: &PgPool, id: &str, actor: &Actor) -> OpResult<Value> {
+    let outcome = queue::cancel(pool, id, Utc::now(), actor).await.map_err(|e| match e {
         QueueError::AlreadyFinished => OpError::conflict("Build already finished"),
         other => other.into(),
     })?;
@@ -210,13 +211,17 @@ pub async fn cancel_build(pool: &PgPool, id: &str) -> OpResult<Value> {
 }
 
 /// Re-runs a failed or cancelled build as a new attempt of the same build.
-pub async fn retry(pool: &PgPool, id: &str) -> OpResult<Build> {
-    operator::retry_same(pool, id, Utc::now()).await?.map_err(conflict)
+pub async fn retry(pool: &PgPool, id: &str, actor: &Actor) -> OpResult<Build> {
+    operator::retry_same(pool, id, Utc::now(), actor)
+        .await?
+        .map_err(conflict)
 }
 
 /// Gives a running attempt back to the queue (and drains its worker with `drain`).
-pub async fn requeue(pool: &PgPool, id: &str, drain: bool) -> OpResult<Build> {
-    operator::requeue(pool, id, drain, Utc::now()).await?.map_err(conflict)
+pub async fn requeue(pool: &PgPool, id: &str, drain: bool, actor: &Actor) -> OpResult<Build> {
+    operator::requeue(pool, id, drain, Utc::now(), actor)
+        .await?
+        .map_err(conflict)
 }
 
 /// Changes priority, run_at (RFC 3339) or max_attempts of a build that is not running, each checked
@@ -227,6 +232,7 @@ pub async fn patch(
     priority: Option<i64>,
     run_at: Option<&str>,
     max_attempts: Option<i64>,
+    actor: &Actor,
 ) -> OpResult<Build> {
     let priority = match priority {
         Some(p) if (-100..=100).contains(&p) => Some(p as i32),
@@ -246,22 +252,24 @@ pub async fn patch(
                 .with_timezone(&Utc),
         ),
     };
-    operator::patch(pool, id, priority, run_at, max_attempts, Utc::now())
+    operator::patch(pool, id, priority, run_at, max_attempts, Utc::now(), actor)
         .await?
         .map_err(conflict)
 }
 
-pub async fn retry_build(pool: &PgPool, id: &str) -> OpResult<Value> {
-    Ok(json!(views::build(&retry(pool, id).await?)))
+pub async fn retry_build(pool: &PgPool, id: &str, actor: &Actor) -> OpResult<Value> {
+    Ok(json!(views::build(&retry(pool, id, actor).await?)))
 }
 
-pub async fn requeue_build(pool: &PgPool, id: &str, drain: bool) -> OpResult<Value> {
-    Ok(json!(views::build(&requeue(pool, id, drain).await?)))
+pub async fn requeue_build(pool: &PgPool, id: &str, drain: bool, actor: &Actor) -> OpResult<Value> {
+    Ok(json!(views::build(&requeue(pool, id, drain, actor).await?)))
 }
 
 /// Changes the priority of a build that is not running (as `PATCH /api/v2/builds/:id {"priority"}`).
-pub async fn set_priority(pool: &PgPool, id: &str, priority: i64) -> OpResult<Value> {
-    Ok(json!(views::build(&patch(pool, id, Some(priority), None, None).await?)))
+pub async fn set_priority(pool: &PgPool, id: &str, priority: i64, actor: &Actor) -> OpResult<Value> {
+    Ok(json!(views::build(
+        &patch(pool, id, Some(priority), None, None, actor).await?
+    )))
 }
 
 /// Log lines of a build after `after`, oldest first, as `GET /api/builds/:id/logs` answers (B5).
@@ -271,9 +279,9 @@ pub async fn read_logs(pool: &PgPool, id: &str, after: i64, limit: Option<i64>) 
     Ok(json!({ "build_id": id, "logs": lines.iter().map(views::log_line).collect::<Vec<_>>() }))
 }
 
-pub async fn set_paused(pool: &PgPool, name: &str, paused: bool) -> OpResult<Value> {
+pub async fn set_paused(pool: &PgPool, name: &str, paused: bool, actor: &Actor) -> OpResult<Value> {
     let platform = Platform::parse(name).ok_or_else(|| OpError::refused(404, "Queue not found", "not_found"))?;
-    operator::set_paused(pool, platform, paused, Utc::now()).await?;
+    operator::set_paused(pool, platform, paused, Utc::now(), actor).await?;
     Ok(json!({ "name": name, "paused": paused }))
 }
 
@@ -313,15 +321,36 @@ pub async fn show_worker(pool: &PgPool, id: &str) -> OpResult<Value> {
 }
 
 /// Sets a worker's operator state (`active`, `draining`, `disabled`, `revoked`).
-pub async fn set_worker_state(pool: &PgPool, settings: &QueueConfig, id: &str, state: &'static str) -> OpResult<Value> {
-    let worker = operator::set_worker_state(pool, id, state, settings, Utc::now()).await?;
+pub async fn set_worker_state(
+    pool: &PgPool,
+    settings: &QueueConfig,
+    id: &str,
+    state: &'static str,
+    actor: &Actor,
+) -> OpResult<Value> {
+    let worker = operator::set_worker_state(pool, id, state, settings, Utc::now(), actor).await?;
     Ok(json!(views::worker(&worker)))
 }
 
-/// Releases a worker from quarantine or probation (fleet-health.md); the one place an audit row joins.
-pub async fn release_worker(pool: &PgPool, id: &str) -> OpResult<Value> {
-    let worker = queue::health::release(pool, id, Utc::now()).await?;
+/// Releases a worker from quarantine or probation (fleet-health.md).
+pub async fn release_worker(pool: &PgPool, id: &str, actor: &Actor) -> OpResult<Value> {
+    let worker = queue::health::release(pool, id, Utc::now(), actor).await?;
     Ok(json!(views::worker(&worker)))
+}
+
+/// A page of the audit log, newest first (`GET /api/v2/audit`, `expo-controller audit list`).
+pub async fn list_audit(
+    pool: &PgPool,
+    actor: Option<&str>,
+    action: Option<&str>,
+    target: Option<&str>,
+    since: Option<&str>,
+    cursor: Option<&str>,
+    limit: i64,
+) -> OpResult<crate::audit::AuditPage> {
+    let filter =
+        crate::audit::AuditFilter::parse(actor, action, target, since, cursor, limit).map_err(OpError::bad_request)?;
+    Ok(crate::audit::list(pool, &filter).await?)
 }
 
 #[cfg(test)]

@@ -16,7 +16,13 @@ pub struct CancelOutcome {
 
 /// Cancels a queued or held build. Queued builds are cancelled outright; held builds are cancelled,
 /// their attempt's tokens revoked and the worker freed. Final builds answer [`QueueError::AlreadyFinished`].
-pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueResult<CancelOutcome> {
+/// `actor` (who asked) gets its `build.cancel` audit row in the same transaction.
+pub async fn cancel(
+    pool: &PgPool,
+    build_id: &str,
+    now: DateTime<Utc>,
+    actor: &crate::audit::Actor,
+) -> QueueResult<CancelOutcome> {
     let mut tx = pool.begin().await?;
     let current: Option<(String, Option<String>, i32)> =
         sqlx::query_as("SELECT state, lease_owner, attempt FROM builds WHERE id = $1 FOR UPDATE")
@@ -62,6 +68,10 @@ pub async fn cancel(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> QueueR
     append_system_log(&mut tx, build_id, "warn", "Build cancelled by user", now).await?;
     let worker = lease_owner.as_deref().filter(|_| held);
     super::emit::emit_build(&mut tx, "build.cancelled", &build, worker, serde_json::json!({})).await?;
+    let change = crate::audit::Change::new("build.cancel", "build", build_id)
+        .before(serde_json::json!({ "state": state.as_str(), "worker_id": worker }))
+        .after(serde_json::json!({ "state": "cancelled" }));
+    crate::audit::record(&mut tx, actor, change).await?;
     tx.commit().await?;
     crate::metrics::build_ended(&build, "cancelled", now);
     Ok(CancelOutcome {

@@ -234,6 +234,7 @@ pub async fn enqueue_retry(
     limited: Option<i64>,
     max_queued: i64,
     now: DateTime<Utc>,
+    actor: &crate::audit::Actor,
 ) -> QueueResult<Build> {
     let mut tx = pool.begin().await.map_err(QueueError::DbUncommitted)?;
     let outcome = async {
@@ -258,7 +259,11 @@ pub async fn enqueue_retry(
             .execute(&mut *tx)
             .await?;
         check_retry(&mut tx, original_id, limited).await?;
-        enqueue_bounded(&mut tx, new, max_queued, now).await
+        let build = enqueue_bounded(&mut tx, new, max_queued, now).await?;
+        let change = crate::audit::Change::new("build.retry", "build", original_id)
+            .after(serde_json::json!({ "retry_build_id": build.id, "state": build.state }));
+        crate::audit::record(&mut tx, actor, change).await?;
+        Ok(build)
     }
     .await
     // Nothing before the COMMIT can have committed: only the COMMIT's own error may be unknown.

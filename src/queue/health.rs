@@ -200,7 +200,12 @@ fn failed_checks(checks: &Value) -> Vec<String> {
 
 /// An operator releases a worker from quarantine or probation: healthy again, its record cleared.
 /// Goes through `ops::release_worker` like drain and disable.
-pub async fn release(pool: &PgPool, worker_id: &str, now: DateTime<Utc>) -> QueueResult<Worker> {
+pub async fn release(
+    pool: &PgPool,
+    worker_id: &str,
+    now: DateTime<Utc>,
+    actor: &crate::audit::Actor,
+) -> QueueResult<Worker> {
     let mut tx = pool.begin().await?;
     let was: Option<bool> = sqlx::query_scalar(
         "SELECT health = 'quarantined' OR diag_critical_at IS NOT NULL FROM workers WHERE id = $1 FOR UPDATE",
@@ -225,6 +230,10 @@ pub async fn release(pool: &PgPool, worker_id: &str, now: DateTime<Utc>) -> Queu
         let data = json!({ "health": "ok", "reason": "released by an operator" });
         super::emit::emit(&mut tx, "worker.released", None, Some(worker_id), data).await?;
     }
+    let change = crate::audit::Change::new("worker.release", "worker", worker_id)
+        .before(json!({ "health": was }))
+        .after(json!({ "health": "ok" }));
+    crate::audit::record(&mut tx, actor, change).await?;
     tx.commit().await?;
     Ok(worker)
 }

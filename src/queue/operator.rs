@@ -10,6 +10,7 @@ use super::emit::emit_build;
 use super::enqueue::notify_ready;
 use super::logs::append_system_log;
 use super::{Build, BuildState, NOTIFY_CHANNEL, Platform, QueueError, QueueResult, Worker};
+use crate::audit::{self, Actor, Change};
 
 /// Why an operator action does not apply to a build in its current state.
 pub const NOT_RUNNING: &str = "Build is not running";
@@ -44,12 +45,19 @@ async fn lock(tx: &mut sqlx::PgConnection, build_id: &str) -> QueueResult<Build>
 /// Gives a running attempt back to the queue at once (not counted against the build's attempts' fate).
 /// The claim does not hand it back to the same worker within the requeue cool-off (R51); with `drain`,
 /// that worker is also set to `draining` in the same transaction.
-pub async fn requeue(pool: &PgPool, build_id: &str, drain: bool, now: DateTime<Utc>) -> OperatorResult<Build> {
+pub async fn requeue(
+    pool: &PgPool,
+    build_id: &str,
+    drain: bool,
+    now: DateTime<Utc>,
+    actor: &Actor,
+) -> OperatorResult<Build> {
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !build.state().is_held() {
         return refuse(tx, NOT_RUNNING).await;
     }
+    let before = build.state.clone();
     if drain {
         let drained =
             sqlx::query("UPDATE workers SET admin_state = 'draining' WHERE id = $1 AND admin_state = 'active'")
@@ -78,20 +86,29 @@ pub async fn requeue(pool: &PgPool, build_id: &str, drain: bool, now: DateTime<U
     append_system_log(&mut tx, build_id, "warn", "Attempt requeued by an operator", now).await?;
     let reason = json!({ "reason": "operator" });
     emit_build(&mut tx, "build.requeued", &build, worker.as_deref(), reason).await?;
+    let change = Change::new("build.requeue", "build", build_id)
+        .before(json!({ "state": before, "worker_id": worker }))
+        .after(json!({ "state": build.state, "drain": drain }));
+    audit::record(&mut tx, actor, change).await?;
     tx.commit().await?;
     Ok(Ok(build))
 }
 
 /// Re-runs a failed or cancelled build as a new attempt of the same build.
-pub async fn retry_same(pool: &PgPool, build_id: &str, now: DateTime<Utc>) -> OperatorResult<Build> {
+pub async fn retry_same(pool: &PgPool, build_id: &str, now: DateTime<Utc>, actor: &Actor) -> OperatorResult<Build> {
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if !matches!(build.state(), BuildState::Failed | BuildState::Cancelled) {
         return refuse(tx, NOT_RETRYABLE).await;
     }
+    let before = build.state.clone();
     let build = reset_to_pending(&mut tx, build_id, now).await?;
     append_system_log(&mut tx, build_id, "info", "Build retried by an operator", now).await?;
     emit_build(&mut tx, "build.requeued", &build, None, json!({ "reason": "retry" })).await?;
+    let change = Change::new("build.retry", "build", build_id)
+        .before(json!({ "state": before }))
+        .after(json!({ "state": build.state }));
+    audit::record(&mut tx, actor, change).await?;
     tx.commit().await?;
     Ok(Ok(build))
 }
@@ -121,12 +138,14 @@ pub async fn patch(
     run_at: Option<DateTime<Utc>>,
     max_attempts: Option<i32>,
     now: DateTime<Utc>,
+    actor: &Actor,
 ) -> OperatorResult<Build> {
     let mut tx = pool.begin().await?;
     let build = lock(&mut tx, build_id).await?;
     if build.state().is_held() || build.state().is_final() {
         return refuse(tx, RUNNING).await;
     }
+    let before = json!({ "state": build.state, "priority": build.priority, "run_at": build.run_at, "max_attempts": build.max_attempts });
     let build: Build = sqlx::query_as(
         "UPDATE builds SET priority = coalesce($2, priority), max_attempts = coalesce($4, max_attempts),
             run_at = coalesce($3, run_at),
@@ -145,7 +164,20 @@ pub async fn patch(
         notify_ready(&mut tx, &[(build.queue.as_str(), build.id.as_str())]).await?;
     }
     let fields = json!({ "priority": build.priority, "run_at": build.run_at, "max_attempts": build.max_attempts });
-    emit_build(&mut tx, "build.updated", &build, None, fields).await?;
+    emit_build(&mut tx, "build.updated", &build, None, fields.clone()).await?;
+    let action = if run_at.is_none() && max_attempts.is_none() {
+        "build.priority"
+    } else {
+        "build.update"
+    };
+    let mut after = fields;
+    after["state"] = json!(build.state);
+    audit::record(
+        &mut tx,
+        actor,
+        Change::new(action, "build", build_id).before(before).after(after),
+    )
+    .await?;
     tx.commit().await?;
     Ok(Ok(build))
 }
@@ -169,7 +201,8 @@ pub async fn finished_build_keys(pool: &PgPool, build_id: &str) -> OperatorResul
 /// `pending_deletions`; returns those keys (empty if the build was not deleted). The caller deletes the
 /// objects and forgets them ([`forget_deletions`]); what it cannot delete, the `storage_deletions` job
 /// retries.
-pub async fn delete_finished(pool: &PgPool, build_id: &str) -> QueueResult<Vec<String>> {
+pub async fn delete_finished(pool: &PgPool, build_id: &str, actor: &Actor) -> QueueResult<Vec<String>> {
+    let mut tx = pool.begin().await?;
     let keys: Vec<String> = sqlx::query_scalar(
         "WITH gone AS (
              DELETE FROM builds WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')
@@ -182,12 +215,23 @@ pub async fn delete_finished(pool: &PgPool, build_id: &str) -> QueueResult<Vec<S
              SELECT k FROM gone, unnest(ARRAY[source_key, certs_key, result_key]) AS k WHERE k IS NOT NULL
          ), queued AS (
              INSERT INTO pending_deletions (key) SELECT k FROM keys ON CONFLICT (key) DO NOTHING
+         ), audit AS (
+             INSERT INTO audit_events (actor, actor_name, role, client_ip, user_agent, action, target_kind,
+                                       target_id, before)
+             SELECT $2, $3, $4, $5, $6, 'build.delete', 'build', id, jsonb_build_object('state', state)
+             FROM gone
          )
          SELECT k FROM keys",
     )
     .bind(build_id)
-    .fetch_all(pool)
+    .bind(&actor.key_id)
+    .bind(&actor.name)
+    .bind(&actor.role)
+    .bind(&actor.ip)
+    .bind(&actor.user_agent)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(keys)
 }
 
@@ -213,8 +257,18 @@ pub async fn forget_deletions(pool: &PgPool, keys: &[String]) -> QueueResult<()>
 }
 
 /// Pauses or resumes a platform queue; resuming wakes waiting workers of every instance.
-pub async fn set_paused(pool: &PgPool, platform: Platform, paused: bool, now: DateTime<Utc>) -> QueueResult<()> {
+pub async fn set_paused(
+    pool: &PgPool,
+    platform: Platform,
+    paused: bool,
+    now: DateTime<Utc>,
+    actor: &Actor,
+) -> QueueResult<()> {
     let mut tx = pool.begin().await?;
+    let was: Option<bool> = sqlx::query_scalar("SELECT paused FROM queues WHERE name = $1 FOR UPDATE")
+        .bind(platform.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
     sqlx::query(
         "WITH prev AS (SELECT name, paused FROM queues WHERE name = $1 FOR UPDATE),
          changed AS (
@@ -238,6 +292,11 @@ pub async fn set_paused(pool: &PgPool, platform: Platform, paused: bool, now: Da
             .execute(&mut *tx)
             .await?;
     }
+    let action = if paused { "queue.pause" } else { "queue.resume" };
+    let change = Change::new(action, "queue", platform.as_str())
+        .before(json!({ "paused": was }))
+        .after(json!({ "paused": paused }));
+    audit::record(&mut tx, actor, change).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -254,24 +313,29 @@ pub async fn set_worker_state(
     admin_state: &'static str,
     settings: &super::Settings,
     now: DateTime<Utc>,
+    actor: &Actor,
 ) -> QueueResult<Worker> {
-    let current = super::find_worker(pool, worker_id)
+    let mut tx = pool.begin().await?;
+    let current: Worker = sqlx::query_as("SELECT * FROM workers WHERE id = $1 FOR UPDATE")
+        .bind(worker_id)
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or(QueueError::WorkerNotFound)?;
     if current.admin_state == "revoked" {
+        tx.rollback().await?;
         return match admin_state {
             "revoked" => Ok(current),
             _ => Err(QueueError::Conflict(REVOKED.to_string())),
         };
     }
     if admin_state == "revoked" {
-        super::unregister(pool, worker_id, settings, now).await?;
+        super::workers::unregister_in(&mut tx, worker_id, settings, now).await?;
     }
     let kind = match admin_state {
         "active" => "worker.enabled",
         other => &format!("worker.{other}"),
     };
-    sqlx::query_as(
+    let worker: Worker = sqlx::query_as(
         "WITH prev AS (SELECT id, admin_state FROM workers WHERE id = $1 FOR UPDATE),
          changed AS (UPDATE workers w SET admin_state = $2 FROM prev
                       WHERE w.id = prev.id AND prev.admin_state <> 'revoked' RETURNING w.*),
@@ -285,20 +349,35 @@ pub async fn set_worker_state(
     .bind(worker_id)
     .bind(admin_state)
     .bind(kind)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?
-    .ok_or_else(|| QueueError::Conflict(REVOKED.to_string()))
+    .ok_or_else(|| QueueError::Conflict(REVOKED.to_string()))?;
+    let action = match admin_state {
+        "active" => "worker.enable",
+        "draining" => "worker.drain",
+        "disabled" => "worker.disable",
+        _ => "worker.revoke",
+    };
+    let change = Change::new(action, "worker", worker_id)
+        .before(json!({ "admin_state": current.admin_state, "status": current.status }))
+        .after(json!({ "admin_state": worker.admin_state, "status": worker.status }));
+    audit::record(&mut tx, actor, change).await?;
+    tx.commit().await?;
+    Ok(worker)
 }
 
 /// Revokes a build's access token; the admin key still works.
-pub async fn revoke_build_token(pool: &PgPool, build_id: &str) -> QueueResult<()> {
+pub async fn revoke_build_token(pool: &PgPool, build_id: &str, actor: &Actor) -> QueueResult<()> {
+    let mut tx = pool.begin().await?;
     let updated = sqlx::query("UPDATE builds SET access_token_hash = NULL WHERE id = $1")
         .bind(build_id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
     if updated.rows_affected() == 0 {
         return Err(QueueError::BuildNotFound);
     }
+    audit::record(&mut tx, actor, Change::new("build.token_revoke", "build", build_id)).await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Workers: registration (idempotent for the rightful caller only) and liveness.
 
 use chrono::{DateTime, Duration, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::{Platform, QueueError, QueueResult, Settings, Worker, emit};
 use crate::ids;
@@ -213,8 +213,33 @@ pub async fn touch_worker(
 
 /// Marks a worker offline, revokes its token and gives its held attempt back to the queue as an
 /// infrastructure failure. Returns how many builds went back.
-pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now: DateTime<Utc>) -> QueueResult<u64> {
+/// `actor`: the person or key who took the worker out (an audit row, `worker.revoke`, in the same
+/// transaction); `None` when the worker unregisters itself (its own report, not an audit event).
+pub async fn unregister(
+    pool: &PgPool,
+    worker_id: &str,
+    settings: &Settings,
+    now: DateTime<Utc>,
+    actor: Option<&crate::audit::Actor>,
+) -> QueueResult<u64> {
     let mut tx = pool.begin().await?;
+    let moved = unregister_in(&mut tx, worker_id, settings, now).await?;
+    if let Some(actor) = actor {
+        let change = crate::audit::Change::new("worker.revoke", "worker", worker_id)
+            .after(serde_json::json!({ "status": "offline", "builds_reassigned": moved }));
+        crate::audit::record(&mut tx, actor, change).await?;
+    }
+    tx.commit().await?;
+    Ok(moved)
+}
+
+/// [`unregister`] on a transaction the caller commits.
+pub(crate) async fn unregister_in(
+    tx: &mut PgConnection,
+    worker_id: &str,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<u64> {
     let found = sqlx::query(
         "UPDATE workers SET status = 'offline', token_hash = NULL, token_expires_at = NULL,
                 unregistered_at = coalesce(unregistered_at, $2)
@@ -238,8 +263,8 @@ pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now
         message: format!("Worker {worker_id} unregistered"),
     };
     for locked in &held {
-        let build = super::attempts::end_attempt(&mut tx, locked, &failure, settings, now).await?;
-        emit::emit_failure(&mut tx, &build, Some(worker_id), &failure, emit::Ended::Unregistered).await?;
+        let build = super::attempts::end_attempt(tx, locked, &failure, settings, now).await?;
+        emit::emit_failure(tx, &build, Some(worker_id), &failure, emit::Ended::Unregistered).await?;
     }
     // end_attempt frees a busy worker to idle; an unregistered one stays offline.
     let admin_state: String =
@@ -248,7 +273,6 @@ pub async fn unregister(pool: &PgPool, worker_id: &str, settings: &Settings, now
             .fetch_one(&mut *tx)
             .await?;
     let data = serde_json::json!({ "state": "offline", "admin_state": admin_state, "reason": "unregistered" });
-    emit::emit(&mut tx, "worker.offline", None, Some(worker_id), data).await?;
-    tx.commit().await?;
+    emit::emit(tx, "worker.offline", None, Some(worker_id), data).await?;
     Ok(held.len() as u64)
 }

@@ -536,6 +536,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("get", "/api/v2/keys/{id}", "admin"),
     ("patch", "/api/v2/keys/{id}", "admin"),
     ("delete", "/api/v2/keys/{id}", "admin"),
+    ("get", "/api/v2/audit", "admin"),
 ];
 
 /// Who calls, in the order the matrix calls them (the admin last: its actions delete and revoke).

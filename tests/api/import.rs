@@ -631,6 +631,19 @@ async fn a_second_run_changes_nothing_and_a_killed_run_is_finished_by_the_next()
     assert_eq!(summary_row(&second, "diagnostics"), [3, 0, 1, 2]);
     assert_eq!(summary_row(&second, "cpu_snapshots"), [3, 0, 3, 0]);
     assert_eq!(summary_row(&second, "files"), [13, 0, 11, 2]);
+    // Each run wrote one `import.run` audit row with its summary, by the OS user who ran it.
+    let runs: Vec<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT action, actor_name, after FROM audit_events ORDER BY id")
+            .fetch_all(&pool_a)
+            .await
+            .unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(
+        runs.iter()
+            .all(|(action, actor, _)| action == "import.run" && actor.starts_with("cli:"))
+    );
+    assert_eq!(runs[1].2["tables"]["builds"]["read"], 11);
+    assert_eq!(runs[1].2["tables"]["builds"]["present"], 10);
 
     // Killed after two batches (the third batch's files already stored), then run again.
     let (url_b, pool_b) = fresh_database(2).await;

@@ -4,6 +4,7 @@
 mod support;
 
 mod alerting;
+mod audit;
 mod bad_input;
 mod cli;
 mod cli_operator;

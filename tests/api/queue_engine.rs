@@ -378,16 +378,20 @@ async fn a_cancelled_build_is_never_claimed_and_its_holder_is_told() {
     let w = worker(&pool, "w", &[Platform::Ios]).await;
 
     let queued = enqueue(&pool, Platform::Ios, 0, 3).await;
-    queue::cancel(&pool, &queued, Utc::now()).await.unwrap();
+    queue::cancel(&pool, &queued, Utc::now(), &expo_controller::audit::Actor::cli())
+        .await
+        .unwrap();
     assert!(queue::claim(&pool, &w, &settings, Utc::now()).await.unwrap().is_none());
     assert!(matches!(
-        queue::cancel(&pool, &queued, Utc::now()).await,
+        queue::cancel(&pool, &queued, Utc::now(), &expo_controller::audit::Actor::cli()).await,
         Err(QueueError::AlreadyFinished)
     ));
 
     let held = enqueue(&pool, Platform::Ios, 0, 3).await;
     let claim = queue::claim(&pool, &w, &settings, Utc::now()).await.unwrap().unwrap();
-    let outcome = queue::cancel(&pool, &held, Utc::now()).await.unwrap();
+    let outcome = queue::cancel(&pool, &held, Utc::now(), &expo_controller::audit::Actor::cli())
+        .await
+        .unwrap();
     assert_eq!(outcome.interrupted_worker.as_deref(), Some(w.id.as_str()));
     let hb = queue::heartbeat(&pool, &held, Holder::worker(&w.id), None, None, &settings, Utc::now())
         .await

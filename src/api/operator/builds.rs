@@ -16,6 +16,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{IdPath, JsonBody, NoParams, QueryParams, bounded_int};
 use crate::api::group::ApiRouter;
 use crate::api::{AppState, operations};
+use crate::audit::Actor;
 use crate::queue;
 use crate::queue::operator::{self, WrongState};
 use utoipa::IntoParams;
@@ -113,8 +114,8 @@ async fn attempts(
 #[utoipa::path(post, path = "/api/v2/builds/{id}/cancel", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "Cancelled", body = schema::Build),
     (status = 409, description = "`Build already finished`", body = CodedError)))]
-async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    let build = operations::cancel_build(&state.pool, &id).await?;
+async fn cancel(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<Value>> {
+    let build = operations::cancel_build(&state.pool, &id, &actor).await?;
     Ok(Json(build))
 }
 
@@ -122,8 +123,8 @@ async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<
 #[utoipa::path(post, path = "/api/v2/builds/{id}/retry", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "The same build, pending again for a new attempt", body = schema::Build),
     (status = 409, description = "Not failed or cancelled", body = CodedError)))]
-async fn retry(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<schema::Build>> {
-    let build = operations::retry(&state.pool, &id).await?;
+async fn retry(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<schema::Build>> {
+    let build = operations::retry(&state.pool, &id, &actor).await?;
     state.build_changed(&build, false);
     Ok(Json(views::build(&build)))
 }
@@ -143,9 +144,10 @@ struct RequeueQuery {
 async fn requeue(
     State(state): State<AppState>,
     IdPath(id): IdPath,
+    actor: Actor,
     QueryParams(q): QueryParams<RequeueQuery>,
 ) -> ApiResult<Json<schema::Build>> {
-    let build = operations::requeue(&state.pool, &id, q.drain.unwrap_or(false)).await?;
+    let build = operations::requeue(&state.pool, &id, q.drain.unwrap_or(false), &actor).await?;
     state.build_changed(&build, true);
     Ok(Json(views::build(&build)))
 }
@@ -157,6 +159,7 @@ async fn requeue(
 async fn patch(
     State(state): State<AppState>,
     IdPath(id): IdPath,
+    actor: Actor,
     JsonBody(body): JsonBody<schema::BuildPatch>,
 ) -> ApiResult<Json<schema::Build>> {
     let build = operations::patch(
@@ -165,6 +168,7 @@ async fn patch(
         body.priority,
         body.run_at.as_deref(),
         body.max_attempts,
+        &actor,
     )
     .await?;
     state.build_changed(&build, false);
@@ -175,11 +179,11 @@ async fn patch(
 #[utoipa::path(delete, path = "/api/v2/builds/{id}", params(("id" = String, Path, description = "Build id")), responses(
     (status = 204, description = "Files and rows purged"),
     (status = 409, description = "Not finished", body = CodedError)))]
-async fn delete(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<StatusCode> {
+async fn delete(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<StatusCode> {
     operator::finished_build_keys(&state.pool, &id)
         .await?
         .map_err(conflict)?;
-    let keys = operator::delete_finished(&state.pool, &id).await?;
+    let keys = operator::delete_finished(&state.pool, &id, &actor).await?;
     // Objects the store does not delete now stay queued for the `storage_deletions` job.
     crate::jobs::delete_objects(&state.pool, &state.storage, &keys).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -189,7 +193,11 @@ async fn delete(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<
 #[utoipa::path(post, path = "/api/v2/builds/{id}/tokens/revoke", params(("id" = String, Path, description = "Build id")), responses(
     (status = 200, description = "The build access token no longer works", body = schema::Revoked),
     (status = 404, description = "`Build not found`", body = CodedError)))]
-async fn revoke_token(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<schema::Revoked>> {
-    operator::revoke_build_token(&state.pool, &id).await?;
+async fn revoke_token(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    actor: Actor,
+) -> ApiResult<Json<schema::Revoked>> {
+    operator::revoke_build_token(&state.pool, &id, &actor).await?;
     Ok(Json(schema::Revoked { revoked: true }))
 }

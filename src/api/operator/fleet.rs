@@ -14,6 +14,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{IdPath, NoParams, QueryParams, bounded_int};
 use crate::api::group::ApiRouter;
 use crate::api::{AppState, auth, operations};
+use crate::audit::Actor;
 use crate::events;
 use crate::queue;
 use utoipa::IntoParams;
@@ -64,8 +65,8 @@ async fn show_worker(State(state): State<AppState>, headers: HeaderMap, IdPath(i
     Ok(etagged(&headers, operations::show_worker(&state.pool, &id).await?))
 }
 
-async fn set_state(state: &AppState, id: &str, admin_state: &'static str) -> ApiResult<Json<Value>> {
-    let worker = operations::set_worker_state(&state.pool, &state.config.queue, id, admin_state).await?;
+async fn set_state(state: &AppState, id: &str, admin_state: &'static str, actor: &Actor) -> ApiResult<Json<Value>> {
+    let worker = operations::set_worker_state(&state.pool, &state.config.queue, id, admin_state, actor).await?;
     state.worker_changed();
     Ok(Json(worker))
 }
@@ -74,32 +75,32 @@ async fn set_state(state: &AppState, id: &str, admin_state: &'static str) -> Api
 #[utoipa::path(post, path = "/api/v2/workers/{id}/drain", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Draining", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
-async fn drain(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    set_state(&state, &id, "draining").await
+async fn drain(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "draining", &actor).await
 }
 
 /// Disables a worker: it takes no builds.
 #[utoipa::path(post, path = "/api/v2/workers/{id}/disable", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Disabled", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
-async fn disable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    set_state(&state, &id, "disabled").await
+async fn disable(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "disabled", &actor).await
 }
 
 /// Enables a worker again.
 #[utoipa::path(post, path = "/api/v2/workers/{id}/enable", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Active again", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
-async fn enable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    set_state(&state, &id, "active").await
+async fn enable(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "active", &actor).await
 }
 
 /// Releases a worker from quarantine or probation: healthy again, its record cleared.
 #[utoipa::path(post, path = "/api/v2/workers/{id}/release", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Healthy again", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
-async fn release(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    let worker = operations::release_worker(&state.pool, &id).await?;
+async fn release(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<Value>> {
+    let worker = operations::release_worker(&state.pool, &id, &actor).await?;
     state.worker_changed();
     Ok(Json(worker))
 }
@@ -108,8 +109,8 @@ async fn release(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult
 #[utoipa::path(delete, path = "/api/v2/workers/{id}", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Revoked: token dropped, offline, its attempt back in the queue", body = schema::Worker),
     (status = 404, description = "`Worker not found`", body = CodedError)))]
-async fn revoke_worker(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
-    set_state(&state, &id, "revoked").await
+async fn revoke_worker(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<Value>> {
+    set_state(&state, &id, "revoked", &actor).await
 }
 
 /// Depth per platform queue, oldest pending age, paused, backpressure limit and full flag.
@@ -126,16 +127,16 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap, _: QueryParam
 #[utoipa::path(post, path = "/api/v2/queues/{platform}/pause", params(("platform" = String, Path, description = "`ios` or `android`")), responses(
     (status = 200, description = "Paused", body = schema::QueueState),
     (status = 404, description = "`Queue not found`", body = CodedError)))]
-async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(operations::set_paused(&state.pool, &name, true).await?))
+async fn pause(State(state): State<AppState>, Path(name): Path<String>, actor: Actor) -> ApiResult<Json<Value>> {
+    Ok(Json(operations::set_paused(&state.pool, &name, true, &actor).await?))
 }
 
 /// Resumes a platform queue; waiting long polls look at once.
 #[utoipa::path(post, path = "/api/v2/queues/{platform}/resume", params(("platform" = String, Path, description = "`ios` or `android`")), responses(
     (status = 200, description = "Running", body = schema::QueueState),
     (status = 404, description = "`Queue not found`", body = CodedError)))]
-async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    let resumed = operations::set_paused(&state.pool, &name, false).await?;
+async fn resume(State(state): State<AppState>, Path(name): Path<String>, actor: Actor) -> ApiResult<Json<Value>> {
+    let resumed = operations::set_paused(&state.pool, &name, false, &actor).await?;
     // Pollers of this instance look again at once; other instances follow the notification.
     if let Some(platform) = queue::Platform::parse(&name) {
         state.queue_resumed(platform);

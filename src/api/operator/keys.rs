@@ -9,6 +9,7 @@ use crate::api::error::{ApiResult, CodedError};
 use crate::api::extract::{IdPath, JsonBody};
 use crate::api::group::ApiRouter;
 use crate::api::{AppState, operations};
+use crate::audit::Actor;
 use crate::identity::QuotaDefaults;
 use crate::ops::keys::{CreatedKey, KeyPage, KeyRequest, KeyUpdate, KeyView};
 use utoipa_axum::routes;
@@ -32,13 +33,14 @@ async fn list(State(state): State<AppState>) -> ApiResult<Json<KeyPage>> {
     (status = 400, description = "Unknown role, name missing or over 256 bytes, expiry in the past, weight outside 1–100, …", body = CodedError)))]
 async fn create(
     State(state): State<AppState>,
+    actor: Actor,
     JsonBody(body): JsonBody<KeyRequest>,
 ) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
     let defaults = QuotaDefaults {
         max_running: state.config.submitter_max_running,
         max_queued: state.config.submitter_max_queued,
     };
-    let created = operations::keys::create_key(&state.pool, &body, defaults).await?;
+    let created = operations::keys::create_key(&state.pool, &body, defaults, &actor).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -59,9 +61,10 @@ async fn show(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Js
 async fn update(
     State(state): State<AppState>,
     IdPath(id): IdPath,
+    actor: Actor,
     JsonBody(body): JsonBody<KeyUpdate>,
 ) -> ApiResult<Json<KeyView>> {
-    let key = operations::keys::update_key(&state.pool, &id, &body).await?;
+    let key = operations::keys::update_key(&state.pool, &id, &body, &actor).await?;
     state.keys.clear();
     Ok(Json(key))
 }
@@ -71,8 +74,8 @@ async fn update(
     (status = 204, description = "Revoked"),
     (status = 404, description = "`Key not found`", body = CodedError),
     (status = 409, description = "`Key already revoked`", body = CodedError)))]
-async fn revoke(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<StatusCode> {
-    operations::keys::revoke_key(&state.pool, &id).await?;
+async fn revoke(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<StatusCode> {
+    operations::keys::revoke_key(&state.pool, &id, &actor).await?;
     state.keys.clear();
     Ok(StatusCode::NO_CONTENT)
 }

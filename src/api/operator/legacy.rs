@@ -160,8 +160,12 @@ async fn stats(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<J
 #[utoipa::path(post, path = "/api/workers/{id}/unregister", params(("id" = String, Path, description = "Worker id")), responses(
     (status = 200, description = "Offline, token revoked, its attempt back in the queue", body = Unregistered),
     (status = 404, description = "`Worker not found`", body = ErrorBody)))]
-async fn unregister(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Unregistered>> {
-    let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now()).await?;
+async fn unregister(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    actor: crate::audit::Actor,
+) -> ApiResult<Json<Unregistered>> {
+    let moved = queue::unregister(&state.pool, &id, &state.config.queue, Utc::now(), Some(&actor)).await?;
     state.workers.clear();
     Ok(Json(Unregistered {
         success: true,

@@ -2,6 +2,7 @@
 //! Every route here is behind a key whose role the route's entry in `api::group::ROLES` admits,
 //! enforced by the group's layer.
 
+mod audit;
 mod builds;
 mod diagnostics;
 mod fleet;
@@ -20,6 +21,7 @@ pub fn group() -> Group {
         .merge(fleet::router())
         .merge(legacy::router())
         .merge(keys::router())
+        .merge(audit::router())
         .merge(diagnostics::router());
     Group::new(Caller::Operator)
         .routes(Credential::Admin, admin)

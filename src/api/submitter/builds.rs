@@ -369,9 +369,12 @@ async fn status(OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<BuildSta
     (status = 200, description = "Cancelled", body = Cancelled),
     (status = 400, description = "`Build already finished`", body = ErrorBody),
     (status = 404, description = "`Build not found`", body = ErrorBody)))]
-async fn cancel(State(state): State<AppState>, OwnedBuild { build, .. }: OwnedBuild) -> ApiResult<Json<Cancelled>> {
+async fn cancel(
+    State(state): State<AppState>,
+    OwnedBuild { build, actor, .. }: OwnedBuild,
+) -> ApiResult<Json<Cancelled>> {
     let id = build.id;
-    let outcome = queue::cancel(&state.pool, &id, Utc::now()).await?;
+    let outcome = queue::cancel(&state.pool, &id, Utc::now(), &actor).await?;
     if let Some(worker) = &outcome.interrupted_worker {
         tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
     }
@@ -390,7 +393,11 @@ async fn cancel(State(state): State<AppState>, OwnedBuild { build, .. }: OwnedBu
     (status = 503, description = "`Build queue is full`", body = ErrorBody)))]
 async fn retry(
     State(state): State<AppState>,
-    OwnedBuild { build: original, admin }: OwnedBuild,
+    OwnedBuild {
+        build: original,
+        admin,
+        actor,
+    }: OwnedBuild,
 ) -> ApiResult<Json<Retried>> {
     let id = original.id.clone();
     let limited = (!admin).then_some(state.config.queue.max_retries_per_build);
@@ -444,19 +451,20 @@ async fn retry(
         original_build_id: Some(original.id.clone()),
     };
     let max_queued = state.config.queue.max_queued_builds;
-    let build = match queue::enqueue_retry(&state.pool, &new, &original.id, limited, max_queued, Utc::now()).await {
-        Ok(build) => build,
-        // The insert may have committed with its answer lost: the row, if it exists, is the answer;
-        // otherwise its objects are left to sweep_unlinked, never deleted here.
-        Err(e) if e.outcome_unknown() => match queue::find_build(&state.pool, &new_id).await {
-            Ok(Some(build)) => build,
-            _ => return Err(e.into()),
-        },
-        Err(e) => {
-            discard().await;
-            return Err(e.into());
-        }
-    };
+    let build =
+        match queue::enqueue_retry(&state.pool, &new, &original.id, limited, max_queued, Utc::now(), &actor).await {
+            Ok(build) => build,
+            // The insert may have committed with its answer lost: the row, if it exists, is the answer;
+            // otherwise its objects are left to sweep_unlinked, never deleted here.
+            Err(e) if e.outcome_unknown() => match queue::find_build(&state.pool, &new_id).await {
+                Ok(Some(build)) => build,
+                _ => return Err(e.into()),
+            },
+            Err(e) => {
+                discard().await;
+                return Err(e.into());
+            }
+        };
     Ok(Json(Retried {
         id: build.id,
         status: "pending".into(),

@@ -476,7 +476,7 @@ async fn unregister_self(
     State(state): State<AppState>,
     Extension(TokenWorker(worker)): Extension<TokenWorker>,
 ) -> ApiResult<Json<Unregistered>> {
-    let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now()).await?;
+    let moved = queue::unregister(&state.pool, &worker.id, &state.config.queue, Utc::now(), None).await?;
     state.workers.clear();
     Ok(Json(Unregistered {
         success: true,

@@ -45,7 +45,14 @@ async fn subscribe(shared: &Shared, query: &str) -> anyhow::Result<mpsc::Unbound
 /// when it was sent, so that `arrival - sent` bounds commit → client from above.
 async fn change(pool: &PgPool, paused: bool) -> anyhow::Result<Instant> {
     let sent = Instant::now();
-    set_paused(pool, Platform::Android, paused, Utc::now()).await?;
+    set_paused(
+        pool,
+        Platform::Android,
+        paused,
+        Utc::now(),
+        &expo_controller::audit::Actor::cli(),
+    )
+    .await?;
     Ok(sent)
 }
 
@@ -66,7 +73,14 @@ pub async fn latency_under_load(shared: &Shared, pool: &PgPool, probes: usize) -
         }
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
-    set_paused(pool, Platform::Android, false, Utc::now()).await?;
+    set_paused(
+        pool,
+        Platform::Android,
+        false,
+        Utc::now(),
+        &expo_controller::audit::Actor::cli(),
+    )
+    .await?;
     let _ = load.await?;
     Ok(samples)
 }
@@ -125,6 +139,13 @@ async fn load_with(shared: &Shared, pool: &PgPool, subscribers: usize) -> anyhow
 pub async fn subscriber_load(shared: &Shared, pool: &PgPool, subscribers: usize) -> anyhow::Result<(f64, f64, u64)> {
     let (without, _) = load_with(shared, pool, 0).await?;
     let (with, received) = load_with(shared, pool, subscribers).await?;
-    set_paused(pool, Platform::Android, false, Utc::now()).await?;
+    set_paused(
+        pool,
+        Platform::Android,
+        false,
+        Utc::now(),
+        &expo_controller::audit::Actor::cli(),
+    )
+    .await?;
     Ok((without, with, received))
 }

@@ -101,8 +101,14 @@ pub async fn empty_polls_g0(
             role: Some("worker".into()),
             ..Default::default()
         };
-        let (stored, secret) =
-            expo_controller::identity::create(pool, &new, Default::default(), chrono::Utc::now()).await?;
+        let (stored, secret) = expo_controller::identity::create(
+            pool,
+            &new,
+            Default::default(),
+            chrono::Utc::now(),
+            &expo_controller::audit::Actor::cli(),
+        )
+        .await?;
         let ids: Vec<&str> = workers.iter().map(|w| w.0.as_str()).collect();
         sqlx::query("UPDATE workers SET registered_by = $1 WHERE id = ANY($2)")
             .bind(&stored.id)
