@@ -138,6 +138,33 @@
     });
   });
 
+  // The log viewer's "Load earlier lines": the lines before the first one shown, until line 1.
+  function loadEarlier(button) {
+    var log = document.getElementById("log");
+    if (!log || button._busy) return;
+    button._busy = true;
+    var before = button.getAttribute("data-before");
+    fetch(log.getAttribute("data-log") + "?before=" + encodeURIComponent(before), {
+      headers: { "HX-Request": "true" }, credentials: "same-origin"
+    }).then(function (r) {
+      if (r.status === 401) { location.reload(); return ""; }
+      return r.ok ? r.text() : "";
+    }).then(function (html) {
+      button._busy = false;
+      if (!html || !html.trim()) { button.remove(); return; }
+      var height = log.scrollHeight;
+      log.insertAdjacentHTML("afterbegin", html);
+      log.scrollTop += log.scrollHeight - height;
+      var first = log.querySelector("[data-seq]");
+      var seq = first ? parseInt(first.getAttribute("data-seq"), 10) : 1;
+      if (seq <= 1) button.remove(); else button.setAttribute("data-before", String(seq));
+    }).catch(function () { button._busy = false; });
+  }
+  document.addEventListener("click", function (e) {
+    var button = e.target.closest && e.target.closest("#log-earlier");
+    if (button) loadEarlier(button);
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     var log = document.getElementById("log");
     if (log) log.scrollTop = log.scrollHeight;

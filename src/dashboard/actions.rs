@@ -65,6 +65,11 @@ async fn apply_to_build(state: &AppState, id: &str, action: &str, form: &HashMap
             state.build_changed(&build, true);
             Ok(format!("Build {short} requeued"))
         }
+        "requeue-drain" => {
+            let build = operations::requeue(&state.pool, id, true).await?;
+            state.build_changed(&build, true);
+            Ok(format!("Build {short} requeued and its worker draining"))
+        }
         "priority" => {
             let priority = form
                 .get("priority")

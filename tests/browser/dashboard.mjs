@@ -101,10 +101,14 @@ try {
     assert.equal((await context.cookies()).length, 0);
   });
 
-  await check("sign in with the admin key", async () => {
+  await check("sign in with the admin key: a deep link survives sign-in", async () => {
+    await page.goto(base + "/dashboard/builds?state=failed");
+    assert.match(page.url(), /\/dashboard\/login\?next=/);
     await page.getByLabel("Admin API key").fill(key);
     await page.getByRole("button", { name: "Sign in" }).click();
-    await page.waitForURL(base + "/dashboard");
+    await page.waitForURL(base + "/dashboard/builds?state=failed");
+    assert.equal(await page.locator('select[name="state"]').inputValue(), "failed");
+    await page.goto(base + "/dashboard");
     await page.getByRole("heading", { name: "Overview" }).waitFor();
     const [cookie] = await context.cookies();
     assert.ok(cookie, "a session cookie");
@@ -133,6 +137,10 @@ try {
     const poll = await api("GET", `/api/workers/poll?worker_id=${workerId}`);
     assert.equal(poll.body.job?.id, buildId, JSON.stringify(poll.body));
     await page.locator(`tr[data-build="${buildId}"] .pill`, { hasText: "assigned" }).waitFor({ timeout: LIVE_MS });
+    // The worker is shown by its name, its id on hover.
+    const link = page.locator(`tr[data-build="${buildId}"] a.worker`);
+    await link.filter({ hasText: "mac-mini-01" }).waitFor({ timeout: LIVE_MS });
+    assert.match(await link.getAttribute("title"), new RegExp(workerId));
     const hb = await api("POST", `/api/builds/${buildId}/heartbeat?worker_id=${workerId}`, { json: { progress: 15, stage: "compiling" } });
     assert.equal(hb.status, 200, JSON.stringify(hb.body));
     await page.locator(`tr[data-build="${buildId}"] .pill`, { hasText: "building" }).waitFor({ timeout: LIVE_MS });
@@ -158,11 +166,50 @@ try {
     await secondTab.locator("#log .line", { hasText: "Archive succeeded" }).waitFor({ timeout: LIVE_MS });
     const shown = await secondTab.locator("#log .line").allTextContents();
     assert.equal(shown.filter((t) => t.includes("Archive succeeded")).length, 1, "each line once");
+    // A coloured line, rendered with classes (no inline style under the CSP).
+    const ansi = await api("POST", `/api/builds/${buildId}/logs?worker_id=${workerId}`, {
+      json: { level: "info", message: "\u001b[1m\u001b[32m✔\u001b[0m Bundled 1,204 modules" },
+    });
+    assert.equal(ansi.status, 200);
+    const colored = secondTab.locator("#log .line .ansi-fg2", { hasText: "✔" });
+    await colored.waitFor({ timeout: LIVE_MS });
+    assert.match(await colored.getAttribute("class"), /ansi-b/);
+    assert.ok(!(await secondTab.locator("#log").textContent()).includes("[32m"), "no raw escape codes");
     for (let i = 0; i < 12; i++) {
       await api("POST", `/api/builds/${buildId}/telemetry?worker_id=${workerId}`, {
         json: { type: "cpu_snapshot", data: { cpu_percent: 120 + 60 * Math.sin(i / 2), memory_mb: 2500 + i * 90 } },
       });
     }
+  });
+
+  await check("the whole log: earlier lines, search and download (600 more lines)", async () => {
+    for (let batch = 0; batch < 6; batch++) {
+      const logs = [];
+      for (let i = 1; i <= 100; i++) logs.push({ level: "info", message: `step ${batch * 100 + i} of 600` });
+      const r = await api("POST", `/api/builds/${buildId}/logs?worker_id=${workerId}`, { json: { logs } });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+    }
+    await secondTab.goto(`${base}/dashboard/builds/${buildId}`);
+    await secondTab.locator("#log .line", { hasText: "step 600 of 600" }).waitFor();
+    assert.equal(await secondTab.locator('#log .line[data-seq="1"]').count(), 0, "only the tail at first");
+    while (await secondTab.locator("#log-earlier").count()) {
+      await secondTab.locator("#log-earlier").click();
+      await secondTab.waitForTimeout(150);
+    }
+    await secondTab.locator('#log .line[data-seq="1"]', { hasText: "Installing dependencies" }).waitFor();
+    const shownSeqs = await secondTab.locator("#log .line").evaluateAll((ls) => ls.map((l) => +l.dataset.seq));
+    assert.deepEqual(shownSeqs, shownSeqs.map((_, i) => i + 1), "every line once, in order");
+    await secondTab.locator("#log-q").fill("step 7 of");
+    await secondTab.getByRole("button", { name: "Search" }).click();
+    await secondTab.locator("#log-results .line", { hasText: "step 7 of 600" }).waitFor();
+    assert.equal(await secondTab.locator("#log-results .line").count(), 1);
+    await secondTab.screenshot({ path: `${shots}/build-log.png`, fullPage: true });
+    const href = await secondTab.getByRole("link", { name: "Download log" }).getAttribute("href");
+    const text = await (await secondTab.request.get(base + href)).text();
+    const lines = text.trimEnd().split("\n");
+    assert.equal(lines.length, shownSeqs.length, "the download holds every line");
+    assert.match(lines[0], /Installing dependencies with yarn$/);
+    assert.ok(text.includes("✔ Bundled 1,204 modules") && !text.includes("\u001b"), "plain text");
   });
 
   await check("completion shows on both pages without reload", async () => {
@@ -199,6 +246,40 @@ try {
     await page.screenshot({ path: `${shots}/builds.png`, fullPage: true });
   });
 
+  let failedId;
+  await check("a failure shows its error in the failed list, linked to its worker; short-id search", async () => {
+    failedId = await submit("ios");
+    const poll = await api("GET", `/api/workers/poll?worker_id=${workerId}`);
+    assert.equal(poll.body.job?.id, failedId, JSON.stringify(poll.body));
+    const form = new FormData();
+    form.append("build_id", failedId);
+    form.append("worker_id", workerId);
+    form.append("success", "false");
+    form.append("error_message", "xcodebuild: error: Signing for \"MyApp\" requires a development team.\n" + "detail ".repeat(300));
+    const up = await api("POST", "/api/workers/upload", { form });
+    assert.equal(up.status, 200, JSON.stringify(up.body));
+    await page.goto(base + "/dashboard/builds?state=failed");
+    const row = page.locator(`tr[data-build="${failedId}"]`);
+    await row.locator("td.reason summary", { hasText: "requires a development team" }).waitFor();
+    assert.ok(!(await row.locator("td.reason summary").textContent()).includes("detail detail"), "first line only");
+    await row.locator("td.reason summary").click();
+    await row.locator(".error-full", { hasText: "detail detail" }).waitFor();
+    await row.locator("a.worker", { hasText: "mac-mini-01" }).waitFor();
+    await page.screenshot({ path: `${shots}/builds-failed.png`, fullPage: true });
+    // The tables show ten characters of an id: searching by them finds the build.
+    await page.goto(base + "/dashboard/builds");
+    await page.getByLabel("Build id").fill(failedId.slice(0, 10));
+    await page.getByRole("button", { name: "Apply" }).click();
+    await page.locator(`tr[data-build="${failedId}"]`).waitFor();
+    assert.equal(await page.locator("tr[data-build]").count(), 1);
+    // The overview's card stays narrow however long the error.
+    await page.goto(base + "/dashboard");
+    const failures = page.locator("section.card", { hasText: "Recent failures" });
+    await failures.locator("a.worker", { hasText: "mac-mini-01" }).waitFor();
+    const width = await failures.evaluate((el) => el.getBoundingClientRect().width);
+    assert.ok(width <= 1366, `the failures card is ${width} px wide`);
+  });
+
   await check("drain a worker (its latest diagnostics shown beside it)", async () => {
     const report = await api("POST", "/api/diagnostics/report", {
       json: {
@@ -218,6 +299,35 @@ try {
     assert.equal(w.body.admin_state, "draining");
     await page.locator(`#w-${workerId}`).getByRole("button", { name: "Enable" }).waitFor();
     await page.screenshot({ path: `${shots}/workers.png`, fullPage: true });
+  });
+
+  await check("a worker's page: details, capabilities, attempts by kind, diagnostics, actions", async () => {
+    const other = await api("POST", "/api/workers/register", {
+      json: { name: "mac-studio-ams", capabilities: { platforms: ["ios", "android"], xcode_version: "16.2", macos_version: "15.1", maxMemoryGB: 64 } },
+    });
+    assert.equal(other.status, 200);
+    await page.goto(base + "/dashboard/workers");
+    await page.locator(`#w-${workerId} a.worker`, { hasText: "mac-mini-01" }).click();
+    await page.waitForURL(`${base}/dashboard/workers/${workerId}`);
+    await page.getByRole("heading", { name: /mac-mini-01/ }).waitFor();
+    await page.locator(".pill", { hasText: "drained" }).first().waitFor();
+    await page.locator(`table.attempts a[href="/dashboard/builds/${buildId}"]`).waitFor();
+    await page.locator(`table.attempts tr[data-outcome="build_failure"] .kind.build`).waitFor();
+    await page.locator("details.report .pill", { hasText: "warning" }).waitFor();
+    await page.getByRole("button", { name: "Enable" }).waitFor();
+    await page.screenshot({ path: `${shots}/worker.png`, fullPage: true });
+    await page.goto(`${base}/dashboard/workers/${other.body.id}`);
+    for (const text of ["16.2", "15.1", "64"]) await page.locator("dl.details dd", { hasText: text }).first().waitFor();
+    // Idle counts only Macs that can take work: the drained one is not idle, the new one is.
+    await page.goto(base + "/dashboard");
+    const workers = page.locator("article.card", { hasText: "Workers" });
+    assert.equal((await workers.locator("div", { has: page.locator("dt", { hasText: "Idle" }) }).locator("dd").textContent()).trim(), "1");
+    await workers.getByText("1 drained").waitFor();
+    // An unknown dashboard page is an HTML page.
+    const r = await page.goto(base + "/dashboard/nowhere");
+    assert.equal(r.status(), 404);
+    assert.match(r.headers()["content-type"], /text\/html/);
+    await page.getByRole("link", { name: "Back to the dashboard" }).waitFor();
   });
 
   await check("pause and resume a queue", async () => {
