@@ -293,6 +293,29 @@ pub struct QueueConfig {
     /// Most retries a build token may create per original build (the admin key is not limited).
     #[arg(long, env = "CONTROLLER_MAX_RETRIES_PER_BUILD", default_value_t = 10)]
     pub max_retries_per_build: i64,
+
+    /// A worker with this many infrastructure failures among its last `CONTROLLER_QUARANTINE_WINDOW`
+    /// ended attempts is quarantined (0: never).
+    #[arg(long, env = "CONTROLLER_QUARANTINE_FAILURES", default_value_t = 3)]
+    pub quarantine_failures: u32,
+
+    /// How many of a worker's last ended attempts its reputation looks at.
+    #[arg(long, env = "CONTROLLER_QUARANTINE_WINDOW", default_value_t = 5)]
+    pub quarantine_window: u32,
+
+    /// Length of a first quarantine; then probation (a relapse doubles it, capped at 24 h).
+    #[arg(long, env = "CONTROLLER_QUARANTINE_SECS", default_value_t = 3600)]
+    pub quarantine_secs: u64,
+
+    /// A build whose attempt ended in an infrastructure failure (or was given back) is not handed back
+    /// to that worker for this long while another matching worker is online (0: off).
+    #[arg(long, env = "CONTROLLER_RETRY_ELSEWHERE_SECS", default_value_t = 600)]
+    pub retry_elsewhere_secs: u64,
+
+    /// Times a build may be given back for its owner (`owner_reclaimed`) without spending an attempt;
+    /// past it a release counts as an infrastructure failure.
+    #[arg(long, env = "CONTROLLER_MAX_RELEASES", default_value_t = 5)]
+    pub max_releases: i32,
 }
 
 impl QueueConfig {
@@ -341,6 +364,18 @@ impl QueueConfig {
         if self.max_queued_builds < 1 {
             problems.push("CONTROLLER_MAX_QUEUED_BUILDS must be positive".to_string());
         }
+        if self.quarantine_failures > 0 && !(self.quarantine_failures..=100).contains(&self.quarantine_window) {
+            problems.push(
+                "CONTROLLER_QUARANTINE_WINDOW must be at least CONTROLLER_QUARANTINE_FAILURES and at most 100"
+                    .to_string(),
+            );
+        }
+        if self.quarantine_secs == 0 || self.quarantine_secs > 86_400 {
+            problems.push("CONTROLLER_QUARANTINE_SECS must be between 1 and 86400".to_string());
+        }
+        if self.max_releases < 0 {
+            problems.push("CONTROLLER_MAX_RELEASES must not be negative".to_string());
+        }
         if self.backoff_base_secs > self.backoff_cap_secs {
             problems.push("CONTROLLER_BACKOFF_BASE_SECS must not exceed CONTROLLER_BACKOFF_CAP_SECS".to_string());
         }
@@ -363,6 +398,11 @@ impl Default for QueueConfig {
             max_queued_builds: 10_000,
             max_samples_per_build: 2_000,
             max_retries_per_build: 10,
+            quarantine_failures: 3,
+            quarantine_window: 5,
+            quarantine_secs: 3600,
+            retry_elsewhere_secs: 600,
+            max_releases: 5,
         }
     }
 }
@@ -372,7 +412,7 @@ impl Default for QueueConfig {
 pub struct JobsConfig {
     /// Schedule overrides, `job=cron;job=cron` with 6-field cron expressions (seconds first), e.g.
     /// `prune=0 0 3 * * *`. Jobs: rescue_expired_leases, deadline_sweep, offline_workers,
-    /// promote_scheduled, purge_certs, prune, sweep_staging, storage_deletions, sweep_unlinked.
+    /// promote_scheduled, purge_certs, prune, sweep_staging, storage_deletions, sweep_unlinked, reconcile.
     #[arg(long, env = "CONTROLLER_JOB_SCHEDULES", default_value = "")]
     pub job_schedules: String,
 

@@ -12,6 +12,10 @@ pub const CLAIM_SECONDS: &str = "expo_claim_duration_seconds";
 pub const HTTP_SECONDS: &str = "expo_http_request_duration_seconds";
 pub const BUILDS_FINISHED: &str = "expo_builds_finished_total";
 pub const LEASE_RESCUES: &str = "expo_lease_rescues_total";
+/// Inconsistencies the reconciliation job repaired, by kind.
+pub const RECONCILED: &str = "expo_reconciled_total";
+/// Gaps in every instance's database contact for which the lease clock stopped (fleet-health.md).
+pub const CONTROLLER_OUTAGES: &str = "expo_controller_outages_total";
 pub const RETRIES: &str = "expo_retries_total";
 pub const UPLOAD_BYTES: &str = "expo_upload_bytes_total";
 pub const DOWNLOAD_BYTES: &str = "expo_download_bytes_total";
@@ -71,8 +75,12 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
     let workers: Vec<(String, i64)> = sqlx::query_as(
         "SELECT s.status, count(w.id) FROM unnest(ARRAY['idle', 'busy', 'offline']) AS s(status)
          LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked'
-              AND (s.status <> 'idle' OR w.admin_state = 'active')
-         GROUP BY s.status",
+              AND (s.status <> 'idle' OR (w.admin_state = 'active'
+                   AND NOT (w.health = 'quarantined' AND (w.quarantined_until IS NULL OR w.quarantined_until > now()))))
+         GROUP BY s.status
+         UNION ALL
+         SELECT 'quarantined', count(*) FROM workers WHERE admin_state <> 'revoked' AND health = 'quarantined'
+            AND (quarantined_until IS NULL OR quarantined_until > now())",
     )
     .fetch_all(pool)
     .await?;
@@ -147,6 +155,14 @@ pub fn init() {
     );
     describe_counter!(BUILDS_FINISHED, "Builds that reached a final state, by outcome");
     describe_counter!(LEASE_RESCUES, "Held builds whose lease expired and were rescued");
+    describe_counter!(
+        CONTROLLER_OUTAGES,
+        "Outages (no instance reached the database) for which the lease clock stopped"
+    );
+    describe_counter!(RECONCILED, "Inconsistencies repaired by the reconcile job, by kind");
+    for kind in crate::queue::RECONCILE_KINDS {
+        metrics::counter!(RECONCILED, "kind" => kind).increment(0);
+    }
     describe_counter!(RETRIES, "Failed attempts scheduled for a retry, by failure kind");
     describe_counter!(UPLOAD_BYTES, "Bytes stored from uploads");
     describe_counter!(DOWNLOAD_BYTES, "Bytes streamed to downloads");
@@ -156,7 +172,7 @@ pub fn init() {
     describe_gauge!(SSE_SUBSCRIBERS, "Open event-stream subscriptions on this instance");
     describe_gauge!(
         WORKERS,
-        "Registered (not revoked) workers by status (read at scrape time)"
+        "Registered (not revoked) workers by status, and those quarantined (read at scrape time)"
     );
     describe_histogram!(
         BUILD_DURATION,
@@ -188,13 +204,18 @@ pub fn init() {
         metrics::counter!(JOB_RUNS, "job" => job).increment(0);
         metrics::counter!(JOB_ERRORS, "job" => job).increment(0);
     }
-    for status in ["idle", "busy", "offline"] {
+    for status in ["idle", "busy", "offline", "quarantined"] {
         metrics::gauge!(WORKERS, "status" => status).set(0.0);
     }
     for state in ["in_use", "idle"] {
         metrics::gauge!(DB_POOL, "state" => state).set(0.0);
     }
+    describe_counter!(
+        QUEUE_FULL,
+        "Submits and retries refused because their platform queue was full, by queue"
+    );
     for platform in PLATFORMS {
+        metrics::counter!(QUEUE_FULL, "queue" => platform).increment(0);
         let _ = metrics::histogram!(QUEUE_WAIT, "platform" => platform);
         for outcome in OUTCOMES {
             let _ = metrics::histogram!(BUILD_DURATION, "platform" => platform, "outcome" => outcome);
@@ -202,6 +223,7 @@ pub fn init() {
     }
     for name in [
         LEASE_RESCUES,
+        CONTROLLER_OUTAGES,
         UPLOAD_BYTES,
         DOWNLOAD_BYTES,
         RATE_LIMITED,

@@ -102,6 +102,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     );
     let (listen_pool, wakeups, listen_stop) = (pool.clone(), state.wakeups.clone(), stop.clone());
     let (pump_pool, pump_events, pump_stop) = (pool.clone(), events.clone(), stop.clone());
+    let (pulse_pool, pulse_settings, pulse_stop) = (pool.clone(), config.queue.clone(), stop.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(state);
     let (http_stop, http) = (stop.clone(), config.http.clone());
@@ -116,6 +117,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     tasks.spawn(async move {
         crate::events::pump(pump_pool, pump_events, pump_stop).await;
         "events"
+    });
+    tasks.spawn(async move {
+        crate::queue::clock::run_pulse(pulse_pool, pulse_settings, pulse_stop).await;
+        "clock"
     });
     tasks.spawn(async move {
         if run_jobs {

@@ -105,6 +105,7 @@ impl Local {
             }
             Call::ShowWorker(id) => ops::show_worker(pool, id).await,
             Call::SetWorkerState { id, state } => ops::set_worker_state(pool, &self.settings, id, state).await,
+            Call::ReleaseWorker(id) => ops::release_worker(pool, id).await,
         };
         outcome.map_err(|e| self.failure(e))
     }

@@ -152,6 +152,7 @@ impl Remote {
                 "disabled" => (M::POST, workers(id, Some("disable")), None),
                 _ => (M::POST, workers(id, Some("enable")), None),
             },
+            Call::ReleaseWorker(id) => (M::POST, workers(id, Some("release")), None),
         }
     }
 

@@ -210,6 +210,11 @@ pub enum WorkersCommand {
         #[arg(allow_hyphen_values = true, value_name = "ID")]
         id: String,
     },
+    /// Release from quarantine or probation: healthy again, its record cleared.
+    Release {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
 }
 
 /// An operator command.
@@ -260,6 +265,7 @@ pub(crate) enum Call {
         id: String,
         state: &'static str,
     },
+    ReleaseWorker(String),
 }
 
 /// How a command ended; the process exit code scripts can rely on.
@@ -437,6 +443,9 @@ async fn execute(backend: &Backend, operation: Operation, json: bool) -> CliResu
         Operation::Workers(WorkersCommand::Disable { id }) => set_worker_state(backend, id, "disabled").await?,
         Operation::Workers(WorkersCommand::Enable { id }) => set_worker_state(backend, id, "active").await?,
         Operation::Workers(WorkersCommand::Revoke { id }) => set_worker_state(backend, id, "revoked").await?,
+        Operation::Workers(WorkersCommand::Release { id }) => {
+            output::Shown::Worker(backend.call(&Call::ReleaseWorker(id)).await?)
+        }
     };
     output::print(&shown, json);
     Ok(Exit::Ok)

@@ -278,6 +278,7 @@ fn worker_details(w: &Value, now: DateTime<Utc>) -> String {
         ("platforms", text(&w["platforms"])),
         ("builds completed", text(&w["builds_completed"])),
         ("builds failed", text(&w["builds_failed"])),
+        ("health", health(w)),
         ("registered", text(&w["registered_at"])),
         (
             "last seen",
@@ -318,6 +319,21 @@ fn queues_table(list: &Value) -> String {
         "QUEUED",
     ];
     table(&header, &rows)
+}
+
+/// `ok`, or `quarantined`/`probation` with until when and why.
+fn health(w: &Value) -> String {
+    let mut shown = text(&w["health"]);
+    if shown != "ok" {
+        match w["quarantined_until"].as_str() {
+            Some(until) => shown.push_str(&format!(" (quarantine until {until})")),
+            None => shown.push_str(" (until a healthy diagnostics report or a release)"),
+        }
+        if let Some(reason) = w["quarantine_reason"].as_str() {
+            shown.push_str(&format!(": {reason}"));
+        }
+    }
+    shown
 }
 
 #[cfg(test)]

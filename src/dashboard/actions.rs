@@ -153,6 +153,16 @@ pub async fn worker_action(
     if !valid_id(&id) {
         return Err(super::pages::not_found("Worker not found"));
     }
+    if action == "release" {
+        let outcome = async {
+            let worker = operations::release_worker(&state.pool, &id).await?;
+            state.worker_changed();
+            let name = worker["name"].as_str().unwrap_or(&id).to_string();
+            Ok(format!("Worker {name} released from quarantine"))
+        }
+        .await;
+        return Ok(back("/dashboard/workers", outcome));
+    }
     let (admin_state, verb) = match action.as_str() {
         "drain" => ("draining", "draining"),
         "disable" => ("disabled", "disabled"),

@@ -638,7 +638,7 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
                     @let base = format!("/dashboard/workers/{}", w.id);
                     tr #{ "w-" (w.id) } data-worker=(w.id) {
                         td { a.worker href=(base) title={ "Worker id " (w.id) } { strong { (w.name) } } br; span.mono.muted { (short(&w.id)) } }
-                        td { (pill(&w.status)) @if w.admin_state != "active" { " " (pill(admin_label(w))) } }
+                        td { (status_cell(w, now)) }
                         td { @for p in &w.platforms { (platform(p)) " " } }
                         td { @match &r.current { Some((id, state)) => { (build_link(id)) " " (pill(state)) }, None => span.muted { "—" } } }
                         td { (ago(w.last_seen_at, now)) }
@@ -654,7 +654,7 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
                             },
                             None => span.muted { "none" },
                         } }
-                        td.actions { (worker_actions(w, csrf)) }
+                        td.actions { (worker_actions(w, csrf, now)) }
                     }
                 }
             }
@@ -702,8 +702,27 @@ fn admin_label(w: &crate::queue::Worker) -> &str {
     }
 }
 
+/// A worker's status, administrative state and health (quarantine, probation).
+fn status_cell(w: &crate::queue::Worker, now: DateTime<Utc>) -> Markup {
+    html! {
+        (pill(&w.status)) @if w.admin_state != "active" { " " (pill(admin_label(w))) }
+        @let health = w.health(now);
+        @if health != "ok" {
+            " " (pill(health))
+            p.muted.health {
+                @match w.quarantined_until {
+                    Some(until) if health == "quarantined" => { "until " (until.format("%Y-%m-%d %H:%M UTC")) },
+                    Some(_) => { "probation: one build to prove itself" },
+                    None => { "until a healthy diagnostics report or a release" },
+                }
+                @if let Some(reason) = &w.quarantine_reason { br; (reason) }
+            }
+        }
+    }
+}
+
 /// A worker's actions, as the workers list offers them.
-fn worker_actions(w: &crate::queue::Worker, csrf: &str) -> Markup {
+fn worker_actions(w: &crate::queue::Worker, csrf: &str, now: DateTime<Utc>) -> Markup {
     let base = format!("/dashboard/workers/{}", w.id);
     html! {
         @if w.admin_state == "revoked" { span.muted { "revoked" } } @else {
@@ -712,6 +731,9 @@ fn worker_actions(w: &crate::queue::Worker, csrf: &str) -> Markup {
                 (action(&format!("{base}/disable"), csrf, "Disable", &format!("Disable {}?", w.name), ""))
             } @else {
                 (action(&format!("{base}/enable"), csrf, "Enable", &format!("Enable {}?", w.name), ""))
+            }
+            @if w.health(now) != "ok" {
+                (action(&format!("{base}/release"), csrf, "Release", &format!("Release {} from quarantine? It takes builds again and its record is cleared.", w.name), ""))
             }
             (action(&format!("{base}/revoke"), csrf, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
         }
@@ -772,14 +794,14 @@ pub fn worker_page(page: &WorkerPage, csrf: &str, now: DateTime<Utc>) -> Markup 
     html! {
         div.page-head {
             h1 { (w.name) " " (pill(&w.status)) @if w.admin_state != "active" { " " (pill(admin_label(w))) } }
-            div.actions { (worker_actions(w, csrf)) }
+            div.actions { (worker_actions(w, csrf, now)) }
         }
         p.muted { "Worker id " span.mono.copy title="Worker id" { (w.id) } }
         section.cards {
             article.card {
                 h2 { "Details" }
                 dl.details {
-                    dt { "Status" } dd { (pill(&w.status)) " · " (admin_label(w)) }
+                    dt { "Status" } dd { (status_cell(w, now)) }
                     dt { "Platforms" } dd { @for p in &w.platforms { (platform(p)) " " } }
                     @for (label, value) in capabilities(&w.capabilities.0) { dt { (label) } dd { (value) } }
                     dt { "Registered" } dd { (ago(w.registered_at, now)) }

@@ -3,7 +3,9 @@
 //! * A queued build (also one queued again after an interrupted attempt) whose source did not come along
 //!   is `failed` with a clear error, never handed to a worker.
 //! * An interrupted build keeps its old attempt as attempt 1, ended as an infrastructure failure (the
-//!   same bookkeeping as a rescued lease), and gets a log line saying what happened.
+//!   same bookkeeping as a rescued lease; the attempt's outcome is `interrupted`, since the move, not the
+//!   worker, ended it: it counts neither against the worker's reputation nor for retry elsewhere), and
+//!   gets a log line saying what happened.
 //! * Final builds keep their times, worker and error text; their one attempt is recorded.
 
 use chrono::{DateTime, Utc};
@@ -98,7 +100,7 @@ pub fn compose(
             assigned_at: planned.started_at.unwrap_or(planned.submitted_at),
             started_at: planned.started_at,
             finished_at: Some(now),
-            outcome: "infrastructure",
+            outcome: "interrupted",
             error_message: Some(INTERRUPTED.to_string()),
         });
     } else if state.is_final()

@@ -47,10 +47,11 @@ pub enum Job {
     SweepStaging,
     StorageDeletions,
     SweepUnlinked,
+    Reconcile,
 }
 
 impl Job {
-    pub const ALL: [Job; 9] = [
+    pub const ALL: [Job; 10] = [
         Job::RescueExpiredLeases,
         Job::DeadlineSweep,
         Job::OfflineWorkers,
@@ -60,6 +61,7 @@ impl Job {
         Job::SweepStaging,
         Job::StorageDeletions,
         Job::SweepUnlinked,
+        Job::Reconcile,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +75,7 @@ impl Job {
             Job::SweepStaging => "sweep_staging",
             Job::StorageDeletions => "storage_deletions",
             Job::SweepUnlinked => "sweep_unlinked",
+            Job::Reconcile => "reconcile",
         }
     }
 
@@ -88,6 +91,7 @@ impl Job {
             Job::SweepStaging => "0 */10 * * * *",
             Job::StorageDeletions => "45 * * * * *",
             Job::SweepUnlinked => "15 * * * * *",
+            Job::Reconcile => "50 * * * * *",
         }
     }
 
@@ -110,6 +114,9 @@ impl Job {
             Job::SweepStaging => sweep_staging::run_once(ctx, now).await,
             Job::StorageDeletions => storage_deletions::run_once(ctx).await,
             Job::SweepUnlinked => sweep_unlinked::run_once(ctx, now).await,
+            Job::Reconcile => queue::reconcile(pool, settings, now, BATCH)
+                .await
+                .map(|found| found.iter().map(|(_, n)| n).sum()),
         }
     }
 }

@@ -9,6 +9,8 @@ use crate::queue::{self, QueueResult};
 
 pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> {
     let after = Duration::seconds(ctx.jobs.offline_after_secs as i64);
+    // After an outage the clock stops first, so undelivered polls do not take workers offline.
+    queue::clock::catch_up(&ctx.pool, &ctx.settings).await?;
     let offline = queue::mark_offline(&ctx.pool, after, now, BATCH).await?;
     for worker_id in &offline {
         tracing::info!(worker_id = %worker_id, "worker went offline");

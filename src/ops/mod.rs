@@ -319,6 +319,12 @@ pub async fn set_worker_state(pool: &PgPool, settings: &QueueConfig, id: &str, s
     Ok(json!(views::worker(&worker)))
 }
 
+/// Releases a worker from quarantine or probation (fleet-health.md); the one place an audit row joins.
+pub async fn release_worker(pool: &PgPool, id: &str) -> OpResult<Value> {
+    let worker = queue::health::release(pool, id, Utc::now()).await?;
+    Ok(json!(views::worker(&worker)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,6 +149,13 @@ pub struct WorkerView {
     pub last_seen_at: String,
     pub builds_completed: i64,
     pub builds_failed: i64,
+    /// `ok`, `quarantined` or `probation` (fleet-health.md).
+    pub health: String,
+    /// When the quarantine ends (then probation); `null` when not quarantined, or quarantined until a
+    /// healthy diagnostics report or an operator's release.
+    pub quarantined_until: Option<String>,
+    /// Why it was quarantined (kept during probation).
+    pub quarantine_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -259,6 +266,9 @@ pub fn worker(w: &Worker) -> WorkerView {
         last_seen_at: iso(w.last_seen_at),
         builds_completed: w.builds_completed,
         builds_failed: w.builds_failed,
+        health: w.health(chrono::Utc::now()).to_string(),
+        quarantined_until: w.quarantined_until.map(iso),
+        quarantine_reason: w.quarantine_reason.clone(),
     }
 }
 

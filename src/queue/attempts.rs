@@ -61,8 +61,14 @@ pub async fn complete(
                 started_at = coalesce(a.started_at, $4)
             FROM done WHERE a.build_id = done.id AND a.attempt = done.attempt
         ), worker_row AS (
+            -- a completed build on probation (quarantine over) clears the worker's record
             UPDATE workers SET builds_completed = builds_completed + 1,
-                status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END
+                status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
+                health = CASE WHEN health = 'quarantined' AND quarantined_until <= $4 THEN 'ok' ELSE health END,
+                quarantine_reason = CASE WHEN health = 'quarantined' AND quarantined_until <= $4 THEN NULL ELSE quarantine_reason END,
+                quarantine_secs = CASE WHEN health = 'quarantined' AND quarantined_until <= $4 THEN NULL ELSE quarantine_secs END,
+                reputation_since = CASE WHEN health = 'quarantined' AND quarantined_until <= $4 THEN $4 ELSE reputation_since END,
+                quarantined_until = CASE WHEN health = 'quarantined' AND quarantined_until <= $4 THEN NULL ELSE quarantined_until END
             WHERE id = $2 AND EXISTS (SELECT 1 FROM done)
         ), log_row AS (
             INSERT INTO build_logs (build_id, seq, ts, level, message)
@@ -134,10 +140,93 @@ pub async fn fail(
     Ok(build)
 }
 
+/// The reason a token-era worker gives when its owner takes the Mac back (fleet-health.md).
+pub const OWNER_RECLAIMED: &str = "owner_reclaimed";
+
+/// The holder gives its attempt back because the Mac's owner took it back: the attempt ends `released`,
+/// the build is pending again at the front of its queue (its `run_at` is kept), the attempt does not count
+/// against `max_attempts` nor the worker's reputation, and retry-elsewhere keeps it from this worker. Past
+/// `CONTROLLER_MAX_RELEASES` releases of the build it is an infrastructure failure instead.
+pub async fn release_for_owner(
+    pool: &PgPool,
+    build_id: &str,
+    holder: Holder<'_>,
+    settings: &Settings,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
+    let mut tx = pool.begin().await?;
+    const LOCK_SQL: &str = concat!(
+        "SELECT ",
+        locked_columns!(),
+        " FROM builds WHERE ",
+        held_by!(),
+        " FOR UPDATE"
+    );
+    let locked: Option<LockedAttempt> = sqlx::query_as(LOCK_SQL)
+        .bind(build_id)
+        .bind(holder.worker_id)
+        .bind(holder.lease_token)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(locked) = locked else {
+        let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
+        tx.rollback().await?;
+        return Err(refusal);
+    };
+    if locked.releases >= settings.max_releases {
+        let failure = Failure {
+            kind: FailureKind::Infrastructure,
+            message: format!(
+                "Worker gave the build back for its owner more than {} times",
+                settings.max_releases
+            ),
+        };
+        let build = end_attempt(&mut tx, &locked, &failure, settings, now).await?;
+        emit::emit_failure(&mut tx, &build, Some(holder.worker_id), &failure, emit::Ended::Reported).await?;
+        tx.commit().await?;
+        return Ok(build);
+    }
+    sqlx::query(
+        "UPDATE build_attempts SET finished_at = $3, outcome = 'released', error_message = 'The owner took the Mac back'
+         WHERE build_id = $1 AND attempt = $2",
+    )
+    .bind(&locked.id)
+    .bind(locked.attempt)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE workers SET status = 'idle' WHERE id = $1 AND status = 'busy'")
+        .bind(holder.worker_id)
+        .execute(&mut *tx)
+        .await?;
+    let build: Build = sqlx::query_as(
+        "UPDATE builds SET state = 'pending', releases = releases + 1, progress = NULL, stage = NULL,
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_sealed = NULL,
+            vm_token_expires_at = NULL, vm_ready_at = NULL
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(&locked.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    super::enqueue::notify_ready(&mut tx, &[(build.queue.as_str(), build.id.as_str())]).await?;
+    let line = format!(
+        "Attempt {} given back: the owner took the Mac back (release {} of {})",
+        locked.attempt,
+        locked.releases + 1,
+        settings.max_releases
+    );
+    append_system_log(&mut tx, &locked.id, "warn", &line, now).await?;
+    let data = serde_json::json!({ "reason": OWNER_RECLAIMED, "releases": locked.releases + 1 });
+    emit::emit_build(&mut tx, "build.released", &build, Some(holder.worker_id), data).await?;
+    tx.commit().await?;
+    Ok(build)
+}
+
 /// Columns of a held row that ending its attempt needs (a macro, to build static SQL).
 macro_rules! locked_columns {
     () => {
-        "id, attempt, max_attempts, retry_build_failures, lease_owner"
+        "id, attempt, max_attempts, retry_build_failures, lease_owner, releases"
     };
 }
 pub(crate) use locked_columns;
@@ -150,6 +239,8 @@ pub(crate) struct LockedAttempt {
     pub max_attempts: i32,
     pub retry_build_failures: bool,
     pub lease_owner: Option<String>,
+    /// Attempts given back for their owner: counted by `attempt`, not against `max_attempts`.
+    pub releases: i32,
 }
 
 /// Whether a failure of `kind` on `attempt` leads to another attempt.
@@ -172,7 +263,8 @@ pub(crate) async fn end_attempt(
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
     let retry_flag = locked.retry_build_failures || settings.retry_build_failures;
-    let retry = retries(failure.kind, locked.attempt, locked.max_attempts, retry_flag);
+    let spent = locked.attempt - locked.releases;
+    let retry = retries(failure.kind, spent, locked.max_attempts, retry_flag);
     let run_at = retry.then(|| {
         let delay = random_backoff(
             locked.attempt,
@@ -225,6 +317,9 @@ pub(crate) async fn end_attempt(
         .bind(counts_as_failure)
         .execute(&mut *conn)
         .await?;
+        if matches!(failure.kind, FailureKind::Infrastructure | FailureKind::Timeout) {
+            super::health::after_infrastructure_failure(conn, worker_id, settings, now).await?;
+        }
     }
     let line = match run_at {
         Some(at) => format!(

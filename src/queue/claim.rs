@@ -30,14 +30,19 @@ WITH held AS (
 ), picked AS (
     SELECT b.id FROM builds b
     WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
-      AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL)
+      AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL
+                  AND (w.health = 'ok' OR w.quarantined_until <= $2))
       AND b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND {queue}
       AND b.queue NOT IN (SELECT name FROM queues WHERE paused)
-      AND ($9::bigint <= 0 OR NOT EXISTS (
-          SELECT 1 FROM build_attempts a WHERE a.build_id = b.id AND a.worker_id = $1 AND a.outcome = 'requeued'
-            AND a.finished_at > $2 - $9::bigint * interval '1 second'))
+      AND NOT EXISTS (
+          SELECT 1 FROM build_attempts a WHERE a.build_id = b.id AND a.worker_id = $1
+            AND ((a.outcome = 'requeued' AND a.finished_at > $2 - $9::bigint * interval '1 second')
+              OR (a.outcome IN ('infrastructure', 'released') AND a.finished_at > $2 - $10::bigint * interval '1 second'
+                  AND EXISTS (SELECT 1 FROM workers o WHERE o.id <> $1 AND o.status <> 'offline'
+                      AND o.admin_state = 'active' AND o.unregistered_at IS NULL AND b.queue = ANY(o.platforms)
+                      AND (o.health = 'ok' OR o.quarantined_until <= $2)))))
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
     FOR UPDATE OF b SKIP LOCKED
@@ -92,7 +97,9 @@ pub fn claim_sql(platforms: usize) -> &'static str {
 /// concurrent claim are skipped, never waited for. A draining, disabled, revoked or unregistered worker
 /// gets nothing new (checked on its row, not only on the caller's possibly cached copy), and
 /// a build an operator requeued away from this worker is not handed back to it within the requeue
-/// cool-off (R51).
+/// cool-off (R51). A quarantined worker gets nothing (on probation it may); a build whose attempt on this
+/// worker ended in an infrastructure failure or was given back is retried elsewhere: not handed back to
+/// it within `retry_elsewhere_secs` while another matching worker is online (fleet-health.md).
 pub async fn claim(
     pool: &PgPool,
     worker: &Worker,
@@ -136,6 +143,7 @@ async fn claim_once(
         .bind(&worker.name)
         .bind(worker.accepts_work())
         .bind(settings.requeue_cooloff_secs as i64)
+        .bind(settings.retry_elsewhere_secs as i64)
         .fetch_optional(pool)
         .await?;
     let Some(row) = row else { return Ok(None) };
@@ -146,27 +154,28 @@ async fn claim_once(
     }))
 }
 
-/// Whether a queued build is held back from this worker by the requeue cool-off (R51): then an empty
-/// claim does not mean its queues are empty for everyone.
+/// Whether a queued build is held back from this worker by the requeue cool-off (R51) or because it
+/// should be retried elsewhere: then an empty claim does not mean its queues are empty for everyone.
 pub async fn held_back_by_requeue(
     pool: &PgPool,
     worker_id: &str,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<bool> {
-    if settings.requeue_cooloff_secs == 0 {
+    if settings.requeue_cooloff_secs == 0 && settings.retry_elsewhere_secs == 0 {
         return Ok(false);
     }
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (
             SELECT 1 FROM build_attempts a JOIN builds b ON b.id = a.build_id
-            WHERE a.worker_id = $1 AND a.outcome = 'requeued'
-              AND a.finished_at > $2 - $3::bigint * interval '1 second'
+            WHERE a.worker_id = $1 AND a.outcome IN ('requeued', 'infrastructure', 'released')
+              AND a.finished_at > $2 - (CASE WHEN a.outcome = 'requeued' THEN $3 ELSE $4 END)::bigint * interval '1 second'
               AND b.state IN ('pending', 'scheduled', 'retryable'))",
     )
     .bind(worker_id)
     .bind(now)
     .bind(settings.requeue_cooloff_secs as i64)
+    .bind(settings.retry_elsewhere_secs as i64)
     .fetch_one(pool)
     .await?)
 }

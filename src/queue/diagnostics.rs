@@ -27,8 +27,10 @@ pub struct NewReport {
     pub checks: serde_json::Value,
 }
 
-/// Stores a report of a known worker; returns its id.
+/// Stores a report of a known worker; returns its id. A `critical` report quarantines the worker in the
+/// same transaction, a later `healthy`/`warning` one lifts that quarantine (fleet-health.md).
 pub async fn store_report(pool: &PgPool, report: &NewReport, now: DateTime<Utc>) -> QueueResult<String> {
+    let mut tx = pool.begin().await?;
     let id: Option<String> = sqlx::query_scalar(
         "INSERT INTO diagnostics (worker_id, status, run_at, duration_ms, auto_fixed, checks)
          SELECT id, $2, $3, $4, $5, $6 FROM workers WHERE id = $1
@@ -40,9 +42,15 @@ pub async fn store_report(pool: &PgPool, report: &NewReport, now: DateTime<Utc>)
     .bind(report.duration_ms)
     .bind(report.auto_fixed)
     .bind(sqlx::types::Json(&report.checks))
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
-    id.ok_or(QueueError::WorkerNotFound)
+    let Some(id) = id else {
+        tx.rollback().await?;
+        return Err(QueueError::WorkerNotFound);
+    };
+    super::health::after_report(&mut tx, &report.worker_id, &report.status, &report.checks, now).await?;
+    tx.commit().await?;
+    Ok(id)
 }
 
 /// A worker's reports, newest first.

@@ -26,9 +26,11 @@ mod backoff;
 mod builds;
 mod cancel;
 mod claim;
+pub mod clock;
 mod diagnostics;
 mod emit;
 mod enqueue;
+pub mod health;
 mod lease;
 mod logs;
 mod maintenance;
@@ -40,7 +42,7 @@ mod vm;
 mod wakeups;
 mod workers;
 
-pub use attempts::{Failure, FailureKind, complete, fail};
+pub use attempts::{Failure, FailureKind, OWNER_RECLAIMED, complete, fail, release_for_owner};
 pub use backoff::backoff;
 pub use builds::{
     BuildFilter, FleetStats, active_builds, certs_to_purge, clear_certs, find_build, fleet_stats, list_builds,
@@ -56,7 +58,7 @@ pub use enqueue::{
 };
 pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
-pub use maintenance::{fail_past_deadline, promote_due, rescue_expired};
+pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use pending::{PendingWrite, forget_writes, record_writes, stale_writes};
 pub use retention::{

@@ -183,6 +183,11 @@ pub struct Worker {
     pub builds_failed: i64,
     /// Set by unregister, cleared by the next registration: until then the worker stays offline.
     pub unregistered_at: Option<DateTime<Utc>>,
+    /// `ok` or `quarantined` as stored; see [`Worker::health`] for what it means now.
+    pub health: String,
+    /// End of the quarantine (then probation); `None` while quarantined: until a healthy report or release.
+    pub quarantined_until: Option<DateTime<Utc>>,
+    pub quarantine_reason: Option<String>,
 }
 
 impl Worker {
@@ -190,9 +195,19 @@ impl Worker {
         self.platforms.iter().filter_map(|p| Platform::parse(p)).collect()
     }
 
-    /// Whether the worker may be handed new builds: active, and not unregistered (R50).
+    /// Whether the worker may be handed new builds: active, not unregistered (R50), not quarantined.
     pub fn accepts_work(&self) -> bool {
-        self.admin_state == "active" && self.unregistered_at.is_none()
+        self.admin_state == "active" && self.unregistered_at.is_none() && self.health(Utc::now()) != "quarantined"
+    }
+
+    /// `ok`, `quarantined`, or `probation` (the quarantine ended; a completed build clears it, another
+    /// infrastructure failure quarantines it again for twice as long).
+    pub fn health(&self, now: DateTime<Utc>) -> &'static str {
+        match (self.health.as_str(), self.quarantined_until) {
+            ("quarantined", Some(until)) if until <= now => "probation",
+            ("quarantined", _) => "quarantined",
+            _ => "ok",
+        }
     }
 
     /// Revoked (final) or unregistered: a poll does not bring it back online (R50).

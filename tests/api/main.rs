@@ -3,6 +3,7 @@
 
 mod support;
 
+mod alerting;
 mod bad_input;
 mod cli;
 mod cli_operator;
@@ -14,6 +15,7 @@ mod downloads;
 mod durability;
 mod events;
 mod fleet;
+mod fleet_health;
 mod g0_worker;
 mod hardening_input;
 mod hardening_transport;

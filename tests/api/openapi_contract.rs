@@ -61,6 +61,7 @@ const BODYLESS: &[&str] = &[
     "post /api/v2/workers/{id}/drain",
     "post /api/v2/workers/{id}/disable",
     "post /api/v2/workers/{id}/enable",
+    "post /api/v2/workers/{id}/release",
     "delete /api/v2/workers/{id}",
     "post /api/v2/queues/{platform}/pause",
     "post /api/v2/queues/{platform}/resume",

@@ -120,7 +120,11 @@ async fn claims_follow_platform_then_priority_then_age() {
 #[tokio::test]
 async fn stale_attempts_are_fenced_off_and_change_nothing() {
     let (_, pool) = fresh_database(5).await;
-    let settings = QueueConfig::default();
+    // The same worker claims the rescued build again (no retry elsewhere, though `other` is online).
+    let settings = QueueConfig {
+        retry_elsewhere_secs: 0,
+        ..QueueConfig::default()
+    };
     let id = enqueue(&pool, Platform::Ios, 0, 3).await;
     let w = worker(&pool, "mac", &[Platform::Ios]).await;
     let other = worker(&pool, "intruder", &[Platform::Ios]).await;

@@ -28,7 +28,7 @@ pub(crate) struct OwnPostgres {
 }
 
 impl OwnPostgres {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_in("fast")
     }
 
@@ -41,11 +41,11 @@ impl OwnPostgres {
         pg
     }
 
-    fn up(&self) {
+    pub(crate) fn up(&self) {
         pg(&["start", self.dir.to_str().unwrap(), &self.port.to_string(), self.mode]);
     }
 
-    fn down(&self) {
+    pub(crate) fn down(&self) {
         pg(&["stop", self.dir.to_str().unwrap()]);
     }
 
@@ -76,7 +76,7 @@ async fn status_within(client: &reqwest::Client, url: &str, want: u16, limit: Du
     }
 }
 
-fn storage(dir: &Path) -> PathBuf {
+pub(crate) fn storage(dir: &Path) -> PathBuf {
     dir.with_extension("storage")
 }
 

@@ -22,6 +22,7 @@ async fn plan(pool: &sqlx::PgPool, platforms: &[&str], generic: bool) -> String 
         .bind("name")
         .bind(true)
         .bind(300i64)
+        .bind(600i64)
         .fetch_all(&mut *conn)
         .await
         .unwrap();

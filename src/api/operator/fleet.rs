@@ -26,6 +26,7 @@ pub fn router() -> ApiRouter {
         .routes(routes!(drain))
         .routes(routes!(disable))
         .routes(routes!(enable))
+        .routes(routes!(release))
         .routes(routes!(queues))
         .routes(routes!(pause))
         .routes(routes!(resume))
@@ -91,6 +92,16 @@ async fn disable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult
     (status = 404, description = "`Worker not found`", body = CodedError)))]
 async fn enable(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
     set_state(&state, &id, "active").await
+}
+
+/// Releases a worker from quarantine or probation: healthy again, its record cleared.
+#[utoipa::path(post, path = "/api/v2/workers/{id}/release", params(("id" = String, Path, description = "Worker id")), responses(
+    (status = 200, description = "Healthy again", body = schema::Worker),
+    (status = 404, description = "`Worker not found`", body = CodedError)))]
+async fn release(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Value>> {
+    let worker = operations::release_worker(&state.pool, &id).await?;
+    state.worker_changed();
+    Ok(Json(worker))
 }
 
 /// Revokes a worker: token dropped, offline, its attempt back in the queue.

@@ -84,6 +84,8 @@ pub struct ReportStatus {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AbandonRequest {
     pub build_id: String,
+    /// Free text; `owner_reclaimed` (the Mac's owner took it back) releases the build without spending
+    /// an attempt.
     pub reason: Option<String>,
 }
 

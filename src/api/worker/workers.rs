@@ -458,8 +458,10 @@ struct AbandonBody {
 }
 
 /// §4: the holder gives its attempt back (an infrastructure failure: retried while attempts remain).
+/// With `"reason": "owner_reclaimed"` the Mac's owner took it back: the build is pending again at the
+/// front of its queue without spending an attempt (at most `CONTROLLER_MAX_RELEASES` times).
 #[utoipa::path(post, path = "/api/workers/abandon", request_body = AbandonRequest, responses(
-    (status = 200, description = "The attempt given back (an infrastructure failure)", body = Abandoned),
+    (status = 200, description = "The attempt given back (an infrastructure failure, or released for its owner)", body = Abandoned),
     (status = 400, description = "`build_id required`", body = ErrorBody),
     (status = 403, description = "`Worker not authorized for this build`", body = ErrorBody),
     (status = 409, description = "`Build attempt is no longer active`", body = ErrorBody)))]
@@ -476,11 +478,18 @@ async fn abandon(
         .reason
         .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| "abandoned by worker".into());
+    let holder = queue::Holder::worker(&worker.id);
+    if reason == queue::OWNER_RECLAIMED {
+        let build = queue::release_for_owner(&state.pool, &build_id, holder, &state.config.queue, Utc::now()).await?;
+        return Ok(Json(Abandoned {
+            success: true,
+            status: build.state().g0().to_string(),
+        }));
+    }
     let failure = Failure {
         kind: FailureKind::Infrastructure,
         message: format!("Worker abandoned the build: {reason}"),
     };
-    let holder = queue::Holder::worker(&worker.id);
     let build = queue::fail(
         &state.pool,
         &build_id,
