@@ -171,6 +171,9 @@ mod tests {
     fn other_sequences_and_controls_are_dropped() {
         assert_eq!(strip("\u{1b}[2K\u{1b}[1;91merror\u{1b}[39m: x\u{7}"), "error: x");
         assert_eq!(render("\u{1b}[38;5;208morange\u{1b}[m").into_string(), "orange");
-        assert_eq!(render("\u{1b}[38;5;9mred").into_string(), "<span class=\"ansi-fg9\">red</span>");
+        assert_eq!(
+            render("\u{1b}[38;5;9mred").into_string(),
+            "<span class=\"ansi-fg9\">red</span>"
+        );
     }
 }

@@ -173,7 +173,11 @@ async fn login(
     body: Bytes,
 ) -> Response {
     if !session::same_origin(&headers) {
-        return (StatusCode::FORBIDDEN, pages::login(Some("Cross-site sign-in refused."), None)).into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            pages::login(Some("Cross-site sign-in refused."), None),
+        )
+            .into_response();
     }
     let form = params(std::str::from_utf8(&body).ok());
     let next = form.get("next").map(String::as_str).and_then(session::safe_next);
@@ -400,13 +404,13 @@ async fn build_logs(
     let seq = |name: &str| match param(&p, name).map(str::parse::<i64>) {
         None => Ok(None),
         Some(Ok(n)) if n >= 0 => Ok(Some(n)),
-        Some(_) => Err(fail(bad("Invalid line number"))),
+        Some(_) => Err(bad("Invalid line number")),
     };
     // `?before=<seq>`: the lines before (the viewer's "Load earlier lines"); else those after `?after=`.
-    let lines = match seq("before")? {
+    let lines = match seq("before").map_err(fail)? {
         Some(before) => queries::log_before(&state.pool, &id, before).await.map_err(fail)?,
         None => {
-            let after = seq("after")?.unwrap_or(0);
+            let after = seq("after").map_err(fail)?.unwrap_or(0);
             queries::log_after(&state.pool, &id, after).await.map_err(fail)?
         }
     };
@@ -419,7 +423,11 @@ async fn build_log_text(State(state): State<AppState>, _session: Session, Path(i
     if !valid_id(&id) {
         return Err(pages::not_found("Build not found"));
     }
-    if crate::queue::find_build(&state.pool, &id).await.map_err(fail)?.is_none() {
+    if crate::queue::find_build(&state.pool, &id)
+        .await
+        .map_err(fail)?
+        .is_none()
+    {
         return Err(pages::not_found("Build not found"));
     }
     let pool = state.pool.clone();
@@ -455,7 +463,10 @@ async fn build_log_text(State(state): State<AppState>, _session: Session, Path(i
     let disposition = format!("attachment; filename=\"build-{short}.log\"");
     let mut response = axum::body::Body::from_stream(chunks).into_response();
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if let Ok(value) = HeaderValue::from_str(&disposition) {
         h.insert(header::CONTENT_DISPOSITION, value);
     }

@@ -7,8 +7,8 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 
-use super::charts;
 use super::ansi;
+use super::charts;
 use super::queries::{BuildPage, Filter, Names, Overview, WorkerPage, WorkerRow};
 use crate::api::ApiError;
 use crate::queue::{Build, LogLine};
@@ -171,7 +171,7 @@ pub fn error_cell(message: Option<&str>) -> Markup {
                     span.error-text { (m) }
                 } @else {
                     details.error-text {
-                        summary { (first.chars().take(CAP).collect::<String>()) @if first.chars().count() > CAP || first.len() < m.len() { "…" } }
+                        summary { (first.chars().take(CAP).collect::<String>()) @if first.chars().count() > CAP { "…" } @else { " …" } }
                         pre.error-full { (m) }
                     }
                 }
@@ -279,7 +279,12 @@ pub fn overview(o: &Overview, names: &Names, now: DateTime<Utc>) -> Markup {
     };
     let admin = |state: &str| o.workers.iter().filter(|w| w.1 == state).map(|w| w.2).sum::<i64>();
     // A drain is finished once the Mac holds no build.
-    let draining = o.workers.iter().filter(|w| w.1 == "draining" && w.0 == "busy").map(|w| w.2).sum::<i64>();
+    let draining = o
+        .workers
+        .iter()
+        .filter(|w| w.1 == "draining" && w.0 == "busy")
+        .map(|w| w.2)
+        .sum::<i64>();
     let drained = admin("draining") - draining;
     html! {
         div.page-head {

@@ -238,7 +238,12 @@ pub fn safe_next(next: &str) -> Option<&str> {
 impl IntoResponse for SignInRequired {
     fn into_response(self) -> Response {
         if self.page {
-            match self.wanted.as_deref().and_then(safe_next).filter(|w| *w != "/dashboard") {
+            match self
+                .wanted
+                .as_deref()
+                .and_then(safe_next)
+                .filter(|w| *w != "/dashboard")
+            {
                 Some(wanted) => {
                     let query = form_urlencoded::Serializer::new(String::new())
                         .append_pair("next", wanted)
