@@ -313,7 +313,7 @@ pub fn overview(o: &Overview, names: &Names, now: DateTime<Utc>) -> Markup {
                     div { dt { "Offline" } dd { (count("offline")) } }
                     div { dt { "Draining" } dd { (draining) } }
                 }
-                p.muted { (drained) " drained · " (admin("disabled")) " disabled · " (admin("revoked")) " revoked" }
+                p.muted { (drained) " drained · " (admin("disabled")) " disabled · " (admin("quarantined")) " quarantined · " (admin("revoked")) " revoked" }
             }
         }
         section.cards.wide {
@@ -426,11 +426,15 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
             button.btn type="submit" { "Apply" }
             a.btn.ghost href="/dashboard/builds" { "Reset" }
         }
+        // The page script names the action and the count in the confirmation, enables the buttons only
+        // with something selected and offers only the actions that apply to the selection.
         form #bulk method="post" action="/dashboard/builds/bulk" data-confirm="Apply this action to the selected builds?" {
             input type="hidden" name="csrf" value=(csrf);
             input type="hidden" name="return" value={ "/dashboard/builds" @if !query.is_empty() { "?" (query) } };
             div.bulk-bar {
-                span.muted { "With selected:" }
+                label.compact { input #select-page type="checkbox"; " Select this page" }
+                label.compact { input #select-matching type="checkbox" name="scope" value="matching"; " All matching the filter (up to 100)" }
+                span.muted #bulk-count aria-live="polite" { "With selected:" }
                 button.btn type="submit" name="action" value="cancel" { "Cancel" }
                 button.btn type="submit" name="action" value="retry" { "Retry" }
             }
@@ -459,7 +463,7 @@ pub fn builds_table(
             tbody {
                 @if rows.is_empty() { tr { td colspan="10" { p.empty { "No builds match." } } } }
                 @for b in rows { tr data-build=(b.id) {
-                    td { input type="checkbox" name="id" value=(b.id) form="bulk" aria-label={ "Select build " (b.id) }; }
+                    td { input type="checkbox" name="id" value=(b.id) form="bulk" data-state=(b.state) aria-label={ "Select build " (b.id) }; }
                     td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (pill(&b.state)) }
                     td { (b.priority) } td { (b.attempt) "/" (b.max_attempts) }
                     td { (worker_link(b.worker_id.as_deref(), names)) } td { (ago(b.submitted_at, now)) } td { (elapsed(b, now)) }

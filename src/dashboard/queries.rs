@@ -26,7 +26,7 @@ pub struct Hour {
 #[derive(Debug, Clone)]
 pub struct Overview {
     pub queues: Vec<QueueView>,
-    /// `(status, admin_state, count)`.
+    /// `(status, admin_state or "quarantined", count)`.
     pub workers: Vec<(String, String, i64)>,
     /// The last 24 hours, oldest first (hours without builds included).
     pub hours: Vec<Hour>,
@@ -48,7 +48,11 @@ pub async fn overview(
 ) -> QueueResult<Overview> {
     let queues = operator::queue_views(pool, now).await?;
     let workers: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT status, admin_state, count(*) FROM workers GROUP BY status, admin_state ORDER BY status, admin_state",
+        // A quarantined Mac takes no work: it counts apart (never as idle), whatever its admin state.
+        "SELECT status, CASE WHEN admin_state <> 'revoked' AND health = 'quarantined'
+                              AND (quarantined_until IS NULL OR quarantined_until > now())
+                         THEN 'quarantined' ELSE admin_state END AS admin, count(*)
+         FROM workers GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .fetch_all(pool)
     .await?;
@@ -194,6 +198,16 @@ pub struct Filter {
 
 /// A page of builds, newest first; the second value says whether there are more.
 pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> QueueResult<(Vec<Build>, bool)> {
+    builds_up_to(pool, filter, now, PAGE).await
+}
+
+/// At most `limit` builds matching `filter`, newest first; whether there are more.
+pub async fn builds_up_to(
+    pool: &PgPool,
+    filter: &Filter,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> QueueResult<(Vec<Build>, bool)> {
     let mut q: QueryBuilder<Postgres> = QueryBuilder::new("SELECT * FROM builds WHERE true");
     if let Some(id) = &filter.id {
         // The full id, or the first characters the tables show (ids hold no LIKE wildcards but `_`).
@@ -222,10 +236,10 @@ pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> Queue
             .push(")");
     }
     q.push(" ORDER BY submitted_at DESC, id DESC LIMIT ")
-        .push_bind(PAGE + 1);
+        .push_bind(limit + 1);
     let mut rows: Vec<Build> = q.build_query_as().fetch_all(pool).await?;
-    let more = rows.len() as i64 > PAGE;
-    rows.truncate(PAGE as usize);
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
     Ok((rows, more))
 }
 

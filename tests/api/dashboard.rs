@@ -335,11 +335,11 @@ async fn dashboard_in_a_real_browser() {
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success()),
-        "node is required for the browser tests (apt-get install nodejs; .ci/run installs it)"
+        "node is required for the browser tests (apt-get install nodejs; make test installs it: scripts/setup.sh)"
     );
     assert!(
         Path::new("/usr/bin/chromium").exists(),
-        "Debian's Chromium is required for the browser tests: apt-get install chromium (.ci/run installs it)"
+        "Debian's Chromium is required for the browser tests: apt-get install chromium (make test installs it: scripts/setup.sh)"
     );
     assert!(
         root.join("tests/browser/node_modules/playwright-core").exists(),

@@ -200,3 +200,41 @@ async fn idle_counts_only_macs_that_can_take_work() {
     );
     assert!(overview.contains("1 drained"));
 }
+
+/// "All matching the filter" acts on the builds the list's filter finds (not only the ones shown).
+#[tokio::test]
+async fn bulk_action_on_everything_matching_the_filter() {
+    let app = TestApp::spawn().await;
+    let client = no_redirects();
+    let cookie = sign_in(&app, &client).await;
+    let keep = app.submit("ios", b"s").await["id"].as_str().unwrap().to_string();
+    let mut android = Vec::new();
+    for _ in 0..3 {
+        android.push(app.submit("android", b"s").await["id"].as_str().unwrap().to_string());
+    }
+    let (_, _, html) = page(&app, &client, &cookie, "/dashboard/builds").await;
+    let csrf = crate::dashboard::csrf_of(&html);
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("csrf", &csrf)
+        .append_pair("return", "/dashboard/builds?state=pending&platform=android")
+        .append_pair("scope", "matching")
+        .append_pair("action", "cancel")
+        .finish();
+    let r = crate::dashboard::post_form(&client, &app, "/dashboard/builds/bulk", Some(&cookie), body).await;
+    assert_eq!(r.status(), 303);
+    assert!(
+        r.headers()["location"].to_str().unwrap().contains("3+build"),
+        "{:?}",
+        r.headers()
+    );
+    for id in &android {
+        assert_eq!(
+            app.admin_json(&format!("/api/v2/builds/{id}")).await["state"],
+            "cancelled"
+        );
+    }
+    assert_eq!(
+        app.admin_json(&format!("/api/v2/builds/{keep}")).await["state"],
+        "pending"
+    );
+}

@@ -48,6 +48,7 @@ const browser = await chromium.launch({
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
 });
 const offOrigin = [];
+const dialogs = [];
 const scriptErrors = [];
 const origin = new URL(base).origin;
 function watch(page) {
@@ -60,7 +61,7 @@ function watch(page) {
     // Expected: the 401 of the wrong-key step (a document answer, logged by Chromium).
     if (m.type() === "error" && !/status of 40[13]/.test(m.text())) scriptErrors.push(`console: ${m.text()}`);
   });
-  page.on("dialog", (d) => d.accept());
+  page.on("dialog", (d) => { dialogs.push(d.message()); d.accept(); });
 }
 
 let step = "start";
@@ -240,9 +241,16 @@ try {
   await check("select several builds and cancel them", async () => {
     const ids = [await submit("android"), await submit("ios")];
     await page.goto(base + "/dashboard/builds");
+    const bar = page.locator(".bulk-bar");
+    assert.equal(await bar.getByRole("button", { name: "Cancel" }).isDisabled(), true, "nothing selected: no action");
     for (const id of ids) await page.locator(`tr[data-build="${id}"] input[type=checkbox]`).check();
-    await page.locator(".bulk-bar").getByRole("button", { name: "Cancel" }).click();
+    await bar.getByText("2 selected").waitFor();
+    // Only what applies: pending builds can be cancelled, not retried.
+    assert.equal(await bar.getByRole("button", { name: "Retry" }).isVisible(), false, "Retry does not apply");
+    dialogs.length = 0;
+    await bar.getByRole("button", { name: "Cancel" }).click();
     await page.getByText("2 build(s) cancelled").waitFor();
+    assert.deepEqual(dialogs, ["Cancel 2 builds?"], "the confirmation names the action and the count");
     for (const id of ids) assert.equal(await buildState(id), "cancelled");
     await page.screenshot({ path: `${shots}/builds.png`, fullPage: true });
   });
