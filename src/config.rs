@@ -51,6 +51,14 @@ pub struct Config {
     #[arg(long, env = "CONTROLLER_MAX_RESULT_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_result_bytes: u64,
 
+    /// Default `max_running` of new submitter keys (0 = unlimited).
+    #[arg(long, env = "CONTROLLER_SUBMITTER_MAX_RUNNING", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1_000_000))]
+    pub submitter_max_running: i64,
+
+    /// Default `max_queued` of new submitter keys (0 = unlimited).
+    #[arg(long, env = "CONTROLLER_SUBMITTER_MAX_QUEUED", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1_000_000))]
+    pub submitter_max_queued: i64,
+
     /// Most log lines kept per build; later lines are counted and dropped.
     #[arg(long, env = "CONTROLLER_MAX_LOG_LINES", default_value_t = 10_000)]
     pub max_log_lines: i64,
@@ -99,10 +107,19 @@ pub struct StorageConfig {
     #[arg(long, env = "CONTROLLER_PRESIGN_DOWNLOADS", default_value_t = false, action = clap::ArgAction::Set)]
     pub presign_downloads: bool,
 
-    /// Lifetime of a presigned download URL, in seconds (at most 3600). A URL already handed out stays
+    /// Lifetime of a presigned download URL, in seconds (a larger value is clamped to 3600, with a
+    /// warning at start). A URL already handed out stays
     /// valid for this long even if the build token that obtained it is revoked or the build deleted.
     #[arg(long, env = "CONTROLLER_PRESIGN_TTL_SECS", default_value_t = 300)]
     pub presign_ttl_secs: u64,
+}
+
+impl StorageConfig {
+    /// The lifetime given to presigned URLs: `CONTROLLER_PRESIGN_TTL_SECS`, at most
+    /// [`MAX_PRESIGN_TTL_SECS`] (T13).
+    pub fn effective_presign_ttl_secs(&self) -> u64 {
+        self.presign_ttl_secs.min(MAX_PRESIGN_TTL_SECS)
+    }
 }
 
 impl Default for StorageConfig {
@@ -561,10 +578,10 @@ impl Config {
         if let Err(problem) = self.storage_target() {
             problems.push(problem);
         }
-        if self.storage.presign_downloads && !(1..=MAX_PRESIGN_TTL_SECS).contains(&self.storage.presign_ttl_secs) {
-            problems.push(format!(
-                "CONTROLLER_PRESIGN_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}"
-            ));
+        // Above MAX_PRESIGN_TTL_SECS is clamped (with a warning at start), not refused: a deployment that
+        // set a longer lifetime before the bound existed must still start after the upgrade.
+        if self.storage.presign_downloads && self.storage.presign_ttl_secs == 0 {
+            problems.push("CONTROLLER_PRESIGN_TTL_SECS must be positive".to_string());
         }
         if self.jobs.staging_max_age_secs < 60 {
             problems.push("CONTROLLER_STAGING_MAX_AGE_SECS must be at least 60".to_string());

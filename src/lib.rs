@@ -14,6 +14,7 @@ pub mod config;
 pub mod dashboard;
 pub mod db;
 pub mod events;
+pub mod identity;
 pub mod ids;
 pub mod import;
 pub mod jobs;

@@ -58,6 +58,14 @@ enum Command {
         #[command(subcommand)]
         action: StorageCommand,
     },
+    /// Admin: create, list, show, update or revoke keys with a role (the secret is shown once, at creation).
+    #[command(after_help = cli::ID_HELP)]
+    Keys {
+        #[command(subcommand)]
+        action: cli::KeysCommand,
+        #[command(flatten)]
+        target: cli::Target,
+    },
     /// Operator: list, show, drain, disable, enable or revoke workers.
     #[command(after_help = cli::ID_HELP)]
     Workers {
@@ -101,12 +109,12 @@ async fn storage_copy(from: Option<String>, storage_dir: std::path::PathBuf, to:
     }
     eprintln!("copying {} -> {}", from.describe(), to.describe());
     let report = copy::copy_all(&from, &to, |line| eprintln!("{line}")).await?;
-    println!(
-        "{}",
+    cli::emit(&format!(
+        "{}\n",
         serde_json::json!({
             "copied": report.copied, "skipped": report.skipped, "bytes": report.bytes, "ignored": report.ignored,
         })
-    );
+    ));
     Ok(())
 }
 
@@ -120,12 +128,10 @@ async fn import_ts(args: &import::ImportArgs, config: &Config) -> std::process::
         .try_init();
     match import::run(args, config).await {
         Ok(summary) => {
-            print!("{}", summary.render());
-            if summary.skipped_total() > 0 {
-                std::process::ExitCode::from(2)
-            } else {
-                std::process::ExitCode::SUCCESS
-            }
+            // The import is done whether or not anyone reads the summary: a closed pipe keeps its code.
+            let code: u8 = if summary.skipped_total() > 0 { 2 } else { 0 };
+            cli::emit_or_exit(&summary.render(), code.into());
+            std::process::ExitCode::from(code)
         }
         Err(e) => {
             eprintln!("expo-controller import-ts: {e:#}");
@@ -162,7 +168,7 @@ async fn main() -> std::process::ExitCode {
             .await
         }
         Command::GenKey => {
-            println!("{}", ids::new_key32());
+            cli::emit(&format!("{}\n", ids::new_key32()));
             Ok(())
         }
         Command::ImportTs { args, config } => return import_ts(&args, &config).await,
@@ -172,6 +178,7 @@ async fn main() -> std::process::ExitCode {
         Command::Builds { action, target } => return cli::run(&target, cli::Operation::Builds(action)).await,
         Command::Queues { action, target } => return cli::run(&target, cli::Operation::Queues(action)).await,
         Command::Workers { action, target } => return cli::run(&target, cli::Operation::Workers(action)).await,
+        Command::Keys { action, target } => return cli::run(&target, cli::Operation::Keys(action)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

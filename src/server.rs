@@ -63,6 +63,16 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         .validate()
         .map_err(|problems| anyhow::anyhow!("invalid configuration:\n  - {problems}"))?;
     crate::metrics::init();
+    let presign = &config.storage;
+    if presign.presign_downloads && presign.presign_ttl_secs > crate::config::MAX_PRESIGN_TTL_SECS {
+        tracing::warn!(
+            configured = presign.presign_ttl_secs,
+            used = presign.effective_presign_ttl_secs(),
+            "CONTROLLER_PRESIGN_TTL_SECS is above the maximum: presigned URLs live {} seconds; \
+             lower the setting to silence this warning",
+            presign.effective_presign_ttl_secs()
+        );
+    }
     tracing::info!(
         database = %crate::config::redact_url(&config.db.database_url),
         header_timeout_secs = config.http.header_timeout_secs,

@@ -3,9 +3,9 @@
 //! nothing, trickles a head, or stalls an upload cannot hold a connection (and a file descriptor)
 //! forever. A slow upload that keeps delivering data is never cut.
 //!
-//! T1: a small body (declared at most [`SMALL_BODY_BYTES`], or of unknown length until that much has
-//! arrived) must arrive whole within the header timeout of its head, so a body trickled a byte at a time
-//! cannot hold a route that reads before it knows a credential (OTP exchange, dashboard sign-in). And an
+//! T1: the first [`SMALL_BODY_BYTES`] of every body (all of a smaller one) must arrive within the header
+//! timeout of its head, whatever length it declares, so a body trickled a byte at a time cannot hold a
+//! route that reads before it knows a credential (OTP exchange, dashboard sign-in). And an
 //! answer the client does not take for `CONTROLLER_WRITE_TIMEOUT_SECS` is cut ([`WriteTimeout`]), so a
 //! client that never reads cannot keep a connection and its buffers.
 
@@ -89,8 +89,9 @@ struct Timeouts {
 fn prepare(request: hyper::Request<Incoming>, remote: SocketAddr, timeouts: Timeouts) -> axum::extract::Request {
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(ConnectInfo(remote));
-    let small = body.size_hint().upper().is_none_or(|n| n <= SMALL_BODY_BYTES);
-    let deadline = (small && !body.is_end_stream()).then(|| Box::pin(tokio::time::sleep(timeouts.head)));
+    // Armed for every body, whatever length it declares (declaring a large one must not buy a trickle
+    // the whole body-read timeout per byte); disarmed only once more than SMALL_BODY_BYTES have arrived.
+    let deadline = (!body.is_end_stream()).then(|| Box::pin(tokio::time::sleep(timeouts.head)));
     let body = SmallBodyDeadline {
         inner: body,
         deadline,
@@ -99,8 +100,8 @@ fn prepare(request: hyper::Request<Incoming>, remote: SocketAddr, timeouts: Time
     axum::extract::Request::from_parts(parts, Body::new(TimeoutBody::new(timeouts.body_read, body)))
 }
 
-/// Bodies up to this size (and the first this many bytes of a body of unknown length) must arrive within
-/// the header timeout of the request head.
+/// Bodies up to this size (and the first this many bytes of any larger body, declared or not) must arrive
+/// within the header timeout of the request head.
 pub const SMALL_BODY_BYTES: u64 = 64 * 1024;
 
 /// The error of a small body that did not arrive in time; handlers answer it 408.
@@ -119,7 +120,7 @@ impl std::error::Error for BodyDeadline {}
 /// [`SMALL_BODY_BYTES`], when its deadline passes.
 struct SmallBodyDeadline {
     inner: Incoming,
-    /// `None` once the body is past the small-body size (or was declared larger).
+    /// `None` once more than [`SMALL_BODY_BYTES`] have arrived (or the body was empty).
     deadline: Option<Pin<Box<Sleep>>>,
     received: u64,
 }

@@ -6,6 +6,7 @@ use chrono::Utc;
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
+use crate::identity::{self, Access, Principal, Role};
 use crate::ids::{hash_secret, secret_matches, valid_id};
 use crate::queue::{Build, Worker};
 
@@ -23,22 +24,85 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Requires the admin key: 401 when missing, 403 when wrong.
-pub fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
-    match header(headers, API_KEY) {
-        None => Err(ApiError::unauthorized("Missing X-API-Key header")),
-        Some(key) if secret_matches(key, &state.secrets.api_key) => Ok(()),
-        Some(_) => Err(ApiError::forbidden("Invalid API key")),
+/// Who an `X-API-Key` value is: the built-in admin key, or a stored key that is neither revoked nor
+/// expired (401 `API key revoked` / `API key expired`); `None` for a value that is no key at all.
+pub async fn principal(state: &AppState, presented: &str) -> ApiResult<Option<Principal>> {
+    if secret_matches(presented, &state.secrets.api_key) {
+        return Ok(Some(Principal::BuiltIn));
+    }
+    let Some(key) = identity::lookup(&state.pool, &state.keys, presented).await? else {
+        return Ok(None);
+    };
+    if key.revoked_at.is_some() {
+        return Err(ApiError::unauthorized("API key revoked"));
+    }
+    if key.expired(Utc::now()) {
+        return Err(ApiError::unauthorized("API key expired"));
+    }
+    if key.enroll && key.spent_at.is_some() {
+        return Err(ApiError::unauthorized("Enrollment key already used"));
+    }
+    Ok(Some(Principal::Key(key)))
+}
+
+/// A key whose role is too small: `/api/v2` says so with a code, G0 routes keep their wording.
+pub fn insufficient_role(native: bool) -> ApiError {
+    if native {
+        ApiError::forbidden("Insufficient role").with_code("insufficient_role")
+    } else {
+        ApiError::forbidden("Invalid API key")
     }
 }
 
-/// Whether a (correct) admin key was presented; a wrong one is 403.
-pub fn admin_if_present(state: &AppState, headers: &HeaderMap) -> ApiResult<bool> {
+/// The caller of `presented` when its role is one `access` admits (403 otherwise). An enrollment key
+/// only registers (`enrolling` is set for the register route alone).
+pub async fn key_with_access(
+    state: &AppState,
+    presented: &str,
+    access: Access,
+    native: bool,
+    enrolling: bool,
+) -> ApiResult<Principal> {
+    let principal = principal(state, presented)
+        .await?
+        .ok_or_else(|| ApiError::forbidden("Invalid API key"))?;
+    if !access.allows(principal.role()) || (principal.enrolling() && !enrolling) {
+        return Err(insufficient_role(native));
+    }
+    Ok(principal)
+}
+
+/// Requires an `X-API-Key` whose role `access` admits: 401 when missing (or revoked, expired), 403
+/// when wrong or too small a role.
+pub async fn require_key(state: &AppState, headers: &HeaderMap, access: Access, native: bool) -> ApiResult<Principal> {
     match header(headers, API_KEY) {
-        None => Ok(false),
-        Some(_) => require_admin(state, headers).map(|()| true),
+        None => Err(ApiError::unauthorized("Missing X-API-Key header")),
+        Some(key) => key_with_access(state, key, access, native, false).await,
     }
 }
+
+/// Whether a key may act for this worker: the admin (built-in or stored) for any, a worker key only
+/// for the workers it registered (403 `Worker not registered with this key`, unknown workers too).
+pub async fn may_act_for(state: &AppState, principal: &Principal, worker_id: &str) -> ApiResult<()> {
+    let Some(key_id) = principal.key_id() else {
+        return Ok(());
+    };
+    if principal.role() == Role::Admin {
+        return Ok(());
+    }
+    let bound = worker_by_id(state, worker_id)
+        .await?
+        .is_some_and(|w| w.registered_by.as_deref() == Some(key_id));
+    if bound {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("Worker not registered with this key"))
+    }
+}
+
+/// The key a request was authenticated with (set by the credential layer of key-accepting routes).
+#[derive(Debug, Clone)]
+pub struct KeyCaller(pub Principal);
 
 /// A validated worker id from a header, query or form field; malformed ids are 400.
 pub fn worker_id(value: Option<&str>) -> ApiResult<Option<String>> {
@@ -82,11 +146,8 @@ pub async fn worker_by_id(state: &AppState, id: &str) -> ApiResult<Option<Worker
     Ok(worker)
 }
 
-/// Owner endpoints: the admin key, or this build's access token alone (R34).
-pub fn require_owner(state: &AppState, headers: &HeaderMap, build: &Build) -> ApiResult<()> {
-    if admin_if_present(state, headers)? {
-        return Ok(());
-    }
+/// Owner endpoints without a key: this build's access token alone (R34).
+pub fn require_build_token(headers: &HeaderMap, build: &Build) -> ApiResult<()> {
     let Some(token) = header(headers, BUILD_TOKEN) else {
         return Err(ApiError::unauthorized("Missing X-API-Key or X-Build-Token header"));
     };
@@ -180,9 +241,19 @@ pub async fn build_caller(
         });
     }
     let named_worker = worker_id(header(headers, WORKER_ID))?.or(worker_id(fallback_worker_id)?);
-    match header(headers, API_KEY) {
-        Some(key) if secret_matches(key, &state.secrets.api_key) => {
+    let key = header(headers, API_KEY);
+    let who = match key {
+        Some(key) => principal(state, key).await?,
+        None => None,
+    };
+    match key {
+        Some(_) if who.is_some() => {
+            let who = who.unwrap_or(Principal::BuiltIn);
+            if !Access::Worker.allows(who.role()) || who.enrolling() {
+                return Err(ApiError::forbidden("Invalid API key"));
+            }
             let worker_id = named_worker.ok_or_else(|| missing_worker(rules))?;
+            may_act_for(state, &who, &worker_id).await?;
             Ok(BuildCaller {
                 worker_id,
                 lease_token: None,
@@ -246,7 +317,7 @@ pub async fn require_upload_credential(state: &AppState, headers: &HeaderMap) ->
     if let Some(token) = header(headers, WORKER_TOKEN) {
         return worker_by_token(state, token).await.map(|_| ());
     }
-    require_admin(state, headers)
+    require_key(state, headers, Access::Worker, false).await.map(|_| ())
 }
 
 fn missing_worker(rules: CallerRules) -> ApiError {
@@ -342,64 +413,90 @@ impl Credential {
         }
     }
 
-    /// Refuses a request that does not carry this credential (401 missing, 403 wrong), with the
-    /// exact G0 wording.
-    pub async fn check(self, state: &AppState, headers: &HeaderMap) -> ApiResult<Option<Worker>> {
+    /// Refuses a request that does not carry this credential (401 missing, 403 wrong or too small a
+    /// role for `access`), with the exact G0 wording; answers the worker of a worker token and the
+    /// caller of a key.
+    pub async fn check(
+        self,
+        state: &AppState,
+        headers: &HeaderMap,
+        access: Access,
+        native: bool,
+    ) -> ApiResult<(Option<Worker>, Option<Principal>)> {
+        let key = |access| require_key(state, headers, access, native);
         match self {
-            Credential::Public | Credential::Otp => Ok(None),
-            Credential::Admin => require_admin(state, headers).map(|()| None),
+            Credential::Public | Credential::Otp => Ok((None, None)),
+            Credential::Admin => Ok((None, Some(key(access).await?))),
             Credential::AdminOrBearer => {
                 let bearer = header(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
-                match bearer {
-                    Some(key) if secret_matches(key, &state.secrets.api_key) => Ok(None),
-                    _ => require_admin(state, headers).map(|()| None),
+                match (bearer, header(headers, API_KEY)) {
+                    (Some(bearer), None) => Ok((
+                        None,
+                        Some(key_with_access(state, bearer.trim(), access, native, false).await?),
+                    )),
+                    _ => Ok((None, Some(key(access).await?))),
                 }
             }
-            Credential::Owner => require_owner_credential(headers).map(|()| None),
+            Credential::Owner => require_owner_credential(headers).map(|()| (None, None)),
             Credential::WorkerTokenOrAdmin => match header(headers, WORKER_TOKEN) {
-                Some(token) => worker_by_token(state, token).await.map(Some),
-                None => require_admin(state, headers).map(|()| None),
+                Some(token) => worker_by_token(state, token).await.map(|w| (Some(w), None)),
+                None => Ok((None, Some(key(access).await?))),
             },
-            Credential::AdminOrWorkerToken => match header(headers, WORKER_TOKEN) {
-                // A worker token with a (correct) admin key is an admin call; a wrong key is 403.
-                Some(_) if admin_if_present(state, headers)? => Ok(None),
-                Some(token) => worker_by_token(state, token).await.map(Some),
-                None => require_admin(state, headers).map(|()| None),
+            Credential::AdminOrWorkerToken => match (header(headers, API_KEY), header(headers, WORKER_TOKEN)) {
+                // A key (with or without a worker token) is a key's call; a wrong key is 403.
+                (Some(presented), _) => Ok((
+                    None,
+                    Some(key_with_access(state, presented, access, native, true).await?),
+                )),
+                (None, Some(token)) => worker_by_token(state, token).await.map(|w| (Some(w), None)),
+                (None, None) => Err(ApiError::unauthorized("Missing X-API-Key header")),
             },
-            Credential::Upload => require_upload_credential(state, headers).await.map(|()| None),
+            Credential::Upload => require_upload_credential(state, headers).await.map(|()| (None, None)),
             Credential::WorkerToken => {
                 let token = header(headers, WORKER_TOKEN)
                     .ok_or_else(|| ApiError::unauthorized("Missing X-Worker-Token header"))?;
-                worker_by_token(state, token).await.map(Some)
+                worker_by_token(state, token).await.map(|w| (Some(w), None))
             }
             Credential::BuildScoped | Credential::BuildScopedWorker => {
                 let present = [VM_TOKEN, WORKER_TOKEN, API_KEY, WORKER_ID]
                     .iter()
                     .any(|name| header(headers, name).is_some());
                 if present {
-                    Ok(None)
+                    Ok((None, None))
                 } else {
                     Err(ApiError::unauthorized("Missing X-API-Key header"))
                 }
             }
             Credential::VmToken => match header(headers, VM_TOKEN) {
-                Some(_) => Ok(None),
+                Some(_) => Ok((None, None)),
                 None => Err(ApiError::unauthorized("Missing X-VM-Token header")),
             },
         }
     }
 
-    /// The route layer enforcing this credential.
+    /// The route layer enforcing this credential, with the least role the route's entry in the role
+    /// table (`group::access`) names.
     pub async fn guard(
         axum::extract::State((state, credential)): axum::extract::State<(AppState, Credential)>,
         mut request: axum::extract::Request,
         next: axum::middleware::Next,
     ) -> axum::response::Response {
         use axum::response::IntoResponse;
-        match credential.check(&state, request.headers()).await {
-            Ok(worker) => {
+        let path = request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|p| p.as_str())
+            .unwrap_or_default();
+        // A route without an entry cannot be built (`Group::routes`); the fallback is the most restrictive.
+        let access = super::group::access(request.method().as_str(), path).unwrap_or(Access::Admin);
+        let native = request.uri().path().starts_with("/api/v2/");
+        match credential.check(&state, request.headers(), access, native).await {
+            Ok((worker, principal)) => {
                 if let Some(worker) = worker {
                     request.extensions_mut().insert(TokenWorker(worker));
+                }
+                if let Some(principal) = principal {
+                    request.extensions_mut().insert(KeyCaller(principal));
                 }
                 next.run(request).await
             }
@@ -413,11 +510,12 @@ impl Credential {
 #[derive(Debug, Clone)]
 pub struct TokenWorker(pub Worker);
 
-/// A build whose owner is calling: the admin key or this build's token (401 without either, 404
-/// unknown build, 403 wrong token or key). Owner handlers take it instead of looking the build up.
+/// A build whose owner is calling: the admin key, the submitter key that submitted it, or this build's
+/// token (401 without any, 404 unknown build — and another submitter's build, 403 wrong token or key).
+/// Owner handlers take it instead of looking the build up.
 pub struct OwnedBuild {
     pub build: Build,
-    /// Whether the caller used the admin key (else the build token).
+    /// Whether the caller used an admin key (else a submitter key or the build token).
     pub admin: bool,
 }
 
@@ -427,18 +525,30 @@ impl axum::extract::FromRequestParts<AppState> for OwnedBuild {
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> ApiResult<Self> {
         let super::extract::IdPath(id) = super::extract::IdPath::from_request_parts(parts, state).await?;
         require_owner_credential(&parts.headers)?;
-        // A wrong admin key is refused before the lookup, so it cannot tell which builds exist.
-        let admin = admin_if_present(state, &parts.headers)?;
-        // A build token for an unknown build is answered as a wrong token (T14): without the admin key,
-        // 404 versus 403 would tell a junk token which build ids exist.
+        // A wrong key is refused before the lookup, so it cannot tell which builds exist.
+        let caller = match header(&parts.headers, API_KEY) {
+            Some(presented) => Some(key_with_access(state, presented, Access::Submitter, false, false).await?),
+            None => None,
+        };
+        // A build token for an unknown build is answered as a wrong token (T14): without a key, 404
+        // versus 403 would tell a junk token which build ids exist.
         let build = crate::queue::find_build(&state.pool, &id).await?.ok_or_else(|| {
-            if admin {
+            if caller.is_some() {
                 ApiError::build_not_found()
             } else {
                 ApiError::forbidden("Invalid or expired build token")
             }
         })?;
-        require_owner(state, &parts.headers, &build)?;
+        match &caller {
+            Some(who) if who.role() == Role::Submitter => {
+                if build.submitted_by.is_none() || build.submitted_by.as_deref() != who.key_id() {
+                    return Err(ApiError::build_not_found());
+                }
+            }
+            Some(_) => {}
+            None => require_build_token(&parts.headers, &build)?,
+        }
+        let admin = caller.is_some_and(|who| who.role() == Role::Admin);
         Ok(OwnedBuild { build, admin })
     }
 }

@@ -20,7 +20,7 @@ pub(crate) async fn presigned_redirect(state: &AppState, key: &Key) -> ApiResult
     if !settings.presign_downloads {
         return Ok(None);
     }
-    let ttl = std::time::Duration::from_secs(settings.presign_ttl_secs);
+    let ttl = std::time::Duration::from_secs(settings.effective_presign_ttl_secs());
     let Some(url) = state.storage.presigned_get(key, ttl).await? else {
         return Ok(None);
     };

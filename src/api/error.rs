@@ -189,7 +189,11 @@ impl From<QueueError> for ApiError {
                 }
             }
             None => match error {
-                QueueError::Db(e) => ApiError::from(e),
+                QueueError::Db(e) | QueueError::DbUncommitted(e) => ApiError::from(e),
+                QueueError::ObjectsGone => ApiError {
+                    retry_after: Some(STORAGE_RETRY_AFTER_SECS),
+                    ..ApiError::unavailable(error)
+                },
                 other => ApiError::internal(anyhow::anyhow!("unmapped queue error: {other}")),
             },
         }

@@ -22,14 +22,48 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if !is_json(req.headers()) {
             return Err(ApiError::bad_request("Expected Content-Type: application/json").with_code("content_type"));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large("Request body too large")
-            } else {
-                ApiError::bad_request("Invalid request body")
-            }
-        })?;
+        let BodyBytes(bytes) = BodyBytes::from_request(req, state).await?;
         parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// The whole body as bytes (axum's `Bytes`, within the route's body limit), refused the way every body
+/// is: 413 beyond the limit, 408 when it did not arrive in time (the small-body deadline, T1), else 400.
+pub struct BodyBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for BodyBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(BodyBytes)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large("Request body too large")
+                } else {
+                    body_failure(&rejection)
+                }
+            })
+    }
+}
+
+/// Why reading a body failed: 413 past a length limit, 408 past the small-body deadline, else 400.
+pub fn body_failure(error: &(dyn std::error::Error + 'static)) -> ApiError {
+    let mut too_large = false;
+    let mut late = false;
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        too_large |= current.is::<http_body_util::LengthLimitError>();
+        late |= current.is::<crate::transport::BodyDeadline>();
+        cause = current.source();
+    }
+    if too_large {
+        ApiError::too_large("Request body too large")
+    } else if late {
+        ApiError::request_timeout()
+    } else {
+        ApiError::bad_request("Invalid request body")
     }
 }
 
@@ -38,23 +72,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 /// credential is resolved in the handler (build-scoped callers) take the body this way, so a stranger's
 /// request is refused before anything of its body is read.
 pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let too_large =
-            std::error::Error::source(&error).is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
-        let mut late = false;
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-        while let Some(current) = cause {
-            late |= current.is::<crate::transport::BodyDeadline>();
-            cause = current.source();
-        }
-        if too_large {
-            ApiError::too_large("Request body too large")
-        } else if late {
-            ApiError::request_timeout()
-        } else {
-            ApiError::bad_request("Invalid request body")
-        }
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|error| body_failure(&error))
 }
 
 /// Whether the request says its body is JSON.

@@ -2,8 +2,12 @@
 //! routes to a group names their credential: the group wraps them in that credential's route layer
 //! ([`Credential::guard`]), documents it (tag = the group, security = the credential's schemes,
 //! `x-credential`), and refuses credentials its callers do not use. So an operator route is behind
-//! the admin key by construction, and a route cannot exist undocumented: routes are added as
+//! a key by construction, and a route cannot exist undocumented: routes are added as
 //! `utoipa_axum::routes!` of handlers carrying `#[utoipa::path]`.
+//!
+//! [`ROLES`] is the one place that decides the least role each route needs (identity.md): a route
+//! without an entry cannot be added to a group (the router refuses to build, at start-up and in every
+//! test), the guard enforces the entry, and the document shows it (`x-role`).
 
 use axum::Router;
 use utoipa::openapi::extensions::ExtensionsBuilder;
@@ -13,6 +17,90 @@ use utoipa_axum::router::OpenApiRouter;
 
 use super::AppState;
 use super::auth::Credential;
+use crate::identity::Access;
+
+/// The least role of every route, by method and path (identity.md, "Roles"). `NoKey`: the route takes
+/// no key (public, or only a worker token, VM token or OTP).
+pub const ROLES: &[(&str, &str, Access)] = &[
+    // Anyone.
+    ("get", "/health", Access::NoKey),
+    ("get", "/ready", Access::NoKey),
+    ("get", "/api/health", Access::NoKey),
+    ("get", "/api/stats", Access::NoKey),
+    ("get", "/api/v2/openapi.json", Access::NoKey),
+    // Workers (a worker key for the workers it registered, or the admin) and their VMs.
+    ("post", "/api/workers/register", Access::Worker),
+    ("get", "/api/workers/poll", Access::Worker),
+    ("post", "/api/workers/upload", Access::Worker),
+    ("post", "/api/workers/result", Access::Worker),
+    ("post", "/api/workers/fail", Access::Worker),
+    ("post", "/api/workers/unregister", Access::NoKey),
+    ("post", "/api/workers/abandon", Access::NoKey),
+    ("get", "/api/builds/{id}/source", Access::Worker),
+    ("get", "/api/builds/{id}/certs", Access::Worker),
+    ("get", "/api/builds/{id}/certs-secure", Access::Worker),
+    ("post", "/api/builds/{id}/logs", Access::Worker),
+    ("post", "/api/builds/{id}/heartbeat", Access::Worker),
+    ("post", "/api/builds/{id}/telemetry", Access::Worker),
+    ("get", "/api/builds/{id}/vm-status", Access::Worker),
+    ("post", "/api/builds/{id}/vm-ready", Access::NoKey),
+    ("post", "/api/builds/{id}/artifact", Access::NoKey),
+    ("post", "/api/builds/{id}/authenticate", Access::NoKey),
+    ("post", "/api/diagnostics/report", Access::Worker),
+    // Submitters (their own builds; the build token as before) and the admin.
+    ("post", "/api/builds/submit", Access::Submitter),
+    ("post", "/api/builds", Access::Submitter),
+    ("get", "/api/builds/{id}/status", Access::Submitter),
+    ("get", "/api/builds/{id}/logs", Access::Submitter),
+    ("get", "/api/builds/{id}/download", Access::Submitter),
+    ("get", "/api/builds/{id}/download/result", Access::Submitter),
+    ("get", "/api/builds/{id}/download/source", Access::Submitter),
+    ("post", "/api/builds/{id}/cancel", Access::Submitter),
+    ("post", "/api/builds/{id}/retry", Access::Submitter),
+    ("get", "/api/builds", Access::SubmitterOrViewer),
+    // Reads: viewers and up.
+    ("get", "/api/builds/active", Access::Viewer),
+    ("get", "/api/workers/{id}/stats", Access::Viewer),
+    ("get", "/api/diagnostics/{worker_id}", Access::Viewer),
+    ("get", "/api/diagnostics/{worker_id}/latest", Access::Viewer),
+    ("get", "/metrics", Access::Viewer),
+    ("get", "/api/v2/builds", Access::Viewer),
+    ("get", "/api/v2/builds/{id}", Access::Viewer),
+    ("get", "/api/v2/builds/{id}/attempts", Access::Viewer),
+    ("get", "/api/v2/workers", Access::Viewer),
+    ("get", "/api/v2/workers/{id}", Access::Viewer),
+    ("get", "/api/v2/queues", Access::Viewer),
+    ("get", "/api/v2/events", Access::Viewer),
+    // Operator actions.
+    ("post", "/api/v2/builds/{id}/cancel", Access::Operator),
+    ("post", "/api/v2/builds/{id}/retry", Access::Operator),
+    ("post", "/api/v2/builds/{id}/requeue", Access::Operator),
+    ("patch", "/api/v2/builds/{id}", Access::Operator),
+    ("post", "/api/v2/workers/{id}/drain", Access::Operator),
+    ("post", "/api/v2/workers/{id}/release", Access::Operator),
+    ("post", "/api/v2/workers/{id}/disable", Access::Operator),
+    ("post", "/api/v2/workers/{id}/enable", Access::Operator),
+    ("post", "/api/v2/queues/{platform}/pause", Access::Operator),
+    ("post", "/api/v2/queues/{platform}/resume", Access::Operator),
+    ("post", "/api/workers/{id}/unregister", Access::Operator),
+    // The owner: deleting, revoking, keys.
+    ("delete", "/api/v2/builds/{id}", Access::Admin),
+    ("post", "/api/v2/builds/{id}/tokens/revoke", Access::Admin),
+    ("delete", "/api/v2/workers/{id}", Access::Admin),
+    ("get", "/api/v2/keys", Access::Admin),
+    ("post", "/api/v2/keys", Access::Admin),
+    ("get", "/api/v2/keys/{id}", Access::Admin),
+    ("patch", "/api/v2/keys/{id}", Access::Admin),
+    ("delete", "/api/v2/keys/{id}", Access::Admin),
+];
+
+/// The least role of a route (`None`: not in [`ROLES`]).
+pub fn access(method: &str, path: &str) -> Option<Access> {
+    ROLES
+        .iter()
+        .find(|(m, p, _)| m.eq_ignore_ascii_case(method) && *p == path)
+        .map(|(_, _, access)| *access)
+}
 
 /// Routes with their documentation.
 pub type ApiRouter = OpenApiRouter<AppState>;
@@ -150,7 +238,14 @@ fn document(doc: &mut OpenApi, caller: Caller, credential: Credential) {
                     .map(|s| SecurityRequirement::new(*s, Vec::<String>::new()))
                     .collect()
             });
+            let Some(access) = access(method, path) else {
+                panic!(
+                    "{} {path} has no role: decide it in api::group::ROLES",
+                    method.to_uppercase()
+                );
+            };
             let extensions = ExtensionsBuilder::new()
+                .add("x-role", access.name())
                 .add("x-caller", caller.name())
                 .add("x-credential", credential.name())
                 .build();

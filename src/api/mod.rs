@@ -40,6 +40,7 @@ use tower_http::trace::TraceLayer;
 /// The operator operations the handlers share with the CLI (they live below the API layer).
 pub use crate::ops as operations;
 pub use error::{ApiError, ApiResult};
+pub use extract::BodyBytes;
 
 use tokio::sync::watch;
 
@@ -64,6 +65,8 @@ pub struct AppState {
     pub workers: Arc<worker_cache::WorkerCache>,
     /// State-change events (SSE).
     pub events: Arc<crate::events::Events>,
+    /// Recent key look-ups (each trusted for a second, so revocations reach every instance in time).
+    pub keys: Arc<crate::identity::KeyCache>,
 }
 
 impl AppState {
@@ -85,6 +88,7 @@ impl AppState {
             shutdown,
             workers: Arc::default(),
             events,
+            keys: Arc::default(),
         }
     }
 }

@@ -41,7 +41,13 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
     let components = doc.components.get_or_insert_with(Default::default);
     let header =
         |name: &str, what: &str| SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(name, what)));
-    components.add_security_scheme("api_key", header("X-API-Key", "The admin key"));
+    components.add_security_scheme(
+        "api_key",
+        header(
+            "X-API-Key",
+            "A key (`efa_…`) whose role the route admits (`x-role`), or the built-in admin key",
+        ),
+    );
     components.add_security_scheme(
         "build_token",
         header("X-Build-Token", "A build's access token (issued at submit and retry)"),

@@ -59,47 +59,55 @@ impl RateLimits {
         }
     }
 
-    /// The limiter for a request's credential (the admin key's own, or the shared one) and the key
-    /// within it.
-    fn credential_limit(&self, request: &Request) -> Option<(&DefaultKeyedRateLimiter<[u8; 16]>, [u8; 16])> {
+    /// The buckets a request is charged to: one per credential it presents (T5), each in the admin key's
+    /// own limiter or the shared one, keyed by the secret's digest.
+    fn credential_limits(&self, request: &Request) -> Vec<(&DefaultKeyedRateLimiter<[u8; 16]>, [u8; 16])> {
         if self.per_admin.is_none() && self.per_credential.is_none() {
-            return None;
+            return Vec::new();
         }
-        let (header_name, digest) = presented_credential(request.headers())?;
-        let is_admin =
-            header_name == API_KEY && bool::from(subtle::ConstantTimeEq::ct_eq(&digest[..], &self.admin_digest[..]));
-        let limiter = if is_admin {
-            self.per_admin.as_ref()
-        } else {
-            self.per_credential.as_ref()
-        }?;
-        let mut key = Sha256::new();
-        key.update(digest);
-        if is_admin {
-            // G0 workers share the admin key: its own limit applies per worker id (R56).
-            if let Some(worker) = request.headers().get(WORKER_ID) {
-                key.update(worker.as_bytes());
-            }
-            if let Some(query) = request.uri().query() {
-                query
-                    .split('&')
-                    .filter(|kv| kv.starts_with("worker_id="))
-                    .for_each(|kv| key.update(kv.as_bytes()));
-            }
-        }
-        let full = key.finalize();
-        let mut short = [0u8; 16];
-        short.copy_from_slice(&full[..16]);
-        Some((limiter, short))
+        let mut buckets = presented_credentials(request.headers())
+            .into_iter()
+            .filter_map(|(header_name, digest)| {
+                let is_admin = (header_name == API_KEY || header_name == BEARER)
+                    && bool::from(subtle::ConstantTimeEq::ct_eq(&digest[..], &self.admin_digest[..]));
+                let limiter = if is_admin {
+                    self.per_admin.as_ref()
+                } else {
+                    self.per_credential.as_ref()
+                }?;
+                let mut key = Sha256::new();
+                key.update(digest);
+                if is_admin {
+                    // G0 workers share the admin key: its own limit applies per worker id (R56).
+                    if let Some(worker) = request.headers().get(WORKER_ID) {
+                        key.update(worker.as_bytes());
+                    }
+                    if let Some(query) = request.uri().query() {
+                        query
+                            .split('&')
+                            .filter(|kv| kv.starts_with("worker_id="))
+                            .for_each(|kv| key.update(kv.as_bytes()));
+                    }
+                }
+                let full = key.finalize();
+                let mut short = [0u8; 16];
+                short.copy_from_slice(&full[..16]);
+                Some((limiter, short))
+            })
+            .collect::<Vec<_>>();
+        // The same secret in two headers (admin key and Bearer) is one credential, charged once.
+        buckets.sort_by_key(|(_, key)| *key);
+        buckets.dedup_by_key(|(_, key)| *key);
+        buckets
     }
 
-    /// `Err(seconds to wait)` when either limit is exhausted.
+    /// `Err(seconds to wait)` when the IP's limit or any presented credential's is exhausted.
     fn check(
         &self,
         ip: Option<IpAddr>,
-        credential: Option<(&DefaultKeyedRateLimiter<[u8; 16]>, [u8; 16])>,
+        credentials: &[(&DefaultKeyedRateLimiter<[u8; 16]>, [u8; 16])],
     ) -> Result<(), u64> {
-        if self.per_ip.is_none() && credential.is_none() {
+        if self.per_ip.is_none() && credentials.is_empty() {
             return Ok(());
         }
         if self.checks.fetch_add(1, Ordering::Relaxed) % RETAIN_EVERY == RETAIN_EVERY - 1 {
@@ -113,36 +121,49 @@ impl RateLimits {
                 .check_key(&ip)
                 .map_err(|not_until| not_until.wait_time_from(now).as_secs() + 1)?;
         }
-        if let Some((limiter, credential)) = credential {
-            limiter
-                .check_key(&credential)
-                .map_err(|not_until| not_until.wait_time_from(now).as_secs() + 1)?;
+        // Every bucket is charged (no short cut), so a junk credential beside a real one cannot spare it.
+        let mut wait = None;
+        for (limiter, credential) in credentials {
+            if let Err(not_until) = limiter.check_key(credential) {
+                let seconds = not_until.wait_time_from(now).as_secs() + 1;
+                wait = Some(wait.map_or(seconds, |w: u64| w.max(seconds)));
+            }
         }
-        Ok(())
+        wait.map_or(Ok(()), Err)
     }
 }
 
-/// What authenticates a request, for the per-credential limit (T5): the header that carries the
-/// secret and the SHA-256 of the secret presented — admin key, worker token, VM token or build token.
-/// Nothing a client may vary freely beside the secret (a worker id, a query) is part of it, so a wrong
-/// key or a token is limited as one credential however the rest of the request changes. New kinds of
-/// credential are added here.
-pub fn presented_credential(headers: &axum::http::HeaderMap) -> Option<(&'static str, [u8; 32])> {
-    [API_KEY, WORKER_TOKEN, VM_TOKEN, BUILD_TOKEN]
+/// `Authorization: Bearer <secret>`, named for the rate limit.
+const BEARER: &str = "authorization";
+
+/// What may authenticate a request, for the per-credential limit (T5): every header that carries a
+/// secret — admin key or role key (`X-API-Key`), worker token, VM token, build token, `Authorization:
+/// Bearer` — with the SHA-256 of the secret presented. Each is charged, because which one authenticates
+/// depends on the route (worker and VM-token routes ignore `X-API-Key`): charging only one would let a
+/// varying junk header beside the real credential get a fresh bucket per request. Nothing a client may
+/// vary freely beside a secret (a worker id, a query) is part of a key. New kinds of credential are
+/// added here.
+pub fn presented_credentials(headers: &axum::http::HeaderMap) -> Vec<(&'static str, [u8; 32])> {
+    [API_KEY, WORKER_TOKEN, VM_TOKEN, BUILD_TOKEN, BEARER]
         .into_iter()
-        .find_map(|name| {
+        .filter_map(|name| {
             let value = headers.get(name)?;
-            let trimmed = value.to_str().map_or(value.as_bytes(), |v| v.trim().as_bytes());
-            Some((name, Sha256::digest(trimmed).into()))
+            let secret = if name == BEARER {
+                value.to_str().ok()?.strip_prefix("Bearer ")?.trim().as_bytes()
+            } else {
+                value.to_str().map_or(value.as_bytes(), |v| v.trim().as_bytes())
+            };
+            Some((name, Sha256::digest(secret).into()))
         })
+        .collect()
 }
 
 /// Middleware: 429 `{"error": "Too many requests"}` with `Retry-After` past a limit.
 pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
     let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     // Hash the credential only when a limit applies to it.
-    let credential = limits.credential_limit(&request);
-    match limits.check(ip, credential) {
+    let credentials = limits.credential_limits(&request);
+    match limits.check(ip, &credentials) {
         Ok(()) => next.run(request).await,
         Err(wait) => {
             metrics_rejected();

@@ -111,11 +111,23 @@ pub async fn complete_with(
     Err(CompleteError::Queue(error))
 }
 
-/// Whether `build` was completed by `caller`'s last attempt with this very file (size and SHA-256).
+/// Whether `build` was completed by `caller`'s attempt with this very file (size and SHA-256).
 fn stored_by(build: &queue::Build, caller: &BuildCaller, result: &ResultFile) -> bool {
+    completed_by(build, caller)
+        && build.result_size == Some(result.size)
+        && build.result_sha256.as_deref() == Some(result.sha256.as_str())
+}
+
+/// Whether `build` was completed by `caller`'s attempt, the one that stored its result.
+fn completed_by(build: &queue::Build, caller: &BuildCaller) -> bool {
     build.state() == queue::BuildState::Completed
         && build.worker_id.as_deref() == Some(caller.worker_id.as_str())
         && build.result_attempt == Some(build.attempt)
-        && build.result_size == Some(result.size)
-        && build.result_sha256.as_deref() == Some(result.sha256.as_str())
+}
+
+/// Whether a caller whose hold is stale may still send its file: only the attempt that completed the
+/// build (a re-send after a lost answer, compared by size and SHA-256 once staged). Every other stale
+/// caller is refused before its file is read (T9).
+pub async fn resend_of_stored(state: &AppState, build_id: &str, caller: &BuildCaller) -> bool {
+    matches!(queue::find_build(&state.pool, build_id).await, Ok(Some(build)) if completed_by(&build, caller))
 }

@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use super::redact::{redact_in, redact_url};
 use super::{Call, CliResult, Exit, Failure};
 use crate::config::{DbConfig, QueueConfig};
+use crate::identity::QuotaDefaults;
 use crate::ops::{self, OpError};
 use crate::queue::QueueError;
 
@@ -105,6 +106,13 @@ impl Local {
             }
             Call::ShowWorker(id) => ops::show_worker(pool, id).await,
             Call::SetWorkerState { id, state } => ops::set_worker_state(pool, &self.settings, id, state).await,
+            Call::ListKeys => ops::keys::list_keys(pool).await.and_then(to_value),
+            Call::ShowKey(id) => ops::keys::show_key(pool, id).await.and_then(to_value),
+            Call::CreateKey(request) => ops::keys::create_key(pool, request, QuotaDefaults::from_env())
+                .await
+                .and_then(to_value),
+            Call::UpdateKey { id, update } => ops::keys::update_key(pool, id, update).await.and_then(to_value),
+            Call::RevokeKey(id) => ops::keys::revoke_key(pool, id).await.and_then(to_value),
             Call::ReleaseWorker(id) => ops::release_worker(pool, id).await,
         };
         outcome.map_err(|e| self.failure(e))
@@ -131,6 +139,10 @@ impl Local {
             _ => Failure::new(Exit::Server, format!("database error: {shown}")),
         }
     }
+}
+
+fn to_value(view: impl serde::Serialize) -> Result<Value, OpError> {
+    serde_json::to_value(view).map_err(|e| OpError::Queue(QueueError::Db(sqlx::Error::Decode(Box::new(e)))))
 }
 
 fn unreachable(error: &sqlx::Error) -> bool {

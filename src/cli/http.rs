@@ -152,6 +152,19 @@ impl Remote {
                 "disabled" => (M::POST, workers(id, Some("disable")), None),
                 _ => (M::POST, workers(id, Some("enable")), None),
             },
+            Call::ListKeys => (M::GET, self.url(&["api", "v2", "keys"], &[]), None),
+            Call::ShowKey(id) => (M::GET, self.url(&["api", "v2", "keys", id], &[]), None),
+            Call::CreateKey(request) => (
+                M::POST,
+                self.url(&["api", "v2", "keys"], &[]),
+                serde_json::to_value(request).ok(),
+            ),
+            Call::UpdateKey { id, update } => (
+                M::PATCH,
+                self.url(&["api", "v2", "keys", id], &[]),
+                serde_json::to_value(update).ok(),
+            ),
+            Call::RevokeKey(id) => (M::DELETE, self.url(&["api", "v2", "keys", id], &[]), None),
             Call::ReleaseWorker(id) => (M::POST, workers(id, Some("release")), None),
         }
     }

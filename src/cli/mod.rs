@@ -19,6 +19,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::config::QueueConfig;
+pub use output::{emit, emit_or_exit};
 pub use redact::redact_url;
 
 /// Shown under the operator commands' help: ids use `A-Za-z0-9_-`, so one in 64 starts with `-`.
@@ -217,12 +218,90 @@ pub enum WorkersCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; its secret is printed once and never again.
+    Create {
+        /// Who holds it (at most 256 bytes).
+        #[arg(long)]
+        name: String,
+        /// worker, submitter, viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Lifetime: seconds, or with a unit (90m, 12h, 30d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs, allow_hyphen_values = true)]
+        expires_in: Option<i64>,
+        /// Fair-share weight, 1–100 (default 1).
+        #[arg(long, allow_hyphen_values = true)]
+        weight: Option<i64>,
+        /// Builds running at once (0 = unlimited).
+        #[arg(long, allow_hyphen_values = true)]
+        max_running: Option<i64>,
+        /// Builds queued at once (0 = unlimited).
+        #[arg(long, allow_hyphen_values = true)]
+        max_queued: Option<i64>,
+        /// An enrollment key (role worker, 24 h unless --expires-in): registers exactly one worker.
+        #[arg(long)]
+        enroll: bool,
+    },
+    /// Every key, newest first.
+    List,
+    /// One key.
+    Show {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
+    /// Change a key's name, expiry (from now), weight or quotas.
+    Update {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs, allow_hyphen_values = true)]
+        expires_in: Option<i64>,
+        #[arg(long, allow_hyphen_values = true)]
+        weight: Option<i64>,
+        #[arg(long, allow_hyphen_values = true)]
+        max_running: Option<i64>,
+        #[arg(long, allow_hyphen_values = true)]
+        max_queued: Option<i64>,
+    },
+    /// Revoke a key: refused everywhere within 2 s.
+    Revoke {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
+}
+
+/// `30d`, `12h`, `90m`, `45s` or plain seconds. Zero and negative values are passed on, so the
+/// controller names the problem (an expiry in the past).
+fn parse_duration_secs(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("unknown unit '{unit}' (use s, m, h or d)")),
+    };
+    let value: i64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (e.g. 30d, 12h, 3600)"))?;
+    value.checked_mul(scale).ok_or_else(|| format!("'{text}' is too long"))
+}
+
 /// An operator command.
 #[derive(Debug)]
 pub enum Operation {
     Builds(BuildsCommand),
     Queues(QueuesCommand),
     Workers(WorkersCommand),
+    Keys(KeysCommand),
 }
 
 /// One call to the controller, the same in both modes.
@@ -265,6 +344,14 @@ pub(crate) enum Call {
         id: String,
         state: &'static str,
     },
+    ListKeys,
+    ShowKey(String),
+    CreateKey(crate::ops::keys::KeyRequest),
+    UpdateKey {
+        id: String,
+        update: crate::ops::keys::KeyUpdate,
+    },
+    RevokeKey(String),
     ReleaseWorker(String),
 }
 
@@ -443,6 +530,50 @@ async fn execute(backend: &Backend, operation: Operation, json: bool) -> CliResu
         Operation::Workers(WorkersCommand::Disable { id }) => set_worker_state(backend, id, "disabled").await?,
         Operation::Workers(WorkersCommand::Enable { id }) => set_worker_state(backend, id, "active").await?,
         Operation::Workers(WorkersCommand::Revoke { id }) => set_worker_state(backend, id, "revoked").await?,
+        Operation::Keys(KeysCommand::List) => output::Shown::Keys(backend.call(&Call::ListKeys).await?),
+        Operation::Keys(KeysCommand::Show { id }) => output::Shown::Key(backend.call(&Call::ShowKey(id)).await?),
+        Operation::Keys(KeysCommand::Create {
+            name,
+            role,
+            expires_in,
+            weight,
+            max_running,
+            max_queued,
+            enroll,
+        }) => {
+            let request = crate::ops::keys::KeyRequest {
+                name: Some(name),
+                role: Some(role),
+                expires_in_secs: expires_in,
+                weight,
+                max_running,
+                max_queued,
+                enroll: enroll.then_some(true),
+            };
+            output::Shown::Key(backend.call(&Call::CreateKey(request)).await?)
+        }
+        Operation::Keys(KeysCommand::Update {
+            id,
+            name,
+            expires_in,
+            weight,
+            max_running,
+            max_queued,
+        }) => {
+            let update = crate::ops::keys::KeyUpdate {
+                name,
+                expires_in_secs: expires_in,
+                weight,
+                max_running,
+                max_queued,
+            };
+            output::Shown::Key(backend.call(&Call::UpdateKey { id, update }).await?)
+        }
+        Operation::Keys(KeysCommand::Revoke { id }) => {
+            backend.call(&Call::RevokeKey(id.clone())).await?;
+            // The API answers 204; both modes show the key as it is now.
+            output::Shown::Key(backend.call(&Call::ShowKey(id)).await?)
+        }
         Operation::Workers(WorkersCommand::Release { id }) => {
             output::Shown::Worker(backend.call(&Call::ReleaseWorker(id)).await?)
         }

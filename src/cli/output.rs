@@ -7,11 +7,17 @@ use serde_json::Value;
 /// Writes `text` to standard output. When the reader went away (`builds logs ID | head`), the command
 /// ends quietly with success instead of panicking on the broken pipe as `print!` does.
 pub fn emit(text: &str) {
+    emit_or_exit(text, 0);
+}
+
+/// [`emit`], ending the process with `closed_code` when the reader has gone (a closed pipe is not an
+/// error of the command: `| head` took what it wanted). Any other write error exits 1.
+pub fn emit_or_exit(text: &str, closed_code: i32) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            std::process::exit(closed_code);
         }
         eprintln!("error: cannot write to standard output: {e}");
         std::process::exit(1);
@@ -26,6 +32,8 @@ pub(crate) enum Shown {
     Worker(Value),
     Queues(Value),
     Queue(Value),
+    Keys(Value),
+    Key(Value),
 }
 
 pub fn print(shown: &Shown, json: bool) {
@@ -36,7 +44,9 @@ pub fn print(shown: &Shown, json: bool) {
             | Shown::Workers(v)
             | Shown::Worker(v)
             | Shown::Queues(v)
-            | Shown::Queue(v) => v,
+            | Shown::Queue(v)
+            | Shown::Keys(v)
+            | Shown::Key(v) => v,
         };
         print_json(value);
         return;
@@ -47,6 +57,8 @@ pub fn print(shown: &Shown, json: bool) {
         Shown::Workers(list) => workers_table(list, Utc::now()),
         Shown::Worker(worker) => worker_details(worker, Utc::now()),
         Shown::Queues(list) => queues_table(list),
+        Shown::Keys(list) => keys_table(list),
+        Shown::Key(key) => key_details(key),
         Shown::Queue(queue) => format!(
             "queue {}: {}\n",
             text(&queue["name"]),
@@ -54,6 +66,61 @@ pub fn print(shown: &Shown, json: bool) {
         ),
     };
     emit(&text);
+}
+
+/// Keys: id, name, role, prefix, expiry, last use, state.
+fn keys_table(list: &Value) -> String {
+    let empty = Vec::new();
+    let items = list["items"].as_array().unwrap_or(&empty);
+    let mut out = format!(
+        "{:<22} {:<24} {:<9} {:<13} {:<25} {:<25} {}\n",
+        "ID", "NAME", "ROLE", "PREFIX", "EXPIRES", "LAST USED", "STATE"
+    );
+    for key in items {
+        let state = if !key["revoked_at"].is_null() {
+            "revoked"
+        } else {
+            "active"
+        };
+        out.push_str(&format!(
+            "{:<22} {:<24} {:<9} {:<13} {:<25} {:<25} {}\n",
+            text(&key["id"]),
+            text(&key["name"]),
+            text(&key["role"]),
+            text(&key["prefix"]),
+            text(&key["expires_at"]),
+            text(&key["last_used_at"]),
+            state
+        ));
+    }
+    out
+}
+
+/// `key  value` lines; a new key's secret first, with the warning that it is shown once.
+fn key_details(key: &Value) -> String {
+    let mut out = String::new();
+    if let Some(secret) = key["key"].as_str() {
+        out.push_str(&format!("key          {secret}\n(shown once: store it now)\n"));
+    }
+    for field in [
+        "id",
+        "name",
+        "role",
+        "prefix",
+        "created_at",
+        "expires_at",
+        "weight",
+        "max_running",
+        "max_queued",
+        "enroll",
+        "last_used_at",
+        "revoked_at",
+    ] {
+        if let Some(value) = key.get(field) {
+            out.push_str(&format!("{field:<12} {}\n", text(value)));
+        }
+    }
+    out
 }
 
 pub fn print_json(value: &Value) {

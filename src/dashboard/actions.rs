@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use super::session::{self, Session};
 use super::{PageResult, fail, params};
 use crate::api::operations;
-use crate::api::{ApiError, ApiResult, AppState};
+use crate::api::{ApiError, ApiResult, AppState, BodyBytes};
+use crate::identity::Access;
 use crate::ids::valid_id;
 use crate::queue::Platform;
 use crate::storage::Key;
@@ -40,11 +41,42 @@ fn back(path: &str, outcome: Result<String, ApiError>) -> Response {
 
 /// Reads the form and checks origin and CSRF token; a refused request changes nothing.
 fn checked_form(session: &Session, headers: &HeaderMap, body: &Bytes) -> Result<HashMap<String, String>, ApiError> {
+    // Every dashboard action is an operator's; a viewer is refused whatever the page showed.
+    session.may(Access::Operator)?;
     let form = params(std::str::from_utf8(body).ok());
     session::check_action(session, headers, form.get("csrf").map(String::as_str)).inspect_err(|_| {
         tracing::warn!("dashboard action refused: cross-site or missing CSRF token");
     })?;
     Ok(form)
+}
+
+/// [`checked_form`] for the admin's actions (keys).
+pub(super) fn checked_admin_form(
+    session: &Session,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<HashMap<String, String>, ApiError> {
+    session.may(Access::Admin)?;
+    checked_form(session, headers, body)
+}
+
+/// Revokes a key (the admin's): refused everywhere within 2 s, at once here.
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
+    checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let outcome = crate::ops::keys::revoke_key(&state.pool, &id)
+        .await
+        .map(|key| {
+            state.keys.clear();
+            format!("Key {} revoked", key.name)
+        })
+        .map_err(ApiError::from);
+    Ok(back("/dashboard/keys", outcome))
 }
 
 /// One build action, as `/api/v2` does it (the queue layer emits the events).
@@ -89,7 +121,7 @@ pub async fn build_action(
     session: Session,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> PageResult {
     let form = checked_form(&session, &headers, &body).map_err(fail)?;
     if !valid_id(&id) {
@@ -100,7 +132,12 @@ pub async fn build_action(
 }
 
 /// Cancel or retry the selected builds; reports how many did and did not apply.
-pub async fn bulk(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+pub async fn bulk(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
     checked_form(&session, &headers, &body).map_err(fail)?;
     let pairs: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
     let value = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
@@ -162,7 +199,7 @@ pub async fn worker_action(
     session: Session,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> PageResult {
     checked_form(&session, &headers, &body).map_err(fail)?;
     if !valid_id(&id) {
@@ -185,6 +222,9 @@ pub async fn worker_action(
         "revoke" => ("revoked", "revoked"),
         _ => return Err(super::pages::not_found("Unknown action")),
     };
+    if admin_state == "revoked" {
+        session.may(Access::Admin).map_err(fail)?;
+    }
     let outcome = async {
         let worker = operations::set_worker_state(&state.pool, &state.config.queue, &id, admin_state).await?;
         state.worker_changed();
@@ -200,7 +240,7 @@ pub async fn queue_action(
     session: Session,
     headers: HeaderMap,
     Path((name, action)): Path<(String, String)>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> PageResult {
     checked_form(&session, &headers, &body).map_err(fail)?;
     let paused = match action.as_str() {
@@ -226,10 +266,12 @@ pub async fn queue_action(
 /// A build's source or result, streamed, for a signed-in operator.
 pub async fn download(
     State(state): State<AppState>,
-    _session: Session,
+    session: Session,
     headers: HeaderMap,
     Path((id, what)): Path<(String, String)>,
 ) -> PageResult {
+    // Sources and results are not for viewers.
+    session.may(Access::Operator).map_err(fail)?;
     if !valid_id(&id) {
         return Err(super::pages::not_found("Build not found"));
     }

@@ -102,7 +102,7 @@ pub struct ReadCache {
     workers: Section<(), Vec<WorkerRow>>,
     queues: Section<(), Vec<QueueView>>,
     names: Section<(), Names>,
-    sessions: Section<Vec<u8>, String>,
+    sessions: Section<Vec<u8>, super::session::SessionRow>,
 }
 
 impl ReadCache {
@@ -173,9 +173,13 @@ impl ReadCache {
 
     /// The CSRF token of a live session, by the hash of its id, for the TTL (events do not end
     /// sessions). `load` fails for unknown sessions, so only live ones are kept.
-    pub async fn session<E, F>(&self, id_hash: &[u8], load: impl FnOnce() -> F) -> Result<Arc<String>, E>
+    pub async fn session<E, F>(
+        &self,
+        id_hash: &[u8],
+        load: impl FnOnce() -> F,
+    ) -> Result<Arc<super::session::SessionRow>, E>
     where
-        F: Future<Output = Result<String, E>>,
+        F: Future<Output = Result<super::session::SessionRow, E>>,
     {
         self.sessions.get(id_hash.to_vec(), self.ttl, 0, load).await
     }

@@ -16,7 +16,6 @@ pub mod session;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -24,7 +23,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use chrono::Utc;
 
-use crate::api::{ApiError, AppState};
+use crate::api::{ApiError, AppState, BodyBytes};
 use crate::ids::valid_id;
 use cache::ReadCache;
 use pages::Chrome;
@@ -73,6 +72,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/workers/{id}/{action}", post(actions::worker_action))
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
+        .route("/dashboard/keys", get(keys).post(create_key))
+        .route("/dashboard/keys/{id}/revoke", post(actions::revoke_key))
         // Any other dashboard path is an HTML 404, not the API's JSON one.
         .route("/dashboard/{*rest}", get(unknown_page))
         .layer(axum::middleware::from_fn_with_state(
@@ -146,6 +147,8 @@ fn chrome<'a>(title: &'a str, nav: &'a str, session: &'a Session, params: &'a Ha
         title,
         nav,
         csrf: &session.csrf,
+        who: &session.name,
+        role: session.role.as_str(),
         notice: param(params, "notice"),
         error: param(params, "error"),
     }
@@ -170,7 +173,7 @@ async fn login(
     Extension(limiter): Extension<Arc<SignInLimiter>>,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     if !session::same_origin(&headers) {
         return (
@@ -182,9 +185,10 @@ async fn login(
     let form = params(std::str::from_utf8(&body).ok());
     let next = form.get("next").map(String::as_str).and_then(session::safe_next);
     let key = form.get("key").map(String::as_str).unwrap_or_default();
-    // Only wrong keys are delayed and limited (T6): the right key always signs in, so nobody sharing
-    // an address with someone guessing is locked out.
-    if !session::key_matches(&state, key) {
+    let Some(who) = session::sign_in_as(&state, key).await else {
+        // Only wrong keys are delayed and limited (T6): the right key always signs in. Every wrong key
+        // waits, limited or not: answering a limited guess at once would let a guesser keep its rate up.
+        tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         if !limiter.allow(ip) {
             tracing::warn!(%ip, "dashboard sign-in rate limited");
             let mut response = (
@@ -198,13 +202,12 @@ async fn login(
             return response;
         }
         tracing::warn!(%ip, "dashboard sign-in with a wrong key");
-        tokio::time::sleep(session::WRONG_KEY_DELAY).await;
         return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."), next)).into_response();
-    }
+    };
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
-    match session::create(&state.pool, ttl, Utc::now()).await {
+    match session::create(&state.pool, ttl, &who, Utc::now()).await {
         Ok(id) => {
-            tracing::info!(%ip, "dashboard sign-in");
+            tracing::info!(%ip, role = who.role().as_str(), "dashboard sign-in");
             let mut response = Redirect::to(next.unwrap_or("/dashboard")).into_response();
             response
                 .headers_mut()
@@ -215,7 +218,12 @@ async fn login(
     }
 }
 
-async fn logout(State(state): State<AppState>, session: Session, headers: HeaderMap, body: Bytes) -> PageResult {
+async fn logout(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
     let form = params(std::str::from_utf8(&body).ok());
     session::check_action(&session, &headers, form.get("csrf").map(String::as_str)).map_err(fail)?;
     session::end(&state.pool, &session).await.map_err(fail)?;
@@ -350,7 +358,7 @@ async fn builds(
             format!("{page_query}&before={before}")
         };
     }
-    let body = pages::builds_page(&filter, &page_query, table, &session.csrf);
+    let body = pages::builds_page(&filter, &page_query, table, session.action_csrf());
     Ok(html(pages::layout(&chrome("Builds", "builds", &session, &p), body)))
 }
 
@@ -376,7 +384,7 @@ async fn build(
     let now = Utc::now();
     let names = cache.names(|| queries::worker_names(&state.pool)).await.map_err(fail)?;
     if is_fragment(&p) {
-        return Ok(html(pages::build_summary(page, &names, &session.csrf, now)));
+        return Ok(html(pages::build_summary(page, &names, session.action_csrf(), now)));
     }
     let logs = queries::log_tail(&state.pool, &id).await.map_err(fail)?;
     let needle = param(&p, "q");
@@ -385,7 +393,7 @@ async fn build(
         None => Vec::new(),
     };
     let search = needle.map(|needle| pages::LogSearch { needle, found: &found });
-    let body = pages::build_page(page, &logs, search, &names, &session.csrf, now);
+    let body = pages::build_page(page, &logs, search, &names, session.action_csrf(), now);
     let title = format!("Build {}", id.get(..10).unwrap_or(&id));
     Ok(html(pages::layout(&chrome(&title, "builds", &session, &p), body)))
 }
@@ -450,7 +458,7 @@ async fn build_log_text(State(state): State<AppState>, _session: Session, Path(i
                             ansi::strip(&l.message)
                         ));
                     }
-                    Some((Ok::<_, std::io::Error>(Bytes::from(text)), next))
+                    Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(text)), next))
                 }
                 Err(error) => {
                     tracing::warn!(%error, "reading a log for download failed");
@@ -488,7 +496,8 @@ async fn worker(
         .await
         .map_err(fail)?
         .ok_or_else(|| pages::not_found("Worker not found"))?;
-    let content = pages::worker_page(&page, &session.csrf, Utc::now());
+    let admin = session.role == crate::identity::Role::Admin;
+    let content = pages::worker_page(&page, session.action_csrf(), admin, Utc::now());
     if is_fragment(&p) {
         return Ok(html(content));
     }
@@ -515,7 +524,12 @@ async fn workers(
 ) -> PageResult {
     let p = params(raw.as_deref());
     let rows = cache.workers(|| queries::workers(&state.pool)).await.map_err(fail)?;
-    let table = pages::workers(&rows, &session.csrf, Utc::now());
+    let table = pages::workers(
+        &rows,
+        session.action_csrf(),
+        session.role == crate::identity::Role::Admin,
+        Utc::now(),
+    );
     if is_fragment(&p) {
         return Ok(html(table));
     }
@@ -524,6 +538,63 @@ async fn workers(
         (pages::region("workers-table", "/dashboard/workers?fragment=1", "worker.* build.*", table))
     };
     Ok(html(pages::layout(&chrome("Workers", "workers", &session, &p), body)))
+}
+
+/// The admin's Keys page: every key (never a secret), a form to create one, Revoke.
+async fn keys(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    session.may(crate::identity::Access::Admin).map_err(fail)?;
+    let p = params(raw.as_deref());
+    keys_page(&state, &session, &p, None).await
+}
+
+async fn keys_page(
+    state: &AppState,
+    session: &Session,
+    p: &HashMap<String, String>,
+    created: Option<&crate::ops::keys::CreatedKey>,
+) -> PageResult {
+    let list = crate::ops::keys::list_keys(&state.pool).await.map_err(fail)?;
+    let body = pages::keys(&list.items, &session.csrf, created);
+    Ok(html(pages::layout(&chrome("Keys", "keys", session, p), body)))
+}
+
+/// Creates a key and shows its secret on the answer itself, once (never in a URL or a redirect).
+async fn create_key(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
+    let form = actions::checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let text = |name: &str| form.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let days = match text("expires_in_days") {
+        None => None,
+        Some(days) => Some(
+            days.parse::<i64>()
+                .ok()
+                .and_then(|d| d.checked_mul(86_400))
+                .ok_or_else(|| fail(ApiError::bad_request("expires_in_days must be a whole number of days")))?,
+        ),
+    };
+    let request = crate::ops::keys::KeyRequest {
+        name: text("name"),
+        role: text("role"),
+        expires_in_secs: days,
+        enroll: Some(form.contains_key("enroll")),
+        ..Default::default()
+    };
+    let defaults = crate::identity::QuotaDefaults {
+        max_running: state.config.submitter_max_running,
+        max_queued: state.config.submitter_max_queued,
+    };
+    match crate::ops::keys::create_key(&state.pool, &request, defaults).await {
+        Ok(created) => keys_page(&state, &session, &HashMap::new(), Some(&created)).await,
+        Err(error) => {
+            let mut p = HashMap::new();
+            p.insert("error".to_string(), ApiError::from(error).message().to_string());
+            keys_page(&state, &session, &p, None).await
+        }
+    }
 }
 
 async fn queues(
@@ -537,7 +608,7 @@ async fn queues(
         .queues(|| crate::queue::operator::queue_views(&state.pool, Utc::now()))
         .await
         .map_err(fail)?;
-    let table = pages::queues(&views, &session.csrf);
+    let table = pages::queues(&views, session.action_csrf());
     if is_fragment(&p) {
         return Ok(html(table));
     }

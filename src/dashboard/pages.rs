@@ -18,6 +18,9 @@ pub struct Chrome<'a> {
     pub title: &'a str,
     pub nav: &'a str,
     pub csrf: &'a str,
+    /// The key signed in and its role, named in the top bar.
+    pub who: &'a str,
+    pub role: &'a str,
     pub notice: Option<&'a str>,
     pub error: Option<&'a str>,
 }
@@ -44,6 +47,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
         ("builds", "/dashboard/builds", "Builds"),
         ("workers", "/dashboard/workers", "Workers"),
         ("queues", "/dashboard/queues", "Queues"),
+        ("keys", "/dashboard/keys", "Keys"),
     ];
     html! {
         (DOCTYPE)
@@ -53,11 +57,12 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
                 header.top {
                     a.brand href="/dashboard" { span.logo aria-hidden="true" { "◆" } " Free Agent" }
                     nav aria-label="Main" {
-                        @for (key, href, label) in nav {
+                        @for (key, href, label) in nav.into_iter().filter(|n| n.0 != "keys" || chrome.role == "admin") {
                             a href=(href) aria-current=[(key == chrome.nav).then_some("page")] { (label) }
                         }
                     }
                     span #live .live.connecting role="status" aria-live="polite" { "Connecting…" }
+                    span.who #signed-in data-role=(chrome.role) { (chrome.who) " · " (chrome.role) }
                     form.logout method="post" action="/dashboard/logout" {
                         input type="hidden" name="csrf" value=(chrome.csrf);
                         button.btn.ghost type="submit" { "Log out" }
@@ -95,7 +100,7 @@ pub fn login(error: Option<&str>, next: Option<&str>) -> Markup {
                     @if let Some(error) = error { p.flash.bad role="alert" { (error) } }
                     form method="post" action="/dashboard/login" {
                         @if let Some(next) = next { input type="hidden" name="next" value=(next); }
-                        label for="key" { "Admin API key" }
+                        label for="key" { "API key (viewer, operator or admin)" }
                         input #key type="password" name="key" autocomplete="current-password" required autofocus;
                         button.btn.primary type="submit" { "Sign in" }
                     }
@@ -246,7 +251,11 @@ fn platform(p: &str) -> Markup {
 }
 
 /// A POST form with the CSRF token, a confirmation question and one labelled button.
+/// An action button; none when `csrf` is empty (the role may not act).
 fn action(url: &str, csrf: &str, label: &str, confirm: &str, class: &str) -> Markup {
+    if csrf.is_empty() {
+        return html! {};
+    }
     html! {
         form.inline method="post" action=(url) data-confirm=(confirm) {
             input type="hidden" name="csrf" value=(csrf);
@@ -428,6 +437,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
         }
         // The page script names the action and the count in the confirmation, enables the buttons only
         // with something selected and offers only the actions that apply to the selection.
+        @if !csrf.is_empty() {
         form #bulk method="post" action="/dashboard/builds/bulk" data-confirm="Apply this action to the selected builds?" {
             input type="hidden" name="csrf" value=(csrf);
             input type="hidden" name="return" value={ "/dashboard/builds" @if !query.is_empty() { "?" (query) } };
@@ -438,6 +448,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
                 button.btn type="submit" name="action" value="cancel" { "Cancel" }
                 button.btn type="submit" name="action" value="retry" { "Retry" }
             }
+        }
         }
         (region("builds-table", &format!("/dashboard/builds?{}{}fragment=1", query, if query.is_empty() { "" } else { "&" }), "build.*", table))
     }
@@ -553,7 +564,7 @@ pub fn build_summary(page: &BuildPage, names: &Names, csrf: &str, now: DateTime<
                     (action(&format!("{base}/requeue"), csrf, "Requeue", "Give this attempt back to the queue?", ""))
                     (action(&format!("{base}/requeue-drain"), csrf, "Requeue and drain worker", "Give this attempt back to the queue and drain its worker (it takes no new build)?", ""))
                 }
-                @if !state.is_held() && !state.is_final() {
+                @if !state.is_held() && !state.is_final() && !csrf.is_empty() {
                     form.inline method="post" action={ (base) "/priority" } data-confirm="Change this build's priority?" {
                         input type="hidden" name="csrf" value=(csrf);
                         label.compact { "Priority " input type="number" name="priority" min="-100" max="100" value=(b.priority) required; }
@@ -632,7 +643,7 @@ pub fn build_summary(page: &BuildPage, names: &Names, csrf: &str, now: DateTime<
 
 // ---------- workers ----------
 
-pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
+pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) -> Markup {
     html! {
         div.table-wrap { table.workers {
             thead { tr {
@@ -663,9 +674,52 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, now: DateTime<Utc>) -> Markup {
                             },
                             None => span.muted { "none" },
                         } }
-                        td.actions { (worker_actions(w, csrf, now)) }
+                        td.actions { (worker_actions(w, csrf, admin, now)) }
                     }
                 }
+            }
+        } }
+    }
+}
+
+// ---------- keys ----------
+
+/// Every key (never a secret), the form to create one, and a new key's secret shown this once.
+pub fn keys(list: &[crate::ops::keys::KeyView], csrf: &str, created: Option<&crate::ops::keys::CreatedKey>) -> Markup {
+    html! {
+        div.page-head { h1 { "Keys" } p.muted { "Give each volunteer, submitter and screen its own key with the least role that fits." } }
+        @if let Some(created) = created {
+            section.card #new-key role="status" {
+                h2 { "Key " (created.name) " (" (created.role) ") created" }
+                p { "Copy it now: it is shown this once and never again." }
+                p { code #new-key-secret { (created.key) } }
+            }
+        }
+        form.filters method="post" action="/dashboard/keys" data-confirm="Create this key?" {
+            input type="hidden" name="csrf" value=(csrf);
+            label { "Name" input type="text" name="name" maxlength="256" required; }
+            label { "Role" select name="role" {
+                @for role in ["worker", "submitter", "viewer", "operator", "admin"] { option value=(role) { (role) } }
+            } }
+            label { "Expires in (days)" input type="number" name="expires_in_days" min="1"; }
+            label { input type="checkbox" name="enroll" value="1"; " Enrollment (one worker)" }
+            button.btn.primary type="submit" { "Create key" }
+        }
+        div.table-wrap { table.keys {
+            thead { tr {
+                th scope="col" { "Name" } th scope="col" { "Role" } th scope="col" { "Prefix" } th scope="col" { "Expires" }
+                th scope="col" { "Last used" } th scope="col" { "State" } th scope="col" { "Action" }
+            } }
+            tbody {
+                @if list.is_empty() { tr { td colspan="7" { p.empty { "No keys yet: only the built-in admin key works." } } } }
+                @for k in list { tr data-key=(k.id) {
+                    td { (k.name) } td { (k.role) @if k.enroll { " (enrollment)" } } td.mono { (k.prefix) "…" }
+                    td { (k.expires_at.as_deref().unwrap_or("never")) } td { (k.last_used_at.as_deref().unwrap_or("never")) }
+                    td { @if k.revoked_at.is_some() { (pill("revoked")) } @else { (pill("active")) } }
+                    td.actions { @if k.revoked_at.is_none() {
+                        (action(&format!("/dashboard/keys/{}/revoke", k.id), csrf, "Revoke", &format!("Revoke {}? It stops working everywhere within 2 s.", k.name), "danger"))
+                    } }
+                } }
             }
         } }
     }
@@ -731,7 +785,9 @@ fn status_cell(w: &crate::queue::Worker, now: DateTime<Utc>) -> Markup {
 }
 
 /// A worker's actions, as the workers list offers them.
-fn worker_actions(w: &crate::queue::Worker, csrf: &str, now: DateTime<Utc>) -> Markup {
+/// Actions appear only for roles that may use them: an empty `csrf` (a viewer) shows none, and Revoke
+/// needs `admin`.
+fn worker_actions(w: &crate::queue::Worker, csrf: &str, admin: bool, now: DateTime<Utc>) -> Markup {
     let base = format!("/dashboard/workers/{}", w.id);
     html! {
         @if w.admin_state == "revoked" { span.muted { "revoked" } } @else {
@@ -744,7 +800,7 @@ fn worker_actions(w: &crate::queue::Worker, csrf: &str, now: DateTime<Utc>) -> M
             @if w.health(now) != "ok" {
                 (action(&format!("{base}/release"), csrf, "Release", &format!("Release {} from quarantine? It takes builds again and its record is cleared.", w.name), ""))
             }
-            (action(&format!("{base}/revoke"), csrf, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
+            (action(&format!("{base}/revoke"), if admin { csrf } else { "" }, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
         }
     }
 }
@@ -792,7 +848,7 @@ fn checks(report: &serde_json::Value) -> Markup {
     }
 }
 
-pub fn worker_page(page: &WorkerPage, csrf: &str, now: DateTime<Utc>) -> Markup {
+pub fn worker_page(page: &WorkerPage, csrf: &str, admin: bool, now: DateTime<Utc>) -> Markup {
     let w = &page.worker;
     let count = |outcomes: &[&str]| {
         page.attempts
@@ -803,7 +859,7 @@ pub fn worker_page(page: &WorkerPage, csrf: &str, now: DateTime<Utc>) -> Markup 
     html! {
         div.page-head {
             h1 { (w.name) " " (pill(&w.status)) @if w.admin_state != "active" { " " (pill(admin_label(w))) } }
-            div.actions { (worker_actions(w, csrf, now)) }
+            div.actions { (worker_actions(w, csrf, admin, now)) }
         }
         p.muted { "Worker id " span.mono.copy title="Worker id" { (w.id) } }
         section.cards {

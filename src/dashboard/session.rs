@@ -19,6 +19,7 @@ use sqlx::PgPool;
 
 use super::cache::ReadCache;
 use crate::api::{ApiError, AppState};
+use crate::identity::{Access, Principal, Role};
 use crate::ids::{hash_secret, new_secret, secret_matches};
 
 /// The session cookie's name.
@@ -31,6 +32,64 @@ pub const WRONG_KEY_DELAY: Duration = Duration::from_secs(1);
 pub struct Session {
     id_hash: Vec<u8>,
     pub csrf: String,
+    /// The key that signed in (`admin` for the built-in key) and its role.
+    pub name: String,
+    pub role: Role,
+}
+
+/// A live session's row: its CSRF token, and who signed in with which role.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SessionRow {
+    csrf_token: String,
+    key_name: String,
+    role: String,
+}
+
+/// The live session with this id hash; a session of a revoked or expired key is not live.
+const SESSION_SQL: &str = "SELECT s.csrf_token, s.key_name, s.role FROM dashboard_sessions s
+     LEFT JOIN api_keys k ON k.id = s.key_id
+     WHERE s.id_hash = $1 AND s.expires_at > $2
+       AND (s.key_id IS NULL OR (k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)))";
+
+impl Session {
+    fn from_row(id_hash: Vec<u8>, row: &SessionRow) -> Session {
+        Session {
+            id_hash,
+            csrf: row.csrf_token.clone(),
+            name: row.key_name.clone(),
+            // Only viewer, operator and admin keys sign in; anything else reads as the least of them.
+            role: Role::parse(&row.role).unwrap_or(Role::Viewer),
+        }
+    }
+
+    /// Refuses (403) what this session's role may not do, whatever the page showed.
+    pub fn may(&self, access: Access) -> Result<(), ApiError> {
+        if access.allows(self.role) {
+            Ok(())
+        } else {
+            tracing::warn!(role = self.role.as_str(), "dashboard action refused: insufficient role");
+            Err(ApiError::forbidden("Insufficient role"))
+        }
+    }
+
+    /// The CSRF token for action forms, empty when the role may not act (the pages then show no
+    /// action controls).
+    pub fn action_csrf(&self) -> &str {
+        if Access::Operator.allows(self.role) {
+            &self.csrf
+        } else {
+            ""
+        }
+    }
+}
+
+/// Who a sign-in key is, when it may sign in (viewer, operator or admin; not revoked or expired).
+pub async fn sign_in_as(state: &AppState, presented: &str) -> Option<Principal> {
+    crate::api::auth::principal(state, presented.trim())
+        .await
+        .ok()
+        .flatten()
+        .filter(|who| Access::Viewer.allows(who.role()))
 }
 
 /// Sign-in attempts per client IP.
@@ -66,26 +125,27 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     }
 }
 
-/// Whether the admin key is right (constant time).
-pub fn key_matches(state: &AppState, presented: &str) -> bool {
-    secret_matches(presented.trim(), &state.secrets.api_key)
-}
-
 /// Starts a session; returns the cookie value to set.
-pub async fn create(pool: &PgPool, ttl_secs: u64, now: DateTime<Utc>) -> Result<String, sqlx::Error> {
+pub async fn create(pool: &PgPool, ttl_secs: u64, who: &Principal, now: DateTime<Utc>) -> Result<String, sqlx::Error> {
     let id = new_secret();
     let expires = now + chrono::Duration::seconds(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2).min(31_536_000));
     sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < $1")
         .bind(now)
         .execute(pool)
         .await?;
-    sqlx::query("INSERT INTO dashboard_sessions (id_hash, csrf_token, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-        .bind(hash_secret(&id))
-        .bind(new_secret())
-        .bind(now)
-        .bind(expires)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO dashboard_sessions (id_hash, csrf_token, created_at, expires_at, key_id, key_name, role)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(hash_secret(&id))
+    .bind(new_secret())
+    .bind(now)
+    .bind(expires)
+    .bind(who.key_id())
+    .bind(who.name())
+    .bind(who.role().as_str())
+    .execute(pool)
+    .await?;
     Ok(id)
 }
 
@@ -107,13 +167,12 @@ pub async fn from_headers(pool: &PgPool, headers: &HeaderMap) -> Result<Option<S
         return Ok(None);
     }
     let id_hash = hash_secret(id);
-    let csrf: Option<String> =
-        sqlx::query_scalar("SELECT csrf_token FROM dashboard_sessions WHERE id_hash = $1 AND expires_at > $2")
-            .bind(&id_hash)
-            .bind(Utc::now())
-            .fetch_optional(pool)
-            .await?;
-    Ok(csrf.map(|csrf| Session { id_hash, csrf }))
+    let row: Option<SessionRow> = sqlx::query_as(SESSION_SQL)
+        .bind(&id_hash)
+        .bind(Utc::now())
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|row| Session::from_row(id_hash, &row)))
 }
 
 /// Why a session lookup found nothing to cache.
@@ -138,7 +197,7 @@ pub async fn from_headers_cached(
     let id_hash = hash_secret(id);
     let found = cache
         .session(&id_hash, || async {
-            sqlx::query_scalar("SELECT csrf_token FROM dashboard_sessions WHERE id_hash = $1 AND expires_at > $2")
+            sqlx::query_as::<_, SessionRow>(SESSION_SQL)
                 .bind(&id_hash)
                 .bind(Utc::now())
                 .fetch_optional(pool)
@@ -148,10 +207,7 @@ pub async fn from_headers_cached(
         })
         .await;
     match found {
-        Ok(csrf) => Ok(Some(Session {
-            id_hash,
-            csrf: csrf.as_ref().clone(),
-        })),
+        Ok(row) => Ok(Some(Session::from_row(id_hash, &row))),
         Err(Lookup::Missing) => Ok(None),
         Err(Lookup::Db(error)) => Err(error),
     }

@@ -2,7 +2,8 @@
 //! `serve` would put uploads), with the size and SHA-256 recorded as uploads record them. Certs bundles are
 //! encrypted on the way in. The old folder is only ever read.
 
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -39,12 +40,12 @@ pub enum Copied {
     Stored { file: String, key: Key, stored: Stored },
 }
 
-/// The old file a reference points at, under `root`.
-fn locate(root: &Path, file: &FileRef) -> Result<Option<(String, PathBuf)>, String> {
+/// The old file a reference points at, relative to the storage folder.
+fn locate(file: &FileRef) -> Result<Option<String>, String> {
     match file {
         FileRef::None => Ok(None),
         FileRef::Unusable(path) => Err(format!("unusable path {path}")),
-        FileRef::At(relative) => Ok(Some((relative.clone(), root.join(relative)))),
+        FileRef::At(relative) => Ok(Some(relative.clone())),
     }
 }
 
@@ -57,7 +58,7 @@ pub async fn copy(
     storage: Option<&Storage>,
     encrypt: Option<(&[u8; 32], u64)>,
 ) -> Copied {
-    let (relative, path) = match locate(root, file) {
+    let relative = match locate(file) {
         Ok(Some(found)) => found,
         Ok(None) => return Copied::NoFile,
         Err(reason) => return Copied::Missing(reason),
@@ -65,7 +66,7 @@ pub async fn copy(
     let Some(key) = key else {
         return Copied::Missing(format!("{relative}: no storage key for this build id"));
     };
-    let (file, size) = match open_inside(root, &path) {
+    let (file, size) = match open_inside(root, &relative) {
         Opened::File(file, size) => (tokio::fs::File::from_std(file), size),
         Opened::Missing => return Copied::Missing(relative),
         Opened::Refused => return Copied::Refused(relative),
@@ -98,32 +99,73 @@ enum Opened {
     Failed(String),
 }
 
-/// Opens `path` without following a symlink in its last component (`O_NOFOLLOW`; `O_NONBLOCK` so a FIFO
-/// cannot hang the import), then keeps it only if the opened file is a regular file and the path,
-/// resolved, lies inside `root` (the canonical `--storage`, so a symlinked `builds/` is refused too).
-/// What is read afterwards is the opened file itself, never the path again.
-fn open_inside(root: &Path, path: &Path) -> Opened {
+/// Opens `relative` under `root` (the canonical `--storage`) without following a symlink anywhere below
+/// the root (T2): the root is opened as a directory, each folder of the path is opened from its parent
+/// with `O_DIRECTORY | O_NOFOLLOW` (`openat`), and the file from its folder with `O_NOFOLLOW | O_NONBLOCK`
+/// (so a FIFO cannot hang the import); the opened file is kept only if `fstat` says it is a regular
+/// file. Nothing is resolved by path twice, so a link swapped in meanwhile cannot redirect the read;
+/// `..` or an absolute path is refused. What is read afterwards is the opened file itself.
+fn open_inside(root: &Path, relative: &str) -> Opened {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Opened::Missing,
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Opened::Refused,
-        Err(e) => return Opened::Failed(e.to_string()),
-    };
-    let meta = match file.metadata() {
-        Ok(meta) => meta,
-        Err(e) => return Opened::Failed(e.to_string()),
-    };
-    if !meta.is_file() {
-        return Opened::Refused;
+    use std::path::Component;
+    let mut names = Vec::new();
+    for component in Path::new(relative).components() {
+        match component {
+            Component::Normal(name) => names.push(name),
+            Component::CurDir => {}
+            _ => return Opened::Refused,
+        }
     }
-    match std::fs::canonicalize(path) {
-        Ok(real) if real.starts_with(root) && real != root => Opened::File(file, meta.len()),
-        _ => Opened::Refused,
+    let Some((file_name, folders)) = names.split_last() else {
+        return Opened::Refused;
+    };
+    let mut dir: OwnedFd = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(root)
+    {
+        Ok(dir) => dir.into(),
+        Err(e) => return opened_error(e),
+    };
+    for folder in folders {
+        dir = match open_at(&dir, folder, libc::O_DIRECTORY | libc::O_NOFOLLOW) {
+            Ok(fd) => fd,
+            Err(e) => return opened_error(e),
+        };
+    }
+    let file = match open_at(&dir, file_name, libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => return opened_error(e),
+    };
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => Opened::File(file, meta.len()),
+        Ok(_) => Opened::Refused,
+        Err(e) => Opened::Failed(e.to_string()),
+    }
+}
+
+/// `openat(dir, name, O_RDONLY | O_CLOEXEC | flags)`.
+fn open_at(dir: &OwnedFd, name: &std::ffi::OsStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(name.as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: `dir` is an open descriptor and `name` a NUL-terminated string, both alive for the call;
+    // a non-negative result is a new descriptor that nothing else owns.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | flags) };
+    if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        // SAFETY: see above; the descriptor is owned from here on.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// An open that failed: missing, refused (a symlink where a folder or the file should be: `ELOOP`,
+/// `ENOTDIR`), or another error.
+fn opened_error(error: std::io::Error) -> Opened {
+    match error.raw_os_error() {
+        Some(libc::ENOENT) => Opened::Missing,
+        Some(libc::ELOOP | libc::ENOTDIR) => Opened::Refused,
+        _ => Opened::Failed(error.to_string()),
     }
 }
 

@@ -37,6 +37,10 @@ fn clean(text: &str) -> String {
     crate::text::scrub(text).into_owned()
 }
 
+/// The most of an imported build's error message that is kept: the API's bound on a text field (64 KiB,
+/// `MAX_TEXT_BYTES`), so an old row cannot put more on a page than a worker could report (T10).
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// `text` cut to at most `max` bytes at a character boundary (the API's bounds apply to imported text).
 fn bounded(mut text: String, max: usize) -> String {
     if text.len() > max {
@@ -183,7 +187,7 @@ pub struct PlannedBuild {
 pub fn build(row: &Row) -> Result<PlannedBuild, Skip> {
     let id = id_of(row.cell(0), "build id")?;
     let with_id = |e: Skip| skip(e.reason, format!("build {id}: {}", e.detail));
-    let error_message = optional_text(row.cell(10));
+    let error_message = optional_text(row.cell(10)).map(|message| bounded(message, MAX_ERROR_MESSAGE_BYTES));
     let (state, interrupted) = match row.cell(1).text() {
         Some("pending") => (BuildState::Pending, false),
         Some("assigned" | "building") => (BuildState::Pending, true),
@@ -282,6 +286,21 @@ pub fn sample(row: &Row) -> Result<NewSample, Skip> {
         cpu_percent,
         memory_mb,
     })
+}
+
+/// A build's samples, at most `max` of them (T3, as live samples are bounded by
+/// `CONTROLLER_MAX_SAMPLES_PER_BUILD`): when there are more, evenly spaced ones are kept in time order,
+/// the first and the last among them, so the whole curve stays at a coarser step. Returns how many went.
+pub fn thin_samples(samples: &mut Vec<NewSample>, max: usize) -> usize {
+    let total = samples.len();
+    if total <= max {
+        return 0;
+    }
+    samples.sort_by_key(|s| s.ts);
+    let max = max.max(2);
+    let kept: Vec<NewSample> = (0..max).map(|i| samples[i * (total - 1) / (max - 1)].clone()).collect();
+    *samples = kept;
+    total - samples.len()
 }
 
 /// A diagnostics report of the new schema. Its id is a UUID there: an old id that is one is kept,

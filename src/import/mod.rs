@@ -66,6 +66,7 @@ const NOTE_NO_SOURCE: &str = "queued builds failed because their source is missi
 const NOTE_MISSING: &str = "files named by a row but missing (build imported without them)";
 const NOTE_CAPABILITIES: &str = "workers with unreadable capabilities (given both platforms)";
 const NOTE_RETRIES: &str = "retried builds linked to their original";
+const NOTE_THINNED: &str = "CPU samples left out (more than CONTROLLER_MAX_SAMPLES_PER_BUILD per build)";
 const NOTE_REFRESHED: &str = "builds changed in the old database since the last import (imported again)";
 const NOTE_PRUNED: &str =
     "finished builds older than CONTROLLER_RETENTION_DAYS (the next prune deletes them: raise it first to keep them)";
@@ -121,6 +122,7 @@ pub async fn run(args: &ImportArgs, config: &Config) -> anyhow::Result<Summary> 
         root: std::fs::canonicalize(&args.storage).unwrap_or_else(|_| args.storage.clone()),
         certs_key,
         max_certs_bytes: config.max_certs_bytes,
+        max_samples: usize::try_from(config.queue.max_samples_per_build).unwrap_or(usize::MAX),
         max_attempts: config.queue.max_attempts,
         retry_build_failures: config.queue.retry_build_failures,
         batch_size: args.batch_size,
@@ -153,6 +155,8 @@ struct Importer {
     root: PathBuf,
     certs_key: [u8; 32],
     max_certs_bytes: u64,
+    /// `CONTROLLER_MAX_SAMPLES_PER_BUILD`: more old samples of a build are thinned.
+    max_samples: usize,
     max_attempts: i32,
     retry_build_failures: bool,
     batch_size: usize,
@@ -383,6 +387,7 @@ impl Importer {
                 db.rows_by_id("cpu_snapshots", &sample_ids)?,
             ))
         });
+        self.record_pending(&fresh).await?;
         let (children, copied) = tokio::join!(children, self.copy_files(&fresh));
         let (log_rows, sample_rows) = children?;
         let mut lines_of: HashMap<String, Vec<mapping::NewLogLine>> = HashMap::new();
@@ -403,10 +408,30 @@ impl Importer {
             replace,
             ..Batch::default()
         };
+        // Recorded keys whose copy wrote nothing (the file missing or refused) are no longer pending; a
+        // copy that failed may have written, and stays pending for sweep_unlinked.
+        let unwritten: Vec<String> = fresh
+            .iter()
+            .zip(&copied)
+            .flat_map(|(build, copies)| {
+                [
+                    (&copies.source, Key::source(&build.id)),
+                    (&copies.certs, Key::certs(&build.id)),
+                    (&copies.result, Key::result(&build.id, files::IMPORTED_RESULT)),
+                ]
+            })
+            .filter(|(copied, _)| matches!(copied, Copied::Missing(_) | Copied::Refused(_)))
+            .filter_map(|(_, key)| key.map(|k| k.as_str().to_string()))
+            .collect();
+        if !self.dry_run() {
+            crate::queue::forget_writes(&self.pool, &unwritten).await?;
+        }
         for (build, files) in fresh.iter().zip(copied) {
             self.account_files(&files);
             let lines = lines_of.remove(&build.id).unwrap_or_default();
-            let points = samples_of.remove(&build.id).unwrap_or_default();
+            let mut points = samples_of.remove(&build.id).unwrap_or_default();
+            let thinned = mapping::thin_samples(&mut points, self.max_samples);
+            self.summary.note(NOTE_THINNED, thinned as u64);
             self.summary.table("build_logs").imported += lines.len() as u64;
             self.summary.table("cpu_snapshots").imported += points.len() as u64;
             let composed = compose(build, &files, lines, points, self.now);
@@ -451,6 +476,32 @@ impl Importer {
         } else if completed_at < self.artifacts_before && (build.source_key.is_some() || build.result_key.is_some()) {
             self.summary.note(NOTE_ARTIFACTS, 1);
         }
+    }
+
+    /// Records the keys these builds' files are copied to as pending writes before the copies: the
+    /// batch's insert claims (forgets) those its rows name; whatever an interrupted import copied is
+    /// deleted by `sweep_unlinked`.
+    async fn record_pending(&self, builds: &[PlannedBuild]) -> anyhow::Result<()> {
+        if self.dry_run() {
+            return Ok(());
+        }
+        let mut keys = Vec::new();
+        for build in builds {
+            let result_key = Key::result(&build.id, files::IMPORTED_RESULT);
+            let targets = [
+                (&build.source, Key::source(&build.id)),
+                (&build.certs, Key::certs(&build.id)),
+                (&build.result, result_key),
+            ];
+            for (file, key) in targets {
+                if let (FileRef::At(_), Some(key)) = (file, key) {
+                    keys.push(key.as_str().to_string());
+                }
+            }
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        crate::queue::record_writes(&self.pool, &keys).await?;
+        Ok(())
     }
 
     /// Copies (or in a dry run, checks) the files of these builds, a few at a time.

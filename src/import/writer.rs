@@ -233,6 +233,27 @@ pub async fn insert_batch(
             .execute(&mut *tx)
             .await?;
     }
+    // The copied objects the rows name are claimed from the pending writes (forgotten at commit); one
+    // that `sweep_unlinked` doomed meanwhile (an import slower than the staging cut-off) fails the
+    // batch rather than commit a row naming a deleted object.
+    let named: Vec<&str> = batch
+        .builds
+        .iter()
+        .flat_map(|b| [&b.source_key, &b.certs_key, &b.result_key])
+        .filter_map(|k| k.as_deref())
+        .collect();
+    let claimed: Vec<String> =
+        sqlx::query_scalar("DELETE FROM pending_writes WHERE key = ANY($1) AND NOT doomed RETURNING key")
+            .bind(&named)
+            .fetch_all(&mut *tx)
+            .await?;
+    let doomed = named.iter().filter(|k| !claimed.iter().any(|c| c == *k)).count();
+    if doomed > 0 {
+        anyhow::bail!(
+            "{doomed} copied file(s) of this batch were deleted by sweep_unlinked meanwhile (the import ran longer \
+             than CONTROLLER_STAGING_MAX_AGE_SECS); run the import again"
+        );
+    }
     insert_builds(&mut tx, &batch.builds, max_attempts, retry_build_failures).await?;
     insert_attempts(&mut tx, &batch.attempts).await?;
     insert_logs(&mut tx, &batch.logs).await?;

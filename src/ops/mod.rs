@@ -2,6 +2,7 @@
 //! mode, so both give the same JSON and the same errors. They sit below the API layer: the CLI uses
 //! them without depending on `api`, and `api` turns an [`OpError`] into its one error type.
 
+pub mod keys;
 pub mod views;
 
 use std::borrow::Cow;
@@ -33,7 +34,7 @@ pub enum OpError {
 pub type OpResult<T> = Result<T, OpError>;
 
 impl OpError {
-    fn refused(status: u16, message: impl Into<Cow<'static, str>>, code: &'static str) -> Self {
+    pub(crate) fn refused(status: u16, message: impl Into<Cow<'static, str>>, code: &'static str) -> Self {
         OpError::Refused {
             status,
             message: message.into(),
@@ -108,7 +109,7 @@ pub fn refusal(error: &QueueError) -> Option<Refusal> {
             format!("This build was retried {max} times, the most a build token may; submit a new build").into(),
             "retry_limit",
         ),
-        QueueError::Db(_) => return None,
+        QueueError::Db(_) | QueueError::DbUncommitted(_) | QueueError::ObjectsGone => return None,
     })
 }
 
@@ -165,6 +166,7 @@ pub fn build_filter(
         return Err(OpError::bad_request("Invalid limit: must be an integer from 1 to 500"));
     }
     Ok(BuildFilter {
+        submitted_by: None,
         states,
         platform,
         worker_id,

@@ -92,6 +92,16 @@ pub struct BuildView {
     pub artifacts: Artifacts,
     pub log_lines: i64,
     pub log_lines_dropped: i64,
+    /// The key that submitted the build (its name when submitted); `null` for the built-in admin key
+    /// and imported builds.
+    pub submitted_by: Option<SubmittedBy>,
+}
+
+/// Who submitted a build: the key's id and name.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmittedBy {
+    pub id: String,
+    pub name: String,
 }
 
 /// One attempt of a build.
@@ -238,6 +248,10 @@ pub fn build(b: &Build) -> BuildView {
         },
         log_lines: b.log_seq,
         log_lines_dropped: b.log_dropped,
+        submitted_by: b.submitted_by.as_ref().map(|id| SubmittedBy {
+            id: id.clone(),
+            name: b.submitted_by_name.clone().unwrap_or_default(),
+        }),
     }
 }
 

@@ -7,7 +7,7 @@ use super::backoff::random_backoff;
 use super::emit;
 use super::lease::{Holder, held_by, holder_view};
 use super::logs::append_system_log;
-use super::{Build, QueueResult, ResultFile, Settings};
+use super::{Build, QueueError, QueueResult, ResultFile, Settings};
 
 /// Why an attempt failed; decides whether the build is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,10 @@ pub struct Failure {
 }
 
 /// Marks the holder's attempt completed with its stored result. A stale caller changes nothing.
+///
+/// The result must be a pending write: its key is claimed under a row lock and the completion happens
+/// only if it is present and not doomed by a sweep; otherwise nothing changes
+/// ([`QueueError::ObjectsGone`]).
 pub async fn complete(
     pool: &PgPool,
     build_id: &str,
@@ -46,7 +50,9 @@ pub async fn complete(
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
     const SQL: &str = concat!(
-        "WITH done AS (
+        "WITH claimed AS (
+            SELECT key FROM pending_writes WHERE key = $5 AND NOT doomed FOR UPDATE
+        ), done AS (
             UPDATE builds SET state = 'completed', completed_at = $4, finished_reason = 'completed',
                 progress = 100, result_key = $5, result_size = $6, result_sha256 = $7, result_attempt = attempt,
                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
@@ -54,7 +60,7 @@ pub async fn complete(
                 log_seq = log_seq + 1
             WHERE ",
         held_by!(),
-        "
+        " AND EXISTS (SELECT 1 FROM claimed)
             RETURNING *
         ), attempt_row AS (
             UPDATE build_attempts a SET finished_at = $4, outcome = 'completed',
@@ -99,10 +105,12 @@ pub async fn complete(
             crate::metrics::build_ended(&build, "completed", now);
             Ok(build)
         }
-        None => {
-            let mut conn = pool.acquire().await?;
-            Err(holder_view(&mut conn, build_id, holder.worker_id).await?.refusal())
-        }
+        // Nothing changed: a caller that no longer holds the build is refused as such; one that
+        // still holds it lost its result to a sweep (the key doomed or gone).
+        None => match super::lease::holds_build(pool, build_id, holder).await {
+            Ok(()) => Err(QueueError::ObjectsGone),
+            Err(refused) => Err(refused.uncommitted()),
+        },
     }
 }
 

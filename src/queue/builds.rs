@@ -26,6 +26,8 @@ pub struct BuildFilter {
     pub before: Option<String>,
     /// Only builds submitted at or after this time.
     pub since: Option<DateTime<Utc>>,
+    /// Only builds this key submitted (a submitter key's view).
+    pub submitted_by: Option<String>,
     pub limit: i64,
 }
 
@@ -38,6 +40,7 @@ pub async fn list_builds(pool: &PgPool, filter: &BuildFilter) -> QueueResult<Vec
            AND ($3::text IS NULL OR worker_id = $3 OR worker_id IN (SELECT id FROM workers WHERE name = $3))
            AND ($4::text IS NULL OR (submitted_at, id) < (SELECT submitted_at, id FROM builds WHERE id = $4))
            AND ($6::timestamptz IS NULL OR submitted_at >= $6)
+           AND ($7::text IS NULL OR submitted_by = $7)
          ORDER BY submitted_at DESC, id DESC
          LIMIT $5",
     )
@@ -47,6 +50,7 @@ pub async fn list_builds(pool: &PgPool, filter: &BuildFilter) -> QueueResult<Vec
     .bind(&filter.before)
     .bind(filter.limit)
     .bind(filter.since)
+    .bind(&filter.submitted_by)
     .fetch_all(pool)
     .await?)
 }

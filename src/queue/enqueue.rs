@@ -37,24 +37,33 @@ pub struct NewBuild {
     pub certs_key: Option<String>,
     pub access_token_hash: Vec<u8>,
     pub original_build_id: Option<String>,
+    /// The key that submitted it (`None`: the built-in admin key).
+    pub submitted_by: Option<String>,
 }
 
 /// Inserts the build and, when it is claimable now, notifies every instance — one statement, inside
 /// the caller's transaction if it has one. PostgreSQL delivers the NOTIFY only if that transaction
 /// commits, so a waiting worker never wakes for a build that does not exist.
+///
+/// Its objects are not claimed from `pending_writes` (see [`enqueue_bounded`]): for builds whose
+/// objects were not written through the pending protocol (seeding, tests).
 pub async fn enqueue(conn: &mut PgConnection, new: &NewBuild, now: DateTime<Utc>) -> QueueResult<Build> {
-    insert(conn, new, None, now).await
+    insert(conn, new, None, false, now).await
 }
 
 /// [`enqueue`] with backpressure (R58): refused with [`QueueError::QueueFull`] (nothing inserted) when
 /// the build's platform queue already holds `max_queued` queued builds (pending, scheduled, retryable).
+///
+/// The build's objects (source, certs) must be pending writes: the insert claims their keys under a
+/// row lock and happens only if every one is present and not doomed by a sweep or cleanup; otherwise
+/// nothing is inserted ([`QueueError::ObjectsGone`]).
 pub async fn enqueue_bounded(
     conn: &mut PgConnection,
     new: &NewBuild,
     max_queued: i64,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
-    let inserted = insert(conn, new, Some(max_queued), now).await;
+    let inserted = insert(conn, new, Some(max_queued), true, now).await;
     if matches!(inserted, Err(QueueError::QueueFull)) {
         count_refusal(new.platform);
     }
@@ -83,18 +92,25 @@ async fn insert(
     conn: &mut PgConnection,
     new: &NewBuild,
     max_queued: Option<i64>,
+    claim: bool,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
     let run_at = new.run_at.filter(|at| *at > now);
     let state = if run_at.is_some() { "scheduled" } else { "pending" };
     const SQL: &str = concat!(
-        "WITH inserted AS (
+        "WITH claimed AS (
+            -- the objects' pending keys, locked: a sweep that doomed one first makes this insert refuse
+            SELECT key FROM pending_writes WHERE $16 AND key IN ($9, $11) AND NOT doomed FOR UPDATE
+         ), inserted AS (
             INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
-                                submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id)
-            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
-            WHERE $15::bigint IS NULL OR NOT ",
+                                submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id,
+                                submitted_by, submitted_by_name)
+            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $17,
+                   (SELECT name FROM api_keys WHERE id = $17)
+            WHERE (NOT $16 OR (SELECT count(*) FROM claimed) = 1 + ($11::text IS NOT NULL)::int)
+              AND ($15::bigint IS NULL OR NOT ",
         queued_at_least!("$3", "$15"),
-        "
+        ")
             RETURNING *
          ), notified AS (
             SELECT pg_notify($14, queue || ':' || id) FROM inserted WHERE state = 'pending'
@@ -125,9 +141,28 @@ async fn insert(
         .bind(&new.original_build_id)
         .bind(NOTIFY_CHANNEL)
         .bind(max_queued)
+        .bind(claim)
+        .bind(&new.submitted_by)
         .fetch_optional(&mut *conn)
         .await?;
-    build.ok_or(QueueError::QueueFull)
+    if let Some(build) = build {
+        return Ok(build);
+    }
+    if claim {
+        // Refused: a queue at its limit, or objects doomed meanwhile (a doomed key stays doomed until
+        // its object is deleted and the key forgotten, so this later read cannot miss it).
+        let claimable: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pending_writes WHERE key IN ($1, $2) AND NOT doomed")
+                .bind(&new.source_key)
+                .bind(&new.certs_key)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(QueueError::DbUncommitted)?;
+        if claimable < 1 + i64::from(new.certs_key.is_some()) {
+            return Err(QueueError::ObjectsGone);
+        }
+    }
+    Err(QueueError::QueueFull)
 }
 
 /// Why a build-token retry is refused before anything is copied (R49, T8): the original must be final,
@@ -191,7 +226,7 @@ pub const RETRY_NOT_FINISHED: &str =
 
 /// Enqueues a retry of `original_id` (B14) with backpressure; for a `limited` caller (build token only:
 /// `Some(CONTROLLER_MAX_RETRIES_PER_BUILD)`) the rules of [`check_retry`] hold under a lock on the
-/// original, so concurrent retries cannot both pass.
+/// family's first build (and the original), so concurrent retries of any members cannot both pass.
 pub async fn enqueue_retry(
     pool: &PgPool,
     new: &NewBuild,
@@ -200,16 +235,34 @@ pub async fn enqueue_retry(
     max_queued: i64,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
+    let mut tx = pool.begin().await.map_err(QueueError::DbUncommitted)?;
+    let outcome = async {
+        // Retries of different members of one family count against the same limit, so the lock is on the
+        // family's first build (T8): a lock on the build being retried let parallel retries of two finished
+        // members each pass the count. The walk up follows `original_build_id`, which never changes; the
+        // original itself is locked after its root (always in this order, so two retries cannot deadlock).
+        sqlx::query(
+            "WITH RECURSIVE up AS (
+                SELECT id, original_build_id, 0 AS depth FROM builds WHERE id = $1
+                UNION ALL
+                SELECT b.id, b.original_build_id, up.depth + 1 FROM builds b JOIN up ON b.id = up.original_build_id
+                WHERE up.depth < 100000
+             )
+             SELECT 1 FROM builds WHERE id = (SELECT id FROM up ORDER BY depth DESC LIMIT 1) FOR UPDATE",
+        )
         .bind(original_id)
         .execute(&mut *tx)
         .await?;
-    let outcome = async {
+        sqlx::query("SELECT 1 FROM builds WHERE id = $1 FOR UPDATE")
+            .bind(original_id)
+            .execute(&mut *tx)
+            .await?;
         check_retry(&mut tx, original_id, limited).await?;
         enqueue_bounded(&mut tx, new, max_queued, now).await
     }
-    .await;
+    .await
+    // Nothing before the COMMIT can have committed: only the COMMIT's own error may be unknown.
+    .map_err(QueueError::uncommitted);
     match outcome {
         Ok(build) => {
             tx.commit().await?;
@@ -217,7 +270,7 @@ pub async fn enqueue_retry(
         }
         // Release the original's row lock now, not when the pool next uses this connection.
         Err(refused) => {
-            tx.rollback().await?;
+            tx.rollback().await.map_err(QueueError::DbUncommitted)?;
             Err(refused)
         }
     }

@@ -60,7 +60,7 @@ pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
-pub use pending::{PendingWrite, forget_writes, record_writes, stale_writes};
+pub use pending::{doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes, refresh_writes};
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };
@@ -106,16 +106,47 @@ pub enum QueueError {
     /// A build token reached `CONTROLLER_MAX_RETRIES_PER_BUILD` retries of this build's family (T8).
     #[error("retry limit of {0} reached")]
     RetryLimit(i64),
+    /// An object this request wrote was chosen for deletion (its key doomed) before the statement
+    /// linking it could claim it: nothing was linked; the request may be sent again (503).
+    #[error("the stored objects of this request were removed before they could be linked")]
+    ObjectsGone,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// A database error before a transaction's COMMIT: nothing was committed.
+    #[error(transparent)]
+    DbUncommitted(sqlx::Error),
 }
 
 impl QueueError {
-    /// Whether the statement that failed may still have committed: a database error (a connection cut
-    /// or a failover between COMMIT and its answer, a cancelled synchronous-standby wait) leaves the
-    /// outcome unknown until the row is read again; a refusal is definite.
+    /// Whether the statement that failed may still have committed. Only a connection-class error
+    /// (the connection cut, the server terminating the backend, a failover) of a COMMIT, or of a
+    /// single autocommit statement in flight, leaves the outcome unknown until the row is read again.
+    /// A refusal, an error before a transaction's COMMIT ([`QueueError::DbUncommitted`]), an error the
+    /// server answered for the statement itself, or a pool that gave no connection is definite.
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, QueueError::Db(_))
+        match self {
+            QueueError::Db(e) => connection_lost(e),
+            _ => false,
+        }
+    }
+
+    /// The same error, known to have happened before its transaction committed.
+    pub fn uncommitted(self) -> Self {
+        match self {
+            QueueError::Db(e) => QueueError::DbUncommitted(e),
+            other => other,
+        }
+    }
+}
+
+/// Whether the connection was lost while a statement was in flight: its outcome is unknown. The
+/// pool's own errors (no connection given) and errors the server answered are not.
+fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        // 08: connection exception; 57P: the server terminating the backend (shutdown, crash, admin).
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
     }
 }
 

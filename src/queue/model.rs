@@ -144,6 +144,12 @@ pub struct Build {
     pub log_seq: i64,
     pub log_dropped: i64,
     pub log_marker_seq: Option<i64>,
+    /// The key that submitted the build (`None`: the built-in admin key, imported builds).
+    #[sqlx(default)]
+    pub submitted_by: Option<String>,
+    /// That key's name when it submitted.
+    #[sqlx(default)]
+    pub submitted_by_name: Option<String>,
 }
 
 impl Build {
@@ -183,6 +189,9 @@ pub struct Worker {
     pub builds_failed: i64,
     /// Set by unregister, cleared by the next registration: until then the worker stays offline.
     pub unregistered_at: Option<DateTime<Utc>>,
+    /// The worker key it was registered with: G0 calls with that key act only for its workers.
+    #[sqlx(default)]
+    pub registered_by: Option<String>,
     /// `ok` or `quarantined` as stored; see [`Worker::health`] for what it means now.
     pub health: String,
     /// End of the quarantine (then probation); `None` while quarantined: until a healthy report or release.

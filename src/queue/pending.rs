@@ -2,11 +2,16 @@
 //! transaction that links it to its row (a build's insert or its completion). What a kill, a lost
 //! commit answer or a failed cleanup leaves behind is therefore always named here, and the
 //! `sweep_unlinked` job deletes the objects of old keys that no row names.
+//!
+//! Deleting is claimed, never checked-then-done: whoever deletes an object first marks its key
+//! `doomed` (and commits), and a linking statement claims its keys under a row lock only while they
+//! are present and not doomed, or refuses ([`QueueError::ObjectsGone`]). So a row that commits never
+//! names an object being deleted, however slow the request that wrote it.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::QueueResult;
+use super::{QueueError, QueueResult};
 
 /// Records `keys` as being written (a key recorded again is made young again).
 pub async fn record_writes(pool: &PgPool, keys: &[&str]) -> QueueResult<()> {
@@ -20,7 +25,29 @@ pub async fn record_writes(pool: &PgPool, keys: &[&str]) -> QueueResult<()> {
     Ok(())
 }
 
-/// Forgets pending keys whose objects are deleted (or linked).
+/// Makes pending keys young again once their (slow) writes have finished, right before the statement
+/// that links them: the sweep's age cut-off counts from the end of the write, not its start. A key
+/// already doomed (or deleted and forgotten) is not brought back; the linking statement refuses it.
+pub async fn refresh_writes(pool: &PgPool, keys: &[&str]) -> QueueResult<()> {
+    sqlx::query("UPDATE pending_writes SET queued_at = now() WHERE key = ANY($1) AND NOT doomed")
+        .bind(keys)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Claims `keys` for deletion by their writer after a definite refusal: returns those this caller
+/// now owns (present and not doomed before). A key already doomed belongs to the sweep.
+pub async fn doom_writes(pool: &PgPool, keys: &[&str]) -> QueueResult<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("UPDATE pending_writes SET doomed = true WHERE key = ANY($1) AND NOT doomed RETURNING key")
+            .bind(keys)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Forgets doomed keys whose objects are deleted.
 pub async fn forget_writes(pool: &PgPool, keys: &[String]) -> QueueResult<()> {
     if !keys.is_empty() {
         sqlx::query("DELETE FROM pending_writes WHERE key = ANY($1)")
@@ -31,26 +58,52 @@ pub async fn forget_writes(pool: &PgPool, keys: &[String]) -> QueueResult<()> {
     Ok(())
 }
 
-/// A pending key old enough to settle, and whether a build row names it.
-#[derive(Debug, sqlx::FromRow)]
-pub struct PendingWrite {
-    pub key: String,
-    pub linked: bool,
+/// Makes keys whose objects could not be deleted young again, so the next batches take the others
+/// first and a key whose delete always fails never holds the sweep back.
+pub async fn postpone_writes(pool: &PgPool, keys: &[String]) -> QueueResult<()> {
+    if !keys.is_empty() {
+        sqlx::query("UPDATE pending_writes SET queued_at = now() WHERE key = ANY($1)")
+            .bind(keys)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
-/// Up to `limit` keys recorded before `cutoff`, oldest first, each with whether a row names it. Keys
-/// live under `builds/<id>/`, so the check reads one row by its primary key.
-pub async fn stale_writes(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> QueueResult<Vec<PendingWrite>> {
-    Ok(sqlx::query_as(
+/// The sweep's batch, in one transaction: up to `limit` keys recorded before `cutoff` (oldest first,
+/// skipping keys a linking statement holds) that a row names are forgotten (live, never deleted);
+/// the others are marked doomed and returned, to be deleted by the caller. Keys live under
+/// `builds/<id>/`, so the check reads one row by its primary key. Overlapping sweeps take disjoint
+/// batches or the same doomed keys, whose deletes are idempotent.
+pub async fn doom_stale_writes(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> QueueResult<Vec<String>> {
+    let mut tx = pool.begin().await?;
+    let batch: Vec<(String, bool)> = sqlx::query_as(
         "SELECT p.key, EXISTS (
                 SELECT 1 FROM builds b WHERE b.id = split_part(p.key, '/', 2)
                   AND p.key IN (b.source_key, b.certs_key, b.result_key)
             ) AS linked
          FROM pending_writes p WHERE p.queued_at < $1
-         ORDER BY p.queued_at, p.key LIMIT $2",
+         ORDER BY p.queued_at, p.key LIMIT $2
+         FOR UPDATE OF p SKIP LOCKED",
     )
     .bind(cutoff)
     .bind(limit)
-    .fetch_all(pool)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(QueueError::DbUncommitted)?;
+    let (linked, unlinked): (Vec<_>, Vec<_>) = batch.into_iter().partition(|(_, linked)| *linked);
+    let linked: Vec<String> = linked.into_iter().map(|(key, _)| key).collect();
+    let doomed: Vec<String> = unlinked.into_iter().map(|(key, _)| key).collect();
+    sqlx::query("DELETE FROM pending_writes WHERE key = ANY($1)")
+        .bind(&linked)
+        .execute(&mut *tx)
+        .await
+        .map_err(QueueError::DbUncommitted)?;
+    sqlx::query("UPDATE pending_writes SET doomed = true WHERE key = ANY($1)")
+        .bind(&doomed)
+        .execute(&mut *tx)
+        .await
+        .map_err(QueueError::DbUncommitted)?;
+    tx.commit().await?;
+    Ok(doomed)
 }

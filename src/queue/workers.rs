@@ -16,6 +16,8 @@ pub struct RegisterRequest {
     pub platforms: Vec<Platform>,
     /// Who asks: `None` for the admin key, `Some(id)` for the holder of worker `id`'s token.
     pub caller_worker: Option<String>,
+    /// The worker key registering it (`None`: an admin key or the worker's own token).
+    pub registered_by: Option<String>,
 }
 
 /// The registered worker and its fresh token (shown once).
@@ -79,8 +81,9 @@ pub async fn register(
     let platforms: Vec<&str> = req.platforms.iter().map(|p| p.as_str()).collect();
     let inserted: Option<Worker> = sqlx::query_as(
         "WITH inserted AS (
-            INSERT INTO workers (id, name, capabilities, platforms, token_hash, token_expires_at, registered_at, last_seen_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+            INSERT INTO workers (id, name, capabilities, platforms, token_hash, token_expires_at, registered_at, last_seen_at,
+                                 registered_by)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)
             ON CONFLICT (id) DO NOTHING RETURNING *
          ), event AS (
             INSERT INTO events (kind, worker_id, data)
@@ -97,6 +100,7 @@ pub async fn register(
     .bind(&token_hash)
     .bind(expires)
     .bind(now)
+    .bind(&req.registered_by)
     .fetch_optional(pool)
     .await?;
     if let Some(worker) = inserted {
@@ -112,7 +116,7 @@ pub async fn register(
                 last_seen_at = $7, unregistered_at = NULL,
                 status = CASE WHEN EXISTS (SELECT 1 FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building'))
                               THEN 'busy' ELSE 'idle' END
-            WHERE id = $1 AND admin_state <> 'revoked' RETURNING *
+            WHERE id = $1 AND admin_state <> 'revoked' AND ($8::text IS NULL OR registered_by = $8) RETURNING *
          ), event AS (
             INSERT INTO events (kind, worker_id, data)
             SELECT 'worker.registered', id, jsonb_build_object('state', status, 'admin_state', admin_state,
@@ -128,6 +132,7 @@ pub async fn register(
     .bind(&token_hash)
     .bind(expires)
     .bind(now)
+    .bind(&req.registered_by)
     .fetch_optional(pool)
     .await?
     .ok_or(QueueError::WorkerNotFound)?;

@@ -121,6 +121,7 @@ async fn ids_starting_with_a_dash_or_underscore_are_ids() {
         let worker_id = format!("{prefix}wKrZVL5Z4WI1Kpao{n:04}");
         enqueue_as(&app.pool, &id, Platform::Ios).await;
         let request = RegisterRequest {
+            registered_by: None,
             id: Some(worker_id.clone()),
             name: "dash".to_string(),
             capabilities: serde_json::json!({}),

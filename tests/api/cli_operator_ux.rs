@@ -751,11 +751,13 @@ async fn output_into_a_closed_pipe_exits_quietly() {
         app.submit("android", b"more").await;
     }
     let id_arg = id.as_str();
-    let cases: [&[&str]; 4] = [
+    let cases: [&[&str]; 6] = [
         &["builds", "logs", id_arg],
         &["builds", "logs", id_arg, "--table"],
         &["builds", "list", "--all", "--limit", "1"],
         &["builds", "show", id_arg],
+        &["builds", "watch", id_arg],
+        &["builds", "watch", id_arg, "--table"],
     ];
     for args in cases {
         for over_http in [true, false] {
@@ -767,6 +769,13 @@ async fn output_into_a_closed_pipe_exits_quietly() {
             assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         }
     }
+    // The commands outside the operator groups too: gen-key (a println! panicked with exit 101).
+    let mut child = cli().arg("gen-key").spawn().expect("spawn");
+    drop(child.stdout.take());
+    let out = finish(child, Duration::from_secs(30)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "gen-key: {stderr}");
+    assert!(!stderr.contains("panicked"), "gen-key: {stderr}");
 }
 
 /// Into a real `| head`: `builds logs`, `builds list --all` and `watch` end quietly with success (never

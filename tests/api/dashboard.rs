@@ -123,9 +123,17 @@ async fn sign_in_sessions_and_cross_site_protection() {
 
     // T6: wrong keys are limited per IP (3 per minute here, 1 used above); the right key never is, so
     // someone guessing behind the same address cannot lock the operator out.
+    // Every wrong key waits out the delay, the limited ones (429) too, so a guesser gains no pace from
+    // the limit.
     for expected in [401, 401, 429, 429] {
+        let started = std::time::Instant::now();
         let r = post_form(&client, &app, "/dashboard/login", None, "key=wrong-again").await;
         assert_eq!(r.status(), expected);
+        assert!(
+            started.elapsed() >= expo_controller::dashboard::session::WRONG_KEY_DELAY,
+            "a wrong key ({expected}) answered after {:?}",
+            started.elapsed()
+        );
     }
     let r = post_form(&client, &app, "/dashboard/login", None, format!("key={API_KEY}")).await;
     assert_eq!(r.status(), 303, "the right key after the limit was reached");

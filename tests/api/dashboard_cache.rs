@@ -134,7 +134,8 @@ async fn refresh_all(
     paths: &[String],
     viewers: usize,
     expect: &str,
-) -> u64 {
+) -> (u64, std::time::Duration) {
+    let started = std::time::Instant::now();
     let before = statements.load(Ordering::SeqCst);
     let mut tasks = Vec::new();
     for viewer in 0..viewers {
@@ -164,7 +165,16 @@ async fn refresh_all(
     for task in tasks {
         task.await.unwrap();
     }
-    statements.load(Ordering::SeqCst) - before
+    (statements.load(Ordering::SeqCst) - before, started.elapsed())
+}
+
+/// Statements the server runs by itself (maintenance jobs, the controller clock's pulse) per second,
+/// measured over an idle window, so a slow machine's longer rounds are not counted against the cache.
+async fn background_per_sec(statements: &AtomicU64) -> f64 {
+    let window = std::time::Duration::from_secs(3);
+    let before = statements.load(Ordering::SeqCst);
+    tokio::time::sleep(window).await;
+    (statements.load(Ordering::SeqCst) - before) as f64 / window.as_secs_f64()
 }
 
 #[tokio::test]
@@ -202,15 +212,18 @@ async fn open_dashboards_share_reads_and_still_show_changes() {
     // the pages' re-fetches do.
     queue_action(&app, &http, &cookies[0], &csrf, "pause").await;
     wait_event(&mut events, &mut seen, "queue.paused").await;
-    let one = refresh_all(&app, &statements, &cookies, &paths, 1, &first).await;
+    let (one, _) = refresh_all(&app, &statements, &cookies, &paths, 1, &first).await;
     queue_action(&app, &http, &cookies[0], &csrf, "resume").await;
     wait_event(&mut events, &mut seen, "queue.resumed").await;
-    let fifty = refresh_all(&app, &statements, &cookies, &paths, 50, &first).await;
-    println!("statements for one viewer: {one}; for 50 viewers: {fifty}");
+    let (fifty, took) = refresh_all(&app, &statements, &cookies, &paths, 50, &first).await;
+    let background = (background_per_sec(&statements).await * took.as_secs_f64()).ceil() as u64;
+    println!(
+        "statements for one viewer: {one}; for 50 viewers: {fifty} in {took:?} ({background} by the server itself)"
+    );
     assert!(one > 0, "the proxy counts the server's statements");
     assert!(
-        fifty <= one + 15,
-        "50 viewers cost {fifty} statements, one viewer {one}: the cost grows with the viewers"
+        fifty <= one + 15 + background,
+        "50 viewers cost {fifty} statements ({background} of them background), one viewer {one}: the cost grows with the viewers"
     );
 
     // The page an action redirects back to shows the change at once, though it was just cached (and

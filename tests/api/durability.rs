@@ -99,8 +99,45 @@ async fn synchronous_standby(pool: &PgPool, on: bool) {
         .execute(pool)
         .await
         .expect("reload");
-    // The checkpointer publishes the setting to every backend's commit shortly after the reload.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The checkpointer publishes the setting to every backend's commit shortly after the reload: a
+    // probe commit on a fresh connection shows when it has (waiting on `SyncRep`, or not waiting).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if probe_commit_waits(pool).await == on {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commits never {} for the standby",
+            if on { "waited" } else { "stopped waiting" }
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Whether a commit now waits for the synchronous standby: a probe transaction that writes commits on
+/// its own connection; if it has not answered within 200 ms and its backend waits on `SyncRep`, it
+/// does (the probe's backend is then terminated; its empty commit is harmless).
+async fn probe_commit_waits(pool: &PgPool) -> bool {
+    let mut probe = pool.acquire().await.expect("probe connection").detach();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut probe)
+        .await
+        .expect("probe pid");
+    // A commit waits only if its transaction wrote WAL: a temporary table's catalog rows do.
+    let commit = sqlx::query("CREATE TEMP TABLE sync_probe ()").execute(&mut probe);
+    if tokio::time::timeout(Duration::from_millis(200), commit).await.is_ok() {
+        return false;
+    }
+    let waits: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep')")
+            .bind(pid)
+            .fetch_one(pool)
+            .await
+            .expect("pg_stat_activity");
+    terminate(pool, pid).await;
+    drop(probe);
+    waits
 }
 
 /// Holds `lock` until the returned transaction ends.
@@ -644,4 +681,82 @@ async fn a_result_whose_deletes_are_reset_is_swept_and_the_retry_completes() {
     let mut named = vec![format!("builds/{id}/source.zip"), result_key];
     named.sort();
     assert_eq!(under_builds, named, "under builds/, only what the row names is left");
+}
+
+/// R63: the sweep's delete is claimed, not checked-then-done. A submit whose source stream ended but
+/// whose insert waits (a lock the test holds) while its pending key passes the cut-off: the sweep dooms
+/// the key and deletes the source; the insert, released, cannot claim the key and refuses (503 with
+/// `Retry-After`) — no row ever names the deleted object, and nothing is left.
+#[tokio::test]
+async fn a_source_the_sweep_doomed_makes_the_late_insert_refuse() {
+    let s3 = S3Server::start().await;
+    let (db, pool) = fresh_database(3).await;
+    let certs_key = ids::new_key32();
+    let http = client();
+    let controller = Controller::start(
+        &db,
+        &s3,
+        &certs_key,
+        &[("CONTROLLER_JOB_SCHEDULES", "sweep_unlinked=* * * * * *")],
+    )
+    .await;
+    let locked = hold(&pool, LOCK_INSERTS, None).await;
+    let submit = tokio::spawn(
+        http.post(controller.url("/api/builds/submit"))
+            .header("X-API-Key", API_KEY)
+            .multipart(source_form(b"slow source"))
+            .send(),
+    );
+    waiting_backend(&pool, "Lock", INSERTING).await;
+    let pending: Vec<String> = sqlx::query_scalar("SELECT key FROM pending_writes")
+        .fetch_all(&pool)
+        .await
+        .expect("pending");
+    assert_eq!(pending.len(), 1, "the source is pending: {pending:?}");
+    assert_eq!(s3.objects().len(), 1, "the source is stored");
+
+    // Past the cut-off while the insert waits: the sweep dooms the key and deletes the source.
+    sqlx::query("UPDATE pending_writes SET queued_at = now() - interval '7 hours'")
+        .execute(&pool)
+        .await
+        .expect("age");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_writes")
+            .fetch_one(&pool)
+            .await
+            .expect("pending");
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sweep_unlinked never settled the key");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s3.objects().is_empty(), "the sweep deleted the source");
+
+    locked.rollback().await.expect("release");
+    let answer = submit.await.expect("join").expect("submit");
+    assert_eq!(answer.status(), 503, "the late insert refuses");
+    assert!(answer.headers().contains_key("retry-after"), "with Retry-After");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+        .fetch_one(&pool)
+        .await
+        .expect("builds");
+    assert_eq!(rows, 0, "no row names the deleted source");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_writes")
+        .fetch_one(&pool)
+        .await
+        .expect("pending");
+    assert_eq!(left, 0);
+    assert!(s3.objects().is_empty());
+
+    // Sent again, the same submit succeeds.
+    let again = http
+        .post(controller.url("/api/builds/submit"))
+        .header("X-API-Key", API_KEY)
+        .multipart(source_form(b"slow source"))
+        .send()
+        .await
+        .expect("submit again");
+    assert_eq!(again.status(), 200);
 }

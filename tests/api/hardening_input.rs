@@ -734,6 +734,34 @@ async fn t5_varying_the_worker_id_does_not_escape_the_credential_limit() {
     assert!(limited >= 40, "only {limited} of 80 requests were limited");
 }
 
+/// T5: a worker token's route ignores `X-API-Key`, so a junk key that varies per request must not buy
+/// the token a fresh bucket each time: every credential header present is charged, and 429 follows
+/// once the token's own bucket is empty (before, only the `X-API-Key` was counted).
+#[tokio::test]
+async fn t5_a_varying_junk_api_key_beside_a_token_does_not_escape_the_limit() {
+    let app = TestApp::spawn_with(|c| c.rate_limit_per_credential = 1).await;
+    let (worker_id, token) = app.register("w", &["ios"]).await;
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let r = app
+            .client
+            .get(app.url("/api/workers/poll"))
+            .header("X-Worker-Token", &token)
+            .header("X-Worker-Id", &worker_id)
+            .header("X-API-Key", format!("junk-key-{i:032}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses.contains(&200), "{statuses:?}");
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        limited >= 20,
+        "only {limited} of 40 requests were limited: {statuses:?}"
+    );
+}
+
 /// T7: dashboard routes are under the per-IP limit too.
 #[tokio::test]
 async fn t7_the_dashboard_is_rate_limited_per_ip() {
@@ -782,6 +810,78 @@ async fn t8_a_build_token_retries_a_build_a_bounded_number_of_times() {
     assert_eq!(app.count("builds").await, 3);
     let (status, _) = admin(&app, Method::POST, &format!("/api/builds/{id}/retry"), None).await;
     assert_eq!(status, 200, "the admin key is not limited");
+}
+
+/// T8: retries of different finished members of one family, sent at once, never take the family past
+/// the limit: the count runs under a lock on the family's first build (before, the lock was on the
+/// build being retried, so every member's retry passed the same count in parallel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t8_parallel_retries_of_family_members_stay_within_the_limit() {
+    const LIMIT: usize = 5;
+    let app = TestApp::spawn_with(|c| c.queue.max_retries_per_build = LIMIT as i64).await;
+    let post = |path: String, token: String| {
+        let request = app.client.post(app.url(&path)).header("X-Build-Token", token);
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // A family of LIMIT finished builds (the first and LIMIT - 1 retries): one retry left.
+    let submitted = app.submit("ios", b"source").await;
+    let mut members = vec![(
+        submitted["id"].as_str().unwrap().to_string(),
+        submitted["access_token"].as_str().unwrap().to_string(),
+    )];
+    for _ in 1..LIMIT {
+        let (id, token) = members.last().unwrap().clone();
+        let (status, _) = post(format!("/api/builds/{id}/cancel"), token.clone()).await;
+        assert_eq!(status, 200);
+        let (status, retried) = post(format!("/api/builds/{id}/retry"), token).await;
+        assert_eq!(status, 200, "{retried}");
+        members.push((
+            retried["id"].as_str().unwrap().to_string(),
+            retried["access_token"].as_str().unwrap().to_string(),
+        ));
+    }
+    let (id, token) = members.last().unwrap().clone();
+    assert_eq!(post(format!("/api/builds/{id}/cancel"), token).await.0, 200);
+
+    // Line the retries up inside their transactions: the events outbox is locked, so each retry that
+    // got past its count waits at its insert; once all wait (or wait for the family lock), let go.
+    let mut blocker = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let retries: Vec<_> = members
+        .iter()
+        .map(|(id, token)| tokio::spawn(post(format!("/api/builds/{id}/retry"), token.clone())))
+        .collect();
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let started = std::time::Instant::now();
+    while waiting().await < LIMIT as i64 && started.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    blocker.rollback().await.unwrap();
+    let mut answers = Vec::new();
+    for retry in retries {
+        answers.push(retry.await.unwrap());
+    }
+    let accepted = answers.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(accepted, 1, "{answers:?}");
+    assert!(
+        answers.iter().all(|(status, _)| [200, 409].contains(status)),
+        "{answers:?}"
+    );
+    assert_eq!(app.count("builds").await, (LIMIT + 1) as i64);
 }
 
 /// T12: a client's `X-Request-Id` is kept only when it is short and of a safe alphabet; anything else

@@ -673,6 +673,11 @@ fn header_map(headers: &[(&str, &str)]) -> reqwest::header::HeaderMap {
 /// Writes `head` then trickles `body` a byte every 200 ms; returns how long the server took to answer
 /// or close (`None`: still waiting after 8 s, the trickle then had ~40 bytes to go).
 async fn trickled_body_cut_after(base: &str, head: String, body: Vec<u8>) -> Option<Duration> {
+    trickled_body_answer(base, head, body).await.0
+}
+
+/// [`trickled_body_cut_after`], with what the server wrote before closing.
+async fn trickled_body_answer(base: &str, head: String, body: Vec<u8>) -> (Option<Duration>, String) {
     let addr = base.trim_start_matches("http://");
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut reader, mut writer) = stream.into_split();
@@ -689,17 +694,53 @@ async fn trickled_body_cut_after(base: &str, head: String, body: Vec<u8>) -> Opt
     });
     let started = Instant::now();
     let mut buffer = [0u8; 1024];
+    let mut answer = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(8), async {
         loop {
             match reader.read(&mut buffer).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
             }
         }
     })
     .await;
     trickle.abort();
-    ended.ok().map(|()| started.elapsed())
+    (
+        ended.ok().map(|()| started.elapsed()),
+        String::from_utf8_lossy(&answer).into_owned(),
+    )
+}
+
+/// T1: declaring a large body does not buy a trickle: the first 64 KiB of any body must arrive within
+/// the header timeout, so an OTP exchange declaring 100,000 bytes and sending a byte every 200 ms is cut
+/// (before, the deadline was armed only for a declared length of at most 64 KiB); a body cut by the
+/// deadline is answered 408 by every extractor (the sign-in form read as bytes was 400).
+#[tokio::test]
+async fn t1_a_large_declared_length_does_not_escape_the_small_body_deadline() {
+    let app = short_timeouts().await;
+    let build_id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let otp = br#"{"otp":"0123456789012345678901234567890123456789"}"#.to_vec();
+    let head = format!(
+        "POST /api/builds/{build_id}/authenticate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 100000\r\n\r\n"
+    );
+    let (cut, answer) = trickled_body_answer(&app.base, head, otp).await;
+    assert!(
+        cut.is_some_and(|t| t < Duration::from_secs(5)),
+        "a trickled OTP body declaring 100000 bytes held its connection ({cut:?})"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    let form = format!("key={}", "k".repeat(60)).into_bytes();
+    let head = format!(
+        "POST /dashboard/login HTTP/1.1\r\nHost: x\r\nOrigin: {}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+        app.base,
+        form.len()
+    );
+    let (cut, answer) = trickled_body_answer(&app.base, head, form).await;
+    assert!(cut.is_some_and(|t| t < Duration::from_secs(5)), "{cut:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "a late sign-in form: {answer}");
 }
 
 /// T1: a body trickled a byte at a time to the routes that read before any credential (OTP exchange,
@@ -857,8 +898,9 @@ async fn t9_the_hold_is_checked_before_the_result_file_is_read() {
     assert_eq!(r.status(), 200, "the holder still uploads");
 }
 
-/// T13 (and the new settings): presigned URLs are short-lived (at most an hour), and the new limits
-/// have their documented defaults and refuse nonsense.
+/// T13 (and the new settings): presigned URLs are short-lived (at most an hour: a longer configured
+/// lifetime, allowed before, is clamped rather than refusing to start), and the new limits have their
+/// documented defaults and refuse nonsense.
 #[test]
 fn t13_presigned_urls_are_short_lived_and_new_limits_are_checked() {
     let defaults = default_config();
@@ -879,10 +921,15 @@ fn t13_presigned_urls_are_short_lived_and_new_limits_are_checked() {
         "--presign-ttl-secs",
         "86400",
     ];
+    // A lifetime above an hour (allowed before the bound) still starts, clamped to an hour.
+    assert!(!problems(&day).contains("PRESIGN"), "{}", problems(&day));
+    assert_eq!(parse_config(&day).storage.effective_presign_ttl_secs(), 3600);
+    let mut zero = day;
+    zero[7] = "0";
     assert!(
-        problems(&day).contains("CONTROLLER_PRESIGN_TTL_SECS must be between 1 and 3600"),
+        problems(&zero).contains("CONTROLLER_PRESIGN_TTL_SECS must be positive"),
         "{}",
-        problems(&day)
+        problems(&zero)
     );
     for zero in [
         "--write-timeout-secs",

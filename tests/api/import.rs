@@ -648,6 +648,27 @@ async fn a_second_run_changes_nothing_and_a_killed_run_is_finished_by_the_next()
         .await
         .unwrap();
     assert!(partial > 0 && partial < 10, "{partial} builds after the kill");
+    // R63: the files of the batch the kill interrupted are named in `pending_writes` (sweep_unlinked
+    // deletes them if no later run links them); every stored object is named by a row or a pending key.
+    let named: Vec<String> = sqlx::query_scalar(
+        "SELECT k FROM builds, unnest(ARRAY[source_key, certs_key, result_key]) AS k WHERE k IS NOT NULL
+         UNION ALL SELECT key FROM pending_writes",
+    )
+    .fetch_all(&pool_b)
+    .await
+    .unwrap();
+    let stored: Vec<String> = files_under(&store_b)
+        .into_keys()
+        .filter(|k| k.starts_with("builds/"))
+        .collect();
+    let linked: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_writes")
+        .fetch_one(&pool_b)
+        .await
+        .unwrap();
+    assert!(linked > 0, "the interrupted batch's files are pending");
+    for key in &stored {
+        assert!(named.contains(key), "{key} is named by no row and no pending key");
+    }
     let finished = import(&old, &url_b, &store_b, &certs_key, &batch).await;
     assert_eq!(finished.status.code(), Some(2));
     assert_eq!(
@@ -659,6 +680,13 @@ async fn a_second_run_changes_nothing_and_a_killed_run_is_finished_by_the_next()
         after_first.0,
         "the resumed import differs from an uninterrupted one"
     );
+    for pool in [&pool_a, &pool_b] {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_writes")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(pending, 0, "every copied file the rows name was linked");
+    }
     assert_eq!(
         stored_objects(&store_b, &certs_key),
         stored_objects(&store_a, &certs_key)
@@ -898,12 +926,32 @@ async fn symlinks_out_of_the_folder_are_refused_and_imported_text_is_bounded() {
         params![C1, T0 + 29_000, "é".repeat(1024 * 1024 + 1)],
     )
     .unwrap();
+    // T10/T3: a 3 MiB error message, and more samples than CONTROLLER_MAX_SAMPLES_PER_BUILD (10 here).
+    db.execute(
+        "UPDATE builds SET error_message = ?1 WHERE id = ?2",
+        params!["ü".repeat(3 * 512 * 1024), F1],
+    )
+    .unwrap();
+    for i in 0..60i64 {
+        db.execute(
+            "INSERT INTO cpu_snapshots (build_id, timestamp, cpu_percent, memory_mb) VALUES (?1, ?2, 50, 1024)",
+            params![F1, T0 + 40_000 + i * 1_000],
+        )
+        .unwrap();
+    }
     drop(db);
 
     let (url, pool) = fresh_database(2).await;
     let store = old.dir.join("store");
     let certs_key = ids::new_key32();
-    let output = import(&old, &url, &store, &certs_key, &[]).await;
+    let output = import(
+        &old,
+        &url,
+        &store,
+        &certs_key,
+        &[("CONTROLLER_MAX_SAMPLES_PER_BUILD", "10")],
+    )
+    .await;
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(2), "{text}");
     assert!(text.contains("not a regular file inside the folder: 3"), "{text}");
@@ -942,6 +990,34 @@ async fn symlinks_out_of_the_folder_are_refused_and_imported_text_is_bounded() {
         .await
         .unwrap();
     assert!(longest <= 8 * 1024, "a log line of {longest} bytes");
+    let error: i32 = sqlx::query_scalar("SELECT octet_length(error_message) FROM builds WHERE id = $1")
+        .bind(F1)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        error <= 64 * 1024 && error > 60 * 1024,
+        "an error message of {error} bytes"
+    );
+    let (samples, kept, first, last): (i64, i32, f64, f64) = sqlx::query_as(
+        "SELECT count(*), max(b.cpu_samples), extract(epoch FROM min(s.ts))::float8, extract(epoch FROM max(s.ts))::float8
+         FROM cpu_snapshots s JOIN builds b ON b.id = s.build_id WHERE s.build_id = $1",
+    )
+    .bind(F1)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (samples, kept),
+        (10, 10),
+        "samples of one build are thinned to the limit"
+    );
+    assert_eq!(
+        (first * 1000.0, last * 1000.0),
+        ((T0 + 40_000) as f64, (T0 + 99_000) as f64),
+        "the whole curve is kept"
+    );
+    assert!(text.contains("CPU samples left out"), "{text}");
 
     // A symlinked `builds/` (its files regular, but outside the folder) is refused file by file.
     let elsewhere = old.dir.join("elsewhere");

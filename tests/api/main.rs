@@ -19,6 +19,7 @@ mod fleet_health;
 mod g0_worker;
 mod hardening_input;
 mod hardening_transport;
+mod identity;
 mod import;
 mod long_poll;
 mod observability;

@@ -63,6 +63,7 @@ const BODYLESS: &[&str] = &[
     "post /api/v2/workers/{id}/enable",
     "post /api/v2/workers/{id}/release",
     "delete /api/v2/workers/{id}",
+    "delete /api/v2/keys/{id}",
     "post /api/v2/queues/{platform}/pause",
     "post /api/v2/queues/{platform}/resume",
 ];

@@ -38,11 +38,15 @@ async fn fifty_concurrent_claimers_claim_each_of_2000_builds_exactly_once() {
                     "a worker that completed its build must never be re-handed it"
                 );
                 let token = claim.build.lease_token.expect("lease token");
+                let result = result_file(&claim.build.id);
+                queue::record_writes(&pool, &[result.key.as_str()])
+                    .await
+                    .expect("pending");
                 queue::complete(
                     &pool,
                     &claim.build.id,
                     Holder::attempt(&w.id, token),
-                    &result_file(&claim.build.id),
+                    &result,
                     Utc::now(),
                 )
                 .await
@@ -168,6 +172,9 @@ async fn stale_attempts_are_fenced_off_and_change_nothing() {
 
     // The current attempt still works.
     let current = Holder::attempt(&w.id, second.build.lease_token.unwrap());
+    queue::record_writes(&pool, &[result_file(&id).key.as_str()])
+        .await
+        .unwrap();
     queue::complete(&pool, &id, current, &result_file(&id), Utc::now())
         .await
         .unwrap();
@@ -409,6 +416,7 @@ async fn scheduled_builds_wait_for_their_time() {
     let id = expo_controller::ids::new_id();
     let now = Utc::now();
     let new = queue::NewBuild {
+        submitted_by: None,
         id: id.clone(),
         platform: Platform::Ios,
         priority: 0,

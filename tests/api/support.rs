@@ -62,6 +62,8 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         max_source_bytes: 1024 * 1024,
         max_certs_bytes: 64 * 1024,
         max_result_bytes: 1024 * 1024,
+        submitter_max_running: 0,
+        submitter_max_queued: 0,
         max_log_lines: 10_000,
         rate_limit_per_ip: 0,
         rate_limit_per_credential: 0,
@@ -268,6 +270,7 @@ impl Drop for TestApp {
 /// Inserts a worker directly through the queue layer.
 pub async fn worker(pool: &PgPool, name: &str, platforms: &[Platform]) -> Worker {
     let request = RegisterRequest {
+        registered_by: None,
         id: None,
         name: name.to_string(),
         capabilities: serde_json::json!({}),
@@ -294,6 +297,7 @@ pub async fn enqueue_as(pool: &PgPool, id: &str, platform: Platform) {
 
 async fn enqueue_with(pool: &PgPool, id: &str, platform: Platform, priority: i32, max_attempts: i32) {
     let new = NewBuild {
+        submitted_by: None,
         id: id.to_string(),
         platform,
         priority,

@@ -81,7 +81,7 @@ try {
   await check("no session: the sign-in form, and no data without a session", async () => {
     await page.goto(base + "/");
     assert.match(page.url(), /\/dashboard\/login$/);
-    await page.getByLabel("Admin API key").waitFor();
+    await page.getByLabel("API key").waitFor();
     for (const path of ["/dashboard/builds", "/dashboard/workers", "/dashboard/queues"]) {
       const r = await fetch(base + path, { redirect: "manual" });
       assert.ok([302, 303, 307].includes(r.status), `${path} without a session: ${r.status}`);
@@ -93,7 +93,7 @@ try {
   });
 
   await check("a wrong key is refused, after a delay, and sets no cookie", async () => {
-    await page.getByLabel("Admin API key").fill("not-the-key-" + "x".repeat(30));
+    await page.getByLabel("API key").fill("not-the-key-" + "x".repeat(30));
     const started = Date.now();
     await page.getByRole("button", { name: "Sign in" }).click();
     await page.getByText("Wrong key.").waitFor();
@@ -105,7 +105,7 @@ try {
   await check("sign in with the admin key: a deep link survives sign-in", async () => {
     await page.goto(base + "/dashboard/builds?state=failed");
     assert.match(page.url(), /\/dashboard\/login\?next=/);
-    await page.getByLabel("Admin API key").fill(key);
+    await page.getByLabel("API key").fill(key);
     await page.getByRole("button", { name: "Sign in" }).click();
     await page.waitForURL(base + "/dashboard/builds?state=failed");
     assert.equal(await page.locator('select[name="state"]').inputValue(), "failed");
@@ -421,6 +421,65 @@ try {
       reached.add(await page.evaluate(() => document.activeElement?.textContent?.trim()));
     }
     for (const label of ["Builds", "Workers", "Log out", "Pause"]) assert.ok(reached.has(label), `Tab reaches ${label}`);
+  });
+
+  await check("a viewer sees who is signed in and no action controls; a forged action is 403", async () => {
+    const created = await api("POST", "/api/v2/keys", { json: { name: "lobby screen", role: "viewer" } });
+    assert.equal(created.status, 201, JSON.stringify(created.body));
+    const ctx = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+    const v = await ctx.newPage();
+    watch(v);
+    await v.goto(base + "/dashboard/login");
+    await v.getByLabel("API key").fill(created.body.key);
+    await v.getByRole("button", { name: "Sign in" }).click();
+    await v.waitForURL(base + "/dashboard");
+    assert.equal((await v.locator("#signed-in").textContent()).trim(), "lobby screen · viewer");
+    await v.goto(`${base}/dashboard/workers`);
+    for (const name of ["Drain", "Disable", "Enable", "Revoke"]) {
+      assert.equal(await v.getByRole("button", { name }).count(), 0, `a viewer sees no ${name}`);
+    }
+    await v.goto(`${base}/dashboard/builds/${buildId}`);
+    for (const name of ["Cancel", "Retry", "Requeue", "Set priority"]) {
+      assert.equal(await v.getByRole("button", { name }).count(), 0, `a viewer sees no ${name}`);
+    }
+    await v.goto(`${base}/dashboard/queues`);
+    assert.equal(await v.getByRole("button", { name: "Pause" }).count(), 0);
+    await v.screenshot({ path: `${shots}/viewer-queues.png`, fullPage: true });
+    const paused = async () => JSON.stringify((await api("GET", "/api/v2/queues")).body.items.map((q) => [q.name, q.paused]));
+    const before = await paused();
+    const forged = await v.evaluate(async () => {
+      const csrf = document.querySelector('input[name="csrf"]').value;
+      const r = await fetch("/dashboard/queues/ios/pause", {
+        method: "POST",
+        headers: { "content-type": "application/x-www-form-urlencoded" },
+        body: "csrf=" + encodeURIComponent(csrf),
+        redirect: "manual",
+      });
+      return r.status;
+    });
+    assert.equal(forged, 403, "a viewer's forged action");
+    assert.equal(await paused(), before, "nothing changed");
+    await ctx.close();
+  });
+
+  await check("an operator sees the actions it may take, not the admin's", async () => {
+    const created = await api("POST", "/api/v2/keys", { json: { name: "night shift", role: "operator" } });
+    assert.equal(created.status, 201);
+    const ctx = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+    const o = await ctx.newPage();
+    watch(o);
+    await o.goto(base + "/dashboard/login");
+    await o.getByLabel("API key").fill(created.body.key);
+    await o.getByRole("button", { name: "Sign in" }).click();
+    await o.waitForURL(base + "/dashboard");
+    assert.equal((await o.locator("#signed-in").textContent()).trim(), "night shift · operator");
+    await o.goto(`${base}/dashboard/workers`);
+    assert.ok((await o.getByRole("button", { name: "Drain" }).count()) + (await o.getByRole("button", { name: "Enable" }).count()) > 0, "an operator sees worker actions");
+    assert.equal(await o.getByRole("button", { name: "Revoke" }).count(), 0, "revoking is the admin's");
+    await o.goto(`${base}/dashboard/queues`);
+    assert.ok((await o.getByRole("button", { name: /Pause|Resume/ }).count()) > 0);
+    await o.screenshot({ path: `${shots}/operator-workers.png`, fullPage: true });
+    await ctx.close();
   });
 
   await check("log-out ends the session server-side", async () => {

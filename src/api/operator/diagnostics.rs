@@ -68,7 +68,11 @@ pub fn router() -> ApiRouter {
     (status = 200, description = "Stored", body = Stored),
     (status = 400, description = "`Missing required fields: worker_id, status, duration_ms, checks`, `Invalid status. Must be: healthy, warning, or critical`, `checks must be an array`", body = ErrorBody),
     (status = 404, description = "`Worker not found`", body = ErrorBody)))]
-async fn report(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Stored>> {
+async fn report(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<auth::KeyCaller>>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult<Json<Stored>> {
     let (Some(worker_id), Some(status), Some(duration), Some(checks)) = (
         body.get("worker_id"),
         body.get("status"),
@@ -93,6 +97,9 @@ async fn report(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) 
         .ok_or_else(|| ApiError::bad_request("duration_ms must be a non-negative number"))?
         as i64;
     let worker_id = auth::worker_id(worker_id.as_str())?.ok_or_else(|| ApiError::bad_request("Invalid worker id"))?;
+    if let Some(axum::Extension(auth::KeyCaller(who))) = &caller {
+        auth::may_act_for(&state, who, &worker_id).await?;
+    }
     let report = NewReport {
         worker_id,
         status: status.to_string(),

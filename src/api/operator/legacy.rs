@@ -1,19 +1,21 @@
 //! The G0 admin endpoints (admin key, enforced by the operator group): build listing (B2), builds
 //! held now (B3), worker counters (B18) and unregistering a worker (B19).
 
-use axum::Json;
 use axum::extract::State;
+use axum::{Extension, Json};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::routes;
 
+use crate::api::auth::KeyCaller;
 use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{IdPath, QueryParams, bounded_int};
 use crate::api::group::ApiRouter;
 use crate::api::views::{BuildListEntry, Unregistered};
 use crate::api::{AppState, auth, views};
+use crate::identity::Role;
 
 /// A build held now (B3).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -74,8 +76,13 @@ struct ListQuery {
     (status = 400, description = "`Invalid limit: …`, `Invalid status`, `Invalid platform`, `Invalid before cursor`", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
+    caller: Option<Extension<KeyCaller>>,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> ApiResult<Json<Vec<BuildListEntry>>> {
+    // A submitter key sees only the builds it submitted (the seed CLI's `list`).
+    let submitted_by = caller.and_then(|Extension(KeyCaller(who))| {
+        (who.role() == Role::Submitter).then(|| who.key_id().unwrap_or_default().to_string())
+    });
     let limit = bounded_int(q.limit.as_deref(), "limit", 1, 500)?.unwrap_or(50);
     let states = match q.status.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         None => None,
@@ -90,6 +97,7 @@ async fn list(
         return Err(ApiError::bad_request("Invalid before cursor"));
     }
     let filter = BuildFilter {
+        submitted_by,
         states,
         platform,
         worker_id: auth::worker_id(q.worker_id.as_deref())?,

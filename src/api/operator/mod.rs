@@ -1,9 +1,11 @@
-//! Operators: the admin API (`/api/v2`, the G0 admin endpoints, diagnostics) and `/metrics`. Every
-//! route here is behind the admin key, enforced by the group's layer.
+//! Operators: the admin API (`/api/v2`, the G0 admin endpoints, diagnostics, keys) and `/metrics`.
+//! Every route here is behind a key whose role the route's entry in `api::group::ROLES` admits,
+//! enforced by the group's layer.
 
 mod builds;
 mod diagnostics;
 mod fleet;
+mod keys;
 mod legacy;
 mod metrics;
 pub mod schema;
@@ -17,6 +19,7 @@ pub fn group() -> Group {
         .merge(builds::router())
         .merge(fleet::router())
         .merge(legacy::router())
+        .merge(keys::router())
         .merge(diagnostics::router());
     Group::new(Caller::Operator)
         .routes(Credential::Admin, admin)

@@ -1,12 +1,12 @@
 //! Build endpoints for submitters and operators: submit, list, active, status, cancel, retry.
 
-use axum::Json;
 use axum::extract::{DefaultBodyLimit, Multipart, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-use crate::api::auth::OwnedBuild;
+use crate::api::auth::{KeyCaller, OwnedBuild};
 use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::bounded_int;
@@ -111,8 +111,12 @@ pub struct Cancelled {
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
-async fn submit_g0(state: State<AppState>, multipart: MultipartBody) -> ApiResult<Json<Submitted>> {
-    submit(state, multipart).await
+async fn submit_g0(
+    state: State<AppState>,
+    caller: Option<Extension<KeyCaller>>,
+    multipart: MultipartBody,
+) -> ApiResult<Json<Submitted>> {
+    submit(state, caller, multipart).await
 }
 
 /// B1 alias `POST /api/builds`: 201 with the same body.
@@ -121,8 +125,12 @@ async fn submit_g0(state: State<AppState>, multipart: MultipartBody) -> ApiResul
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
-async fn submit_created(state: State<AppState>, multipart: MultipartBody) -> ApiResult<(StatusCode, Json<Submitted>)> {
-    Ok((StatusCode::CREATED, submit(state, multipart).await?))
+async fn submit_created(
+    state: State<AppState>,
+    caller: Option<Extension<KeyCaller>>,
+    multipart: MultipartBody,
+) -> ApiResult<(StatusCode, Json<Submitted>)> {
+    Ok((StatusCode::CREATED, submit(state, caller, multipart).await?))
 }
 
 /// What a submit form carried.
@@ -137,7 +145,13 @@ struct SubmitParts {
     run_at: Option<String>,
 }
 
-async fn submit(State(state): State<AppState>, body: MultipartBody) -> ApiResult<Json<Submitted>> {
+async fn submit(
+    State(state): State<AppState>,
+    caller: Option<Extension<KeyCaller>>,
+    body: MultipartBody,
+) -> ApiResult<Json<Submitted>> {
+    // The stored key that submits (`None`: the built-in admin key).
+    let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
     let multipart = require_multipart(body)?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
@@ -167,7 +181,7 @@ async fn submit(State(state): State<AppState>, body: MultipartBody) -> ApiResult
                 certs_key: &certs_key,
                 access_token: &access_token,
             };
-            create_build(&state, new, form, &mut unsettled).await
+            create_build(&state, new, form, submitted_by, &mut unsettled).await
         }
         Err(e) => Err(e),
     };
@@ -261,6 +275,7 @@ async fn create_build(
     state: &AppState,
     new: Creating<'_>,
     form: SubmitParts,
+    submitted_by: Option<String>,
     unsettled: &mut bool,
 ) -> ApiResult<Json<Submitted>> {
     let Some(source) = form.source else {
@@ -288,6 +303,7 @@ async fn create_build(
         }
     };
     let row = NewBuild {
+        submitted_by,
         id: new.build_id.to_string(),
         platform,
         priority,
@@ -300,6 +316,10 @@ async fn create_build(
         access_token_hash: ids::hash_secret(new.access_token),
         original_build_id: None,
     };
+    // The sweep's age counts from here, not from before the (possibly slow) source stream.
+    let mut written = vec![row.source_key.as_str()];
+    written.extend(row.certs_key.as_deref());
+    queue::refresh_writes(&state.pool, &written).await?;
     let build = enqueue(state, &row, unsettled).await?;
     Ok(Json(submitted(&build, new.access_token.to_string())))
 }
@@ -410,6 +430,7 @@ async fn retry(
     }
     let access_token = ids::new_secret();
     let new = NewBuild {
+        submitted_by: original.submitted_by.clone(),
         id: new_id.clone(),
         platform: original.platform(),
         priority: original.priority,

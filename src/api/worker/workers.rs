@@ -1,6 +1,5 @@
 //! Worker endpoints: register, poll, result upload (and its aliases), stats, unregister, abandon.
 
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::{Extension, Json};
@@ -14,15 +13,16 @@ use super::schema::{
     AbandonRequest, Abandoned, FailureReport, PollAnswer, PollQuery, RegisterRequest as RegisterDoc, Registered,
     ReportStatus, UploadForm as UploadFormDoc,
 };
-use crate::api::auth::{self, CallerRules, TokenWorker, WORKER_TOKEN, header};
+use crate::api::auth::{self, CallerRules, KeyCaller, TokenWorker, WORKER_TOKEN, header};
 use crate::api::error::ErrorBody;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{JsonBody, QueryParams, bounded_int, parse_json};
+use crate::api::extract::{BodyBytes, JsonBody, QueryParams, bounded_int, parse_json};
 use crate::api::group::ApiRouter;
 use crate::api::multipart::{Parts, read_text};
 use crate::api::results::{self, StagedResult};
 use crate::api::views::Unregistered;
 use crate::api::{AppState, views};
+use crate::identity::{self, Principal, Role};
 use crate::ids;
 use crate::queue::{self, Failure, FailureKind, RegisterRequest, Worker};
 use utoipa_axum::routes;
@@ -69,6 +69,7 @@ struct RegisterBody {
 async fn register(
     State(state): State<AppState>,
     token_worker: Option<Extension<TokenWorker>>,
+    key_caller: Option<Extension<KeyCaller>>,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> ApiResult<Json<Registered>> {
     // Set by the credential layer when the caller re-registers with its own token.
@@ -79,14 +80,39 @@ async fn register(
         return Err(ApiError::bad_request("Name and capabilities required"));
     };
     let id = auth::worker_id(body.id.as_deref())?;
+    // A worker key registers workers bound to it (and re-registers only those); an admin key any.
+    let key = key_caller
+        .map(|Extension(KeyCaller(who))| who)
+        .filter(|who| who.role() == Role::Worker);
+    if let (Some(key), Some(id)) = (&key, &id)
+        && auth::worker_by_id(&state, id).await?.is_some()
+    {
+        auth::may_act_for(&state, key, id).await?;
+    }
+    let enrollment = key.as_ref().filter(|who| who.enrolling()).and_then(|who| who.key_id());
+    if let Some(key_id) = enrollment
+        && !identity::spend(&state.pool, key_id, Utc::now()).await?
+    {
+        return Err(ApiError::unauthorized("Enrollment key already used"));
+    }
     let request = RegisterRequest {
+        registered_by: key.as_ref().and_then(|who| who.key_id()).map(str::to_string),
         id,
         name,
         platforms: queue::platforms_of(&capabilities),
         capabilities,
         caller_worker,
     };
-    let registration = queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await?;
+    let registration = match queue::register(&state.pool, &request, &state.config.queue, Utc::now()).await {
+        Ok(registration) => registration,
+        Err(e) => {
+            // The registration did not happen: the enrollment key is not spent.
+            if let Some(key_id) = enrollment {
+                identity::unspend(&state.pool, key_id).await?;
+            }
+            return Err(e.into());
+        }
+    };
     state.workers.clear();
     let status = if registration.reregistered {
         "re-registered"
@@ -110,10 +136,12 @@ async fn poll(
     State(state): State<AppState>,
     headers: HeaderMap,
     token_worker: Option<Extension<TokenWorker>>,
+    key_caller: Option<Extension<KeyCaller>>,
     QueryParams(query): QueryParams<PollQuery>,
 ) -> ApiResult<Json<PollAnswer>> {
     let token_worker = token_worker.map(|Extension(TokenWorker(worker))| worker);
-    let (worker, token) = poll_caller(&state, &headers, token_worker, query.worker_id.as_deref()).await?;
+    let key = key_caller.map(|Extension(KeyCaller(who))| who);
+    let (worker, token) = poll_caller(&state, &headers, token_worker, key, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
     if queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await? {
@@ -181,12 +209,16 @@ async fn poll_caller(
     state: &AppState,
     headers: &HeaderMap,
     token_worker: Option<Worker>,
+    key: Option<Principal>,
     worker_id: Option<&str>,
 ) -> ApiResult<(Worker, Option<String>)> {
     if let (Some(worker), Some(token)) = (token_worker, header(headers, WORKER_TOKEN)) {
         return Ok((worker, Some(token.to_string())));
     }
     let id = auth::worker_id(worker_id)?.ok_or_else(|| ApiError::bad_request("worker_id required"))?;
+    if let Some(key) = &key {
+        auth::may_act_for(state, key, &id).await?;
+    }
     let worker = auth::worker_by_id(state, &id)
         .await?
         .ok_or_else(ApiError::worker_not_found)?;
@@ -253,9 +285,7 @@ async fn report(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let mut form = if is_json && success == Some(false) {
-        let bytes = Bytes::from_request(request, &state)
-            .await
-            .map_err(|_| ApiError::bad_request("Invalid JSON body"))?;
+        let BodyBytes(bytes) = BodyBytes::from_request(request, &state).await?;
         parse_json(&bytes)?
     } else {
         let multipart = Multipart::from_request(request, &state)
@@ -311,6 +341,9 @@ async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadFo
     let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
     match queue::holds_build(&state.pool, build_id, caller.holder()).await {
         Ok(()) => Ok(()),
+        // The attempt that stored the result re-sending it after a lost answer: the file is read so
+        // that `complete_with` compares it (200 for the same bytes, 409 otherwise).
+        Err(queue::QueueError::Stale) if results::resend_of_stored(state, build_id, &caller).await => Ok(()),
         Err(e) => Err(explain(state, &caller.worker_id, e).await),
     }
 }

@@ -102,6 +102,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     if wants("P1") {
         rows.push(p1(&bench).await?);
     }
+    if wants("P1k") {
+        rows.push(p1k(&bench).await?);
+    }
     if wants("P2") {
         rows.push(p2(&bench).await?);
     }
@@ -190,6 +193,36 @@ async fn p1(b: &Bench<'_>) -> anyhow::Result<Row> {
         latency: samples.summary(),
         target: "≥ 15,000 req/s and ≥ 30 %",
         met: p1 >= 15_000.0 && p1 >= 0.3 * b.raw_empty,
+    })
+}
+
+/// P1k: G0 empty polls with a stored worker key against the same with the built-in key, alternated
+/// run by run so both see the same machine.
+async fn p1k(b: &Bench<'_>) -> anyhow::Result<Row> {
+    let mut builtin = Vec::new();
+    let mut keyed = Vec::new();
+    let mut samples = Samples::default();
+    for _ in 0..RUNS {
+        builtin.push(
+            scenarios::empty_polls_g0(&b.shared, b.pool, Duration::from_secs(3), false)
+                .await?
+                .0,
+        );
+        let (rate, s) = scenarios::empty_polls_g0(&b.shared, b.pool, Duration::from_secs(3), true).await?;
+        keyed.push(rate);
+        samples = s;
+    }
+    let (builtin, keyed) = (median(builtin), median(keyed));
+    eprintln!("P1k {keyed:.0} req/s with a worker key, {builtin:.0} with the built-in key");
+    Ok(Row {
+        id: "P1k",
+        scenario: "G0 empty poll, 64 workers, worker key".into(),
+        figure: format!("{keyed:.0} req/s"),
+        reference: format!("built-in key {builtin:.0}/s"),
+        ratio: format!("{:.0} %", 100.0 * keyed / builtin),
+        latency: samples.summary(),
+        target: "≥ 95 % of the built-in key",
+        met: keyed >= 0.95 * builtin,
     })
 }
 

@@ -85,6 +85,68 @@ pub async fn empty_polls(shared: &Shared, pool: &PgPool, duration: Duration) -> 
     Ok((all.0.len() as f64 / duration.as_secs_f64(), all))
 }
 
+/// P1k: G0 empty polls (`X-API-Key` + `?worker_id=`) by 64 workers for `duration`, with the built-in
+/// admin key (`key: None`) or with a stored `worker` key the workers are bound to: what key look-ups and
+/// the worker binding cost.
+pub async fn empty_polls_g0(
+    shared: &Shared,
+    pool: &PgPool,
+    duration: Duration,
+    worker_key: bool,
+) -> anyhow::Result<(f64, Samples)> {
+    let workers = insert_workers(pool, "p1k-", 64, "android").await?;
+    let key = if worker_key {
+        let new = expo_controller::identity::NewKey {
+            name: Some("bench worker key".into()),
+            role: Some("worker".into()),
+            ..Default::default()
+        };
+        let (stored, secret) =
+            expo_controller::identity::create(pool, &new, Default::default(), chrono::Utc::now()).await?;
+        let ids: Vec<&str> = workers.iter().map(|w| w.0.as_str()).collect();
+        sqlx::query("UPDATE workers SET registered_by = $1 WHERE id = ANY($2)")
+            .bind(&stored.id)
+            .bind(&ids)
+            .execute(pool)
+            .await?;
+        secret
+    } else {
+        API_KEY.to_string()
+    };
+    let stop = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for (id, _) in workers {
+        let shared = shared.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, controller) = &*shared;
+            let url = controller.url("/api/workers/poll");
+            let mut samples = Samples::default();
+            while Instant::now() < stop {
+                let t = Instant::now();
+                let r = client
+                    .get(&url)
+                    .query(&[("worker_id", &id)])
+                    .header("X-API-Key", &key)
+                    .send()
+                    .await;
+                if let Ok(r) = r
+                    && r.status() == 200
+                    && r.bytes().await.is_ok()
+                {
+                    samples.push(t.elapsed());
+                }
+            }
+            samples
+        }));
+    }
+    let mut all = Samples::default();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    Ok((all.0.len() as f64 / duration.as_secs_f64(), all))
+}
+
 /// P2: claims over HTTP from a pre-filled queue, 32 concurrent pollers, each worker claiming once.
 pub async fn http_claims(shared: &Shared, pool: &PgPool, duration: Duration) -> anyhow::Result<(f64, Samples)> {
     const PER_TASK: usize = 800;
