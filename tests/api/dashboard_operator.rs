@@ -117,6 +117,34 @@ async fn names_worker_page_whole_log_and_short_ids() {
     assert!(worker_page.contains("Drain"), "its actions");
     let (status, kind, missing) = page(&app, &client, &cookie, "/dashboard/workers/nobody").await;
     assert_eq!((status, kind.starts_with("text/html")), (404, true), "{missing}");
+
+    // A requeued build waits: no heartbeat, progress or running duration of the attempt it lost.
+    let r = app
+        .client
+        .post(app.url(&format!("/api/builds/{id}/heartbeat?worker_id={worker}")))
+        .header("X-API-Key", API_KEY)
+        .json(&serde_json::json!({"progress": 90, "stage": "Archiving"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
+        .post(app.url(&format!("/api/v2/builds/{id}/requeue")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, _, waiting) = page(&app, &client, &cookie, &format!("/dashboard/builds/{id}?fragment=1")).await;
+    assert!(waiting.contains("<dt>Duration</dt><dd>—</dd>"), "{waiting}");
+    for field in ["Progress", "Last heartbeat"] {
+        assert!(
+            waiting.contains(&format!("<dt>{field}</dt><dd><span class=\"muted\">—</span></dd>")),
+            "{field} of a waiting build: {waiting}"
+        );
+    }
+    assert!(!waiting.contains("Archiving"));
 }
 
 #[tokio::test]
