@@ -1,9 +1,11 @@
 .PHONY: run test db-stop lint fmt build bench fuzz
 
-run: ## Serve on 127.0.0.1:4000 with a local PostgreSQL under ./.data (or DATABASE_URL)
+run: ## Install what is missing (PostgreSQL 15), then serve on 127.0.0.1:4000 with a local PostgreSQL under ./.data (or DATABASE_URL)
+	scripts/setup.sh run
 	scripts/run-dev.sh
 
-test: ## Start a throwaway PostgreSQL, run every test, stop it
+test: ## Install what is missing (PostgreSQL 15, Node, npm, Chromium, tests/browser packages), then start a throwaway PostgreSQL, run every test, stop it
+	scripts/setup.sh test
 	scripts/test.sh
 
 db-stop: ## Stop the development PostgreSQL of `make run`

@@ -80,7 +80,10 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
     metrics::gauge!(DB_POOL, "state" => "in_use").set((f64::from(pool.size()) - idle).max(0.0));
     let workers: Vec<(String, i64)> = sqlx::query_as(
         "SELECT s.status, count(w.id) FROM unnest(ARRAY['idle', 'busy', 'offline']) AS s(status)
-         LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked' GROUP BY s.status",
+         LEFT JOIN workers w ON w.status = s.status AND w.admin_state <> 'revoked'
+              AND (s.status <> 'idle' OR (w.admin_state = 'active'
+                   AND NOT ((w.health = 'quarantined' AND w.quarantined_until > now()) OR w.diag_critical_at IS NOT NULL)))
+         GROUP BY s.status",
     )
     .fetch_all(pool)
     .await?;

@@ -111,10 +111,59 @@
     window.addEventListener("pagehide", function () { source.close(); });
   }
 
+  // Bulk actions: what is selected, which actions apply to it, and a confirmation naming both.
+  var FINAL = { completed: 1, failed: 1, cancelled: 1 };
+  var APPLIES = {
+    cancel: function (s) { return !FINAL[s]; },
+    retry: function (s) { return s === "failed" || s === "cancelled"; }
+  };
+  function selection() {
+    var boxes = Array.prototype.slice.call(document.querySelectorAll('input[name="id"][form="bulk"]'));
+    var matching = document.getElementById("select-matching");
+    return {
+      boxes: boxes,
+      checked: boxes.filter(function (c) { return c.checked; }),
+      matching: !!(matching && matching.checked)
+    };
+  }
+  function bulkState() {
+    var form = document.getElementById("bulk");
+    if (!form) return;
+    var sel = selection();
+    var states = sel.checked.map(function (c) { return c.getAttribute("data-state"); });
+    form.querySelectorAll("button[name=action]").forEach(function (b) {
+      var applies = sel.matching || states.some(APPLIES[b.value] || function () { return false; });
+      b.disabled = !sel.matching && sel.checked.length === 0;
+      b.hidden = !sel.matching && sel.checked.length > 0 && !applies;
+    });
+    var count = document.getElementById("bulk-count");
+    if (count) {
+      count.textContent = sel.matching ? "All matching the filter:" :
+        sel.checked.length ? sel.checked.length + " selected:" : "Select builds to act on them";
+    }
+    var page = document.getElementById("select-page");
+    if (page) page.checked = sel.boxes.length > 0 && sel.checked.length === sel.boxes.length;
+  }
+  document.addEventListener("change", function (e) {
+    var t = e.target;
+    if (t.id === "select-page") {
+      selection().boxes.forEach(function (c) { c.checked = t.checked; });
+    }
+    if (t.id === "select-page" || t.id === "select-matching" || t.getAttribute("form") === "bulk") bulkState();
+  });
+  document.addEventListener("htmx:afterSettle", bulkState);
+
   // Confirmation step before every action that changes something.
   document.addEventListener("submit", function (e) {
     var form = e.target;
     var question = form.getAttribute && form.getAttribute("data-confirm");
+    // (Not `form.id`: the checkboxes named "id" belong to this form and shadow that property.)
+    if (form.getAttribute && form.getAttribute("id") === "bulk" && e.submitter) {
+      var sel = selection();
+      var verb = e.submitter.textContent.trim();
+      question = sel.matching ? verb + " every build matching the filter (up to 100)?" :
+        verb + " " + sel.checked.length + (sel.checked.length === 1 ? " build?" : " builds?");
+    }
     if (question && !window.confirm(question)) e.preventDefault();
   }, true);
 
@@ -138,9 +187,37 @@
     });
   });
 
+  // The log viewer's "Load earlier lines": the lines before the first one shown, until line 1.
+  function loadEarlier(button) {
+    var log = document.getElementById("log");
+    if (!log || button._busy) return;
+    button._busy = true;
+    var before = button.getAttribute("data-before");
+    fetch(log.getAttribute("data-log") + "?before=" + encodeURIComponent(before), {
+      headers: { "HX-Request": "true" }, credentials: "same-origin"
+    }).then(function (r) {
+      if (r.status === 401) { location.reload(); return ""; }
+      return r.ok ? r.text() : "";
+    }).then(function (html) {
+      button._busy = false;
+      if (!html || !html.trim()) { button.remove(); return; }
+      var height = log.scrollHeight;
+      log.insertAdjacentHTML("afterbegin", html);
+      log.scrollTop += log.scrollHeight - height;
+      var first = log.querySelector("[data-seq]");
+      var seq = first ? parseInt(first.getAttribute("data-seq"), 10) : 1;
+      if (seq <= 1) button.remove(); else button.setAttribute("data-before", String(seq));
+    }).catch(function () { button._busy = false; });
+  }
+  document.addEventListener("click", function (e) {
+    var button = e.target.closest && e.target.closest("#log-earlier");
+    if (button) loadEarlier(button);
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     var log = document.getElementById("log");
     if (log) log.scrollTop = log.scrollHeight;
+    bulkState();
     var flash = document.querySelector(".flash");
     if (flash && history.replaceState) {
       var url = new URL(location.href);

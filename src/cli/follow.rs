@@ -52,7 +52,8 @@ async fn drain_lines(
     }
 }
 
-/// Prints the log (JSON: the whole `{"build_id", "logs"}` answer; with `follow`, one JSON line per log line).
+/// Prints the log as it is read, page by page (JSON: one object per log line, so `| head` or `| jq -c`
+/// see lines at once; with `follow`, until the build is final).
 pub async fn logs(
     backend: &Backend,
     id: &str,
@@ -61,16 +62,6 @@ pub async fn logs(
     every: Duration,
     json: bool,
 ) -> CliResult<Exit> {
-    if !follow {
-        let mut all = Vec::new();
-        drain_lines(backend, id, after, |line| all.push(line.clone())).await?;
-        if json {
-            output::print_json(&serde_json::json!({ "build_id": id, "logs": all }));
-        } else {
-            all.iter().for_each(output::print_log_line);
-        }
-        return Ok(Exit::Ok);
-    }
     let print = |line: &Value| {
         if json {
             output::print_ndjson(line);
@@ -78,6 +69,10 @@ pub async fn logs(
             output::print_log_line(line);
         }
     };
+    if !follow {
+        drain_lines(backend, id, after, print).await?;
+        return Ok(Exit::Ok);
+    }
     let mut after = after;
     loop {
         // The state is read before the lines: a build seen final has posted every line the next read returns.

@@ -104,6 +104,11 @@ async fn apply_to_build(
             state.build_changed(&build, true);
             Ok(format!("Build {short} requeued"))
         }
+        "requeue-drain" => {
+            let build = operations::requeue(&state.pool, id, true, &actor).await?;
+            state.build_changed(&build, true);
+            Ok(format!("Build {short} requeued and its worker draining"))
+        }
         "priority" => {
             let priority = form
                 .get("priority")
@@ -153,12 +158,27 @@ pub async fn bulk(
         Some(a @ ("cancel" | "retry")) => a.to_string(),
         _ => return Ok(back(&return_to, Err(ApiError::bad_request("Choose Cancel or Retry")))),
     };
-    let ids: Vec<&str> = pairs
-        .iter()
-        .filter(|(k, v)| k == "id" && valid_id(v))
-        .map(|(_, v)| v.as_str())
-        .take(MAX_BULK)
-        .collect();
+    // "All matching the filter": the builds the list's filter (in the return path) finds, up to MAX_BULK.
+    let matching: Vec<String> = if value("scope") == Some("matching") {
+        let query = return_to.split_once('?').map_or("", |(_, q)| q);
+        let filter = super::filter_of(&params(Some(query))).map_err(fail)?;
+        let (rows, _) = super::queries::builds_up_to(&state.pool, &filter, chrono::Utc::now(), MAX_BULK as i64)
+            .await
+            .map_err(fail)?;
+        rows.into_iter().map(|b| b.id).collect()
+    } else {
+        Vec::new()
+    };
+    let ids: Vec<&str> = if value("scope") == Some("matching") {
+        matching.iter().map(String::as_str).collect()
+    } else {
+        pairs
+            .iter()
+            .filter(|(k, v)| k == "id" && valid_id(v))
+            .map(|(_, v)| v.as_str())
+            .take(MAX_BULK)
+            .collect()
+    };
     if ids.is_empty() {
         return Ok(back(
             &return_to,

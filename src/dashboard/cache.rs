@@ -21,7 +21,7 @@ use tokio::sync::OnceCell;
 
 use crate::events::Events;
 
-use super::queries::{BuildPage, Filter, Overview, WorkerRow};
+use super::queries::{BuildPage, Filter, Names, Overview, WorkerRow};
 use crate::queue::Build;
 use crate::queue::operator::QueueView;
 
@@ -101,6 +101,7 @@ pub struct ReadCache {
     build: Section<String, Option<BuildPage>>,
     workers: Section<(), Vec<WorkerRow>>,
     queues: Section<(), Vec<QueueView>>,
+    names: Section<(), Names>,
     sessions: Section<Vec<u8>, super::session::SessionRow>,
 }
 
@@ -116,6 +117,7 @@ impl ReadCache {
             build: Section::default(),
             workers: Section::default(),
             queues: Section::default(),
+            names: Section::default(),
             sessions: Section::default(),
         }
     }
@@ -161,6 +163,14 @@ impl ReadCache {
         self.queues.get((), self.ttl, self.events.delivered(), load).await
     }
 
+    /// Worker names by id.
+    pub async fn names<E, F>(&self, load: impl FnOnce() -> F) -> Result<Arc<Names>, E>
+    where
+        F: Future<Output = Result<Names, E>>,
+    {
+        self.names.get((), self.ttl, self.events.delivered(), load).await
+    }
+
     /// The CSRF token of a live session, by the hash of its id, for the TTL (events do not end
     /// sessions). `load` fails for unknown sessions, so only live ones are kept.
     pub async fn session<E, F>(
@@ -181,6 +191,7 @@ impl ReadCache {
         self.build.clear();
         self.workers.clear();
         self.queues.clear();
+        self.names.clear();
         self.sessions.clear();
     }
 }

@@ -5,6 +5,7 @@
 //! `/api/v2`.
 
 mod actions;
+mod ansi;
 mod assets;
 mod audit;
 pub mod cache;
@@ -64,15 +65,19 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/builds/bulk", post(actions::bulk))
         .route("/dashboard/builds/{id}", get(build))
         .route("/dashboard/builds/{id}/logs", get(build_logs))
+        .route("/dashboard/builds/{id}/log.txt", get(build_log_text))
         .route("/dashboard/builds/{id}/download/{what}", get(actions::download))
         .route("/dashboard/builds/{id}/{action}", post(actions::build_action))
         .route("/dashboard/workers", get(workers))
+        .route("/dashboard/workers/{id}", get(worker))
         .route("/dashboard/workers/{id}/{action}", post(actions::worker_action))
         .route("/dashboard/queues", get(queues))
         .route("/dashboard/queues/{name}/{action}", post(actions::queue_action))
         .route("/dashboard/keys", get(keys).post(create_key))
         .route("/dashboard/audit", get(audit_page))
         .route("/dashboard/keys/{id}/revoke", post(actions::revoke_key))
+        // Any other dashboard path is an HTML 404, not the API's JSON one.
+        .route("/dashboard/{*rest}", get(unknown_page))
         .layer(axum::middleware::from_fn_with_state(
             cache.clone(),
             invalidate_after_actions,
@@ -155,10 +160,12 @@ fn html(markup: maud::Markup) -> Response {
     markup.into_response()
 }
 
-async fn login_form(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn login_form(State(state): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
+    let p = params(raw.as_deref());
+    let next = p.get("next").map(String::as_str).and_then(session::safe_next);
     match session::from_headers(&state.pool, &headers).await {
-        Ok(Some(_)) => Redirect::to("/dashboard").into_response(),
-        _ => html(pages::login(None)),
+        Ok(Some(_)) => Redirect::to(next.unwrap_or("/dashboard")).into_response(),
+        _ => html(pages::login(None, next)),
     }
 }
 
@@ -171,9 +178,14 @@ async fn login(
     BodyBytes(body): BodyBytes,
 ) -> Response {
     if !session::same_origin(&headers) {
-        return (StatusCode::FORBIDDEN, pages::login(Some("Cross-site sign-in refused."))).into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            pages::login(Some("Cross-site sign-in refused."), None),
+        )
+            .into_response();
     }
     let form = params(std::str::from_utf8(&body).ok());
+    let next = form.get("next").map(String::as_str).and_then(session::safe_next);
     let key = form.get("key").map(String::as_str).unwrap_or_default();
     let Some(who) = session::sign_in_as(&state, key).await else {
         // Only wrong keys are delayed and limited (T6): the right key always signs in. Every wrong key
@@ -183,7 +195,7 @@ async fn login(
             tracing::warn!(%ip, "dashboard sign-in rate limited");
             let mut response = (
                 StatusCode::TOO_MANY_REQUESTS,
-                pages::login(Some("Too many wrong keys. Wait a minute and try again.")),
+                pages::login(Some("Too many wrong keys. Wait a minute and try again."), next),
             )
                 .into_response();
             response
@@ -200,7 +212,7 @@ async fn login(
         if let Err(error) = crate::audit::record_alone(&state.pool, &actor, change).await {
             return fail(error);
         }
-        return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."))).into_response();
+        return (StatusCode::UNAUTHORIZED, pages::login(Some("Wrong key."), next)).into_response();
     };
     let ttl = state.config.dashboard.dashboard_session_ttl_secs;
     let user_agent = session::header_str(&headers, header::USER_AGENT);
@@ -208,7 +220,7 @@ async fn login(
     match session::create(&state.pool, ttl, &who, Utc::now(), &actor).await {
         Ok(id) => {
             tracing::info!(%ip, role = who.role().as_str(), "dashboard sign-in");
-            let mut response = Redirect::to("/dashboard").into_response();
+            let mut response = Redirect::to(next.unwrap_or("/dashboard")).into_response();
             response
                 .headers_mut()
                 .insert(header::SET_COOKIE, session::set_cookie(&headers, &id, ttl));
@@ -262,7 +274,8 @@ async fn overview(
         .overview(|| queries::overview(&state.pool, &state.config.queue, &hours, now))
         .await
         .map_err(fail)?;
-    let content = pages::overview(&o, now);
+    let names = cache.names(|| queries::worker_names(&state.pool)).await.map_err(fail)?;
+    let content = pages::overview(&o, &names, now);
     if is_fragment(&p) {
         return Ok(html(content));
     }
@@ -303,8 +316,10 @@ fn filter_of(p: &HashMap<String, String>) -> Result<queries::Filter, ApiError> {
     Ok(queries::Filter {
         state,
         platform,
-        worker: id_param("worker", "Invalid worker id")?,
+        // A worker's name or id (names are what operators know).
+        worker: param(p, "worker").map(str::to_string),
         within_hours,
+        // The full id or its first characters (the tables show the first ten).
         id: id_param("id", "Invalid build id")?,
         before: id_param("before", "Invalid cursor")?,
     })
@@ -342,7 +357,8 @@ async fn builds(
         .map_err(fail)?;
     let (rows, more) = found.as_ref();
     let base_query = filter_query(&filter);
-    let table = pages::builds_table(rows, *more, &base_query, filter.before.is_none(), now);
+    let names = cache.names(|| queries::worker_names(&state.pool)).await.map_err(fail)?;
+    let table = pages::builds_table(rows, *more, &base_query, filter.before.is_none(), &names, now);
     if is_fragment(&p) {
         return Ok(html(table));
     }
@@ -378,11 +394,18 @@ async fn build(
         .as_ref()
         .ok_or_else(|| pages::not_found("Build not found"))?;
     let now = Utc::now();
+    let names = cache.names(|| queries::worker_names(&state.pool)).await.map_err(fail)?;
     if is_fragment(&p) {
-        return Ok(html(pages::build_summary(page, session.action_csrf(), now)));
+        return Ok(html(pages::build_summary(page, &names, session.action_csrf(), now)));
     }
     let logs = queries::log_tail(&state.pool, &id).await.map_err(fail)?;
-    let body = pages::build_page(page, &logs, session.action_csrf(), now);
+    let needle = param(&p, "q");
+    let found = match needle {
+        Some(needle) => queries::log_search(&state.pool, &id, needle).await.map_err(fail)?,
+        None => Vec::new(),
+    };
+    let search = needle.map(|needle| pages::LogSearch { needle, found: &found });
+    let body = pages::build_page(page, &logs, search, &names, session.action_csrf(), now);
     let title = format!("Build {}", id.get(..10).unwrap_or(&id));
     Ok(html(pages::layout(&chrome(&title, "builds", &session, &p), body)))
 }
@@ -398,13 +421,111 @@ async fn build_logs(
     if !valid_id(&id) {
         return Err(pages::not_found("Build not found"));
     }
-    let after = match param(&p, "after").map(str::parse::<i64>) {
-        None => 0,
-        Some(Ok(after)) if after >= 0 => after,
-        Some(_) => return Err(fail(bad("Invalid after"))),
+    let seq = |name: &str| match param(&p, name).map(str::parse::<i64>) {
+        None => Ok(None),
+        Some(Ok(n)) if n >= 0 => Ok(Some(n)),
+        Some(_) => Err(bad("Invalid line number")),
     };
-    let lines = queries::log_after(&state.pool, &id, after).await.map_err(fail)?;
+    // `?before=<seq>`: the lines before (the viewer's "Load earlier lines"); else those after `?after=`.
+    let lines = match seq("before").map_err(fail)? {
+        Some(before) => queries::log_before(&state.pool, &id, before).await.map_err(fail)?,
+        None => {
+            let after = seq("after").map_err(fail)?.unwrap_or(0);
+            queries::log_after(&state.pool, &id, after).await.map_err(fail)?
+        }
+    };
     Ok(html(pages::log_lines(&lines)))
+}
+
+/// The whole log as plain text (colour codes removed), streamed in chunks so a long log is never held
+/// in memory at once.
+async fn build_log_text(State(state): State<AppState>, _session: Session, Path(id): Path<String>) -> PageResult {
+    if !valid_id(&id) {
+        return Err(pages::not_found("Build not found"));
+    }
+    if crate::queue::find_build(&state.pool, &id)
+        .await
+        .map_err(fail)?
+        .is_none()
+    {
+        return Err(pages::not_found("Build not found"));
+    }
+    let pool = state.pool.clone();
+    let build = id.clone();
+    let chunks = futures_util::stream::unfold(Some(0i64), move |after| {
+        let pool = pool.clone();
+        let build = build.clone();
+        async move {
+            let after = after?;
+            match queries::log_chunk(&pool, &build, after).await {
+                Ok(lines) if lines.is_empty() => None,
+                Ok(lines) => {
+                    let next = lines.last().map(|l| l.seq);
+                    let mut text = String::new();
+                    for l in &lines {
+                        text.push_str(&format!(
+                            "{} {:<5} {}\n",
+                            l.ts.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                            l.level,
+                            ansi::strip(&l.message)
+                        ));
+                    }
+                    Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(text)), next))
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading a log for download failed");
+                    Some((Err(std::io::Error::other("log read failed")), None))
+                }
+            }
+        }
+    });
+    let short = id.get(..10).unwrap_or(&id);
+    let disposition = format!("attachment; filename=\"build-{short}.log\"");
+    let mut response = axum::body::Body::from_stream(chunks).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&disposition) {
+        h.insert(header::CONTENT_DISPOSITION, value);
+    }
+    Ok(response)
+}
+
+/// A worker's page: its details, current build, recent attempts, diagnostics and actions.
+async fn worker(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> PageResult {
+    let p = params(raw.as_deref());
+    if !valid_id(&id) {
+        return Err(pages::not_found("Worker not found"));
+    }
+    let page = queries::worker_page(&state.pool, &id)
+        .await
+        .map_err(fail)?
+        .ok_or_else(|| pages::not_found("Worker not found"))?;
+    let admin = session.role == crate::identity::Role::Admin;
+    let content = pages::worker_page(&page, session.action_csrf(), admin, Utc::now());
+    if is_fragment(&p) {
+        return Ok(html(content));
+    }
+    let body = pages::region(
+        "worker-page",
+        &format!("/dashboard/workers/{id}?fragment=1"),
+        &format!("worker:{id} build.*"),
+        content,
+    );
+    let title = format!("Worker {}", page.worker.name);
+    Ok(html(pages::layout(&chrome(&title, "workers", &session, &p), body)))
+}
+
+/// Any other dashboard path (signed in): an HTML 404.
+async fn unknown_page(_session: Session) -> Response {
+    pages::not_found("No such page")
 }
 
 async fn workers(

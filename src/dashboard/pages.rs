@@ -7,8 +7,9 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 
+use super::ansi;
 use super::charts;
-use super::queries::{BuildPage, Filter, Overview, WorkerRow};
+use super::queries::{BuildPage, Filter, Names, Overview, WorkerPage, WorkerRow};
 use crate::api::ApiError;
 use crate::queue::{Build, LogLine};
 
@@ -88,7 +89,7 @@ pub fn region(id: &str, url: &str, topics: &str, content: Markup) -> Markup {
 }
 
 /// The sign-in form.
-pub fn login(error: Option<&str>) -> Markup {
+pub fn login(error: Option<&str>, next: Option<&str>) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -99,6 +100,7 @@ pub fn login(error: Option<&str>) -> Markup {
                     p.muted { "Controller dashboard. Sign in with the admin API key." }
                     @if let Some(error) = error { p.flash.bad role="alert" { (error) } }
                     form method="post" action="/dashboard/login" {
+                        @if let Some(next) = next { input type="hidden" name="next" value=(next); }
                         label for="key" { "API key (viewer, operator or admin)" }
                         input #key type="password" name="key" autocomplete="current-password" required autofocus;
                         button.btn.primary type="submit" { "Sign in" }
@@ -150,11 +152,36 @@ pub fn build_link(id: &str) -> Markup {
     html! { a.mono href={ "/dashboard/builds/" (id) } title=(id) { (short(id)) } }
 }
 
-fn worker_link(id: Option<&str>) -> Markup {
+/// A worker by its name (the id on hover), linking to its page.
+pub fn worker_link(id: Option<&str>, names: &Names) -> Markup {
     html! {
         @match id {
-            Some(id) => a.mono href={ "/dashboard/workers#w-" (id) } title=(id) { (short(id)) },
+            Some(id) => @match names.get(id) {
+                Some(name) => a.worker href={ "/dashboard/workers/" (id) } title={ "Worker id " (id) } { (name) },
+                None => a.mono href={ "/dashboard/workers/" (id) } title=(id) { (short(id)) },
+            },
             None => span.muted { "—" },
+        }
+    }
+}
+
+/// An error message in a list: its first line (capped), the whole message on expand.
+pub fn error_cell(message: Option<&str>) -> Markup {
+    const CAP: usize = 120;
+    html! {
+        @match message.map(str::trim).filter(|m| !m.is_empty()) {
+            None => span.muted { "—" },
+            Some(m) => {
+                @let first = m.lines().next().unwrap_or("");
+                @if first.len() == m.len() && first.chars().count() <= CAP {
+                    span.error-text { (m) }
+                } @else {
+                    details.error-text {
+                        summary { (first.chars().take(CAP).collect::<String>()) @if first.chars().count() > CAP { "…" } @else { " …" } }
+                        pre.error-full { (m) }
+                    }
+                }
+            }
         }
     }
 }
@@ -209,10 +236,13 @@ fn thousands(n: i64) -> String {
     if n < 0 { format!("-{out}") } else { out }
 }
 
+/// How long the build ran: the running attempt's time while held, the last run's once final, nothing
+/// while it waits (a requeued or retrying build's earlier attempt is not "running").
 fn elapsed(b: &Build, now: DateTime<Utc>) -> String {
+    let state = b.state();
     match (b.started_at.or(b.assigned_at), b.completed_at) {
-        (Some(start), Some(end)) => span_of((end - start).num_seconds()),
-        (Some(start), None) => span_of((now - start).num_seconds()),
+        (Some(start), Some(end)) if state.is_final() => span_of((end - start).num_seconds()),
+        (Some(start), _) if state.is_held() => span_of((now - start).num_seconds()),
         _ => "—".to_string(),
     }
 }
@@ -237,7 +267,7 @@ fn action(url: &str, csrf: &str, label: &str, confirm: &str, class: &str) -> Mar
 
 // ---------- overview ----------
 
-pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
+pub fn overview(o: &Overview, names: &Names, now: DateTime<Utc>) -> Markup {
     let last_hour = o.hours.last();
     let day = o.hours.iter().fold((0, 0, 0), |acc, h| {
         (acc.0 + h.completed, acc.1 + h.failed, acc.2 + h.cancelled)
@@ -249,14 +279,23 @@ pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
             format!("{:.0} %", failed as f64 * 100.0 / (done + failed) as f64)
         }
     };
+    // Idle counts only Macs that can take work (active); busy and offline count every Mac not revoked.
     let count = |status: &str| {
         o.workers
             .iter()
-            .filter(|w| w.0 == status && w.1 != "revoked")
+            .filter(|w| w.0 == status && w.1 != "revoked" && (status != "idle" || w.1 == "active"))
             .map(|w| w.2)
             .sum::<i64>()
     };
     let admin = |state: &str| o.workers.iter().filter(|w| w.1 == state).map(|w| w.2).sum::<i64>();
+    // A drain is finished once the Mac holds no build.
+    let draining = o
+        .workers
+        .iter()
+        .filter(|w| w.1 == "draining" && w.0 == "busy")
+        .map(|w| w.2)
+        .sum::<i64>();
+    let drained = admin("draining") - draining;
     html! {
         div.page-head {
             h1 { "Overview" }
@@ -282,9 +321,9 @@ pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
                     div { dt { "Idle" } dd { (count("idle")) } }
                     div { dt { "Busy" } dd { (count("busy")) } }
                     div { dt { "Offline" } dd { (count("offline")) } }
-                    div { dt { "Draining" } dd { (admin("draining")) } }
+                    div { dt { "Draining" } dd { (draining) } }
                 }
-                p.muted { (admin("disabled")) " disabled · " (admin("revoked")) " revoked" }
+                p.muted { (drained) " drained · " (admin("disabled")) " disabled · " (admin("quarantined")) " quarantined · " (admin("revoked")) " revoked" }
             }
         }
         section.cards.wide {
@@ -308,7 +347,7 @@ pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
                 }
                 @if !o.silent.is_empty() {
                     h3 { "No heartbeat for " (span_of(o.stale_after.num_seconds())) "+" }
-                    ul.attention { @for b in &o.silent { li { (build_link(&b.id)) " on " (worker_link(b.lease_owner.as_deref())) " · last heard " (maybe_ago(b.last_heartbeat_at.or(b.assigned_at), now)) } } }
+                    ul.attention { @for b in &o.silent { li { (build_link(&b.id)) " on " (worker_link(b.lease_owner.as_deref(), names)) " · last heard " (maybe_ago(b.last_heartbeat_at.or(b.assigned_at), now)) } } }
                 }
                 @if !o.past_deadline.is_empty() {
                     h3 { "Past the build deadline" }
@@ -327,7 +366,7 @@ pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
                     thead { tr { th { "Build" } th { "Platform" } th { "State" } th { "Worker" } th { "Progress" } th { "Elapsed" } } }
                     tbody { @for b in &o.running { tr {
                         td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (pill(&b.state)) }
-                        td { (worker_link(b.lease_owner.as_deref())) } td { (progress(b.progress)) } td { (elapsed(b, now)) }
+                        td { (worker_link(b.lease_owner.as_deref(), names)) } td { (progress(b.progress)) } td { (elapsed(b, now)) }
                     } } }
                 } }
             }
@@ -336,10 +375,12 @@ pub fn overview(o: &Overview, now: DateTime<Utc>) -> Markup {
             h2 { "Recent failures" }
             @if o.recent_failures.is_empty() { p.empty { "No failed builds." } } @else {
                 div.table-wrap { table {
-                    thead { tr { th { "Build" } th { "Platform" } th { "Failed" } th { "Reason" } } }
+                    thead { tr { th { "Build" } th { "Platform" } th { "Worker" } th { "Failed" } th { "Reason" } th { "Error" } } }
                     tbody { @for b in &o.recent_failures { tr {
-                        td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (maybe_ago(b.completed_at, now)) }
-                        td.reason { (b.finished_reason.as_deref().unwrap_or("")) @if let Some(m) = &b.error_message { " — " span.muted { (m) } } }
+                        td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (worker_link(b.worker_id.as_deref(), names)) }
+                        td { (maybe_ago(b.completed_at, now)) }
+                        td { (b.finished_reason.as_deref().unwrap_or("")) }
+                        td.reason { (error_cell(b.error_message.as_deref())) }
                     } } }
                 } }
             }
@@ -375,7 +416,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
     html! {
         div.page-head { h1 { "Builds" } }
         form.filters method="get" action="/dashboard/builds" role="search" {
-            label { "Build id" input type="search" name="id" value=[filter.id.as_deref()] placeholder="Search by id"; }
+            label { "Build id" input type="search" name="id" value=[filter.id.as_deref()] placeholder="Id or its first characters"; }
             label { "State" select name="state" {
                 option value="" { "Any state" }
                 @for s in STATES { option value=(s) selected[sel(filter.state.as_ref(), s)] { (s) } }
@@ -385,7 +426,7 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
                 option value="ios" selected[sel(filter.platform.as_ref(), "ios")] { "iOS" }
                 option value="android" selected[sel(filter.platform.as_ref(), "android")] { "Android" }
             } }
-            label { "Worker" input type="text" name="worker" value=[filter.worker.as_deref()] placeholder="Worker id"; }
+            label { "Worker" input type="text" name="worker" value=[filter.worker.as_deref()] placeholder="Name or id"; }
             label { "Submitted" select name="within" {
                 option value="" { "Any time" }
                 @for (h, text) in [(1, "Last hour"), (24, "Last 24 hours"), (168, "Last 7 days"), (720, "Last 30 days")] {
@@ -395,12 +436,16 @@ pub fn builds_page(filter: &Filter, query: &str, table: Markup, csrf: &str) -> M
             button.btn type="submit" { "Apply" }
             a.btn.ghost href="/dashboard/builds" { "Reset" }
         }
+        // The page script names the action and the count in the confirmation, enables the buttons only
+        // with something selected and offers only the actions that apply to the selection.
         @if !csrf.is_empty() {
         form #bulk method="post" action="/dashboard/builds/bulk" data-confirm="Apply this action to the selected builds?" {
             input type="hidden" name="csrf" value=(csrf);
             input type="hidden" name="return" value={ "/dashboard/builds" @if !query.is_empty() { "?" (query) } };
             div.bulk-bar {
-                span.muted { "With selected:" }
+                label.compact { input #select-page type="checkbox"; " Select this page" }
+                label.compact { input #select-matching type="checkbox" name="scope" value="matching"; " All matching the filter (up to 100)" }
+                span.muted #bulk-count aria-live="polite" { "With selected:" }
                 button.btn type="submit" name="action" value="cancel" { "Cancel" }
                 button.btn type="submit" name="action" value="retry" { "Retry" }
             }
@@ -415,6 +460,7 @@ pub fn builds_table(
     more: bool,
     query_without_cursor: &str,
     first_page: bool,
+    names: &Names,
     now: DateTime<Utc>,
 ) -> Markup {
     let sep = if query_without_cursor.is_empty() { "" } else { "&" };
@@ -424,15 +470,16 @@ pub fn builds_table(
                 th scope="col" { span.sr-only { "Select" } }
                 th scope="col" { "Build" } th scope="col" { "Platform" } th scope="col" { "State" }
                 th scope="col" { "Priority" } th scope="col" { "Attempt" } th scope="col" { "Worker" }
-                th scope="col" { "Submitted" } th scope="col" { "Duration" }
+                th scope="col" { "Submitted" } th scope="col" { "Duration" } th scope="col" { "Error" }
             } }
             tbody {
-                @if rows.is_empty() { tr { td colspan="9" { p.empty { "No builds match." } } } }
+                @if rows.is_empty() { tr { td colspan="10" { p.empty { "No builds match." } } } }
                 @for b in rows { tr data-build=(b.id) {
-                    td { input type="checkbox" name="id" value=(b.id) form="bulk" aria-label={ "Select build " (b.id) }; }
+                    td { input type="checkbox" name="id" value=(b.id) form="bulk" data-state=(b.state) aria-label={ "Select build " (b.id) }; }
                     td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (pill(&b.state)) }
                     td { (b.priority) } td { (b.attempt) "/" (b.max_attempts) }
-                    td { (worker_link(b.worker_id.as_deref())) } td { (ago(b.submitted_at, now)) } td { (elapsed(b, now)) }
+                    td { (worker_link(b.worker_id.as_deref(), names)) } td { (ago(b.submitted_at, now)) } td { (elapsed(b, now)) }
+                    td.reason { @if b.state == "failed" || b.error_message.is_some() { (error_cell(b.error_message.as_deref())) } }
                 } }
             }
         } }
@@ -447,13 +494,45 @@ pub fn builds_table(
 
 // ---------- one build ----------
 
-pub fn build_page(page: &BuildPage, logs: &[LogLine], csrf: &str, now: DateTime<Utc>) -> Markup {
+/// A search within the whole log: what was asked and the lines found.
+pub struct LogSearch<'a> {
+    pub needle: &'a str,
+    pub found: &'a [LogLine],
+}
+
+pub fn build_page(
+    page: &BuildPage,
+    logs: &[LogLine],
+    search: Option<LogSearch<'_>>,
+    names: &Names,
+    csrf: &str,
+    now: DateTime<Utc>,
+) -> Markup {
     let id = &page.build.id;
     let after = logs.last().map_or(0, |l| l.seq);
+    let first = logs.first().map_or(0, |l| l.seq);
     html! {
-        (region("build-summary", &format!("/dashboard/builds/{id}?fragment=1"), &format!("build:{id}"), build_summary(page, csrf, now)))
-        section.card {
-            h2 { "Log" }
+        (region("build-summary", &format!("/dashboard/builds/{id}?fragment=1"), &format!("build:{id}"), build_summary(page, names, csrf, now)))
+        section.card #log-card {
+            div.log-head {
+                h2 { "Log" }
+                form.log-search method="get" action={ "/dashboard/builds/" (id) } role="search" {
+                    label.sr-only for="log-q" { "Search the log" }
+                    input #log-q type="search" name="q" value=[search.as_ref().map(|s| s.needle)] placeholder="Search the whole log";
+                    button.btn type="submit" { "Search" }
+                }
+                a.btn.ghost href={ "/dashboard/builds/" (id) "/log.txt" } download { "Download log" }
+            }
+            @if let Some(search) = &search {
+                div.log-results #log-results {
+                    p.muted { (search.found.len()) @if search.found.len() >= 500 { "+" } " line(s) of the whole log contain “" (search.needle) "” · "
+                        a href={ "/dashboard/builds/" (id) } { "Clear search" } }
+                    div.log { (log_lines(search.found)) }
+                }
+            }
+            @if first > 1 {
+                button.btn.ghost #log-earlier type="button" data-before=(first) { "Load earlier lines" }
+            }
             div #log.log role="log" aria-live="off" data-log={ "/dashboard/builds/" (id) "/logs" } data-after=(after) data-topics={ "build:" (id) } tabindex="0" {
                 @if logs.is_empty() { p.empty.log-empty { "No log lines yet." } }
                 (log_lines(logs))
@@ -466,13 +545,13 @@ pub fn log_lines(lines: &[LogLine]) -> Markup {
     html! {
         @for l in lines {
             div class={ "line " (l.level) } data-seq=(l.seq) {
-                span.ts { (l.ts.format("%H:%M:%S")) } span.lvl { (l.level) } span.msg { (l.message) }
+                span.seq { (l.seq) } span.ts { (l.ts.format("%H:%M:%S")) } span.lvl { (l.level) } span.msg { (ansi::render(&l.message)) }
             }
         }
     }
 }
 
-pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup {
+pub fn build_summary(page: &BuildPage, names: &Names, csrf: &str, now: DateTime<Utc>) -> Markup {
     let b = &page.build;
     let base = format!("/dashboard/builds/{}", b.id);
     let state = b.state();
@@ -482,7 +561,10 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
             div.actions {
                 @if !state.is_final() { (action(&format!("{base}/cancel"), csrf, "Cancel", "Cancel this build?", "danger")) }
                 @if matches!(b.state.as_str(), "failed" | "cancelled") { (action(&format!("{base}/retry"), csrf, "Retry", "Retry this build as a new attempt?", "")) }
-                @if state.is_held() { (action(&format!("{base}/requeue"), csrf, "Requeue", "Give this attempt back to the queue?", "")) }
+                @if state.is_held() {
+                    (action(&format!("{base}/requeue"), csrf, "Requeue", "Give this attempt back to the queue?", ""))
+                    (action(&format!("{base}/requeue-drain"), csrf, "Requeue and drain worker", "Give this attempt back to the queue and drain its worker (it takes no new build)?", ""))
+                }
                 @if !state.is_held() && !state.is_final() && !csrf.is_empty() {
                     form.inline method="post" action={ (base) "/priority" } data-confirm="Change this build's priority?" {
                         input type="hidden" name="csrf" value=(csrf);
@@ -499,9 +581,12 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
                     dt { "Platform" } dd { (platform(&b.queue)) }
                     dt { "Priority" } dd { (b.priority) }
                     dt { "Attempt" } dd { (b.attempt) " of " (b.max_attempts) }
-                    dt { "Worker" } dd { (worker_link(b.worker_id.as_deref())) }
-                    dt { "Progress" } dd { (progress(b.progress)) @if let Some(stage) = &b.stage { " " span.muted { (stage) } } }
-                    dt { "Last heartbeat" } dd { (maybe_ago(b.last_heartbeat_at, now)) }
+                    dt { "Worker" } dd { (worker_link(b.worker_id.as_deref(), names)) }
+                    // Progress and heartbeat belong to a running attempt: a waiting or failed build has none.
+                    dt { "Progress" } dd { @if state.is_held() || b.state == "completed" {
+                        (progress(b.progress)) @if let Some(stage) = &b.stage { " " span.muted { (stage) } }
+                    } @else { span.muted { "—" } } }
+                    dt { "Last heartbeat" } dd { @if state.is_held() { (maybe_ago(b.last_heartbeat_at, now)) } @else { span.muted { "—" } } }
                     dt { "Duration" } dd { (elapsed(b, now)) }
                     @if let Some(reason) = &b.finished_reason { dt { "Outcome" } dd { (reason) } }
                     @if let Some(message) = &b.error_message { dt { "Error" } dd.error { (message) } }
@@ -513,7 +598,7 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
                     li { span.dot {} "Submitted " (ago(b.submitted_at, now)) }
                     @if b.run_at > b.submitted_at + chrono::Duration::seconds(1) && !state.is_final() { li { span.dot {} "Runs " (ago(b.run_at, now)) } }
                     @for a in &page.attempts {
-                        li { span.dot {} "Attempt " (a.attempt) " assigned to " (worker_link(Some(&a.worker_id))) " " (ago(a.assigned_at, now)) }
+                        li { span.dot {} "Attempt " (a.attempt) " assigned to " (worker_link(Some(&a.worker_id), names)) " " (ago(a.assigned_at, now)) }
                         @if let Some(at) = a.started_at { li { span.dot {} "Attempt " (a.attempt) " building " (ago(at, now)) } }
                         @if let Some(at) = a.finished_at { li { span class={ "dot " (a.outcome.as_deref().unwrap_or("")) } {} "Attempt " (a.attempt) " " (a.outcome.as_deref().unwrap_or("ended")) " " (ago(at, now)) } }
                     }
@@ -542,10 +627,10 @@ pub fn build_summary(page: &BuildPage, csrf: &str, now: DateTime<Utc>) -> Markup
                 div.table-wrap { table {
                     thead { tr { th { "#" } th { "Worker" } th { "Assigned" } th { "Started" } th { "Finished" } th { "Outcome" } th { "Error" } } }
                     tbody { @for a in &page.attempts { tr {
-                        td { (a.attempt) } td { (worker_link(Some(&a.worker_id))) } td { (ago(a.assigned_at, now)) }
+                        td { (a.attempt) } td { (worker_link(Some(&a.worker_id), names)) } td { (ago(a.assigned_at, now)) }
                         td { (maybe_ago(a.started_at, now)) } td { (maybe_ago(a.finished_at, now)) }
                         td { @match &a.outcome { Some(o) => (pill(o)), None => (pill("running")) } }
-                        td.reason { (a.error_message.as_deref().unwrap_or("")) }
+                        td.reason { (error_cell(a.error_message.as_deref())) }
                     } } }
                 } }
             }
@@ -573,22 +658,8 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) 
                     @let w = &r.worker;
                     @let base = format!("/dashboard/workers/{}", w.id);
                     tr #{ "w-" (w.id) } data-worker=(w.id) {
-                        td { strong { (w.name) } br; span.mono.muted { (short(&w.id)) } }
-                        td {
-                            (pill(&w.status)) @if w.admin_state != "active" { " " (pill(&w.admin_state)) }
-                            @let health = w.health(now);
-                            @if health != "ok" {
-                                " " (pill(health))
-                                p.muted.health {
-                                    @match w.quarantine_ends() {
-                                        Some(until) if health == "quarantined" => { "until " (until.format("%Y-%m-%d %H:%M UTC")) },
-                                        Some(_) => { "probation: one build to prove itself" },
-                                        None => { "until a healthy diagnostics report or a release" },
-                                    }
-                                    @if let Some(reason) = w.quarantine_reason() { br; (reason) }
-                                }
-                            }
-                        }
+                        td { a.worker href=(base) title={ "Worker id " (w.id) } { strong { (w.name) } } br; span.mono.muted { (short(&w.id)) } }
+                        td { (status_cell(w, now)) }
                         td { @for p in &w.platforms { (platform(p)) " " } }
                         td { @match &r.current { Some((id, state)) => { (build_link(id)) " " (pill(state)) }, None => span.muted { "—" } } }
                         td { (ago(w.last_seen_at, now)) }
@@ -604,20 +675,7 @@ pub fn workers(rows: &[WorkerRow], csrf: &str, admin: bool, now: DateTime<Utc>) 
                             },
                             None => span.muted { "none" },
                         } }
-                        td.actions {
-                            @if w.admin_state == "revoked" { span.muted { "revoked" } } @else {
-                                @if w.admin_state == "active" {
-                                    (action(&format!("{base}/drain"), csrf, "Drain", &format!("Drain {}? It finishes its current build and takes no new one.", w.name), ""))
-                                    (action(&format!("{base}/disable"), csrf, "Disable", &format!("Disable {}?", w.name), ""))
-                                } @else {
-                                    (action(&format!("{base}/enable"), csrf, "Enable", &format!("Enable {}?", w.name), ""))
-                                }
-                                @if w.health(now) != "ok" {
-                                    (action(&format!("{base}/release"), csrf, "Release", &format!("Release {} from quarantine? It takes builds again and its record is cleared.", w.name), ""))
-                                }
-                                (action(&format!("{base}/revoke"), if admin { csrf } else { "" }, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
-                            }
-                        }
+                        td.actions { (worker_actions(w, csrf, admin, now)) }
                     }
                 }
             }
@@ -693,5 +751,174 @@ pub fn queues(o: &[crate::queue::operator::QueueView], csrf: &str) -> Markup {
                 }
             } }
         } }
+    }
+}
+
+// ---------- one worker ----------
+
+/// The administrative state as the operator reads it: a drain is finished ("drained") once the Mac holds
+/// no build.
+fn admin_label(w: &crate::queue::Worker) -> &str {
+    if w.admin_state == "draining" && w.status != "busy" {
+        "drained"
+    } else {
+        &w.admin_state
+    }
+}
+
+/// A worker's status, administrative state and health (quarantine, probation).
+fn status_cell(w: &crate::queue::Worker, now: DateTime<Utc>) -> Markup {
+    html! {
+        (pill(&w.status)) @if w.admin_state != "active" { " " (pill(admin_label(w))) }
+        @let health = w.health(now);
+        @if health != "ok" {
+            " " (pill(health))
+            p.muted.health {
+                @match w.quarantine_ends() {
+                    Some(until) if health == "quarantined" => { "until " (until.format("%Y-%m-%d %H:%M UTC")) },
+                    Some(_) => { "probation: one build to prove itself" },
+                    None => { "until a healthy diagnostics report or a release" },
+                }
+                @if let Some(reason) = w.quarantine_reason() { br; (reason) }
+            }
+        }
+    }
+}
+
+/// A worker's actions, as the workers list offers them.
+/// Actions appear only for roles that may use them: an empty `csrf` (a viewer) shows none, and Revoke
+/// needs `admin`.
+fn worker_actions(w: &crate::queue::Worker, csrf: &str, admin: bool, now: DateTime<Utc>) -> Markup {
+    let base = format!("/dashboard/workers/{}", w.id);
+    html! {
+        @if w.admin_state == "revoked" { span.muted { "revoked" } } @else {
+            @if w.admin_state == "active" {
+                (action(&format!("{base}/drain"), csrf, "Drain", &format!("Drain {}? It finishes its current build and takes no new one.", w.name), ""))
+                (action(&format!("{base}/disable"), csrf, "Disable", &format!("Disable {}?", w.name), ""))
+            } @else {
+                (action(&format!("{base}/enable"), csrf, "Enable", &format!("Enable {}?", w.name), ""))
+            }
+            @if w.health(now) != "ok" {
+                (action(&format!("{base}/release"), csrf, "Release", &format!("Release {} from quarantine? It takes builds again and its record is cleared.", w.name), ""))
+            }
+            (action(&format!("{base}/revoke"), if admin { csrf } else { "" }, "Revoke", &format!("Revoke {}? Its token stops working and its build goes back to the queue.", w.name), "danger"))
+        }
+    }
+}
+
+/// What the capabilities say, with readable labels for the keys workers send.
+fn capabilities(caps: &serde_json::Value) -> Vec<(String, String)> {
+    let label = |key: &str| -> String {
+        match key {
+            "xcode_version" | "xcode_versions" | "xcode" => "Xcode".into(),
+            "macos_version" | "macos" | "os_version" => "macOS".into(),
+            "arch" => "Architecture".into(),
+            "maxMemoryGB" | "memory_gb" => "Memory (GB)".into(),
+            "maxCPUPercent" => "CPU limit (%)".into(),
+            "maxConcurrentBuilds" => "Concurrent builds".into(),
+            other => other.to_string(),
+        }
+    };
+    let Some(map) = caps.as_object() else {
+        return Vec::new();
+    };
+    map.iter()
+        .filter(|(k, _)| k.as_str() != "platforms")
+        .map(|(k, v)| {
+            let value = match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                other => other.to_string(),
+            };
+            (label(k), value)
+        })
+        .collect()
+}
+
+fn checks(report: &serde_json::Value) -> Markup {
+    html! {
+        ul.checks { @for c in report.as_array().into_iter().flatten() {
+            li { (pill(c.get("status").and_then(|s| s.as_str()).unwrap_or("unknown"))) " "
+                 (c.get("name").and_then(|s| s.as_str()).unwrap_or("check"))
+                 @if let Some(m) = c.get("message").and_then(|s| s.as_str()) { " — " span.muted { (m) } } }
+        } }
+    }
+}
+
+pub fn worker_page(page: &WorkerPage, csrf: &str, admin: bool, now: DateTime<Utc>) -> Markup {
+    let w = &page.worker;
+    let count = |outcomes: &[&str]| {
+        page.attempts
+            .iter()
+            .filter(|a| a.outcome.as_deref().is_some_and(|o| outcomes.contains(&o)))
+            .count()
+    };
+    html! {
+        div.page-head {
+            h1 { (w.name) " " (pill(&w.status)) @if w.admin_state != "active" { " " (pill(admin_label(w))) } }
+            div.actions { (worker_actions(w, csrf, admin, now)) }
+        }
+        p.muted { "Worker id " span.mono.copy title="Worker id" { (w.id) } }
+        section.cards {
+            article.card {
+                h2 { "Details" }
+                dl.details {
+                    dt { "Status" } dd { (status_cell(w, now)) }
+                    dt { "Platforms" } dd { @for p in &w.platforms { (platform(p)) " " } }
+                    @for (label, value) in capabilities(&w.capabilities.0) { dt { (label) } dd { (value) } }
+                    dt { "Registered" } dd { (ago(w.registered_at, now)) }
+                    dt { "Last seen" } dd { (ago(w.last_seen_at, now)) }
+                    dt { "Builds done / failed" } dd { (w.builds_completed) " / " (w.builds_failed) }
+                }
+            }
+            article.card {
+                h2 { "Current build" }
+                @match &page.current {
+                    Some((id, state, p, stage)) => p { (build_link(id)) " " (pill(state)) " " (progress(*p))
+                        @if let Some(stage) = stage { " " span.muted { (stage) } } },
+                    None => p.empty { "No build right now." },
+                }
+                h2 { "Last " (page.attempts.len()) " attempts" }
+                dl.stats {
+                    div { dt { "Completed" } dd { (count(&["completed"])) } }
+                    div { dt { "Build failures" } dd { (count(&["build_failure"])) } }
+                    div { dt { "Infrastructure" } dd { (count(&["infrastructure", "timeout"])) } }
+                    div { dt { "Requeued / cancelled" } dd { (count(&["requeued", "cancelled"])) } }
+                }
+            }
+        }
+        section.card {
+            h2 { "Recent attempts" }
+            @if page.attempts.is_empty() { p.empty { "No build assigned yet." } } @else {
+                div.table-wrap { table.attempts {
+                    thead { tr { th { "Build" } th { "#" } th { "Platform" } th { "Assigned" } th { "Finished" } th { "Outcome" } th { "Kind" } th { "Error" } } }
+                    tbody { @for a in &page.attempts { tr data-outcome=[a.outcome.as_deref()] {
+                        td { (build_link(&a.build_id)) } td { (a.attempt) } td { (platform(&a.queue)) }
+                        td { (ago(a.assigned_at, now)) } td { (maybe_ago(a.finished_at, now)) }
+                        td { @match &a.outcome { Some(o) => (pill(o)), None => (pill("running")) } }
+                        td { @match a.outcome.as_deref() {
+                            Some("infrastructure" | "timeout") => span.kind.infra { "infrastructure" },
+                            Some("build_failure") => span.kind.build { "build" },
+                            _ => span.muted { "—" },
+                        } }
+                        td.reason { (error_cell(a.error_message.as_deref())) }
+                    } } }
+                } }
+            }
+        }
+        section.card {
+            h2 { "Diagnostics" }
+            @if page.reports.is_empty() { p.empty { "No diagnostics report yet." } }
+            @for (i, r) in page.reports.iter().enumerate() {
+                details.report open[i == 0] {
+                    summary { (pill(&r.status)) " " (ago(r.run_at, now)) " · " (r.duration_ms) " ms" @if r.auto_fixed { " · auto-fixed" } }
+                    (checks(&r.checks.0))
+                }
+            }
+        }
     }
 }

@@ -26,7 +26,7 @@ pub struct Hour {
 #[derive(Debug, Clone)]
 pub struct Overview {
     pub queues: Vec<QueueView>,
-    /// `(status, admin_state, count)`.
+    /// `(status, admin_state or "quarantined", count)`.
     pub workers: Vec<(String, String, i64)>,
     /// The last 24 hours, oldest first (hours without builds included).
     pub hours: Vec<Hour>,
@@ -48,7 +48,11 @@ pub async fn overview(
 ) -> QueueResult<Overview> {
     let queues = operator::queue_views(pool, now).await?;
     let workers: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT status, admin_state, count(*) FROM workers GROUP BY status, admin_state ORDER BY status, admin_state",
+        // A quarantined Mac takes no work: it counts apart (never as idle), whatever its admin state.
+        "SELECT status, CASE WHEN admin_state <> 'revoked'
+                              AND ((health = 'quarantined' AND quarantined_until > now()) OR diag_critical_at IS NOT NULL)
+                         THEN 'quarantined' ELSE admin_state END AS admin, count(*)
+         FROM workers GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .fetch_all(pool)
     .await?;
@@ -186,7 +190,7 @@ pub struct Filter {
     pub worker: Option<String>,
     /// Submitted within this many hours.
     pub within_hours: Option<i64>,
-    /// An exact build id.
+    /// A build id, or its first characters.
     pub id: Option<String>,
     /// The previous page's last id.
     pub before: Option<String>,
@@ -194,9 +198,22 @@ pub struct Filter {
 
 /// A page of builds, newest first; the second value says whether there are more.
 pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> QueueResult<(Vec<Build>, bool)> {
+    builds_up_to(pool, filter, now, PAGE).await
+}
+
+/// At most `limit` builds matching `filter`, newest first; whether there are more.
+pub async fn builds_up_to(
+    pool: &PgPool,
+    filter: &Filter,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> QueueResult<(Vec<Build>, bool)> {
     let mut q: QueryBuilder<Postgres> = QueryBuilder::new("SELECT * FROM builds WHERE true");
     if let Some(id) = &filter.id {
-        q.push(" AND id = ").push_bind(id.clone());
+        // The full id, or the first characters the tables show (ids hold no LIKE wildcards but `_`).
+        let prefix = format!("{}%", id.replace('_', "\\_"));
+        q.push(" AND (id = ").push_bind(id.clone());
+        q.push(" OR id LIKE ").push_bind(prefix).push(")");
     }
     if let Some(state) = &filter.state {
         q.push(" AND state = ").push_bind(state.clone());
@@ -205,7 +222,10 @@ pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> Queue
         q.push(" AND queue = ").push_bind(platform.clone());
     }
     if let Some(worker) = &filter.worker {
-        q.push(" AND worker_id = ").push_bind(worker.clone());
+        q.push(" AND (worker_id = ").push_bind(worker.clone());
+        q.push(" OR worker_id IN (SELECT id FROM workers WHERE name = ")
+            .push_bind(worker.clone())
+            .push("))");
     }
     if let Some(hours) = filter.within_hours {
         q.push(" AND submitted_at >= ").push_bind(now - Duration::hours(hours));
@@ -216,10 +236,10 @@ pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> Queue
             .push(")");
     }
     q.push(" ORDER BY submitted_at DESC, id DESC LIMIT ")
-        .push_bind(PAGE + 1);
+        .push_bind(limit + 1);
     let mut rows: Vec<Build> = q.build_query_as().fetch_all(pool).await?;
-    let more = rows.len() as i64 > PAGE;
-    rows.truncate(PAGE as usize);
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
     Ok((rows, more))
 }
 
@@ -324,4 +344,129 @@ pub async fn workers(pool: &PgPool) -> QueueResult<Vec<WorkerRow>> {
             worker,
         })
         .collect())
+}
+
+/// Worker names by id, for showing names where the tables hold ids.
+pub type Names = std::collections::HashMap<String, String>;
+
+/// Every worker's name (the fleet is small; capped for safety).
+pub async fn worker_names(pool: &PgPool) -> QueueResult<Names> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, name FROM workers ORDER BY id LIMIT 5000")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// One attempt a worker made, with its build's platform.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WorkerAttempt {
+    pub build_id: String,
+    pub attempt: i32,
+    pub queue: String,
+    pub assigned_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub error_message: Option<String>,
+}
+
+/// A diagnostics report in full.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Report {
+    pub status: String,
+    pub run_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub auto_fixed: bool,
+    pub checks: sqlx::types::Json<serde_json::Value>,
+}
+
+/// Everything on a worker's page.
+#[derive(Debug, Clone)]
+pub struct WorkerPage {
+    pub worker: Worker,
+    /// `(build id, state, progress, stage)` of the build it holds.
+    pub current: Option<(String, String, Option<i16>, Option<String>)>,
+    /// Its latest attempts, newest first.
+    pub attempts: Vec<WorkerAttempt>,
+    /// Its latest diagnostics reports, newest first.
+    pub reports: Vec<Report>,
+}
+
+/// Attempts a worker's page lists.
+pub const WORKER_ATTEMPTS: i64 = 50;
+
+pub async fn worker_page(pool: &PgPool, id: &str) -> QueueResult<Option<WorkerPage>> {
+    let Some(worker) = sqlx::query_as::<_, Worker>("SELECT * FROM workers WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let current = sqlx::query_as(
+        "SELECT id, state, progress, stage FROM builds WHERE lease_owner = $1 AND state IN ('assigned', 'building')
+         ORDER BY assigned_at DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let attempts = sqlx::query_as(
+        "SELECT a.build_id, a.attempt, b.queue, a.assigned_at, a.finished_at, a.outcome, a.error_message
+         FROM build_attempts a JOIN builds b ON b.id = a.build_id
+         WHERE a.worker_id = $1 ORDER BY a.assigned_at DESC LIMIT $2",
+    )
+    .bind(id)
+    .bind(WORKER_ATTEMPTS)
+    .fetch_all(pool)
+    .await?;
+    let reports = sqlx::query_as(
+        "SELECT status, run_at, duration_ms, auto_fixed, checks FROM diagnostics WHERE worker_id = $1
+         ORDER BY run_at DESC LIMIT 10",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(WorkerPage {
+        worker,
+        current,
+        attempts,
+        reports,
+    }))
+}
+
+/// Lines before `before`, at most `LOG_TAIL`, oldest first (the build page's "Load earlier lines").
+pub async fn log_before(pool: &PgPool, id: &str, before: i64) -> QueueResult<Vec<LogLine>> {
+    let mut lines: Vec<LogLine> = sqlx::query_as(
+        "SELECT seq, ts, level, message FROM build_logs WHERE build_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+    )
+    .bind(id)
+    .bind(before)
+    .bind(LOG_EARLIER)
+    .fetch_all(pool)
+    .await?;
+    lines.reverse();
+    Ok(lines)
+}
+
+/// Lines one "Load earlier lines" brings.
+pub const LOG_EARLIER: i64 = 500;
+
+/// Lines of the whole log containing `needle` (case-insensitive), oldest first, at most 500.
+pub async fn log_search(pool: &PgPool, id: &str, needle: &str) -> QueueResult<Vec<LogLine>> {
+    let pattern = format!(
+        "%{}%",
+        needle.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    );
+    Ok(sqlx::query_as(
+        "SELECT seq, ts, level, message FROM build_logs WHERE build_id = $1 AND message ILIKE $2
+         ORDER BY seq LIMIT 500",
+    )
+    .bind(id)
+    .bind(pattern)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A chunk of the whole log from `after`, for the plain-text download.
+pub async fn log_chunk(pool: &PgPool, id: &str, after: i64) -> QueueResult<Vec<LogLine>> {
+    queue::read_logs(pool, id, after, Some(2000)).await
 }

@@ -311,12 +311,39 @@ pub fn check_action(session: &Session, headers: &HeaderMap, token: Option<&str>)
 /// What a request without a live session gets: pages go to the sign-in form, everything else is 401.
 pub struct SignInRequired {
     page: bool,
+    /// The page asked for, so sign-in leads back to it.
+    wanted: Option<String>,
+}
+
+/// A page to return to after sign-in: a dashboard path of this origin (never `//host` or a scheme),
+/// short, and valid in a `Location` header.
+pub fn safe_next(next: &str) -> Option<&str> {
+    let ok = next.starts_with("/dashboard")
+        && !next.starts_with("/dashboard/login")
+        && !next.contains("//")
+        && !next.contains('\\')
+        && next.len() <= 1000
+        && HeaderValue::from_str(next).is_ok();
+    ok.then_some(next)
 }
 
 impl IntoResponse for SignInRequired {
     fn into_response(self) -> Response {
         if self.page {
-            Redirect::to("/dashboard/login").into_response()
+            match self
+                .wanted
+                .as_deref()
+                .and_then(safe_next)
+                .filter(|w| *w != "/dashboard")
+            {
+                Some(wanted) => {
+                    let query = form_urlencoded::Serializer::new(String::new())
+                        .append_pair("next", wanted)
+                        .finish();
+                    Redirect::to(&format!("/dashboard/login?{query}")).into_response()
+                }
+                None => Redirect::to("/dashboard/login").into_response(),
+            }
         } else {
             (StatusCode::UNAUTHORIZED, "Sign in required").into_response()
         }
@@ -345,7 +372,11 @@ impl FromRequestParts<AppState> for Session {
                 session.user_agent = user_agent.map(crate::audit::clip);
                 Ok(session)
             }
-            Ok(None) => Err(SignInRequired { page }.into_response()),
+            Ok(None) => Err(SignInRequired {
+                page,
+                wanted: parts.uri.path_and_query().map(|p| p.as_str().to_string()),
+            }
+            .into_response()),
             Err(error) => Err(super::pages::error_page(ApiError::from(error)).into_response()),
         }
     }

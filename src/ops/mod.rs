@@ -156,8 +156,11 @@ pub fn build_filter(
     if cursor.is_some_and(|c| !ids::valid_id(c)) {
         return Err(OpError::bad_request("Invalid cursor"));
     }
-    let worker_id = match worker.filter(|w| !w.is_empty()) {
-        Some(w) if !ids::valid_id(w) => return Err(OpError::bad_request("Invalid worker id")),
+    // A worker's id or its name (what operators know it by).
+    let worker_id = match worker.map(str::trim).filter(|w| !w.is_empty()) {
+        Some(w) if w.len() > 200 || w.contains(char::is_control) => {
+            return Err(OpError::bad_request("Invalid worker id or name"));
+        }
         other => other.map(str::to_string),
     };
     if !(1..=500).contains(&limit) {

@@ -20,6 +20,7 @@ pub struct BuildFilter {
     /// Native states to include (`None`: all).
     pub states: Option<Vec<String>>,
     pub platform: Option<Platform>,
+    /// A worker's id or name.
     pub worker_id: Option<String>,
     /// Only builds older than this build (the previous page's last id).
     pub before: Option<String>,
@@ -36,7 +37,7 @@ pub async fn list_builds(pool: &PgPool, filter: &BuildFilter) -> QueueResult<Vec
         "SELECT * FROM builds
          WHERE ($1::text[] IS NULL OR state = ANY($1))
            AND ($2::text IS NULL OR queue = $2)
-           AND ($3::text IS NULL OR worker_id = $3)
+           AND ($3::text IS NULL OR worker_id = $3 OR worker_id IN (SELECT id FROM workers WHERE name = $3))
            AND ($4::text IS NULL OR (submitted_at, id) < (SELECT submitted_at, id FROM builds WHERE id = $4))
            AND ($6::timestamptz IS NULL OR submitted_at >= $6)
            AND ($7::text IS NULL OR submitted_by = $7)

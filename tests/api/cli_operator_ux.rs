@@ -202,20 +202,23 @@ async fn new_commands_work_the_same_in_both_modes() {
     let polled = app.poll(&worker_id).await;
     let running = polled["job"]["id"].as_str().unwrap().to_string();
     post_logs(&app, &running, &worker_id, &["one", "two & three"]).await;
-    assert_eq!(
-        json_of(&app, true, &["builds", "logs", &running]).await,
-        json_of(&app, false, &["builds", "logs", &running]).await
-    );
+    // In JSON (a pipe), one object per log line.
+    let ndjson = |over_http: bool| {
+        let mut logs = command(&app, over_http, &["builds", "logs", &running]);
+        logs.arg("--json");
+        async move {
+            let (code, out, err) = run(logs).await;
+            assert_eq!(code, 0, "{err}");
+            out.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ndjson(true).await, ndjson(false).await);
     for over_http in [true, false] {
-        let (code, logs) = json_of(&app, over_http, &["builds", "logs", &running]).await;
-        assert_eq!(code, 0, "{logs}");
-        let messages: Vec<&str> = logs["logs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["message"].as_str().unwrap())
-            .collect();
-        assert!(messages.ends_with(&["one", "two & three"]), "{logs}");
+        let logs = ndjson(over_http).await;
+        let messages: Vec<&str> = logs.iter().map(|l| l["message"].as_str().unwrap()).collect();
+        assert!(messages.ends_with(&["one", "two & three"]), "{messages:?}");
         let mut table = command(&app, over_http, &["builds", "logs", &running]);
         table.arg("--table");
         let (code, out, _) = run(table).await;
@@ -391,8 +394,9 @@ async fn values_are_encoded() {
     for over_http in [true, false] {
         let (code, refused) = json_of(&app, over_http, &["builds", "list", "--state", "pending&limit=1"]).await;
         assert_eq!((code, &refused["error"]), (1, &json!("Invalid state")), "{refused}");
-        let (code, refused) = json_of(&app, over_http, &["builds", "list", "--worker", "w&state=failed"]).await;
-        assert_eq!((code, &refused["error"]), (1, &json!("Invalid worker id")), "{refused}");
+        // A worker is named or identified: the whole value is one name that no worker has.
+        let (code, none) = json_of(&app, over_http, &["builds", "list", "--worker", "w&state=failed"]).await;
+        assert_eq!((code, &none["items"]), (0, &json!([])), "{none}");
     }
     let (code, missing) = json_of(&app, true, &["builds", "show", "../../api/v2/queues"]).await;
     // Encoded, it is one (invalid) id; unencoded, it would have been normalised to the queue list.
@@ -772,4 +776,89 @@ async fn output_into_a_closed_pipe_exits_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "gen-key: {stderr}");
     assert!(!stderr.contains("panicked"), "gen-key: {stderr}");
+}
+
+/// Into a real `| head`: `builds logs`, `builds list --all` and `watch` end quietly with success (never
+/// exit 101), and what `head` got is whole JSON objects, one per line, for `logs` and `watch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_into_head_prints_json_lines_and_exits_quietly() {
+    let app = TestApp::spawn().await;
+    let id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    let (worker_id, _) = app.register("mac-mini-m1-ams", &["ios"]).await;
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], id.as_str());
+    let lines: Vec<String> = (0..3000).map(|i| format!("line {i} {}", "x".repeat(100))).collect();
+    for chunk in lines.chunks(500) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        post_logs(&app, &id, &worker_id, &refs).await;
+    }
+    for _ in 0..120 {
+        app.submit("android", b"more").await;
+    }
+    // The worker filter takes the worker's name.
+    let (code, mine) = json_of(&app, true, &["builds", "list", "--worker", "mac-mini-m1-ams"]).await;
+    assert_eq!(
+        (code, mine["items"][0]["id"].as_str()),
+        (0, Some(id.as_str())),
+        "{mine}"
+    );
+    // The build keeps moving (and is never final), so `watch` only ends by its closed pipe.
+    let (client, base, build, worker) = (app.client.clone(), app.base.clone(), id.clone(), worker_id.clone());
+    let heartbeats = tokio::spawn(async move {
+        for progress in 1..=95 {
+            let _ = client
+                .post(format!("{base}/api/builds/{build}/heartbeat?worker_id={worker}"))
+                .header("X-API-Key", API_KEY)
+                .json(&json!({ "progress": progress, "stage": "compiling" }))
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let exe = env!("CARGO_BIN_EXE_expo-controller");
+    let cases: [(&str, bool); 3] = [
+        ("builds logs {id}", true),
+        ("builds list --all --limit 5", false),
+        ("builds watch {id} --interval-ms 50", true),
+    ];
+    for (args, json_lines) in cases {
+        for over_http in [true, false] {
+            let target = if over_http {
+                format!("--server {} --api-key {API_KEY}", app.base)
+            } else {
+                format!("--database-url '{}'", app.database_url)
+            };
+            let args = args.replace("{id}", &id);
+            let (group, rest) = args.split_once(' ').unwrap();
+            // `watch` of a running build never ends by itself: head takes one line, the next change
+            // meets the closed pipe.
+            let head = if args.contains("watch") { 1 } else { 3 };
+            let script =
+                format!("'{exe}' {group} {target} {rest} | head -n {head}; echo \"exit=${{PIPESTATUS[0]}}\" >&2");
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new("bash")
+                    .args(["-c", &script])
+                    .env_remove("DATABASE_URL")
+                    .env_remove("CONTROLLER_URL")
+                    .env_remove("CONTROLLER_API_KEY")
+                    .output()
+                    .unwrap()
+            });
+            let out = tokio::time::timeout(Duration::from_secs(60), out)
+                .await
+                .expect("the pipeline ends")
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("exit=0"), "{args} (http: {over_http}): {stderr}");
+            assert!(!stderr.contains("panicked"), "{args}: {stderr}");
+            assert_eq!(stdout.lines().count(), head, "{args}: {stdout}");
+            if json_lines {
+                for line in stdout.lines() {
+                    let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{args}: {e}: {line}"));
+                    assert!(value.is_object(), "{line}");
+                }
+            }
+        }
+    }
+    heartbeats.abort();
 }

@@ -69,7 +69,13 @@ async fn sign_in_sessions_and_cross_site_protection() {
     ] {
         let r = client.get(app.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 303, "{path} without a session");
-        assert_eq!(r.headers()["location"], "/dashboard/login");
+        // The page asked for rides along, so sign-in leads back to it (the overview needs no hint).
+        let wanted = if path == "/dashboard" {
+            "/dashboard/login".to_string()
+        } else {
+            format!("/dashboard/login?next={}", path.replace('/', "%2F"))
+        };
+        assert_eq!(r.headers()["location"], wanted.as_str());
     }
     let r = client.get(app.url("/dashboard/events")).send().await.unwrap();
     assert_eq!(r.status(), 401);
@@ -337,11 +343,11 @@ async fn dashboard_in_a_real_browser() {
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success()),
-        "node is required for the browser tests (apt-get install nodejs; .ci/run installs it)"
+        "node is required for the browser tests (apt-get install nodejs; make test installs it: scripts/setup.sh)"
     );
     assert!(
         Path::new("/usr/bin/chromium").exists(),
-        "Debian's Chromium is required for the browser tests: apt-get install chromium (.ci/run installs it)"
+        "Debian's Chromium is required for the browser tests: apt-get install chromium (make test installs it: scripts/setup.sh)"
     );
     assert!(
         root.join("tests/browser/node_modules/playwright-core").exists(),

@@ -11,6 +11,7 @@ mod cli_operator;
 mod cli_operator_ux;
 mod dashboard;
 mod dashboard_cache;
+mod dashboard_operator;
 mod downloads;
 mod durability;
 mod events;

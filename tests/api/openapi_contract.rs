@@ -362,7 +362,7 @@ async fn a_generated_client_registers_submits_and_polls() {
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success()),
-        "node is required (apt-get install nodejs; .ci/run installs it)"
+        "node is required (apt-get install nodejs; make test installs it: scripts/setup.sh)"
     );
     assert!(
         root.join("tests/browser/node_modules/openapi-client-axios").exists(),

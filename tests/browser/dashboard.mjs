@@ -48,6 +48,7 @@ const browser = await chromium.launch({
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
 });
 const offOrigin = [];
+const dialogs = [];
 const scriptErrors = [];
 const origin = new URL(base).origin;
 function watch(page) {
@@ -60,7 +61,7 @@ function watch(page) {
     // Expected: the 401 of the wrong-key step (a document answer, logged by Chromium).
     if (m.type() === "error" && !/status of 40[13]/.test(m.text())) scriptErrors.push(`console: ${m.text()}`);
   });
-  page.on("dialog", (d) => d.accept());
+  page.on("dialog", (d) => { dialogs.push(d.message()); d.accept(); });
 }
 
 let step = "start";
@@ -84,7 +85,7 @@ try {
     for (const path of ["/dashboard/builds", "/dashboard/workers", "/dashboard/queues"]) {
       const r = await fetch(base + path, { redirect: "manual" });
       assert.ok([302, 303, 307].includes(r.status), `${path} without a session: ${r.status}`);
-      assert.match(r.headers.get("location") || "", /\/dashboard\/login$/);
+      assert.match(r.headers.get("location") || "", /\/dashboard\/login\?next=%2Fdashboard%2F\w+$/);
     }
     const ev = await fetch(base + "/dashboard/events", { redirect: "manual" });
     assert.equal(ev.status, 401, "event stream without a session");
@@ -101,10 +102,14 @@ try {
     assert.equal((await context.cookies()).length, 0);
   });
 
-  await check("sign in with the admin key", async () => {
+  await check("sign in with the admin key: a deep link survives sign-in", async () => {
+    await page.goto(base + "/dashboard/builds?state=failed");
+    assert.match(page.url(), /\/dashboard\/login\?next=/);
     await page.getByLabel("API key").fill(key);
     await page.getByRole("button", { name: "Sign in" }).click();
-    await page.waitForURL(base + "/dashboard");
+    await page.waitForURL(base + "/dashboard/builds?state=failed");
+    assert.equal(await page.locator('select[name="state"]').inputValue(), "failed");
+    await page.goto(base + "/dashboard");
     await page.getByRole("heading", { name: "Overview" }).waitFor();
     const [cookie] = await context.cookies();
     assert.ok(cookie, "a session cookie");
@@ -133,6 +138,10 @@ try {
     const poll = await api("GET", `/api/workers/poll?worker_id=${workerId}`);
     assert.equal(poll.body.job?.id, buildId, JSON.stringify(poll.body));
     await page.locator(`tr[data-build="${buildId}"] .pill`, { hasText: "assigned" }).waitFor({ timeout: LIVE_MS });
+    // The worker is shown by its name, its id on hover.
+    const link = page.locator(`tr[data-build="${buildId}"] a.worker`);
+    await link.filter({ hasText: "mac-mini-01" }).waitFor({ timeout: LIVE_MS });
+    assert.match(await link.getAttribute("title"), new RegExp(workerId));
     const hb = await api("POST", `/api/builds/${buildId}/heartbeat?worker_id=${workerId}`, { json: { progress: 15, stage: "compiling" } });
     assert.equal(hb.status, 200, JSON.stringify(hb.body));
     await page.locator(`tr[data-build="${buildId}"] .pill`, { hasText: "building" }).waitFor({ timeout: LIVE_MS });
@@ -158,11 +167,51 @@ try {
     await secondTab.locator("#log .line", { hasText: "Archive succeeded" }).waitFor({ timeout: LIVE_MS });
     const shown = await secondTab.locator("#log .line").allTextContents();
     assert.equal(shown.filter((t) => t.includes("Archive succeeded")).length, 1, "each line once");
+    // A coloured line, rendered with classes (no inline style under the CSP).
+    const ansi = await api("POST", `/api/builds/${buildId}/logs?worker_id=${workerId}`, {
+      json: { level: "info", message: "\u001b[1m\u001b[32m✔\u001b[0m Bundled 1,204 modules" },
+    });
+    assert.equal(ansi.status, 200);
+    const colored = secondTab.locator("#log .line .ansi-fg2", { hasText: "✔" });
+    await colored.waitFor({ timeout: LIVE_MS });
+    assert.match(await colored.getAttribute("class"), /ansi-b/);
+    assert.ok(!(await secondTab.locator("#log").textContent()).includes("[32m"), "no raw escape codes");
     for (let i = 0; i < 12; i++) {
       await api("POST", `/api/builds/${buildId}/telemetry?worker_id=${workerId}`, {
         json: { type: "cpu_snapshot", data: { cpu_percent: 120 + 60 * Math.sin(i / 2), memory_mb: 2500 + i * 90 } },
       });
     }
+  });
+
+  await check("the whole log: earlier lines, search and download (600 more lines)", async () => {
+    for (let batch = 0; batch < 6; batch++) {
+      const logs = [];
+      for (let i = 1; i <= 100; i++) logs.push({ level: "info", message: `step ${batch * 100 + i} of 600` });
+      const r = await api("POST", `/api/builds/${buildId}/logs?worker_id=${workerId}`, { json: { logs } });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+    }
+    await secondTab.goto(`${base}/dashboard/builds/${buildId}`);
+    await secondTab.locator("#log .line", { hasText: "step 600 of 600" }).waitFor();
+    assert.equal(await secondTab.locator('#log .line[data-seq="1"]').count(), 0, "only the tail at first");
+    while (await secondTab.locator("#log-earlier").count()) {
+      await secondTab.locator("#log-earlier").click();
+      await secondTab.waitForTimeout(150);
+    }
+    await secondTab.locator('#log .line[data-seq="1"]').waitFor();
+    await secondTab.locator("#log .line", { hasText: "Installing dependencies" }).waitFor();
+    const shownSeqs = await secondTab.locator("#log .line").evaluateAll((ls) => ls.map((l) => +l.dataset.seq));
+    assert.deepEqual(shownSeqs, shownSeqs.map((_, i) => i + 1), "every line once, in order");
+    await secondTab.locator("#log-q").fill("step 7 of");
+    await secondTab.getByRole("button", { name: "Search" }).click();
+    await secondTab.locator("#log-results .line", { hasText: "step 7 of 600" }).waitFor();
+    assert.equal(await secondTab.locator("#log-results .line").count(), 1);
+    await secondTab.screenshot({ path: `${shots}/build-log.png`, fullPage: true });
+    const href = await secondTab.getByRole("link", { name: "Download log" }).getAttribute("href");
+    const text = await (await secondTab.request.get(base + href)).text();
+    const lines = text.trimEnd().split("\n");
+    assert.equal(lines.length, shownSeqs.length, "the download holds every line");
+    assert.ok(lines.slice(0, 3).some((l) => /Installing dependencies with yarn$/.test(l)), lines.slice(0, 3).join("\n"));
+    assert.ok(text.includes("✔ Bundled 1,204 modules") && !text.includes("\u001b"), "plain text");
   });
 
   await check("completion shows on both pages without reload", async () => {
@@ -192,11 +241,52 @@ try {
   await check("select several builds and cancel them", async () => {
     const ids = [await submit("android"), await submit("ios")];
     await page.goto(base + "/dashboard/builds");
+    const bar = page.locator(".bulk-bar");
+    assert.equal(await bar.getByRole("button", { name: "Cancel" }).isDisabled(), true, "nothing selected: no action");
     for (const id of ids) await page.locator(`tr[data-build="${id}"] input[type=checkbox]`).check();
-    await page.locator(".bulk-bar").getByRole("button", { name: "Cancel" }).click();
+    await bar.getByText("2 selected").waitFor();
+    // Only what applies: pending builds can be cancelled, not retried.
+    assert.equal(await bar.getByRole("button", { name: "Retry" }).isVisible(), false, "Retry does not apply");
+    dialogs.length = 0;
+    await bar.getByRole("button", { name: "Cancel" }).click();
     await page.getByText("2 build(s) cancelled").waitFor();
+    assert.deepEqual(dialogs, ["Cancel 2 builds?"], "the confirmation names the action and the count");
     for (const id of ids) assert.equal(await buildState(id), "cancelled");
     await page.screenshot({ path: `${shots}/builds.png`, fullPage: true });
+  });
+
+  let failedId;
+  await check("a failure shows its error in the failed list, linked to its worker; short-id search", async () => {
+    failedId = await submit("ios");
+    const poll = await api("GET", `/api/workers/poll?worker_id=${workerId}`);
+    assert.equal(poll.body.job?.id, failedId, JSON.stringify(poll.body));
+    const form = new FormData();
+    form.append("build_id", failedId);
+    form.append("worker_id", workerId);
+    form.append("success", "false");
+    form.append("error_message", "xcodebuild: error: Signing for \"MyApp\" requires a development team.\n" + "detail ".repeat(300));
+    const up = await api("POST", "/api/workers/upload", { form });
+    assert.equal(up.status, 200, JSON.stringify(up.body));
+    await page.goto(base + "/dashboard/builds?state=failed");
+    const row = page.locator(`tr[data-build="${failedId}"]`);
+    await row.locator("td.reason summary", { hasText: "requires a development team" }).waitFor();
+    assert.ok(!(await row.locator("td.reason summary").textContent()).includes("detail detail"), "first line only");
+    await row.locator("td.reason summary").click();
+    await row.locator(".error-full", { hasText: "detail detail" }).waitFor();
+    await row.locator("a.worker", { hasText: "mac-mini-01" }).waitFor();
+    await page.screenshot({ path: `${shots}/builds-failed.png`, fullPage: true });
+    // The tables show ten characters of an id: searching by them finds the build.
+    await page.goto(base + "/dashboard/builds");
+    await page.getByLabel("Build id").fill(failedId.slice(0, 10));
+    await page.getByRole("button", { name: "Apply" }).click();
+    await page.locator(`tr[data-build="${failedId}"]`).waitFor();
+    assert.equal(await page.locator("tr[data-build]").count(), 1);
+    // The overview's card stays narrow however long the error.
+    await page.goto(base + "/dashboard");
+    const failures = page.locator("section.card", { hasText: "Recent failures" });
+    await failures.locator("a.worker", { hasText: "mac-mini-01" }).waitFor();
+    const width = await failures.evaluate((el) => el.getBoundingClientRect().width);
+    assert.ok(width <= 1366, `the failures card is ${width} px wide`);
   });
 
   await check("drain a worker (its latest diagnostics shown beside it)", async () => {
@@ -218,6 +308,37 @@ try {
     assert.equal(w.body.admin_state, "draining");
     await page.locator(`#w-${workerId}`).getByRole("button", { name: "Enable" }).waitFor();
     await page.screenshot({ path: `${shots}/workers.png`, fullPage: true });
+  });
+
+  await check("a worker's page: details, capabilities, attempts by kind, diagnostics, actions", async () => {
+    const other = await api("POST", "/api/workers/register", {
+      json: { name: "mac-studio-ams", capabilities: { platforms: ["ios", "android"], xcode_version: "16.2", macos_version: "15.1", maxMemoryGB: 64 } },
+    });
+    assert.equal(other.status, 200);
+    await page.goto(base + "/dashboard/workers");
+    await page.locator(`#w-${workerId} a.worker`, { hasText: "mac-mini-01" }).click();
+    await page.waitForURL(`${base}/dashboard/workers/${workerId}`);
+    await page.getByRole("heading", { name: /mac-mini-01/ }).waitFor();
+    await page.locator(".pill", { hasText: "drained" }).first().waitFor();
+    await page.locator(`table.attempts a[href="/dashboard/builds/${buildId}"]`).waitFor();
+    await page.locator(`table.attempts tr[data-outcome="build_failure"] .kind.build`).waitFor();
+    await page.locator("details.report .pill", { hasText: "warning" }).waitFor();
+    await page.getByRole("button", { name: "Enable" }).waitFor();
+    await page.screenshot({ path: `${shots}/worker.png`, fullPage: true });
+    await page.goto(`${base}/dashboard/workers/${other.body.id}`);
+    for (const text of ["16.2", "15.1", "64"]) await page.locator("dl.details dd", { hasText: text }).first().waitFor();
+    // Idle counts only Macs that can take work: the drained one is not idle, the new one is.
+    await page.goto(base + "/dashboard");
+    const workers = page.locator("article.card", { hasText: "Workers" });
+    assert.equal((await workers.locator("div", { has: page.locator("dt", { hasText: "Idle" }) }).locator("dd").textContent()).trim(), "1");
+    await workers.getByText("1 drained").waitFor();
+    // An unknown dashboard page is an HTML page.
+    const r = await page.goto(base + "/dashboard/nowhere");
+    assert.equal(r.status(), 404);
+    assert.match(r.headers()["content-type"], /text\/html/);
+    await page.getByRole("link", { name: "Back to the dashboard" }).waitFor();
+    // Chromium logs that (expected) 404 as a console error.
+    scriptErrors.splice(0, scriptErrors.length, ...scriptErrors.filter((e) => !/status of 404/.test(e)));
   });
 
   await check("pause and resume a queue", async () => {
