@@ -114,6 +114,37 @@ pub async fn complete(
     }
 }
 
+/// Begins a transaction holding the lock on the attempt `holder` holds on `build_id`, or ends it and
+/// says why there is none (unknown build, never held, attempt over).
+async fn begin_held_attempt<'c>(
+    pool: &'c PgPool,
+    build_id: &str,
+    holder: Holder<'_>,
+) -> QueueResult<(sqlx::Transaction<'c, sqlx::Postgres>, LockedAttempt)> {
+    const LOCK_SQL: &str = concat!(
+        "SELECT ",
+        locked_columns!(),
+        " FROM builds WHERE ",
+        held_by!(),
+        " FOR UPDATE"
+    );
+    let mut tx = pool.begin().await?;
+    let locked: Option<LockedAttempt> = sqlx::query_as(LOCK_SQL)
+        .bind(build_id)
+        .bind(holder.worker_id)
+        .bind(holder.lease_token)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match locked {
+        Some(locked) => Ok((tx, locked)),
+        None => {
+            let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
+            tx.rollback().await?;
+            Err(refusal)
+        }
+    }
+}
+
 /// Fails the holder's attempt: retryable with backoff or final, by kind and attempts left.
 pub async fn fail(
     pool: &PgPool,
@@ -123,25 +154,7 @@ pub async fn fail(
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
-    let mut tx = pool.begin().await?;
-    const LOCK_SQL: &str = concat!(
-        "SELECT ",
-        locked_columns!(),
-        " FROM builds WHERE ",
-        held_by!(),
-        " FOR UPDATE"
-    );
-    let locked: Option<LockedAttempt> = sqlx::query_as(LOCK_SQL)
-        .bind(build_id)
-        .bind(holder.worker_id)
-        .bind(holder.lease_token)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(locked) = locked else {
-        let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
-        tx.rollback().await?;
-        return Err(refusal);
-    };
+    let (mut tx, locked) = begin_held_attempt(pool, build_id, holder).await?;
     let build = end_attempt(&mut tx, &locked, failure, settings, now).await?;
     emit::emit_failure(&mut tx, &build, Some(holder.worker_id), failure, emit::Ended::Reported).await?;
     tx.commit().await?;
@@ -162,25 +175,7 @@ pub async fn release_for_owner(
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
-    let mut tx = pool.begin().await?;
-    const LOCK_SQL: &str = concat!(
-        "SELECT ",
-        locked_columns!(),
-        " FROM builds WHERE ",
-        held_by!(),
-        " FOR UPDATE"
-    );
-    let locked: Option<LockedAttempt> = sqlx::query_as(LOCK_SQL)
-        .bind(build_id)
-        .bind(holder.worker_id)
-        .bind(holder.lease_token)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(locked) = locked else {
-        let refusal = holder_view(&mut tx, build_id, holder.worker_id).await?.refusal();
-        tx.rollback().await?;
-        return Err(refusal);
-    };
+    let (mut tx, locked) = begin_held_attempt(pool, build_id, holder).await?;
     if locked.releases >= settings.max_releases {
         let failure = Failure {
             kind: FailureKind::Infrastructure,
