@@ -72,6 +72,23 @@ if [ ${#packages[@]} -gt 0 ]; then
   fi
 fi
 
+# playwright-core needs Node.js >= 20; Debian 12's nodejs is 18. An older node is joined by Node.js 20 from
+# the npm registry (the `node` package, whose binary comes from the registry too) in npm's global prefix.
+node_major() { node --version 2>/dev/null | sed -E 's/^v([0-9]+).*/\1/'; }
+if [ "$target" = test ] && [ -z "$dry_run" ] && command -v node >/dev/null 2>&1 \
+    && [ "$(node_major)" -lt 20 ] 2>/dev/null; then
+  echo "make test needs Node.js >= 20 for playwright-core; this node is $(node --version)" >&2
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing: Node.js 20 from the npm registry (npm install -g node@20)" >&2
+    npm install -g --no-audit --no-fund --loglevel=error node@20 >/dev/null
+    hash -r
+    echo "node is now $(command -v node) $(node --version)" >&2
+  else
+    echo "install it, then run make test again:  sudo npm install -g node@20" >&2
+    exit 1
+  fi
+fi
+
 # The npm packages of the browser and contract tests, from the lockfile (once).
 if [ "$target" = test ] && { pretends npm-packages || [ ! -d tests/browser/node_modules/playwright-core ] \
     || [ ! -d tests/browser/node_modules/openapi-client-axios ]; }; then
