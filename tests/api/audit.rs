@@ -385,14 +385,7 @@ async fn dashboard_sign_ins_and_actions_are_audited() {
     assert_eq!(row["user_agent"], AGENT);
     assert!(!row.to_string().contains(&wrong[4..]), "the refused key is in the row");
 
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("key={operator}"))
-        .send()
-        .await
-        .unwrap();
+    let r = crate::dashboard::login(&app, &client, format!("key={operator}")).await;
     assert_eq!(r.status(), 303);
     let cookie = r.headers()["set-cookie"]
         .to_str()
@@ -549,14 +542,7 @@ async fn dashboard_sign_ins_and_actions_are_audited() {
 
     // A viewer's forged action is refused and writes nothing.
     let (_, viewer) = create_key(&app, "wall", "viewer").await;
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("key={viewer}"))
-        .send()
-        .await
-        .unwrap();
+    let r = crate::dashboard::login(&app, &client, format!("key={viewer}")).await;
     let viewer_cookie = r.headers()["set-cookie"]
         .to_str()
         .unwrap()

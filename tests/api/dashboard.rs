@@ -18,14 +18,7 @@ pub(crate) fn no_redirects() -> reqwest::Client {
 
 /// Signs in; returns the `name=value` of the session cookie.
 pub(crate) async fn sign_in(app: &TestApp, client: &reqwest::Client) -> String {
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("key={API_KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let r = login(app, client, format!("key={API_KEY}")).await;
     assert_eq!(r.status(), 303);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     for flag in ["HttpOnly", "SameSite=Strict", "Max-Age=", "Path=/"] {
@@ -33,6 +26,28 @@ pub(crate) async fn sign_in(app: &TestApp, client: &reqwest::Client) -> String {
     }
     assert!(!set.contains(API_KEY), "the cookie never carries the key");
     set.split(';').next().unwrap().to_string()
+}
+
+/// Posts the sign-in form (`body`, e.g. `key=…&next=…`) from the dashboard's own origin.
+pub(crate) async fn login(app: &TestApp, client: &reqwest::Client, body: String) -> reqwest::Response {
+    client
+        .post(app.url("/dashboard/login"))
+        .header("Origin", &app.base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Signs in to the dashboard with `key`; the session cookie (`name=value`), or the refusal's status.
+pub(crate) async fn sign_in_as(app: &TestApp, client: &reqwest::Client, key: &str) -> Result<String, u16> {
+    let r = login(app, client, format!("key={key}")).await;
+    if r.status() != 303 {
+        return Err(r.status().as_u16());
+    }
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    Ok(set.split(';').next().unwrap().to_string())
 }
 
 pub(crate) fn csrf_of(html: &str) -> String {

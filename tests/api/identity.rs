@@ -729,23 +729,6 @@ async fn role_matrix_from_the_route_table() {
     );
 }
 
-/// Signs in to the dashboard with `key`; the session cookie, or the refusal's status.
-async fn dashboard_sign_in(app: &TestApp, client: &reqwest::Client, key: &str) -> Result<String, u16> {
-    let r = client
-        .post(app.url("/dashboard/login"))
-        .header("Origin", &app.base)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("key={key}"))
-        .send()
-        .await
-        .unwrap();
-    if r.status() != 303 {
-        return Err(r.status().as_u16());
-    }
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    Ok(set.split(';').next().unwrap().to_string())
-}
-
 async fn dashboard_page(app: &TestApp, client: &reqwest::Client, cookie: &str, path: &str) -> String {
     let r = client.get(app.url(path)).header("cookie", cookie).send().await.unwrap();
     assert_eq!(r.status(), 200, "{path}");
@@ -767,10 +750,10 @@ async fn the_dashboard_knows_who_signed_in_and_what_the_role_may_do() {
     let build = app.submit("ios", b"SRC").await["id"].as_str().unwrap().to_string();
 
     for key in [&worker_key, &submitter] {
-        assert_eq!(dashboard_sign_in(&app, &client, key).await, Err(401));
+        assert_eq!(crate::dashboard::sign_in_as(&app, &client, key).await, Err(401));
     }
 
-    let cookie = dashboard_sign_in(&app, &client, &viewer).await.unwrap();
+    let cookie = crate::dashboard::sign_in_as(&app, &client, &viewer).await.unwrap();
     let workers = dashboard_page(&app, &client, &cookie, "/dashboard/workers").await;
     assert!(
         workers.contains("lobby screen · viewer"),
@@ -812,7 +795,7 @@ async fn the_dashboard_knows_who_signed_in_and_what_the_role_may_do() {
     assert!(queues.to_string().contains("\"paused\":false") && !queues.to_string().contains("\"paused\":true"));
 
     // An operator acts, but revoking a worker is the admin's.
-    let ops = dashboard_sign_in(&app, &client, &operator).await.unwrap();
+    let ops = crate::dashboard::sign_in_as(&app, &client, &operator).await.unwrap();
     let workers = dashboard_page(&app, &client, &ops, "/dashboard/workers").await;
     assert!(workers.contains("night shift · operator"));
     assert!(workers.contains("/drain") && !workers.contains("/revoke"));
@@ -843,7 +826,7 @@ async fn the_dashboard_knows_who_signed_in_and_what_the_role_may_do() {
     assert_eq!(admin_state, "draining");
 
     // The built-in key signs in as admin and sees Revoke.
-    let admin = dashboard_sign_in(&app, &client, API_KEY).await.unwrap();
+    let admin = crate::dashboard::sign_in_as(&app, &client, API_KEY).await.unwrap();
     let workers = dashboard_page(&app, &client, &admin, "/dashboard/workers").await;
     assert!(workers.contains("admin · admin") && workers.contains("/revoke"));
 
@@ -873,7 +856,7 @@ async fn the_keys_page_is_the_admins() {
     let app = TestApp::spawn().await;
     let client = crate::dashboard::no_redirects();
     let (_, operator) = create_key(&app, "night shift", "operator").await;
-    let ops = dashboard_sign_in(&app, &client, &operator).await.unwrap();
+    let ops = crate::dashboard::sign_in_as(&app, &client, &operator).await.unwrap();
     let page = dashboard_page(&app, &client, &ops, "/dashboard/workers").await;
     assert!(!page.contains("href=\"/dashboard/keys\""));
     let r = client
@@ -895,7 +878,7 @@ async fn the_keys_page_is_the_admins() {
     assert_eq!(r.status(), 403);
     assert_eq!(app.count("api_keys").await, 1, "an operator creates no key");
 
-    let admin = dashboard_sign_in(&app, &client, API_KEY).await.unwrap();
+    let admin = crate::dashboard::sign_in_as(&app, &client, API_KEY).await.unwrap();
     let page = dashboard_page(&app, &client, &admin, "/dashboard/keys").await;
     assert!(page.contains("href=\"/dashboard/keys\"") && page.contains("night shift"));
     let csrf = crate::dashboard::csrf_of(&page);
