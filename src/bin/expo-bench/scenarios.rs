@@ -85,45 +85,47 @@ pub async fn empty_polls(shared: &Shared, pool: &PgPool, duration: Duration) -> 
     Ok((all.0.len() as f64 / duration.as_secs_f64(), all))
 }
 
-/// P1k: G0 empty polls (`X-API-Key` + `?worker_id=`) by 64 workers for `duration`, with the built-in
-/// admin key (`key: None`) or with a stored `worker` key the workers are bound to: what key look-ups and
-/// the worker binding cost.
+/// P1k: 64 workers bound to a stored `worker` key; returns their ids and that key's secret. The same
+/// workers poll with the built-in admin key and with this key, so the two differ only in the key.
+pub async fn g0_worker_key(pool: &PgPool) -> anyhow::Result<(Vec<String>, String)> {
+    let workers = insert_workers(pool, "p1k-", 64, "android").await?;
+    let new = expo_controller::identity::NewKey {
+        name: Some("bench worker key".into()),
+        role: Some("worker".into()),
+        ..Default::default()
+    };
+    let (stored, secret) = expo_controller::identity::create(
+        pool,
+        &new,
+        Default::default(),
+        chrono::Utc::now(),
+        &expo_controller::audit::Actor::cli(),
+    )
+    .await?;
+    let ids: Vec<String> = workers.into_iter().map(|w| w.0).collect();
+    sqlx::query("UPDATE workers SET registered_by = $1 WHERE id = ANY($2)")
+        .bind(&stored.id)
+        .bind(&ids)
+        .execute(pool)
+        .await?;
+    Ok((ids, secret))
+}
+
+/// P1k: G0 empty polls (`X-API-Key` + `?worker_id=`) by `workers` for `duration` with `key` (the built-in
+/// admin key or their stored worker key): what key look-ups and the worker binding cost. Returns the
+/// answered polls per second, the controller's CPU microseconds per poll, and the latencies.
 pub async fn empty_polls_g0(
     shared: &Shared,
-    pool: &PgPool,
+    workers: &[String],
+    key: &str,
     duration: Duration,
-    worker_key: bool,
-) -> anyhow::Result<(f64, Samples)> {
-    let workers = insert_workers(pool, "p1k-", 64, "android").await?;
-    let key = if worker_key {
-        let new = expo_controller::identity::NewKey {
-            name: Some("bench worker key".into()),
-            role: Some("worker".into()),
-            ..Default::default()
-        };
-        let (stored, secret) = expo_controller::identity::create(
-            pool,
-            &new,
-            Default::default(),
-            chrono::Utc::now(),
-            &expo_controller::audit::Actor::cli(),
-        )
-        .await?;
-        let ids: Vec<&str> = workers.iter().map(|w| w.0.as_str()).collect();
-        sqlx::query("UPDATE workers SET registered_by = $1 WHERE id = ANY($2)")
-            .bind(&stored.id)
-            .bind(&ids)
-            .execute(pool)
-            .await?;
-        secret
-    } else {
-        API_KEY.to_string()
-    };
+) -> anyhow::Result<(f64, f64, Samples)> {
+    let cpu_before = shared.1.cpu_secs();
     let stop = Instant::now() + duration;
     let mut tasks = Vec::new();
-    for (id, _) in workers {
+    for id in workers {
         let shared = shared.clone();
-        let key = key.clone();
+        let (id, key) = (id.clone(), key.to_string());
         tasks.push(tokio::spawn(async move {
             let (client, controller) = &*shared;
             let url = controller.url("/api/workers/poll");
@@ -150,7 +152,13 @@ pub async fn empty_polls_g0(
     for t in tasks {
         all.extend(t.await?);
     }
-    Ok((all.0.len() as f64 / duration.as_secs_f64(), all))
+    let polls = all.0.len() as f64;
+    let cpu_us = if polls > 0.0 {
+        (shared.1.cpu_secs() - cpu_before) * 1e6 / polls
+    } else {
+        0.0
+    };
+    Ok((polls / duration.as_secs_f64(), cpu_us, all))
 }
 
 /// P2: claims over HTTP from a pre-filled queue, 32 concurrent pollers, each worker claiming once.
