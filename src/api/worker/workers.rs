@@ -319,8 +319,11 @@ async fn read_upload_form(
             "success" => form.success = Some(read_text(field).await?),
             "error_message" => form.error_message = Some(read_text(field).await?),
             "result" if form.staged.is_none() => {
-                check_hold_early(state, headers, form).await?;
-                form.staged = Some(results::stage(state, field).await?);
+                // The build and its holder known before the file: it streams to its final key.
+                form.staged = Some(match check_hold_early(state, headers, form).await? {
+                    Some(build_id) => results::stream_direct(state, &build_id, field).await?,
+                    None => results::stage(state, field).await?,
+                });
             }
             _ => {}
         }
@@ -330,20 +333,23 @@ async fn read_upload_form(
 
 /// T9: when the fields before the file already name the build and the caller, a caller that does not
 /// hold the build is refused before a byte of the file is read or staged (the answer it would get
-/// after the upload). Otherwise the file is staged and the report decides afterwards.
-async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadForm) -> ApiResult<()> {
+/// after the upload), and the build checked is returned. Otherwise the file is staged and the report
+/// decides afterwards.
+async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadForm) -> ApiResult<Option<String>> {
     let build_id = form.build_id.as_deref().map(str::trim).filter(|v| ids::valid_id(v));
     let field_worker = form.worker_id.as_deref().map(str::trim).filter(|v| !v.is_empty());
     let has_token = header(headers, auth::VM_TOKEN).is_some() || header(headers, WORKER_TOKEN).is_some();
     let Some(build_id) = build_id.filter(|_| field_worker.is_some() || has_token) else {
-        return Ok(());
+        return Ok(None);
     };
     let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
     match queue::holds_build(&state.pool, build_id, caller.holder()).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(Some(build_id.to_string())),
         // The attempt that stored the result re-sending it after a lost answer: the file is read so
         // that `complete_with` compares it (200 for the same bytes, 409 otherwise).
-        Err(queue::QueueError::Stale) if results::resend_of_stored(state, build_id, &caller).await => Ok(()),
+        Err(queue::QueueError::Stale) if results::resend_of_stored(state, build_id, &caller).await => {
+            Ok(Some(build_id.to_string()))
+        }
         Err(e) => Err(explain(state, &caller.worker_id, e).await),
     }
 }
