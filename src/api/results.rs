@@ -51,8 +51,19 @@ pub async fn stage(state: &AppState, field: Field<'_>) -> ApiResult<StagedResult
 /// aborted by the store and its key discarded here. Nothing names the object until the completion
 /// links it, so a half-written or refused upload is never visible.
 pub async fn stream_direct(state: &AppState, build_id: &str, field: Field<'_>) -> ApiResult<StagedResult> {
-    let key = Key::result(build_id, &ids::new_id()).ok_or_else(ApiError::build_not_found)?;
+    let key = result_key(build_id)?;
     queue::record_writes(&state.pool, &[key.as_str()]).await?;
+    stream_to(state, key, field).await
+}
+
+/// A fresh result key of `build_id` (a new upload id: a late or stale upload never overwrites).
+pub fn result_key(build_id: &str) -> ApiResult<Key> {
+    Key::result(build_id, &ids::new_id()).ok_or_else(ApiError::build_not_found)
+}
+
+/// [`stream_direct`] to a result `key` already recorded as a pending write (e.g. by
+/// [`queue::record_held_write`] together with the hold check).
+pub async fn stream_to(state: &AppState, key: Key, field: Field<'_>) -> ApiResult<StagedResult> {
     match state
         .storage
         .write_stream(&key, field, state.config.max_result_bytes)
