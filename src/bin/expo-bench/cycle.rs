@@ -79,7 +79,13 @@ pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>
     if let Some(path) = &reference {
         anyhow::ensure!(path.is_file(), "BENCH_REFERENCE_BIN {} is not a file", path.display());
     }
-    let fast = measure(env, client, port, &[], runs, secs, "fast", reference.as_deref()).await?;
+    let series = Series {
+        runs,
+        secs,
+        label: "fast",
+        reference: reference.as_deref(),
+    };
+    let fast = measure(env, client, port, &[], series).await?;
     rows.push(fast.row(
         "P12",
         "full cycle (submit → claim → source → result → status), fsync off",
@@ -91,7 +97,13 @@ pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>
             ("CONTROLLER_DB_SYNCHRONOUS_COMMIT", "on".to_string()),
             ("CONTROLLER_STORAGE_FSYNC", "true".to_string()),
         ];
-        let outcome = measure(env, client, port, &extra, durable_runs, secs, "durable", None).await;
+        let series = Series {
+            runs: durable_runs,
+            secs,
+            label: "durable",
+            reference: None,
+        };
+        let outcome = measure(env, client, port, &extra, series).await;
         setup::restart_database(env, false).await?;
         rows.push(outcome?.row(
             "P12d",
@@ -229,16 +241,27 @@ impl Measured {
     }
 }
 
+/// The runs of one row: how many, how long, its label, and the reference build alternated with them.
+struct Series<'a> {
+    runs: usize,
+    secs: u64,
+    label: &'a str,
+    reference: Option<&'a Path>,
+}
+
 async fn measure(
     env: &Env,
     client: &reqwest::Client,
     port: u16,
     extra: &[(&str, String)],
-    runs: usize,
-    secs: u64,
-    label: &str,
-    reference: Option<&Path>,
+    series: Series<'_>,
 ) -> anyhow::Result<Measured> {
+    let Series {
+        runs,
+        secs,
+        label,
+        reference,
+    } = series;
     let pool = &env.pool;
     crate::drain(pool).await?;
     let mut statements = statement_stats_reset(pool).await;
