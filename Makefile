@@ -11,10 +11,13 @@ test: ## Install what is missing (PostgreSQL 15, Node, npm, Chromium, tests/brow
 db-stop: ## Stop the development PostgreSQL of `make run`
 	scripts/pg.sh stop "$$(scripts/pg.sh devdir)"
 
-bench: ## Build release binaries and run the P1–P12 and D1–D4 benchmarks (prints the table; never fails on a time)
+bench: ## Build release binaries and run the P1–P12 and D1–D4 benchmarks (prints the table; never fails on a time); BENCH_REFERENCE_REV=<rev> adds P12's same-run A/B against that commit
 	scripts/bench-tools.sh
+	$(if $(BENCH_REFERENCE_REV),scripts/bench-reference.sh $(BENCH_REFERENCE_REV) >/dev/null)
 	cargo build --release --features bench --bins
-	ulimit -n $$(ulimit -Hn); PATH="$$PATH:/usr/sbin" target/release/expo-bench
+	ulimit -n $$(ulimit -Hn); \
+	  $(if $(BENCH_REFERENCE_REV),BENCH_REFERENCE_BIN=$$(scripts/bench-reference.sh $(BENCH_REFERENCE_REV))) \
+	  PATH="$$PATH:/usr/sbin" target/release/expo-bench
 
 lint:
 	cargo fmt --all -- --check

@@ -1,5 +1,8 @@
-//! Build results: streamed to a staging object while the request arrives, moved into place and recorded
-//! only if the caller still holds the attempt. A refused or failed completion leaves nothing stored.
+//! Build results: recorded only if the caller still holds the attempt; a refused or failed completion
+//! leaves nothing stored. When the build (and the caller's hold) is known before the file arrives — the
+//! form's `build_id` comes first, or the build is in the path — the file streams straight to its final
+//! key, recorded as a pending write first ([`stream_direct`]). Otherwise it streams to a staging object
+//! and is moved into place once the build is known ([`stage`]); on S3 that move is a server-side copy.
 
 use axum::extract::multipart::Field;
 use chrono::Utc;
@@ -12,10 +15,19 @@ use crate::jobs::discard_unlinked;
 use crate::queue::{self, ResultFile};
 use crate::storage::{Key, Stored, WriteError};
 
-/// A result streamed to staging, not yet attached to a build.
+/// A result stored but not yet attached to a build: in staging, or already at its final key.
 pub struct StagedResult {
     key: Key,
     stored: Stored,
+    /// `key` is the final key, recorded in `pending_writes` before its first byte was written.
+    direct: bool,
+}
+
+fn too_large(e: WriteError) -> ApiError {
+    match e {
+        WriteError::TooLarge(_) => ApiError::too_large("Result file too large"),
+        other => other.into(),
+    }
 }
 
 /// Streams a file part to a fresh staging key (413 `Result file too large` past the limit).
@@ -25,17 +37,69 @@ pub async fn stage(state: &AppState, field: Field<'_>) -> ApiResult<StagedResult
         .storage
         .write_stream(&key, field, state.config.max_result_bytes)
         .await
-        .map_err(|e| match e {
-            WriteError::TooLarge(_) => ApiError::too_large("Result file too large"),
-            other => other.into(),
-        })?;
-    Ok(StagedResult { key, stored })
+        .map_err(too_large)?;
+    Ok(StagedResult {
+        key,
+        stored,
+        direct: false,
+    })
 }
 
-/// Deletes a staged result that was not used.
+/// Streams a file part straight to a fresh result key of `build_id` (no staging, no copy), for a
+/// caller already found to hold the build. The key is recorded as a pending write before the first
+/// byte, so whatever a kill leaves behind is named and `sweep_unlinked` settles it; a failed write is
+/// aborted by the store and its key discarded here. Nothing names the object until the completion
+/// links it, so a half-written or refused upload is never visible.
+pub async fn stream_direct(state: &AppState, build_id: &str, field: Field<'_>) -> ApiResult<StagedResult> {
+    let key = result_key(build_id)?;
+    queue::record_writes(&state.pool, &[key.as_str()]).await?;
+    stream_to(state, key, field).await
+}
+
+/// A fresh result key of `build_id` (a new upload id: a late or stale upload never overwrites).
+pub fn result_key(build_id: &str) -> ApiResult<Key> {
+    Key::result(build_id, &ids::new_id()).ok_or_else(ApiError::build_not_found)
+}
+
+/// [`stream_direct`] to a result `key` already recorded as a pending write (e.g. by
+/// [`queue::record_held_write`] together with the hold check).
+pub async fn stream_to(state: &AppState, key: Key, field: Field<'_>) -> ApiResult<StagedResult> {
+    match state
+        .storage
+        .write_stream(&key, field, state.config.max_result_bytes)
+        .await
+    {
+        Ok(stored) => Ok(StagedResult {
+            key,
+            stored,
+            direct: true,
+        }),
+        Err(e) => {
+            discard_unlinked(&state.pool, &state.storage, &[&key]).await;
+            Err(too_large(e))
+        }
+    }
+}
+
+/// Deletes a result that was not used (no row names it: the report was refused or never made).
 pub async fn discard(state: &AppState, staged: Option<StagedResult>) {
     if let Some(staged) = staged {
-        let _ = state.storage.delete(&staged.key).await;
+        if staged.direct {
+            discard_direct(state, &staged.key).await;
+        } else {
+            let _ = state.storage.delete(&staged.key).await;
+        }
+    }
+}
+
+/// Deletes a result written straight to its final key after a definite refusal, and settles its
+/// pending key. The key is this request's own (a fresh upload id) and no row names it, so the object
+/// is deleted even when a sweep already doomed or forgot its key (a write that outlived the staging
+/// cut-off, whose object the sweep could not see yet).
+async fn discard_direct(state: &AppState, key: &Key) {
+    discard_unlinked(&state.pool, &state.storage, &[key]).await;
+    if let Err(error) = state.storage.delete(key).await {
+        tracing::warn!(key = %key.as_str(), %error, "could not delete a refused result; sweep_unlinked retries");
     }
 }
 
@@ -55,9 +119,10 @@ impl From<CompleteError> for ApiError {
     }
 }
 
-/// Moves the staged result under the build and completes the caller's attempt with it.
+/// Moves the staged result under the build (unless it was written there directly) and completes the
+/// caller's attempt with it.
 ///
-/// The result's key is recorded as pending before the move and linked by the completion's own
+/// The result's key is recorded as pending before the move (or the direct write) and linked by the completion's own
 /// transaction, so a kill or a failed delete never leaves an object that nothing names. When the
 /// completion's outcome is unknown (its answer lost), the row is read again: the attempt completed
 /// with this key is a success, and the object is never deleted while a row may name it.
@@ -67,17 +132,28 @@ pub async fn complete_with(
     caller: &BuildCaller,
     staged: StagedResult,
 ) -> Result<(), CompleteError> {
-    let key = Key::result(build_id, &ids::new_id()).ok_or_else(|| CompleteError::Api(ApiError::build_not_found()))?;
-    if let Err(e) = queue::record_writes(&state.pool, &[key.as_str()]).await {
-        let _ = state.storage.delete(&staged.key).await;
-        return Err(CompleteError::Api(e.into()));
-    }
-    if let Err(e) = state.storage.rename(&staged.key, &key).await {
-        let _ = state.storage.delete(&staged.key).await;
-        // The move may have copied before failing: the pending key covers that object.
-        discard_unlinked(&state.pool, &state.storage, &[&key]).await;
-        return Err(CompleteError::Api(e.into()));
-    }
+    let key = if staged.direct {
+        if Key::result(build_id, "x").is_none_or(|k| !same_build(&k, &staged.key)) {
+            // Written for another build: never linked here.
+            discard_direct(state, &staged.key).await;
+            return Err(CompleteError::Api(ApiError::build_not_found()));
+        }
+        staged.key
+    } else {
+        let key =
+            Key::result(build_id, &ids::new_id()).ok_or_else(|| CompleteError::Api(ApiError::build_not_found()))?;
+        if let Err(e) = queue::record_writes(&state.pool, &[key.as_str()]).await {
+            let _ = state.storage.delete(&staged.key).await;
+            return Err(CompleteError::Api(e.into()));
+        }
+        if let Err(e) = state.storage.rename(&staged.key, &key).await {
+            let _ = state.storage.delete(&staged.key).await;
+            // The move may have copied before failing: the pending key covers that object.
+            discard_unlinked(&state.pool, &state.storage, &[&key]).await;
+            return Err(CompleteError::Api(e.into()));
+        }
+        key
+    };
     let size = staged.stored.size as i64;
     let result = ResultFile {
         key: key.as_str().to_string(),
@@ -100,7 +176,11 @@ pub async fn complete_with(
             }
         };
     }
-    discard_unlinked(&state.pool, &state.storage, &[&key]).await;
+    if staged.direct {
+        discard_direct(state, &key).await;
+    } else {
+        discard_unlinked(&state.pool, &state.storage, &[&key]).await;
+    }
     // The same attempt re-sending the same bytes after a lost answer: already stored, a success.
     if matches!(error, queue::QueueError::Stale)
         && let Ok(Some(build)) = queue::find_build(&state.pool, build_id).await
@@ -109,6 +189,11 @@ pub async fn complete_with(
         return Ok(());
     }
     Err(CompleteError::Queue(error))
+}
+
+/// Whether two keys lie under the same build.
+fn same_build(a: &Key, b: &Key) -> bool {
+    a.as_str().rsplit_once('/').map(|(dir, _)| dir) == b.as_str().rsplit_once('/').map(|(dir, _)| dir)
 }
 
 /// Whether `build` was completed by `caller`'s attempt with this very file (size and SHA-256).

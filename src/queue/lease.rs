@@ -121,6 +121,28 @@ pub async fn holds_build(pool: &PgPool, build_id: &str, holder: Holder<'_>) -> Q
     }
 }
 
+/// [`holds_build`] and, when the holder holds it, `key` recorded as a pending write
+/// ([`super::record_writes`]), in one statement: a result about to stream straight under its build. A
+/// caller that does not hold the build records nothing and learns why.
+pub async fn record_held_write(pool: &PgPool, build_id: &str, holder: Holder<'_>, key: &str) -> QueueResult<()> {
+    const SQL: &str = concat!(
+        "INSERT INTO pending_writes (key) SELECT $4 FROM builds WHERE ",
+        held_by!(),
+        " ON CONFLICT (key) DO UPDATE SET queued_at = now() RETURNING 1"
+    );
+    let held: Option<i32> = sqlx::query_scalar(SQL)
+        .bind(build_id)
+        .bind(holder.worker_id)
+        .bind(holder.lease_token)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(refusal(pool, build_id, holder.worker_id).await?),
+    }
+}
+
 /// How a build relates to a caller whose fenced operation matched nothing.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct HolderView {

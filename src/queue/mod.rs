@@ -56,7 +56,7 @@ pub use enqueue::{
     NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue, enqueue_bounded, enqueue_retry,
     full_queues,
 };
-pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, refusal};
+pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, record_held_write, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};

@@ -581,8 +581,8 @@ async fn delete_resetting_proxy(upstream: String) -> String {
     format!("http://{addr}")
 }
 
-/// D1 (b) and (c) on S3 with the store refusing deletes: a result is copied under its build but the
-/// staging delete that ends the move is reset, so the upload fails after the copy (503), and the
+/// D1 (b) and (c) on S3 with the store refusing deletes: a result sent before its build id (so staged,
+/// then moved) is copied under its build but the staging delete that ends the move is reset, so the upload fails after the copy (503), and the
 /// cleanup's own delete of that copy is reset too. The copy stays named in `pending_writes`, the worker's
 /// retry through a healthy path completes, and `sweep_unlinked` deletes the copy no row names.
 #[tokio::test]
@@ -626,7 +626,13 @@ async fn a_result_whose_deletes_are_reset_is_swept_and_the_retry_completes() {
     let failed = http
         .post(refusing.url("/api/workers/upload"))
         .header("X-API-Key", API_KEY)
-        .multipart(success_form(&id, &worker_id, b"the result"))
+        .multipart(
+            Form::new()
+                .part("result", Part::bytes(b"the result".to_vec()).file_name("app.bin"))
+                .text("build_id", id.clone())
+                .text("worker_id", worker_id.clone())
+                .text("success", "true"),
+        )
         .send()
         .await
         .expect("upload");

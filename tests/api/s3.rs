@@ -837,3 +837,159 @@ async fn the_staging_sweep_cleans_the_bucket_too() {
     .await;
     assert_eq!(s3.objects(), vec!["staging/fresh.bin".to_string()]);
 }
+
+/// Rows of `pending_writes` (keys recorded before a write and not yet linked or settled).
+async fn pending_writes(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT key FROM pending_writes ORDER BY key")
+        .fetch_all(pool)
+        .await
+        .expect("pending writes")
+}
+
+/// Issue #25: a result whose form names the build (and its holder) before the file streams straight to
+/// its final key — no staging object and no server-side copy. While the request is still open (a
+/// trailing part held back), the finished file is already under its build and staging is empty; with
+/// the file first, it goes to staging as before and is moved once the build is known.
+#[tokio::test]
+async fn a_result_whose_build_comes_first_streams_to_its_final_key() {
+    let s3 = S3Server::start().await;
+    let (db, pool) = fresh_database(2).await;
+    let a = Controller::start(&db, &s3, &ids::new_key32(), &[]).await;
+    let http = client();
+    let result = pattern(7 * 1024 * 1024 + 11, 9);
+    for build_first in [true, false] {
+        let (id, token) = submit(&a, b"src", None).await;
+        let worker = register(&a).await;
+        assert_eq!(poll(&a, &worker).await["job"]["id"], id.as_str());
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let held = Part::stream(reqwest::Body::wrap_stream(tokio_stream_from(receiver)));
+        let file = Part::bytes(result.clone()).file_name("app.ipa");
+        let fields = |form: Form| {
+            form.text("build_id", id.clone())
+                .text("worker_id", worker.clone())
+                .text("success", "true")
+        };
+        let form = if build_first {
+            fields(Form::new()).part("result", file)
+        } else {
+            fields(Form::new().part("result", file))
+        };
+        let request = http
+            .post(a.url("/api/workers/upload"))
+            .header("X-API-Key", API_KEY)
+            .multipart(form.part("note", held))
+            .send();
+        let pending = tokio::spawn(request);
+        let (expected, unexpected) = if build_first {
+            (format!("builds/{id}/result-"), "staging/".to_string())
+        } else {
+            ("staging/".to_string(), format!("builds/{id}/result-"))
+        };
+        eventually("the stored file", Duration::from_secs(30), || {
+            s3.objects().iter().any(|k| k.starts_with(&expected))
+        })
+        .await;
+        let objects = s3.objects();
+        assert!(!objects.iter().any(|k| k.starts_with(&unexpected)), "{objects:?}");
+        sender.send(Ok(Bytes::from_static(b"done"))).await.expect("send");
+        drop(sender);
+        let response = pending.await.expect("join").expect("response");
+        assert_eq!(response.status(), 200, "build first: {build_first}");
+
+        // Either way: one result under the build, nothing in staging, nothing pending, the same bytes.
+        let objects: Vec<String> = s3
+            .objects()
+            .into_iter()
+            .filter(|k| !k.ends_with("source.zip"))
+            .collect();
+        assert_eq!(objects.len(), 1, "{objects:?}");
+        assert!(objects[0].starts_with(&format!("builds/{id}/result-")), "{objects:?}");
+        assert_eq!(s3.object(&objects[0]), result);
+        assert!(s3.open_uploads().is_empty(), "{:?}", s3.open_uploads());
+        assert_eq!(pending_writes(&pool).await, Vec::<String>::new());
+        let (status, bytes) = get_bytes(
+            http.get(a.url(&format!("/api/builds/{id}/download")))
+                .header("X-Build-Token", &token),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(bytes.as_ref(), result.as_slice());
+        // The next round's objects are told apart from this one's by build id.
+        let r = http
+            .delete(a.url(&format!("/api/v2/builds/{id}")))
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(r.status(), 204);
+    }
+}
+
+/// Issue #25: a result streaming straight to its final key whose attempt ends mid-upload (the build is
+/// cancelled) loses: 409, and neither the object, nor an open multipart upload, nor its pending key is
+/// left behind; the build names no result.
+#[tokio::test]
+async fn a_fenced_out_direct_upload_leaves_nothing_behind() {
+    let s3 = S3Server::start().await;
+    let (db, pool) = fresh_database(2).await;
+    let a = Controller::start(&db, &s3, &ids::new_key32(), &[]).await;
+    let http = client();
+    let (id, _) = submit(&a, b"src", None).await;
+    let worker = register(&a).await;
+    assert_eq!(poll(&a, &worker).await["job"]["id"], id.as_str());
+
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let file = Part::stream(reqwest::Body::wrap_stream(tokio_stream_from(receiver))).file_name("app.ipa");
+    let form = Form::new()
+        .text("build_id", id.clone())
+        .text("worker_id", worker.clone())
+        .text("success", "true")
+        .part("result", file);
+    let request = http
+        .post(a.url("/api/workers/upload"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send();
+    let pending = tokio::spawn(request);
+    sender
+        .send(Ok(Bytes::from(pattern(1024 * 1024, 10))))
+        .await
+        .expect("send");
+    eventually("the multipart upload to open", Duration::from_secs(20), || {
+        !s3.open_uploads().is_empty()
+    })
+    .await;
+    // Recorded before its first byte: a kill from here on leaves a key the sweep settles.
+    let recorded = pending_writes(&pool).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert!(recorded[0].starts_with(&format!("builds/{id}/result-")), "{recorded:?}");
+
+    let r = http
+        .post(a.url(&format!("/api/builds/{id}/cancel")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status(), 200);
+    for seed in 11..19 {
+        sender
+            .send(Ok(Bytes::from(pattern(1024 * 1024, seed))))
+            .await
+            .expect("send");
+    }
+    drop(sender);
+    let response = pending.await.expect("join").expect("response");
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "Build attempt is no longer active");
+
+    assert_eq!(s3.objects(), vec![format!("builds/{id}/source.zip")]);
+    assert!(s3.open_uploads().is_empty(), "{:?}", s3.open_uploads());
+    assert_eq!(pending_writes(&pool).await, Vec::<String>::new());
+    let result_key: Option<String> = sqlx::query_scalar("SELECT result_key FROM builds WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .expect("build");
+    assert_eq!(result_key, None);
+}

@@ -162,7 +162,8 @@ async fn artifact(
     let read = async {
         while let Some(field) = parts.next().await? {
             if field.name() == Some("artifact") && staged.is_none() {
-                staged = Some(results::stage(&state, field).await?);
+                // The build is the path's and its caller was checked: straight to its final key.
+                staged = Some(results::stream_direct(&state, &id, field).await?);
             }
         }
         Ok::<(), ApiError>(())

@@ -25,6 +25,7 @@ use crate::api::{AppState, views};
 use crate::identity::{self, Principal, Role};
 use crate::ids;
 use crate::queue::{self, Failure, FailureKind, RegisterRequest, Worker};
+use crate::storage::Key;
 use utoipa_axum::routes;
 
 /// Register (the admin key, or the worker's own token to re-register).
@@ -319,8 +320,12 @@ async fn read_upload_form(
             "success" => form.success = Some(read_text(field).await?),
             "error_message" => form.error_message = Some(read_text(field).await?),
             "result" if form.staged.is_none() => {
-                check_hold_early(state, headers, form).await?;
-                form.staged = Some(results::stage(state, field).await?);
+                // The build and its holder known before the file: it streams to its final key.
+                form.staged = Some(match check_hold_early(state, headers, form).await? {
+                    Early::Recorded(key) => results::stream_to(state, key, field).await?,
+                    Early::Resend(build_id) => results::stream_direct(state, &build_id, field).await?,
+                    Early::Unknown => results::stage(state, field).await?,
+                });
             }
             _ => {}
         }
@@ -330,22 +335,37 @@ async fn read_upload_form(
 
 /// T9: when the fields before the file already name the build and the caller, a caller that does not
 /// hold the build is refused before a byte of the file is read or staged (the answer it would get
-/// after the upload). Otherwise the file is staged and the report decides afterwards.
-async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadForm) -> ApiResult<()> {
+/// after the upload); the holder's file streams straight to a result key of the build, recorded as a
+/// pending write by the statement that checks the hold. Otherwise the file is staged and the report
+/// decides afterwards.
+async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadForm) -> ApiResult<Early> {
     let build_id = form.build_id.as_deref().map(str::trim).filter(|v| ids::valid_id(v));
     let field_worker = form.worker_id.as_deref().map(str::trim).filter(|v| !v.is_empty());
     let has_token = header(headers, auth::VM_TOKEN).is_some() || header(headers, WORKER_TOKEN).is_some();
     let Some(build_id) = build_id.filter(|_| field_worker.is_some() || has_token) else {
-        return Ok(());
+        return Ok(Early::Unknown);
     };
     let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
-    match queue::holds_build(&state.pool, build_id, caller.holder()).await {
-        Ok(()) => Ok(()),
+    let key = results::result_key(build_id)?;
+    match queue::record_held_write(&state.pool, build_id, caller.holder(), key.as_str()).await {
+        Ok(()) => Ok(Early::Recorded(key)),
         // The attempt that stored the result re-sending it after a lost answer: the file is read so
         // that `complete_with` compares it (200 for the same bytes, 409 otherwise).
-        Err(queue::QueueError::Stale) if results::resend_of_stored(state, build_id, &caller).await => Ok(()),
+        Err(queue::QueueError::Stale) if results::resend_of_stored(state, build_id, &caller).await => {
+            Ok(Early::Resend(build_id.to_string()))
+        }
         Err(e) => Err(explain(state, &caller.worker_id, e).await),
     }
+}
+
+/// What the fields before a result file told.
+enum Early {
+    /// The caller holds the build: its file goes to this result key, already recorded as pending.
+    Recorded(Key),
+    /// The attempt that completed the build re-sending its file (compared once stored).
+    Resend(String),
+    /// The build or the caller is not known yet: the file is staged.
+    Unknown,
 }
 
 async fn finish_report(

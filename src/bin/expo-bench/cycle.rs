@@ -73,7 +73,19 @@ pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>
     let mut rows = Vec::new();
     let port = setup::http_port() + 4;
 
-    let fast = measure(env, client, port, &[], runs, secs, "fast").await?;
+    // BENCH_REFERENCE_BIN: an earlier controller build (`make bench BENCH_REFERENCE_REV=<rev>` builds
+    // one), measured in the same run, run by run alternating with this one.
+    let reference = std::env::var_os("BENCH_REFERENCE_BIN").map(std::path::PathBuf::from);
+    if let Some(path) = &reference {
+        anyhow::ensure!(path.is_file(), "BENCH_REFERENCE_BIN {} is not a file", path.display());
+    }
+    let series = Series {
+        runs,
+        secs,
+        label: "fast",
+        reference: reference.as_deref(),
+    };
+    let fast = measure(env, client, port, &[], series).await?;
     rows.push(fast.row(
         "P12",
         "full cycle (submit → claim → source → result → status), fsync off",
@@ -85,7 +97,13 @@ pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>
             ("CONTROLLER_DB_SYNCHRONOUS_COMMIT", "on".to_string()),
             ("CONTROLLER_STORAGE_FSYNC", "true".to_string()),
         ];
-        let outcome = measure(env, client, port, &extra, durable_runs, secs, "durable").await;
+        let series = Series {
+            runs: durable_runs,
+            secs,
+            label: "durable",
+            reference: None,
+        };
+        let outcome = measure(env, client, port, &extra, series).await;
         setup::restart_database(env, false).await?;
         rows.push(outcome?.row(
             "P12d",
@@ -97,26 +115,65 @@ pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>
 
 struct Measured {
     runs: Vec<Run>,
+    /// The reference build's runs, each just before the run of the same index.
+    reference: Vec<Run>,
     floor: Option<f64>,
     check: String,
     exact: bool,
 }
 
-impl Measured {
-    fn row(&self, id: &'static str, scenario: &str) -> Row {
-        let rates: Vec<f64> = self.runs.iter().map(Run::rate).collect();
+/// Medians and per-build costs of a series of runs.
+struct Summary {
+    rates: Vec<f64>,
+    median: f64,
+    drift: f64,
+    cpu_ms: f64,
+    pg_ms: f64,
+    client_ms: f64,
+    xacts: f64,
+}
+
+impl Summary {
+    fn of(runs: &[Run]) -> Summary {
+        let rates: Vec<f64> = runs.iter().map(Run::rate).collect();
         let median = crate::stats::median(rates.clone());
         let (min, max) = rates
             .iter()
             .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
-        let drift = max / min.max(1e-9);
-        let builds: u64 = self.runs.iter().map(|r| r.builds).sum();
-        let controller: f64 = self.runs.iter().map(|r| r.controller_cpu).sum();
-        let postgres: f64 = self.runs.iter().map(|r| r.postgres_cpu).sum();
-        let cpu_ms = 1000.0 * controller / builds.max(1) as f64;
-        let pg_ms = 1000.0 * postgres / builds.max(1) as f64;
-        let client: f64 = self.runs.iter().map(|r| r.client_cpu).sum();
-        let client_ms = 1000.0 * client / builds.max(1) as f64;
+        let builds = runs.iter().map(|r| r.builds).sum::<u64>().max(1) as f64;
+        let per_build = |f: fn(&Run) -> f64| 1000.0 * runs.iter().map(f).sum::<f64>() / builds;
+        Summary {
+            drift: max / min.max(1e-9),
+            cpu_ms: per_build(|r| r.controller_cpu),
+            pg_ms: per_build(|r| r.postgres_cpu),
+            client_ms: per_build(|r| r.client_cpu),
+            xacts: runs.iter().map(|r| r.xacts).sum::<i64>() as f64 / builds,
+            rates,
+            median,
+        }
+    }
+
+    fn rates(&self) -> String {
+        self.rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    }
+}
+
+impl Measured {
+    fn row(&self, id: &'static str, scenario: &str) -> Row {
+        let ours = Summary::of(&self.runs);
+        let Summary {
+            median,
+            drift,
+            cpu_ms,
+            pg_ms,
+            client_ms,
+            xacts,
+            ..
+        } = ours;
         // What this machine's cores allow when these three share them: CPU-seconds per second over the
         // CPU of one build (controller + PostgreSQL + load generator).
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -126,33 +183,56 @@ impl Measured {
             samples.extend(run.samples.clone());
         }
         let floor_ratio = self.floor.map(|f| median / f);
+        let reference = (!self.reference.is_empty()).then(|| Summary::of(&self.reference));
+        let ab = reference.as_ref().map(|r| median / r.median.max(1e-9));
         let met = if id == "P12" {
-            median >= 750.0
-                && floor_ratio.is_some_and(|r| r >= 0.5)
-                && cpu_ms <= 0.8
+            ab.is_some_and(|r| r >= 1.4)
+                && xacts <= 5.0
+                && cpu_ms <= 1.0
+                && pg_ms <= 2.0
                 && drift <= 1.1 / 0.9
                 && self.exact
         } else {
             self.exact
         };
+        let floor = match self.floor {
+            Some(f) => format!(
+                "pgbench of our statements {f:.0} builds/s ({:.0} %)",
+                100.0 * median / f
+            ),
+            None => "pgbench missing".into(),
+        };
         Row {
             id,
             scenario: format!(
-                "{scenario}; runs {}; controller CPU {cpu_ms:.2} ms/build, PostgreSQL CPU {pg_ms:.2} ms/build, \
-                 load generator CPU {client_ms:.2} ms/build ({cores}-core ceiling {ceiling:.0} builds/s); \
-                 drift max/min {drift:.2}; {}",
-                rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / "),
+                "{scenario}; runs {}; {xacts:.1} transactions/build; controller CPU {cpu_ms:.2} ms/build, \
+                 PostgreSQL CPU {pg_ms:.2} ms/build, load generator CPU {client_ms:.2} ms/build ({cores}-core \
+                 ceiling {ceiling:.0} builds/s); drift max/min {drift:.2}; {}",
+                ours.rates(),
                 self.check
             ),
             figure: format!("{median:.0} builds/s"),
-            reference: match self.floor {
-                Some(f) => format!("pgbench of our statements {f:.0} builds/s"),
-                None => "pgbench missing".into(),
+            reference: match &reference {
+                Some(r) => format!(
+                    "reference build (alternating runs {}): {:.0} builds/s, {:.1} transactions/build, controller \
+                     CPU {:.2} ms/build, PostgreSQL CPU {:.2} ms/build; {floor}",
+                    r.rates(),
+                    r.median,
+                    r.xacts,
+                    r.cpu_ms,
+                    r.pg_ms
+                ),
+                None => floor,
             },
-            ratio: floor_ratio.map_or("-".into(), |r| format!("{:.0} %", 100.0 * r)),
+            ratio: match (ab, floor_ratio) {
+                (Some(ab), _) => format!("{ab:.2}× reference"),
+                (None, Some(r)) => format!("{:.0} % of pgbench", 100.0 * r),
+                (None, None) => "-".into(),
+            },
             latency: samples.summary(),
             target: if id == "P12" {
-                "≥ 750 builds/s, ≥ 50 % of pgbench, ≤ 0.8 ms CPU/build, runs within ±10 %, exactly once"
+                "≥ 1.4× the reference build (BENCH_REFERENCE_BIN), ≤ 5 transactions, ≤ 1.0 ms controller and \
+                 ≤ 2.0 ms PostgreSQL CPU per build, runs within ±10 %, exactly once"
             } else {
                 "report (durable figure); exactly once"
             },
@@ -161,24 +241,56 @@ impl Measured {
     }
 }
 
+/// The runs of one row: how many, how long, its label, and the reference build alternated with them.
+struct Series<'a> {
+    runs: usize,
+    secs: u64,
+    label: &'a str,
+    reference: Option<&'a Path>,
+}
+
 async fn measure(
     env: &Env,
     client: &reqwest::Client,
     port: u16,
     extra: &[(&str, String)],
-    runs: usize,
-    secs: u64,
-    label: &str,
+    series: Series<'_>,
 ) -> anyhow::Result<Measured> {
+    let Series {
+        runs,
+        secs,
+        label,
+        reference,
+    } = series;
     let pool = &env.pool;
     crate::drain(pool).await?;
-    let statements = statement_stats_reset(pool).await;
+    let mut statements = statement_stats_reset(pool).await;
     let (controller, _) = Controller::launch_with(env, client, port, extra).await?;
     let shared: Shared = Arc::new((client.clone(), controller));
     let tokens = register(&shared).await?;
+    // The reference build runs beside it on the next port, with workers of its own; only one of the
+    // two is driven at a time (the idle one runs its once-a-second clock stamp and its jobs).
+    let other = match reference {
+        Some(binary) => {
+            let (controller, _) = Controller::launch_binary(env, client, port + 1, extra, Some(binary)).await?;
+            let shared: Shared = Arc::new((client.clone(), controller));
+            let tokens = register(&shared).await?;
+            Some((shared, tokens))
+        }
+        None => None,
+    };
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut done = Vec::new();
+    let mut reference_runs = Vec::new();
+    let mut last_builds = 0;
     for n in 0..runs {
+        if let Some((shared, tokens)) = &other {
+            let run = cycles(shared, env, tokens, &ledger, Duration::from_secs(secs)).await?;
+            report_run(&format!("{label} reference"), n, &run);
+            reference_runs.push(run);
+            // Statements per build are the last run's of this build alone.
+            statements = statement_stats_reset(pool).await;
+        }
         // BENCH_P12_PERF=<prefix>: `perf record` of the controller during each run, to
         // <prefix>-<label>-<n>.data (frame-pointer call graphs; BENCH_P12_PERF_DWARF=1 for DWARF ones).
         let perf = std::env::var("BENCH_P12_PERF").ok().and_then(|prefix| {
@@ -197,31 +309,24 @@ async fn measure(
                 .ok()
         });
         let run = cycles(&shared, env, &tokens, &ledger, Duration::from_secs(secs)).await?;
-        eprintln!(
-            "P12 {label} run {}: {:.0} builds/s; controller CPU {:.2} ms/build ({:.2} system), RSS {:.1} MiB; \
-             PostgreSQL CPU {:.2} ms/build; load generator CPU {:.2} ms/build; {:.1} transactions/build (load {})",
-            n + 1,
-            run.rate(),
-            run.per_build(run.controller_cpu),
-            run.per_build(run.controller_sys),
-            run.rss_kib as f64 / 1024.0,
-            run.per_build(run.postgres_cpu),
-            run.per_build(run.client_cpu),
-            run.xacts as f64 / run.builds.max(1) as f64,
-            load_average(),
-        );
+        report_run(label, n, &run);
         if let Some(mut perf) = perf {
             let _ = tokio::task::spawn_blocking(move || perf.wait()).await;
         }
+        last_builds = run.builds;
         done.push(run);
     }
-    let builds: u64 = done.iter().map(|r| r.builds).sum();
+    let builds: u64 = match other {
+        Some(_) => last_builds,
+        None => done.iter().map(|r| r.builds).sum(),
+    };
     if statements {
         print_statements(pool, builds).await;
     }
     let (check, exact) = exactly_once(pool, &env.root, &ledger).await?;
     eprintln!("P12 {label} {check}");
     drop(shared);
+    drop(other);
     crate::drain(pool).await?;
     let floor = pgbench_floor(env, secs.clamp(5, 10)).await;
     match &floor {
@@ -231,10 +336,27 @@ async fn measure(
     crate::drain(pool).await?;
     Ok(Measured {
         runs: done,
+        reference: reference_runs,
         floor: floor.ok(),
         check,
         exact,
     })
+}
+
+fn report_run(label: &str, n: usize, run: &Run) {
+    eprintln!(
+        "P12 {label} run {}: {:.0} builds/s; controller CPU {:.2} ms/build ({:.2} system), RSS {:.1} MiB; \
+         PostgreSQL CPU {:.2} ms/build; load generator CPU {:.2} ms/build; {:.1} transactions/build (load {})",
+        n + 1,
+        run.rate(),
+        run.per_build(run.controller_cpu),
+        run.per_build(run.controller_sys),
+        run.rss_kib as f64 / 1024.0,
+        run.per_build(run.postgres_cpu),
+        run.per_build(run.client_cpu),
+        run.xacts as f64 / run.builds.max(1) as f64,
+        load_average(),
+    );
 }
 
 async fn register(shared: &Shared) -> anyhow::Result<Vec<String>> {

@@ -111,10 +111,23 @@ impl Controller {
         port: u16,
         extra: &[(&str, String)],
     ) -> anyhow::Result<(Controller, Duration)> {
+        Self::launch_binary(env, client, port, extra, None).await
+    }
+
+    /// [`Controller::launch_with`] of `binary` (default: `BENCH_CONTROLLER`, else the release
+    /// controller beside this bench).
+    pub async fn launch_binary(
+        env: &Env,
+        client: &reqwest::Client,
+        port: u16,
+        extra: &[(&str, String)],
+        binary: Option<&std::path::Path>,
+    ) -> anyhow::Result<(Controller, Duration)> {
         // BENCH_CONTROLLER: another controller binary (an A/B against an earlier build).
-        let binary = match std::env::var_os("BENCH_CONTROLLER") {
-            Some(path) => PathBuf::from(path),
-            None => std::env::current_exe()?.with_file_name("expo-controller"),
+        let binary = match (binary, std::env::var_os("BENCH_CONTROLLER")) {
+            (Some(path), _) => path.to_path_buf(),
+            (None, Some(path)) => PathBuf::from(path),
+            (None, None) => std::env::current_exe()?.with_file_name("expo-controller"),
         };
         anyhow::ensure!(
             std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
