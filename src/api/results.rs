@@ -61,24 +61,72 @@ pub fn result_key(build_id: &str) -> ApiResult<Key> {
     Key::result(build_id, &ids::new_id()).ok_or_else(ApiError::build_not_found)
 }
 
+/// For the VM's artifact (the build is the path's): records a fresh result key only if `caller` holds
+/// the build (one statement), then streams straight to it. The attempt that already stored its result
+/// re-sending it after a lost answer is staged, so that the completion compares the bytes; anyone else is
+/// refused before a byte of the file is read.
+pub async fn stream_held(
+    state: &AppState,
+    build_id: &str,
+    caller: &BuildCaller,
+    field: Field<'_>,
+) -> ApiResult<StagedResult> {
+    let key = result_key(build_id)?;
+    match queue::record_held_write(&state.pool, build_id, caller.holder(), key.as_str()).await {
+        Ok(()) => stream_to(state, key, field).await,
+        Err(queue::QueueError::Stale) if resend_of_stored(state, build_id, caller).await => stage(state, field).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// [`stream_direct`] to a result `key` already recorded as a pending write (e.g. by
-/// [`queue::record_held_write`] together with the hold check).
+/// [`queue::record_held_write`] together with the hold check). The sweep's age cut-off counts from the
+/// end of a write, so the key is kept young while the file streams (a slow upload longer than
+/// `CONTROLLER_STAGING_MAX_AGE_SECS` is not doomed under it) and once more when it is complete.
 pub async fn stream_to(state: &AppState, key: Key, field: Field<'_>) -> ApiResult<StagedResult> {
-    match state
+    let keeper = keep_young(state, &key);
+    let written = state
         .storage
         .write_stream(&key, field, state.config.max_result_bytes)
-        .await
-    {
-        Ok(stored) => Ok(StagedResult {
+        .await;
+    keeper.abort();
+    let refreshed = match &written {
+        Ok(_) => queue::refresh_writes(&state.pool, &[key.as_str()])
+            .await
+            .map_err(ApiError::from),
+        Err(_) => Ok(()),
+    };
+    match (written, refreshed) {
+        (Ok(stored), Ok(())) => Ok(StagedResult {
             key,
             stored,
             direct: true,
         }),
-        Err(e) => {
+        (Ok(_), Err(e)) => {
+            discard_direct(state, &key).await;
+            Err(e)
+        }
+        (Err(e), _) => {
             discard_unlinked(&state.pool, &state.storage, &[&key]).await;
             Err(too_large(e))
         }
     }
+}
+
+/// Refreshes `key`'s pending-write age every half staging cut-off while its write runs.
+fn keep_young(state: &AppState, key: &Key) -> tokio::task::JoinHandle<()> {
+    let (pool, key) = (state.pool.clone(), key.as_str().to_string());
+    let every = std::time::Duration::from_secs((state.config.jobs.staging_max_age_secs / 2).max(1));
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            if let Err(error) = queue::refresh_writes(&pool, &[key.as_str()]).await {
+                tracing::warn!(%error, "could not keep a streaming result's pending key young");
+            }
+        }
+    })
 }
 
 /// Deletes a result that was not used (no row names it: the report was refused or never made).
@@ -99,6 +147,10 @@ pub async fn discard(state: &AppState, staged: Option<StagedResult>) {
 async fn discard_direct(state: &AppState, key: &Key) {
     discard_unlinked(&state.pool, &state.storage, &[key]).await;
     if let Err(error) = state.storage.delete(key).await {
+        // The sweep may already have forgotten the key: name it again, doomed, so sweep_unlinked retries.
+        if let Err(e) = queue::doom_forgotten_write(&state.pool, key.as_str()).await {
+            tracing::error!(key = %key.as_str(), error = %e, "could not record a refused result for deletion");
+        }
         tracing::warn!(key = %key.as_str(), %error, "could not delete a refused result; sweep_unlinked retries");
     }
 }

@@ -60,7 +60,9 @@ pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, record_held_wr
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
-pub use pending::{doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes, refresh_writes};
+pub use pending::{
+    doom_forgotten_write, doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes, refresh_writes,
+};
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };

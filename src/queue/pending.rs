@@ -36,6 +36,18 @@ pub async fn refresh_writes(pool: &PgPool, keys: &[&str]) -> QueueResult<()> {
     Ok(())
 }
 
+/// Names `key` again as a doomed pending write after its writer's delete failed following a definite
+/// refusal (the sweep may already have forgotten it): `sweep_unlinked` then retries the delete.
+pub async fn doom_forgotten_write(pool: &PgPool, key: &str) -> QueueResult<()> {
+    sqlx::query(
+        "INSERT INTO pending_writes (key, doomed) VALUES ($1, true) ON CONFLICT (key) DO UPDATE SET doomed = true",
+    )
+    .bind(key)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Claims `keys` for deletion by their writer after a definite refusal: returns those this caller
 /// now owns (present and not doomed before). A key already doomed belongs to the sweep.
 pub async fn doom_writes(pool: &PgPool, keys: &[&str]) -> QueueResult<Vec<String>> {

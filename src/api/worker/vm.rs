@@ -162,8 +162,8 @@ async fn artifact(
     let read = async {
         while let Some(field) = parts.next().await? {
             if field.name() == Some("artifact") && staged.is_none() {
-                // The build is the path's and its caller was checked: straight to its final key.
-                staged = Some(results::stream_direct(&state, &id, field).await?);
+                // The build is the path's: straight to its final key once the caller is found to hold it.
+                staged = Some(results::stream_held(&state, &id, &caller, field).await?);
             }
         }
         Ok::<(), ApiError>(())

@@ -123,6 +123,9 @@ impl Controller {
         extra: &[(&str, String)],
         binary: Option<&std::path::Path>,
     ) -> anyhow::Result<(Controller, Duration)> {
+        // A reference build of an older commit must not migrate the shared database (its migrator would
+        // refuse the newer migrations it does not know); its schema must be compatible with ours.
+        let reference = binary.is_some();
         // BENCH_CONTROLLER: another controller binary (an A/B against an earlier build).
         let binary = match (binary, std::env::var_os("BENCH_CONTROLLER")) {
             (Some(path), _) => path.to_path_buf(),
@@ -137,8 +140,11 @@ impl Controller {
         let mut command = Command::new(binary);
         // D1–D3 measure the dashboard's queries: no read cache (D4 launches its own controller with it).
         command.env("CONTROLLER_DASHBOARD_CACHE_MS", "0");
+        command.arg("serve");
+        if reference {
+            command.arg("--no-migrate");
+        }
         let child = command
-            .arg("serve")
             .env("DATABASE_URL", &env.database_url)
             .env("CONTROLLER_API_KEY", API_KEY)
             .env("CONTROLLER_CERTS_KEY", &env.certs_key)
