@@ -35,3 +35,4 @@ mod s3;
 mod scale;
 mod staging;
 mod token_worker;
+mod webhooks;
