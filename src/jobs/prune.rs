@@ -63,5 +63,9 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
     if deliveries > 0 {
         tracing::info!(deliveries, "webhook deliveries past retention deleted");
     }
+    let keys = queue::idempotency::prune(&ctx.pool, EVENT_BATCH).await?;
+    if keys > 0 {
+        tracing::info!(keys, "idempotency keys past their window deleted");
+    }
     Ok(handled)
 }

@@ -31,6 +31,7 @@ mod diagnostics;
 mod emit;
 mod enqueue;
 pub mod health;
+pub mod idempotency;
 mod lease;
 mod logs;
 mod maintenance;

@@ -1,7 +1,7 @@
 //! Build endpoints for submitters and operators: submit, list, active, status, cancel, retry.
 
 use axum::extract::{DefaultBodyLimit, Multipart, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -114,9 +114,10 @@ pub struct Cancelled {
 async fn submit_g0(
     state: State<AppState>,
     caller: Option<Extension<KeyCaller>>,
+    headers: HeaderMap,
     multipart: MultipartBody,
 ) -> ApiResult<Json<Submitted>> {
-    submit(state, caller, multipart).await
+    submit(state, caller, &headers, multipart).await
 }
 
 /// B1 alias `POST /api/builds`: 201 with the same body.
@@ -128,9 +129,10 @@ async fn submit_g0(
 async fn submit_created(
     state: State<AppState>,
     caller: Option<Extension<KeyCaller>>,
+    headers: HeaderMap,
     multipart: MultipartBody,
 ) -> ApiResult<(StatusCode, Json<Submitted>)> {
-    Ok((StatusCode::CREATED, submit(state, caller, multipart).await?))
+    Ok((StatusCode::CREATED, submit(state, caller, &headers, multipart).await?))
 }
 
 /// What a submit form carried.
@@ -148,10 +150,12 @@ struct SubmitParts {
 async fn submit(
     State(state): State<AppState>,
     caller: Option<Extension<KeyCaller>>,
+    headers: &HeaderMap,
     body: MultipartBody,
 ) -> ApiResult<Json<Submitted>> {
     // The stored key that submits (`None`: the built-in admin key).
     let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
+    let idempotency_key = idempotency_key(headers)?;
     let multipart = require_multipart(body)?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
@@ -180,12 +184,21 @@ async fn submit(
                 source_key: &source_key,
                 certs_key: &certs_key,
                 access_token: &access_token,
+                idempotency_key: idempotency_key.as_deref(),
             };
             create_build(&state, new, form, submitted_by, &mut unsettled).await
         }
         Err(e) => Err(e),
     };
-    let Err(error) = outcome else { return outcome };
+    let error = match outcome {
+        Ok(Created::New(answer)) => return Ok(answer),
+        // A replay stores nothing new: what this request streamed is discarded.
+        Ok(Created::Replayed(answer)) => {
+            jobs::discard_unlinked(&state.pool, &state.storage, &[&source_key, &certs_key]).await;
+            return Ok(answer);
+        }
+        Err(error) => error,
+    };
     if unsettled {
         // The insert may have committed with its answer lost: the row, if it exists, is the answer,
         // and its objects are never deleted here.
@@ -212,6 +225,19 @@ struct Creating<'a> {
     source_key: &'a Key,
     certs_key: &'a Key,
     access_token: &'a str,
+    idempotency_key: Option<&'a str>,
+}
+
+/// A submit's answer: a new build, or the build an earlier submit with the same `Idempotency-Key` made.
+enum Created {
+    New(Json<Submitted>),
+    Replayed(Json<Submitted>),
+}
+
+/// The request's `Idempotency-Key` (400 when malformed, before any byte of the body is read).
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let value = headers.get("idempotency-key").map(|v| v.to_str().unwrap_or("\u{0}"));
+    queue::idempotency::parse_key(value).map_err(ApiError::bad_request)
 }
 
 fn submitted(build: &Build, access_token: String) -> Submitted {
@@ -277,7 +303,7 @@ async fn create_build(
     form: SubmitParts,
     submitted_by: Option<String>,
     unsettled: &mut bool,
-) -> ApiResult<Json<Submitted>> {
+) -> ApiResult<Created> {
     let Some(source) = form.source else {
         return Err(ApiError::bad_request("Source file required"));
     };
@@ -320,8 +346,56 @@ async fn create_build(
     let mut written = vec![row.source_key.as_str()];
     written.extend(row.certs_key.as_deref());
     queue::refresh_writes(&state.pool, &written).await?;
-    let build = enqueue(state, &row, unsettled).await?;
-    Ok(Json(submitted(&build, new.access_token.to_string())))
+    if let Some(replay) = claim_idempotency_key(state, &new, &row).await? {
+        return Ok(Created::Replayed(replay));
+    }
+    let build = match enqueue(state, &row, unsettled).await {
+        Ok(build) => build,
+        Err(error) => {
+            // Refused before the insert: the key is free again (unless the insert may have committed).
+            if let (Some(key), false) = (new.idempotency_key, *unsettled) {
+                let submitter = row.submitted_by.as_deref();
+                let _ = queue::idempotency::release(&state.pool, submitter, key, &row.id).await;
+            }
+            return Err(error);
+        }
+    };
+    Ok(Created::New(Json(submitted(&build, new.access_token.to_string()))))
+}
+
+/// With an `Idempotency-Key`: claims it for this build, or answers as the earlier submit with that key
+/// did (422 `idempotency_key_reused` for a different request, 409 while the first is still in flight).
+async fn claim_idempotency_key(
+    state: &AppState,
+    new: &Creating<'_>,
+    row: &NewBuild,
+) -> ApiResult<Option<Json<Submitted>>> {
+    let Some(key) = new.idempotency_key else {
+        return Ok(None);
+    };
+    let fingerprint = format!("platform={};source_size={}", row.platform.as_str(), row.source_size);
+    let claim = queue::idempotency::KeyClaim {
+        submitter: row.submitted_by.as_deref(),
+        key,
+        fingerprint: &fingerprint,
+        build_id: &row.id,
+        access_token: new.access_token,
+    };
+    match queue::idempotency::claim(&state.pool, &state.secrets.certs_key, &claim).await? {
+        queue::idempotency::Claimed::Fresh => Ok(None),
+        queue::idempotency::Claimed::Replay { build, access_token } => Ok(Some(Json(submitted(&build, access_token)))),
+        queue::idempotency::Claimed::Reused => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Idempotency-Key already used for a different request",
+        )
+        .with_code("idempotency_key_reused")
+        .with_field("code", "idempotency_key_reused")),
+        queue::idempotency::Claimed::InFlight => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "A submit with this Idempotency-Key is still in progress",
+        )
+        .with_code("conflict")),
+    }
 }
 
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the
