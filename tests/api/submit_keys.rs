@@ -127,3 +127,115 @@ async fn a_changed_request_with_a_used_key_is_refused() {
     assert_eq!(status, 200);
     assert_eq!(builds(&app).await, 5);
 }
+
+async fn submit_fields(app: &TestApp, key: &str, platform: &str, fields: &[(&str, &str)]) -> String {
+    let mut form = form(platform, b"PK source");
+    for (name, value) in fields {
+        form = form.text(name.to_string(), value.to_string());
+    }
+    let (status, body) = submit(app, "/api/builds/submit", key, None, form).await;
+    assert_eq!(status, 200, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+async fn state_and_error(app: &TestApp, id: &str) -> (String, Option<String>) {
+    sqlx::query_as("SELECT state, error_message FROM builds WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// A submit with a `supersede_key` cancels its submitter's older queued builds with that key and
+/// platform (`Superseded by <id>`, with the cancel's event and audit row); running ones only with
+/// `supersede_running=true`; other keys, platforms and submitters are untouched.
+#[tokio::test]
+async fn a_submit_supersedes_older_builds_with_its_key() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = create_key(&app, "alice", "submitter").await;
+    let (_, bob) = create_key(&app, "bob", "submitter").await;
+    let main = [("supersede_key", "app/main")];
+    let running = submit_fields(&app, &alice, "ios", &main).await;
+    let (worker, _) = app.register("mac", &["ios"]).await;
+    let job = app.poll(&worker).await;
+    assert_eq!(job["job"]["id"], running.as_str(), "{job}");
+    let queued = submit_fields(&app, &alice, "ios", &main).await;
+    let android = submit_fields(&app, &alice, "android", &main).await;
+    let other_key = submit_fields(&app, &alice, "ios", &[("supersede_key", "app/feature")]).await;
+    let no_key = submit_fields(&app, &alice, "ios", &[]).await;
+    let bobs = submit_fields(&app, &bob, "ios", &main).await;
+
+    let newer = submit_fields(&app, &alice, "ios", &main).await;
+    assert_eq!(
+        state_and_error(&app, &queued).await,
+        ("cancelled".to_string(), Some(format!("Superseded by {newer}")))
+    );
+    for untouched in [&android, &other_key, &no_key, &bobs, &newer] {
+        assert_eq!(state_and_error(&app, untouched).await.0, "pending", "{untouched}");
+    }
+    assert_eq!(state_and_error(&app, &running).await.0, "assigned");
+    // The G0 status says why.
+    let status = app.admin_json(&format!("/api/builds/{queued}/status")).await;
+    assert_eq!(
+        status["error_message"],
+        format!("Superseded by {newer}").as_str(),
+        "{status}"
+    );
+    // As any cancel: an event with the reason, an audit row by the submitter.
+    let reason: String =
+        sqlx::query_scalar("SELECT data->>'reason' FROM events WHERE kind = 'build.cancelled' AND build_id = $1")
+            .bind(&queued)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "superseded");
+    let audited: String =
+        sqlx::query_scalar("SELECT actor_name FROM audit_events WHERE action = 'build.cancel' AND target_id = $1")
+            .bind(&queued)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, "alice");
+
+    // supersede_running=true: the running one goes too (its worker learns at its next heartbeat).
+    let newest = submit_fields(
+        &app,
+        &alice,
+        "ios",
+        &[("supersede_key", "app/main"), ("supersede_running", "true")],
+    )
+    .await;
+    for gone in [&running, &newer] {
+        assert_eq!(
+            state_and_error(&app, gone).await,
+            ("cancelled".to_string(), Some(format!("Superseded by {newest}"))),
+            "{gone}"
+        );
+    }
+    assert_eq!(state_and_error(&app, &newest).await.0, "pending");
+    assert_eq!(state_and_error(&app, &android).await.0, "pending");
+    // Bad fields are 400 and create nothing.
+    let before = builds(&app).await;
+    for fields in [
+        vec![("supersede_key", "k"), ("supersede_running", "maybe")],
+        vec![("supersede_running", "true")],
+    ] {
+        let mut form = form("ios", b"PK");
+        for (name, value) in fields {
+            form = form.text(name, value);
+        }
+        let (status, body) = submit(&app, "/api/builds/submit", &alice, None, form).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    let long = "k".repeat(256);
+    let (status, _) = submit(
+        &app,
+        "/api/builds/submit",
+        &alice,
+        None,
+        form("ios", b"PK").text("supersede_key", long),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(builds(&app).await, before);
+}

@@ -65,6 +65,11 @@ pub struct SubmitForm {
     pub max_attempts: Option<i32>,
     /// RFC 3339: a scheduled build.
     pub run_at: Option<String>,
+    /// At most 255 bytes (e.g. `app/main`): once accepted, this submitter's older queued builds with the
+    /// same key and platform are cancelled (`Superseded by <id>`).
+    pub supersede_key: Option<String>,
+    /// `true`: running builds with the key are cancelled too (default `false`).
+    pub supersede_running: Option<bool>,
     /// Accepted and dropped (never stored in clear).
     #[serde(rename = "appleId")]
     pub apple_id: Option<String>,
@@ -145,6 +150,8 @@ struct SubmitParts {
     priority: Option<String>,
     max_attempts: Option<String>,
     run_at: Option<String>,
+    supersede_key: Option<String>,
+    supersede_running: Option<String>,
 }
 
 async fn submit(
@@ -153,6 +160,12 @@ async fn submit(
     headers: &HeaderMap,
     body: MultipartBody,
 ) -> ApiResult<Json<Submitted>> {
+    // Who submits, for the audit rows of the builds it supersedes.
+    let user_agent = headers.get("user-agent").and_then(|v| v.to_str().ok());
+    let actor = match &caller {
+        Some(Extension(KeyCaller(who))) => crate::audit::Actor::key(who, None, user_agent),
+        None => crate::audit::Actor::anonymous(None, user_agent),
+    };
     // The stored key that submits (`None`: the built-in admin key).
     let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
     let idempotency_key = idempotency_key(headers)?;
@@ -186,7 +199,7 @@ async fn submit(
                 access_token: &access_token,
                 idempotency_key: idempotency_key.as_deref(),
             };
-            create_build(&state, new, form, submitted_by, &mut unsettled).await
+            create_build(&state, new, form, submitted_by, &actor, &mut unsettled).await
         }
         Err(e) => Err(e),
     };
@@ -288,6 +301,8 @@ async fn read_submit_form(
             "priority" => form.priority = Some(read_text(field).await?),
             "max_attempts" => form.max_attempts = Some(read_text(field).await?),
             "run_at" => form.run_at = Some(read_text(field).await?),
+            "supersede_key" => form.supersede_key = Some(read_text(field).await?),
+            "supersede_running" => form.supersede_running = Some(read_text(field).await?),
             // appleId / applePassword and unknown parts are read and dropped: never stored in clear.
             _ => {}
         }
@@ -302,6 +317,7 @@ async fn create_build(
     new: Creating<'_>,
     form: SubmitParts,
     submitted_by: Option<String>,
+    actor: &crate::audit::Actor,
     unsettled: &mut bool,
 ) -> ApiResult<Created> {
     let Some(source) = form.source else {
@@ -317,6 +333,8 @@ async fn create_build(
     let max_attempts = bounded_int(form.max_attempts.as_deref(), "max_attempts", 1, 10)?
         .map_or(state.config.queue.max_attempts, |n| n as i32);
     let run_at = parse_run_at(form.run_at.as_deref())?;
+    let supersede = queue::supersede::parse(form.supersede_key.as_deref(), form.supersede_running.as_deref())
+        .map_err(ApiError::bad_request)?;
     let stored_certs = match (form.certs.as_deref(), form.profile.as_deref()) {
         (None, None) => None,
         (certs_part, profile) => {
@@ -360,6 +378,9 @@ async fn create_build(
             return Err(error);
         }
     };
+    if let Some((key, running)) = supersede {
+        queue::supersede::supersede(&state.pool, &build.id, &key, running, Utc::now(), actor).await?;
+    }
     Ok(Created::New(Json(submitted(&build, new.access_token.to_string()))))
 }
 
