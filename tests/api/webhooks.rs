@@ -574,3 +574,85 @@ async fn delivery_rows_commit_and_roll_back_with_the_event() {
     assert_eq!(receiver.hits().len(), 1);
     assert_eq!(hits[0].json()["kind"], "test.committed");
 }
+
+/// Runs `expo-controller webhooks … --json` over HTTP (`--server`) or on the database; (success, JSON).
+fn cli(app: &TestApp, over_http: bool, args: &[&str]) -> (bool, Value) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_expo-controller"));
+    command
+        .env_remove("DATABASE_URL")
+        .env_remove("CONTROLLER_URL")
+        .env_remove("CONTROLLER_API_KEY")
+        .env_remove("CONTROLLER_CERTS_KEY")
+        .args(["webhooks", "--json"]);
+    if over_http {
+        command.args(["--server", &app.base, "--api-key", API_KEY]);
+    } else {
+        command.args(["--database-url", &app.database_url]);
+    }
+    let output = command.args(args).output().unwrap();
+    let text = if output.status.success() {
+        output.stdout
+    } else {
+        output.stderr
+    };
+    (
+        output.status.success(),
+        serde_json::from_slice(&text).unwrap_or(Value::Null),
+    )
+}
+
+/// `webhooks create|list|show|test|deliveries|redeliver|delete` in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_webhooks_in_both_modes() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let url = receiver.url();
+    let (ok, created) = cli(
+        &app,
+        true,
+        &["create", "--url", &url, "--event", "build.completed,build.failed"],
+    );
+    assert!(ok, "{created}");
+    assert!(created["secret"].as_str().is_some_and(|s| s.starts_with("whsec_")));
+    assert_eq!(created["events"], json!(["build.completed", "build.failed"]));
+    let id = created["id"].as_str().unwrap();
+    for over_http in [true, false] {
+        let (ok, listed) = cli(&app, over_http, &["list"]);
+        assert!(ok, "{listed}");
+        assert_eq!(listed["items"][0]["id"], id);
+        assert!(listed["items"][0].get("secret").is_none());
+        let (ok, shown) = cli(&app, over_http, &["show", id]);
+        assert!(ok && shown["url"] == url.as_str(), "{shown}");
+    }
+    // Database mode cannot seal a secret without the server's certs key: a clear refusal.
+    let (ok, refused) = cli(&app, false, &["create", "--url", &url, "--event", "*"]);
+    assert!(
+        !ok && refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CONTROLLER_CERTS_KEY")),
+        "{refused}"
+    );
+    let (ok, refused) = cli(
+        &app,
+        true,
+        &["create", "--url", "http://169.254.169.254/", "--event", "*"],
+    );
+    assert!(!ok && refused["code"] == "webhook_target_refused", "{refused}");
+
+    let (ok, queued) = cli(&app, true, &["test", id]);
+    assert!(ok && queued["kind"] == "webhook.test", "{queued}");
+    let hits = receiver.wait_until(10, |h| !h.is_empty()).await;
+    assert_eq!(hits[0].json()["kind"], "webhook.test");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, deliveries) = cli(&app, false, &["deliveries", id]);
+    assert!(ok && deliveries["items"][0]["state"] == "delivered", "{deliveries}");
+    let delivery = deliveries["items"][0]["id"].to_string();
+    let (ok, again) = cli(&app, true, &["redeliver", &delivery]);
+    // Queued again with the same message id (the delivery loop may already be sending it).
+    assert!(ok && again["message_id"] == deliveries["items"][0]["message_id"], "{again}");
+    receiver.wait_until(10, |h| h.len() == 2).await;
+    let (ok, _) = cli(&app, true, &["delete", id]);
+    assert!(ok);
+    let (ok, gone) = cli(&app, false, &["show", id]);
+    assert!(!ok && gone["error"] == "Webhook not found", "{gone}");
+}
