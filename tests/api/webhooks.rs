@@ -649,10 +649,95 @@ async fn the_cli_manages_webhooks_in_both_modes() {
     let delivery = deliveries["items"][0]["id"].to_string();
     let (ok, again) = cli(&app, true, &["redeliver", &delivery]);
     // Queued again with the same message id (the delivery loop may already be sending it).
-    assert!(ok && again["message_id"] == deliveries["items"][0]["message_id"], "{again}");
+    assert!(
+        ok && again["message_id"] == deliveries["items"][0]["message_id"],
+        "{again}"
+    );
     receiver.wait_until(10, |h| h.len() == 2).await;
     let (ok, _) = cli(&app, true, &["delete", id]);
     assert!(ok);
     let (ok, gone) = cli(&app, false, &["show", id]);
     assert!(!ok && gone["error"] == "Webhook not found", "{gone}");
+}
+
+/// The dashboard's Webhooks page (the admin's): create one (the secret shown on the answer, once),
+/// its deliveries listed with their answers, a test sent; a viewer has no such page.
+#[tokio::test]
+async fn the_dashboard_webhooks_page() {
+    use crate::dashboard::{csrf_of, no_redirects, post_form, sign_in, sign_in_as};
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let client = no_redirects();
+    let cookie = sign_in(&app, &client).await;
+    let page = |cookie: String| {
+        let (client, url) = (client.clone(), app.url("/dashboard/webhooks"));
+        async move {
+            let r = client.get(url).header("cookie", cookie).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, html) = page(cookie.clone()).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("No webhooks yet."));
+    let csrf = csrf_of(&html);
+    let body = format!(
+        "csrf={csrf}&url={}&events=build.submitted%2Cbuild.cancelled&description=CI",
+        form_urlencoded::byte_serialize(receiver.url().as_bytes()).collect::<String>()
+    );
+    let r = post_form(&client, &app, "/dashboard/webhooks", Some(&cookie), body).await;
+    assert_eq!(r.status(), 200);
+    let created = r.text().await.unwrap();
+    let secret = created
+        .split("id=\"new-webhook-secret\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+
+    let build = app.submit("ios", b"PK\x03\x04 source").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    receiver.wait_until(10, |h| !h.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, html) = page(cookie.clone()).await;
+    assert!(!html.contains(secret), "the secret is shown once");
+    assert!(html.contains(&receiver.url()) && html.contains("build.submitted"));
+    assert!(html.contains(&build[..10]) && html.contains("HTTP 200"), "{html}");
+    let id = app.admin_json("/api/v2/webhooks").await["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = post_form(
+        &client,
+        &app,
+        &format!("/dashboard/webhooks/{id}/test"),
+        Some(&cookie),
+        format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    receiver
+        .wait_until(10, |h| h.iter().any(|hit| hit.json()["kind"] == "webhook.test"))
+        .await;
+
+    let (_, viewer) = create_key(&app, "val", "viewer").await;
+    let viewer_cookie = sign_in_as(&app, &client, &viewer).await.unwrap();
+    let (status, _) = page(viewer_cookie.clone()).await;
+    assert_eq!(status, 403);
+    let (_, overview) = {
+        let r = client
+            .get(app.url("/dashboard"))
+            .header("cookie", viewer_cookie)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    assert!(
+        !overview.contains("/dashboard/webhooks"),
+        "no Webhooks link for a viewer"
+    );
 }
