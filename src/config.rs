@@ -86,6 +86,9 @@ pub struct Config {
     #[command(flatten)]
     pub events: EventsConfig,
 
+    #[command(flatten)]
+    pub webhooks: WebhookConfig,
+
     /// On SIGTERM/SIGINT: how long in-flight requests and uploads may take to finish, in seconds.
     #[arg(long, env = "CONTROLLER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -524,6 +527,34 @@ impl Default for EventsConfig {
     }
 }
 
+/// Webhook deliveries (webhooks.md).
+#[derive(Debug, Clone, Args)]
+pub struct WebhookConfig {
+    /// Deliver to loopback, private, link-local and unique-local addresses too (checked after DNS
+    /// resolution, at connect time). Off by default: a subscriber could otherwise reach the internal network.
+    #[arg(long, env = "CONTROLLER_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private: bool,
+
+    /// A delivery that keeps failing is retried (exponential backoff with jitter) for this many hours,
+    /// then marked `failed` (still redeliverable).
+    #[arg(long, env = "CONTROLLER_WEBHOOK_RETRY_HOURS", default_value_t = 24)]
+    pub webhook_retry_hours: u64,
+
+    /// Deliveries in flight at once on this instance.
+    #[arg(long, env = "CONTROLLER_WEBHOOK_CONCURRENCY", default_value_t = 16)]
+    pub webhook_concurrency: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            webhook_allow_private: false,
+            webhook_retry_hours: 24,
+            webhook_concurrency: 16,
+        }
+    }
+}
+
 /// Shortest admin key accepted.
 pub const MIN_API_KEY_LEN: usize = 32;
 
@@ -599,6 +630,12 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.events.event_replay_events) {
             problems.push("CONTROLLER_EVENT_REPLAY_EVENTS must be between 1 and 1000000".to_string());
+        }
+        if !(1..=720).contains(&self.webhooks.webhook_retry_hours) {
+            problems.push("CONTROLLER_WEBHOOK_RETRY_HOURS must be between 1 and 720".to_string());
+        }
+        if !(1..=1024).contains(&self.webhooks.webhook_concurrency) {
+            problems.push("CONTROLLER_WEBHOOK_CONCURRENCY must be between 1 and 1024".to_string());
         }
         if self.jobs.event_retention_hours == 0 {
             problems.push("CONTROLLER_EVENT_RETENTION_HOURS must be positive".to_string());

@@ -74,24 +74,45 @@ struct Row {
     created_at: DateTime<Utc>,
 }
 
+/// The JSON object of an event as `/api/v2/events` (and every webhook delivery) carries it: `id`,
+/// `kind`, `at`, `build_id`/`worker_id` when set, then the event's own fields.
+pub fn event_json(
+    id: i64,
+    kind: &str,
+    build_id: Option<&str>,
+    worker_id: Option<&str>,
+    created_at: DateTime<Utc>,
+    data: Value,
+) -> Value {
+    let mut object = json!({
+        "id": id,
+        "kind": kind,
+        "at": created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    if let Some(build_id) = build_id {
+        object["build_id"] = json!(build_id);
+    }
+    if let Some(worker_id) = worker_id {
+        object["worker_id"] = json!(worker_id);
+    }
+    if let (Some(object), Value::Object(data)) = (object.as_object_mut(), data) {
+        for (key, value) in data {
+            object.entry(key).or_insert(value);
+        }
+    }
+    object
+}
+
 impl Event {
     fn from_row(row: Row) -> Self {
-        let mut object = json!({
-            "id": row.id,
-            "kind": row.kind,
-            "at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        });
-        if let Some(build_id) = &row.build_id {
-            object["build_id"] = json!(build_id);
-        }
-        if let Some(worker_id) = &row.worker_id {
-            object["worker_id"] = json!(worker_id);
-        }
-        if let (Some(object), Value::Object(data)) = (object.as_object_mut(), row.data.0) {
-            for (key, value) in data {
-                object.entry(key).or_insert(value);
-            }
-        }
+        let object = event_json(
+            row.id,
+            &row.kind,
+            row.build_id.as_deref(),
+            row.worker_id.as_deref(),
+            row.created_at,
+            row.data.0,
+        );
         Self {
             id: row.id,
             kind: row.kind,
@@ -129,6 +150,8 @@ pub struct Events {
     capacity: usize,
     max_age: chrono::Duration,
     open: AtomicUsize,
+    /// Wakes this instance's webhook delivery loop (the LISTEN loop hears the fan-out's NOTIFY).
+    pub webhooks: Arc<crate::webhooks::deliver::Wake>,
 }
 
 impl Events {
@@ -142,6 +165,7 @@ impl Events {
             capacity: config.event_replay_events.max(1),
             max_age: chrono::Duration::seconds(config.event_replay_secs as i64),
             open: AtomicUsize::new(0),
+            webhooks: crate::webhooks::deliver::Wake::new(),
         })
     }
 
@@ -153,6 +177,11 @@ impl Events {
     /// Open SSE subscriptions on this instance.
     pub fn subscribers(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Changes whenever newer events were delivered (webhook delivery workers wait on it).
+    pub fn watch_delivered(&self) -> watch::Receiver<i64> {
+        self.delivered.subscribe()
     }
 
     /// The highest delivered id (-1 before the pump started).

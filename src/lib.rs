@@ -6,6 +6,7 @@
 //! * [`api`] — the HTTP contract served to workers, submitters and operators.
 //! * [`dashboard`] — the operator's web dashboard at `/dashboard`.
 //! * [`storage`] — sources, certs and results, streamed to an object store.
+//! * [`webhooks`] — signed webhook subscriptions and their durable deliveries.
 //! * [`import`] — `import-ts`: moving a TypeScript controller's database and files over.
 
 pub mod api;
@@ -26,3 +27,4 @@ pub mod server;
 pub mod storage;
 pub mod text;
 pub mod transport;
+pub mod webhooks;

@@ -66,6 +66,14 @@ enum Command {
         #[command(flatten)]
         target: cli::Target,
     },
+    /// Webhooks: subscribe URLs to events (signed deliveries, the secret shown once), see deliveries.
+    #[command(after_help = cli::ID_HELP)]
+    Webhooks {
+        #[command(subcommand)]
+        action: cli::WebhooksCommand,
+        #[command(flatten)]
+        target: cli::Target,
+    },
     /// Admin: read the audit log (who changed what, from where), newest first.
     Audit {
         #[command(subcommand)]
@@ -186,6 +194,7 @@ async fn main() -> std::process::ExitCode {
         Command::Queues { action, target } => return cli::run(&target, cli::Operation::Queues(action)).await,
         Command::Workers { action, target } => return cli::run(&target, cli::Operation::Workers(action)).await,
         Command::Keys { action, target } => return cli::run(&target, cli::Operation::Keys(action)).await,
+        Command::Webhooks { action, target } => return cli::run(&target, cli::Operation::Webhooks(action)).await,
         Command::Audit { action, target } => return cli::run(&target, cli::Operation::Audit(action)).await,
     };
     match result {

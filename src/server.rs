@@ -114,6 +114,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     let (pump_pool, pump_events, pump_stop) = (pool.clone(), events.clone(), stop.clone());
     let (pulse_pool, pulse_settings, pulse_stop) = (pool.clone(), config.queue.clone(), stop.clone());
     let mut tasks = tokio::task::JoinSet::new();
+    let deliverer =
+        crate::webhooks::deliver::Deliverer::new(pool.clone(), config.webhooks.clone(), state.secrets.certs_key)?;
+    let (webhook_wake, webhook_stop) = (events.webhooks.clone(), stop.clone());
     let app = api::router(state);
     let (http_stop, http) = (stop.clone(), config.http.clone());
     tasks.spawn(async move {
@@ -127,6 +130,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     tasks.spawn(async move {
         crate::events::pump(pump_pool, pump_events, pump_stop).await;
         "events"
+    });
+    tasks.spawn(async move {
+        deliverer.run(webhook_wake, webhook_stop).await;
+        "webhooks"
     });
     tasks.spawn(async move {
         crate::queue::clock::run_pulse(pulse_pool, pulse_settings, pulse_stop).await;

@@ -93,6 +93,15 @@ pub const ROLES: &[(&str, &str, Access)] = &[
     ("patch", "/api/v2/keys/{id}", Access::Admin),
     ("delete", "/api/v2/keys/{id}", Access::Admin),
     ("get", "/api/v2/audit", Access::Admin),
+    // Webhooks: the admin's see every build, a submitter key's only its own (crate::webhooks).
+    ("get", "/api/v2/webhooks", Access::Submitter),
+    ("post", "/api/v2/webhooks", Access::Submitter),
+    ("get", "/api/v2/webhooks/{id}", Access::Submitter),
+    ("patch", "/api/v2/webhooks/{id}", Access::Submitter),
+    ("delete", "/api/v2/webhooks/{id}", Access::Submitter),
+    ("post", "/api/v2/webhooks/{id}/test", Access::Submitter),
+    ("get", "/api/v2/webhooks/{id}/deliveries", Access::Submitter),
+    ("post", "/api/v2/webhooks/deliveries/{id}/redeliver", Access::Submitter),
 ];
 
 /// The least role of a route (`None`: not in [`ROLES`]).

@@ -13,6 +13,7 @@ use crate::config::{DbConfig, QueueConfig};
 use crate::identity::QuotaDefaults;
 use crate::ops::{self, OpError};
 use crate::queue::QueueError;
+use crate::webhooks;
 
 /// The `serve` command's database settings, parsed alone.
 #[derive(Parser)]
@@ -116,6 +117,22 @@ impl Local {
             Call::UpdateKey { id, update } => ops::keys::update_key(pool, id, update, actor).await.and_then(to_value),
             Call::RevokeKey(id) => ops::keys::revoke_key(pool, id, actor).await.and_then(to_value),
             Call::ReleaseWorker(id) => ops::release_worker(pool, id, actor).await,
+            Call::ListWebhooks => webhooks::list(pool, actor).await.and_then(to_value),
+            Call::ShowWebhook(id) => webhooks::show(pool, id, actor).await.and_then(to_value),
+            Call::CreateWebhook(request) => match certs_key_from_env() {
+                Some(key) => webhooks::create(pool, &key, allow_private_from_env(), request, actor)
+                    .await
+                    .and_then(to_value),
+                None => Err(OpError::bad_request(
+                    "webhooks create in database mode seals the secret with the server's CONTROLLER_CERTS_KEY: set it, or use --server",
+                )),
+            },
+            Call::DeleteWebhook(id) => webhooks::delete(pool, id, actor).await.map(|()| Value::Null),
+            Call::TestWebhook(id) => webhooks::test(pool, id, actor).await.and_then(to_value),
+            Call::WebhookDeliveries { id, limit } => {
+                webhooks::deliveries(pool, id, *limit, actor).await.and_then(to_value)
+            }
+            Call::Redeliver(id) => webhooks::redeliver(pool, id, actor).await.and_then(to_value),
             Call::ListAudit {
                 actor: who,
                 action,
@@ -159,6 +176,15 @@ impl Local {
             _ => Failure::new(Exit::Server, format!("database error: {shown}")),
         }
     }
+}
+
+/// The server's certs key, which seals webhook secrets (database mode only).
+fn certs_key_from_env() -> Option<[u8; 32]> {
+    crate::ids::decode_key32(std::env::var("CONTROLLER_CERTS_KEY").ok()?.trim())
+}
+
+fn allow_private_from_env() -> bool {
+    std::env::var("CONTROLLER_WEBHOOK_ALLOW_PRIVATE").is_ok_and(|v| v.trim() == "true")
 }
 
 fn to_value(view: impl serde::Serialize) -> Result<Value, OpError> {

@@ -166,6 +166,28 @@ impl Remote {
             ),
             Call::RevokeKey(id) => (M::DELETE, self.url(&["api", "v2", "keys", id], &[]), None),
             Call::ReleaseWorker(id) => (M::POST, workers(id, Some("release")), None),
+            Call::ListWebhooks => (M::GET, self.url(&["api", "v2", "webhooks"], &[]), None),
+            Call::ShowWebhook(id) => (M::GET, self.url(&["api", "v2", "webhooks", id], &[]), None),
+            Call::CreateWebhook(request) => (
+                M::POST,
+                self.url(&["api", "v2", "webhooks"], &[]),
+                serde_json::to_value(request).ok(),
+            ),
+            Call::DeleteWebhook(id) => (M::DELETE, self.url(&["api", "v2", "webhooks", id], &[]), None),
+            Call::TestWebhook(id) => (M::POST, self.url(&["api", "v2", "webhooks", id, "test"], &[]), None),
+            Call::WebhookDeliveries { id, limit } => (
+                M::GET,
+                self.url(
+                    &["api", "v2", "webhooks", id, "deliveries"],
+                    &[("limit", limit.to_string())],
+                ),
+                None,
+            ),
+            Call::Redeliver(id) => (
+                M::POST,
+                self.url(&["api", "v2", "webhooks", "deliveries", id, "redeliver"], &[]),
+                None,
+            ),
             Call::ListAudit {
                 actor,
                 action,
@@ -266,6 +288,9 @@ impl Remote {
 
     /// The API's JSON answer, or the failure it describes.
     fn answer(&self, status: StatusCode, bytes: &[u8]) -> CliResult<Value> {
+        if status == StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
         let parsed = serde_json::from_slice::<Value>(bytes).ok();
         match (status.is_success(), parsed) {
             (true, Some(value)) => Ok(value),

@@ -274,6 +274,52 @@ pub enum KeysCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Subscribe a URL to events; the signing secret (`whsec_…`) is printed once and never again.
+    Create {
+        /// `https://…` (private addresses only with CONTROLLER_WEBHOOK_ALLOW_PRIVATE=true on the server).
+        #[arg(long)]
+        url: String,
+        /// Event kinds, `family.*` or `*` (repeat, or separate with commas).
+        #[arg(long = "event", value_delimiter = ',', required = true)]
+        events: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Your subscriptions (the admin: every one), newest first.
+    List,
+    /// One subscription.
+    Show {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
+    /// Delete a subscription with its deliveries.
+    Delete {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
+    /// Send a `webhook.test` event to it.
+    Test {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+    },
+    /// Its deliveries, newest first, with every attempt.
+    Deliveries {
+        #[arg(allow_hyphen_values = true, value_name = "ID")]
+        id: String,
+        /// Deliveries shown, 1–500.
+        #[arg(long, default_value_t = 50, allow_hyphen_values = true)]
+        limit: i64,
+    },
+    /// Send a delivery again (same message id).
+    Redeliver {
+        /// The delivery's id (from `deliveries`).
+        #[arg(allow_hyphen_values = true, value_name = "DELIVERY")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// The audit log, newest first: who changed what, from where.
     List {
@@ -328,6 +374,7 @@ pub enum Operation {
     Workers(WorkersCommand),
     Keys(KeysCommand),
     Audit(AuditCommand),
+    Webhooks(WebhooksCommand),
 }
 
 /// One call to the controller, the same in both modes.
@@ -379,6 +426,16 @@ pub(crate) enum Call {
     },
     RevokeKey(String),
     ReleaseWorker(String),
+    ListWebhooks,
+    ShowWebhook(String),
+    CreateWebhook(crate::webhooks::WebhookRequest),
+    DeleteWebhook(String),
+    TestWebhook(String),
+    WebhookDeliveries {
+        id: String,
+        limit: i64,
+    },
+    Redeliver(String),
     ListAudit {
         actor: Option<String>,
         action: Option<String>,
@@ -630,9 +687,34 @@ async fn execute(backend: &Backend, operation: Operation, json: bool) -> CliResu
         Operation::Workers(WorkersCommand::Release { id }) => {
             output::Shown::Worker(backend.call(&Call::ReleaseWorker(id)).await?)
         }
+        Operation::Webhooks(command) => output::Shown::Webhooks(webhooks(backend, command).await?),
     };
     output::print(&shown, json);
     Ok(Exit::Ok)
+}
+
+async fn webhooks(backend: &Backend, command: WebhooksCommand) -> CliResult<Value> {
+    let call = match command {
+        WebhooksCommand::Create {
+            url,
+            events,
+            description,
+        } => Call::CreateWebhook(crate::webhooks::WebhookRequest {
+            url: Some(url),
+            events: Some(events),
+            description,
+        }),
+        WebhooksCommand::List => Call::ListWebhooks,
+        WebhooksCommand::Show { id } => Call::ShowWebhook(id),
+        WebhooksCommand::Delete { id } => {
+            backend.call(&Call::DeleteWebhook(id.clone())).await?;
+            return Ok(json!({ "deleted": id }));
+        }
+        WebhooksCommand::Test { id } => Call::TestWebhook(id),
+        WebhooksCommand::Deliveries { id, limit } => Call::WebhookDeliveries { id, limit },
+        WebhooksCommand::Redeliver { id } => Call::Redeliver(id),
+    };
+    backend.call(&call).await
 }
 
 async fn set_worker_state(backend: &Backend, id: String, state: &'static str) -> CliResult<output::Shown> {

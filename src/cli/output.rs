@@ -35,6 +35,8 @@ pub(crate) enum Shown {
     Keys(Value),
     Key(Value),
     Audit(Value),
+    /// Webhook subscriptions, one, its deliveries, or a deletion.
+    Webhooks(Value),
 }
 
 pub fn print(shown: &Shown, json: bool) {
@@ -48,7 +50,8 @@ pub fn print(shown: &Shown, json: bool) {
             | Shown::Queue(v)
             | Shown::Keys(v)
             | Shown::Key(v)
-            | Shown::Audit(v) => v,
+            | Shown::Audit(v)
+            | Shown::Webhooks(v) => v,
         };
         print_json(value);
         return;
@@ -62,6 +65,7 @@ pub fn print(shown: &Shown, json: bool) {
         Shown::Keys(list) => keys_table(list),
         Shown::Key(key) => key_details(key),
         Shown::Audit(list) => audit_table(list),
+        Shown::Webhooks(value) => webhooks_text(value),
         Shown::Queue(queue) => format!(
             "queue {}: {}\n",
             text(&queue["name"]),
@@ -69,6 +73,93 @@ pub fn print(shown: &Shown, json: bool) {
         ),
     };
     emit(&text);
+}
+
+/// Webhook answers: a list of subscriptions or deliveries as a table, one subscription or delivery as
+/// `field  value` lines (a new subscription's secret first, with the warning that it is shown once).
+fn webhooks_text(value: &Value) -> String {
+    let mut out = String::new();
+    if let Some(id) = value["deleted"].as_str() {
+        return format!("webhook {id} deleted\n");
+    }
+    let Some(items) = value["items"].as_array() else {
+        if let Some(secret) = value["secret"].as_str() {
+            out.push_str(&format!("secret       {secret}\n(shown once: store it now)\n"));
+        }
+        let fields: &[&str] = if value.get("message_id").is_some() {
+            &[
+                "id",
+                "message_id",
+                "webhook_id",
+                "kind",
+                "state",
+                "created_at",
+                "delivered_at",
+                "next_attempt_at",
+            ]
+        } else {
+            &[
+                "id",
+                "url",
+                "events",
+                "description",
+                "active",
+                "owner_name",
+                "created_at",
+            ]
+        };
+        for field in fields {
+            let shown = match &value[*field] {
+                Value::Array(list) => list.iter().map(text).collect::<Vec<_>>().join(","),
+                other => text(other),
+            };
+            out.push_str(&format!("{field:<12} {shown}\n"));
+        }
+        return out;
+    };
+    if items.first().is_some_and(|d| d.get("message_id").is_some()) {
+        out.push_str(&format!(
+            "{:<10} {:<22} {:<11} {:<9} {:<6} {}\n",
+            "ID", "KIND", "STATE", "ATTEMPTS", "LAST", "LAST ERROR"
+        ));
+        for d in items {
+            let attempts = d["attempts"].as_array().map_or(0, Vec::len);
+            let last = d["attempts"]
+                .as_array()
+                .and_then(|a| a.last())
+                .cloned()
+                .unwrap_or(Value::Null);
+            out.push_str(&format!(
+                "{:<10} {:<22} {:<11} {:<9} {:<6} {}\n",
+                text(&d["id"]),
+                text(&d["kind"]),
+                text(&d["state"]),
+                attempts,
+                text(&last["status_code"]),
+                text(&last["error"]),
+            ));
+        }
+    } else {
+        out.push_str(&format!(
+            "{:<22} {:<7} {:<30} {:<16} {}\n",
+            "ID", "ACTIVE", "EVENTS", "OWNER", "URL"
+        ));
+        for w in items {
+            let events = w["events"]
+                .as_array()
+                .map(|l| l.iter().map(text).collect::<Vec<_>>().join(","))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{:<22} {:<7} {:<30} {:<16} {}\n",
+                text(&w["id"]),
+                text(&w["active"]),
+                events,
+                text(&w["owner_name"]),
+                text(&w["url"]),
+            ));
+        }
+    }
+    out
 }
 
 /// The audit log: time, actor, role, action, target, client address; the next page's cursor.

@@ -79,6 +79,56 @@ pub async fn revoke_key(
     Ok(back("/dashboard/keys", outcome))
 }
 
+/// Test, pause, resume or delete a webhook (the admin's).
+pub async fn webhook_action(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
+    checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let actor = session.actor();
+    let pool = &state.pool;
+    let active = |active| crate::webhooks::WebhookUpdate {
+        active: Some(active),
+        ..Default::default()
+    };
+    let allow_private = state.config.webhooks.webhook_allow_private;
+    let outcome = match action.as_str() {
+        "test" => crate::webhooks::test(pool, &id, &actor)
+            .await
+            .map(|d| format!("Test event queued (delivery {})", d.id)),
+        "pause" => crate::webhooks::update(pool, allow_private, &id, &active(false), &actor)
+            .await
+            .map(|_| "Webhook paused".to_string()),
+        "resume" => crate::webhooks::update(pool, allow_private, &id, &active(true), &actor)
+            .await
+            .map(|_| "Webhook resumed".to_string()),
+        "delete" => crate::webhooks::delete(pool, &id, &actor)
+            .await
+            .map(|()| "Webhook deleted".to_string()),
+        _ => return Err(fail(ApiError::not_found("Unknown action"))),
+    };
+    Ok(back("/dashboard/webhooks", outcome.map_err(ApiError::from)))
+}
+
+/// Sends a delivery again (same message id).
+pub async fn redeliver(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
+    checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let outcome = crate::webhooks::redeliver(&state.pool, &id, &session.actor())
+        .await
+        .map(|d| format!("Delivery {} queued again", d.id))
+        .map_err(ApiError::from);
+    Ok(back("/dashboard/webhooks", outcome))
+}
+
 /// One build action, as `/api/v2` does it (the queue layer emits the events).
 async fn apply_to_build(
     state: &AppState,

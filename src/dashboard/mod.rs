@@ -76,6 +76,12 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/dashboard/keys", get(keys).post(create_key))
         .route("/dashboard/audit", get(audit_page))
         .route("/dashboard/keys/{id}/revoke", post(actions::revoke_key))
+        .route("/dashboard/webhooks", get(webhooks).post(create_webhook))
+        .route(
+            "/dashboard/webhooks/deliveries/{id}/redeliver",
+            post(actions::redeliver),
+        )
+        .route("/dashboard/webhooks/{id}/{action}", post(actions::webhook_action))
         // Any other dashboard path is an HTML 404, not the API's JSON one.
         .route("/dashboard/{*rest}", get(unknown_page))
         .layer(axum::middleware::from_fn_with_state(
@@ -579,6 +585,70 @@ async fn audit_page(State(state): State<AppState>, session: Session, RawQuery(ra
         &chrome("Audit", "audit", &session, &p),
         audit::page(&list, &p),
     )))
+}
+
+/// The admin's Webhooks page.
+async fn webhooks(State(state): State<AppState>, session: Session, RawQuery(raw): RawQuery) -> PageResult {
+    session.may(crate::identity::Access::Admin).map_err(fail)?;
+    let p = params(raw.as_deref());
+    webhooks_page(&state, &session, &p, None).await
+}
+
+async fn webhooks_page(
+    state: &AppState,
+    session: &Session,
+    p: &HashMap<String, String>,
+    created: Option<&crate::webhooks::CreatedWebhook>,
+) -> PageResult {
+    let actor = session.actor();
+    let list = crate::webhooks::list(&state.pool, &actor).await.map_err(fail)?;
+    let mut rows = Vec::new();
+    for webhook in list.items {
+        let deliveries = crate::webhooks::deliveries(&state.pool, &webhook.id, 10, &actor)
+            .await
+            .map_err(fail)?;
+        rows.push((webhook, deliveries.items));
+    }
+    let body = pages::webhooks(&rows, &session.csrf, created);
+    Ok(html(pages::layout(&chrome("Webhooks", "webhooks", session, p), body)))
+}
+
+/// Creates a webhook and shows its secret on the answer itself, once (never in a URL or a redirect).
+async fn create_webhook(
+    State(state): State<AppState>,
+    session: Session,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> PageResult {
+    let form = actions::checked_admin_form(&session, &headers, &body).map_err(fail)?;
+    let text = |name: &str| form.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let request = crate::webhooks::WebhookRequest {
+        url: text("url"),
+        events: text("events").map(|e| {
+            e.split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect()
+        }),
+        description: text("description"),
+    };
+    let allow_private = state.config.webhooks.webhook_allow_private;
+    let outcome = crate::webhooks::create(
+        &state.pool,
+        &state.secrets.certs_key,
+        allow_private,
+        &request,
+        &session.actor(),
+    )
+    .await;
+    match outcome {
+        Ok(created) => webhooks_page(&state, &session, &HashMap::new(), Some(&created)).await,
+        Err(error) => {
+            let mut p = HashMap::new();
+            p.insert("error".to_string(), ApiError::from(error).message().to_string());
+            webhooks_page(&state, &session, &p, None).await
+        }
+    }
 }
 
 async fn keys_page(

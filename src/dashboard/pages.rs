@@ -48,6 +48,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
         ("workers", "/dashboard/workers", "Workers"),
         ("queues", "/dashboard/queues", "Queues"),
         ("keys", "/dashboard/keys", "Keys"),
+        ("webhooks", "/dashboard/webhooks", "Webhooks"),
         ("audit", "/dashboard/audit", "Audit"),
     ];
     html! {
@@ -58,7 +59,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
                 header.top {
                     a.brand href="/dashboard" { span.logo aria-hidden="true" { "◆" } " Free Agent" }
                     nav aria-label="Main" {
-                        @for (key, href, label) in nav.into_iter().filter(|n| !matches!(n.0, "keys" | "audit") || chrome.role == "admin") {
+                        @for (key, href, label) in nav.into_iter().filter(|n| !matches!(n.0, "keys" | "webhooks" | "audit") || chrome.role == "admin") {
                             a href=(href) aria-current=[(key == chrome.nav).then_some("page")] { (label) }
                         }
                     }
@@ -723,6 +724,82 @@ pub fn keys(list: &[crate::ops::keys::KeyView], csrf: &str, created: Option<&cra
                 } }
             }
         } }
+    }
+}
+
+// ---------- webhooks ----------
+
+/// The admin's Webhooks page: every subscription with its latest deliveries, a form to create one (its
+/// secret shown on the answer, once), Test, Pause/Resume, Delete, Redeliver.
+pub fn webhooks(
+    list: &[(crate::webhooks::WebhookView, Vec<crate::webhooks::DeliveryView>)],
+    csrf: &str,
+    created: Option<&crate::webhooks::CreatedWebhook>,
+) -> Markup {
+    html! {
+        div.page-head { h1 { "Webhooks" } p.muted { "Signed POSTs (Standard Webhooks) of build events to your URLs, retried for a day until answered 2xx." } }
+        @if let Some(created) = created {
+            section.card #new-webhook role="status" {
+                h2 { "Webhook to " (created.url) " created" }
+                p { "Copy its signing secret now: it is shown this once and never again." }
+                p { code #new-webhook-secret { (created.secret) } }
+            }
+        }
+        form.filters method="post" action="/dashboard/webhooks" data-confirm="Create this webhook?" {
+            input type="hidden" name="csrf" value=(csrf);
+            label { "URL" input type="url" name="url" maxlength="2048" placeholder="https://ci.example.com/hooks/expo" required; }
+            label { "Events" input type="text" name="events" maxlength="512" value="build.completed,build.failed" required; }
+            label { "Description" input type="text" name="description" maxlength="256"; }
+            button.btn.primary type="submit" { "Create webhook" }
+        }
+        @if list.is_empty() { p.empty { "No webhooks yet." } }
+        @for (w, deliveries) in list {
+            section.card.webhook data-webhook=(w.id) {
+                h2 { span.mono { (w.url) } " " @if w.active { (pill("active")) } @else { (pill("paused")) } }
+                p.muted { (w.events.join(", ")) " · " (w.owner_name) " · created " (w.created_at)
+                    @if !w.description.is_empty() { " · " (w.description) } }
+                div.actions {
+                    (action(&format!("/dashboard/webhooks/{}/test", w.id), csrf, "Send test", &format!("Send a webhook.test event to {}?", w.url), "primary"))
+                    @if w.active {
+                        (action(&format!("/dashboard/webhooks/{}/pause", w.id), csrf, "Pause", "Pause this webhook? Its deliveries wait until it is resumed.", "danger"))
+                    } @else {
+                        (action(&format!("/dashboard/webhooks/{}/resume", w.id), csrf, "Resume", "Resume this webhook?", "primary"))
+                    }
+                    (action(&format!("/dashboard/webhooks/{}/delete", w.id), csrf, "Delete", &format!("Delete the webhook to {} with its deliveries?", w.url), "danger"))
+                }
+                div.table-wrap { table.deliveries {
+                    thead { tr {
+                        th scope="col" { "Delivery" } th scope="col" { "Event" } th scope="col" { "Build" } th scope="col" { "State" }
+                        th scope="col" { "Attempts" } th scope="col" { "Last answer" } th scope="col" { "Next try" } th scope="col" { "Action" }
+                    } }
+                    tbody {
+                        @if deliveries.is_empty() { tr { td colspan="8" { p.empty { "No deliveries yet." } } } }
+                        @for d in deliveries {
+                            @let last = d.attempts.last();
+                            tr data-delivery=(d.id) {
+                                td.mono title=(d.message_id) { (d.id) }
+                                td { (d.kind) }
+                                td { @if let Some(b) = &d.build_id { (build_link(b)) } @else { span.muted { "—" } } }
+                                td { (pill(&d.state)) }
+                                td { (d.attempts.len()) }
+                                td { @match last {
+                                    Some(a) => {
+                                        @if let Some(code) = a.status_code { "HTTP " (code) } @else { span.muted { "no answer" } }
+                                        " · " (a.latency_ms) " ms"
+                                        @if let Some(e) = &a.error { br; span.muted { (e) } }
+                                    }
+                                    None => span.muted { "—" },
+                                } }
+                                td { (d.next_attempt_at.as_deref().unwrap_or("—")) }
+                                td.actions { @if d.state != "delivering" {
+                                    (action(&format!("/dashboard/webhooks/deliveries/{}/redeliver", d.id), csrf, "Redeliver", "Send this delivery again (same message id)?", "primary"))
+                                } }
+                            }
+                        }
+                    }
+                } }
+            }
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! deleted; rows of finished builds older than the retention (30 days) go with their logs, attempts and
 //! CPU samples, as do old diagnostic reports and tick records; events older than
 //! `CONTROLLER_EVENT_RETENTION_HOURS` are deleted from the outbox, audit rows older than
-//! `CONTROLLER_AUDIT_RETENTION_DAYS` from the audit log. Bounded per tick.
+//! `CONTROLLER_AUDIT_RETENTION_DAYS` from the audit log, delivered or failed webhook deliveries older
+//! than the retention with their attempts. Bounded per tick.
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -56,6 +57,15 @@ pub async fn run_once(ctx: &JobContext, now: DateTime<Utc>) -> QueueResult<u64> 
     let audited = crate::audit::prune(&ctx.pool, audit_cutoff, EVENT_BATCH).await?;
     if audited > 0 {
         tracing::info!(audited, "audit rows past retention deleted");
+    }
+    // Finished webhook deliveries (with their attempts) are kept as long as finished builds.
+    let deliveries = crate::webhooks::prune(&ctx.pool, row_cutoff, EVENT_BATCH).await?;
+    if deliveries > 0 {
+        tracing::info!(deliveries, "webhook deliveries past retention deleted");
+    }
+    let keys = queue::idempotency::prune(&ctx.pool, EVENT_BATCH).await?;
+    if keys > 0 {
+        tracing::info!(keys, "idempotency keys past their window deleted");
     }
     Ok(handled)
 }

@@ -23,6 +23,27 @@ pub async fn cancel(
     now: DateTime<Utc>,
     actor: &crate::audit::Actor,
 ) -> QueueResult<CancelOutcome> {
+    cancel_because(pool, build_id, now, actor, None).await
+}
+
+/// Why a build was cancelled, when it is not its owner's or an operator's request: the build's
+/// `error_message`, its log line and the event's `reason`/`message` say so.
+#[derive(Debug, Clone, Copy)]
+pub struct CancelReason<'a> {
+    /// Stable word for the event (`superseded`).
+    pub reason: &'a str,
+    /// For people (`Superseded by <id>`).
+    pub message: &'a str,
+}
+
+/// [`cancel`], with a reason other than the user's request.
+pub async fn cancel_because(
+    pool: &PgPool,
+    build_id: &str,
+    now: DateTime<Utc>,
+    actor: &crate::audit::Actor,
+    why: Option<CancelReason<'_>>,
+) -> QueueResult<CancelOutcome> {
     let mut tx = pool.begin().await?;
     let current: Option<(String, Option<String>, i32)> =
         sqlx::query_as("SELECT state, lease_owner, attempt FROM builds WHERE id = $1 FOR UPDATE")
@@ -43,12 +64,14 @@ pub async fn cancel(
         "UPDATE builds SET state = 'cancelled', completed_at = $2, finished_reason = 'cancelled',
             cancel_requested_at = CASE WHEN $3 THEN $2 ELSE NULL END,
             lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_sealed = NULL, vm_token_expires_at = NULL
+            otp_hash = NULL, otp_expires_at = NULL, vm_token_hash = NULL, vm_token_sealed = NULL, vm_token_expires_at = NULL,
+            error_message = coalesce($4, error_message)
          WHERE id = $1 RETURNING *",
     )
     .bind(build_id)
     .bind(now)
     .bind(held)
+    .bind(why.map(|w| w.message))
     .fetch_one(&mut *tx)
     .await?;
     if let (true, Some(worker_id)) = (held, &lease_owner) {
@@ -65,9 +88,14 @@ pub async fn cancel(
             .execute(&mut *tx)
             .await?;
     }
-    append_system_log(&mut tx, build_id, "warn", "Build cancelled by user", now).await?;
+    let message = why.map_or("Build cancelled by user", |w| w.message);
+    append_system_log(&mut tx, build_id, "warn", message, now).await?;
     let worker = lease_owner.as_deref().filter(|_| held);
-    super::emit::emit_build(&mut tx, "build.cancelled", &build, worker, serde_json::json!({})).await?;
+    let data = match why {
+        Some(why) => serde_json::json!({ "reason": why.reason, "message": why.message }),
+        None => serde_json::json!({}),
+    };
+    super::emit::emit_build(&mut tx, "build.cancelled", &build, worker, data).await?;
     let change = crate::audit::Change::new("build.cancel", "build", build_id)
         .before(serde_json::json!({ "state": state.as_str(), "worker_id": worker }))
         .after(serde_json::json!({ "state": "cancelled" }));

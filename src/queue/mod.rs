@@ -31,6 +31,7 @@ mod diagnostics;
 mod emit;
 mod enqueue;
 pub mod health;
+pub mod idempotency;
 mod lease;
 mod logs;
 mod maintenance;
@@ -38,6 +39,7 @@ mod model;
 pub mod operator;
 mod pending;
 mod retention;
+pub mod supersede;
 mod vm;
 mod wakeups;
 mod workers;
@@ -48,7 +50,7 @@ pub use builds::{
     BuildFilter, FleetStats, active_builds, certs_to_purge, clear_certs, find_build, fleet_stats, list_builds,
     queue_counts, record_cpu_sample,
 };
-pub use cancel::{CancelOutcome, cancel};
+pub use cancel::{CancelOutcome, CancelReason, cancel, cancel_because};
 pub use claim::{Claim, claim, claim_sql, held_back_by_requeue};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub(crate) use enqueue::notify_ready;

@@ -25,6 +25,7 @@ use tokio::sync::{Notify, watch};
 
 use super::{NOTIFY_CHANNEL, Platform};
 use crate::events::{EVENTS_CHANNEL, Events};
+use crate::webhooks::deliver::CHANNEL as WEBHOOKS_CHANNEL;
 
 /// Notification payload suffix meaning "every build of this queue" (`ios:*`).
 pub const ALL_BUILDS: &str = "*";
@@ -222,6 +223,7 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mu
             tokio::select! {
                 received = listener.try_recv() => match received {
                     Ok(Some(notification)) if notification.channel() == EVENTS_CHANNEL => events.wake(),
+                    Ok(Some(notification)) if notification.channel() == WEBHOOKS_CHANNEL => events.webhooks.wake(),
                     Ok(Some(notification)) => wakeups.dispatch(notification.payload()),
                     // The connection dropped; notifications may have been lost meanwhile.
                     Ok(None) => {
@@ -243,7 +245,9 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mu
 
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen_all([NOTIFY_CHANNEL, EVENTS_CHANNEL]).await?;
+    listener
+        .listen_all([NOTIFY_CHANNEL, EVENTS_CHANNEL, WEBHOOKS_CHANNEL])
+        .await?;
     Ok(listener)
 }
 

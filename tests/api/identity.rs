@@ -537,6 +537,14 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("patch", "/api/v2/keys/{id}", "admin"),
     ("delete", "/api/v2/keys/{id}", "admin"),
     ("get", "/api/v2/audit", "admin"),
+    ("get", "/api/v2/webhooks", "submitter"),
+    ("post", "/api/v2/webhooks", "submitter"),
+    ("get", "/api/v2/webhooks/{id}", "submitter"),
+    ("patch", "/api/v2/webhooks/{id}", "submitter"),
+    ("delete", "/api/v2/webhooks/{id}", "submitter"),
+    ("post", "/api/v2/webhooks/{id}/test", "submitter"),
+    ("get", "/api/v2/webhooks/{id}/deliveries", "submitter"),
+    ("post", "/api/v2/webhooks/deliveries/{id}/redeliver", "submitter"),
 ];
 
 /// Who calls, in the order the matrix calls them (the admin last: its actions delete and revoke).

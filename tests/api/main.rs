@@ -34,4 +34,6 @@ mod reviews;
 mod s3;
 mod scale;
 mod staging;
+mod submit_keys;
 mod token_worker;
+mod webhooks;

@@ -66,6 +66,9 @@ const BODYLESS: &[&str] = &[
     "delete /api/v2/keys/{id}",
     "post /api/v2/queues/{platform}/pause",
     "post /api/v2/queues/{platform}/resume",
+    "delete /api/v2/webhooks/{id}",
+    "post /api/v2/webhooks/{id}/test",
+    "post /api/v2/webhooks/deliveries/{id}/redeliver",
 ];
 
 #[tokio::test]

@@ -72,6 +72,7 @@ pub fn config(database_url: &str, storage_dir: PathBuf) -> Config {
         jobs: Default::default(),
         dashboard: Default::default(),
         events: Default::default(),
+        webhooks: Default::default(),
         shutdown_grace_secs: 10,
         log_format: "text".to_string(),
     }

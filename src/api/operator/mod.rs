@@ -11,6 +11,7 @@ mod legacy;
 mod metrics;
 pub mod schema;
 pub mod views;
+mod webhooks;
 
 use super::auth::Credential;
 use super::group::{ApiRouter, Caller, Group};
@@ -22,7 +23,8 @@ pub fn group() -> Group {
         .merge(legacy::router())
         .merge(keys::router())
         .merge(audit::router())
-        .merge(diagnostics::router());
+        .merge(diagnostics::router())
+        .merge(webhooks::router());
     Group::new(Caller::Operator)
         .routes(Credential::Admin, admin)
         .routes(Credential::AdminOrBearer, metrics::router())

@@ -1,7 +1,7 @@
 //! Build endpoints for submitters and operators: submit, list, active, status, cancel, retry.
 
 use axum::extract::{DefaultBodyLimit, Multipart, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -65,6 +65,11 @@ pub struct SubmitForm {
     pub max_attempts: Option<i32>,
     /// RFC 3339: a scheduled build.
     pub run_at: Option<String>,
+    /// At most 255 bytes (e.g. `app/main`): once accepted, this submitter's older queued builds with the
+    /// same key and platform are cancelled (`Superseded by <id>`).
+    pub supersede_key: Option<String>,
+    /// `true`: running builds with the key are cancelled too (default `false`).
+    pub supersede_running: Option<bool>,
     /// Accepted and dropped (never stored in clear).
     #[serde(rename = "appleId")]
     pub apple_id: Option<String>,
@@ -114,9 +119,10 @@ pub struct Cancelled {
 async fn submit_g0(
     state: State<AppState>,
     caller: Option<Extension<KeyCaller>>,
+    headers: HeaderMap,
     multipart: MultipartBody,
 ) -> ApiResult<Json<Submitted>> {
-    submit(state, caller, multipart).await
+    submit(state, caller, &headers, multipart).await
 }
 
 /// B1 alias `POST /api/builds`: 201 with the same body.
@@ -128,9 +134,10 @@ async fn submit_g0(
 async fn submit_created(
     state: State<AppState>,
     caller: Option<Extension<KeyCaller>>,
+    headers: HeaderMap,
     multipart: MultipartBody,
 ) -> ApiResult<(StatusCode, Json<Submitted>)> {
-    Ok((StatusCode::CREATED, submit(state, caller, multipart).await?))
+    Ok((StatusCode::CREATED, submit(state, caller, &headers, multipart).await?))
 }
 
 /// What a submit form carried.
@@ -143,15 +150,25 @@ struct SubmitParts {
     priority: Option<String>,
     max_attempts: Option<String>,
     run_at: Option<String>,
+    supersede_key: Option<String>,
+    supersede_running: Option<String>,
 }
 
 async fn submit(
     State(state): State<AppState>,
     caller: Option<Extension<KeyCaller>>,
+    headers: &HeaderMap,
     body: MultipartBody,
 ) -> ApiResult<Json<Submitted>> {
+    // Who submits, for the audit rows of the builds it supersedes.
+    let user_agent = headers.get("user-agent").and_then(|v| v.to_str().ok());
+    let actor = match &caller {
+        Some(Extension(KeyCaller(who))) => crate::audit::Actor::key(who, None, user_agent),
+        None => crate::audit::Actor::anonymous(None, user_agent),
+    };
     // The stored key that submits (`None`: the built-in admin key).
     let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
+    let idempotency_key = idempotency_key(headers)?;
     let multipart = require_multipart(body)?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
@@ -180,12 +197,21 @@ async fn submit(
                 source_key: &source_key,
                 certs_key: &certs_key,
                 access_token: &access_token,
+                idempotency_key: idempotency_key.as_deref(),
             };
-            create_build(&state, new, form, submitted_by, &mut unsettled).await
+            create_build(&state, new, form, submitted_by, &actor, &mut unsettled).await
         }
         Err(e) => Err(e),
     };
-    let Err(error) = outcome else { return outcome };
+    let error = match outcome {
+        Ok(Created::New(answer)) => return Ok(answer),
+        // A replay stores nothing new: what this request streamed is discarded.
+        Ok(Created::Replayed(answer)) => {
+            jobs::discard_unlinked(&state.pool, &state.storage, &[&source_key, &certs_key]).await;
+            return Ok(answer);
+        }
+        Err(error) => error,
+    };
     if unsettled {
         // The insert may have committed with its answer lost: the row, if it exists, is the answer,
         // and its objects are never deleted here.
@@ -212,6 +238,19 @@ struct Creating<'a> {
     source_key: &'a Key,
     certs_key: &'a Key,
     access_token: &'a str,
+    idempotency_key: Option<&'a str>,
+}
+
+/// A submit's answer: a new build, or the build an earlier submit with the same `Idempotency-Key` made.
+enum Created {
+    New(Json<Submitted>),
+    Replayed(Json<Submitted>),
+}
+
+/// The request's `Idempotency-Key` (400 when malformed, before any byte of the body is read).
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let value = headers.get("idempotency-key").map(|v| v.to_str().unwrap_or("\u{0}"));
+    queue::idempotency::parse_key(value).map_err(ApiError::bad_request)
 }
 
 fn submitted(build: &Build, access_token: String) -> Submitted {
@@ -262,6 +301,8 @@ async fn read_submit_form(
             "priority" => form.priority = Some(read_text(field).await?),
             "max_attempts" => form.max_attempts = Some(read_text(field).await?),
             "run_at" => form.run_at = Some(read_text(field).await?),
+            "supersede_key" => form.supersede_key = Some(read_text(field).await?),
+            "supersede_running" => form.supersede_running = Some(read_text(field).await?),
             // appleId / applePassword and unknown parts are read and dropped: never stored in clear.
             _ => {}
         }
@@ -276,8 +317,9 @@ async fn create_build(
     new: Creating<'_>,
     form: SubmitParts,
     submitted_by: Option<String>,
+    actor: &crate::audit::Actor,
     unsettled: &mut bool,
-) -> ApiResult<Json<Submitted>> {
+) -> ApiResult<Created> {
     let Some(source) = form.source else {
         return Err(ApiError::bad_request("Source file required"));
     };
@@ -291,6 +333,8 @@ async fn create_build(
     let max_attempts = bounded_int(form.max_attempts.as_deref(), "max_attempts", 1, 10)?
         .map_or(state.config.queue.max_attempts, |n| n as i32);
     let run_at = parse_run_at(form.run_at.as_deref())?;
+    let supersede = queue::supersede::parse(form.supersede_key.as_deref(), form.supersede_running.as_deref())
+        .map_err(ApiError::bad_request)?;
     let stored_certs = match (form.certs.as_deref(), form.profile.as_deref()) {
         (None, None) => None,
         (certs_part, profile) => {
@@ -320,8 +364,59 @@ async fn create_build(
     let mut written = vec![row.source_key.as_str()];
     written.extend(row.certs_key.as_deref());
     queue::refresh_writes(&state.pool, &written).await?;
-    let build = enqueue(state, &row, unsettled).await?;
-    Ok(Json(submitted(&build, new.access_token.to_string())))
+    if let Some(replay) = claim_idempotency_key(state, &new, &row).await? {
+        return Ok(Created::Replayed(replay));
+    }
+    let build = match enqueue(state, &row, unsettled).await {
+        Ok(build) => build,
+        Err(error) => {
+            // Refused before the insert: the key is free again (unless the insert may have committed).
+            if let (Some(key), false) = (new.idempotency_key, *unsettled) {
+                let submitter = row.submitted_by.as_deref();
+                let _ = queue::idempotency::release(&state.pool, submitter, key, &row.id).await;
+            }
+            return Err(error);
+        }
+    };
+    if let Some((key, running)) = supersede {
+        queue::supersede::supersede(&state.pool, &build.id, &key, running, Utc::now(), actor).await?;
+    }
+    Ok(Created::New(Json(submitted(&build, new.access_token.to_string()))))
+}
+
+/// With an `Idempotency-Key`: claims it for this build, or answers as the earlier submit with that key
+/// did (422 `idempotency_key_reused` for a different request, 409 while the first is still in flight).
+async fn claim_idempotency_key(
+    state: &AppState,
+    new: &Creating<'_>,
+    row: &NewBuild,
+) -> ApiResult<Option<Json<Submitted>>> {
+    let Some(key) = new.idempotency_key else {
+        return Ok(None);
+    };
+    let fingerprint = format!("platform={};source_size={}", row.platform.as_str(), row.source_size);
+    let claim = queue::idempotency::KeyClaim {
+        submitter: row.submitted_by.as_deref(),
+        key,
+        fingerprint: &fingerprint,
+        build_id: &row.id,
+        access_token: new.access_token,
+    };
+    match queue::idempotency::claim(&state.pool, &state.secrets.certs_key, &claim).await? {
+        queue::idempotency::Claimed::Fresh => Ok(None),
+        queue::idempotency::Claimed::Replay { build, access_token } => Ok(Some(Json(submitted(&build, access_token)))),
+        queue::idempotency::Claimed::Reused => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Idempotency-Key already used for a different request",
+        )
+        .with_code("idempotency_key_reused")
+        .with_field("code", "idempotency_key_reused")),
+        queue::idempotency::Claimed::InFlight => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "A submit with this Idempotency-Key is still in progress",
+        )
+        .with_code("conflict")),
+    }
 }
 
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the

@@ -359,6 +359,19 @@ fn report_run(label: &str, n: usize, run: &Run) {
     );
 }
 
+/// One P12 run on `shared` for other rows (W1): its workers registered here, then `secs` of the full
+/// cycle. Builds/s, controller and PostgreSQL CPU in ms per build.
+pub async fn one_run(shared: &Shared, env: &Env, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let tokens = register(shared).await?;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let run = cycles(shared, env, &tokens, &ledger, Duration::from_secs(secs)).await?;
+    Ok((
+        run.rate(),
+        run.per_build(run.controller_cpu),
+        run.per_build(run.postgres_cpu),
+    ))
+}
+
 async fn register(shared: &Shared) -> anyhow::Result<Vec<String>> {
     let (client, controller) = &**shared;
     let tag = &expo_controller::ids::new_id()[..6];

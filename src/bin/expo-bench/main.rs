@@ -11,6 +11,7 @@ mod s3;
 mod scenarios;
 mod setup;
 mod stats;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -135,6 +136,9 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     }
     if wants("P12") {
         rows.extend(cycle::p12(env, &client).await?);
+    }
+    if wants("W1") {
+        rows.extend(webhooks::w1(env, &client).await?);
     }
     rows.push(Row {
         id: "P7",

@@ -1,0 +1,313 @@
+//! The delivery workers: one loop per instance, deliveries claimed as durable jobs.
+//!
+//! * **Claim**: one statement takes up to the free slots of due rows (`pending` whose `run_at` has
+//!   passed, or `delivering` whose lease — kept in `run_at` — is over because its instance died)
+//!   `FOR UPDATE SKIP LOCKED`, so each is claimed once across instances, and marks them `delivering`
+//!   with `attempts + 1` and a lease of [`LEASE`].
+//! * **Send**: POST of the event's JSON (the `/api/v2/events` object), signed the Standard Webhooks way
+//!   (`webhook-id` = `msg_<delivery id>`, the same on every attempt; `webhook-timestamp`;
+//!   `webhook-signature: v1,<base64 HMAC-SHA256>`), 10 s timeout, no redirects, no proxy, at most
+//!   64 KiB of the answer read; the resolver drops private addresses ([`super::target`]).
+//! * **Finish**: fenced on `attempts` (a redelivery or a second claim meanwhile wins), records the
+//!   attempt and either `delivered` (2xx), `pending` again after an exponential backoff with jitter,
+//!   or `failed` once the next try would be past `CONTROLLER_WEBHOOK_RETRY_HOURS`.
+//! * **Wake-ups**: the fan-out trigger NOTIFYs [`CHANNEL`] when it wrote deliveries (the LISTEN loop
+//!   of `queue::wakeups` wakes this loop), and the loop looks every second for retries that came due.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde_json::Value;
+use sha2::Sha256;
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore, watch};
+
+use super::target::{self, GuardedResolver};
+use crate::config::WebhookConfig;
+
+/// The NOTIFY channel of new deliveries.
+pub const CHANNEL: &str = "expo_webhooks";
+/// Longest time one POST may take.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of an answer read.
+pub const MAX_ANSWER: usize = 64 * 1024;
+/// How long a claimed delivery is held before another instance may take it over.
+const LEASE_SECS: i64 = 30;
+/// Look for due retries this often without a wake-up.
+const RECHECK: Duration = Duration::from_secs(1);
+/// First retry delay and the longest one.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(3600);
+
+/// Wakes the delivery loop of this instance (called by the LISTEN loop on [`CHANNEL`]).
+#[derive(Debug, Default)]
+pub struct Wake(Notify);
+
+impl Wake {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// `v1,<base64 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`; `secret` is the decoded `whsec_` key.
+pub fn sign(secret: &[u8], message_id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).ok()?;
+    mac.update(message_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    Some(format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes())))
+}
+
+/// The bytes of a `whsec_…` secret.
+pub fn secret_bytes(secret: &str) -> Option<Vec<u8>> {
+    STANDARD.decode(secret.strip_prefix("whsec_")?).ok()
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Claimed {
+    id: i64,
+    attempts: i32,
+    event_id: i64,
+    kind: String,
+    build_id: Option<String>,
+    worker_id: Option<String>,
+    data: sqlx::types::Json<Value>,
+    event_at: DateTime<Utc>,
+    retry_from: DateTime<Utc>,
+    url: String,
+    secret_sealed: Vec<u8>,
+}
+
+/// What the delivery loop needs.
+#[derive(Clone)]
+pub struct Deliverer {
+    pool: PgPool,
+    client: reqwest::Client,
+    certs_key: [u8; 32],
+    config: WebhookConfig,
+}
+
+impl Deliverer {
+    pub fn new(pool: PgPool, config: WebhookConfig, certs_key: [u8; 32]) -> reqwest::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .connect_timeout(TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("expo-controller-webhooks/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(GuardedResolver {
+                allow_private: config.webhook_allow_private,
+            })
+            .build()?;
+        Ok(Self {
+            pool,
+            client,
+            certs_key,
+            config,
+        })
+    }
+
+    /// Claims and sends due deliveries until `shutdown` flips. Deliveries in flight then are abandoned:
+    /// their lease runs out and another instance (or this one, restarted) sends them again.
+    pub async fn run(self, wake: Arc<Wake>, mut shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.config.webhook_concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let free = slots.available_permits();
+            let mut more = false;
+            if free > 0 {
+                match self.claim(free as i64).await {
+                    Ok(claimed) => {
+                        more = claimed.len() == free;
+                        for delivery in claimed {
+                            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let this = self.clone();
+                            tasks.spawn(async move {
+                                this.attempt(delivery).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "claiming webhook deliveries failed"),
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+            if more && slots.available_permits() > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = wake.0.notified() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        tasks.shutdown().await;
+    }
+
+    async fn claim(&self, limit: i64) -> sqlx::Result<Vec<Claimed>> {
+        sqlx::query_as(
+            "UPDATE webhook_deliveries d
+                SET state = 'delivering', attempts = d.attempts + 1, run_at = now() + make_interval(secs => $2)
+               FROM (SELECT id FROM webhook_deliveries w
+                      WHERE state IN ('pending', 'delivering') AND run_at <= now()
+                        AND EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = w.subscription_id AND s.active)
+                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) due,
+                    webhook_subscriptions s
+              WHERE d.id = due.id AND s.id = d.subscription_id
+          RETURNING d.id, d.attempts, d.event_id, d.kind, d.build_id, d.worker_id, d.data, d.event_at,
+                    d.retry_from, s.url, s.secret_sealed",
+        )
+        .bind(limit)
+        .bind(LEASE_SECS as f64)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// One attempt of one claimed delivery, recorded.
+    async fn attempt(&self, delivery: Claimed) {
+        let at = Utc::now();
+        let started = Instant::now();
+        let (status, error) = match self.send(&delivery, at).await {
+            Ok(status) if (200..300).contains(&status) => (Some(status), None),
+            Ok(status) => (Some(status), Some(format!("answered HTTP {status}"))),
+            Err(error) => (None, Some(error)),
+        };
+        let latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+        let delivered = error.is_none();
+        let next = if delivered {
+            None
+        } else {
+            let jitter = rand::rng().random_range(-1.0..=1.0);
+            let delay = crate::queue::backoff(delivery.attempts, BACKOFF_BASE, BACKOFF_CAP, jitter);
+            let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            let until = delivery.retry_from + chrono::Duration::hours(self.config.webhook_retry_hours as i64);
+            (next <= until).then_some(next)
+        };
+        let state = match (delivered, next) {
+            (true, _) => "delivered",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        let outcome = sqlx::query(
+            "WITH d AS (
+                UPDATE webhook_deliveries
+                   SET state = $3, run_at = coalesce($4, run_at),
+                       delivered_at = CASE WHEN $3 = 'delivered' THEN now() END
+                 WHERE id = $1 AND attempts = $2 AND state = 'delivering'
+             RETURNING id)
+             INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms, error, next_retry_at)
+             SELECT id, $5, $6, $7, $8, $4 FROM d",
+        )
+        .bind(delivery.id)
+        .bind(delivery.attempts)
+        .bind(state)
+        .bind(next)
+        .bind(at)
+        .bind(status.map(i32::from))
+        .bind(latency_ms)
+        .bind(&error)
+        .execute(&self.pool)
+        .await;
+        metrics::counter!("expo_webhook_attempts_total", "outcome" => state).increment(1);
+        if let Err(error) = outcome {
+            // The lease runs out and the delivery is sent again: at least once.
+            tracing::warn!(%error, delivery = delivery.id, "recording a webhook attempt failed");
+        }
+    }
+
+    /// POSTs the delivery; the receiver's status, or why there was none.
+    async fn send(&self, delivery: &Claimed, at: DateTime<Utc>) -> Result<u16, String> {
+        let url = reqwest::Url::parse(&delivery.url).map_err(|_| "target URL no longer parses".to_string())?;
+        if let Some(why) = target::literal_refused(&url, self.config.webhook_allow_private) {
+            return Err(format!("refused: {why}"));
+        }
+        let secret = crate::storage::certs::decrypt(&self.certs_key, &delivery.secret_sealed)
+            .and_then(|s| String::from_utf8(s).ok())
+            .and_then(|s| secret_bytes(&s))
+            .ok_or_else(|| "the signing secret cannot be opened (CONTROLLER_CERTS_KEY changed?)".to_string())?;
+        let body = crate::events::event_json(
+            delivery.event_id,
+            &delivery.kind,
+            delivery.build_id.as_deref(),
+            delivery.worker_id.as_deref(),
+            delivery.event_at,
+            delivery.data.0.clone(),
+        )
+        .to_string();
+        let message_id = super::message_id(delivery.id);
+        let timestamp = at.timestamp();
+        let signature =
+            sign(&secret, &message_id, timestamp, body.as_bytes()).ok_or_else(|| "signing failed".to_string())?;
+        let response = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &message_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(describe)?;
+        let status = response.status().as_u16();
+        // Read (and drop) at most 64 KiB of the answer, so the connection can be reused.
+        let mut response = response;
+        let mut read = 0usize;
+        while read < MAX_ANSWER {
+            match response.chunk().await {
+                Ok(Some(chunk)) => read += chunk.len(),
+                _ => break,
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// A transport error without its URL (which is the subscriber's), with its causes.
+fn describe(error: reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut text = kind.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.chars().take(1000).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the Standard Webhooks specification.
+    #[test]
+    fn signs_like_the_specification() {
+        let secret = secret_bytes("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body).as_deref(),
+            Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+        );
+    }
+}

@@ -1,0 +1,761 @@
+//! Webhooks (webhooks.md): deliveries signed the Standard Webhooks way (verified with the reference
+//! library, not with code of ours), subscriptions scoped to a submitter key's own builds, a receiver
+//! down for a while then up, a controller killed right after the changes, the SSRF refusals, and the
+//! delivery rows committed (or rolled back) with the event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+
+use crate::identity::create_key;
+use crate::support::{API_KEY, TestApp, free_port, fresh_database, serve_command, wait_ready};
+
+/// One request a receiver got.
+#[derive(Clone)]
+struct Hit {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Hit {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("json body")
+    }
+
+    fn message_id(&self) -> String {
+        self.headers["webhook-id"].to_str().expect("id").to_string()
+    }
+}
+
+/// A webhook receiver on loopback: records every request and answers with `status`.
+struct Receiver {
+    addr: SocketAddr,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    status: Arc<AtomicU16>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type ReceiverState = (Arc<Mutex<Vec<Hit>>>, Arc<AtomicU16>);
+
+async fn record(State((hits, status)): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    hits.lock().unwrap().push(Hit { headers, body });
+    StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap()
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        Self::on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    fn on(listener: tokio::net::TcpListener) -> Receiver {
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(AtomicU16::new(200));
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(record))
+            .with_state((hits.clone(), status.clone()));
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver {
+            addr,
+            hits,
+            status,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    /// Waits (at most `secs`) until `done` holds for the hits so far.
+    async fn wait_until(&self, secs: u64, done: impl Fn(&[Hit]) -> bool) -> Vec<Hit> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let hits = self.hits();
+            if done(&hits) {
+                return hits;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "receiver did not get what was expected in {secs} s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Kinds delivered per build id.
+fn kinds_by_build(hits: &[Hit]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for hit in hits {
+        let body = hit.json();
+        if let (Some(build), Some(kind)) = (body["build_id"].as_str(), body["kind"].as_str()) {
+            out.entry(build.to_string()).or_default().insert(kind.to_string());
+        }
+    }
+    out
+}
+
+async fn call(app: &TestApp, method: reqwest::Method, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = app.client.request(method, app.url(path)).header("X-API-Key", key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn subscribe(app: &TestApp, key: &str, url: &str, events: &[&str]) -> Value {
+    let (status, body) = call(
+        app,
+        reqwest::Method::POST,
+        "/api/v2/webhooks",
+        key,
+        Some(json!({ "url": url, "events": events, "description": "test" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
+async fn submit_as(base: &str, client: &reqwest::Client, key: &str) -> String {
+    let form = Form::new()
+        .part(
+            "source",
+            Part::bytes(b"PK\x03\x04 source".to_vec()).file_name("app.zip"),
+        )
+        .text("platform", "ios");
+    let r = client
+        .post(format!("{base}/api/builds/submit"))
+        .header("X-API-Key", key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    body["id"].as_str().unwrap().to_string()
+}
+
+/// Waits (at most 10 s) until no delivery is pending or in flight: every attempt is recorded.
+async fn settled(pool: &sqlx::PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'delivering')")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if open == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{open} deliveries still open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn allow_private() -> TestApp {
+    TestApp::spawn_with(|c| c.webhooks.webhook_allow_private = true).await
+}
+
+/// Every delivery carries the `/api/v2/events` object, signed so that the Standard Webhooks reference
+/// library accepts it; a changed body or another secret is rejected by the same library.
+#[tokio::test]
+async fn deliveries_verify_with_the_standard_webhooks_library() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let created = subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+    let secret = created["secret"].as_str().unwrap();
+    assert!(secret.starts_with("whsec_"), "{created}");
+    // The secret is shown once: never in a listing or a view.
+    let (_, listed) = call(&app, reqwest::Method::GET, "/api/v2/webhooks", API_KEY, None).await;
+    assert!(!listed.to_string().contains(secret));
+    assert!(listed["items"][0].get("secret").is_none());
+
+    let build = app.submit("ios", b"PK\x03\x04 source").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hits = receiver.wait_until(10, |h| !h.is_empty()).await;
+    let hit = &hits[0];
+    let body = hit.json();
+    assert_eq!(body["kind"], "build.submitted");
+    assert_eq!(body["build_id"], build.as_str());
+    assert_eq!(body["platform"], "ios");
+    assert!(body["id"].as_i64().is_some(), "{body}");
+
+    let verifier = standardwebhooks::Webhook::new(secret).expect("secret");
+    let mut headers = axum::http::HeaderMap::new();
+    for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        headers.insert(name, hit.headers[name].clone());
+    }
+    verifier.verify(&hit.body, &headers).expect("signature verifies");
+    let mut tampered = hit.body.to_vec();
+    tampered.push(b' ');
+    assert!(verifier.verify(&tampered, &headers).is_err());
+    let other = standardwebhooks::Webhook::new(&expo_controller::webhooks::new_secret()).unwrap();
+    assert!(other.verify(&hit.body, &headers).is_err());
+
+    // The delivery and its attempt are visible.
+    let id = created["id"].as_str().unwrap();
+    settled(&app.pool).await;
+    let (status, page) = call(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v2/webhooks/{id}/deliveries"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let delivery = &page["items"][0];
+    assert_eq!(delivery["state"], "delivered", "{page}");
+    assert_eq!(delivery["message_id"], hit.message_id().as_str());
+    assert_eq!(delivery["attempts"][0]["status_code"], 200);
+
+    // Redelivery: the same message id again.
+    let (status, _) = call(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/v2/webhooks/deliveries/{}/redeliver", delivery["id"]),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 202);
+    let hits = receiver.wait_until(10, |h| h.len() >= 2).await;
+    assert_eq!(hits[1].message_id(), hits[0].message_id());
+    assert_eq!(hits[1].body, hits[0].body);
+}
+
+/// A submitter key's subscription carries only its own builds; the admin's carries every build. A
+/// submitter sees and changes only its own subscriptions.
+#[tokio::test]
+async fn a_submitters_subscription_carries_only_its_own_builds() {
+    let app = allow_private().await;
+    let (_, alice) = create_key(&app, "alice", "submitter").await;
+    let (_, bob) = create_key(&app, "bob", "submitter").await;
+    let (alice_hook, admin_hook) = (Receiver::start().await, Receiver::start().await);
+    let mine = subscribe(&app, &alice, &alice_hook.url(), &["build.*"]).await;
+    let every = subscribe(&app, API_KEY, &admin_hook.url(), &["*"]).await;
+    assert_eq!(mine["owner_name"], "alice");
+    assert!(every["owner"].is_null());
+
+    let alices = submit_as(&app.base, &app.client, &alice).await;
+    let bobs = submit_as(&app.base, &app.client, &bob).await;
+    let admins = submit_as(&app.base, &app.client, API_KEY).await;
+    admin_hook.wait_until(10, |h| kinds_by_build(h).len() == 3).await;
+    alice_hook.wait_until(10, |h| !h.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = kinds_by_build(&alice_hook.hits());
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        vec![alices.clone()],
+        "{seen:?}"
+    );
+    let all = kinds_by_build(&admin_hook.hits());
+    for build in [&alices, &bobs, &admins] {
+        assert!(all.contains_key(build.as_str()), "{all:?}");
+    }
+
+    // Alice lists only hers; the admin's and Bob's view of hers are 404.
+    let (_, listed) = call(&app, reqwest::Method::GET, "/api/v2/webhooks", &alice, None).await;
+    let ids: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![mine["id"].as_str().unwrap()]);
+    let every_path = format!("/api/v2/webhooks/{}", every["id"].as_str().unwrap());
+    let mine_path = format!("/api/v2/webhooks/{}", mine["id"].as_str().unwrap());
+    assert_eq!(call(&app, reqwest::Method::GET, &every_path, &alice, None).await.0, 404);
+    assert_eq!(
+        call(&app, reqwest::Method::DELETE, &every_path, &alice, None).await.0,
+        404
+    );
+    assert_eq!(call(&app, reqwest::Method::DELETE, &mine_path, &bob, None).await.0, 404);
+    // The admin sees both; a viewer none.
+    let (_, listed) = call(&app, reqwest::Method::GET, "/api/v2/webhooks", API_KEY, None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2);
+    let (_, viewer) = create_key(&app, "val", "viewer").await;
+    assert_eq!(
+        call(&app, reqwest::Method::GET, "/api/v2/webhooks", &viewer, None)
+            .await
+            .0,
+        403
+    );
+    // Alice deletes hers: nothing more arrives there.
+    assert_eq!(
+        call(&app, reqwest::Method::DELETE, &mine_path, &alice, None).await.0,
+        204
+    );
+    let before = alice_hook.hits().len();
+    submit_as(&app.base, &app.client, &alice).await;
+    admin_hook.wait_until(10, |h| kinds_by_build(h).len() == 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(alice_hook.hits().len(), before);
+}
+
+/// A receiver that is down (nothing listening) gets every event once it is up, each with the message
+/// id of its first attempt; the failed attempts are recorded with their next retry.
+#[tokio::test]
+async fn a_receiver_down_for_a_while_gets_everything_once_up() {
+    let app = allow_private().await;
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let created = subscribe(&app, API_KEY, &url, &["build.submitted"]).await;
+    let id = created["id"].as_str().unwrap();
+    let mut builds = BTreeSet::new();
+    for _ in 0..3 {
+        builds.insert(
+            app.submit("ios", b"PK\x03\x04 source").await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Every delivery fails at least once while the receiver is down.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first_ids = loop {
+        let (_, page) = call(
+            &app,
+            reqwest::Method::GET,
+            &format!("/api/v2/webhooks/{id}/deliveries"),
+            API_KEY,
+            None,
+        )
+        .await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        if items.len() == 3
+            && items
+                .iter()
+                .all(|d| d["attempts"].as_array().is_some_and(|a| !a.is_empty()))
+        {
+            for d in &items {
+                let attempt = &d["attempts"][0];
+                assert!(attempt["status_code"].is_null(), "{attempt}");
+                assert!(
+                    attempt["error"].as_str().is_some_and(|e| e.contains("connection")),
+                    "{attempt}"
+                );
+                assert!(attempt["next_retry_at"].is_string(), "{attempt}");
+                // Waiting for its next try (or already in it: the first retry comes after about 1 s).
+                assert!(d["state"] == "pending" || d["state"] == "delivering", "{d}");
+            }
+            break items
+                .iter()
+                .map(|d| d["message_id"].as_str().unwrap().to_string())
+                .collect::<BTreeSet<_>>();
+        }
+        assert!(Instant::now() < deadline, "deliveries were not attempted: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Up, but failing with 503 for a while, then healthy.
+    let receiver = Receiver::on(tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap());
+    receiver.status.store(503, Ordering::SeqCst);
+    receiver.wait_until(20, |h| !h.is_empty()).await;
+    receiver.status.store(200, Ordering::SeqCst);
+    receiver
+        .wait_until(30, |h| {
+            let ok: BTreeSet<String> = h
+                .iter()
+                .map(|hit| hit.json()["build_id"].as_str().unwrap_or("").to_string())
+                .collect();
+            builds.iter().all(|b| ok.contains(b)) && h.len() >= 4
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, page) = call(
+            &app,
+            reqwest::Method::GET,
+            &format!("/api/v2/webhooks/{id}/deliveries"),
+            API_KEY,
+            None,
+        )
+        .await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        if items.iter().all(|d| d["state"] == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all delivered: {page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let hits = receiver.hits();
+    let seen: BTreeSet<String> = hits.iter().map(Hit::message_id).collect();
+    assert_eq!(seen, first_ids, "retries carry the message id of the first attempt");
+    let builds_seen: BTreeSet<String> = hits
+        .iter()
+        .map(|h| h.json()["build_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(builds_seen, builds);
+}
+
+struct Controller(Child);
+
+impl Controller {
+    fn start(database_url: &str, storage: &std::path::Path, port: u16, certs_key: &str) -> Controller {
+        Controller(
+            serve_command(database_url, storage, port, certs_key)
+                .env("RUST_LOG", "warn")
+                .env("CONTROLLER_WEBHOOK_ALLOW_PRIVATE", "true")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn controller"),
+        )
+    }
+
+    fn kill(mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Deliveries are committed with their changes: a controller killed (-9) right after the changes,
+/// before anything reached the receiver, delivers every event after its restart.
+#[tokio::test]
+async fn a_controller_killed_after_the_changes_delivers_everything_after_restart() {
+    let (url, pool) = fresh_database(2).await;
+    let storage = std::env::temp_dir().join(format!("expo-webhooks-{}", expo_controller::ids::new_id()));
+    let certs_key = expo_controller::ids::new_key32();
+    let client = reqwest::Client::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let controller = Controller::start(&url, &storage, port, &certs_key);
+    wait_ready(&client, &base).await;
+
+    // The receiver is not up yet: nothing can be delivered before the kill.
+    let hook_port = free_port();
+    let r = client
+        .post(format!("{base}/api/v2/webhooks"))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "url": format!("http://127.0.0.1:{hook_port}/hook"), "events": ["build.*"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut builds = BTreeSet::new();
+    for _ in 0..5 {
+        builds.insert(submit_as(&base, &client, API_KEY).await);
+    }
+    controller.kill();
+    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE kind LIKE 'build.%'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(expected >= 5);
+    let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(delivered, 0);
+
+    let receiver = Receiver::on(tokio::net::TcpListener::bind(("127.0.0.1", hook_port)).await.unwrap());
+    let controller = Controller::start(&url, &storage, port, &certs_key);
+    wait_ready(&client, &base).await;
+    let hits = receiver
+        .wait_until(60, |h| {
+            h.iter()
+                .map(|hit| hit.json()["id"].as_i64())
+                .collect::<BTreeSet<_>>()
+                .len() as i64
+                == expected
+        })
+        .await;
+    let seen: BTreeSet<String> = hits
+        .iter()
+        .map(|h| h.json()["build_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen, builds);
+    controller.kill();
+    let _ = std::fs::remove_dir_all(&storage);
+}
+
+/// Cloud metadata addresses are refused at creation whatever the setting; private literals too unless
+/// allowed; a name that resolves to loopback is accepted at creation but never connected to.
+#[tokio::test]
+async fn private_and_metadata_targets_are_refused() {
+    let app = TestApp::spawn().await;
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://127.0.0.1:9/hook",
+        "http://[::1]:9/hook",
+        "http://10.0.0.1/hook",
+        "ftp://example.com/hook",
+    ] {
+        let (status, body) = call(
+            &app,
+            reqwest::Method::POST,
+            "/api/v2/webhooks",
+            API_KEY,
+            Some(json!({ "url": url, "events": ["*"] })),
+        )
+        .await;
+        assert_eq!(status, 400, "{url}: {body}");
+        assert_eq!(body["code"], "webhook_target_refused", "{url}: {body}");
+    }
+    assert_eq!(app.count("webhook_subscriptions").await, 0);
+
+    // localhost passes creation (it is a name) and is refused after resolution, at connect time.
+    let receiver = Receiver::start().await;
+    let url = format!("http://localhost:{}/hook", receiver.addr.port());
+    let created = subscribe(&app, API_KEY, &url, &["build.submitted"]).await;
+    app.submit("ios", b"PK\x03\x04 source").await;
+    let id = created["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, page) = call(
+            &app,
+            reqwest::Method::GET,
+            &format!("/api/v2/webhooks/{id}/deliveries"),
+            API_KEY,
+            None,
+        )
+        .await;
+        if let Some(error) = page["items"][0]["attempts"][0]["error"].as_str() {
+            assert!(error.contains("refused"), "{error}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no attempt: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(receiver.hits().is_empty());
+
+    // A metadata address is refused even where private targets are allowed.
+    let open = allow_private().await;
+    let (status, body) = call(
+        &open,
+        reqwest::Method::POST,
+        "/api/v2/webhooks",
+        API_KEY,
+        Some(json!({ "url": "http://169.254.169.254/", "events": ["*"] })),
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("webhook_target_refused")));
+}
+
+/// The delivery row exists exactly when the event's transaction committed.
+#[tokio::test]
+async fn delivery_rows_commit_and_roll_back_with_the_event() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    subscribe(&app, API_KEY, &receiver.url(), &["test.*"]).await;
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO events (kind, data) VALUES ('test.rolled_back', '{}')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let inside: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(inside, 1, "written by the event's own transaction");
+    tx.rollback().await.unwrap();
+    assert_eq!(app.count("webhook_deliveries").await, 0);
+    sqlx::query("INSERT INTO events (kind, data) VALUES ('test.committed', '{}'), ('other.kind', '{}')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let hits = receiver.wait_until(10, |h| !h.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.hits().len(), 1);
+    assert_eq!(hits[0].json()["kind"], "test.committed");
+}
+
+/// Runs `expo-controller webhooks … --json` over HTTP (`--server`) or on the database; (success, JSON).
+fn cli(app: &TestApp, over_http: bool, args: &[&str]) -> (bool, Value) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_expo-controller"));
+    command
+        .env_remove("DATABASE_URL")
+        .env_remove("CONTROLLER_URL")
+        .env_remove("CONTROLLER_API_KEY")
+        .env_remove("CONTROLLER_CERTS_KEY")
+        .args(["webhooks", "--json"]);
+    if over_http {
+        command.args(["--server", &app.base, "--api-key", API_KEY]);
+    } else {
+        command.args(["--database-url", &app.database_url]);
+    }
+    let output = command.args(args).output().unwrap();
+    let text = if output.status.success() {
+        output.stdout
+    } else {
+        output.stderr
+    };
+    (
+        output.status.success(),
+        serde_json::from_slice(&text).unwrap_or(Value::Null),
+    )
+}
+
+/// `webhooks create|list|show|test|deliveries|redeliver|delete` in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_webhooks_in_both_modes() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let url = receiver.url();
+    let (ok, created) = cli(
+        &app,
+        true,
+        &["create", "--url", &url, "--event", "build.completed,build.failed"],
+    );
+    assert!(ok, "{created}");
+    assert!(created["secret"].as_str().is_some_and(|s| s.starts_with("whsec_")));
+    assert_eq!(created["events"], json!(["build.completed", "build.failed"]));
+    let id = created["id"].as_str().unwrap();
+    for over_http in [true, false] {
+        let (ok, listed) = cli(&app, over_http, &["list"]);
+        assert!(ok, "{listed}");
+        assert_eq!(listed["items"][0]["id"], id);
+        assert!(listed["items"][0].get("secret").is_none());
+        let (ok, shown) = cli(&app, over_http, &["show", id]);
+        assert!(ok && shown["url"] == url.as_str(), "{shown}");
+    }
+    // Database mode cannot seal a secret without the server's certs key: a clear refusal.
+    let (ok, refused) = cli(&app, false, &["create", "--url", &url, "--event", "*"]);
+    assert!(
+        !ok && refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CONTROLLER_CERTS_KEY")),
+        "{refused}"
+    );
+    let (ok, refused) = cli(
+        &app,
+        true,
+        &["create", "--url", "http://169.254.169.254/", "--event", "*"],
+    );
+    assert!(!ok && refused["code"] == "webhook_target_refused", "{refused}");
+
+    let (ok, queued) = cli(&app, true, &["test", id]);
+    assert!(ok && queued["kind"] == "webhook.test", "{queued}");
+    let hits = receiver.wait_until(10, |h| !h.is_empty()).await;
+    assert_eq!(hits[0].json()["kind"], "webhook.test");
+    settled(&app.pool).await;
+    let (ok, deliveries) = cli(&app, false, &["deliveries", id]);
+    assert!(ok && deliveries["items"][0]["state"] == "delivered", "{deliveries}");
+    let delivery = deliveries["items"][0]["id"].to_string();
+    let (ok, again) = cli(&app, true, &["redeliver", &delivery]);
+    // Queued again with the same message id (the delivery loop may already be sending it).
+    assert!(
+        ok && again["message_id"] == deliveries["items"][0]["message_id"],
+        "{again}"
+    );
+    receiver.wait_until(10, |h| h.len() == 2).await;
+    let (ok, _) = cli(&app, true, &["delete", id]);
+    assert!(ok);
+    let (ok, gone) = cli(&app, false, &["show", id]);
+    assert!(!ok && gone["error"] == "Webhook not found", "{gone}");
+}
+
+/// The dashboard's Webhooks page (the admin's): create one (the secret shown on the answer, once),
+/// its deliveries listed with their answers, a test sent; a viewer has no such page.
+#[tokio::test]
+async fn the_dashboard_webhooks_page() {
+    use crate::dashboard::{csrf_of, no_redirects, post_form, sign_in, sign_in_as};
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let client = no_redirects();
+    let cookie = sign_in(&app, &client).await;
+    let page = |cookie: String| {
+        let (client, url) = (client.clone(), app.url("/dashboard/webhooks"));
+        async move {
+            let r = client.get(url).header("cookie", cookie).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, html) = page(cookie.clone()).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("No webhooks yet."));
+    let csrf = csrf_of(&html);
+    let body = format!(
+        "csrf={csrf}&url={}&events=build.submitted%2Cbuild.cancelled&description=CI",
+        form_urlencoded::byte_serialize(receiver.url().as_bytes()).collect::<String>()
+    );
+    let r = post_form(&client, &app, "/dashboard/webhooks", Some(&cookie), body).await;
+    assert_eq!(r.status(), 200);
+    let created = r.text().await.unwrap();
+    let secret = created
+        .split("id=\"new-webhook-secret\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+
+    let build = app.submit("ios", b"PK\x03\x04 source").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    receiver.wait_until(10, |h| !h.is_empty()).await;
+    settled(&app.pool).await;
+    let (_, html) = page(cookie.clone()).await;
+    assert!(!html.contains(secret), "the secret is shown once");
+    assert!(html.contains(&receiver.url()) && html.contains("build.submitted"));
+    assert!(html.contains(&build[..10]) && html.contains("HTTP 200"), "{html}");
+    let id = app.admin_json("/api/v2/webhooks").await["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = post_form(
+        &client,
+        &app,
+        &format!("/dashboard/webhooks/{id}/test"),
+        Some(&cookie),
+        format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    receiver
+        .wait_until(10, |h| h.iter().any(|hit| hit.json()["kind"] == "webhook.test"))
+        .await;
+
+    let (_, viewer) = create_key(&app, "val", "viewer").await;
+    let viewer_cookie = sign_in_as(&app, &client, &viewer).await.unwrap();
+    let (status, _) = page(viewer_cookie.clone()).await;
+    assert_eq!(status, 403);
+    let (_, overview) = {
+        let r = client
+            .get(app.url("/dashboard"))
+            .header("cookie", viewer_cookie)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    assert!(
+        !overview.contains("/dashboard/webhooks"),
+        "no Webhooks link for a viewer"
+    );
+}
