@@ -33,5 +33,6 @@ mod restart;
 mod reviews;
 mod s3;
 mod scale;
+mod scheduling;
 mod staging;
 mod token_worker;

@@ -1,0 +1,253 @@
+//! Scheduling (scheduling.md) against a real PostgreSQL: weighted fair share between submitters in the
+//! claim, no starvation behind a heavy submitter, idle time not banked, max running.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use expo_controller::config::QueueConfig;
+use expo_controller::ids;
+use expo_controller::queue::{self, Holder, NewBuild, Platform, ResultFile, Worker};
+use sqlx::PgPool;
+
+use crate::support::{fresh_database, worker};
+
+/// A submitter key with a weight and a max running (0 = unlimited), inserted directly.
+pub async fn submitter(pool: &PgPool, id: &str, weight: i32, max_running: i32) {
+    sqlx::query(
+        "INSERT INTO api_keys (id, name, role, prefix, secret_hash, created_at, weight, max_running)
+         VALUES ($1, $1, 'submitter', 'efa_sub', $2, now(), $3, $4)",
+    )
+    .bind(id)
+    .bind(ids::hash_secret(id))
+    .bind(weight)
+    .bind(max_running)
+    .execute(pool)
+    .await
+    .expect("key");
+}
+
+/// Enqueues `n` iOS builds of `submitter` (`None`: the built-in admin key) directly; returns their ids.
+pub async fn enqueue_for(pool: &PgPool, submitter: Option<&str>, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let id = ids::new_id();
+        let new = NewBuild {
+            submitted_by: submitter.map(str::to_string),
+            id: id.clone(),
+            platform: Platform::Ios,
+            priority: 0,
+            max_attempts: 3,
+            run_at: None,
+            retry_build_failures: false,
+            source_key: format!("builds/{id}/source.zip"),
+            source_size: 1,
+            certs_key: None,
+            access_token_hash: ids::hash_secret("token"),
+            original_build_id: None,
+        };
+        let mut conn = pool.acquire().await.expect("conn");
+        queue::enqueue(&mut conn, &new, Utc::now()).await.expect("enqueue");
+        out.push(id);
+    }
+    out
+}
+
+/// Claims for `w`; returns (build id, submitter) of a new attempt.
+async fn claim(pool: &PgPool, w: &Worker) -> Option<(String, String, i64)> {
+    let c = queue::claim(pool, w, &QueueConfig::default(), Utc::now())
+        .await
+        .expect("claim")?;
+    assert!(!c.redelivered);
+    Some((
+        c.build.id.clone(),
+        c.build.submitted_by.clone().unwrap_or_else(|| "admin".into()),
+        c.build.lease_token.expect("token"),
+    ))
+}
+
+async fn complete(pool: &PgPool, w: &Worker, build_id: &str, token: i64) {
+    let result = ResultFile {
+        key: format!("builds/{build_id}/result-x.bin"),
+        size: 1,
+        sha256: "00".into(),
+    };
+    queue::record_writes(pool, &[result.key.as_str()])
+        .await
+        .expect("pending");
+    queue::complete(pool, build_id, Holder::attempt(&w.id, token), &result, Utc::now())
+        .await
+        .expect("complete");
+}
+
+fn assert_shares(counts: &HashMap<String, usize>, weights: &[(&str, f64)], total: usize, what: &str) {
+    let weight_sum: f64 = weights.iter().map(|(_, w)| w).sum();
+    for (name, weight) in weights {
+        let expected = weight / weight_sum;
+        let got = counts.get(*name).copied().unwrap_or(0) as f64 / total as f64;
+        assert!(
+            (got - expected).abs() <= expected * 0.10,
+            "{what}: {name} got {got:.3} of the claims, weight share {expected:.3} ({counts:?})"
+        );
+    }
+}
+
+/// Weights 1, 1, 2 with full queues (the heavy one submitted first): four workers running builds of
+/// equal length, claims in the order the workers finish.
+#[tokio::test]
+async fn shares_follow_weights_with_four_workers() {
+    let (_, pool) = fresh_database(5).await;
+    for (key, weight) in [("a", 1), ("b", 1), ("c", 2)] {
+        submitter(&pool, key, weight, 0).await;
+    }
+    for key in ["c", "a", "b"] {
+        enqueue_for(&pool, Some(key), 120).await;
+    }
+    let mut workers = Vec::new();
+    for n in 0..4 {
+        workers.push(worker(&pool, &format!("w{n}"), &[Platform::Ios]).await);
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut running = Vec::new();
+    for w in &workers {
+        let (id, who, token) = claim(&pool, w).await.expect("a build");
+        *counts.entry(who).or_default() += 1;
+        running.push((id, token));
+    }
+    // Equal lengths: the workers finish in the order they started, and each claims again at once.
+    let total = 200;
+    for n in 4..total {
+        let slot = n % 4;
+        let (id, token) = running[slot].clone();
+        complete(&pool, &workers[slot], &id, token).await;
+        let (id, who, token) = claim(&pool, &workers[slot]).await.expect("a build");
+        *counts.entry(who).or_default() += 1;
+        running[slot] = (id, token);
+    }
+    assert_shares(&counts, &[("a", 1.0), ("b", 1.0), ("c", 2.0)], total, "four workers");
+}
+
+/// The same with one worker whose builds end at once: fairness does not depend on builds overlapping.
+#[tokio::test]
+async fn shares_follow_weights_with_one_worker_and_instant_builds() {
+    let (_, pool) = fresh_database(5).await;
+    for (key, weight) in [("a", 1), ("b", 1), ("c", 2)] {
+        submitter(&pool, key, weight, 0).await;
+    }
+    for key in ["c", "a", "b"] {
+        enqueue_for(&pool, Some(key), 120).await;
+    }
+    let w = worker(&pool, "solo", &[Platform::Ios]).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let total = 200;
+    for _ in 0..total {
+        let (id, who, token) = claim(&pool, &w).await.expect("a build");
+        *counts.entry(who).or_default() += 1;
+        complete(&pool, &w, &id, token).await;
+    }
+    assert_shares(&counts, &[("a", 1.0), ("b", 1.0), ("c", 2.0)], total, "one worker");
+}
+
+/// A submitter with 100 queued builds and another submitting one (including the built-in admin key,
+/// which counts as the submitter `admin`): the one build is among the next 2 claims.
+#[tokio::test]
+async fn a_single_build_is_among_the_next_two_claims_behind_another_submitters_hundred() {
+    let (_, pool) = fresh_database(5).await;
+    submitter(&pool, "heavy", 1, 0).await;
+    submitter(&pool, "light", 1, 0).await;
+    enqueue_for(&pool, Some("heavy"), 100).await;
+    let w = worker(&pool, "solo", &[Platform::Ios]).await;
+    // The heavy submitter has been served alone for a while.
+    for _ in 0..10 {
+        let (id, who, token) = claim(&pool, &w).await.expect("a build");
+        assert_eq!(who, "heavy");
+        complete(&pool, &w, &id, token).await;
+    }
+    for late in [Some("light"), None] {
+        let single = enqueue_for(&pool, late, 1).await.remove(0);
+        let mut next = Vec::new();
+        for _ in 0..2 {
+            let (id, _, token) = claim(&pool, &w).await.expect("a build");
+            complete(&pool, &w, &id, token).await;
+            next.push(id);
+        }
+        assert!(
+            next.contains(&single),
+            "{late:?}'s build is among the next 2 claims: {next:?}"
+        );
+    }
+}
+
+/// Idle time is not banked: a submitter that had nothing queued while another was served rejoins at the
+/// current minimum pass, so its burst shares the worker instead of taking every claim until it caught up.
+#[tokio::test]
+async fn a_returning_submitter_does_not_bank_its_idle_time() {
+    let (_, pool) = fresh_database(5).await;
+    submitter(&pool, "steady", 1, 0).await;
+    submitter(&pool, "burst", 1, 0).await;
+    enqueue_for(&pool, Some("burst"), 1).await;
+    enqueue_for(&pool, Some("steady"), 100).await;
+    let w = worker(&pool, "solo", &[Platform::Ios]).await;
+    let mut first = Vec::new();
+    for _ in 0..40 {
+        let (id, who, token) = claim(&pool, &w).await.expect("a build");
+        complete(&pool, &w, &id, token).await;
+        first.push(who);
+    }
+    assert_eq!(first.iter().filter(|w| *w == "burst").count(), 1);
+    enqueue_for(&pool, Some("burst"), 20).await;
+    let mut burst = 0;
+    for _ in 0..20 {
+        let (id, who, token) = claim(&pool, &w).await.expect("a build");
+        complete(&pool, &w, &id, token).await;
+        burst += usize::from(who == "burst");
+    }
+    assert!(
+        (9..=11).contains(&burst),
+        "the returning submitter shares the worker: {burst} of 20 claims"
+    );
+}
+
+/// Priority stays absolute: an operator's priority build goes first whoever has the lowest pass.
+#[tokio::test]
+async fn priority_comes_before_fair_share() {
+    let (_, pool) = fresh_database(5).await;
+    submitter(&pool, "a", 1, 0).await;
+    submitter(&pool, "b", 1, 0).await;
+    enqueue_for(&pool, Some("a"), 3).await;
+    let urgent = enqueue_for(&pool, Some("a"), 1).await.remove(0);
+    sqlx::query("UPDATE builds SET priority = 5 WHERE id = $1")
+        .bind(&urgent)
+        .execute(&pool)
+        .await
+        .expect("priority");
+    enqueue_for(&pool, Some("b"), 3).await;
+    let w = worker(&pool, "solo", &[Platform::Ios]).await;
+    let (id, _, token) = claim(&pool, &w).await.expect("a build");
+    assert_eq!(id, urgent);
+    complete(&pool, &w, &id, token).await;
+    // a has been served: b goes next.
+    let (_, who, _) = claim(&pool, &w).await.expect("a build");
+    assert_eq!(who, "b");
+}
+
+/// A submitter with max running 1 and two queued builds: a second worker gets another submitter's build
+/// (or nothing), never its second one, until its first ends.
+#[tokio::test]
+async fn max_running_holds_a_submitters_extra_builds_back() {
+    let (_, pool) = fresh_database(5).await;
+    submitter(&pool, "capped", 1, 1).await;
+    submitter(&pool, "other", 1, 0).await;
+    enqueue_for(&pool, Some("capped"), 2).await;
+    let w1 = worker(&pool, "w1", &[Platform::Ios]).await;
+    let w2 = worker(&pool, "w2", &[Platform::Ios]).await;
+    let w3 = worker(&pool, "w3", &[Platform::Ios]).await;
+    let (first, who, token) = claim(&pool, &w1).await.expect("a build");
+    assert_eq!(who, "capped");
+    assert_eq!(claim(&pool, &w2).await.map(|c| c.1), None, "its second build waits");
+    let other = enqueue_for(&pool, Some("other"), 1).await.remove(0);
+    let (got, _, _) = claim(&pool, &w2).await.expect("another submitter's build");
+    assert_eq!(got, other);
+    complete(&pool, &w1, &first, token).await;
+    let (_, who, _) = claim(&pool, &w3).await.expect("its second build, now");
+    assert_eq!(who, "capped");
+}
