@@ -37,6 +37,7 @@ mod maintenance;
 mod model;
 pub mod operator;
 mod pending;
+mod quota;
 mod retention;
 mod vm;
 mod wakeups;
@@ -61,6 +62,7 @@ pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_
 pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use pending::{doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes, refresh_writes};
+pub use quota::submitter_queue_full;
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };

@@ -1,5 +1,5 @@
 //! Scheduling (scheduling.md) against a real PostgreSQL: weighted fair share between submitters in the
-//! claim, no starvation behind a heavy submitter, idle time not banked, max running.
+//! claim, no starvation behind a heavy submitter, idle time not banked, max running; max queued.
 
 use std::collections::HashMap;
 
@@ -7,9 +7,13 @@ use chrono::Utc;
 use expo_controller::config::QueueConfig;
 use expo_controller::ids;
 use expo_controller::queue::{self, Holder, NewBuild, Platform, ResultFile, Worker};
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-use crate::support::{fresh_database, worker};
+use crate::support::{API_KEY, TestApp, fresh_database, worker};
 
 /// A submitter key with a weight and a max running (0 = unlimited), inserted directly.
 pub async fn submitter(pool: &PgPool, id: &str, weight: i32, max_running: i32) {
@@ -250,4 +254,104 @@ async fn max_running_holds_a_submitters_extra_builds_back() {
     complete(&pool, &w1, &first, token).await;
     let (_, who, _) = claim(&pool, &w3).await.expect("its second build, now");
     assert_eq!(who, "capped");
+}
+
+async fn submit_as(app: &TestApp, key: &str) -> reqwest::Response {
+    let form = Form::new()
+        .text("platform", "ios")
+        .part("source", Part::bytes(b"source".to_vec()).file_name("app.zip"));
+    app.client
+        .post(app.url("/api/builds/submit"))
+        .header("X-API-Key", key)
+        .multipart(form)
+        .send()
+        .await
+        .expect("submit")
+}
+
+/// The status a submit answers while only 64 KiB of a declared 50 MB multipart body were sent.
+async fn answer_to_partial_submit(base: &str, key: &str) -> Option<u16> {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /api/builds/submit HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {key}\r\n\
+         Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 50000000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let _ = stream.write_all(&vec![b'x'; 64 * 1024]).await;
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let read = async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&answer[..end]).to_string();
+                return head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .unwrap_or(None)
+}
+
+/// Max queued, across two instances: past it, submit and retry answer 429 `submitter_queue_full` with
+/// `Retry-After` before the body is read; the built-in admin key and other keys are not limited; a
+/// build leaving the queue makes room again.
+#[tokio::test]
+async fn max_queued_refuses_submits_and_retries_with_429_across_instances() {
+    let a = TestApp::spawn().await;
+    let b = TestApp::spawn_on(&a).await;
+    let created: Value = a
+        .client
+        .post(a.url("/api/v2/keys"))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "name": "ci", "role": "submitter", "max_queued": 2 }))
+        .send()
+        .await
+        .expect("create key")
+        .json()
+        .await
+        .expect("key json");
+    let key = created["key"].as_str().expect("secret").to_string();
+    let first: Value = submit_as(&a, &key).await.json().await.expect("json");
+    let r = submit_as(&b, &key).await;
+    assert_eq!(r.status(), 200, "the second build fits");
+    let r = submit_as(&b, &key).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "30");
+    let body: Value = r.json().await.expect("json");
+    // G0 answers keep their `{"error"}` shape; `/api/v2` answers add the code `submitter_queue_full`.
+    assert_eq!(body, json!({ "error": "Submitter queue limit reached" }));
+    assert_eq!(
+        answer_to_partial_submit(&a.base, &key).await,
+        Some(429),
+        "refused before the body"
+    );
+    assert_eq!(a.count("builds").await, 2, "nothing was added");
+    // The admin key has no quota; a key with max_queued 0 (the default) is unlimited.
+    a.submit("ios", b"admin").await;
+    // A build leaving the queue (cancelled) makes room; its retry would be the third queued build.
+    let id = first["id"].as_str().expect("id");
+    let r = a
+        .client
+        .post(a.url(&format!("/api/builds/{id}/cancel")))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(r.status(), 200);
+    assert_eq!(submit_as(&b, &key).await.status(), 200, "room again");
+    let r = b
+        .client
+        .post(b.url(&format!("/api/builds/{id}/retry")))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(r.status(), 429, "a retry counts against max queued too");
+    assert_eq!(r.headers()["retry-after"], "30");
 }

@@ -110,6 +110,7 @@ pub struct Cancelled {
     (status = 200, description = "Submitted", body = Submitted),
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
 async fn submit_g0(
     state: State<AppState>,
@@ -124,6 +125,7 @@ async fn submit_g0(
     (status = 201, description = "Submitted", body = Submitted),
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
 async fn submit_created(
     state: State<AppState>,
@@ -153,6 +155,7 @@ async fn submit(
     // The stored key that submits (`None`: the built-in admin key).
     let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
     let multipart = require_multipart(body)?;
+    submitter_room(&state, submitted_by.as_deref()).await?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
     let full = full_queues(&state).await?;
@@ -336,6 +339,14 @@ async fn enqueue(state: &AppState, new: &NewBuild, unsettled: &mut bool) -> ApiR
     Ok(build)
 }
 
+/// 429 `submitter_queue_full` when the submitting key has max queued builds queued (before any body).
+async fn submitter_room(state: &AppState, key_id: Option<&str>) -> ApiResult<()> {
+    if queue::submitter_queue_full(&state.pool, key_id).await? {
+        return Err(ApiError::submitter_queue_full());
+    }
+    Ok(())
+}
+
 /// The platform queues at their backpressure limit.
 async fn full_queues(state: &AppState) -> ApiResult<Vec<Platform>> {
     let mut conn = state.pool.acquire().await?;
@@ -390,6 +401,7 @@ async fn cancel(
     (status = 200, description = "A new build from the original's source", body = Retried),
     (status = 400, description = "`Original build source no longer available. Please submit a new build.`", body = ErrorBody),
     (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full`", body = ErrorBody)))]
 async fn retry(
     State(state): State<AppState>,
@@ -405,6 +417,7 @@ async fn retry(
         let mut conn = state.pool.acquire().await?;
         queue::check_retry(&mut conn, &id, limited).await?;
     }
+    submitter_room(&state, original.submitted_by.as_deref()).await?;
     if full_queues(&state).await?.contains(&original.platform()) {
         queue::count_refusal(original.platform());
         return Err(queue_full_error());
