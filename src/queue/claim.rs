@@ -19,12 +19,14 @@ pub struct Claim {
 }
 
 /// What makes a queued row `b` eligible for worker `$1` (besides the worker's own state): due, on one of
-/// its platforms (`{queue}`), queue not paused, its submitter below max running, and not held back from
-/// this worker (requeue cool-off, retry elsewhere).
+/// its platforms (`{queue}`), queue not paused, its requirements satisfied by the worker's declared
+/// capabilities (`build_matches`, migration 0151), its submitter below max running, and not held back
+/// from this worker (requeue cool-off, retry elsewhere).
 const ELIGIBLE: &str = "b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND {queue}
       AND b.queue NOT IN (SELECT name FROM queues WHERE paused)
+      AND (b.requirement_match IS NULL OR build_matches(b.requirement_match, (SELECT w.caps FROM workers w WHERE w.id = $1)))
       AND NOT COALESCE((SELECT k.max_running > 0 AND k.max_running <= (SELECT count(*) FROM builds r
               WHERE r.submitted_by = k.id AND r.state IN ('assigned', 'building'))
           FROM api_keys k WHERE k.id = b.submitted_by), false)
@@ -205,23 +207,23 @@ async fn claim_once(
     }))
 }
 
-/// Whether a queued build is held back from this worker by the requeue cool-off (R51) or because it
-/// should be retried elsewhere: then an empty claim does not mean its queues are empty for everyone.
+/// Whether a queued build is held back from this worker by the requeue cool-off (R51), because it
+/// should be retried elsewhere, or because it has requirements (which this worker may not satisfy):
+/// then an empty claim does not mean its queues are empty for everyone.
 pub async fn held_back_by_requeue(
     pool: &PgPool,
     worker_id: &str,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<bool> {
-    if settings.requeue_cooloff_secs == 0 && settings.retry_elsewhere_secs == 0 {
-        return Ok(false);
-    }
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (
             SELECT 1 FROM build_attempts a JOIN builds b ON b.id = a.build_id
-            WHERE a.worker_id = $1 AND a.outcome IN ('requeued', 'infrastructure', 'released')
+            WHERE ($3 > 0 OR $4 > 0) AND a.worker_id = $1 AND a.outcome IN ('requeued', 'infrastructure', 'released')
               AND a.finished_at > $2 - (CASE WHEN a.outcome = 'requeued' THEN $3 ELSE $4 END)::bigint * interval '1 second'
-              AND b.state IN ('pending', 'scheduled', 'retryable'))",
+              AND b.state IN ('pending', 'scheduled', 'retryable'))
+         OR EXISTS (SELECT 1 FROM builds b WHERE b.state IN ('pending', 'scheduled', 'retryable')
+              AND b.requirement_match IS NOT NULL)",
     )
     .bind(worker_id)
     .bind(now)

@@ -38,6 +38,7 @@ mod model;
 pub mod operator;
 mod pending;
 mod quota;
+mod requirements;
 mod retention;
 mod vm;
 mod wakeups;
@@ -63,6 +64,7 @@ pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcil
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use pending::{doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes, refresh_writes};
 pub use quota::submitter_queue_full;
+pub use requirements::{Requirements, unmatched};
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };

@@ -150,6 +150,9 @@ pub struct Build {
     /// That key's name when it submitted.
     #[sqlx(default)]
     pub submitted_by_name: Option<String>,
+    /// What it needs of its worker, as shown (`{"xcode": ">=16.2", …}`; scheduling.md).
+    #[sqlx(default)]
+    pub requirements: Option<sqlx::types::Json<serde_json::Value>>,
 }
 
 impl Build {

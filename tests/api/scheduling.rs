@@ -36,6 +36,7 @@ pub async fn enqueue_for(pool: &PgPool, submitter: Option<&str>, n: usize) -> Ve
     for _ in 0..n {
         let id = ids::new_id();
         let new = NewBuild {
+            requirements: None,
             submitted_by: submitter.map(str::to_string),
             id: id.clone(),
             platform: Platform::Ios,
@@ -354,4 +355,118 @@ async fn max_queued_refuses_submits_and_retries_with_429_across_instances() {
         .expect("retry");
     assert_eq!(r.status(), 429, "a retry counts against max queued too");
     assert_eq!(r.headers()["retry-after"], "30");
+}
+
+/// The deployed Swift worker's capabilities document, exactly.
+const DEPLOYED_CAPABILITIES: &str =
+    r#"{"platforms":["ios"],"maxConcurrentBuilds":1,"maxMemoryGB":16,"maxCPUPercent":80,"xcode_version":"15.0"}"#;
+
+async fn register_with(app: &TestApp, name: &str, capabilities: &str) -> String {
+    let capabilities: Value = serde_json::from_str(capabilities).expect("capabilities");
+    let body: Value = app
+        .client
+        .post(app.url("/api/workers/register"))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "name": name, "capabilities": capabilities }))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("register json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+/// A submit with `requirements` before its source part (as clients send the text fields first).
+async fn submit_requiring(app: &TestApp, requirements: &str) -> (u16, Value) {
+    let form = Form::new()
+        .text("platform", "ios")
+        .text("requirements", requirements.to_string())
+        .part("source", Part::bytes(b"source".to_vec()).file_name("app.zip"));
+    let r = app
+        .client
+        .post(app.url("/api/builds/submit"))
+        .header("X-API-Key", API_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .expect("submit");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Requirements are matched against what workers declare, including the deployed worker's exact JSON
+/// (`xcode_version`, `maxMemoryGB`); a submit no registered worker could run is 422 naming the unmet
+/// requirement, before its source is stored; bad requirements are 400 naming the problem.
+#[tokio::test]
+async fn requirements_match_declared_capabilities_and_unrunnable_submits_are_refused() {
+    let app = TestApp::spawn().await;
+    let deployed = register_with(&app, "deployed", DEPLOYED_CAPABILITIES).await;
+    let newer = register_with(
+        &app,
+        "newer",
+        r#"{"platforms":["ios"],"xcode_versions":["15.4","16.2"],"macos_version":"15.1","arch":"arm64",
+            "memory_gb":32,"labels":["fast-disk"]}"#,
+    )
+    .await;
+    // Needs Xcode 16.2+: the deployed worker (15.0) never gets it, the newer one does.
+    let (status, needs_16) = submit_requiring(&app, r#"{"xcode": ">=16.2", "labels": ["fast-disk"]}"#).await;
+    assert_eq!(status, 200, "{needs_16}");
+    assert_eq!(app.poll(&deployed).await["job"], Value::Null);
+    assert_eq!(app.poll(&newer).await["job"]["id"], needs_16["id"]);
+    // Xcode 15 with 16 GB: the deployed worker's exact document satisfies it.
+    let (status, fits_deployed) = submit_requiring(&app, r#"{"xcode": ">=15,<15.1", "min_memory_gb": 16}"#).await;
+    assert_eq!(status, 200, "{fits_deployed}");
+    assert_eq!(app.poll(&deployed).await["job"]["id"], fits_deployed["id"]);
+
+    // Nobody has Xcode 17: 422 naming it and what is registered; nothing stored, no row.
+    let (rows, files) = (app.count("builds").await, app.stored_files().len());
+    let (status, refused) = submit_requiring(&app, r#"{"xcode": ">=17", "arch": "arm64"}"#).await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        refused["error"],
+        "No worker can run this build: needs xcode >=17 (registered: 15.0, 15.4, 16.2)"
+    );
+    let (status, refused) = submit_requiring(&app, r#"{"macos": ">=15", "min_memory_gb": 64}"#).await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        refused["error"],
+        "No worker can run this build: needs min_memory_gb 64 (registered: 16, 32)"
+    );
+    // Each is satisfied by some worker, but none has both.
+    let (status, refused) = submit_requiring(&app, r#"{"xcode": "15.0", "arch": "arm64"}"#).await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        refused["error"],
+        "No worker can run this build: no registered worker has xcode =15.0 and arch arm64 together"
+    );
+    assert_eq!(app.count("builds").await, rows, "no row inserted");
+    assert_eq!(app.stored_files().len(), files, "no source stored");
+
+    // Malformed requirements: 400 naming the problem.
+    for (requirements, names) in [
+        (r#"{"gpu": "m3"}"#, "unknown field `gpu`"),
+        (r#"{"xcode": ">>16"}"#, "xcode must be a version range"),
+        (r#"{"xcode": ">=17,<16"}"#, "can never be satisfied"),
+        ("[1, 2]", "Invalid requirements"),
+    ] {
+        let (status, refused) = submit_requiring(&app, requirements).await;
+        assert_eq!(status, 400, "{requirements}");
+        let message = refused["error"].as_str().unwrap_or_default();
+        assert!(message.contains(names), "{requirements}: {message}");
+    }
+    assert_eq!(app.count("builds").await, rows);
+}
+
+/// With `CONTROLLER_ACCEPT_UNMATCHED` an unrunnable build is accepted and waits; a worker that registers
+/// later with the capability takes it.
+#[tokio::test]
+async fn accept_unmatched_lets_a_build_wait_for_a_matching_worker() {
+    let app = TestApp::spawn_with(|c| c.queue.accept_unmatched = true).await;
+    let deployed = register_with(&app, "deployed", DEPLOYED_CAPABILITIES).await;
+    let (status, waiting) = submit_requiring(&app, r#"{"xcode": ">=16"}"#).await;
+    assert_eq!(status, 200, "{waiting}");
+    assert_eq!(app.poll(&deployed).await["job"], Value::Null);
+    let later = register_with(&app, "later", r#"{"platforms":["ios"],"xcode_version":"16.0"}"#).await;
+    assert_eq!(app.poll(&later).await["job"]["id"], waiting["id"]);
 }

@@ -65,6 +65,9 @@ pub struct SubmitForm {
     pub max_attempts: Option<i32>,
     /// RFC 3339: a scheduled build.
     pub run_at: Option<String>,
+    /// JSON: what the build needs of its worker, e.g. `{"xcode": ">=16.2,<17", "macos": ">=15",
+    /// "arch": "arm64", "min_memory_gb": 16, "labels": ["fast-disk"]}` (scheduling.md).
+    pub requirements: Option<String>,
     /// Accepted and dropped (never stored in clear).
     #[serde(rename = "appleId")]
     pub apple_id: Option<String>,
@@ -110,6 +113,7 @@ pub struct Cancelled {
     (status = 200, description = "Submitted", body = Submitted),
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 422, description = "`No worker can run this build: needs …` (`no_matching_worker`)", body = ErrorBody),
     (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
 async fn submit_g0(
@@ -125,6 +129,7 @@ async fn submit_g0(
     (status = 201, description = "Submitted", body = Submitted),
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 422, description = "`No worker can run this build: needs …` (`no_matching_worker`)", body = ErrorBody),
     (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
 async fn submit_created(
@@ -145,6 +150,7 @@ struct SubmitParts {
     priority: Option<String>,
     max_attempts: Option<String>,
     run_at: Option<String>,
+    requirements: Option<queue::Requirements>,
 }
 
 async fn submit(
@@ -261,6 +267,12 @@ async fn read_submit_form(
                     return Err(queue_full_error());
                 }
                 form.platform = Some(platform);
+                refuse_unmatched(state, form).await?;
+            }
+            "requirements" => {
+                let text = read_text(field).await?;
+                form.requirements = queue::Requirements::parse(&text).map_err(ApiError::bad_request)?;
+                refuse_unmatched(state, form).await?;
             }
             "priority" => form.priority = Some(read_text(field).await?),
             "max_attempts" => form.max_attempts = Some(read_text(field).await?),
@@ -270,6 +282,24 @@ async fn read_submit_form(
         }
     }
     Ok(())
+}
+
+/// 422 `no_matching_worker` once both the platform and requirements are known (usually before the
+/// source part), when no registered worker could ever run the build (unless `CONTROLLER_ACCEPT_UNMATCHED`).
+async fn refuse_unmatched(state: &AppState, form: &SubmitParts) -> ApiResult<()> {
+    let (Some(req), Some(platform)) = (&form.requirements, form.platform.as_deref()) else {
+        return Ok(());
+    };
+    let Some(platform) = Platform::parse(platform.trim()) else {
+        return Ok(());
+    };
+    if state.config.queue.accept_unmatched {
+        return Ok(());
+    }
+    match queue::unmatched(&state.pool, platform, req).await? {
+        Some(message) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with_code("no_matching_worker")),
+        None => Ok(()),
+    }
 }
 
 /// Validates the form, stores the certs and inserts the row. `unsettled` is set when the insert failed
@@ -306,6 +336,7 @@ async fn create_build(
         }
     };
     let row = NewBuild {
+        requirements: form.requirements,
         submitted_by,
         id: new.build_id.to_string(),
         platform,
@@ -450,6 +481,10 @@ async fn retry(
     }
     let access_token = ids::new_secret();
     let new = NewBuild {
+        requirements: original
+            .requirements
+            .as_ref()
+            .and_then(|r| queue::Requirements::parse(&r.0.to_string()).ok().flatten()),
         submitted_by: original.submitted_by.clone(),
         id: new_id.clone(),
         platform: original.platform(),
