@@ -41,6 +41,7 @@ mod quota;
 mod requirements;
 mod retention;
 mod vm;
+mod waiting;
 mod wakeups;
 mod workers;
 
@@ -69,6 +70,7 @@ pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
+pub use waiting::{REASONS as WAITING_REASONS, Waiting, sentence as waiting_sentence, waiting_counts, waiting_of};
 pub use wakeups::{Generations, Subscription, Wakeups, listen};
 pub use workers::{
     MAX_CAPABILITIES_BYTES, MAX_NAME_BYTES, RegisterRequest, Registration, find_worker, platforms_of, register,

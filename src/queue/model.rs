@@ -88,6 +88,14 @@ impl BuildState {
         matches!(self, BuildState::Assigned | BuildState::Building)
     }
 
+    /// Waiting to be claimed: pending, scheduled or retryable.
+    pub fn is_queued(self) -> bool {
+        matches!(
+            self,
+            BuildState::Pending | BuildState::Scheduled | BuildState::Retryable
+        )
+    }
+
     /// The first-generation vocabulary (`pending|assigned|building|completed|failed`).
     pub fn g0(self) -> &'static str {
         match self {

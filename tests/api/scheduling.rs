@@ -470,3 +470,184 @@ async fn accept_unmatched_lets_a_build_wait_for_a_matching_worker() {
     let later = register_with(&app, "later", r#"{"platforms":["ios"],"xcode_version":"16.0"}"#).await;
     assert_eq!(app.poll(&later).await["job"]["id"], waiting["id"]);
 }
+
+async fn v2(app: &TestApp, method: reqwest::Method, path: &str) -> Value {
+    let r = app
+        .client
+        .request(method, app.url(path))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("v2");
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.expect("v2 json")
+}
+
+async fn submit_fields(app: &TestApp, key: &str, fields: &[(&str, &str)]) -> String {
+    let mut form = Form::new();
+    for (name, value) in fields {
+        form = form.text(name.to_string(), value.to_string());
+    }
+    let form = form.part("source", Part::bytes(b"source".to_vec()).file_name("app.zip"));
+    let r = app
+        .client
+        .post(app.url("/api/builds/submit"))
+        .header("X-API-Key", key)
+        .multipart(form)
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+async fn reason_of(app: &TestApp, id: &str) -> (Value, Value) {
+    let shown = v2(app, reqwest::Method::GET, &format!("/api/v2/builds/{id}")).await;
+    (shown["waiting_reason"].clone(), shown["position"].clone())
+}
+
+/// Every waiting reason, in `/api/v2` build views (show and list), counted per queue in `/api/v2/queues`
+/// and exported as `expo_builds_waiting{queue,reason}`; builds that are not queued have none.
+#[tokio::test]
+async fn each_waiting_reason_is_shown_and_counted() {
+    let app = TestApp::spawn_with(|c| c.queue.accept_unmatched = true).await;
+    let busy = register_with(&app, "busy", DEPLOYED_CAPABILITIES).await;
+    let offline = register_with(&app, "offline", r#"{"platforms":["ios"],"xcode_version":"16.0"}"#).await;
+    sqlx::query("UPDATE workers SET status = 'offline' WHERE id = $1")
+        .bind(&offline)
+        .execute(&app.pool)
+        .await
+        .expect("offline");
+    let android = register_with(&app, "android", r#"{"platforms":["android"]}"#).await;
+    let created: Value = app
+        .client
+        .post(app.url("/api/v2/keys"))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "name": "capped", "role": "submitter", "max_running": 1 }))
+        .send()
+        .await
+        .expect("key")
+        .json()
+        .await
+        .expect("key json");
+    let capped = created["key"].as_str().expect("secret").to_string();
+
+    // android: the capped submitter runs one build; its second waits for it.
+    let running = submit_fields(&app, &capped, &[("platform", "android")]).await;
+    let limited = submit_fields(&app, &capped, &[("platform", "android")]).await;
+    assert_eq!(app.poll(&android).await["job"]["id"], running.as_str());
+    // ios: the only online worker is busy; one build is next, the one behind it waits for the busy worker.
+    let held = submit_fields(&app, API_KEY, &[("platform", "ios")]).await;
+    assert_eq!(app.poll(&busy).await["job"]["id"], held.as_str());
+    let next = submit_fields(&app, API_KEY, &[("platform", "ios")]).await;
+    let behind = submit_fields(&app, API_KEY, &[("platform", "ios")]).await;
+    let later = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let scheduled = submit_fields(&app, API_KEY, &[("platform", "ios"), ("run_at", &later)]).await;
+    let backoff = submit_fields(&app, API_KEY, &[("platform", "ios")]).await;
+    sqlx::query("UPDATE builds SET state = 'retryable', run_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(&backoff)
+        .execute(&app.pool)
+        .await
+        .expect("retryable");
+    let unregistered = submit_fields(
+        &app,
+        API_KEY,
+        &[("platform", "ios"), ("requirements", r#"{"xcode": ">=17"}"#)],
+    )
+    .await;
+    let not_online = submit_fields(
+        &app,
+        API_KEY,
+        &[("platform", "ios"), ("requirements", r#"{"xcode": ">=16"}"#)],
+    )
+    .await;
+
+    assert_eq!(
+        reason_of(&app, &held).await,
+        (Value::Null, Value::Null),
+        "running: no reason"
+    );
+    assert_eq!(reason_of(&app, &limited).await.0, "submitter_limit");
+    assert_eq!(reason_of(&app, &next).await, (json!("next"), json!(0)));
+    assert_eq!(
+        reason_of(&app, &behind).await,
+        (json!("matching_workers_busy"), json!(1))
+    );
+    assert_eq!(reason_of(&app, &scheduled).await, (json!("scheduled"), Value::Null));
+    assert_eq!(reason_of(&app, &backoff).await.0, "retry_backoff");
+    assert_eq!(reason_of(&app, &unregistered).await.0, "no_matching_worker_registered");
+    assert_eq!(reason_of(&app, &not_online).await.0, "no_matching_worker_online");
+    // The list shows the same, with a sentence for people.
+    let page = v2(&app, reqwest::Method::GET, "/api/v2/builds?limit=50").await;
+    let listed = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|b| b["id"] == behind.as_str())
+        .expect("listed")
+        .clone();
+    assert_eq!(listed["waiting_reason"], "matching_workers_busy");
+    assert_eq!(listed["waiting_sentence"], "Matching workers are online and all busy");
+
+    let queues = v2(&app, reqwest::Method::GET, "/api/v2/queues").await;
+    let waiting = |name: &str| {
+        queues["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|q| q["name"] == name)
+            .expect("queue")["waiting"]
+            .clone()
+    };
+    assert_eq!(
+        waiting("ios"),
+        json!({ "scheduled": 1, "retry_backoff": 1, "queue_paused": 0, "submitter_limit": 0,
+                "no_matching_worker_registered": 1, "no_matching_worker_online": 1,
+                "matching_workers_busy": 1, "next": 1 })
+    );
+    assert_eq!(waiting("android")["submitter_limit"], 1);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"expo_builds_waiting{queue="ios",reason="no_matching_worker_online"}"#),
+        "{metrics}"
+    );
+
+    // The dashboard shows the reason on the build page and the counts on the overview.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let cookie = crate::dashboard::sign_in(&app, &browser).await;
+    let page = |path: String| {
+        let (app, browser, cookie) = (&app, &browser, cookie.clone());
+        async move {
+            let r = browser
+                .get(app.url(&path))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .expect("page");
+            assert_eq!(r.status(), 200, "{path}");
+            r.text().await.expect("html")
+        }
+    };
+    let html = page(format!("/dashboard/builds/{behind}")).await;
+    assert!(html.contains("matching_workers_busy"), "build page shows the reason");
+    assert!(html.contains("#2 in line"), "and its position");
+    let html = page("/dashboard".to_string()).await;
+    assert!(html.contains("no_matching_worker_online"), "overview counts reasons");
+
+    // A paused queue comes first.
+    v2(&app, reqwest::Method::POST, "/api/v2/queues/ios/pause").await;
+    assert_eq!(reason_of(&app, &next).await.0, "queue_paused");
+}
