@@ -20,52 +20,72 @@ CREATE INDEX builds_claim_submitter_idx ON builds (queue, (COALESCE(submitted_by
 CREATE INDEX builds_running_submitter_idx ON builds (submitted_by)
     WHERE state IN ('assigned', 'building') AND submitted_by IS NOT NULL;
 
-CREATE FUNCTION builds_submitter_shares() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    was_queued boolean := false;
-    is_queued  boolean := false;
-    old_key    text;
-    new_key    text;
-BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        was_queued := OLD.state IN ('pending', 'scheduled', 'retryable');
-        old_key := COALESCE(OLD.submitted_by, 'admin');
-    END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        is_queued := NEW.state IN ('pending', 'scheduled', 'retryable');
-        new_key := COALESCE(NEW.submitted_by, 'admin');
-    END IF;
-    IF was_queued AND is_queued AND OLD.queue = NEW.queue AND old_key = new_key THEN
-        RETURN NULL;
-    END IF;
-    IF was_queued THEN
-        UPDATE submitter_shares SET queued = queued - 1 WHERE queue = OLD.queue AND submitter = old_key;
-    END IF;
-    IF is_queued THEN
+-- Statement-level, over the statement's transition tables: one aggregated change per (queue, submitter)
+-- whatever the number of rows (a row-level counter would update the same row once per build, and a bulk
+-- insert or cancel in one transaction would walk an ever longer chain of its own row versions).
+CREATE FUNCTION submitter_shares_apply(deltas jsonb) RETURNS void LANGUAGE sql AS $$
+    -- deltas: [{"queue", "submitter", "delta"}], one per (queue, submitter), never 0
+    WITH d AS (
+        SELECT x.queue, x.submitter, x.delta FROM jsonb_to_recordset(deltas) AS x(queue text, submitter text, delta int)
+    ), joined AS (
         INSERT INTO submitter_shares AS s (queue, submitter, pass, queued)
-        VALUES (NEW.queue, new_key,
-                COALESCE((SELECT min(m.pass) FROM submitter_shares m WHERE m.queue = NEW.queue AND m.queued > 0),
-                         (SELECT max(m.pass) FROM submitter_shares m WHERE m.queue = NEW.queue), 0),
-                1)
+        SELECT d.queue, d.submitter,
+               COALESCE((SELECT min(m.pass) FROM submitter_shares m WHERE m.queue = d.queue AND m.queued > 0),
+                        (SELECT max(m.pass) FROM submitter_shares m WHERE m.queue = d.queue), 0),
+               d.delta
+        FROM d WHERE d.delta > 0
+        ORDER BY d.queue, d.submitter
         ON CONFLICT (queue, submitter) DO UPDATE SET
-            queued = s.queued + 1,
-            pass = CASE WHEN s.queued > 0 THEN s.pass ELSE GREATEST(s.pass, COALESCE(
-                (SELECT min(m.pass) FROM submitter_shares m WHERE m.queue = NEW.queue AND m.queued > 0),
-                (SELECT max(m.pass) FROM submitter_shares m WHERE m.queue = NEW.queue), 0)) END;
+            queued = s.queued + EXCLUDED.queued,
+            -- rejoining (nothing queued before): at the queue's current minimum pass, idle time not banked
+            pass = CASE WHEN s.queued > 0 THEN s.pass ELSE GREATEST(s.pass, EXCLUDED.pass) END
+        RETURNING 1
+    )
+    UPDATE submitter_shares s SET queued = GREATEST(s.queued + d.delta, 0)
+    FROM d WHERE d.delta < 0 AND s.queue = d.queue AND s.submitter = d.submitter
+      AND (SELECT count(*) FROM joined) >= 0;
+$$;
+
+CREATE FUNCTION builds_shares_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM submitter_shares_apply((SELECT jsonb_agg(t) FROM (
+        SELECT queue, COALESCE(submitted_by, 'admin') AS submitter, count(*)::int AS delta FROM new_rows
+        WHERE state IN ('pending', 'scheduled', 'retryable') GROUP BY 1, 2) t));
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION builds_shares_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM submitter_shares_apply((SELECT jsonb_agg(t) FROM (
+        SELECT queue, COALESCE(submitted_by, 'admin') AS submitter, -count(*)::int AS delta FROM old_rows
+        WHERE state IN ('pending', 'scheduled', 'retryable') GROUP BY 1, 2) t));
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION builds_shares_update() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    deltas jsonb;
+BEGIN
+    SELECT jsonb_agg(t) INTO deltas FROM (
+        SELECT queue, submitter, sum(delta)::int AS delta FROM (
+            SELECT o.queue, COALESCE(o.submitted_by, 'admin') AS submitter, -1 AS delta
+            FROM old_rows o WHERE o.state IN ('pending', 'scheduled', 'retryable')
+            UNION ALL
+            SELECT n.queue, COALESCE(n.submitted_by, 'admin'), 1
+            FROM new_rows n WHERE n.state IN ('pending', 'scheduled', 'retryable')
+        ) c GROUP BY 1, 2 HAVING sum(delta) <> 0) t;
+    IF deltas IS NOT NULL THEN
+        PERFORM submitter_shares_apply(deltas);
     END IF;
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER builds_submitter_shares_insert AFTER INSERT ON builds FOR EACH ROW
-    WHEN (NEW.state IN ('pending', 'scheduled', 'retryable'))
-    EXECUTE FUNCTION builds_submitter_shares();
-CREATE TRIGGER builds_submitter_shares_update AFTER UPDATE OF state, queue, submitted_by ON builds FOR EACH ROW
-    WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.queue IS DISTINCT FROM NEW.queue
-          OR OLD.submitted_by IS DISTINCT FROM NEW.submitted_by)
-    EXECUTE FUNCTION builds_submitter_shares();
-CREATE TRIGGER builds_submitter_shares_delete AFTER DELETE ON builds FOR EACH ROW
-    WHEN (OLD.state IN ('pending', 'scheduled', 'retryable'))
-    EXECUTE FUNCTION builds_submitter_shares();
+CREATE TRIGGER builds_shares_insert AFTER INSERT ON builds REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION builds_shares_insert();
+CREATE TRIGGER builds_shares_delete AFTER DELETE ON builds REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION builds_shares_delete();
+CREATE TRIGGER builds_shares_update AFTER UPDATE ON builds REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION builds_shares_update();
 
 INSERT INTO submitter_shares (queue, submitter, queued)
 SELECT queue, COALESCE(submitted_by, 'admin'), count(*) FROM builds
