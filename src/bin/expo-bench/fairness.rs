@@ -85,6 +85,10 @@ async fn finish(pool: &PgPool, w: &Worker, claim: &queue::Claim) -> anyhow::Resu
 /// Shares of `CLAIMS` claims with `workers` workers (builds of equal length: they end in the order
 /// they started); returns the largest relative deviation from weight ÷ total and the shares.
 async fn shares(pool: &PgPool, workers: usize) -> anyhow::Result<(f64, String)> {
+    // Only this run's submitters have queued builds (the previous run leaves its queues full).
+    sqlx::query("UPDATE builds SET state = 'cancelled', completed_at = now() WHERE state IN ('pending', 'scheduled', 'retryable')")
+        .execute(pool)
+        .await?;
     let tag = tag();
     let ids = keys(pool, &tag).await?;
     for (n, id) in ids.iter().enumerate() {
