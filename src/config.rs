@@ -291,6 +291,11 @@ pub struct QueueConfig {
     #[arg(long, env = "CONTROLLER_RETRY_BUILD_FAILURES", default_value_t = false)]
     pub retry_build_failures: bool,
 
+    /// Accept a build whose requirements no registered worker satisfies (it waits with reason
+    /// `no_matching_worker_registered`); by default such a submit answers 422 `no_matching_worker`.
+    #[arg(long, env = "CONTROLLER_ACCEPT_UNMATCHED", default_value_t = false)]
+    pub accept_unmatched: bool,
+
     /// Lifetime of a worker token; every authenticated poll extends it.
     #[arg(long, env = "CONTROLLER_WORKER_TOKEN_TTL_SECS", default_value_t = 86_400)]
     pub worker_token_ttl_secs: u64,
@@ -413,6 +418,7 @@ impl Default for QueueConfig {
             backoff_base_secs: 15,
             backoff_cap_secs: 600,
             retry_build_failures: false,
+            accept_unmatched: false,
             worker_token_ttl_secs: 86_400,
             requeue_cooloff_secs: 600,
             max_queued_builds: 10_000,

@@ -70,6 +70,7 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 }
 
 pub const SSE_SUBSCRIBERS: &str = "expo_sse_subscribers";
+pub const BUILDS_WAITING: &str = "expo_builds_waiting";
 
 /// Refreshes the database-derived gauges (and this instance's SSE subscriber count) and renders the
 /// text exposition format.
@@ -109,6 +110,18 @@ pub async fn render(pool: &PgPool, sse_subscribers: usize) -> Result<String, sql
     .await?;
     for (platform, count) in available {
         metrics::gauge!(WORKERS_AVAILABLE, "platform" => platform).set(count as f64);
+    }
+    // Why queued builds wait (scheduling.md), per queue and reason.
+    let waiting = crate::queue::waiting_counts(pool, chrono::Utc::now())
+        .await
+        .map_err(|e| match e {
+            crate::queue::QueueError::Db(e) | crate::queue::QueueError::DbUncommitted(e) => e,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })?;
+    for (queue, reasons) in waiting {
+        for (reason, count) in reasons {
+            metrics::gauge!(BUILDS_WAITING, "queue" => queue.clone(), "reason" => reason).set(count as f64);
+        }
     }
     let depth: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT q.name, s.state, count(b.id)
@@ -202,6 +215,10 @@ pub fn init() {
         "Workers able to take work now (online, active, not quarantined) by platform (read at scrape time)"
     );
     describe_gauge!(WORKERS_QUARANTINED, "Workers quarantined now (read at scrape time)");
+    describe_gauge!(
+        BUILDS_WAITING,
+        "Queued builds by queue and waiting reason (read at scrape time)"
+    );
     describe_counter!(
         STORAGE_ERRORS,
         "Requests the artifact store failed (answered 503 Storage unavailable)"

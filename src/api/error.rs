@@ -89,6 +89,15 @@ impl ApiError {
         }
     }
 
+    /// 429 `Submitter queue limit reached` with `Retry-After`: the submitter has max queued builds queued.
+    pub fn submitter_queue_full() -> Self {
+        Self {
+            retry_after: Some(QUEUE_FULL_RETRY_AFTER_SECS),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "Submitter queue limit reached")
+                .with_code("submitter_queue_full")
+        }
+    }
+
     /// The stable code of this error.
     pub fn code(&self) -> &'static str {
         self.code.unwrap_or_else(|| code_for(self.status))

@@ -370,16 +370,26 @@ fn builds_table(list: &Value, now: DateTime<Utc>) -> String {
                 progress(b),
                 text(&b["worker_id"]),
                 age(&b["submitted_at"], now),
+                waiting(b),
             ]
         })
         .collect();
     let header = [
-        "ID", "STATE", "PLATFORM", "PRIORITY", "ATTEMPT", "PROGRESS", "WORKER", "AGE",
+        "ID", "STATE", "PLATFORM", "PRIORITY", "ATTEMPT", "PROGRESS", "WORKER", "AGE", "WAITING",
     ];
     if rows.is_empty() {
         return "no builds\n".to_string();
     }
     table(&header, &rows) + &more(list, "builds")
+}
+
+/// Why a queued build waits: its reason, with its position where one applies (`-` when not queued).
+fn waiting(b: &Value) -> String {
+    match (b["waiting_reason"].as_str(), b["position"].as_i64()) {
+        (Some(reason), Some(position)) => format!("{reason} (#{})", position + 1),
+        (Some(reason), None) => reason.to_string(),
+        _ => "-".to_string(),
+    }
 }
 
 fn details(pairs: &[(&str, String)]) -> String {
@@ -400,6 +410,13 @@ fn build_details(b: &Value, now: DateTime<Utc>) -> String {
         ("progress", progress(b)),
         ("stage", text(&b["stage"])),
         ("worker", text(&b["worker_id"])),
+        (
+            "waiting",
+            match b["waiting_sentence"].as_str() {
+                Some(sentence) => format!("{} — {sentence}", waiting(b)),
+                None => "-".to_string(),
+            },
+        ),
         (
             "submitted",
             format!("{} ({} ago)", text(&b["submitted_at"]), age(&b["submitted_at"], now)),
@@ -536,6 +553,15 @@ mod tests {
         );
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines, ["ID         STATE", "a-long-id  pending", "b          é"]);
+    }
+
+    #[test]
+    fn queued_builds_say_why_they_wait() {
+        let list = json!({ "items": [{ "id": "x", "state": "pending", "waiting_reason": "matching_workers_busy",
+            "position": 1 }, { "id": "y", "state": "building" }], "next_cursor": null });
+        let out = builds_table(&list, Utc::now());
+        assert!(out.lines().next().unwrap_or_default().ends_with("WAITING"), "{out}");
+        assert!(out.contains("matching_workers_busy (#2)"), "{out}");
     }
 
     #[test]

@@ -314,6 +314,13 @@ pub fn overview(o: &Overview, names: &Names, now: DateTime<Utc>) -> Markup {
                     }
                     p.muted { "Oldest pending: "
                         @match q.oldest_pending_age_seconds { Some(age) => strong { (span_of(age as i64)) }, None => "none" } }
+                    @if let Some(reasons) = o.waiting.get(&q.name).filter(|r| r.values().any(|n| *n > 0)) {
+                        ul.waiting aria-label="Why builds wait" {
+                            @for (reason, n) in reasons.iter().filter(|(_, n)| **n > 0) {
+                                li title=(crate::queue::waiting_sentence(reason)) { span.mono { (reason) } " " strong { (n) } }
+                            }
+                        }
+                    }
                 }
             }
             article.card {
@@ -583,6 +590,12 @@ pub fn build_summary(page: &BuildPage, names: &Names, csrf: &str, now: DateTime<
                     dt { "Priority" } dd { (b.priority) }
                     dt { "Attempt" } dd { (b.attempt) " of " (b.max_attempts) }
                     dt { "Worker" } dd { (worker_link(b.worker_id.as_deref(), names)) }
+                    @if let Some(w) = &page.waiting {
+                        dt { "Waiting" } dd #waiting-reason {
+                            span.mono { (w.reason) } @if let Some(p) = w.position { " (#" (p + 1) " in line)" }
+                            " — " (crate::queue::waiting_sentence(&w.reason))
+                        }
+                    }
                     // Progress and heartbeat belong to a running attempt: a waiting or failed build has none.
                     dt { "Progress" } dd { @if state.is_held() || b.state == "completed" {
                         (progress(b.progress)) @if let Some(stage) = &b.stage { " " span.muted { (stage) } }

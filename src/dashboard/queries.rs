@@ -38,6 +38,8 @@ pub struct Overview {
     pub recent_failures: Vec<Build>,
     pub stale_after: Duration,
     pub total_estimate: i64,
+    /// Queued builds per queue and waiting reason (scheduling.md).
+    pub waiting: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>>,
 }
 
 pub async fn overview(
@@ -117,6 +119,7 @@ pub async fn overview(
         recent_failures,
         stale_after,
         total_estimate: total_estimate(pool).await?,
+        waiting: queue::waiting_counts(pool, now).await?,
     })
 }
 
@@ -257,6 +260,8 @@ pub struct BuildPage {
     pub build: Build,
     pub attempts: Vec<AttemptRow>,
     pub samples: Vec<Sample>,
+    /// Why it waits, while queued.
+    pub waiting: Option<queue::Waiting>,
 }
 
 pub async fn build_page(pool: &PgPool, id: &str) -> QueueResult<Option<BuildPage>> {
@@ -271,10 +276,18 @@ pub async fn build_page(pool: &PgPool, id: &str) -> QueueResult<Option<BuildPage
     .fetch_all(pool)
     .await?;
     samples.reverse();
+    let waiting = if build.state().is_queued() {
+        queue::waiting_of(pool, std::slice::from_ref(&build.id), Utc::now())
+            .await?
+            .pop()
+    } else {
+        None
+    };
     Ok(Some(BuildPage {
         build,
         attempts,
         samples,
+        waiting,
     }))
 }
 

@@ -189,18 +189,30 @@ pub async fn list_builds(pool: &PgPool, mut filter: BuildFilter) -> OpResult<Val
     } else {
         None
     };
-    Ok(json!(views::BuildPage {
-        items: builds.iter().map(views::build).collect(),
-        next_cursor,
-    }))
+    let mut items: Vec<views::BuildView> = builds.iter().map(views::build).collect();
+    let queued: Vec<String> = builds
+        .iter()
+        .filter(|b| b.state().is_queued())
+        .map(|b| b.id.clone())
+        .collect();
+    views::set_waiting(&mut items, &queue::waiting_of(pool, &queued, Utc::now()).await?);
+    Ok(json!(views::BuildPage { items, next_cursor }))
 }
 
 /// One build with its attempts.
 pub async fn show_build(pool: &PgPool, id: &str) -> OpResult<Value> {
     let build = queue::find_build(pool, id).await?.ok_or(QueueError::BuildNotFound)?;
     let attempts = operator::attempts_of(pool, id).await?;
+    let mut view = [views::build(&build)];
+    if build.state().is_queued() {
+        views::set_waiting(
+            &mut view,
+            &queue::waiting_of(pool, std::slice::from_ref(&build.id), Utc::now()).await?,
+        );
+    }
+    let [view] = view;
     Ok(json!(views::BuildDetail {
-        build: views::build(&build),
+        build: view,
         attempts: attempts.iter().map(views::attempt).collect(),
     }))
 }
@@ -290,10 +302,14 @@ pub async fn set_paused(pool: &PgPool, name: &str, paused: bool, actor: &Actor) 
 
 /// Every platform queue: `{"items", "next_cursor": null}` as `GET /api/v2/queues`.
 pub async fn list_queues(pool: &PgPool, settings: &QueueConfig) -> OpResult<Value> {
+    let mut waiting = queue::waiting_counts(pool, Utc::now()).await?;
     let items = operator::queue_views(pool, Utc::now())
         .await?
         .iter()
-        .map(|q| views::queue(q, settings.max_queued_builds))
+        .map(|q| views::QueueInfo {
+            waiting: waiting.remove(&q.name).unwrap_or_default(),
+            ..views::queue(q, settings.max_queued_builds)
+        })
         .collect();
     Ok(json!(views::QueuePage {
         items,

@@ -95,6 +95,17 @@ pub struct BuildView {
     /// The key that submitted the build (its name when submitted); `null` for the built-in admin key
     /// and imported builds.
     pub submitted_by: Option<SubmittedBy>,
+    /// What the build needs of its worker (`{"xcode": ">=16.2", …}`); `null`: any worker of its platform.
+    #[schema(value_type = Option<Object>)]
+    pub requirements: Option<Value>,
+    /// Why a queued build waits (`scheduled`, `retry_backoff`, `queue_paused`, `submitter_limit`,
+    /// `no_matching_worker_registered`, `no_matching_worker_online`, `matching_workers_busy`, `next`);
+    /// `null` for builds that are not queued. Computed when read.
+    pub waiting_reason: Option<String>,
+    /// The same for people.
+    pub waiting_sentence: Option<String>,
+    /// Builds ahead of it in claim order (for `matching_workers_busy` and `next`).
+    pub position: Option<i64>,
 }
 
 /// Who submitted a build: the key's id and name.
@@ -197,6 +208,8 @@ pub struct QueueInfo {
     pub max_queued: i64,
     /// Whether submits are refused (503 `queue_full`).
     pub full: bool,
+    /// Queued builds per waiting reason (every reason, zeros included).
+    pub waiting: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -252,6 +265,21 @@ pub fn build(b: &Build) -> BuildView {
             id: id.clone(),
             name: b.submitted_by_name.clone().unwrap_or_default(),
         }),
+        requirements: b.requirements.as_ref().map(|r| r.0.clone()),
+        waiting_reason: None,
+        waiting_sentence: None,
+        position: None,
+    }
+}
+
+/// Fills `waiting_reason`, `waiting_sentence` and `position` of the queued builds among `views`.
+pub fn set_waiting(views: &mut [BuildView], waiting: &[crate::queue::Waiting]) {
+    for view in views.iter_mut() {
+        if let Some(w) = waiting.iter().find(|w| w.id == view.id) {
+            view.waiting_reason = Some(w.reason.clone());
+            view.waiting_sentence = Some(crate::queue::waiting_sentence(&w.reason).to_string());
+            view.position = w.position;
+        }
     }
 }
 
@@ -303,6 +331,7 @@ pub fn queue(q: &QueueView, max_queued: i64) -> QueueInfo {
         queued,
         max_queued,
         full: queued >= max_queued,
+        waiting: Default::default(),
     }
 }
 

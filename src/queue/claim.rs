@@ -18,24 +18,18 @@ pub struct Claim {
     pub redelivered: bool,
 }
 
-/// One statement, one round trip (the `{queue}` placeholder is filled by [`claim_sql`]). `held` re-delivers the worker's current attempt (with a fresh OTP,
-/// since the worker never received the previous one); only when there is none does `picked` lock the
-/// best eligible row, skipping rows other claims hold, and `claimed` turn it into a new attempt with its
-/// attempt row, log line and busy worker.
-const CLAIM_TEMPLATE: &str = "
-WITH held AS (
-    UPDATE builds SET otp_hash = $5, otp_expires_at = $2 + $6::bigint * interval '1 second'
-    WHERE lease_owner = $1 AND state IN ('assigned', 'building')
-    RETURNING *
-), picked AS (
-    SELECT b.id FROM builds b
-    WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
-      AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL
-                  AND (w.health = 'ok' OR w.quarantined_until <= $2) AND w.diag_critical_at IS NULL)
-      AND b.state IN ('pending', 'scheduled', 'retryable')
+/// What makes a queued row `b` eligible for worker `$1` (besides the worker's own state): due, on one of
+/// its platforms (`{queue}`), queue not paused, its requirements satisfied by the worker's declared
+/// capabilities (`build_matches`, migration 0151), its submitter below max running, and not held back
+/// from this worker (requeue cool-off, retry elsewhere).
+const ELIGIBLE: &str = "b.state IN ('pending', 'scheduled', 'retryable')
       AND b.run_at <= $2
       AND {queue}
       AND b.queue NOT IN (SELECT name FROM queues WHERE paused)
+      AND (b.requirement_match IS NULL OR build_matches(b.requirement_match, (SELECT w.caps FROM workers w WHERE w.id = $1)))
+      AND NOT COALESCE((SELECT k.max_running > 0 AND k.max_running <= (SELECT count(*) FROM builds r
+              WHERE r.submitted_by = k.id AND r.state IN ('assigned', 'building'))
+          FROM api_keys k WHERE k.id = b.submitted_by), false)
       AND NOT EXISTS (
           SELECT 1 FROM build_attempts a WHERE a.build_id = b.id AND a.worker_id = $1
             AND ((a.outcome = 'requeued' AND a.finished_at > $2 - $9::bigint * interval '1 second')
@@ -45,10 +39,54 @@ WITH held AS (
                       AND (o.health = 'ok' OR o.quarantined_until <= $2) AND o.diag_critical_at IS NULL
                       AND NOT EXISTS (SELECT 1 FROM build_attempts oa WHERE oa.build_id = b.id AND oa.worker_id = o.id
                           AND oa.outcome IN ('infrastructure', 'released')
-                          AND oa.finished_at > $2 - $10::bigint * interval '1 second')))))
+                          AND oa.finished_at > $2 - $10::bigint * interval '1 second')))))";
+
+/// One statement, one round trip (the `{eligible}`/`{queue}` placeholders are filled by [`claim_sql`]).
+/// `held` re-delivers the worker's current attempt (with a fresh OTP, since the worker never received the
+/// previous one); only when there is none does `top` find the highest priority among the builds this
+/// worker may run (today's index walk), and `picked` lock the best eligible row, skipping rows other
+/// claims hold: at that priority, the oldest build of the submitter with the lowest stride `pass`
+/// (scheduling.md; `submitter_shares`, walked in pass order, only submitters with queued builds and room
+/// below their max running); should every such row be locked by concurrent claims, the oldest eligible
+/// row. `claimed` turns it into a new attempt with its attempt row, log line and busy worker, and `share`
+/// advances its submitter's pass by 1 / weight (the built-in admin key and imported builds: `admin`,
+/// weight 1).
+const CLAIM_TEMPLATE: &str = "
+WITH held AS (
+    UPDATE builds SET otp_hash = $5, otp_expires_at = $2 + $6::bigint * interval '1 second'
+    WHERE lease_owner = $1 AND state IN ('assigned', 'building')
+    RETURNING *
+), top AS (
+    SELECT b.priority FROM builds b
+    WHERE $8 AND NOT EXISTS (SELECT 1 FROM held)
+      AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.admin_state = 'active' AND w.unregistered_at IS NULL
+                  AND (w.health = 'ok' OR w.quarantined_until <= $2) AND w.diag_critical_at IS NULL)
+      AND {eligible}
+    ORDER BY b.priority DESC, b.run_at, b.id
+    LIMIT 1
+), fair AS (
+    SELECT c.id FROM top CROSS JOIN submitter_shares s
+    CROSS JOIN LATERAL (
+        SELECT b.id FROM builds b
+        WHERE b.queue = s.queue AND COALESCE(b.submitted_by, 'admin') = s.submitter
+          AND b.priority = top.priority AND {eligible}
+        ORDER BY b.priority DESC, b.run_at, b.id
+        LIMIT 1
+        FOR UPDATE OF b SKIP LOCKED) c
+    WHERE s.queued > 0 AND {share_queue}
+      AND NOT COALESCE((SELECT k.max_running > 0 AND k.max_running <= (SELECT count(*) FROM builds r
+              WHERE r.submitted_by = k.id AND r.state IN ('assigned', 'building'))
+          FROM api_keys k WHERE k.id = s.submitter), false)
+    ORDER BY s.pass, s.submitter
+    LIMIT 1
+), oldest AS (
+    SELECT b.id FROM top, builds b
+    WHERE NOT EXISTS (SELECT 1 FROM fair) AND {eligible}
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
     FOR UPDATE OF b SKIP LOCKED
+), picked AS (
+    SELECT id FROM fair UNION ALL SELECT id FROM oldest
 ), claimed AS (
     UPDATE builds b
     SET state = 'assigned', attempt = b.attempt + 1, lease_owner = $1, worker_id = $1,
@@ -60,6 +98,10 @@ WITH held AS (
         log_seq = b.log_seq + 1
     FROM picked WHERE b.id = picked.id
     RETURNING b.*
+), share AS (
+    UPDATE submitter_shares s
+    SET pass = s.pass + 1.0 / COALESCE((SELECT k.weight FROM api_keys k WHERE k.id = c.submitted_by), 1)
+    FROM claimed c WHERE s.queue = c.queue AND s.submitter = COALESCE(c.submitted_by, 'admin')
 ), attempt_row AS (
     INSERT INTO build_attempts (build_id, attempt, worker_id, lease_token, assigned_at)
     SELECT id, attempt, lease_owner, lease_token, $2 FROM claimed
@@ -82,10 +124,16 @@ SELECT *, false AS redelivered FROM claimed";
 /// The claim for a worker of one platform compares the queue by equality, so the planner walks that
 /// queue's index; a worker of several platforms walks the global index. Built once per variant.
 pub fn claim_sql(platforms: usize) -> &'static str {
+    fn build(queue: &str, share_queue: &str) -> String {
+        CLAIM_TEMPLATE
+            .replace("{eligible}", ELIGIBLE)
+            .replace("{queue}", queue)
+            .replace("{share_queue}", share_queue)
+    }
     static SINGLE: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| CLAIM_TEMPLATE.replace("{queue}", "b.queue = ($3::text[])[1]"));
+        std::sync::LazyLock::new(|| build("b.queue = ($3::text[])[1]", "s.queue = ($3::text[])[1]"));
     static MULTI: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| CLAIM_TEMPLATE.replace("{queue}", "b.queue = ANY($3)"));
+        std::sync::LazyLock::new(|| build("b.queue = ANY($3)", "s.queue = ANY($3)"));
     if platforms == 1 {
         SINGLE.as_str()
     } else {
@@ -96,7 +144,8 @@ pub fn claim_sql(platforms: usize) -> &'static str {
 /// Returns the attempt the worker already holds, or claims the best eligible build for it.
 ///
 /// Eligible: queued (`pending`, or `scheduled`/`retryable` whose `run_at` has passed), on one of the
-/// worker's platforms, queue not paused; best: priority, then `run_at`, then id. Rows locked by a
+/// worker's platforms, queue not paused, its submitter below max running; best: priority, then the
+/// submitter with the least service for its weight (stride pass), then `run_at`, then id. Rows locked by a
 /// concurrent claim are skipped, never waited for. A draining, disabled, revoked or unregistered worker
 /// gets nothing new (checked on its row, not only on the caller's possibly cached copy), and
 /// a build an operator requeued away from this worker is not handed back to it within the requeue
@@ -158,23 +207,23 @@ async fn claim_once(
     }))
 }
 
-/// Whether a queued build is held back from this worker by the requeue cool-off (R51) or because it
-/// should be retried elsewhere: then an empty claim does not mean its queues are empty for everyone.
+/// Whether a queued build is held back from this worker by the requeue cool-off (R51), because it
+/// should be retried elsewhere, or because it has requirements (which this worker may not satisfy):
+/// then an empty claim does not mean its queues are empty for everyone.
 pub async fn held_back_by_requeue(
     pool: &PgPool,
     worker_id: &str,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> QueueResult<bool> {
-    if settings.requeue_cooloff_secs == 0 && settings.retry_elsewhere_secs == 0 {
-        return Ok(false);
-    }
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (
             SELECT 1 FROM build_attempts a JOIN builds b ON b.id = a.build_id
-            WHERE a.worker_id = $1 AND a.outcome IN ('requeued', 'infrastructure', 'released')
+            WHERE ($3 > 0 OR $4 > 0) AND a.worker_id = $1 AND a.outcome IN ('requeued', 'infrastructure', 'released')
               AND a.finished_at > $2 - (CASE WHEN a.outcome = 'requeued' THEN $3 ELSE $4 END)::bigint * interval '1 second'
-              AND b.state IN ('pending', 'scheduled', 'retryable'))",
+              AND b.state IN ('pending', 'scheduled', 'retryable'))
+         OR EXISTS (SELECT 1 FROM builds b WHERE b.state IN ('pending', 'scheduled', 'retryable')
+              AND b.requirement_match IS NOT NULL)",
     )
     .bind(worker_id)
     .bind(now)

@@ -39,6 +39,8 @@ pub struct NewBuild {
     pub original_build_id: Option<String>,
     /// The key that submitted it (`None`: the built-in admin key).
     pub submitted_by: Option<String>,
+    /// What it needs of the worker that runs it (scheduling.md); `None`: any worker of its platform.
+    pub requirements: Option<super::Requirements>,
 }
 
 /// Inserts the build and, when it is claimable now, notifies every instance — one statement, inside
@@ -104,9 +106,9 @@ async fn insert(
          ), inserted AS (
             INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
                                 submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id,
-                                submitted_by, submitted_by_name)
+                                submitted_by, submitted_by_name, requirements, requirement_match)
             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $17,
-                   (SELECT name FROM api_keys WHERE id = $17)
+                   (SELECT name FROM api_keys WHERE id = $17), $18, $19
             WHERE (NOT $16 OR (SELECT count(*) FROM claimed) = 1 + ($11::text IS NOT NULL)::int)
               AND ($15::bigint IS NULL OR NOT ",
         queued_at_least!("$3", "$15"),
@@ -143,6 +145,8 @@ async fn insert(
         .bind(max_queued)
         .bind(claim)
         .bind(&new.submitted_by)
+        .bind(new.requirements.as_ref().map(|r| r.display()))
+        .bind(new.requirements.as_ref().map(|r| r.match_doc()))
         .fetch_optional(&mut *conn)
         .await?;
     if let Some(build) = build {

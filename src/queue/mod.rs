@@ -38,9 +38,12 @@ mod maintenance;
 mod model;
 pub mod operator;
 mod pending;
+mod quota;
+mod requirements;
 mod retention;
 pub mod supersede;
 mod vm;
+mod waiting;
 mod wakeups;
 mod workers;
 
@@ -65,10 +68,13 @@ pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use pending::{
     doom_forgotten_write, doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes, refresh_writes,
 };
+pub use quota::submitter_queue_full;
+pub use requirements::{Requirements, unmatched};
 pub use retention::{
     claim_tick, delete_history, forget_artifacts, mark_offline, prunable_builds, prune_events, stale_artifacts,
 };
 pub use vm::{VmTokenRecord, authenticate_vm, mark_vm_ready};
+pub use waiting::{REASONS as WAITING_REASONS, Waiting, sentence as waiting_sentence, waiting_counts, waiting_of};
 pub use wakeups::{Generations, Subscription, Wakeups, listen};
 pub use workers::{
     MAX_CAPABILITIES_BYTES, MAX_NAME_BYTES, RegisterRequest, Registration, find_worker, platforms_of, register,

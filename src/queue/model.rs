@@ -88,6 +88,14 @@ impl BuildState {
         matches!(self, BuildState::Assigned | BuildState::Building)
     }
 
+    /// Waiting to be claimed: pending, scheduled or retryable.
+    pub fn is_queued(self) -> bool {
+        matches!(
+            self,
+            BuildState::Pending | BuildState::Scheduled | BuildState::Retryable
+        )
+    }
+
     /// The first-generation vocabulary (`pending|assigned|building|completed|failed`).
     pub fn g0(self) -> &'static str {
         match self {
@@ -150,6 +158,9 @@ pub struct Build {
     /// That key's name when it submitted.
     #[sqlx(default)]
     pub submitted_by_name: Option<String>,
+    /// What it needs of its worker, as shown (`{"xcode": ">=16.2", …}`; scheduling.md).
+    #[sqlx(default)]
+    pub requirements: Option<sqlx::types::Json<serde_json::Value>>,
 }
 
 impl Build {

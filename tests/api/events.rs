@@ -138,6 +138,7 @@ async fn outbox_kinds_of(pool: &PgPool, build_id: &str) -> Vec<String> {
 fn new_build(platform: Platform) -> NewBuild {
     let id = ids::new_id();
     NewBuild {
+        requirements: None,
         submitted_by: None,
         source_key: format!("builds/{id}/source.zip"),
         id,

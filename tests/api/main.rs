@@ -33,6 +33,7 @@ mod restart;
 mod reviews;
 mod s3;
 mod scale;
+mod scheduling;
 mod staging;
 mod submit_keys;
 mod token_worker;

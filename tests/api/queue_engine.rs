@@ -420,6 +420,7 @@ async fn scheduled_builds_wait_for_their_time() {
     let id = expo_controller::ids::new_id();
     let now = Utc::now();
     let new = queue::NewBuild {
+        requirements: None,
         submitted_by: None,
         id: id.clone(),
         platform: Platform::Ios,

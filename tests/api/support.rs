@@ -298,6 +298,7 @@ pub async fn enqueue_as(pool: &PgPool, id: &str, platform: Platform) {
 
 async fn enqueue_with(pool: &PgPool, id: &str, platform: Platform, priority: i32, max_attempts: i32) {
     let new = NewBuild {
+        requirements: None,
         submitted_by: None,
         id: id.to_string(),
         platform,

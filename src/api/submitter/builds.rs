@@ -70,6 +70,9 @@ pub struct SubmitForm {
     pub supersede_key: Option<String>,
     /// `true`: running builds with the key are cancelled too (default `false`).
     pub supersede_running: Option<bool>,
+    /// JSON: what the build needs of its worker, e.g. `{"xcode": ">=16.2,<17", "macos": ">=15",
+    /// "arch": "arm64", "min_memory_gb": 16, "labels": ["fast-disk"]}` (scheduling.md).
+    pub requirements: Option<String>,
     /// Accepted and dropped (never stored in clear).
     #[serde(rename = "appleId")]
     pub apple_id: Option<String>,
@@ -115,6 +118,8 @@ pub struct Cancelled {
     (status = 200, description = "Submitted", body = Submitted),
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 422, description = "`No worker can run this build: needs …` (`no_matching_worker`)", body = ErrorBody),
+    (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
 async fn submit_g0(
     state: State<AppState>,
@@ -130,6 +135,8 @@ async fn submit_g0(
     (status = 201, description = "Submitted", body = Submitted),
     (status = 400, description = "`Content must be multipart/form-data`, `Source file required`, `Valid platform required (ios|android)`, `Invalid certs bundle`, …", body = ErrorBody),
     (status = 413, description = "`Source file too large` or `Certs file too large`", body = ErrorBody),
+    (status = 422, description = "`No worker can run this build: needs …` (`no_matching_worker`)", body = ErrorBody),
+    (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full` (`Retry-After`)", body = ErrorBody)))]
 async fn submit_created(
     state: State<AppState>,
@@ -152,6 +159,7 @@ struct SubmitParts {
     run_at: Option<String>,
     supersede_key: Option<String>,
     supersede_running: Option<String>,
+    requirements: Option<queue::Requirements>,
 }
 
 async fn submit(
@@ -170,6 +178,7 @@ async fn submit(
     let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
     let idempotency_key = idempotency_key(headers)?;
     let multipart = require_multipart(body)?;
+    submitter_room(&state, submitted_by.as_deref()).await?;
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
     let full = full_queues(&state).await?;
@@ -297,6 +306,12 @@ async fn read_submit_form(
                     return Err(queue_full_error());
                 }
                 form.platform = Some(platform);
+                refuse_unmatched(state, form).await?;
+            }
+            "requirements" => {
+                let text = read_text(field).await?;
+                form.requirements = queue::Requirements::parse(&text).map_err(ApiError::bad_request)?;
+                refuse_unmatched(state, form).await?;
             }
             "priority" => form.priority = Some(read_text(field).await?),
             "max_attempts" => form.max_attempts = Some(read_text(field).await?),
@@ -308,6 +323,24 @@ async fn read_submit_form(
         }
     }
     Ok(())
+}
+
+/// 422 `no_matching_worker` once both the platform and requirements are known (usually before the
+/// source part), when no registered worker could ever run the build (unless `CONTROLLER_ACCEPT_UNMATCHED`).
+async fn refuse_unmatched(state: &AppState, form: &SubmitParts) -> ApiResult<()> {
+    let (Some(req), Some(platform)) = (&form.requirements, form.platform.as_deref()) else {
+        return Ok(());
+    };
+    let Some(platform) = Platform::parse(platform.trim()) else {
+        return Ok(());
+    };
+    if state.config.queue.accept_unmatched {
+        return Ok(());
+    }
+    match queue::unmatched(&state.pool, platform, req).await? {
+        Some(message) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with_code("no_matching_worker")),
+        None => Ok(()),
+    }
 }
 
 /// Validates the form, stores the certs and inserts the row. `unsettled` is set when the insert failed
@@ -347,6 +380,7 @@ async fn create_build(
         }
     };
     let row = NewBuild {
+        requirements: form.requirements,
         submitted_by,
         id: new.build_id.to_string(),
         platform,
@@ -394,7 +428,16 @@ async fn claim_idempotency_key(
     let Some(key) = new.idempotency_key else {
         return Ok(None);
     };
-    let fingerprint = format!("platform={};source_size={}", row.platform.as_str(), row.source_size);
+    let requirements = row
+        .requirements
+        .as_ref()
+        .map(|r| r.match_doc().to_string())
+        .unwrap_or_default();
+    let fingerprint = format!(
+        "platform={};source_size={};requirements={requirements}",
+        row.platform.as_str(),
+        row.source_size
+    );
     let claim = queue::idempotency::KeyClaim {
         submitter: row.submitted_by.as_deref(),
         key,
@@ -429,6 +472,14 @@ async fn enqueue(state: &AppState, new: &NewBuild, unsettled: &mut bool) -> ApiR
         .inspect_err(|e| *unsettled = e.outcome_unknown())?;
     state.wakeups.invalidate(new.platform);
     Ok(build)
+}
+
+/// 429 `submitter_queue_full` when the submitting key has max queued builds queued (before any body).
+async fn submitter_room(state: &AppState, key_id: Option<&str>) -> ApiResult<()> {
+    if queue::submitter_queue_full(&state.pool, key_id).await? {
+        return Err(ApiError::submitter_queue_full());
+    }
+    Ok(())
 }
 
 /// The platform queues at their backpressure limit.
@@ -485,6 +536,7 @@ async fn cancel(
     (status = 200, description = "A new build from the original's source", body = Retried),
     (status = 400, description = "`Original build source no longer available. Please submit a new build.`", body = ErrorBody),
     (status = 404, description = "`Build not found`", body = ErrorBody),
+    (status = 429, description = "`Submitter queue limit reached` (`Retry-After`)", body = ErrorBody),
     (status = 503, description = "`Build queue is full`", body = ErrorBody)))]
 async fn retry(
     State(state): State<AppState>,
@@ -500,6 +552,7 @@ async fn retry(
         let mut conn = state.pool.acquire().await?;
         queue::check_retry(&mut conn, &id, limited).await?;
     }
+    submitter_room(&state, original.submitted_by.as_deref()).await?;
     if full_queues(&state).await?.contains(&original.platform()) {
         queue::count_refusal(original.platform());
         return Err(queue_full_error());
@@ -532,6 +585,10 @@ async fn retry(
     }
     let access_token = ids::new_secret();
     let new = NewBuild {
+        requirements: original
+            .requirements
+            .as_ref()
+            .and_then(|r| queue::Requirements::parse(&r.0.to_string()).ok().flatten()),
         submitted_by: original.submitted_by.clone(),
         id: new_id.clone(),
         platform: original.platform(),

@@ -12,7 +12,9 @@ use crate::stats::Samples;
 /// A month of history: `count` finished builds (85 % completed, 10 % failed, 5 % cancelled) spread
 /// evenly over 30 days across 50 workers, plus 500 pending builds.
 pub async fn history(pool: &PgPool, count: i64) -> anyhow::Result<()> {
-    sqlx::query("TRUNCATE builds CASCADE").execute(pool).await?;
+    sqlx::query("TRUNCATE builds, submitter_shares CASCADE")
+        .execute(pool)
+        .await?;
     sqlx::query(
         "INSERT INTO builds (id, state, queue, run_at, submitted_at, started_at, completed_at, attempt, worker_id,
                              finished_reason, error_message, source_key, source_size)

@@ -6,6 +6,7 @@ mod cycle;
 mod dashboard;
 mod downloads;
 mod events;
+mod fairness;
 mod import;
 mod s3;
 mod scenarios;
@@ -120,6 +121,14 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
     }
     if let Some(small) = small {
         rows.push(p6(&bench, small).await?);
+    }
+    if wants("F1") {
+        rows.extend(fairness::f1(pool).await?);
+        drain(pool).await?;
+    }
+    if wants("F2") {
+        rows.push(fairness::f2(&bench.shared, pool).await?);
+        drain(pool).await?;
     }
     if wants("P10") {
         rows.extend(downloads::p10(&bench.shared, pool, env).await?);
