@@ -190,6 +190,9 @@ impl From<QueueError> for ApiError {
         if matches!(error, QueueError::QueueFull) {
             return ApiError::queue_full(QUEUE_FULL_RETRY_AFTER_SECS);
         }
+        if matches!(error, QueueError::SubmitterQueueFull) {
+            return ApiError::submitter_queue_full();
+        }
         match crate::ops::refusal(&error) {
             Some(refusal) => {
                 let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);

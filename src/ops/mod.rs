@@ -99,6 +99,7 @@ pub fn refusal(error: &QueueError) -> Option<Refusal> {
         QueueError::Invalid(message) => plain(400, message.clone().into(), "invalid_input"),
         QueueError::Conflict(message) => plain(409, message.clone().into(), "conflict"),
         QueueError::QueueFull => plain(503, "Build queue is full".into(), "queue_full"),
+        QueueError::SubmitterQueueFull => plain(429, "Submitter queue limit reached".into(), "submitter_queue_full"),
         QueueError::RetryInProgress(id) => Refusal {
             status: 409,
             message: format!("A retry of this build is still unfinished: {id}").into(),
@@ -380,7 +381,7 @@ mod tests {
     /// The CLI's database mode shows what the API would answer: same message, same code.
     #[test]
     fn refusals_read_as_the_api_answers_them() {
-        let cases: [fn() -> QueueError; 8] = [
+        let cases: [fn() -> QueueError; 9] = [
             || QueueError::RetryLimit(10),
             || QueueError::BuildNotFound,
             || QueueError::WorkerNotFound,
@@ -388,6 +389,7 @@ mod tests {
             || QueueError::Conflict("no".into()),
             || QueueError::AlreadyFinished,
             || QueueError::QueueFull,
+            || QueueError::SubmitterQueueFull,
             || QueueError::RetryInProgress("abc".into()),
         ];
         for case in cases {

@@ -34,6 +34,9 @@ pub struct CancelReason<'a> {
     pub reason: &'a str,
     /// For people (`Superseded by <id>`).
     pub message: &'a str,
+    /// Only a queued build is cancelled: one that started meanwhile is refused (409), checked under
+    /// the row lock.
+    pub queued_only: bool,
 }
 
 /// [`cancel`], with a reason other than the user's request.
@@ -60,6 +63,10 @@ pub async fn cancel_because(
         return Err(QueueError::AlreadyFinished);
     }
     let held = state.is_held();
+    if held && why.is_some_and(|w| w.queued_only) {
+        tx.rollback().await?;
+        return Err(QueueError::Conflict("Build already started".into()));
+    }
     let build: Build = sqlx::query_as(
         "UPDATE builds SET state = 'cancelled', completed_at = $2, finished_reason = 'cancelled',
             cancel_requested_at = CASE WHEN $3 THEN $2 ELSE NULL END,

@@ -1,7 +1,7 @@
 //! Enqueue: insert a build row and wake the instances that wait for work.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 
 use super::{Build, BuildState, Platform, QueueError, QueueResult};
 
@@ -65,11 +65,40 @@ pub async fn enqueue_bounded(
     max_queued: i64,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
-    let inserted = insert(conn, new, Some(max_queued), true, now).await;
+    let inserted = match new.submitted_by.as_deref() {
+        Some(key_id) => insert_within_quota(conn, new, key_id, max_queued, now).await,
+        None => insert(conn, new, Some(max_queued), true, now).await,
+    };
     if matches!(inserted, Err(QueueError::QueueFull)) {
         count_refusal(new.platform);
     }
     inserted
+}
+
+/// A stored key's submit: when the key has a max queued, its inserts take turns under a lock on the
+/// key, so that each one's check (a statement after the lock, with a fresh snapshot) sees the builds the
+/// others inserted — submits that passed the check before their bodies at the same time cannot all
+/// get in. Keys without a quota only pay the lock statement's round trip.
+async fn insert_within_quota(
+    conn: &mut PgConnection,
+    new: &NewBuild,
+    key_id: &str,
+    max_queued: i64,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
+    let mut tx = conn.begin().await.map_err(QueueError::DbUncommitted)?;
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtext('submitter-quota:' || id)) FROM api_keys WHERE id = $1 AND max_queued > 0",
+    )
+    .bind(key_id)
+    .execute(&mut *tx)
+    .await
+    .map_err(QueueError::DbUncommitted)?;
+    let build = insert(&mut tx, new, Some(max_queued), true, now)
+        .await
+        .map_err(QueueError::uncommitted)?;
+    tx.commit().await?;
+    Ok(build)
 }
 
 /// The platform queues holding `max_queued` queued builds or more, in one statement (each count reads
@@ -110,6 +139,12 @@ async fn insert(
             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $17,
                    (SELECT name FROM api_keys WHERE id = $17), $18, $19
             WHERE (NOT $16 OR (SELECT count(*) FROM claimed) = 1 + ($11::text IS NOT NULL)::int)
+              -- the submitter's max queued, checked again at the insert (the check before the body
+              -- cannot see submits that were uploading meanwhile)
+              AND ($15::bigint IS NULL OR $17::text IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM api_keys k WHERE k.id = $17 AND k.max_queued > 0
+                     AND k.max_queued <= COALESCE((SELECT sum(s.queued) FROM submitter_shares s
+                                                   WHERE s.submitter = k.id), 0)))
               AND ($15::bigint IS NULL OR NOT ",
         queued_at_least!("$3", "$15"),
         ")
@@ -165,6 +200,13 @@ async fn insert(
         if claimable < 1 + i64::from(new.certs_key.is_some()) {
             return Err(QueueError::ObjectsGone);
         }
+    }
+    if max_queued.is_some()
+        && super::quota::submitter_queue_full_on(&mut *conn, new.submitted_by.as_deref())
+            .await
+            .map_err(QueueError::uncommitted)?
+    {
+        return Err(QueueError::SubmitterQueueFull);
     }
     Err(QueueError::QueueFull)
 }

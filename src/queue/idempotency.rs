@@ -126,6 +126,22 @@ pub async fn claim(pool: &PgPool, certs_key: &[u8; 32], claim: &KeyClaim<'_>) ->
     }
 }
 
+/// Whether `key` of `submitter` already names a build made within the window: a retried submit whose
+/// first answer was lost then gets that build even when the submitter's quota or the queue is full now
+/// (the fingerprint is still compared before it is answered).
+pub async fn names_a_build(pool: &PgPool, submitter: Option<&str>, key: &str) -> QueueResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM submit_idempotency i JOIN builds b ON b.id = i.build_id
+                         WHERE i.submitter = $1 AND i.key = $2
+                           AND i.created_at >= now() - make_interval(hours => $3))",
+    )
+    .bind(submitter.unwrap_or(""))
+    .bind(key)
+    .bind(WINDOW_HOURS as i32)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Gives a claimed key back after the submit was refused before its build was inserted.
 pub async fn release(pool: &PgPool, submitter: Option<&str>, key: &str, build_id: &str) -> QueueResult<()> {
     sqlx::query("DELETE FROM submit_idempotency WHERE submitter = $1 AND key = $2 AND build_id = $3")

@@ -110,6 +110,9 @@ pub enum QueueError {
     /// The platform queue holds as many queued builds as allowed (backpressure).
     #[error("build queue is full")]
     QueueFull,
+    /// The submitting key has its max queued builds queued (scheduling.md quotas).
+    #[error("submitter queue limit reached")]
+    SubmitterQueueFull,
     /// A build-token retry while an earlier retry of the same build is unfinished (its id).
     #[error("a retry of this build is still unfinished: {0}")]
     RetryInProgress(String),

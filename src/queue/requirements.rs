@@ -121,10 +121,10 @@ impl Requirements {
         }
         if let Some(l) = labels
             .iter()
-            .find(|l| l.trim().is_empty() || l.chars().count() > MAX_LABEL_CHARS)
+            .find(|l| l.trim().is_empty() || l.chars().count() > MAX_LABEL_CHARS || l.chars().any(char::is_control))
         {
             return Err(format!(
-                "Invalid requirements: labels must be 1 to {MAX_LABEL_CHARS} characters, got {l:?}"
+                "Invalid requirements: labels must be 1 to {MAX_LABEL_CHARS} printable characters, got {l:?}"
             ));
         }
         let parsed = Requirements {
@@ -290,6 +290,7 @@ mod tests {
             (r#"{"min_memory_gb": -1}"#, "invalid value"),
             (r#"{"min_memory_gb": 0}"#, "at least 1"),
             (r#"{"labels": [""]}"#, "labels must be"),
+            (r#"{"labels": ["fast\u0000disk"]}"#, "printable"),
             (r#"{"xcode": 16}"#, "invalid type"),
             ("not json", "Invalid requirements"),
         ] {

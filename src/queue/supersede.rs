@@ -58,15 +58,19 @@ pub async fn supersede(
     .bind(key)
     .execute(&mut *tx)
     .await?;
-    let older: Vec<String> = sqlx::query_scalar(
+    // The builds of the family (same submitter, key and platform) still in a state this submit may
+    // cancel, with `build_id` itself: the newest of them wins. Concurrent submits mark in turn under
+    // the lock, so whichever marks last sees every other one, whatever order they were submitted in.
+    let family: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
         "WITH marked AS (
-             UPDATE builds SET supersede_key = $2 WHERE id = $1 RETURNING submitted_by, queue, submitted_at
+             UPDATE builds SET supersede_key = $2 WHERE id = $1 RETURNING id, submitted_by, queue, submitted_at
          )
-         SELECT b.id FROM builds b, marked m
+         SELECT m.id, m.submitted_at FROM marked m
+         UNION ALL
+         SELECT b.id, b.submitted_at FROM builds b, marked m
           WHERE b.supersede_key = $2 AND b.queue = m.queue AND b.id <> $1
             AND b.submitted_by IS NOT DISTINCT FROM m.submitted_by
-            AND b.state = ANY($3) AND b.submitted_at <= m.submitted_at
-          ORDER BY b.submitted_at, b.id",
+            AND b.state = ANY($3)",
     )
     .bind(build_id)
     .bind(key)
@@ -74,17 +78,25 @@ pub async fn supersede(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    let message = format!("Superseded by {build_id}");
+    let Some(newest) = family
+        .iter()
+        .max_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)))
+        .map(|n| n.0.clone())
+    else {
+        return Ok(Vec::new());
+    };
+    let message = format!("Superseded by {newest}");
     let why = CancelReason {
         reason: "superseded",
         message: &message,
+        queued_only: !running,
     };
     let mut cancelled = Vec::new();
-    for id in older {
+    for (id, _) in family.into_iter().filter(|(id, _)| *id != newest) {
         match cancel_because(pool, &id, now, actor, Some(why)).await {
             Ok(_) => cancelled.push(id),
-            // Finished (or deleted) meanwhile: nothing left to supersede.
-            Err(QueueError::AlreadyFinished | QueueError::BuildNotFound) => {}
+            // Finished (or deleted) meanwhile, or started while only queued ones may be cancelled.
+            Err(QueueError::AlreadyFinished | QueueError::BuildNotFound | QueueError::Conflict(_)) => {}
             Err(error) => return Err(error),
         }
     }

@@ -16,12 +16,16 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 /// Longest accepted target URL.
 pub const MAX_URL_LEN: usize = 2048;
 
-/// Instance-metadata endpoints of the clouds (AWS, GCP, Azure, Alibaba, ECS task metadata, AWS IPv6).
-const METADATA_IPS: [IpAddr; 4] = [
+/// Instance-metadata endpoints of the clouds (AWS, GCP, Azure, Alibaba, ECS task metadata, AWS IPv6,
+/// Oracle Cloud, Azure's wireserver, GCP IPv6).
+const METADATA_IPS: [IpAddr; 7] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
     IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254)),
+    IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+    IpAddr::V6(Ipv6Addr::new(0xfd20, 0x00ce, 0, 0, 0, 0, 0, 0x0254)),
 ];
 const METADATA_NAMES: [&str; 3] = ["metadata.google.internal", "metadata", "instance-data"];
 
@@ -30,12 +34,25 @@ pub fn is_metadata(ip: IpAddr) -> bool {
     METADATA_IPS.contains(&canonical(ip))
 }
 
-/// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
+/// IPv6 addresses that carry an IPv4 address are judged as that address: IPv4-mapped (`::ffff:a.b.c.d`),
+/// IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`) and 6to4 (`2002:AABB:CCDD::/48`).
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+    let IpAddr::V6(v6) = ip else { return ip };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
     }
+    let s = v6.segments();
+    let embedded = |hi: u16, lo: u16| IpAddr::V4(Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8));
+    if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
+        return embedded(s[6], s[7]);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return embedded(s[6], s[7]);
+    }
+    if s[0] == 0x2002 {
+        return embedded(s[1], s[2]);
+    }
+    ip
 }
 
 /// Loopback, private, link-local, unique-local, unspecified, broadcast or multicast: never a
@@ -51,6 +68,12 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || v4.is_multicast()
                 // 100.64.0.0/10, carrier-grade NAT (shared address space)
                 || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+                // 0.0.0.0/8 ("this network"), 192.0.0.0/24 (protocol assignments), 198.18.0.0/15
+                // (benchmarking), 240.0.0.0/4 (reserved)
+                || v4.octets()[0] == 0
+                || v4.octets()[..3] == [192, 0, 0]
+                || (v4.octets()[0] == 198 && (v4.octets()[1] & 0xfe) == 18)
+                || v4.octets()[0] >= 240
         }
         IpAddr::V6(v6) => {
             let first = v6.segments()[0];
@@ -168,10 +191,24 @@ mod tests {
             "fd12::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:c0a8:101::1",
+            "0.1.2.3",
+            "192.0.0.8",
+            "198.18.0.1",
+            "240.0.0.1",
         ] {
             assert!(is_private(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "100.128.0.1"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "100.128.0.1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(!is_private(ip.parse().unwrap()), "{ip}");
         }
     }
@@ -183,6 +220,10 @@ mod tests {
             "http://[fd00:ec2::254]/",
             "http://metadata.google.internal/",
             "http://[::ffff:169.254.169.254]/",
+            "http://192.0.0.192/",
+            "http://168.63.129.16/",
+            "http://[fd20:ce::254]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
         ] {
             assert!(check_at_creation(url, true).is_err(), "{url}");
         }

@@ -239,3 +239,122 @@ async fn a_submit_supersedes_older_builds_with_its_key() {
     assert_eq!(status, 400);
     assert_eq!(builds(&app).await, before);
 }
+
+/// A submitter key with `max_queued` (v2 keys route).
+async fn submitter_with_quota(app: &TestApp, name: &str, max_queued: i64) -> String {
+    let r = app
+        .client
+        .post(app.url("/api/v2/keys"))
+        .header("X-API-Key", API_KEY)
+        .json(&serde_json::json!({ "name": name, "role": "submitter", "max_queued": max_queued }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    body["key"].as_str().unwrap().to_string()
+}
+
+/// The CI retry of a submit whose answer was lost gets its build, even though that build filled the
+/// submitter's quota; a new submit is refused.
+#[tokio::test]
+async fn a_retried_submit_gets_its_build_although_it_filled_the_quota() {
+    let app = TestApp::spawn().await;
+    let alice = submitter_with_quota(&app, "alice", 1).await;
+    let (status, first) = submit(&app, "/api/builds/submit", &alice, Some("run-7"), form("ios", b"PK")).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = submit(&app, "/api/builds/submit", &alice, Some("run-7"), form("ios", b"PK")).await;
+    assert_eq!((status, &again["id"]), (200, &first["id"]), "{again}");
+    let (status, other) = submit(&app, "/api/builds/submit", &alice, Some("run-8"), form("ios", b"PK")).await;
+    assert_eq!(status, 429, "{other}");
+    assert_eq!(other["code"], "submitter_queue_full");
+    assert_eq!(builds(&app).await, 1);
+}
+
+/// Two submits that both pass the quota check before their bodies (both upload at once) meet the
+/// quota again at the insert: one build, one 429.
+#[tokio::test]
+async fn submits_uploading_at_once_are_held_to_the_quota_at_the_insert() {
+    use bytes::Bytes;
+    let app = TestApp::spawn().await;
+    let alice = submitter_with_quota(&app, "alice", 1).await;
+    let mut senders = Vec::new();
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let stream = futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+        let form = Form::new().text("platform", "ios").part(
+            "source",
+            Part::stream(reqwest::Body::wrap_stream(stream)).file_name("app.zip"),
+        );
+        let request = app
+            .client
+            .post(app.url("/api/builds/submit"))
+            .header("X-API-Key", &alice)
+            .multipart(form)
+            .send();
+        pending.push(tokio::spawn(request));
+        senders.push(sender);
+    }
+    for sender in &senders {
+        sender.send(Ok(Bytes::from_static(b"PK first half"))).await.unwrap();
+    }
+    // Both are past the check before the body: each has its source key recorded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_writes WHERE key LIKE '%source%'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if recorded == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "both uploads should be under way");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(senders);
+    let mut statuses = Vec::new();
+    for p in pending {
+        let r = p.await.unwrap().unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 429]);
+    assert_eq!(builds(&app).await, 1);
+}
+
+/// Submits with one supersede key leave only the newest queued, whichever marks first.
+#[tokio::test]
+async fn superseding_submits_marked_in_either_order_leave_the_newest() {
+    let app = TestApp::spawn().await;
+    let older = submit_fields(&app, API_KEY, "ios", &[]).await;
+    let newer = submit_fields(&app, API_KEY, "ios", &[]).await;
+    let actor = expo_controller::audit::Actor::cli();
+    let now = chrono::Utc::now();
+    // The newer submit marks first (it sees no older build marked yet), then the older one.
+    expo_controller::queue::supersede::supersede(&app.pool, &newer, "app/main", false, now, &actor)
+        .await
+        .unwrap();
+    expo_controller::queue::supersede::supersede(&app.pool, &older, "app/main", false, now, &actor)
+        .await
+        .unwrap();
+    assert_eq!(
+        state_and_error(&app, &older).await,
+        ("cancelled".to_string(), Some(format!("Superseded by {newer}")))
+    );
+    assert_eq!(state_and_error(&app, &newer).await.0, "pending");
+}
+
+/// A repeated `platform` or `requirements` part is refused (each would run the matching queries again).
+#[tokio::test]
+async fn a_repeated_platform_part_is_refused() {
+    let app = TestApp::spawn().await;
+    let form = Form::new()
+        .text("platform", "ios")
+        .text("platform", "ios")
+        .part("source", Part::bytes(b"PK".to_vec()).file_name("app.zip"));
+    let (status, body) = submit(&app, "/api/builds/submit", API_KEY, None, form).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "Duplicate platform field");
+    assert_eq!(builds(&app).await, 0);
+}

@@ -160,6 +160,8 @@ struct SubmitParts {
     supersede_key: Option<String>,
     supersede_running: Option<String>,
     requirements: Option<queue::Requirements>,
+    /// The single-valued parts already read (a repeated one is refused).
+    seen: std::collections::HashSet<String>,
 }
 
 async fn submit(
@@ -178,10 +180,18 @@ async fn submit(
     let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
     let idempotency_key = idempotency_key(headers)?;
     let multipart = require_multipart(body)?;
-    submitter_room(&state, submitted_by.as_deref()).await?;
+    // A retry of a submit whose build exists (its answer was lost) is answered with that build, not
+    // refused by a quota or queue limit the first submit itself may have reached.
+    let replay = match idempotency_key.as_deref() {
+        Some(key) => queue::idempotency::names_a_build(&state.pool, submitted_by.as_deref(), key).await?,
+        None => false,
+    };
+    if !replay {
+        submitter_room(&state, submitted_by.as_deref()).await?;
+    }
     // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
     // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
-    let full = full_queues(&state).await?;
+    let full = if replay { Vec::new() } else { full_queues(&state).await? };
     if Platform::ALL.iter().all(|p| full.contains(p)) {
         Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
         return Err(queue_full_error());
@@ -295,6 +305,12 @@ async fn read_submit_form(
             "certs" => form.certs = Some(read_limited(field, limits.max_certs_bytes, "Certs file too large").await?),
             "profile" => {
                 form.profile = Some(read_limited(field, limits.max_certs_bytes, "Certs file too large").await?)
+            }
+            "platform" | "requirements" if !form.seen.insert(field.name().unwrap_or_default().to_string()) => {
+                return Err(ApiError::bad_request(format!(
+                    "Duplicate {} field",
+                    field.name().unwrap_or_default()
+                )));
             }
             "platform" => {
                 let platform = read_text(field).await?;
@@ -412,8 +428,12 @@ async fn create_build(
             return Err(error);
         }
     };
-    if let Some((key, running)) = supersede {
-        queue::supersede::supersede(&state.pool, &build.id, &key, running, Utc::now(), actor).await?;
+    if let Some((key, running)) = supersede
+        && let Err(error) = queue::supersede::supersede(&state.pool, &build.id, &key, running, Utc::now(), actor).await
+    {
+        // The build is committed: answer with it (a retry without an Idempotency-Key would make a
+        // second one); the older builds stay queued and the next submit with the key supersedes them.
+        tracing::error!(build_id = %build.id, %error, "could not supersede older builds");
     }
     Ok(Created::New(Json(submitted(&build, new.access_token.to_string()))))
 }
