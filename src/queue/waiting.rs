@@ -74,7 +74,7 @@ WITH target AS (
             AND (w.health = 'ok' OR w.quarantined_until <= $2) AND w.diag_critical_at IS NULL) AS idle
     FROM (SELECT DISTINCT queue, requirement_match FROM target) g
     LEFT JOIN workers w ON w.unregistered_at IS NULL AND g.queue = ANY(w.platforms)
-        AND build_matches(g.requirement_match, w.caps)
+        AND (g.requirement_match IS NULL OR build_matches(g.requirement_match, w.caps))
     GROUP BY g.queue, g.requirement_match
 ), limited AS (
     -- submitters at their max running
@@ -119,7 +119,7 @@ WITH target AS (
             AND (w.health = 'ok' OR w.quarantined_until <= $2) AND w.diag_critical_at IS NULL) AS idle
     FROM (SELECT DISTINCT queue, requirement_match FROM target) g
     LEFT JOIN workers w ON w.unregistered_at IS NULL AND g.queue = ANY(w.platforms)
-        AND build_matches(g.requirement_match, w.caps)
+        AND (g.requirement_match IS NULL OR build_matches(g.requirement_match, w.caps))
     GROUP BY g.queue, g.requirement_match
 ), limited AS (
     SELECT k.id FROM api_keys k

@@ -668,6 +668,16 @@ async fn each_waiting_reason_is_shown_and_counted() {
     let html = page(format!("/dashboard/builds/{behind}")).await;
     assert!(html.contains("matching_workers_busy"), "build page shows the reason");
     assert!(html.contains("#2 in line"), "and its position");
+    let html = page("/dashboard/builds?state=pending".to_string()).await;
+    let row = html
+        .split("<tr data-build=")
+        .find(|r| r.contains(behind.as_str()))
+        .expect("the builds list shows the build");
+    assert!(
+        row.contains("matching_workers_busy"),
+        "builds list shows the reason: {row}"
+    );
+    assert!(row.contains("#2"), "and the position: {row}");
     let html = page("/dashboard".to_string()).await;
     assert!(html.contains("no_matching_worker_online"), "overview counts reasons");
 
@@ -733,4 +743,51 @@ async fn positions_of_a_page_are_the_claim_order() {
         assert_eq!(id, expected, "claim #{position} (submitter {who})");
         (held, token) = (id, next_token);
     }
+}
+
+/// The v2 mutations that leave a build queued (retry, patch) answer its waiting reason and position as
+/// show does.
+#[tokio::test]
+async fn v2_mutations_answer_the_waiting_reason() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("mac", &["ios"]).await;
+    let first = app.submit("ios", b"first").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(
+        app.poll(&worker_id).await["job"]["id"],
+        first.as_str(),
+        "the only worker is busy"
+    );
+    let id = app.submit("ios", b"second").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let cancelled = v2(&app, reqwest::Method::POST, &format!("/api/v2/builds/{id}/cancel")).await;
+    assert_eq!(cancelled["state"], "cancelled");
+    let retried = v2(&app, reqwest::Method::POST, &format!("/api/v2/builds/{id}/retry")).await;
+    assert_eq!(retried["state"], "pending");
+    assert_eq!(
+        (retried["waiting_reason"].clone(), retried["position"].clone()),
+        (json!("next"), json!(0)),
+        "{retried}"
+    );
+    let patched: Value = app
+        .client
+        .patch(app.url(&format!("/api/v2/builds/{id}")))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "priority": 3 }))
+        .send()
+        .await
+        .expect("patch")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(patched["priority"], 3);
+    assert_eq!(patched["waiting_reason"], "next", "{patched}");
+    assert_eq!(
+        patched["waiting_sentence"],
+        "The next poll of a matching worker takes it"
+    );
 }
