@@ -361,19 +361,10 @@ async fn builds(
         .builds(&filter, || queries::builds(&state.pool, &filter, now))
         .await
         .map_err(fail)?;
-    let (rows, more) = found.as_ref();
+    let (rows, more, waiting) = found.as_ref();
     let base_query = filter_query(&filter);
     let names = cache.names(|| queries::worker_names(&state.pool)).await.map_err(fail)?;
-    // Why the queued builds of this page wait (computed for these builds only, never stale).
-    let queued: Vec<String> = rows
-        .iter()
-        .filter(|b| b.state().is_queued())
-        .map(|b| b.id.clone())
-        .collect();
-    let waiting = crate::queue::waiting_of(&state.pool, &queued, Utc::now())
-        .await
-        .map_err(fail)?;
-    let table = pages::builds_table(rows, *more, &base_query, filter.before.is_none(), &names, &waiting, now);
+    let table = pages::builds_table(rows, *more, &base_query, filter.before.is_none(), &names, waiting, now);
     if is_fragment(&p) {
         return Ok(html(table));
     }
