@@ -90,11 +90,14 @@ impl ApiError {
     }
 
     /// 429 `Submitter queue limit reached` with `Retry-After`: the submitter has max queued builds queued.
+    /// The body carries `code` on every route, G0 included (scheduling.md: the answer is
+    /// `{"error": "Submitter queue limit reached", "code": "submitter_queue_full"}`).
     pub fn submitter_queue_full() -> Self {
         Self {
             retry_after: Some(QUEUE_FULL_RETRY_AFTER_SECS),
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, "Submitter queue limit reached")
                 .with_code("submitter_queue_full")
+                .with_field("code", "submitter_queue_full")
         }
     }
 

@@ -21,8 +21,7 @@ use tokio::sync::OnceCell;
 
 use crate::events::Events;
 
-use super::queries::{BuildPage, Filter, Names, Overview, WorkerRow};
-use crate::queue::Build;
+use super::queries::{BuildPage, BuildsPage, Filter, Names, Overview, WorkerRow};
 use crate::queue::operator::QueueView;
 
 /// Most entries one section keeps (builds filters and build ids are many); past it, expired entries go,
@@ -97,7 +96,7 @@ pub struct ReadCache {
     ttl: Duration,
     events: Arc<Events>,
     overview: Section<(), Overview>,
-    builds: Section<String, (Vec<Build>, bool)>,
+    builds: Section<String, BuildsPage>,
     build: Section<String, Option<BuildPage>>,
     workers: Section<(), Vec<WorkerRow>>,
     queues: Section<(), Vec<QueueView>>,
@@ -129,9 +128,9 @@ impl ReadCache {
         self.overview.get((), self.ttl, self.events.delivered(), load).await
     }
 
-    pub async fn builds<E, F>(&self, filter: &Filter, load: impl FnOnce() -> F) -> Result<Arc<(Vec<Build>, bool)>, E>
+    pub async fn builds<E, F>(&self, filter: &Filter, load: impl FnOnce() -> F) -> Result<Arc<BuildsPage>, E>
     where
-        F: Future<Output = Result<(Vec<Build>, bool), E>>,
+        F: Future<Output = Result<BuildsPage, E>>,
     {
         let key = format!(
             "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",

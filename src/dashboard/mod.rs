@@ -361,10 +361,10 @@ async fn builds(
         .builds(&filter, || queries::builds(&state.pool, &filter, now))
         .await
         .map_err(fail)?;
-    let (rows, more) = found.as_ref();
+    let (rows, more, waiting) = found.as_ref();
     let base_query = filter_query(&filter);
     let names = cache.names(|| queries::worker_names(&state.pool)).await.map_err(fail)?;
-    let table = pages::builds_table(rows, *more, &base_query, filter.before.is_none(), &names, now);
+    let table = pages::builds_table(rows, *more, &base_query, filter.before.is_none(), &names, waiting, now);
     if is_fragment(&p) {
         return Ok(html(table));
     }

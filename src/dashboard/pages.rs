@@ -469,24 +469,33 @@ pub fn builds_table(
     query_without_cursor: &str,
     first_page: bool,
     names: &Names,
+    waiting: &[crate::queue::Waiting],
     now: DateTime<Utc>,
 ) -> Markup {
     let sep = if query_without_cursor.is_empty() { "" } else { "&" };
+    let waiting_of = |id: &str| waiting.iter().find(|w| w.id == id);
     html! {
         div.table-wrap { table.builds {
             thead { tr {
                 th scope="col" { span.sr-only { "Select" } }
                 th scope="col" { "Build" } th scope="col" { "Platform" } th scope="col" { "State" }
                 th scope="col" { "Priority" } th scope="col" { "Attempt" } th scope="col" { "Worker" }
-                th scope="col" { "Submitted" } th scope="col" { "Duration" } th scope="col" { "Error" }
+                th scope="col" { "Submitted" } th scope="col" { "Duration" } th scope="col" { "Waiting" }
+                th scope="col" { "Error" }
             } }
             tbody {
-                @if rows.is_empty() { tr { td colspan="10" { p.empty { "No builds match." } } } }
+                @if rows.is_empty() { tr { td colspan="11" { p.empty { "No builds match." } } } }
                 @for b in rows { tr data-build=(b.id) {
                     td { input type="checkbox" name="id" value=(b.id) form="bulk" data-state=(b.state) aria-label={ "Select build " (b.id) }; }
                     td { (build_link(&b.id)) } td { (platform(&b.queue)) } td { (pill(&b.state)) }
                     td { (b.priority) } td { (b.attempt) "/" (b.max_attempts) }
                     td { (worker_link(b.worker_id.as_deref(), names)) } td { (ago(b.submitted_at, now)) } td { (elapsed(b, now)) }
+                    td.waiting {
+                        @if let Some(w) = waiting_of(&b.id) {
+                            span.mono title=(crate::queue::waiting_sentence(&w.reason)) { (w.reason) }
+                            @if let Some(p) = w.position { " " span.muted { "#" (p + 1) } }
+                        }
+                    }
                     td.reason { @if b.state == "failed" || b.error_message.is_some() { (error_cell(b.error_message.as_deref())) } }
                 } }
             }

@@ -199,9 +199,20 @@ pub struct Filter {
     pub before: Option<String>,
 }
 
-/// A page of builds, newest first; the second value says whether there are more.
-pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> QueueResult<(Vec<Build>, bool)> {
-    builds_up_to(pool, filter, now, PAGE).await
+/// A page of builds, newest first: whether there are more, and why its queued builds wait.
+pub type BuildsPage = (Vec<Build>, bool, Vec<queue::Waiting>);
+
+/// A page of builds, newest first; the second value says whether there are more, the third why the
+/// page's queued builds wait (computed for those builds only).
+pub async fn builds(pool: &PgPool, filter: &Filter, now: DateTime<Utc>) -> QueueResult<BuildsPage> {
+    let (rows, more) = builds_up_to(pool, filter, now, PAGE).await?;
+    let queued: Vec<String> = rows
+        .iter()
+        .filter(|b| b.state().is_queued())
+        .map(|b| b.id.clone())
+        .collect();
+    let waiting = queue::waiting_of(pool, &queued, Utc::now()).await?;
+    Ok((rows, more, waiting))
 }
 
 /// At most `limit` builds matching `filter`, newest first; whether there are more.

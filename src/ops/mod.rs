@@ -200,11 +200,10 @@ pub async fn list_builds(pool: &PgPool, mut filter: BuildFilter) -> OpResult<Val
     Ok(json!(views::BuildPage { items, next_cursor }))
 }
 
-/// One build with its attempts.
-pub async fn show_build(pool: &PgPool, id: &str) -> OpResult<Value> {
-    let build = queue::find_build(pool, id).await?.ok_or(QueueError::BuildNotFound)?;
-    let attempts = operator::attempts_of(pool, id).await?;
-    let mut view = [views::build(&build)];
+/// The view of one build, with its waiting reason and position when it is queued (as `show` and the
+/// list answer them): what the v2 mutations (retry, requeue, patch) answer.
+pub async fn build_view(pool: &PgPool, build: &queue::Build) -> OpResult<views::BuildView> {
+    let mut view = [views::build(build)];
     if build.state().is_queued() {
         views::set_waiting(
             &mut view,
@@ -212,6 +211,14 @@ pub async fn show_build(pool: &PgPool, id: &str) -> OpResult<Value> {
         );
     }
     let [view] = view;
+    Ok(view)
+}
+
+/// One build with its attempts.
+pub async fn show_build(pool: &PgPool, id: &str) -> OpResult<Value> {
+    let build = queue::find_build(pool, id).await?.ok_or(QueueError::BuildNotFound)?;
+    let attempts = operator::attempts_of(pool, id).await?;
+    let view = build_view(pool, &build).await?;
     Ok(json!(views::BuildDetail {
         build: view,
         attempts: attempts.iter().map(views::attempt).collect(),

@@ -325,8 +325,11 @@ async fn max_queued_refuses_submits_and_retries_with_429_across_instances() {
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "30");
     let body: Value = r.json().await.expect("json");
-    // G0 answers keep their `{"error"}` shape; `/api/v2` answers add the code `submitter_queue_full`.
-    assert_eq!(body, json!({ "error": "Submitter queue limit reached" }));
+    // The spec's shape on every route, G0 included.
+    assert_eq!(
+        body,
+        json!({ "error": "Submitter queue limit reached", "code": "submitter_queue_full" })
+    );
     assert_eq!(
         answer_to_partial_submit(&a.base, &key).await,
         Some(429),
@@ -355,6 +358,27 @@ async fn max_queued_refuses_submits_and_retries_with_429_across_instances() {
         .expect("retry");
     assert_eq!(r.status(), 429, "a retry counts against max queued too");
     assert_eq!(r.headers()["retry-after"], "30");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["code"], "submitter_queue_full", "the G0 retry names the code too");
+    // The other submit route answers the same body.
+    let form = Form::new()
+        .text("platform", "ios")
+        .part("source", Part::bytes(b"source".to_vec()).file_name("app.zip"));
+    let r = b
+        .client
+        .post(b.url("/api/builds"))
+        .header("X-API-Key", &key)
+        .multipart(form)
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "30");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({ "error": "Submitter queue limit reached", "code": "submitter_queue_full" })
+    );
 }
 
 /// The deployed Swift worker's capabilities document, exactly.
@@ -644,10 +668,126 @@ async fn each_waiting_reason_is_shown_and_counted() {
     let html = page(format!("/dashboard/builds/{behind}")).await;
     assert!(html.contains("matching_workers_busy"), "build page shows the reason");
     assert!(html.contains("#2 in line"), "and its position");
+    let html = page("/dashboard/builds?state=pending".to_string()).await;
+    let row = html
+        .split("<tr data-build=")
+        .find(|r| r.contains(behind.as_str()))
+        .expect("the builds list shows the build");
+    assert!(
+        row.contains("matching_workers_busy"),
+        "builds list shows the reason: {row}"
+    );
+    assert!(row.contains("#2"), "and the position: {row}");
     let html = page("/dashboard".to_string()).await;
     assert!(html.contains("no_matching_worker_online"), "overview counts reasons");
 
     // A paused queue comes first.
     v2(&app, reqwest::Method::POST, "/api/v2/queues/ios/pause").await;
     assert_eq!(reason_of(&app, &next).await.0, "queue_paused");
+}
+
+/// The positions of a page (computed for those builds only, not by ranking the queue) are the order in
+/// which one worker whose builds end at once then claims them: priority first, then fair share across
+/// submitters of weights 1, 2 and 1 and the built-in admin key, ties by submitter.
+#[tokio::test]
+async fn positions_of_a_page_are_the_claim_order() {
+    let (_, pool) = fresh_database(5).await;
+    submitter(&pool, "a", 1, 0).await;
+    submitter(&pool, "b", 2, 0).await;
+    submitter(&pool, "c", 1, 0).await;
+    let w = worker(&pool, "solo", &[Platform::Ios]).await;
+    enqueue_for(&pool, Some("a"), 5).await;
+    // The worker is busy with a's first build: a's pass has moved on.
+    let (mut held, _, mut token) = claim(&pool, &w).await.expect("a build");
+    enqueue_for(&pool, Some("b"), 5).await;
+    enqueue_for(&pool, Some("c"), 2).await;
+    enqueue_for(&pool, None, 2).await;
+    let urgent = enqueue_for(&pool, Some("c"), 1).await.remove(0);
+    sqlx::query("UPDATE builds SET priority = 5 WHERE id = $1")
+        .bind(&urgent)
+        .execute(&pool)
+        .await
+        .expect("priority");
+    let queued: Vec<String> = sqlx::query_scalar("SELECT id FROM builds WHERE state = 'pending' ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("queued");
+    assert_eq!(queued.len(), 14);
+    let waiting = queue::waiting_of(&pool, &queued, Utc::now()).await.expect("waiting");
+    let mut by_position: Vec<(i64, String)> = waiting
+        .iter()
+        .map(|w| (w.position.expect("ranked builds have a position"), w.id.clone()))
+        .collect();
+    by_position.sort();
+    let positions: Vec<i64> = by_position.iter().map(|(p, _)| *p).collect();
+    assert_eq!(positions, (0..14).collect::<Vec<i64>>(), "one position each");
+    assert_eq!(by_position[0].1, urgent, "priority first");
+    // The only worker is busy: the first in line is next, the others wait for it.
+    for w in &waiting {
+        let expected = if w.position == Some(0) {
+            "next"
+        } else {
+            "matching_workers_busy"
+        };
+        assert_eq!(w.reason, expected, "{w:?}");
+    }
+    // A page of a few builds gets the same positions as the whole queue.
+    let page: Vec<String> = queued.iter().step_by(5).cloned().collect();
+    for w in queue::waiting_of(&pool, &page, Utc::now()).await.expect("page") {
+        let whole = waiting.iter().find(|x| x.id == w.id).expect("same build");
+        assert_eq!(w.position, whole.position, "{}", w.id);
+    }
+    for (position, expected) in by_position {
+        complete(&pool, &w, &held, token).await;
+        let (id, who, next_token) = claim(&pool, &w).await.expect("a build");
+        assert_eq!(id, expected, "claim #{position} (submitter {who})");
+        (held, token) = (id, next_token);
+    }
+}
+
+/// The v2 mutations that leave a build queued (retry, patch) answer its waiting reason and position as
+/// show does.
+#[tokio::test]
+async fn v2_mutations_answer_the_waiting_reason() {
+    let app = TestApp::spawn().await;
+    let (worker_id, _) = app.register("mac", &["ios"]).await;
+    let first = app.submit("ios", b"first").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(
+        app.poll(&worker_id).await["job"]["id"],
+        first.as_str(),
+        "the only worker is busy"
+    );
+    let id = app.submit("ios", b"second").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let cancelled = v2(&app, reqwest::Method::POST, &format!("/api/v2/builds/{id}/cancel")).await;
+    assert_eq!(cancelled["state"], "cancelled");
+    let retried = v2(&app, reqwest::Method::POST, &format!("/api/v2/builds/{id}/retry")).await;
+    assert_eq!(retried["state"], "pending");
+    assert_eq!(
+        (retried["waiting_reason"].clone(), retried["position"].clone()),
+        (json!("next"), json!(0)),
+        "{retried}"
+    );
+    let patched: Value = app
+        .client
+        .patch(app.url(&format!("/api/v2/builds/{id}")))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({ "priority": 3 }))
+        .send()
+        .await
+        .expect("patch")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(patched["priority"], 3);
+    assert_eq!(patched["waiting_reason"], "next", "{patched}");
+    assert_eq!(
+        patched["waiting_sentence"],
+        "The next poll of a matching worker takes it"
+    );
 }

@@ -126,7 +126,7 @@ async fn cancel(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor)
 async fn retry(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<schema::Build>> {
     let build = operations::retry(&state.pool, &id, &actor).await?;
     state.build_changed(&build, false);
-    Ok(Json(views::build(&build)))
+    Ok(Json(operations::build_view(&state.pool, &build).await?))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -149,7 +149,7 @@ async fn requeue(
 ) -> ApiResult<Json<schema::Build>> {
     let build = operations::requeue(&state.pool, &id, q.drain.unwrap_or(false), &actor).await?;
     state.build_changed(&build, true);
-    Ok(Json(views::build(&build)))
+    Ok(Json(operations::build_view(&state.pool, &build).await?))
 }
 
 /// Changes priority, run_at or max_attempts of a build that is not running.
@@ -172,7 +172,7 @@ async fn patch(
     )
     .await?;
     state.build_changed(&build, false);
-    Ok(Json(views::build(&build)))
+    Ok(Json(operations::build_view(&state.pool, &build).await?))
 }
 
 /// Purges the files and rows of a finished build.

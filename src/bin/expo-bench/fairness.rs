@@ -1,7 +1,8 @@
-//! F1–F2 (scheduling.md): fair share between submitters, measured on the claim itself.
+//! F1–F3 (scheduling.md): fair share between submitters, measured on the claim itself.
 //! F1: submitters of weights 1, 1 and 2 keep their queues full; 4 workers run builds of equal length,
 //! then 1 worker whose builds end at once; each submitter's share of claims against weight ÷ total.
 //! F2: claim latency over HTTP with 1,000,000 builds in `builds`, 10,000 queued from 1,000 submitters.
+//! F3: a list page of 50 queued builds with waiting reasons over HTTP, on F2's data.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -154,8 +155,8 @@ pub async fn f1(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// F2: 1,000,000 builds of history, 10,000 queued from 1,000 submitters; 400 claims over HTTP.
-pub async fn f2(shared: &Shared, pool: &PgPool) -> anyhow::Result<Row> {
+/// F2 and F3 on one data set: 1,000,000 builds of history, 10,000 queued from 1,000 submitters.
+pub async fn f2_f3(shared: &Shared, pool: &PgPool, f2: bool, f3: bool) -> anyhow::Result<Vec<Row>> {
     let tag = tag();
     insert_finished(pool, &format!("f2h-{tag}-"), 1_000_000 - 10_000).await?;
     sqlx::query(
@@ -179,6 +180,18 @@ pub async fn f2(shared: &Shared, pool: &PgPool) -> anyhow::Result<Row> {
     sqlx::query("VACUUM ANALYZE builds").execute(pool).await?;
     sqlx::query("ANALYZE submitter_shares").execute(pool).await?;
     let workers = insert_workers(pool, &format!("f2w-{tag}-"), 400, "ios").await?;
+    let mut rows = Vec::new();
+    if f2 {
+        rows.push(f2_claims(shared, workers).await?);
+    }
+    if f3 {
+        rows.push(f3_list_page(shared).await?);
+    }
+    Ok(rows)
+}
+
+/// F2: 400 claims over HTTP (400 workers, each polling once).
+async fn f2_claims(shared: &Shared, workers: Vec<(String, String)>) -> anyhow::Result<Row> {
     let (client, controller) = &**shared;
     let mut samples = Samples::default();
     let started = Instant::now();
@@ -212,5 +225,49 @@ pub async fn f2(shared: &Shared, pool: &PgPool) -> anyhow::Result<Row> {
         met: samples.0.len() >= 390
             && p50 <= std::time::Duration::from_millis(2)
             && p99 <= std::time::Duration::from_millis(10),
+    })
+}
+
+/// F3: a list page of 50 queued builds with their waiting reasons and positions (scheduling.md: ≤ 20 ms
+/// at 1,000,000 rows), over HTTP.
+async fn f3_list_page(shared: &Shared) -> anyhow::Result<Row> {
+    const PAGES: usize = 100;
+    let (client, controller) = &**shared;
+    let mut samples = Samples::default();
+    for n in 0..=PAGES {
+        let t = Instant::now();
+        let body: Value = client
+            .get(controller.url("/api/v2/builds"))
+            .query(&[("state", "pending"), ("limit", "50")])
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let took = t.elapsed();
+        let items = body["items"].as_array().map_or(0, Vec::len);
+        let ranked = body["items"]
+            .as_array()
+            .map_or(0, |items| items.iter().filter(|b| b["position"].is_i64()).count());
+        anyhow::ensure!(
+            items == 50 && ranked == 50,
+            "F3: {items} items, {ranked} with a position"
+        );
+        // The first page warms the connection and the plans.
+        if n > 0 {
+            samples.push(took);
+        }
+    }
+    eprintln!("F3 {}", samples.summary());
+    let p50 = samples.percentile(0.5);
+    Ok(Row {
+        id: "F3",
+        scenario: "list page of 50 queued builds with waiting reasons, 1M builds, 10,000 queued".into(),
+        figure: format!("p50 {} / p99 {}", ms(p50), ms(samples.percentile(0.99))),
+        reference: "-".into(),
+        ratio: "-".into(),
+        latency: samples.summary(),
+        target: "p50 ≤ 20 ms",
+        met: p50 <= std::time::Duration::from_millis(20),
     })
 }

@@ -126,8 +126,8 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
         rows.extend(fairness::f1(pool).await?);
         drain(pool).await?;
     }
-    if wants("F2") {
-        rows.push(fairness::f2(&bench.shared, pool).await?);
+    if wants("F2") || wants("F3") {
+        rows.extend(fairness::f2_f3(&bench.shared, pool, wants("F2"), wants("F3")).await?);
         drain(pool).await?;
     }
     if wants("P10") {
