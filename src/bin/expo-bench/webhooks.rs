@@ -82,6 +82,15 @@ pub async fn w1(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>>
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Failed attempts (retries are the latency tail) are named before the database is drained.
+        let failures: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT left(coalesce(error, 'no error'), 160), count(*) FROM webhook_attempts GROUP BY 1 ORDER BY 2 DESC LIMIT 5",
+        )
+        .fetch_all(&env.pool)
+        .await?;
+        for (error, count) in failures {
+            eprintln!("W1 {subscriptions} subscriptions: {count} failed attempts: {error}");
+        }
         let samples = received.lock().map(|s| s.clone()).unwrap_or_default();
         eprintln!(
             "W1 {subscriptions} subscriptions: {rate:.0} builds/s, controller {controller_ms:.2} ms/build, \
