@@ -547,7 +547,7 @@ pub struct WebhookConfig {
     pub webhook_retry_hours: u64,
 
     /// Deliveries in flight at once on this instance.
-    #[arg(long, env = "CONTROLLER_WEBHOOK_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "CONTROLLER_WEBHOOK_CONCURRENCY", default_value_t = 64)]
     pub webhook_concurrency: usize,
 }
 
@@ -556,7 +556,7 @@ impl Default for WebhookConfig {
         Self {
             webhook_allow_private: false,
             webhook_retry_hours: 24,
-            webhook_concurrency: 16,
+            webhook_concurrency: 64,
         }
     }
 }

@@ -8,9 +8,12 @@
 //!   (`webhook-id` = `msg_<delivery id>`, the same on every attempt; `webhook-timestamp`;
 //!   `webhook-signature: v1,<base64 HMAC-SHA256>`), 10 s timeout, no redirects, no proxy, at most
 //!   64 KiB of the answer read; the resolver drops private addresses ([`super::target`]).
-//! * **Finish**: fenced on `attempts` (a redelivery or a second claim meanwhile wins), records the
-//!   attempt and either `delivered` (2xx), `pending` again after an exponential backoff with jitter,
-//!   or `failed` once the next try would be past `CONTROLLER_WEBHOOK_RETRY_HOURS`.
+//! * **Finish**: one recorder task writes the outcomes waiting for it in one statement per batch
+//!   (`UPDATE … FROM unnest(…)` with the attempt inserts in the same statement), fenced on `attempts`
+//!   (a redelivery or a second claim meanwhile wins): `delivered` (2xx), `pending` again after an
+//!   exponential backoff with jitter, or `failed` once the next try would be past
+//!   `CONTROLLER_WEBHOOK_RETRY_HOURS`. The last attempt is kept on the delivery row; only failed
+//!   attempts get a `webhook_attempts` row, so a first-try success inserts nothing.
 //! * **Wake-ups**: the fan-out trigger NOTIFYs [`CHANNEL`] when it wrote deliveries (the LISTEN loop
 //!   of `queue::wakeups` wakes this loop), and the loop looks every second for retries that came due.
 
@@ -25,7 +28,7 @@ use rand::Rng;
 use serde_json::Value;
 use sha2::Sha256;
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::target::{self, GuardedResolver};
 use crate::config::WebhookConfig;
@@ -120,32 +123,44 @@ impl Deliverer {
 
     /// Claims and sends due deliveries until `shutdown` flips. Deliveries in flight then are abandoned:
     /// their lease runs out and another instance (or this one, restarted) sends them again.
+    ///
+    /// Claims are batched: without a backlog every wake-up claims what is due (latency first); with a
+    /// backlog a claim waits until a quarter of the slots are free, so one statement takes many rows.
+    /// Results go to one recorder task that writes each batch it finds waiting in one statement.
     pub async fn run(self, wake: Arc<Wake>, mut shutdown: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(self.config.webhook_concurrency.max(1)));
+        let concurrency = self.config.webhook_concurrency.max(1);
+        let batch_min = (concurrency / 4).max(1);
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let (results, inbox) = mpsc::unbounded_channel::<Outcome>();
+        let recorder = tokio::spawn(record_loop(self.pool.clone(), inbox));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut backlog = false;
         loop {
             let free = slots.available_permits();
-            let mut more = false;
-            if free > 0 {
+            if free > 0 && (!backlog || free >= batch_min || free == concurrency) {
                 match self.claim(free as i64).await {
                     Ok(claimed) => {
-                        more = claimed.len() == free;
+                        backlog = claimed.len() == free;
                         for delivery in claimed {
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
                             };
-                            let this = self.clone();
+                            let (this, results) = (self.clone(), results.clone());
                             tasks.spawn(async move {
-                                this.attempt(delivery).await;
+                                let outcome = this.attempt(delivery).await;
+                                let _ = results.send(outcome);
                                 drop(permit);
                             });
                         }
                     }
-                    Err(error) => tracing::warn!(%error, "claiming webhook deliveries failed"),
+                    Err(error) => {
+                        backlog = false;
+                        tracing::warn!(%error, "claiming webhook deliveries failed");
+                    }
                 }
             }
             while tasks.try_join_next().is_some() {}
-            if more && slots.available_permits() > 0 {
+            if backlog && slots.available_permits() >= batch_min {
                 continue;
             }
             tokio::select! {
@@ -156,6 +171,9 @@ impl Deliverer {
             }
         }
         tasks.shutdown().await;
+        // The recorder writes what finished before the shutdown, then ends with the last sender.
+        drop(results);
+        let _ = recorder.await;
     }
 
     async fn claim(&self, limit: i64) -> sqlx::Result<Vec<Claimed>> {
@@ -177,8 +195,8 @@ impl Deliverer {
         .await
     }
 
-    /// One attempt of one claimed delivery, recorded.
-    async fn attempt(&self, delivery: Claimed) {
+    /// One attempt of one claimed delivery and what to record of it.
+    async fn attempt(&self, delivery: Claimed) -> Outcome {
         let at = Utc::now();
         let started = Instant::now();
         let (status, error) = match self.send(&delivery, at).await {
@@ -202,30 +220,16 @@ impl Deliverer {
             (false, Some(_)) => "pending",
             (false, None) => "failed",
         };
-        let outcome = sqlx::query(
-            "WITH d AS (
-                UPDATE webhook_deliveries
-                   SET state = $3, run_at = coalesce($4, run_at),
-                       delivered_at = CASE WHEN $3 = 'delivered' THEN now() END
-                 WHERE id = $1 AND attempts = $2 AND state = 'delivering'
-             RETURNING id)
-             INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms, error, next_retry_at)
-             SELECT id, $5, $6, $7, $8, $4 FROM d",
-        )
-        .bind(delivery.id)
-        .bind(delivery.attempts)
-        .bind(state)
-        .bind(next)
-        .bind(at)
-        .bind(status.map(i32::from))
-        .bind(latency_ms)
-        .bind(&error)
-        .execute(&self.pool)
-        .await;
         metrics::counter!("expo_webhook_attempts_total", "outcome" => state).increment(1);
-        if let Err(error) = outcome {
-            // The lease runs out and the delivery is sent again: at least once.
-            tracing::warn!(%error, delivery = delivery.id, "recording a webhook attempt failed");
+        Outcome {
+            id: delivery.id,
+            attempts: delivery.attempts,
+            state,
+            next,
+            at,
+            status: status.map(i32::from),
+            latency_ms,
+            error,
         }
     }
 
@@ -275,6 +279,78 @@ impl Deliverer {
         }
         Ok(status)
     }
+}
+
+/// What one attempt ended with, waiting to be recorded.
+#[derive(Debug)]
+struct Outcome {
+    id: i64,
+    attempts: i32,
+    state: &'static str,
+    next: Option<DateTime<Utc>>,
+    at: DateTime<Utc>,
+    status: Option<i32>,
+    latency_ms: i32,
+    error: Option<String>,
+}
+
+/// Most outcomes recorded by one statement.
+const RECORD_BATCH: usize = 512;
+
+/// Records outcomes until every sender is gone, each batch waiting in the channel in one statement.
+async fn record_loop(pool: PgPool, mut inbox: mpsc::UnboundedReceiver<Outcome>) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while inbox.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        if let Err(error) = record(&pool, &batch).await {
+            // The leases run out and the deliveries are sent again: at least once.
+            tracing::warn!(%error, deliveries = batch.len(), "recording webhook attempts failed");
+        }
+        batch.clear();
+    }
+}
+
+/// One statement for a batch of outcomes: each delivery, fenced on `attempts` (a redelivery or a
+/// second claim meanwhile wins), becomes `delivered`, `pending` (at its retry time) or `failed`,
+/// with its last attempt on the row; an attempt that failed is also kept in `webhook_attempts`.
+async fn record(pool: &PgPool, batch: &[Outcome]) -> sqlx::Result<()> {
+    let ids: Vec<i64> = batch.iter().map(|o| o.id).collect();
+    let attempts: Vec<i32> = batch.iter().map(|o| o.attempts).collect();
+    let states: Vec<&str> = batch.iter().map(|o| o.state).collect();
+    let next: Vec<Option<DateTime<Utc>>> = batch.iter().map(|o| o.next).collect();
+    let at: Vec<DateTime<Utc>> = batch.iter().map(|o| o.at).collect();
+    let status: Vec<Option<i32>> = batch.iter().map(|o| o.status).collect();
+    let latency: Vec<i32> = batch.iter().map(|o| o.latency_ms).collect();
+    let errors: Vec<Option<String>> = batch.iter().map(|o| o.error.clone()).collect();
+    sqlx::query(
+        "WITH r AS (
+            SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+                                 $6::int[], $7::int[], $8::text[])
+                       AS r(id, attempts, state, next_at, at, status, latency_ms, error)),
+         d AS (
+            UPDATE webhook_deliveries w
+               SET state = r.state, run_at = coalesce(r.next_at, w.run_at),
+                   delivered_at = CASE WHEN r.state = 'delivered' THEN now() END,
+                   last_attempt_at = r.at, last_status = r.status, last_latency_ms = r.latency_ms
+              FROM r
+             WHERE w.id = r.id AND w.attempts = r.attempts AND w.state = 'delivering'
+         RETURNING w.id, w.attempts)
+         INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms, error, next_retry_at)
+         SELECT r.id, r.at, r.status, r.latency_ms, r.error, r.next_at
+           FROM r JOIN d ON d.id = r.id AND d.attempts = r.attempts
+          WHERE r.state <> 'delivered'
+          ORDER BY r.id",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&states)
+    .bind(&next)
+    .bind(&at)
+    .bind(&status)
+    .bind(&latency)
+    .bind(&errors)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// A transport error without its URL (which is the subscriber's), with its causes.

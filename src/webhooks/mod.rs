@@ -420,6 +420,9 @@ struct DeliveryRow {
     created_at: DateTime<Utc>,
     delivered_at: Option<DateTime<Utc>>,
     run_at: DateTime<Utc>,
+    last_attempt_at: Option<DateTime<Utc>>,
+    last_status: Option<i32>,
+    last_latency_ms: Option<i32>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -449,34 +452,46 @@ async fn views(pool: &PgPool, rows: Vec<DeliveryRow>) -> OpResult<Vec<DeliveryVi
     .map_err(db)?;
     Ok(rows
         .into_iter()
-        .map(|row| DeliveryView {
-            id: row.id,
-            message_id: message_id(row.id),
-            webhook_id: row.subscription_id,
-            event_id: row.event_id,
-            kind: row.kind,
-            build_id: row.build_id,
-            next_attempt_at: (row.state == "pending").then(|| iso(row.run_at)),
-            state: row.state,
-            created_at: iso(row.created_at),
-            delivered_at: row.delivered_at.map(iso),
-            attempts: attempts
-                .iter()
-                .filter(|a| a.delivery_id == row.id)
-                .map(|a| AttemptView {
-                    at: iso(a.at),
-                    status_code: a.status_code,
-                    latency_ms: a.latency_ms,
-                    error: a.error.clone(),
-                    next_retry_at: a.next_retry_at.map(iso),
-                })
-                .collect(),
+        .map(|row| {
+            let delivered = row.state == "delivered";
+            DeliveryView {
+                id: row.id,
+                message_id: message_id(row.id),
+                webhook_id: row.subscription_id,
+                event_id: row.event_id,
+                kind: row.kind,
+                build_id: row.build_id,
+                next_attempt_at: (row.state == "pending").then(|| iso(row.run_at)),
+                state: row.state,
+                created_at: iso(row.created_at),
+                delivered_at: row.delivered_at.map(iso),
+                // Failed attempts are rows of webhook_attempts; the successful one is on the delivery.
+                attempts: attempts
+                    .iter()
+                    .filter(|a| a.delivery_id == row.id)
+                    .map(|a| AttemptView {
+                        at: iso(a.at),
+                        status_code: a.status_code,
+                        latency_ms: a.latency_ms,
+                        error: a.error.clone(),
+                        next_retry_at: a.next_retry_at.map(iso),
+                    })
+                    .chain(row.last_attempt_at.filter(|_| delivered).map(|at| AttemptView {
+                        at: iso(at),
+                        status_code: row.last_status,
+                        latency_ms: row.last_latency_ms.unwrap_or(0),
+                        error: None,
+                        next_retry_at: None,
+                    }))
+                    .collect(),
+            }
         })
         .collect())
 }
 
 const DELIVERY_COLUMNS: &str =
-    "d.id, d.subscription_id, d.event_id, d.kind, d.build_id, d.state, d.created_at, d.delivered_at, d.run_at";
+    "d.id, d.subscription_id, d.event_id, d.kind, d.build_id, d.state, d.created_at, d.delivered_at, d.run_at,
+     d.last_attempt_at, d.last_status, d.last_latency_ms";
 
 async fn delivery(pool: &PgPool, id: i64, owner: Option<&str>) -> OpResult<DeliveryView> {
     let row: Option<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -540,8 +555,13 @@ pub async fn redeliver(pool: &PgPool, delivery_id: &str, actor: &Actor) -> OpRes
         }
         Some(_) => {}
     }
+    // A delivered row's successful attempt lives on the row: keep it in the history before it is reset.
     sqlx::query(
-        "UPDATE webhook_deliveries SET state = 'pending', run_at = now(), retry_from = now(), delivered_at = NULL
+        "WITH kept AS (
+            INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms)
+            SELECT id, last_attempt_at, last_status, coalesce(last_latency_ms, 0) FROM webhook_deliveries
+             WHERE id = $1 AND state = 'delivered' AND last_attempt_at IS NOT NULL)
+         UPDATE webhook_deliveries SET state = 'pending', run_at = now(), retry_from = now(), delivered_at = NULL
           WHERE id = $1",
     )
     .bind(id)

@@ -250,6 +250,95 @@ async fn deliveries_verify_with_the_standard_webhooks_library() {
     assert_eq!(hits[1].body, hits[0].body);
 }
 
+/// A burst of deliveries (claimed and recorded in batches) reaches the receiver once each; a first-try
+/// success is recorded on the delivery row alone (no `webhook_attempts` row) yet listed as its attempt,
+/// and a redelivery keeps that earlier success in the history.
+#[tokio::test]
+async fn a_burst_is_delivered_once_each_and_first_try_successes_stay_listed() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let created = subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+    let id = created["id"].as_str().unwrap();
+    const BURST: usize = 40;
+    let submitted = futures_util::future::join_all((0..BURST).map(|_| app.submit("ios", b"PK\x03\x04 source"))).await;
+    let builds: BTreeSet<String> = submitted
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(builds.len(), BURST);
+    receiver.wait_until(20, |h| h.len() >= BURST).await;
+    settled(&app.pool).await;
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), BURST, "each delivery sent once");
+    let ids: BTreeSet<String> = hits.iter().map(Hit::message_id).collect();
+    assert_eq!(ids.len(), BURST);
+    let delivered: BTreeSet<String> = hits
+        .iter()
+        .map(|h| h.json()["build_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(delivered, builds);
+    assert_eq!(
+        app.count("webhook_attempts").await,
+        0,
+        "first-try successes insert no attempt row"
+    );
+
+    let (status, page) = call(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v2/webhooks/{id}/deliveries?limit=100"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), BURST, "{page}");
+    for d in &items {
+        assert_eq!(d["state"], "delivered", "{d}");
+        let attempts = d["attempts"].as_array().cloned().unwrap_or_default();
+        assert_eq!(attempts.len(), 1, "{d}");
+        assert_eq!(attempts[0]["status_code"], 200, "{d}");
+        assert!(
+            attempts[0]["error"].is_null() && attempts[0]["next_retry_at"].is_null(),
+            "{d}"
+        );
+        assert!(
+            attempts[0]["at"].is_string() && attempts[0]["latency_ms"].is_i64(),
+            "{d}"
+        );
+    }
+
+    // Redelivered: the earlier success stays in the history, the new one is listed after it.
+    let first = &items[0];
+    let (status, _) = call(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/v2/webhooks/deliveries/{}/redeliver", first["id"]),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 202);
+    receiver.wait_until(10, |h| h.len() > BURST).await;
+    settled(&app.pool).await;
+    let (_, view) = call(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v2/webhooks/{id}/deliveries?limit=1"),
+        API_KEY,
+        None,
+    )
+    .await;
+    let again = &view["items"][0];
+    assert_eq!(again["id"], first["id"], "{view}");
+    assert_eq!(again["state"], "delivered", "{view}");
+    let attempts = again["attempts"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 2, "{view}");
+    assert_eq!(attempts[0]["at"], first["attempts"][0]["at"], "{view}");
+    assert!(attempts.iter().all(|a| a["status_code"] == 200), "{view}");
+}
+
 /// A submitter key's subscription carries only its own builds; the admin's carries every build. A
 /// submitter sees and changes only its own subscriptions.
 #[tokio::test]
