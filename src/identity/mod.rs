@@ -429,6 +429,11 @@ pub async fn revoke(pool: &PgPool, id: &str, now: DateTime<Utc>, actor: &Actor) 
             .fetch_optional(&mut *tx)
             .await?;
     let key = key.ok_or(KeyError::AlreadyRevoked)?;
+    // Its webhook subscriptions stop with it (what they had queued is no longer delivered either).
+    sqlx::query("UPDATE webhook_subscriptions SET active = false WHERE creator_key_id = $1 AND active")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     let change = Change::new("key.revoke", "key", id)
         .before(serde_json::json!({ "revoked_at": null }))
         .after(audit_view(&key));

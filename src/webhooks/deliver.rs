@@ -182,7 +182,8 @@ impl Deliverer {
                 SET state = 'delivering', attempts = d.attempts + 1, run_at = now() + make_interval(secs => $2)
                FROM (SELECT id FROM webhook_deliveries w
                       WHERE state IN ('pending', 'delivering') AND run_at <= now()
-                        AND EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = w.subscription_id AND s.active)
+                        AND EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = w.subscription_id AND s.active
+                                    AND webhook_creator_valid(s.creator_key_id))
                       ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) due,
                     webhook_subscriptions s
               WHERE d.id = due.id AND s.id = d.subscription_id

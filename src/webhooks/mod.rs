@@ -264,8 +264,9 @@ pub async fn create(
         ));
     }
     let row: Row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO webhook_subscriptions (id, url, events, description, secret_sealed, owner_key_id, owner_name)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+        "INSERT INTO webhook_subscriptions (id, url, events, description, secret_sealed, owner_key_id, owner_name,
+                                            creator_key_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
     )))
     .bind(&id)
     .bind(&url)
@@ -274,6 +275,7 @@ pub async fn create(
     .bind(&sealed)
     .bind(owner)
     .bind(&actor.name)
+    .bind(&actor.key_id)
     .fetch_one(&mut *tx)
     .await
     .map_err(db)?;

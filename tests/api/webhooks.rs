@@ -848,3 +848,46 @@ async fn the_dashboard_webhooks_page() {
         "no Webhooks link for a viewer"
     );
 }
+
+/// A key's subscriptions stop with the key: after a stored admin key (whose subscription carries every
+/// build) is revoked, nothing more is fanned out to it or delivered.
+#[tokio::test]
+async fn a_revoked_keys_subscriptions_carry_nothing_more() {
+    let app = allow_private().await;
+    let (key_id, admin) = create_key(&app, "ops-bot", "admin").await;
+    let hook = Receiver::start().await;
+    let sub = subscribe(&app, &admin, &hook.url(), &["build.submitted"]).await;
+    let first = submit_as(&app.base, &app.client, API_KEY).await;
+    hook.wait_until(10, |h| kinds_by_build(h).contains_key(first.as_str()))
+        .await;
+
+    let (status, body) = call(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v2/keys/{key_id}"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let second = submit_as(&app.base, &app.client, API_KEY).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!kinds_by_build(&hook.hits()).contains_key(second.as_str()));
+    let fanned: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE subscription_id = $1 AND build_id = $2")
+            .bind(sub["id"].as_str().unwrap())
+            .bind(&second)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(fanned, 0);
+    let (_, shown) = call(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v2/webhooks/{}", sub["id"].as_str().unwrap()),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(shown["active"], false, "{shown}");
+}
