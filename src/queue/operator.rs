@@ -206,10 +206,11 @@ pub async fn delete_finished(pool: &PgPool, build_id: &str, actor: &Actor) -> Qu
     let keys: Vec<String> = sqlx::query_scalar(
         "WITH gone AS (
              DELETE FROM builds WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')
-             RETURNING id, queue, state, source_key, certs_key, result_key
+             RETURNING id, queue, state, source_key, certs_key, result_key, submitted_by
          ), event AS (
-             INSERT INTO events (kind, build_id, data)
-             SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'operator')
+             INSERT INTO events (kind, build_id, data, submitted_by)
+             SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'operator'),
+                    submitted_by
              FROM gone
          ), keys AS (
              SELECT k FROM gone, unnest(ARRAY[source_key, certs_key, result_key]) AS k WHERE k IS NOT NULL

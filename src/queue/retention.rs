@@ -86,10 +86,11 @@ pub async fn delete_history(
     batch: i64,
 ) -> QueueResult<Vec<String>> {
     let builds: Vec<String> = sqlx::query_scalar(
-        "WITH deleted AS (DELETE FROM builds WHERE id = ANY($1) RETURNING id, queue, state),
+        "WITH deleted AS (DELETE FROM builds WHERE id = ANY($1) RETURNING id, queue, state, submitted_by),
          event AS (
-            INSERT INTO events (kind, build_id, data)
-            SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'pruned')
+            INSERT INTO events (kind, build_id, data, submitted_by)
+            SELECT 'build.deleted', id, jsonb_build_object('platform', queue, 'state', state, 'reason', 'pruned'),
+                   submitted_by
             FROM deleted)
          SELECT id FROM deleted",
     )

@@ -891,3 +891,43 @@ async fn a_revoked_keys_subscriptions_carry_nothing_more() {
     .await;
     assert_eq!(shown["active"], false, "{shown}");
 }
+
+/// A submitter's subscription hears of its build's deletion, although the row is gone when the event is
+/// written; another submitter's subscription does not.
+#[tokio::test]
+async fn a_submitters_subscription_hears_its_build_deleted() {
+    let app = allow_private().await;
+    let (_, alice) = create_key(&app, "alice", "submitter").await;
+    let (_, bob) = create_key(&app, "bob", "submitter").await;
+    let (alice_hook, bob_hook) = (Receiver::start().await, Receiver::start().await);
+    subscribe(&app, &alice, &alice_hook.url(), &["build.deleted"]).await;
+    subscribe(&app, &bob, &bob_hook.url(), &["build.deleted"]).await;
+    let build = submit_as(&app.base, &app.client, &alice).await;
+    let (status, body) = call(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/builds/{build}/cancel"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v2/builds/{build}"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert!(status == 200 || status == 204, "{status} {body}");
+    alice_hook
+        .wait_until(10, |h| {
+            kinds_by_build(h)
+                .get(build.as_str())
+                .is_some_and(|k| k.contains("build.deleted"))
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(bob_hook.hits().is_empty());
+}
