@@ -329,14 +329,14 @@ pub enum AuditCommand {
         /// An action (`build.cancel`), or every action of a kind (`build.*`).
         #[arg(long)]
         action: Option<String>,
-        /// A target id (a build, worker, key or queue).
-        #[arg(long)]
+        /// A target id (a build, worker, key or queue; ids may begin with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         target: Option<String>,
         /// Rows at or after this RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
         /// Rows older than this cursor (the `next_cursor` of a page).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         cursor: Option<String>,
         /// Rows per page, 1–500.
         #[arg(long, default_value_t = 50, allow_hyphen_values = true)]

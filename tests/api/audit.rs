@@ -671,6 +671,11 @@ async fn the_database_mode_cli_is_audited_as_its_os_user() {
     assert_eq!(db["items"][0]["actor_name"], "cli:alice");
     let (_, none) = list(false, &["--actor", "cli:bob"]);
     assert!(none["items"].as_array().unwrap().is_empty());
+    // Ids may begin with '-' (one in 64 does): `--target` takes them as values, in both modes.
+    for over_http in [false, true] {
+        let (code, none) = list(over_http, &["--target", "-Ab3_leading-hyphen"]);
+        assert_eq!(code, Some(0), "{none}");
+    }
     for over_http in [false, true] {
         let (code, refused) = list(over_http, &["--since", "yesterday"]);
         assert_eq!(code, Some(1), "{refused}");
