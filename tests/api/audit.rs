@@ -6,7 +6,6 @@
 use std::process::Command;
 
 use reqwest::Method;
-use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
 use crate::identity::create_key;
@@ -23,21 +22,12 @@ async fn last_row(app: &TestApp) -> Value {
         .0
 }
 
-/// Submits a build with `key` (the seed CLI's multipart); answers its id.
+/// Submits a build with `key`; answers its id.
 async fn submit_as(app: &TestApp, key: &str) -> String {
-    let form = Form::new()
-        .text("platform", "ios")
-        .part("source", Part::bytes(b"SRC".to_vec()).file_name("project.zip"));
-    let r = app
-        .client
-        .post(app.url("/api/builds/submit"))
-        .header("X-API-Key", key)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+    app.submit_with_key("ios", b"SRC", key).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 async fn send(app: &TestApp, method: Method, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {

@@ -171,13 +171,18 @@ impl TestApp {
 
     /// Submits a build over HTTP; returns the answer's JSON.
     pub async fn submit(&self, platform: &str, source: &[u8]) -> Value {
+        self.submit_with_key(platform, source, API_KEY).await
+    }
+
+    /// Submits a build over HTTP with `key` (a stored key or the admin key); returns the answer's JSON.
+    pub async fn submit_with_key(&self, platform: &str, source: &[u8], key: &str) -> Value {
         let form = Form::new()
             .part("source", Part::bytes(source.to_vec()).file_name("app.zip"))
             .text("platform", platform.to_string());
         let response = self
             .client
             .post(self.url("/api/builds/submit"))
-            .header("X-API-Key", API_KEY)
+            .header("X-API-Key", key)
             .multipart(form)
             .send()
             .await
