@@ -15,13 +15,34 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// `synchronous_commit=on` unless opted out, so an acknowledged change survives a crash of PostgreSQL
 /// whatever the cluster's own setting (R55).
 pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
-    let synchronous_commit = if cfg.db_synchronous_commit { "on" } else { "off" };
     if !cfg.db_synchronous_commit {
         tracing::warn!(
             "CONTROLLER_DB_SYNCHRONOUS_COMMIT=off: acknowledged submits and completions can be lost if \
              PostgreSQL crashes; use this for benchmarks only"
         );
     }
+    Ok(PgPoolOptions::new()
+        .max_connections(cfg.db_pool_size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(connect_options(cfg)?))
+}
+
+/// The claim's own few connections (a quarter of the pool, at least 2), with `plan_cache_mode =
+/// force_generic_plan`. The claim is one large statement whose custom plan costs more to make than to
+/// run (several milliseconds against ~1 ms), and PostgreSQL's own choice between custom and generic
+/// plans compares against the average cost of the custom plans it made before: after the table grew (or
+/// an `ANALYZE` invalidated the cached plan), that history can keep a connection planning every claim
+/// afresh. With the generic plan forced, each connection plans the claim once.
+pub fn connect_claims(cfg: &DbConfig) -> anyhow::Result<PgPool> {
+    let options = connect_options(cfg)?.options([("plan_cache_mode", "force_generic_plan")]);
+    Ok(PgPoolOptions::new()
+        .max_connections((cfg.db_pool_size / 4).max(2))
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options))
+}
+
+fn connect_options(cfg: &DbConfig) -> anyhow::Result<PgConnectOptions> {
+    let synchronous_commit = if cfg.db_synchronous_commit { "on" } else { "off" };
     let options = PgConnectOptions::from_str(&cfg.database_url)
         .map_err(|e| {
             anyhow::anyhow!(
@@ -36,11 +57,7 @@ pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
             ("synchronous_commit", synchronous_commit.to_string()),
         ])
         .disable_statement_logging();
-    let pool = PgPoolOptions::new()
-        .max_connections(cfg.db_pool_size)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options);
-    Ok(pool)
+    Ok(options)
 }
 
 /// Applies pending migrations.

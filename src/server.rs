@@ -102,7 +102,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     if let Err(error) = crate::events::start(&pool, &events).await {
         tracing::warn!(%error, "event stream not positioned yet; it starts once the database answers");
     }
-    let state = AppState::new(
+    let mut state = AppState::new(
         pool.clone(),
         storage,
         config.clone(),
@@ -110,6 +110,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         stop.clone(),
         events.clone(),
     );
+    state.claim_pool = db::connect_claims(&config.db)?;
     let (listen_pool, wakeups, listen_stop) = (pool.clone(), state.wakeups.clone(), stop.clone());
     let (pump_pool, pump_events, pump_stop) = (pool.clone(), events.clone(), stop.clone());
     let (pulse_pool, pulse_settings, pulse_stop) = (pool.clone(), config.queue.clone(), stop.clone());

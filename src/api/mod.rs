@@ -52,6 +52,8 @@ use crate::storage::Storage;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// Connections for the claim statement alone (`db::connect_claims`: its generic plan, always).
+    pub claim_pool: PgPool,
     pub storage: Storage,
     pub config: Arc<Config>,
     pub secrets: Arc<Secrets>,
@@ -79,6 +81,7 @@ impl AppState {
         events: Arc<crate::events::Events>,
     ) -> Self {
         Self {
+            claim_pool: pool.clone(),
             pool,
             storage,
             config: Arc::new(config),

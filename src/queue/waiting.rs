@@ -104,8 +104,9 @@ FROM decided";
 /// the reasons that do not depend on the order are decided as in [`WAITING`]; the others (`next`,
 /// `matching_workers_busy`) get `ranked` here with what the position needs: the build's submitter, stride
 /// pass and weight, and how many of its own due builds precede it (`own_ahead`, one walk of the page's
-/// submitters' builds in claim order). [`positions`] then counts the builds ahead from one aggregate per
-/// (queue, submitter, priority) of the due queued builds (an index-only walk of the claim index).
+/// submitters' builds in claim order). [`positions`] then counts the builds ahead from the due queued
+/// builds per (queue, submitter, priority): [`WAITING_GROUPS_UNIFORM`] when the queue allows, else one
+/// aggregate over its queued builds ([`WAITING_GROUPS`]).
 const WAITING_PAGE: &str = "
 WITH target AS (
     SELECT b.* FROM builds b
@@ -164,6 +165,27 @@ FROM (
 ) g
 LEFT JOIN submitter_shares s ON s.queue = g.queue AND s.submitter = g.submitter
 LEFT JOIN api_keys k ON k.id = g.submitter AND g.submitter <> 'admin'";
+
+/// [`WAITING_GROUPS`] without reading the queue, for a queue whose queued builds are all due and of one
+/// priority (the usual case): then its groups are the `submitter_shares` rows with work, whose `queued`
+/// the fair-share triggers keep equal to the submitter's queued builds (one snapshot with the check).
+/// Returns no row for a queue that is not so; [`WAITING_GROUPS`] answers for it.
+const WAITING_GROUPS_UNIFORM: &str = "
+WITH bounds AS MATERIALIZED (
+    SELECT u.queue,
+        (SELECT max(b.priority) FROM builds b WHERE b.queue = u.queue AND b.state IN ('pending', 'scheduled', 'retryable')) AS hi,
+        (SELECT min(b.priority) FROM builds b WHERE b.queue = u.queue AND b.state IN ('pending', 'scheduled', 'retryable')) AS lo
+    FROM unnest($1::text[]) AS u(queue)
+), uniform AS MATERIALIZED (
+    SELECT q.queue, q.hi AS priority FROM bounds q
+    WHERE q.hi = q.lo AND NOT EXISTS (
+        SELECT 1 FROM builds b WHERE b.queue = q.queue AND b.state IN ('pending', 'scheduled', 'retryable')
+          AND b.priority = q.hi AND b.run_at > $2)
+)
+SELECT s.queue, s.submitter, u.priority, s.queued::bigint AS n, s.pass, COALESCE(k.weight, 1) AS weight
+FROM uniform u
+JOIN submitter_shares s ON s.queue = u.queue AND s.queued > 0
+LEFT JOIN api_keys k ON k.id = s.submitter AND s.submitter <> 'admin'";
 
 #[derive(Debug, FromRow)]
 struct PageRow {
@@ -258,15 +280,23 @@ pub async fn waiting_of(pool: &PgPool, ids: &[String], now: DateTime<Utc>) -> Qu
         .collect();
     queues.sort_unstable();
     queues.dedup();
-    let groups: Vec<Group> = if queues.is_empty() {
-        Vec::new()
-    } else {
-        sqlx::query_as(WAITING_GROUPS)
+    let mut groups: Vec<Group> = Vec::new();
+    if !queues.is_empty() {
+        groups = sqlx::query_as(WAITING_GROUPS_UNIFORM)
             .bind(&queues)
             .bind(now)
             .fetch_all(pool)
-            .await?
-    };
+            .await?;
+        queues.retain(|q| !groups.iter().any(|g| g.queue == *q));
+    }
+    if !queues.is_empty() {
+        let mut counted: Vec<Group> = sqlx::query_as(WAITING_GROUPS)
+            .bind(&queues)
+            .bind(now)
+            .fetch_all(pool)
+            .await?;
+        groups.append(&mut counted);
+    }
     Ok(positions(&rows, &groups))
 }
 

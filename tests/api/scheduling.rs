@@ -691,6 +691,31 @@ async fn each_waiting_reason_is_shown_and_counted() {
 /// submitters of weights 1, 2 and 1 and the built-in admin key, ties by submitter.
 #[tokio::test]
 async fn positions_of_a_page_are_the_claim_order() {
+    positions_are_the_claim_order(Variant::Priority).await;
+}
+
+/// The same with every queued build due and of one priority: the positions come from the fair-share
+/// counts, without reading the queue.
+#[tokio::test]
+async fn positions_of_a_uniform_queue_are_the_claim_order() {
+    positions_are_the_claim_order(Variant::Uniform).await;
+}
+
+/// The same with one build scheduled for later among them: not yet due, it is ahead of nobody, so the
+/// fair-share counts (which include it) must not be used as they are.
+#[tokio::test]
+async fn positions_ignore_a_build_scheduled_for_later() {
+    positions_are_the_claim_order(Variant::Later).await;
+}
+
+#[derive(PartialEq)]
+enum Variant {
+    Priority,
+    Uniform,
+    Later,
+}
+
+async fn positions_are_the_claim_order(variant: Variant) {
     let (_, pool) = fresh_database(5).await;
     submitter(&pool, "a", 1, 0).await;
     submitter(&pool, "b", 2, 0).await;
@@ -703,11 +728,21 @@ async fn positions_of_a_page_are_the_claim_order() {
     enqueue_for(&pool, Some("c"), 2).await;
     enqueue_for(&pool, None, 2).await;
     let urgent = enqueue_for(&pool, Some("c"), 1).await.remove(0);
-    sqlx::query("UPDATE builds SET priority = 5 WHERE id = $1")
-        .bind(&urgent)
-        .execute(&pool)
-        .await
-        .expect("priority");
+    if variant == Variant::Priority {
+        sqlx::query("UPDATE builds SET priority = 5 WHERE id = $1")
+            .bind(&urgent)
+            .execute(&pool)
+            .await
+            .expect("priority");
+    }
+    if variant == Variant::Later {
+        let later = enqueue_for(&pool, Some("b"), 1).await.remove(0);
+        sqlx::query("UPDATE builds SET state = 'scheduled', run_at = now() + interval '1 hour' WHERE id = $1")
+            .bind(&later)
+            .execute(&pool)
+            .await
+            .expect("scheduled");
+    }
     let queued: Vec<String> = sqlx::query_scalar("SELECT id FROM builds WHERE state = 'pending' ORDER BY id")
         .fetch_all(&pool)
         .await
@@ -721,7 +756,9 @@ async fn positions_of_a_page_are_the_claim_order() {
     by_position.sort();
     let positions: Vec<i64> = by_position.iter().map(|(p, _)| *p).collect();
     assert_eq!(positions, (0..14).collect::<Vec<i64>>(), "one position each");
-    assert_eq!(by_position[0].1, urgent, "priority first");
+    if variant == Variant::Priority {
+        assert_eq!(by_position[0].1, urgent, "priority first");
+    }
     // The only worker is busy: the first in line is next, the others wait for it.
     for w in &waiting {
         let expected = if w.position == Some(0) {

@@ -187,7 +187,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
         return Ok(None);
     }
     let seen = state.wakeups.generations(&platforms);
-    let claim = queue::claim(&state.pool, worker, &state.config.queue, Utc::now()).await?;
+    let claim = queue::claim(&state.claim_pool, worker, &state.config.queue, Utc::now()).await?;
     match &claim {
         // Nothing for this worker; the queues are empty for everyone unless a build is only held back
         // from this worker by the requeue cool-off (R51).
