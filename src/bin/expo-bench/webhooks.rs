@@ -123,6 +123,11 @@ impl Bench<'_> {
     }
 }
 
+/// The median over the pairs of one figure of the runs without (`with` false) or with subscriptions.
+fn side(runs: &[(Measured, Measured)], with: bool, figure: fn(&Measured) -> f64) -> f64 {
+    median(runs.iter().map(|(a, b)| figure(if with { b } else { a })).collect())
+}
+
 /// W1a (1 subscription, once), then `BENCH_W1_PAIRS` (default 3) pairs of runs with 0 and 10
 /// subscriptions in ABBA order (0 → 10, 10 → 0, 0 → 10, …), so that a drift of the shared machine's load
 /// weighs on both sides alike. W1c is the median over the pairs of each pair's extra CPU per build as a
@@ -212,12 +217,9 @@ pub async fn w1(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>>
             .collect(),
     );
     let extra = median(runs.iter().map(|(without, with)| with.cpu() - without.cpu()).collect());
-    let pick = |f: &dyn Fn(&Measured) -> f64, with: bool| {
-        median(runs.iter().map(|(a, b)| f(if with { b } else { a })).collect())
-    };
-    let (cpu0, cpu10) = (pick(&|m| m.controller_ms, false), pick(&|m| m.controller_ms, true));
-    let (pg0, pg10) = (pick(&|m| m.postgres_ms, false), pick(&|m| m.postgres_ms, true));
-    let (rate0, rate10) = (pick(&|m| m.rate, false), pick(&|m| m.rate, true));
+    let (cpu0, cpu10) = (side(&runs, false, |m| m.controller_ms), side(&runs, true, |m| m.controller_ms));
+    let (pg0, pg10) = (side(&runs, false, |m| m.postgres_ms), side(&runs, true, |m| m.postgres_ms));
+    let (rate0, rate10) = (side(&runs, false, |m| m.rate), side(&runs, true, |m| m.rate));
     let per_pair: Vec<String> = runs
         .iter()
         .map(|(without, with)| format!("{:+.1} %", 100.0 * (with.cpu() - without.cpu()) / without.cpu().max(1e-9)))
