@@ -145,6 +145,8 @@ impl Deliverer {
         // Whether a claim may find something: set by wake-ups and the periodic look, kept by a backlog.
         let mut due = true;
         let mut last_claim: Option<Instant> = None;
+        // The next look for retries that came due (a deadline: deliveries finishing do not postpone it).
+        let mut look_at = Instant::now() + RECHECK;
         loop {
             let free = slots.available_permits();
             if due && free > 0 && (!backlog || free >= batch_min || free == concurrency) {
@@ -162,6 +164,7 @@ impl Deliverer {
                 let _ = futures_util::FutureExt::now_or_never(wake.0.notified());
                 let free = slots.available_permits();
                 last_claim = Some(Instant::now());
+                look_at = Instant::now() + RECHECK;
                 match self.claim(free as i64).await {
                     Ok(claimed) => {
                         backlog = claimed.len() == free;
@@ -190,7 +193,7 @@ impl Deliverer {
             }
             tokio::select! {
                 _ = wake.0.notified() => due = true,
-                _ = tokio::time::sleep(RECHECK) => due = true,
+                _ = tokio::time::sleep_until(look_at.into()), if !due => due = true,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = shutdown.changed() => break,
             }
