@@ -31,8 +31,12 @@ BEGIN
     END IF;
     INSERT INTO webhook_deliveries (subscription_id, event_id, kind, build_id, worker_id, data, event_at)
     WITH subs AS MATERIALIZED (
+        -- webhook_creator_valid, inline (a SQL function with a subquery is not inlined by the planner)
         SELECT s.id, s.events, s.owner_key_id FROM webhook_subscriptions s
-         WHERE s.active AND webhook_creator_valid(s.creator_key_id)
+         WHERE s.active
+           AND (s.creator_key_id IS NULL OR EXISTS (
+                SELECT 1 FROM api_keys k WHERE k.id = s.creator_key_id AND k.revoked_at IS NULL
+                   AND (k.expires_at IS NULL OR k.expires_at > now())))
     )
     SELECT s.id, e.id, e.kind, e.build_id, e.worker_id, e.data, e.created_at
       FROM inserted e
