@@ -211,7 +211,10 @@ impl Deliverer {
                FROM (SELECT id FROM webhook_deliveries w
                       WHERE state IN ('pending', 'delivering') AND run_at <= now()
                         AND EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = w.subscription_id AND s.active
-                                    AND webhook_creator_valid(s.creator_key_id))
+                                    -- webhook_creator_valid, inline (the function is not inlined)
+                                    AND (s.creator_key_id IS NULL OR EXISTS (
+                                         SELECT 1 FROM api_keys k WHERE k.id = s.creator_key_id
+                                            AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))))
                       ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) due,
                     webhook_subscriptions s
               WHERE d.id = due.id AND s.id = d.subscription_id
