@@ -172,7 +172,11 @@ pub async fn w1(env: &Env, client: &reqwest::Client, main: &Controller) -> anyho
         let one = bench.run(1).await?;
         let mut runs = Vec::new();
         for pair in 0..pairs {
-            let order = if pair % 2 == 0 { [0, SUBSCRIPTIONS] } else { [SUBSCRIPTIONS, 0] };
+            let order = if pair % 2 == 0 {
+                [0, SUBSCRIPTIONS]
+            } else {
+                [SUBSCRIPTIONS, 0]
+            };
             let (mut without, mut with) = (None, None);
             for n in order {
                 let measured = bench.run(n).await?;
@@ -226,12 +230,23 @@ pub async fn w1(env: &Env, client: &reqwest::Client, main: &Controller) -> anyho
             .collect(),
     );
     let extra = median(runs.iter().map(|(without, with)| with.cpu() - without.cpu()).collect());
-    let (cpu0, cpu10) = (side(&runs, false, |m| m.controller_ms), side(&runs, true, |m| m.controller_ms));
-    let (pg0, pg10) = (side(&runs, false, |m| m.postgres_ms), side(&runs, true, |m| m.postgres_ms));
+    let (cpu0, cpu10) = (
+        side(&runs, false, |m| m.controller_ms),
+        side(&runs, true, |m| m.controller_ms),
+    );
+    let (pg0, pg10) = (
+        side(&runs, false, |m| m.postgres_ms),
+        side(&runs, true, |m| m.postgres_ms),
+    );
     let (rate0, rate10) = (side(&runs, false, |m| m.rate), side(&runs, true, |m| m.rate));
     let per_pair: Vec<String> = runs
         .iter()
-        .map(|(without, with)| format!("{:+.1} %", 100.0 * (with.cpu() - without.cpu()) / without.cpu().max(1e-9)))
+        .map(|(without, with)| {
+            format!(
+                "{:+.1} %",
+                100.0 * (with.cpu() - without.cpu()) / without.cpu().max(1e-9)
+            )
+        })
         .collect();
     Ok(vec![
         latency_row("W1a", 1, &one.samples),
