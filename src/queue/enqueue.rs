@@ -101,15 +101,51 @@ async fn insert_within_quota(
     Ok(build)
 }
 
-/// The platform queues holding `max_queued` queued builds or more, in one statement (each count reads
-/// at most `max_queued` entries of the claim index).
+/// SQL: the platform queues holding `$1` queued builds or more. The hint is the per-queue count kept
+/// by the statements that change builds (`submitter_shares.queued`, the fair-share triggers: a few rows
+/// per queue); only a queue the hint names full is counted exactly (at most `$1` entries of the claim
+/// index), so a hint that drifted can never refuse a queue under its limit, and a queue far from it
+/// costs no count. (The insert checks again, exactly: a queue at its limit never accepts a build.)
+macro_rules! full_queues_sql {
+    () => {
+        concat!(
+            "SELECT q.name FROM queues q WHERE CASE
+                WHEN (SELECT COALESCE(sum(s.queued), 0) FROM submitter_shares s WHERE s.queue = q.name) >= $1
+                THEN ",
+            queued_at_least!("q.name", "$1"),
+            " ELSE false END"
+        )
+    };
+}
+
+/// The platform queues holding `max_queued` queued builds or more, in one statement.
 pub async fn full_queues(conn: &mut PgConnection, max_queued: i64) -> QueueResult<Vec<Platform>> {
+    let names: Vec<String> = sqlx::query_scalar(full_queues_sql!())
+        .bind(max_queued)
+        .fetch_all(conn)
+        .await?;
+    Ok(names.iter().filter_map(|n| Platform::parse(n)).collect())
+}
+
+/// Before a submit's body, in one statement: the full platform queues (as [`full_queues`]), and `keys`
+/// recorded as pending writes (as [`super::record_writes`]) unless every platform queue is full — then
+/// nothing is recorded and the submit is refused before it writes anything.
+pub async fn record_writes_unless_full(pool: &PgPool, keys: &[&str], max_queued: i64) -> QueueResult<Vec<Platform>> {
+    let platforms: Vec<&str> = Platform::ALL.iter().map(|p| p.as_str()).collect();
     let names: Vec<String> = sqlx::query_scalar(concat!(
-        "SELECT q.name FROM queues q WHERE ",
-        queued_at_least!("q.name", "$1")
+        "WITH full_queues AS (",
+        full_queues_sql!(),
+        "), recorded AS (
+            INSERT INTO pending_writes (key) SELECT unnest($2::text[])
+             WHERE NOT COALESCE((SELECT array_agg(name) FROM full_queues) @> $3::text[], false)
+            ON CONFLICT (key) DO UPDATE SET queued_at = now()
+         )
+         SELECT name FROM full_queues"
     ))
     .bind(max_queued)
-    .fetch_all(conn)
+    .bind(keys)
+    .bind(&platforms)
+    .fetch_all(pool)
     .await?;
     Ok(names.iter().filter_map(|n| Platform::parse(n)).collect())
 }
@@ -130,7 +166,9 @@ async fn insert(
     let state = if run_at.is_some() { "scheduled" } else { "pending" };
     const SQL: &str = concat!(
         "WITH claimed AS (
-            -- the objects' pending keys, locked: a sweep that doomed one first makes this insert refuse
+            -- the objects' pending keys, locked: a sweep that doomed one first makes this insert refuse. The
+            -- claim is the end of the pending period (the keys are deleted below): the submit makes them
+            -- young again in no statement of its own (the sweep can only doom them before this lock)
             SELECT key FROM pending_writes WHERE $16 AND key IN ($9, $11) AND NOT doomed FOR UPDATE
          ), inserted AS (
             INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,

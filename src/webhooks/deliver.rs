@@ -1,15 +1,17 @@
 //! The delivery workers: one loop per instance, deliveries claimed as durable jobs.
 //!
-//! * **Claim**: one statement takes up to the free slots of due rows (`pending` whose `run_at` has
-//!   passed, or `delivering` whose lease — kept in `run_at` — is over because its instance died)
+//! * **Claim**: one statement (at most one per [`COALESCE`], however many wake-ups came meanwhile)
+//!   takes up to the free slots of due rows (`pending` whose `run_at` has passed, or `delivering`
+//!   whose lease — kept in `run_at` — is over because its instance died)
 //!   `FOR UPDATE SKIP LOCKED`, so each is claimed once across instances, and marks them `delivering`
 //!   with `attempts + 1` and a lease of [`LEASE`].
 //! * **Send**: POST of the event's JSON (the `/api/v2/events` object), signed the Standard Webhooks way
 //!   (`webhook-id` = `msg_<delivery id>`, the same on every attempt; `webhook-timestamp`;
 //!   `webhook-signature: v1,<base64 HMAC-SHA256>`), 10 s timeout, no redirects, no proxy, at most
 //!   64 KiB of the answer read; the resolver drops private addresses ([`super::target`]).
-//! * **Finish**: one recorder task writes the outcomes waiting for it in one statement per batch
-//!   (`UPDATE … FROM unnest(…)` with the attempt inserts in the same statement), fenced on `attempts`
+//! * **Finish**: one recorder task writes the outcomes waiting for it in one statement per batch, at
+//!   most one per [`COALESCE`] (`UPDATE … FROM unnest(…)` with the attempt inserts in the same
+//!   statement), fenced on `attempts`
 //!   (a redelivery or a second claim meanwhile wins): `delivered` (2xx), `pending` again after an
 //!   exponential backoff with jitter, or `failed` once the next try would be past
 //!   `CONTROLLER_WEBHOOK_RETRY_HOURS`. The last attempt is kept on the delivery row; only failed
@@ -43,6 +45,9 @@ pub const MAX_ANSWER: usize = 64 * 1024;
 const LEASE_SECS: i64 = 30;
 /// Look for due retries this often without a wake-up.
 const RECHECK: Duration = Duration::from_secs(1);
+/// At most one claim statement and one record statement per this long, whatever the number of
+/// deliveries: under load many wake-ups and outcomes share one statement.
+pub const COALESCE: Duration = Duration::from_millis(25);
 /// First retry delay and the longest one.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(3600);
@@ -124,9 +129,11 @@ impl Deliverer {
     /// Claims and sends due deliveries until `shutdown` flips. Deliveries in flight then are abandoned:
     /// their lease runs out and another instance (or this one, restarted) sends them again.
     ///
-    /// Claims are batched: without a backlog every wake-up claims what is due (latency first); with a
-    /// backlog a claim waits until a quarter of the slots are free, so one statement takes many rows.
-    /// Results go to one recorder task that writes each batch it finds waiting in one statement.
+    /// Claims are coalesced: at most one claim statement per [`COALESCE`] whatever the number of
+    /// wake-ups meanwhile (each committing fan-out NOTIFYs), and a claim runs only when something may
+    /// be due (a wake-up, the periodic look for retries, or a backlog left by the last claim). With a
+    /// backlog a claim also waits until a quarter of the slots are free, so one statement takes many
+    /// rows. Results go to one recorder task that writes them in one statement per [`COALESCE`].
     pub async fn run(self, wake: Arc<Wake>, mut shutdown: watch::Receiver<bool>) {
         let concurrency = self.config.webhook_concurrency.max(1);
         let batch_min = (concurrency / 4).max(1);
@@ -135,12 +142,33 @@ impl Deliverer {
         let recorder = tokio::spawn(record_loop(self.pool.clone(), inbox));
         let mut tasks = tokio::task::JoinSet::new();
         let mut backlog = false;
+        // Whether a claim may find something: set by wake-ups and the periodic look, kept by a backlog.
+        let mut due = true;
+        let mut last_claim: Option<Instant> = None;
+        // The next look for retries that came due (a deadline: deliveries finishing do not postpone it).
+        let mut look_at = Instant::now() + RECHECK;
         loop {
             let free = slots.available_permits();
-            if free > 0 && (!backlog || free >= batch_min || free == concurrency) {
+            if due && free > 0 && (!backlog || free >= batch_min || free == concurrency) {
+                // The wake-ups of the next few milliseconds are served by this one claim.
+                if let Some(wait) = last_claim.map(|at| COALESCE.saturating_sub(at.elapsed()))
+                    && !wait.is_zero()
+                {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                // A wake-up that came meanwhile is for a commit this claim's snapshot sees: consumed here,
+                // it does not cause a second, empty claim.
+                let _ = futures_util::FutureExt::now_or_never(wake.0.notified());
+                let free = slots.available_permits();
+                last_claim = Some(Instant::now());
+                look_at = Instant::now() + RECHECK;
                 match self.claim(free as i64).await {
                     Ok(claimed) => {
                         backlog = claimed.len() == free;
+                        due = backlog;
                         for delivery in claimed {
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
@@ -164,8 +192,8 @@ impl Deliverer {
                 continue;
             }
             tokio::select! {
-                _ = wake.0.notified() => {}
-                _ = tokio::time::sleep(RECHECK) => {}
+                _ = wake.0.notified() => due = true,
+                _ = tokio::time::sleep_until(look_at.into()), if !due => due = true,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = shutdown.changed() => break,
             }
@@ -183,7 +211,10 @@ impl Deliverer {
                FROM (SELECT id FROM webhook_deliveries w
                       WHERE state IN ('pending', 'delivering') AND run_at <= now()
                         AND EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = w.subscription_id AND s.active
-                                    AND webhook_creator_valid(s.creator_key_id))
+                                    -- webhook_creator_valid, inline (the function is not inlined)
+                                    AND (s.creator_key_id IS NULL OR EXISTS (
+                                         SELECT 1 FROM api_keys k WHERE k.id = s.creator_key_id
+                                            AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))))
                       ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) due,
                     webhook_subscriptions s
               WHERE d.id = due.id AND s.id = d.subscription_id
@@ -298,10 +329,24 @@ struct Outcome {
 /// Most outcomes recorded by one statement.
 const RECORD_BATCH: usize = 512;
 
-/// Records outcomes until every sender is gone, each batch waiting in the channel in one statement.
+/// Records outcomes until every sender is gone: what waits in the channel, in one statement at most
+/// every [`COALESCE`] (outcomes that arrive within that time of the last statement wait for the next).
 async fn record_loop(pool: PgPool, mut inbox: mpsc::UnboundedReceiver<Outcome>) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
+    let mut last: Option<Instant> = None;
     while inbox.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        if let Some(wait) = last.map(|at| COALESCE.saturating_sub(at.elapsed()))
+            && !wait.is_zero()
+        {
+            tokio::time::sleep(wait).await;
+            while batch.len() < RECORD_BATCH {
+                match inbox.try_recv() {
+                    Ok(outcome) => batch.push(outcome),
+                    Err(_) => break,
+                }
+            }
+        }
+        last = Some(Instant::now());
         if let Err(error) = record(&pool, &batch).await {
             // The leases run out and the deliveries are sent again: at least once.
             tracing::warn!(%error, deliveries = batch.len(), "recording webhook attempts failed");

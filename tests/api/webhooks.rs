@@ -931,3 +931,82 @@ async fn a_submitters_subscription_hears_its_build_deleted() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(bob_hook.hits().is_empty());
 }
+
+/// Deleting a subscription deletes its deliveries (a trigger on the subscriptions, not a foreign key
+/// checked at every delivery insert); a delivery left without its subscription (its fan-out raced with
+/// the deletion) is never sent and goes with the next prune, which keeps every other delivery.
+#[tokio::test]
+async fn a_deleted_subscriptions_deliveries_go_and_the_prune_takes_orphans() {
+    use expo_controller::jobs::{Job, JobContext};
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    // The receiver fails every attempt: the deliveries stay pending (retried with backoff).
+    receiver.status.store(503, Ordering::SeqCst);
+    let gone = subscribe(&app, API_KEY, &receiver.url(), &["test.*"]).await;
+    let kept = subscribe(&app, API_KEY, &receiver.url(), &["test.*"]).await;
+    let (gone, kept) = (gone["id"].as_str().unwrap(), kept["id"].as_str().unwrap());
+    sqlx::query("INSERT INTO events (kind, data) VALUES ('test.one', '{}'), ('test.two', '{}')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let per_subscription = |id: &str| {
+        let (pool, id) = (app.pool.clone(), id.to_string());
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_deliveries WHERE subscription_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!((per_subscription(gone).await, per_subscription(kept).await), (2, 2));
+
+    let (status, body) = call(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v2/webhooks/{gone}"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(
+        (per_subscription(gone).await, per_subscription(kept).await),
+        (0, 2),
+        "the deleted subscription's deliveries went with it, the other's stay"
+    );
+
+    // What a fan-out that raced with a deletion leaves: a due delivery whose subscription is gone.
+    let orphan: i64 = sqlx::query_scalar(
+        "INSERT INTO webhook_deliveries (subscription_id, event_id, kind, data, event_at)
+         VALUES ($1, 0, 'test.orphan', '{}', now()) RETURNING id",
+    )
+    .bind(gone)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM webhook_deliveries WHERE id = $1")
+        .bind(orphan)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "an orphan is never claimed");
+    assert!(
+        !receiver.hits().iter().any(|h| h.json()["kind"] == "test.orphan"),
+        "an orphan is never sent"
+    );
+
+    let ctx = JobContext {
+        pool: app.pool.clone(),
+        storage: expo_controller::storage::Storage::local(&app.storage_dir, false).unwrap(),
+        settings: Default::default(),
+        jobs: Default::default(),
+    };
+    Job::Prune.run_once(&ctx, chrono::Utc::now()).await.unwrap();
+    assert_eq!(
+        (per_subscription(gone).await, per_subscription(kept).await),
+        (0, 2),
+        "the prune took the orphan and kept the live subscription's pending deliveries"
+    );
+}

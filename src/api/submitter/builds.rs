@@ -189,13 +189,6 @@ async fn submit(
     if !replay {
         submitter_room(&state, submitted_by.as_deref()).await?;
     }
-    // Backpressure (R58): when every platform queue is full, refuse before reading a byte of the body;
-    // otherwise a full platform is refused as soon as its part arrives, and the insert checks again.
-    let full = if replay { Vec::new() } else { full_queues(&state).await? };
-    if Platform::ALL.iter().all(|p| full.contains(p)) {
-        Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
-        return Err(queue_full_error());
-    }
     let build_id = ids::new_id();
     let keys = (Key::source(&build_id), Key::certs(&build_id));
     let (Some(source_key), Some(certs_key)) = keys else {
@@ -204,8 +197,21 @@ async fn submit(
         )));
     };
     // Recorded before anything is written: whatever this request leaves behind (a kill, a lost commit
-    // answer, a failed delete) stays named, and `sweep_unlinked` settles it.
-    queue::record_writes(&state.pool, &[source_key.as_str()]).await?;
+    // answer, a failed delete) stays named, and `sweep_unlinked` settles it. Backpressure (R58), in the
+    // same statement: when every platform queue is full, nothing is recorded and the submit is refused
+    // before reading a byte of the body; otherwise a full platform is refused as soon as its part
+    // arrives, and the insert checks again.
+    let full = if replay {
+        queue::record_writes(&state.pool, &[source_key.as_str()]).await?;
+        Vec::new()
+    } else {
+        let max_queued = state.config.queue.max_queued_builds;
+        queue::record_writes_unless_full(&state.pool, &[source_key.as_str()], max_queued).await?
+    };
+    if Platform::ALL.iter().all(|p| full.contains(p)) {
+        Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
+        return Err(queue_full_error());
+    }
     let access_token = ids::new_secret();
     let mut unsettled = false;
     let mut form = SubmitParts::default();
@@ -410,10 +416,9 @@ async fn create_build(
         access_token_hash: ids::hash_secret(new.access_token),
         original_build_id: None,
     };
-    // The sweep's age counts from here, not from before the (possibly slow) source stream.
-    let mut written = vec![row.source_key.as_str()];
-    written.extend(row.certs_key.as_deref());
-    queue::refresh_writes(&state.pool, &written).await?;
+    // The pending keys are not made young again in a statement of their own: the insert claims them under
+    // a row lock (or refuses if a sweep doomed one first), and a sweep could only doom them in the
+    // moment between the end of the body and that claim.
     if let Some(replay) = claim_idempotency_key(state, &new, &row).await? {
         return Ok(Created::Replayed(replay));
     }

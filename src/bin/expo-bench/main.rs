@@ -150,7 +150,7 @@ async fn run(env: &setup::Env) -> anyhow::Result<()> {
         rows.extend(cycle::p12(env, &client).await?);
     }
     if wants("W1") {
-        rows.extend(webhooks::w1(env, &client).await?);
+        rows.extend(webhooks::w1(env, &client, &bench.shared.1).await?);
     }
     rows.push(Row {
         id: "P7",
