@@ -212,6 +212,7 @@ async fn submit(
         Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
         return Err(queue_full_error());
     }
+    let recorded = std::time::Instant::now();
     let access_token = ids::new_secret();
     let mut unsettled = false;
     let mut form = SubmitParts::default();
@@ -223,6 +224,7 @@ async fn submit(
                 certs_key: &certs_key,
                 access_token: &access_token,
                 idempotency_key: idempotency_key.as_deref(),
+                recorded,
             };
             create_build(&state, new, form, submitted_by, &actor, &mut unsettled).await
         }
@@ -264,6 +266,8 @@ struct Creating<'a> {
     certs_key: &'a Key,
     access_token: &'a str,
     idempotency_key: Option<&'a str>,
+    /// When the source key was recorded as a pending write (before the body).
+    recorded: std::time::Instant,
 }
 
 /// A submit's answer: a new build, or the build an earlier submit with the same `Idempotency-Key` made.
@@ -416,9 +420,15 @@ async fn create_build(
         access_token_hash: ids::hash_secret(new.access_token),
         original_build_id: None,
     };
-    // The pending keys are not made young again in a statement of their own: the insert claims them under
-    // a row lock (or refuses if a sweep doomed one first), and a sweep could only doom them in the
-    // moment between the end of the body and that claim.
+    // The insert claims the pending keys under a row lock (or refuses if a sweep doomed one first). The
+    // sweep's age counts from the end of a write, so a slow source stream (a quarter of the staging
+    // cut-off or more) makes its keys young again first; a fast one is still young from its recording,
+    // and this saves the statement.
+    if new.recorded.elapsed() >= crate::api::results::refresh_after(state.config.jobs.staging_max_age_secs) {
+        let mut written = vec![new.source_key.as_str()];
+        written.extend(row.certs_key.as_deref());
+        queue::refresh_writes(&state.pool, &written).await?;
+    }
     if let Some(replay) = claim_idempotency_key(state, &new, &row).await? {
         return Ok(Created::Replayed(replay));
     }
