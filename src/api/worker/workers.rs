@@ -178,7 +178,9 @@ async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> Api
     }
 }
 
-/// Claims, except that an idle worker polling queues known to be empty is answered without a query.
+/// Claims, except that an idle worker polling queues known to be empty is answered without a query (a
+/// long poll then waits at once: the notification of the next build wakes a subscribed poller, which
+/// claims).
 async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResult<Option<queue::Claim>> {
     let platforms = worker.platforms();
     // Only an idle worker (it may not hold an attempt to re-deliver) that accepts work uses the hint.
@@ -187,7 +189,8 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
         return Ok(None);
     }
     let seen = state.wakeups.generations(&platforms);
-    let claim = queue::claim(&state.claim_pool, worker, &state.config.queue, Utc::now()).await?;
+    let now = Utc::now();
+    let claim = queue::claim(&state.claim_pool, worker, &state.config.queue, now).await?;
     match &claim {
         // Nothing for this worker; the queues are empty for everyone unless a build is only held back
         // from this worker by the requeue cool-off (R51).
@@ -197,8 +200,24 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
                 state.wakeups.mark_empty(&seen);
             }
         }
-        // The worker's status changed (it is busy now): refresh its cached copy.
-        Some(_) => state.workers.forget(&worker.id),
+        // The worker is busy now: its cached copies say so (and the emptiness hint counts the build).
+        Some(claim) => {
+            if !claim.redelivered {
+                state.wakeups.claimed(claim.build.platform(), &claim.build.id);
+            }
+            state
+                .workers
+                .claimed(&worker.id, &claim.build.id, (!claim.redelivered).then_some(now));
+            if claim.worker_status == "offline" && !worker.is_out() {
+                // Marked offline while it was building, after its copy was cached: this poll brings
+                // it back, as a poll with a fresh copy would have.
+                let mut marked = worker.clone();
+                marked.status = claim.worker_status.clone();
+                if queue::touch_worker(&state.pool, &marked, &state.config.queue, now).await? {
+                    state.workers.seen(&worker.id, now);
+                }
+            }
+        }
         None => {}
     }
     Ok(claim)
@@ -378,9 +397,12 @@ async fn finish_report(
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
             match results::complete_with(state, &build_id, &caller, staged).await {
-                Ok(()) => Ok(Json(ReportStatus {
-                    status: "success".into(),
-                })),
+                Ok(()) => {
+                    state.workers.finished(&caller.worker_id, &build_id);
+                    Ok(Json(ReportStatus {
+                        status: "success".into(),
+                    }))
+                }
                 Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
                 Err(results::CompleteError::Api(e)) => Err(e),
             }
@@ -446,9 +468,13 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         )
         .await;
         return match outcome {
-            Ok(_) => Ok(Report::Answered(ReportStatus {
-                status: "failed".into(),
-            })),
+            Ok(_) => {
+                // A failure may quarantine the worker: its next poll looks it up again.
+                state.workers.forget(&caller.worker_id);
+                Ok(Report::Answered(ReportStatus {
+                    status: "failed".into(),
+                }))
+            }
             Err(e) => Err(explain(state, &caller.worker_id, e).await),
         };
     }
