@@ -142,13 +142,13 @@ async fn poll(
 ) -> ApiResult<Json<PollAnswer>> {
     let token_worker = token_worker.map(|Extension(TokenWorker(worker))| worker);
     let key = key_caller.map(|Extension(KeyCaller(who))| who);
-    let (worker, token) = poll_caller(&state, &headers, token_worker, key, query.worker_id.as_deref()).await?;
+    let (mut worker, token) = poll_caller(&state, &headers, token_worker, key, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
     if queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await? {
         state.workers.seen(&worker.id, now);
     }
-    let claim = claim_or_wait(&state, &worker, Duration::from_secs(wait as u64)).await?;
+    let claim = claim_or_wait(&state, &mut worker, Duration::from_secs(wait as u64)).await?;
     Ok(Json(PollAnswer {
         job: claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)),
         access_token: token,
@@ -157,7 +157,7 @@ async fn poll(
 
 /// Claims for the worker; with `wait`, holds the request until its queue gets work (woken by NOTIFY),
 /// the time passes, or the server shuts down. No database connection is held while waiting.
-async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> ApiResult<Option<queue::Claim>> {
+async fn claim_or_wait(state: &AppState, worker: &mut Worker, wait: Duration) -> ApiResult<Option<queue::Claim>> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut shutdown = state.shutdown.clone();
     loop {
@@ -181,7 +181,7 @@ async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> Api
 /// Claims, except that an idle worker polling queues known to be empty is answered without a query (a
 /// long poll then waits at once: the notification of the next build wakes a subscribed poller, which
 /// claims).
-async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResult<Option<queue::Claim>> {
+async fn claim_unless_known_empty(state: &AppState, worker: &mut Worker) -> ApiResult<Option<queue::Claim>> {
     let platforms = worker.platforms();
     // Only an idle worker (it may not hold an attempt to re-deliver) that accepts work uses the hint.
     let hint_applies = worker.status == "idle" && worker.accepts_work();
@@ -216,6 +216,23 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
                 if queue::touch_worker(&state.pool, &marked, &state.config.queue, now).await? {
                     state.workers.seen(&worker.id, now);
                 }
+            }
+        }
+        // The copy said busy, yet the worker holds nothing: its attempt ended without this instance
+        // seeing it (a lease rescue, a cancel, an offline sweep meanwhile). Look it up again, and bring
+        // it back online if it was marked offline, as a poll with a fresh copy would have.
+        None if worker.status == "busy" => {
+            state.workers.forget(&worker.id);
+            if let Some(mut fresh) = auth::worker_by_id(state, &worker.id).await? {
+                let now = Utc::now();
+                if queue::touch_worker(&state.pool, &fresh, &state.config.queue, now).await? {
+                    state.workers.seen(&fresh.id, now);
+                    fresh.last_seen_at = now;
+                    if fresh.status == "offline" {
+                        fresh.status = "idle".into();
+                    }
+                }
+                *worker = fresh;
             }
         }
         None => {}
