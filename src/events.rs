@@ -11,13 +11,16 @@
 //! # Ids committed out of order
 //!
 //! Ids are allocated before commit, so the pump may see id N+1 while N is still in flight. It never
-//! passes a missing id until it is sure the id will never appear: everything after the gap is held back,
-//! the pump notes which transactions hold a lock on `events` (every inserting transaction holds
-//! `RowExclusiveLock` on it from before its id was drawn until it ends), waits until all of them have
-//! ended, and reads once more. A transaction that drew the missing id before a visible later id was drawn
-//! was either still running when the gap was seen — then it held that lock — or had already ended; so if
-//! the row is absent from that last read, its transaction rolled back (or the id was never used) and it
-//! is skipped. Delivered ids are therefore strictly increasing and complete.
+//! passes a missing id until it is sure the id will never appear: everything after the gap is held back
+//! and read again shortly after (usually the missing row has committed by then and nothing more is
+//! needed). A gap still open at that re-read makes the pump note which transactions hold a lock on
+//! `events` (every inserting transaction holds `RowExclusiveLock` on it from before its id was drawn
+//! until it ends), wait until all of them have ended, and read once more. The missing id was drawn
+//! before the visible later id, hence before the first read that saw the gap, hence before the locks
+//! were noted: the transaction that drew it was either still running when they were noted — then it held
+//! that lock — or had already ended, and its row (if it committed) is in every later read. So if the
+//! row is absent from the read after all noted transactions ended, its transaction rolled back (or the
+//! id was never used) and it is skipped. Delivered ids are therefore strictly increasing and complete.
 
 use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
@@ -46,9 +49,9 @@ const GAP_RECHECK: Duration = Duration::from_millis(5);
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// After a notification, how long the pump lets further commits arrive before it reads: under load
 /// every state change commits (and notifies) on its own, several per build, and one read per
-/// notification would cost a round trip each; this bounds the reads to a few hundred per second
-/// at the price of a few milliseconds of latency.
-const COALESCE: Duration = Duration::from_millis(4);
+/// notification would cost a round trip each; this bounds the reads to about a hundred per second
+/// at the price of ten milliseconds of latency.
+const COALESCE: Duration = Duration::from_millis(10);
 /// Events handed to one subscriber per ring read.
 const SUBSCRIBER_BATCH: usize = 256;
 
@@ -251,8 +254,9 @@ impl Events {
 struct Gap {
     at: i64,
     until: i64,
-    /// Transactions that held a lock on `events` when the gap was seen and have not ended yet.
-    waiting: HashSet<String>,
+    /// Transactions that held a lock on `events` when the gap was still open at a re-read and have not
+    /// ended yet; `None` until that re-read.
+    waiting: Option<HashSet<String>>,
 }
 
 /// Positions the stream at the latest events (call before serving, so that a subscriber connecting
@@ -343,7 +347,7 @@ async fn step(conn: &mut PgConnection, events: &Events, gap: &mut Option<Gap>) -
         // Ids next..row.id are missing while row.id is visible.
         let visible = row.id;
         match gap.as_mut() {
-            Some(open) if open.at == next && open.waiting.is_empty() => {
+            Some(open) if open.at == next && open.waiting.as_ref().is_some_and(HashSet::is_empty) => {
                 // Every transaction that could have drawn them has ended since the last read, and
                 // this read (a later snapshot) still lacks them: they will never appear.
                 tracing::debug!(
@@ -355,17 +359,21 @@ async fn step(conn: &mut PgConnection, events: &Events, gap: &mut Option<Gap>) -
                 *gap = None;
             }
             Some(open) if open.at == next => {
+                // Still open at a re-read: note (or re-check) the transactions that may still add it.
                 let lockers = event_writers(conn).await?;
-                open.waiting.retain(|vxid| lockers.contains(vxid));
+                match open.waiting.as_mut() {
+                    Some(waiting) => waiting.retain(|vxid| lockers.contains(vxid)),
+                    None => open.waiting = Some(lockers),
+                }
                 blocked = true;
                 break;
             }
             _ => {
-                let waiting = event_writers(conn).await?;
+                // Newly seen: usually closed by the next read, without looking at the locks.
                 *gap = Some(Gap {
                     at: next,
                     until: visible,
-                    waiting,
+                    waiting: None,
                 });
                 blocked = true;
                 break;

@@ -1,7 +1,12 @@
 //! A short-lived in-process cache of worker lookups, so that a poll authenticates without a database
-//! round trip. Entries live [`TTL`]; this instance clears the cache whenever a worker is registered,
-//! re-registered, unregistered or changed by an operator, and other instances see such changes within
-//! the TTL.
+//! round trip. Entries live [`TTL`] from their lookup; this instance clears the cache whenever a worker
+//! is registered, re-registered, unregistered or changed by an operator, and other instances see such
+//! changes within the TTL.
+//!
+//! A claim and the end of the claimed attempt on this instance do not drop the worker: they write what
+//! they changed into its cached copies (busy with that build; idle again once that same build completed),
+//! so the worker's next poll still needs no look-up. A copy only goes back to idle for the build it
+//! was marked busy with, so a late completion cannot hide a newer claim.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,9 +27,17 @@ enum Key {
     Id(String),
 }
 
+#[derive(Debug)]
+struct Entry {
+    at: Instant,
+    worker: Worker,
+    /// The build this instance saw the worker claim (its copy says busy because of it).
+    holding: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct WorkerCache {
-    entries: Mutex<HashMap<Key, (Instant, Worker)>>,
+    entries: Mutex<HashMap<Key, Entry>>,
 }
 
 impl WorkerCache {
@@ -32,8 +45,8 @@ impl WorkerCache {
         let entries = self.entries.lock().ok()?;
         entries
             .get(key)
-            .filter(|(at, _)| at.elapsed() < TTL)
-            .map(|(_, w)| w.clone())
+            .filter(|entry| entry.at.elapsed() < TTL)
+            .map(|entry| entry.worker.clone())
     }
 
     fn put(&self, key: Key, worker: &Worker) {
@@ -41,7 +54,22 @@ impl WorkerCache {
             if entries.len() >= CAPACITY {
                 entries.clear();
             }
-            entries.insert(key, (Instant::now(), worker.clone()));
+            let entry = Entry {
+                at: Instant::now(),
+                worker: worker.clone(),
+                holding: None,
+            };
+            entries.insert(key, entry);
+        }
+    }
+
+    /// Applies `change` to every cached copy of one worker.
+    fn update(&self, worker_id: &str, mut change: impl FnMut(&mut Entry)) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries
+                .values_mut()
+                .filter(|entry| entry.worker.id == worker_id)
+                .for_each(&mut change);
         }
     }
 
@@ -63,23 +91,46 @@ impl WorkerCache {
 
     /// Records a liveness write in the cached copies, so the debounce sees it.
     pub fn seen(&self, worker_id: &str, at: DateTime<Utc>) {
-        if let Ok(mut entries) = self.entries.lock() {
-            entries
-                .values_mut()
-                .filter(|(_, w)| w.id == worker_id)
-                .for_each(|(_, w)| {
-                    w.last_seen_at = at;
-                    if w.status == "offline" && !w.is_out() {
-                        w.status = "idle".into();
-                    }
-                });
-        }
+        self.update(worker_id, |entry| {
+            let w = &mut entry.worker;
+            w.last_seen_at = at;
+            if w.status == "offline" && !w.is_out() {
+                w.status = "idle".into();
+            }
+        });
     }
 
-    /// Drops the cached copies of one worker (its status changed, e.g. it claimed a build).
+    /// Records a claim (or re-delivery) of `build_id` in the cached copies: the worker is busy with it;
+    /// a new claim (`seen`: its time) also wrote the worker's `last_seen_at`.
+    pub fn claimed(&self, worker_id: &str, build_id: &str, seen: Option<DateTime<Utc>>) {
+        self.update(worker_id, |entry| {
+            entry.worker.status = "busy".into();
+            if let Some(at) = seen {
+                entry.worker.last_seen_at = at;
+            }
+            entry.holding = Some(build_id.to_string());
+        });
+    }
+
+    /// Records that the worker completed its attempt on `build_id`: the completion turned the busy
+    /// worker idle. Copies marked busy for another build (or looked up
+    /// meanwhile) are left as they are.
+    pub fn finished(&self, worker_id: &str, build_id: &str) {
+        self.update(worker_id, |entry| {
+            if entry.holding.as_deref() == Some(build_id) {
+                if entry.worker.status == "busy" {
+                    entry.worker.status = "idle".into();
+                }
+                entry.holding = None;
+            }
+        });
+    }
+
+    /// Drops the cached copies of one worker (a change the cache cannot follow, e.g. a failure that may
+    /// have quarantined it).
     pub fn forget(&self, worker_id: &str) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|_, (_, w)| w.id != worker_id);
+            entries.retain(|_, entry| entry.worker.id != worker_id);
         }
     }
 

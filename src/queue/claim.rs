@@ -16,6 +16,9 @@ pub struct Claim {
     pub otp: String,
     /// True when the worker already held this attempt and is being handed it again.
     pub redelivered: bool,
+    /// The worker's status as the claim left it: `busy` after a new claim; on a re-delivery whatever the
+    /// row says (`offline` when the offline sweep marked it while it was building).
+    pub worker_status: String,
 }
 
 /// What makes a queued row `b` eligible for worker `$1` (besides the worker's own state): due, on one of
@@ -117,9 +120,9 @@ WITH held AS (
         'attempt', attempt, 'log_seq', log_seq)
     FROM claimed
 )
-SELECT *, true AS redelivered FROM held
+SELECT *, true AS redelivered, COALESCE((SELECT w.status FROM workers w WHERE w.id = $1), 'busy') AS worker_status FROM held
 UNION ALL
-SELECT *, false AS redelivered FROM claimed";
+SELECT *, false AS redelivered, 'busy'::text AS worker_status FROM claimed";
 
 /// The claim for a worker of one platform compares the queue by equality, so the planner walks that
 /// queue's index; a worker of several platforms walks the global index. Built once per variant.
@@ -204,6 +207,7 @@ async fn claim_once(
         build: Build::from_row(&row)?,
         otp,
         redelivered: row.try_get("redelivered")?,
+        worker_status: row.try_get("worker_status")?,
     }))
 }
 

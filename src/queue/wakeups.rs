@@ -4,16 +4,25 @@
 //! re-check every second (and after every reconnect) covers notifications lost while disconnected.
 //! Waiting requests hold no database connection.
 //!
-//! The same notifications keep an **emptiness hint** per queue: a claim that found nothing records the
-//! queue's notification generation; until a notification for that queue arrives (or [`EMPTY_HINT_TTL`]
-//! passes, bounding any staleness, e.g. a `run_at` coming due before promotion), empty polls for it are
-//! answered without touching the database.
+//! The same notifications keep an **emptiness hint** per queue. A claim that found nothing for anyone
+//! marks the queue empty as of the tick at which it started. From then on the hint accounts for every
+//! build by id: a notification announces its build, a claim on this instance takes it off again, and a
+//! local change (a submit or an operator action on this instance) counts as pending until its
+//! notification comes back. The queue is known empty while nothing announced or local is outstanding
+//! and nothing happened that the hint cannot account for (a wake-up without a build id, a resumed
+//! queue, a reconnect); then polls for it — short ones, and long ones before they park — are answered
+//! without touching the database, so a worker that finishes a build does not run an empty claim before
+//! it waits. [`EMPTY_HINT_TTL`] bounds any staleness the notifications cannot show (a `run_at` coming
+//! due before promotion, a submitter dropping below its max running); waiting polls are covered by the
+//! re-check meanwhile. A build is never lost to the hint: it only decides whether a poll looks before
+//! waiting, and every notification still wakes one subscribed poller (subscribed before it looked).
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -36,18 +45,94 @@ pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a queue found empty is trusted to stay empty without a notification.
 pub const EMPTY_HINT_TTL: Duration = Duration::from_secs(1);
 
+/// Builds (announced, or claimed before their notification came) and local changes tracked per queue
+/// at most; past it the hint gives up until the next empty claim.
+const TRACKED: usize = 10_000;
+
 /// Per-queue wake-ups for the long polls of this instance, and the emptiness hints.
 #[derive(Debug, Default)]
 pub struct Wakeups {
     queues: [Arc<Notify>; 2],
     waiting: [AtomicUsize; 2],
-    /// Bumped by every notification for the queue.
-    generation: [AtomicU64; 2],
-    /// (generation, when) at which a claim last found the queue empty.
-    empty: Mutex<[Option<(u64, Instant)>; 2]>,
+    hints: Mutex<[Hint; 2]>,
 }
 
-/// Notification generations of some queues, taken before a claim looks at them.
+/// What this instance knows about whether one queue has claimable work.
+#[derive(Debug, Default)]
+struct Hint {
+    /// Bumped by every notification and every local change of the queue.
+    tick: u64,
+    /// (tick at which it started, when it ended) of the last claim that found the queue empty for everyone.
+    empty: Option<(u64, Instant)>,
+    /// Tick of the last change the hint cannot account for build by build.
+    dirty: u64,
+    /// Builds notified since and not claimed on this instance, with the tick of their notification.
+    announced: HashMap<String, u64>,
+    /// Builds claimed on this instance before their notification arrived.
+    claimed_early: HashSet<String>,
+    /// Ticks of local changes whose notification has not come back yet.
+    local: VecDeque<u64>,
+}
+
+impl Hint {
+    fn bump(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// A change the hint cannot account for: nothing is known empty until a claim that starts later.
+    fn dirty(&mut self) {
+        self.dirty = self.bump();
+    }
+
+    fn announce(&mut self, build_id: &str) {
+        let tick = self.bump();
+        self.local.pop_front();
+        if !self.claimed_early.remove(build_id) {
+            if self.announced.len() >= TRACKED {
+                self.announced.clear();
+                self.dirty();
+            }
+            self.announced.insert(build_id.to_string(), tick);
+        }
+    }
+
+    fn claimed(&mut self, build_id: &str) {
+        if self.announced.remove(build_id).is_none() {
+            if self.claimed_early.len() >= TRACKED {
+                self.claimed_early.clear();
+            }
+            self.claimed_early.insert(build_id.to_string());
+        }
+    }
+
+    fn local_change(&mut self) {
+        let tick = self.bump();
+        if self.local.len() >= TRACKED {
+            self.local.clear();
+            self.dirty();
+        }
+        self.local.push_back(tick);
+    }
+
+    /// A claim that started at `started` found nothing for anyone: what was announced or changed locally
+    /// before it started was in its snapshot, so it is claimed, gone or held by a claim in flight.
+    fn mark_empty(&mut self, started: u64, now: Instant) {
+        if self.empty.is_none_or(|(tick, _)| tick <= started) {
+            self.empty = Some((started, now));
+        }
+        self.announced.retain(|_, tick| *tick > started);
+        self.local.retain(|tick| *tick > started);
+    }
+
+    fn known_empty(&self) -> bool {
+        matches!(self.empty, Some((started, at)) if started >= self.dirty && at.elapsed() < EMPTY_HINT_TTL)
+            && self.announced.is_empty()
+            && self.local.is_empty()
+    }
+}
+
+/// Notification ticks of some queues, taken before a claim looks at them.
 #[derive(Debug, Clone)]
 pub struct Generations(Vec<(Platform, u64)>);
 
@@ -63,16 +148,29 @@ impl Wakeups {
         Arc::new(Self::default())
     }
 
-    /// Wakes one poller waiting for `platform` (or the next one to wait); the queue is no longer known empty.
+    fn hint<T>(&self, platform: Platform, change: impl FnOnce(&mut Hint) -> T) -> Option<T> {
+        let mut hints = self.hints.lock().ok()?;
+        Some(change(&mut hints[slot(platform)]))
+    }
+
+    /// Wakes one poller waiting for `platform` (or the next one to wait) without naming a build (the
+    /// re-check found work): the queue is no longer known empty.
     pub fn wake(&self, platform: Platform) {
-        self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
+        self.hint(platform, Hint::dirty);
+        self.queues[slot(platform)].notify_one();
+    }
+
+    /// Wakes one poller waiting for `platform` (or the next one to wait) for this build: the queue is
+    /// not known empty until the build is claimed here or a claim finds the queue empty.
+    pub fn announce(&self, platform: Platform, build_id: &str) {
+        self.hint(platform, |hint| hint.announce(build_id));
         self.queues[slot(platform)].notify_one();
     }
 
     /// Wakes every poller waiting for `platform` (and the next one to wait): many builds may have become
     /// claimable at once, e.g. when a paused queue is resumed.
     pub fn wake_all(&self, platform: Platform) {
-        self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
+        self.hint(platform, Hint::dirty);
         self.queues[slot(platform)].notify_waiters();
         self.queues[slot(platform)].notify_one();
     }
@@ -80,22 +178,22 @@ impl Wakeups {
     /// Forgets the emptiness hint of `platform` without waking anyone: this instance just made work
     /// claimable there, and its next poll must look even before the notification arrives.
     pub fn invalidate(&self, platform: Platform) {
-        self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
+        self.hint(platform, Hint::local_change);
     }
 
     /// Forgets every emptiness hint (after a reconnect, when notifications may have been lost).
     pub fn forget_hints(&self) {
         for platform in Platform::ALL {
-            self.generation[slot(platform)].fetch_add(1, Ordering::AcqRel);
+            self.hint(platform, Hint::dirty);
         }
     }
 
-    /// The current generations of `platforms`; take them before claiming.
+    /// The current ticks of `platforms`; take them before claiming.
     pub fn generations(&self, platforms: &[Platform]) -> Generations {
         Generations(
             platforms
                 .iter()
-                .map(|p| (*p, self.generation[slot(*p)].load(Ordering::Acquire)))
+                .map(|p| (*p, self.hint(*p, |hint| hint.tick).unwrap_or(0)))
                 .collect(),
         )
     }
@@ -103,20 +201,22 @@ impl Wakeups {
     /// Records that a claim which started at `seen` found every queue in it empty.
     pub fn mark_empty(&self, seen: &Generations) {
         let now = Instant::now();
-        if let Ok(mut empty) = self.empty.lock() {
-            for (platform, generation) in &seen.0 {
-                empty[slot(*platform)] = Some((*generation, now));
-            }
+        for (platform, started) in &seen.0 {
+            self.hint(*platform, |hint| hint.mark_empty(*started, now));
         }
+    }
+
+    /// Records that this instance claimed a build (a new attempt, not a re-delivery) of `platform`.
+    pub fn claimed(&self, platform: Platform, build_id: &str) {
+        self.hint(platform, |hint| hint.claimed(build_id));
     }
 
     /// Whether all `platforms` are known to have nothing claimable right now.
     pub fn known_empty(&self, platforms: &[Platform]) -> bool {
-        let Ok(empty) = self.empty.lock() else { return false };
-        !platforms.is_empty() && platforms.iter().all(|p| {
-            let current = self.generation[slot(*p)].load(Ordering::Acquire);
-            matches!(empty[slot(*p)], Some((generation, at)) if generation == current && at.elapsed() < EMPTY_HINT_TTL)
-        })
+        !platforms.is_empty()
+            && platforms
+                .iter()
+                .all(|p| self.hint(*p, |hint| hint.known_empty()).unwrap_or(false))
     }
 
     /// Pollers currently waiting for `platform`.
@@ -146,7 +246,8 @@ impl Wakeups {
         let (queue, build) = payload.split_once(':').unwrap_or((payload, ""));
         match Platform::parse(queue) {
             Some(platform) if build == ALL_BUILDS => self.wake_all(platform),
-            Some(platform) => self.wake(platform),
+            Some(platform) if build.is_empty() => self.wake(platform),
+            Some(platform) => self.announce(platform, build),
             None => {}
         }
     }
@@ -294,5 +395,49 @@ mod tests {
         wakeups.mark_empty(&wakeups.generations(&[Platform::Ios]));
         wakeups.wake_all(Platform::Ios);
         assert!(!wakeups.known_empty(&[Platform::Ios]), "wake_all forgets the hint");
+    }
+
+    #[test]
+    fn a_build_claimed_here_keeps_the_queue_known_empty() {
+        let wakeups = Wakeups::new();
+        wakeups.mark_empty(&wakeups.generations(&[Platform::Ios]));
+        assert!(wakeups.known_empty(&[Platform::Ios]));
+        // A local submit, then its notification: pending until claimed.
+        wakeups.invalidate(Platform::Ios);
+        assert!(!wakeups.known_empty(&[Platform::Ios]), "a local submit is pending");
+        wakeups.dispatch("ios:first");
+        assert!(!wakeups.known_empty(&[Platform::Ios]), "an announced build is pending");
+        wakeups.claimed(Platform::Ios, "first");
+        assert!(wakeups.known_empty(&[Platform::Ios]), "claimed here: empty again");
+        // Claimed before its notification arrived: the late notification announces nothing.
+        wakeups.claimed(Platform::Ios, "second");
+        wakeups.dispatch("ios:second");
+        assert!(wakeups.known_empty(&[Platform::Ios]));
+        // Two builds, one claim: not empty.
+        wakeups.dispatch("ios:third");
+        wakeups.dispatch("ios:fourth");
+        wakeups.claimed(Platform::Ios, "third");
+        assert!(!wakeups.known_empty(&[Platform::Ios]), "one build still announced");
+        assert!(!wakeups.known_empty(&[Platform::Android]), "never marked");
+        // A claim that started after the announcement and found nothing: it was taken elsewhere.
+        wakeups.mark_empty(&wakeups.generations(&[Platform::Ios]));
+        assert!(wakeups.known_empty(&[Platform::Ios]));
+        // A claim that started before an announcement does not clear it.
+        let before = wakeups.generations(&[Platform::Ios]);
+        wakeups.dispatch("ios:fifth");
+        wakeups.mark_empty(&before);
+        assert!(
+            !wakeups.known_empty(&[Platform::Ios]),
+            "announced after the claim started"
+        );
+        // A wake-up without a build id (the re-check found work) is not accounted for.
+        wakeups.claimed(Platform::Ios, "fifth");
+        assert!(wakeups.known_empty(&[Platform::Ios]));
+        let before = wakeups.generations(&[Platform::Ios]);
+        wakeups.wake(Platform::Ios);
+        wakeups.mark_empty(&before);
+        assert!(!wakeups.known_empty(&[Platform::Ios]), "dirty until a later claim");
+        wakeups.mark_empty(&wakeups.generations(&[Platform::Ios]));
+        assert!(wakeups.known_empty(&[Platform::Ios]));
     }
 }

@@ -142,13 +142,13 @@ async fn poll(
 ) -> ApiResult<Json<PollAnswer>> {
     let token_worker = token_worker.map(|Extension(TokenWorker(worker))| worker);
     let key = key_caller.map(|Extension(KeyCaller(who))| who);
-    let (worker, token) = poll_caller(&state, &headers, token_worker, key, query.worker_id.as_deref()).await?;
+    let (mut worker, token) = poll_caller(&state, &headers, token_worker, key, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
     if queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await? {
         state.workers.seen(&worker.id, now);
     }
-    let claim = claim_or_wait(&state, &worker, Duration::from_secs(wait as u64)).await?;
+    let claim = claim_or_wait(&state, &mut worker, Duration::from_secs(wait as u64)).await?;
     Ok(Json(PollAnswer {
         job: claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)),
         access_token: token,
@@ -157,7 +157,7 @@ async fn poll(
 
 /// Claims for the worker; with `wait`, holds the request until its queue gets work (woken by NOTIFY),
 /// the time passes, or the server shuts down. No database connection is held while waiting.
-async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> ApiResult<Option<queue::Claim>> {
+async fn claim_or_wait(state: &AppState, worker: &mut Worker, wait: Duration) -> ApiResult<Option<queue::Claim>> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut shutdown = state.shutdown.clone();
     loop {
@@ -178,8 +178,10 @@ async fn claim_or_wait(state: &AppState, worker: &Worker, wait: Duration) -> Api
     }
 }
 
-/// Claims, except that an idle worker polling queues known to be empty is answered without a query.
-async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResult<Option<queue::Claim>> {
+/// Claims, except that an idle worker polling queues known to be empty is answered without a query (a
+/// long poll then waits at once: the notification of the next build wakes a subscribed poller, which
+/// claims).
+async fn claim_unless_known_empty(state: &AppState, worker: &mut Worker) -> ApiResult<Option<queue::Claim>> {
     let platforms = worker.platforms();
     // Only an idle worker (it may not hold an attempt to re-deliver) that accepts work uses the hint.
     let hint_applies = worker.status == "idle" && worker.accepts_work();
@@ -187,7 +189,8 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
         return Ok(None);
     }
     let seen = state.wakeups.generations(&platforms);
-    let claim = queue::claim(&state.claim_pool, worker, &state.config.queue, Utc::now()).await?;
+    let now = Utc::now();
+    let claim = queue::claim(&state.claim_pool, worker, &state.config.queue, now).await?;
     match &claim {
         // Nothing for this worker; the queues are empty for everyone unless a build is only held back
         // from this worker by the requeue cool-off (R51).
@@ -197,8 +200,41 @@ async fn claim_unless_known_empty(state: &AppState, worker: &Worker) -> ApiResul
                 state.wakeups.mark_empty(&seen);
             }
         }
-        // The worker's status changed (it is busy now): refresh its cached copy.
-        Some(_) => state.workers.forget(&worker.id),
+        // The worker is busy now: its cached copies say so (and the emptiness hint counts the build).
+        Some(claim) => {
+            if !claim.redelivered {
+                state.wakeups.claimed(claim.build.platform(), &claim.build.id);
+            }
+            state
+                .workers
+                .claimed(&worker.id, &claim.build.id, (!claim.redelivered).then_some(now));
+            if claim.worker_status == "offline" && !worker.is_out() {
+                // Marked offline while it was building, after its copy was cached: this poll brings
+                // it back, as a poll with a fresh copy would have.
+                let mut marked = worker.clone();
+                marked.status = claim.worker_status.clone();
+                if queue::touch_worker(&state.pool, &marked, &state.config.queue, now).await? {
+                    state.workers.seen(&worker.id, now);
+                }
+            }
+        }
+        // The copy said busy, yet the worker holds nothing: its attempt ended without this instance
+        // seeing it (a lease rescue, a cancel, an offline sweep meanwhile). Look it up again, and bring
+        // it back online if it was marked offline, as a poll with a fresh copy would have.
+        None if worker.status == "busy" => {
+            state.workers.forget(&worker.id);
+            if let Some(mut fresh) = auth::worker_by_id(state, &worker.id).await? {
+                let now = Utc::now();
+                if queue::touch_worker(&state.pool, &fresh, &state.config.queue, now).await? {
+                    state.workers.seen(&fresh.id, now);
+                    fresh.last_seen_at = now;
+                    if fresh.status == "offline" {
+                        fresh.status = "idle".into();
+                    }
+                }
+                *worker = fresh;
+            }
+        }
         None => {}
     }
     Ok(claim)
@@ -378,9 +414,12 @@ async fn finish_report(
     match (outcome, staged) {
         (Ok(Report::Complete { build_id, caller }), Some(staged)) => {
             match results::complete_with(state, &build_id, &caller, staged).await {
-                Ok(()) => Ok(Json(ReportStatus {
-                    status: "success".into(),
-                })),
+                Ok(()) => {
+                    state.workers.finished(&caller.worker_id, &build_id);
+                    Ok(Json(ReportStatus {
+                        status: "success".into(),
+                    }))
+                }
                 Err(results::CompleteError::Queue(e)) => Err(explain(state, &caller.worker_id, e).await),
                 Err(results::CompleteError::Api(e)) => Err(e),
             }
@@ -446,9 +485,13 @@ async fn apply_report(state: &AppState, headers: &HeaderMap, form: &UploadForm, 
         )
         .await;
         return match outcome {
-            Ok(_) => Ok(Report::Answered(ReportStatus {
-                status: "failed".into(),
-            })),
+            Ok(_) => {
+                // A failure may quarantine the worker: its next poll looks it up again.
+                state.workers.forget(&caller.worker_id);
+                Ok(Report::Answered(ReportStatus {
+                    status: "failed".into(),
+                }))
+            }
             Err(e) => Err(explain(state, &caller.worker_id, e).await),
         };
     }
