@@ -319,6 +319,7 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mu
         };
         wakeups.forget_hints();
         events.wake();
+        events.webhooks.wake();
         recheck(&pool, &wakeups).await;
         loop {
             tokio::select! {
@@ -329,6 +330,7 @@ pub async fn listen(pool: PgPool, wakeups: Arc<Wakeups>, events: Arc<Events>, mu
                     // The connection dropped; notifications may have been lost meanwhile.
                     Ok(None) => {
                         events.wake();
+                        events.webhooks.wake();
                         wakeups.forget_hints();
                         recheck(&pool, &wakeups).await;
                     }

@@ -182,7 +182,9 @@ impl Deliverer {
                         }
                     }
                     Err(error) => {
+                        // Looked at again at `look_at` (RECHECK from now), not only at the next wake-up.
                         backlog = false;
+                        due = false;
                         tracing::warn!(%error, "claiming webhook deliveries failed");
                     }
                 }

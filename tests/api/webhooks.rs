@@ -1010,3 +1010,36 @@ async fn a_deleted_subscriptions_deliveries_go_and_the_prune_takes_orphans() {
         "the prune took the orphan and kept the live subscription's pending deliveries"
     );
 }
+
+/// A claim of deliveries that fails (here: its table briefly lacks the column it orders by) is tried
+/// again at the periodic look, without a new event to wake the deliverer: the delivery of the one build
+/// arrives once the table is whole again, although nothing else happens meanwhile.
+#[tokio::test]
+async fn deliveries_resume_after_a_failed_claim_without_a_new_event() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+    sqlx::query("ALTER TABLE webhook_deliveries RENAME COLUMN run_at TO run_at_hidden")
+        .execute(&app.pool)
+        .await
+        .expect("hide run_at");
+    let build = app.submit("ios", b"PK\x03\x04 source").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The fan-out's row exists (it sets no run_at), and the woken claim fails meanwhile.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE build_id = $1")
+        .bind(&build)
+        .fetch_one(&app.pool)
+        .await
+        .expect("deliveries");
+    assert_eq!(rows, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(receiver.hits().is_empty(), "delivered although the claim cannot run");
+    sqlx::query("ALTER TABLE webhook_deliveries RENAME COLUMN run_at_hidden TO run_at")
+        .execute(&app.pool)
+        .await
+        .expect("restore run_at");
+    let hits = receiver.wait_until(10, |h| !h.is_empty()).await;
+    assert_eq!(hits[0].json()["build_id"], build.as_str());
+}
