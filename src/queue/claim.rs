@@ -212,8 +212,9 @@ async fn claim_once(
 }
 
 /// Whether a queued build is held back from this worker by the requeue cool-off (R51), because it
-/// should be retried elsewhere, or because it has requirements (which this worker may not satisfy):
-/// then an empty claim does not mean its queues are empty for everyone.
+/// should be retried elsewhere, because it has requirements (which this worker may not satisfy), or
+/// because its submitter is at its max running (a slot frees without a notification): then an empty
+/// claim does not mean its queues are empty for everyone.
 pub async fn held_back_by_requeue(
     pool: &PgPool,
     worker_id: &str,
@@ -227,7 +228,11 @@ pub async fn held_back_by_requeue(
               AND a.finished_at > $2 - (CASE WHEN a.outcome = 'requeued' THEN $3 ELSE $4 END)::bigint * interval '1 second'
               AND b.state IN ('pending', 'scheduled', 'retryable'))
          OR EXISTS (SELECT 1 FROM builds b WHERE b.state IN ('pending', 'scheduled', 'retryable')
-              AND b.requirement_match IS NOT NULL)",
+              AND b.requirement_match IS NOT NULL)
+         -- a submitter with a max running quota and queued builds: one of its builds ending frees a slot
+         -- without a notification, so the queue is not empty for the next poll
+         OR EXISTS (SELECT 1 FROM submitter_shares s JOIN api_keys k ON k.id = s.submitter
+              WHERE s.queued > 0 AND k.max_running > 0)",
     )
     .bind(worker_id)
     .bind(now)

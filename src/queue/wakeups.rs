@@ -17,7 +17,7 @@
 //! re-check meanwhile. A build is never lost to the hint: it only decides whether a poll looks before
 //! waiting, and every notification still wakes one subscribed poller (subscribed before it looked).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -49,6 +49,12 @@ pub const EMPTY_HINT_TTL: Duration = Duration::from_secs(1);
 /// at most; past it the hint gives up until the next empty claim.
 const TRACKED: usize = 10_000;
 
+/// How long a build claimed here before its notification arrived waits for that notification. A
+/// notification comes milliseconds after its commit; an older entry is stale (the build was claimed
+/// before a notification it never got, e.g. promoted from `scheduled`), and a later notification of
+/// the same id (a requeue) announces it again rather than being taken for the old one.
+const CLAIMED_EARLY_WINDOW: Duration = Duration::from_secs(1);
+
 /// Per-queue wake-ups for the long polls of this instance, and the emptiness hints.
 #[derive(Debug, Default)]
 pub struct Wakeups {
@@ -68,8 +74,8 @@ struct Hint {
     dirty: u64,
     /// Builds notified since and not claimed on this instance, with the tick of their notification.
     announced: HashMap<String, u64>,
-    /// Builds claimed on this instance before their notification arrived.
-    claimed_early: HashSet<String>,
+    /// Builds claimed on this instance before their notification arrived, with when.
+    claimed_early: HashMap<String, Instant>,
     /// Ticks of local changes whose notification has not come back yet.
     local: VecDeque<u64>,
 }
@@ -88,7 +94,11 @@ impl Hint {
     fn announce(&mut self, build_id: &str) {
         let tick = self.bump();
         self.local.pop_front();
-        if !self.claimed_early.remove(build_id) {
+        let covered = self
+            .claimed_early
+            .remove(build_id)
+            .is_some_and(|at| at.elapsed() < CLAIMED_EARLY_WINDOW);
+        if !covered {
             if self.announced.len() >= TRACKED {
                 self.announced.clear();
                 self.dirty();
@@ -100,9 +110,12 @@ impl Hint {
     fn claimed(&mut self, build_id: &str) {
         if self.announced.remove(build_id).is_none() {
             if self.claimed_early.len() >= TRACKED {
-                self.claimed_early.clear();
+                self.claimed_early.retain(|_, at| at.elapsed() < CLAIMED_EARLY_WINDOW);
+                if self.claimed_early.len() >= TRACKED {
+                    self.claimed_early.clear();
+                }
             }
-            self.claimed_early.insert(build_id.to_string());
+            self.claimed_early.insert(build_id.to_string(), Instant::now());
         }
     }
 
@@ -123,6 +136,7 @@ impl Hint {
         }
         self.announced.retain(|_, tick| *tick > started);
         self.local.retain(|tick| *tick > started);
+        self.claimed_early.retain(|_, at| at.elapsed() < CLAIMED_EARLY_WINDOW);
     }
 
     fn known_empty(&self) -> bool {
@@ -397,6 +411,19 @@ mod tests {
         wakeups.mark_empty(&wakeups.generations(&[Platform::Ios]));
         wakeups.wake_all(Platform::Ios);
         assert!(!wakeups.known_empty(&[Platform::Ios]), "wake_all forgets the hint");
+    }
+
+    #[test]
+    fn a_stale_early_claim_does_not_swallow_a_later_announcement() {
+        let wakeups = Wakeups::new();
+        // Claimed here without a notification of its own (e.g. promoted from scheduled) …
+        wakeups.claimed(Platform::Ios, "x");
+        std::thread::sleep(CLAIMED_EARLY_WINDOW + Duration::from_millis(50));
+        wakeups.mark_empty(&wakeups.generations(&[Platform::Ios]));
+        assert!(wakeups.known_empty(&[Platform::Ios]));
+        // … then requeued: its notification announces it again.
+        wakeups.dispatch("ios:x");
+        assert!(!wakeups.known_empty(&[Platform::Ios]), "the requeued build is pending");
     }
 
     #[test]
