@@ -159,6 +159,7 @@ fn chrome<'a>(title: &'a str, nav: &'a str, session: &'a Session, params: &'a Ha
         role: session.role.as_str(),
         notice: param(params, "notice"),
         error: param(params, "error"),
+        events_at: session.events_at,
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Chrome<'a> {
     pub role: &'a str,
     pub notice: Option<&'a str>,
     pub error: Option<&'a str>,
+    /// Where the page's live stream resumes (the newest event delivered before the page was read).
+    pub events_at: i64,
 }
 
 fn head(title: &str) -> Markup {
@@ -41,6 +43,15 @@ fn head(title: &str) -> Markup {
 }
 
 /// A full page.
+/// The page's event stream, resuming after `events_at` (every change the page may lack is replayed).
+fn events_url(events_at: i64) -> String {
+    if events_at >= 0 {
+        format!("/dashboard/events?last_event_id={events_at}")
+    } else {
+        "/dashboard/events".to_string()
+    }
+}
+
 pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
     let nav = [
         ("overview", "/dashboard", "Overview"),
@@ -55,7 +66,7 @@ pub fn layout(chrome: &Chrome<'_>, content: Markup) -> Markup {
         (DOCTYPE)
         html lang="en" {
             (head(chrome.title))
-            body data-events="/dashboard/events" {
+            body data-events=(events_url(chrome.events_at)) {
                 header.top {
                     a.brand href="/dashboard" { span.logo aria-hidden="true" { "◆" } " Free Agent" }
                     nav aria-label="Main" {

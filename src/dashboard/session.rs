@@ -40,6 +40,10 @@ pub struct Session {
     /// The client's address and user agent on this request, for audit rows.
     pub ip: Option<IpAddr>,
     pub user_agent: Option<String>,
+    /// The newest event this instance had delivered when the request arrived, before the page read
+    /// anything: the page's live stream resumes after it, so a change committed before the page was
+    /// read but delivered (and so dropped from the read cache) only after is still followed.
+    pub events_at: i64,
 }
 
 /// A live session's row: its CSRF token, and who signed in with which role.
@@ -68,6 +72,7 @@ impl Session {
             key_id: row.key_id.clone(),
             ip: None,
             user_agent: None,
+            events_at: -1,
         }
     }
 
@@ -361,6 +366,7 @@ impl FromRequestParts<AppState> for Session {
                 .get(header::ACCEPT)
                 .is_none_or(|v| v.to_str().is_ok_and(|v| v.contains("text/html") || v.contains("*/*")))
             && !parts.uri.path().ends_with("/events");
+        let events_at = state.events.delivered();
         let found = match parts.extensions.get::<Arc<ReadCache>>() {
             Some(cache) => from_headers_cached(&state.pool, cache, &parts.headers).await,
             None => from_headers(&state.pool, &parts.headers).await,
@@ -370,6 +376,7 @@ impl FromRequestParts<AppState> for Session {
                 let (ip, user_agent) = crate::api::auth::client_of(parts);
                 session.ip = ip;
                 session.user_agent = user_agent.map(crate::audit::clip);
+                session.events_at = events_at;
                 Ok(session)
             }
             Ok(None) => Err(SignInRequired {

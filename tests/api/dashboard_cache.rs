@@ -249,3 +249,80 @@ async fn open_dashboards_share_reads_and_still_show_changes() {
         "the new build shows once its event is delivered"
     );
 }
+
+/// A page read from the cache before the pump delivered a change committed earlier still follows that
+/// change: the page's event stream resumes after the newest event delivered before the page was read,
+/// so the change's event reaches it even when the stream opens after the delivery (the page would
+/// otherwise stay without the change until some later event).
+#[tokio::test]
+async fn a_page_read_before_a_change_was_delivered_still_hears_it() {
+    let app = TestApp::spawn_with(|c| c.dashboard.dashboard_cache_ms = 60_000).await;
+    let client = no_redirects();
+    let cookie = sign_in(&app, &client).await;
+    let first = app.submit("ios", b"PK\x03\x04 first").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !get(&app, &client, &cookie, "/dashboard/builds").await.contains(&first) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the first build is shown once its event is delivered");
+
+    // An uncommitted event holds the pump back: the next build is committed but not yet delivered.
+    let mut gap = app.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO events (kind) VALUES ('test.gap')")
+        .execute(&mut *gap)
+        .await
+        .unwrap();
+    // What committed before the gap is delivered; then the cache holds the page as of now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(get(&app, &client, &cookie, "/dashboard/builds").await.contains(&first));
+    let second = app.submit("ios", b"PK\x03\x04 second").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let page = client
+        .get(app.url("/dashboard/builds"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&first) && !page.contains(&second),
+        "the page is the cached read"
+    );
+    let at = page.find("data-events=\"").expect("the page names its stream") + "data-events=\"".len();
+    let stream_path = page[at..].split('"').next().unwrap().replace("&amp;", "&");
+
+    // Delivered now; the page's stream opens only afterwards, and still hears the second build.
+    gap.rollback().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !get(&app, &client, &cookie, "/dashboard/builds").await.contains(&second) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the second build's event is delivered");
+    let mut stream = client
+        .get(app.url(&stream_path))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200, "{stream_path}");
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !(seen.contains("event: build.submitted") && seen.contains(&second)) {
+            let chunk = stream.chunk().await.unwrap().expect("the stream stays open");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the page's stream ({stream_path}) never carried the second build: {seen}"));
+}
