@@ -82,10 +82,8 @@ pub async fn stream_held(
 /// [`stream_direct`] to a result `key` recorded as a pending write just before (e.g. by
 /// [`queue::record_held_write`] together with the hold check). The sweep's age cut-off counts from the
 /// end of a write, so the key is kept young while the file streams (a slow upload longer than
-/// `CONTROLLER_STAGING_MAX_AGE_SECS` is not doomed under it) and once more when it is complete — unless
-/// the write took less than [`refresh_after`]: then the key is still young from its recording, and the
-/// statement that links it follows at once (it refuses a doomed key in any case, so this only saves a
-/// round trip per result, never a guarantee).
+/// `CONTROLLER_STAGING_MAX_AGE_SECS` is not doomed under it) and once more when it is complete, if the
+/// write was slow ([`queue::refresh_slow_writes`]).
 pub async fn stream_to(state: &AppState, key: Key, field: Field<'_>) -> ApiResult<StagedResult> {
     let started = std::time::Instant::now();
     let keeper = keep_young(state, &key);
@@ -94,12 +92,12 @@ pub async fn stream_to(state: &AppState, key: Key, field: Field<'_>) -> ApiResul
         .write_stream(&key, field, state.config.max_result_bytes)
         .await;
     keeper.abort();
-    let slow = started.elapsed() >= refresh_after(state.config.jobs.staging_max_age_secs);
+    let max_age = state.config.jobs.staging_max_age_secs;
     let refreshed = match &written {
-        Ok(_) if slow => queue::refresh_writes(&state.pool, &[key.as_str()])
+        Ok(_) => queue::refresh_slow_writes(&state.pool, &[key.as_str()], started, max_age)
             .await
             .map_err(ApiError::from),
-        _ => Ok(()),
+        Err(_) => Ok(()),
     };
     match (written, refreshed) {
         (Ok(stored), Ok(())) => Ok(StagedResult {
@@ -116,13 +114,6 @@ pub async fn stream_to(state: &AppState, key: Key, field: Field<'_>) -> ApiResul
             Err(too_large(e))
         }
     }
-}
-
-/// How long a write may take before its pending key is made young again at its end: a quarter of the
-/// staging cut-off (at least 15 s, as the cut-off is at least 60 s), leaving three quarters of it for
-/// the linking statement.
-pub fn refresh_after(staging_max_age_secs: u64) -> std::time::Duration {
-    std::time::Duration::from_secs(staging_max_age_secs / 4)
 }
 
 /// Refreshes `key`'s pending-write age every half staging cut-off while its write runs.

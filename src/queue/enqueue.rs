@@ -167,8 +167,8 @@ async fn insert(
     const SQL: &str = concat!(
         "WITH claimed AS (
             -- the objects' pending keys, locked: a sweep that doomed one first makes this insert refuse. The
-            -- claim is the end of the pending period (the keys are deleted below): the submit makes them
-            -- young again in no statement of its own (the sweep can only doom them before this lock)
+            -- claim is the end of the pending period (the keys are deleted below); the submit made them young
+            -- again before only if its stream was slow (queue::refresh_slow_writes)
             SELECT key FROM pending_writes WHERE $16 AND key IN ($9, $11) AND NOT doomed FOR UPDATE
          ), inserted AS (
             INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,

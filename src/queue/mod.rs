@@ -66,7 +66,8 @@ pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_
 pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use pending::{
-    doom_forgotten_write, doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes, refresh_writes,
+    doom_forgotten_write, doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes,
+    refresh_slow_writes, refresh_writes,
 };
 pub use quota::submitter_queue_full;
 pub use requirements::{Requirements, unmatched};

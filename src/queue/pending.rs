@@ -36,6 +36,22 @@ pub async fn refresh_writes(pool: &PgPool, keys: &[&str]) -> QueueResult<()> {
     Ok(())
 }
 
+/// [`refresh_writes`] for keys recorded at `recorded`, once their writes have ended, only when the writes
+/// took a quarter of the staging cut-off or more: a faster write's keys are still young from their
+/// recording, and the statement that links them follows at once (it refuses a doomed key in any case,
+/// so skipping the refresh saves a round trip, never a guarantee).
+pub async fn refresh_slow_writes(
+    pool: &PgPool,
+    keys: &[&str],
+    recorded: std::time::Instant,
+    staging_max_age_secs: u64,
+) -> QueueResult<()> {
+    if recorded.elapsed() < std::time::Duration::from_secs(staging_max_age_secs / 4) {
+        return Ok(());
+    }
+    refresh_writes(pool, keys).await
+}
+
 /// Names `key` again as a doomed pending write after its writer's delete failed following a definite
 /// refusal (the sweep may already have forgotten it): `sweep_unlinked` then retries the delete.
 pub async fn doom_forgotten_write(pool: &PgPool, key: &str) -> QueueResult<()> {

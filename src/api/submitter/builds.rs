@@ -420,15 +420,12 @@ async fn create_build(
         access_token_hash: ids::hash_secret(new.access_token),
         original_build_id: None,
     };
-    // The insert claims the pending keys under a row lock (or refuses if a sweep doomed one first). The
-    // sweep's age counts from the end of a write, so a slow source stream (a quarter of the staging
-    // cut-off or more) makes its keys young again first; a fast one is still young from its recording,
-    // and this saves the statement.
-    if new.recorded.elapsed() >= crate::api::results::refresh_after(state.config.jobs.staging_max_age_secs) {
-        let mut written = vec![new.source_key.as_str()];
-        written.extend(row.certs_key.as_deref());
-        queue::refresh_writes(&state.pool, &written).await?;
-    }
+    // The sweep's age counts from the end of a write: a slow source stream makes its keys young again
+    // before the insert claims them.
+    let mut written = vec![new.source_key.as_str()];
+    written.extend(row.certs_key.as_deref());
+    let max_age = state.config.jobs.staging_max_age_secs;
+    queue::refresh_slow_writes(&state.pool, &written, new.recorded, max_age).await?;
     if let Some(replay) = claim_idempotency_key(state, &new, &row).await? {
         return Ok(Created::Replayed(replay));
     }
