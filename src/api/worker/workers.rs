@@ -145,9 +145,7 @@ async fn poll(
     let (mut worker, token) = poll_caller(&state, &headers, token_worker, key, query.worker_id.as_deref()).await?;
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
-    if queue::touch_worker(&state.pool, &worker, &state.config.queue, now).await? {
-        state.workers.seen(&worker.id, now);
-    }
+    touch(&state, &worker, now).await?;
     let claim = claim_or_wait(&state, &mut worker, Duration::from_secs(wait as u64)).await?;
     Ok(Json(PollAnswer {
         job: claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)),
@@ -176,6 +174,16 @@ async fn claim_or_wait(state: &AppState, worker: &mut Worker, wait: Duration) ->
             _ = shutdown.changed() => return Ok(None),
         }
     }
+}
+
+/// Records the worker's contact (debounced; an offline worker comes back) and, when it was written,
+/// tells the cached copies.
+async fn touch(state: &AppState, worker: &Worker, now: chrono::DateTime<Utc>) -> ApiResult<bool> {
+    let written = queue::touch_worker(&state.pool, worker, &state.config.queue, now).await?;
+    if written {
+        state.workers.seen(&worker.id, now);
+    }
+    Ok(written)
 }
 
 /// Claims, except that an idle worker polling queues known to be empty is answered without a query (a
@@ -213,9 +221,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &mut Worker) -> ApiR
                 // it back, as a poll with a fresh copy would have.
                 let mut marked = worker.clone();
                 marked.status = claim.worker_status.clone();
-                if queue::touch_worker(&state.pool, &marked, &state.config.queue, now).await? {
-                    state.workers.seen(&worker.id, now);
-                }
+                touch(state, &marked, now).await?;
             }
         }
         // The copy said busy, yet the worker holds nothing: its attempt ended without this instance
@@ -225,8 +231,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &mut Worker) -> ApiR
             state.workers.forget(&worker.id);
             if let Some(mut fresh) = auth::worker_by_id(state, &worker.id).await? {
                 let now = Utc::now();
-                if queue::touch_worker(&state.pool, &fresh, &state.config.queue, now).await? {
-                    state.workers.seen(&fresh.id, now);
+                if touch(state, &fresh, now).await? {
                     fresh.last_seen_at = now;
                     if fresh.status == "offline" {
                         fresh.status = "idle".into();
