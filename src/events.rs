@@ -43,11 +43,8 @@ pub const EVENTS_CHANNEL: &str = "expo_events";
 
 /// Rows read per query.
 const READ_BATCH: i64 = 512;
-/// Re-read interval while a gap is open (its transactions are still running). As long as
-/// [`COALESCE`]: under load a gap is open at most reads (ids are drawn before their commits), and a
-/// shorter re-read made the pump read (and look at `pg_locks`) about twice as often as the coalescing
-/// allows, about one read per build of the full cycle.
-const GAP_RECHECK: Duration = COALESCE;
+/// Re-read interval while a gap is open (its transactions are still running).
+const GAP_RECHECK: Duration = Duration::from_millis(5);
 /// Read interval without notifications (covers notifications lost while the LISTEN loop reconnects).
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// After a notification, how long the pump lets further commits arrive before it reads: under load
