@@ -286,8 +286,7 @@ async fn measure(
     for n in 0..runs {
         if let Some((other_shared, tokens)) = &other {
             // The idle controller is stopped while the other one is measured: its event pump and LISTEN
-            // loop would otherwise read the outbox on the measured one's notifications (the reference's
-            // pump, coalescing 4 ms, read ~0.8 times per build of this build's runs), and its reads
+            // loop would otherwise read the outbox on the measured one's notifications, and those reads
             // would count as the measured controller's transactions, statements and PostgreSQL CPU.
             let _paused = Paused::stop(shared.1.pid());
             let run = cycles(other_shared, env, tokens, &ledger, Duration::from_secs(secs)).await?;
