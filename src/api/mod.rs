@@ -101,10 +101,17 @@ impl AppState {
     /// its queue stop trusting their emptiness hint; a requeue also forgets the cached workers (the
     /// worker it came from may be draining now).
     pub fn build_changed(&self, build: &crate::queue::Build, requeued: bool) {
+        self.attempt_changed(&build.id);
         if requeued {
             self.workers.clear();
         }
         self.wakeups.invalidate(build.platform());
+    }
+
+    /// After a build's attempt may have ended or changed here (a cancel, an abandon, a delete): its
+    /// holder's downloads read the row again instead of the row its claim kept.
+    pub fn attempt_changed(&self, build_id: &str) {
+        self.workers.build_changed(build_id);
     }
 
     /// After a worker's admin state changed: polls authenticate from the database again.

@@ -7,14 +7,21 @@
 //! they changed into its cached copies (busy with that build; idle again once that same build completed),
 //! so the worker's next poll still needs no look-up. A copy only goes back to idle for the build it
 //! was marked busy with, so a late completion cannot hide a newer claim.
+//!
+//! A claim on this instance also keeps the claimed row ([`WorkerCache::handed`]) for [`TTL`]: the
+//! holder's downloads right after its claim (source, certs) are checked against it instead of reading
+//! the row again. It is dropped when the attempt ends here (completion, failure, abandon), when an
+//! operator or submitter changes the build here, and with the worker's other copies; a change made by
+//! another instance is seen within the TTL. A worker this instance did not hand the build to (or not
+//! within the TTL) is checked against the database as before.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use crate::queue::Worker;
+use crate::queue::{Build, Worker};
 
 /// How long a cached lookup is trusted.
 pub const TTL: Duration = Duration::from_secs(2);
@@ -35,9 +42,18 @@ struct Entry {
     holding: Option<String>,
 }
 
+/// A build this instance handed a worker: its row as the claim returned it.
+#[derive(Debug)]
+struct Handed {
+    at: Instant,
+    build: Arc<Build>,
+}
+
 #[derive(Debug, Default)]
 pub struct WorkerCache {
     entries: Mutex<HashMap<Key, Entry>>,
+    /// By worker id: the build this instance last handed it, until that attempt ends here.
+    handed: Mutex<HashMap<String, Handed>>,
 }
 
 impl WorkerCache {
@@ -100,22 +116,51 @@ impl WorkerCache {
         });
     }
 
-    /// Records a claim (or re-delivery) of `build_id` in the cached copies: the worker is busy with it;
-    /// a new claim (`seen`: its time) also wrote the worker's `last_seen_at`.
-    pub fn claimed(&self, worker_id: &str, build_id: &str, seen: Option<DateTime<Utc>>) {
+    /// Records a claim (or re-delivery) of `build` in the cached copies: the worker is busy with it;
+    /// a new claim (`seen`: its time) also wrote the worker's `last_seen_at`. The claimed row is kept
+    /// as the build handed to the worker ([`Self::handed`]).
+    pub fn claimed(&self, worker_id: &str, build: &Build, seen: Option<DateTime<Utc>>) {
         self.update(worker_id, |entry| {
             entry.worker.status = "busy".into();
             if let Some(at) = seen {
                 entry.worker.last_seen_at = at;
             }
-            entry.holding = Some(build_id.to_string());
+            entry.holding = Some(build.id.clone());
         });
+        if let Ok(mut handed) = self.handed.lock() {
+            if handed.len() >= CAPACITY {
+                handed.clear();
+            }
+            let entry = Handed {
+                at: Instant::now(),
+                build: Arc::new(build.clone()),
+            };
+            handed.insert(worker_id.to_string(), entry);
+        }
+    }
+
+    /// The row of `build_id` as this instance handed it to `worker_id` less than [`TTL`] ago, unless
+    /// that attempt ended here or the build was changed here since.
+    pub fn handed(&self, worker_id: &str, build_id: &str) -> Option<Arc<Build>> {
+        let handed = self.handed.lock().ok()?;
+        handed
+            .get(worker_id)
+            .filter(|h| h.build.id == build_id && h.at.elapsed() < TTL)
+            .map(|h| h.build.clone())
+    }
+
+    /// Forgets that `build_id` was handed to anyone (its attempt ended, or the build changed).
+    pub fn build_changed(&self, build_id: &str) {
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.retain(|_, h| h.build.id != build_id);
+        }
     }
 
     /// Records that the worker completed its attempt on `build_id`: the completion turned the busy
     /// worker idle. Copies marked busy for another build (or looked up
     /// meanwhile) are left as they are.
     pub fn finished(&self, worker_id: &str, build_id: &str) {
+        self.build_changed(build_id);
         self.update(worker_id, |entry| {
             if entry.holding.as_deref() == Some(build_id) {
                 if entry.worker.status == "busy" {
@@ -132,12 +177,18 @@ impl WorkerCache {
         if let Ok(mut entries) = self.entries.lock() {
             entries.retain(|_, entry| entry.worker.id != worker_id);
         }
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.remove(worker_id);
+        }
     }
 
     /// Drops everything (a worker's credentials or state changed).
     pub fn clear(&self) {
         if let Ok(mut entries) = self.entries.lock() {
             entries.clear();
+        }
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.clear();
         }
     }
 }

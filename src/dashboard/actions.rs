@@ -142,6 +142,7 @@ async fn apply_to_build(
     match action {
         "cancel" => {
             operations::cancel_build(&state.pool, id, &actor).await?;
+            state.attempt_changed(id);
             Ok(format!("Build {short} cancelled"))
         }
         "retry" => {

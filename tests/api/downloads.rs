@@ -63,3 +63,72 @@ async fn large_downloads_and_ranges_across_chunks_are_exact() {
     assert_eq!(beyond.status(), 416);
     assert_eq!(beyond.headers()["content-range"], format!("bytes */{len}").as_str());
 }
+
+/// A holder's source download right after its claim is checked against the row the claim kept on this
+/// instance (no read of the build); a build cancelled (by its submitter or an operator) or given back
+/// on this instance meanwhile is refused at once, as when the row was read, and a worker that does not
+/// hold the build is refused too.
+#[tokio::test]
+async fn a_download_right_after_a_claim_follows_a_cancel_or_an_abandon() {
+    let app = TestApp::spawn().await;
+    let (worker_id, token) = app.register("w", &["ios"]).await;
+    let (_, stranger) = app.register("other", &["ios"]).await;
+    let (app, worker_id, token, stranger) = (&app, &worker_id, &token, &stranger);
+    let source = move |id: &str, token: &str| {
+        app.client
+            .get(app.url(&format!("/api/builds/{id}/source")))
+            .header("X-Worker-Token", token)
+            .send()
+    };
+    let claim = move |body: &'static [u8]| async move {
+        let id = app.submit("ios", body).await["id"].as_str().unwrap().to_string();
+        assert_eq!(app.poll(worker_id).await["job"]["id"], id.as_str());
+        let r = source(&id, token).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), body);
+        assert_eq!(source(&id, stranger).await.unwrap().status(), 403, "not its build");
+        id
+    };
+
+    let by_submitter = claim(b"first").await;
+    let r = app
+        .client
+        .post(app.url(&format!("/api/builds/{by_submitter}/cancel")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        source(&by_submitter, token).await.unwrap().status(),
+        403,
+        "cancelled by its submitter"
+    );
+
+    let by_operator = claim(b"second").await;
+    let r = app
+        .client
+        .post(app.url(&format!("/api/v2/builds/{by_operator}/cancel")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        source(&by_operator, token).await.unwrap().status(),
+        403,
+        "cancelled by an operator"
+    );
+
+    let abandoned = claim(b"third").await;
+    let r = app
+        .client
+        .post(app.url("/api/workers/abandon"))
+        .header("X-Worker-Token", token)
+        .json(&serde_json::json!({ "build_id": abandoned, "reason": "disk full" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(source(&abandoned, token).await.unwrap().status(), 403, "given back");
+}

@@ -116,6 +116,7 @@ async fn attempts(
     (status = 409, description = "`Build already finished`", body = CodedError)))]
 async fn cancel(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor) -> ApiResult<Json<Value>> {
     let build = operations::cancel_build(&state.pool, &id, &actor).await?;
+    state.attempt_changed(&id);
     Ok(Json(build))
 }
 
@@ -184,6 +185,7 @@ async fn delete(State(state): State<AppState>, IdPath(id): IdPath, actor: Actor)
         .await?
         .map_err(conflict)?;
     let keys = operator::delete_finished(&state.pool, &id, &actor).await?;
+    state.attempt_changed(&id);
     // Objects the store does not delete now stay queued for the `storage_deletions` job.
     crate::jobs::delete_objects(&state.pool, &state.storage, &keys).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -553,6 +553,7 @@ async fn cancel(
 ) -> ApiResult<Json<Cancelled>> {
     let id = build.id;
     let outcome = queue::cancel(&state.pool, &id, Utc::now(), &actor).await?;
+    state.attempt_changed(&id);
     if let Some(worker) = &outcome.interrupted_worker {
         tracing::info!(build_id = %id, worker_id = %worker, "held build cancelled; worker told at its next call");
     }

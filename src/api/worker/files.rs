@@ -1,5 +1,7 @@
 //! What the worker holding a build downloads: the source (B8) and the certificates (B9, B10).
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -46,6 +48,16 @@ pub(crate) async fn held_build(state: &AppState, id: &str, caller: &BuildCaller)
     }
 }
 
+/// [`held_build`] for what does not change while the attempt runs (its source and certs keys): a build
+/// this instance handed the caller's worker moments ago is checked against the claimed row it keeps
+/// ([`crate::api::worker_cache::WorkerCache::handed`]), without a read; anyone else against the database.
+async fn handed_build(state: &AppState, id: &str, caller: &BuildCaller) -> ApiResult<Arc<Build>> {
+    if let Some(build) = state.workers.handed(&caller.worker_id, id).filter(|b| caller.holds(b)) {
+        return Ok(build);
+    }
+    held_build(state, id, caller).await.map(Arc::new)
+}
+
 /// B8: the source archive, only for the holder of the current attempt.
 #[utoipa::path(get, path = "/api/builds/{id}/source", params(("id" = String, Path, description = "Build id"), ("worker_id" = Option<String>, Query, description = "With the admin key: the worker holding the build (or header `X-Worker-Id`)")), responses(
     (status = 200, description = "The source as uploaded (`<id>.zip`)", content_type = "application/zip", body = Vec<u8>),
@@ -59,14 +71,14 @@ async fn source(
     QueryParams(q): QueryParams<WorkerQuery>,
 ) -> ApiResult<Response> {
     let caller = auth::build_caller(&state, &headers, &id, q.worker_id.as_deref(), CallerRules::default()).await?;
-    let build = held_build(&state, &id, &caller).await?;
+    let build = handed_build(&state, &id, &caller).await?;
     stream_source(&state, &headers, &build).await
 }
 
 /// The decrypted certs bundle of a held build.
 async fn held_certs(state: &AppState, headers: &HeaderMap, id: &str, worker_hint: Option<&str>) -> ApiResult<Vec<u8>> {
     let caller = auth::build_caller(state, headers, id, worker_hint, CallerRules::default()).await?;
-    let build = held_build(state, id, &caller).await?;
+    let build = handed_build(state, id, &caller).await?;
     let not_found = || ApiError::not_found("Certs not found");
     let key = build.certs_key.as_deref().and_then(Key::parse).ok_or_else(not_found)?;
     let sealed = match state.storage.read_all(&key).await {

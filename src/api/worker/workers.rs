@@ -215,7 +215,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &mut Worker) -> ApiR
             }
             state
                 .workers
-                .claimed(&worker.id, &claim.build.id, (!claim.redelivered).then_some(now));
+                .claimed(&worker.id, &claim.build, (!claim.redelivered).then_some(now));
             if claim.worker_status == "offline" && !worker.is_out() {
                 // Marked offline while it was building, after its copy was cached: this poll brings
                 // it back, as a poll with a fresh copy would have.
@@ -580,6 +580,8 @@ async fn abandon(
         .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| "abandoned by worker".into());
     let holder = queue::Holder::worker(&worker.id);
+    // The attempt ends (or is given back) whatever the outcome: its downloads read the row again.
+    state.attempt_changed(&build_id);
     if reason == queue::OWNER_RECLAIMED {
         let build = queue::release_for_owner(&state.pool, &build_id, holder, &state.config.queue, Utc::now()).await?;
         return Ok(Json(Abandoned {

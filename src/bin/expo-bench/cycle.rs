@@ -284,8 +284,12 @@ async fn measure(
     let mut reference_runs = Vec::new();
     let mut last_builds = 0;
     for n in 0..runs {
-        if let Some((shared, tokens)) = &other {
-            let run = cycles(shared, env, tokens, &ledger, Duration::from_secs(secs)).await?;
+        if let Some((other_shared, tokens)) = &other {
+            // The idle controller is stopped while the other one is measured: its event pump and LISTEN
+            // loop would otherwise read the outbox on the measured one's notifications, and those reads
+            // would count as the measured controller's transactions, statements and PostgreSQL CPU.
+            let _paused = Paused::stop(shared.1.pid());
+            let run = cycles(other_shared, env, tokens, &ledger, Duration::from_secs(secs)).await?;
             report_run(&format!("{label} reference"), n, &run);
             reference_runs.push(run);
             // Statements per build are the last run's of this build alone.
@@ -308,7 +312,9 @@ async fn measure(
                 .spawn()
                 .ok()
         });
+        let paused = other.as_ref().map(|(other, _)| Paused::stop(other.1.pid()));
         let run = cycles(&shared, env, &tokens, &ledger, Duration::from_secs(secs)).await?;
+        drop(paused);
         report_run(label, n, &run);
         if let Some(mut perf) = perf {
             let _ = tokio::task::spawn_blocking(move || perf.wait()).await;
@@ -691,6 +697,25 @@ fn load_average() -> String {
         .ok()
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// A controller stopped (`SIGSTOP`) until this is dropped (`SIGCONT`).
+struct Paused(i32);
+
+impl Paused {
+    fn stop(pid: u32) -> Self {
+        let pid = pid as i32;
+        // SAFETY: kill(2) on the pid of a child this bench launched.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as in `stop`.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }
 
 /// Resets `pg_stat_statements` when the bench PostgreSQL preloads it (`PG_EXTRA_OPTS="-c
