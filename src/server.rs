@@ -118,6 +118,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     let deliverer =
         crate::webhooks::deliver::Deliverer::new(pool.clone(), config.webhooks.clone(), state.secrets.certs_key)?;
     let (webhook_wake, webhook_stop) = (events.webhooks.clone(), stop.clone());
+    let (handed_cache, handed_events, handed_stop) = (state.workers.clone(), events.clone(), stop.clone());
     let app = api::router(state);
     let (http_stop, http) = (stop.clone(), config.http.clone());
     tasks.spawn(async move {
@@ -131,6 +132,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     tasks.spawn(async move {
         crate::events::pump(pump_pool, pump_events, pump_stop).await;
         "events"
+    });
+    tasks.spawn(async move {
+        crate::api::worker_cache::follow_events(handed_cache, handed_events, handed_stop).await;
+        "worker cache"
     });
     tasks.spawn(async move {
         deliverer.run(webhook_wake, webhook_stop).await;

@@ -22,7 +22,7 @@ mod results;
 pub mod submitter;
 mod views;
 mod worker;
-mod worker_cache;
+pub(crate) mod worker_cache;
 
 use std::sync::Arc;
 

@@ -12,8 +12,9 @@
 //! holder's downloads right after its claim (source, certs) are checked against it instead of reading
 //! the row again. It is dropped when the attempt ends here (completion, failure, abandon), when an
 //! operator or submitter changes the build here, and with the worker's other copies; a change made by
-//! another instance is seen within the TTL. A worker this instance did not hand the build to (or not
-//! within the TTL) is checked against the database as before.
+//! another instance drops it when the event stream delivers that change here ([`follow_events`], the
+//! pump's latency), and at the latest after the TTL. A worker this instance did not hand the build to
+//! (or not within the TTL) is checked against the database as before.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -156,6 +157,20 @@ impl WorkerCache {
         }
     }
 
+    /// Forgets that `build_id` was handed to anyone but `worker_id` (a new attempt went to that worker).
+    fn reassigned(&self, build_id: &str, worker_id: Option<&str>) {
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.retain(|holder, h| h.build.id != build_id || Some(holder.as_str()) == worker_id);
+        }
+    }
+
+    /// Forgets every handed row (the event stream lost track of changes).
+    fn forget_handed(&self) {
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.clear();
+        }
+    }
+
     /// Records that the worker completed its attempt on `build_id`: the completion turned the busy
     /// worker idle. Copies marked busy for another build (or looked up
     /// meanwhile) are left as they are.
@@ -189,6 +204,54 @@ impl WorkerCache {
         }
         if let Ok(mut handed) = self.handed.lock() {
             handed.clear();
+        }
+    }
+}
+
+/// Event kinds during an attempt that leave what its holder may download as it was.
+const WITHIN_ATTEMPT: [&str; 4] = ["build.building", "build.progress", "build.log", "build.priority"];
+
+/// Follows this instance's event stream and drops handed rows of builds changed anywhere (a cancel,
+/// requeue, timeout, completion or delete made on another instance, or by the jobs): the former holder's
+/// next download reads the row again as soon as the change is delivered here, not only after the TTL.
+/// A new attempt (`build.assigned`) keeps only the row handed to the worker it went to.
+pub async fn follow_events(
+    cache: Arc<WorkerCache>,
+    events: Arc<crate::events::Events>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut delivered = events.watch_delivered();
+    let mut cursor = events.delivered();
+    loop {
+        loop {
+            let batch = match events.after(cursor, 1024) {
+                Ok(batch) => batch,
+                Err(missed) => {
+                    cache.forget_handed();
+                    cursor = missed.resume_after;
+                    continue;
+                }
+            };
+            let Some(last) = batch.last() else { break };
+            cursor = last.id;
+            for event in &batch {
+                let Some(build_id) = event.build_id.as_deref() else {
+                    continue;
+                };
+                match event.kind.as_str() {
+                    "build.assigned" => cache.reassigned(build_id, event.worker_id.as_deref()),
+                    kind if WITHIN_ATTEMPT.contains(&kind) => {}
+                    _ => cache.build_changed(build_id),
+                }
+            }
+        }
+        tokio::select! {
+            changed = delivered.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = stop.wait_for(|stopped| *stopped) => return,
         }
     }
 }

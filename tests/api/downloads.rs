@@ -132,3 +132,43 @@ async fn a_download_right_after_a_claim_follows_a_cancel_or_an_abandon() {
     assert_eq!(r.status(), 200);
     assert_eq!(source(&abandoned, token).await.unwrap().status(), 403, "given back");
 }
+
+/// The row a claim kept on one instance follows a cancel made on another: the former holder's next
+/// source download is refused once the event stream delivered the cancel there, well within the
+/// cache's 2 s TTL (it was served from that row before the cancel).
+#[tokio::test]
+async fn a_download_right_after_a_claim_follows_a_cancel_made_on_another_instance() {
+    let app = TestApp::spawn().await;
+    let other = TestApp::spawn_on(&app).await;
+    let (worker_id, token) = app.register("w", &["ios"]).await;
+    let id = app.submit("ios", b"source").await["id"].as_str().unwrap().to_string();
+    assert_eq!(app.poll(&worker_id).await["job"]["id"], id.as_str());
+    let source = || {
+        app.client
+            .get(app.url(&format!("/api/builds/{id}/source")))
+            .header("X-Worker-Token", &token)
+            .send()
+    };
+    assert_eq!(source().await.unwrap().status(), 200);
+    let r = other
+        .client
+        .post(other.url(&format!("/api/v2/builds/{id}/cancel")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cancelled = std::time::Instant::now();
+    loop {
+        let status = source().await.unwrap().status();
+        if status == 403 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            cancelled.elapsed() < std::time::Duration::from_millis(1500),
+            "the former holder still downloads the source 1.5 s after a cancel on another instance"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
