@@ -51,11 +51,7 @@ const ELIGIBLE: &str = "b.state IN ('pending', 'scheduled', 'retryable')
 /// claims hold: at that priority, the oldest build of the submitter with the lowest stride `pass`
 /// (scheduling.md; `submitter_shares`, walked in pass order, only submitters with queued builds and room
 /// below their max running); should every such row be locked by concurrent claims, the oldest eligible
-/// row. The queue's submitters with work are sorted by pass in a sub-select (a handful of rows read by
-/// the primary key: the table has no index on `pass`, so the updates of its hot rows stay HOT, migration
-/// 0230), and the lateral look-up that locks a build depends on that sub-select's row, so it runs for one
-/// submitter at a time in pass order and stops at the first that yields a row; the max-running check
-/// sits inside it for the same reason (looked at only for the submitters reached). `claimed` turns it into a new attempt with its attempt row, log line and busy worker, and `share`
+/// row. `claimed` turns it into a new attempt with its attempt row, log line and busy worker, and `share`
 /// advances its submitter's pass by 1 / weight (the built-in admin key and imported builds: `admin`,
 /// weight 1).
 const CLAIM_TEMPLATE: &str = "
@@ -72,21 +68,18 @@ WITH held AS (
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
 ), fair AS (
-    SELECT c.id FROM (
-        SELECT s.queue, s.submitter, s.pass FROM submitter_shares s
-        WHERE s.queued > 0 AND {share_queue}
-        ORDER BY s.pass, s.submitter) s
+    SELECT c.id FROM top CROSS JOIN submitter_shares s
     CROSS JOIN LATERAL (
         SELECT b.id FROM builds b
         WHERE b.queue = s.queue AND COALESCE(b.submitted_by, 'admin') = s.submitter
-          AND b.priority = (SELECT top.priority FROM top)
-          AND NOT COALESCE((SELECT k.max_running > 0 AND k.max_running <= (SELECT count(*) FROM builds r
-                  WHERE r.submitted_by = k.id AND r.state IN ('assigned', 'building'))
-              FROM api_keys k WHERE k.id = s.submitter), false)
-          AND {eligible}
+          AND b.priority = top.priority AND {eligible}
         ORDER BY b.priority DESC, b.run_at, b.id
         LIMIT 1
         FOR UPDATE OF b SKIP LOCKED) c
+    WHERE s.queued > 0 AND {share_queue}
+      AND NOT COALESCE((SELECT k.max_running > 0 AND k.max_running <= (SELECT count(*) FROM builds r
+              WHERE r.submitted_by = k.id AND r.state IN ('assigned', 'building'))
+          FROM api_keys k WHERE k.id = s.submitter), false)
     ORDER BY s.pass, s.submitter
     LIMIT 1
 ), oldest AS (
