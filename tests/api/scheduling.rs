@@ -257,6 +257,40 @@ async fn max_running_holds_a_submitters_extra_builds_back() {
     assert_eq!(who, "capped");
 }
 
+/// The claims and completions of a build cycle update the worker's row in place (HOT updates: no new
+/// index entries, old versions pruned within the page), issue #25: an index on `workers.last_seen_at` or
+/// `workers.status` (changed by every claim and completion) would make each of these updates write an
+/// entry in every index of the table and leave a dead version for each reader of the row.
+#[tokio::test]
+async fn claims_and_completions_update_the_worker_row_in_place() {
+    // One connection: every update below is counted by the backend whose statistics are flushed at the end.
+    let (_, pool) = fresh_database(1).await;
+    submitter(&pool, "a", 1, 0).await;
+    submitter(&pool, "b", 2, 0).await;
+    enqueue_for(&pool, Some("a"), 10).await;
+    enqueue_for(&pool, Some("b"), 10).await;
+    let w = worker(&pool, "hot", &[Platform::Ios]).await;
+    for _ in 0..20 {
+        let (id, _, token) = claim(&pool, &w).await.expect("a build");
+        complete(&pool, &w, &id, token).await;
+    }
+    assert_eq!(claim(&pool, &w).await, None);
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&pool)
+        .await
+        .expect("flush");
+    let (updated, hot): (i64, i64) =
+        sqlx::query_as("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'workers'")
+            .fetch_one(&pool)
+            .await
+            .expect("table statistics");
+    assert!(updated >= 40, "{updated} updates of workers counted");
+    assert!(
+        hot * 10 >= updated * 9,
+        "only {hot} of {updated} updates of workers were HOT"
+    );
+}
+
 async fn submit_as(app: &TestApp, key: &str) -> reqwest::Response {
     let form = Form::new()
         .text("platform", "ios")
