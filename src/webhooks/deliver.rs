@@ -48,7 +48,7 @@ const LEASE_SECS: i64 = 30;
 const RECHECK: Duration = Duration::from_secs(1);
 /// At most one claim statement and one record statement per this long, whatever the number of
 /// deliveries: under load many wake-ups and outcomes share one statement.
-pub const COALESCE: Duration = Duration::from_millis(25);
+pub const COALESCE: Duration = Duration::from_millis(50);
 /// First retry delay and the longest one.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(3600);

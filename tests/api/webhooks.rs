@@ -1138,7 +1138,10 @@ async fn claims_of_deliveries_are_hot_updates() {
     // The statistics of other backends arrive when they go idle (PostgreSQL 15: within about 10 s).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&app.pool).await.unwrap();
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&app.pool)
+            .await
+            .unwrap();
         let (updated, hot): (i64, i64) = sqlx::query_as(
             "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'webhook_deliveries'",
         )
@@ -1146,10 +1149,88 @@ async fn claims_of_deliveries_are_hot_updates() {
         .await
         .unwrap();
         if updated >= 2 * BURST as i64 {
-            assert!(hot >= BURST as i64, "{hot} of {updated} updates HOT for {BURST} deliveries");
+            assert!(
+                hot >= BURST as i64,
+                "{hot} of {updated} updates HOT for {BURST} deliveries"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "statistics never arrived: {updated} updates, {hot} HOT");
+        assert!(
+            Instant::now() < deadline,
+            "statistics never arrived: {updated} updates, {hot} HOT"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The fan-out's pre-filter (the trigger's WHEN clause, migration 0241) follows every change of the
+/// subscriptions: a kind no active subscription wants writes no delivery, a pattern added by PATCH, a
+/// pause and a resume take effect for the next event, and without subscriptions the trigger never fires.
+#[tokio::test]
+async fn the_fanout_filter_follows_subscription_changes() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let created = subscribe(&app, API_KEY, &receiver.url(), &["build.completed"]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    // The delivery rows commit with the submit's event, so they are counted as soon as it answers.
+    let submitted_rows = |pool: sqlx::PgPool| async move {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE kind = 'build.submitted'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n
+    };
+    let trigger = |pool: sqlx::PgPool| async move {
+        let def: String =
+            sqlx::query_scalar("SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'webhook_fanout'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        def
+    };
+    assert!(
+        trigger(app.pool.clone()).await.contains("build.completed"),
+        "{}",
+        trigger(app.pool.clone()).await
+    );
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(submitted_rows(app.pool.clone()).await, 0);
+
+    let patch = |body: Value| {
+        let path = format!("/api/v2/webhooks/{id}");
+        let app = &app;
+        async move {
+            let (status, view) = call(app, reqwest::Method::PATCH, &path, API_KEY, Some(body)).await;
+            assert_eq!(status, 200, "{view}");
+        }
+    };
+    patch(json!({ "events": ["build.*"] })).await;
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(
+        submitted_rows(app.pool.clone()).await,
+        1,
+        "a family pattern added by PATCH"
+    );
+    patch(json!({ "active": false })).await;
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(submitted_rows(app.pool.clone()).await, 1, "a paused subscription");
+    patch(json!({ "active": true })).await;
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(submitted_rows(app.pool.clone()).await, 2, "a resumed subscription");
+    receiver.wait_until(10, |h| h.len() >= 2).await;
+
+    let (status, _) = call(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v2/webhooks/{id}"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(
+        trigger(app.pool.clone()).await.contains("WHEN (false)"),
+        "{}",
+        trigger(app.pool.clone()).await
+    );
 }
