@@ -219,16 +219,13 @@ impl Deliverer {
                            AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))))
              UPDATE webhook_deliveries d
                 SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => $2)
-               FROM subs s
-              -- An array of ids: the rows are found by the primary key whatever the table's statistics
-              -- (a join with the sub-select may be planned as a scan of the whole table).
-              WHERE d.id = ANY (ARRAY(
-                    SELECT w.id FROM webhook_deliveries w
-                     WHERE w.state = 'pending' AND w.run_at <= now()
-                       AND (w.leased_until IS NULL OR w.leased_until <= now())
-                       AND w.subscription_id IN (SELECT id FROM subs)
-                     ORDER BY w.run_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED))
-                AND s.id = d.subscription_id
+               FROM (SELECT w.id FROM webhook_deliveries w
+                      WHERE w.state = 'pending' AND w.run_at <= now()
+                        AND (w.leased_until IS NULL OR w.leased_until <= now())
+                        AND w.subscription_id IN (SELECT id FROM subs)
+                      ORDER BY w.run_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED) due,
+                    subs s
+              WHERE d.id = due.id AND s.id = d.subscription_id
           RETURNING d.id, d.attempts, d.event_id, d.kind, d.build_id, d.worker_id, d.data, d.event_at,
                     d.retry_from, s.url, s.secret_sealed",
         )
