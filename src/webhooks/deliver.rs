@@ -1,18 +1,19 @@
 //! The delivery workers: one loop per instance, deliveries claimed as durable jobs.
 //!
 //! * **Claim**: one statement (at most one per [`COALESCE`], however many wake-ups came meanwhile)
-//!   takes up to the free slots of due rows (`pending` whose `run_at` has passed, or `delivering`
-//!   whose lease — kept in `run_at` — is over because its instance died)
-//!   `FOR UPDATE SKIP LOCKED`, so each is claimed once across instances, and marks them `delivering`
-//!   with `attempts + 1` and a lease of [`LEASE`].
+//!   takes up to the free slots of due rows (`pending` whose `run_at` has passed and which hold no
+//!   lease, or whose lease is over because its instance died) `FOR UPDATE SKIP LOCKED`, so each is
+//!   claimed once across instances, and sets `attempts + 1` and a lease (`leased_until`) of
+//!   `LEASE_SECS`. Neither column is indexed, so the claim is a HOT update (migration 0240); a
+//!   `pending` row under a lease is shown as `delivering`.
 //! * **Send**: POST of the event's JSON (the `/api/v2/events` object), signed the Standard Webhooks way
 //!   (`webhook-id` = `msg_<delivery id>`, the same on every attempt; `webhook-timestamp`;
 //!   `webhook-signature: v1,<base64 HMAC-SHA256>`), 10 s timeout, no redirects, no proxy, at most
 //!   64 KiB of the answer read; the resolver drops private addresses ([`super::target`]).
 //! * **Finish**: one recorder task writes the outcomes waiting for it in one statement per batch, at
 //!   most one per [`COALESCE`] (`UPDATE … FROM unnest(…)` with the attempt inserts in the same
-//!   statement), fenced on `attempts`
-//!   (a redelivery or a second claim meanwhile wins): `delivered` (2xx), `pending` again after an
+//!   statement), fenced on `attempts` and the lease
+//!   (a redelivery, which clears the lease, or a second claim meanwhile wins): `delivered` (2xx), `pending` again after an
 //!   exponential backoff with jitter, or `failed` once the next try would be past
 //!   `CONTROLLER_WEBHOOK_RETRY_HOURS`. The last attempt is kept on the delivery row; only failed
 //!   attempts get a `webhook_attempts` row, so a first-try success inserts nothing.
@@ -47,7 +48,7 @@ const LEASE_SECS: i64 = 30;
 const RECHECK: Duration = Duration::from_secs(1);
 /// At most one claim statement and one record statement per this long, whatever the number of
 /// deliveries: under load many wake-ups and outcomes share one statement.
-pub const COALESCE: Duration = Duration::from_millis(25);
+pub const COALESCE: Duration = Duration::from_millis(50);
 /// First retry delay and the longest one.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(3600);
@@ -208,17 +209,22 @@ impl Deliverer {
 
     async fn claim(&self, limit: i64) -> sqlx::Result<Vec<Claimed>> {
         sqlx::query_as(
-            "UPDATE webhook_deliveries d
-                SET state = 'delivering', attempts = d.attempts + 1, run_at = now() + make_interval(secs => $2)
-               FROM (SELECT id FROM webhook_deliveries w
-                      WHERE state IN ('pending', 'delivering') AND run_at <= now()
-                        AND EXISTS (SELECT 1 FROM webhook_subscriptions s WHERE s.id = w.subscription_id AND s.active
-                                    -- webhook_creator_valid, inline (the function is not inlined)
-                                    AND (s.creator_key_id IS NULL OR EXISTS (
-                                         SELECT 1 FROM api_keys k WHERE k.id = s.creator_key_id
-                                            AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))))
-                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) due,
-                    webhook_subscriptions s
+            // The subscriptions that may carry deliveries (active, creator valid: webhook_creator_valid
+            // inline) are read once per claim, not probed once per candidate row.
+            "WITH subs AS MATERIALIZED (
+                SELECT s.id, s.url, s.secret_sealed FROM webhook_subscriptions s
+                 WHERE s.active
+                   AND (s.creator_key_id IS NULL OR EXISTS (
+                        SELECT 1 FROM api_keys k WHERE k.id = s.creator_key_id
+                           AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))))
+             UPDATE webhook_deliveries d
+                SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => $2)
+               FROM (SELECT w.id FROM webhook_deliveries w
+                      WHERE w.state = 'pending' AND w.run_at <= now()
+                        AND (w.leased_until IS NULL OR w.leased_until <= now())
+                        AND w.subscription_id IN (SELECT id FROM subs)
+                      ORDER BY w.run_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED) due,
+                    subs s
               WHERE d.id = due.id AND s.id = d.subscription_id
           RETURNING d.id, d.attempts, d.event_id, d.kind, d.build_id, d.worker_id, d.data, d.event_at,
                     d.retry_from, s.url, s.secret_sealed",
@@ -376,11 +382,11 @@ async fn record(pool: &PgPool, batch: &[Outcome]) -> sqlx::Result<()> {
                        AS r(id, attempts, state, next_at, at, status, latency_ms, error)),
          d AS (
             UPDATE webhook_deliveries w
-               SET state = r.state, run_at = coalesce(r.next_at, w.run_at),
+               SET state = r.state, run_at = coalesce(r.next_at, w.run_at), leased_until = NULL,
                    delivered_at = CASE WHEN r.state = 'delivered' THEN now() END,
                    last_attempt_at = r.at, last_status = r.status, last_latency_ms = r.latency_ms
               FROM r
-             WHERE w.id = r.id AND w.attempts = r.attempts AND w.state = 'delivering'
+             WHERE w.id = r.id AND w.attempts = r.attempts AND w.state = 'pending' AND w.leased_until IS NOT NULL
          RETURNING w.id, w.attempts)
          INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms, error, next_retry_at)
          SELECT r.id, r.at, r.status, r.latency_ms, r.error, r.next_at

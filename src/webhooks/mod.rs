@@ -492,9 +492,12 @@ async fn views(pool: &PgPool, rows: Vec<DeliveryRow>) -> OpResult<Vec<DeliveryVi
         .collect())
 }
 
-const DELIVERY_COLUMNS: &str =
-    "d.id, d.subscription_id, d.event_id, d.kind, d.build_id, d.state, d.created_at, d.delivered_at, d.run_at,
-     d.last_attempt_at, d.last_status, d.last_latency_ms";
+/// A `pending` row under a lease is in flight: `delivering` (migration 0240).
+const SHOWN_STATE: &str = "CASE WHEN d.state = 'pending' AND d.leased_until > now() THEN 'delivering' ELSE d.state END";
+
+const DELIVERY_COLUMNS: &str = "d.id, d.subscription_id, d.event_id, d.kind, d.build_id,
+     CASE WHEN d.state = 'pending' AND d.leased_until > now() THEN 'delivering' ELSE d.state END AS state,
+     d.created_at, d.delivered_at, d.run_at, d.last_attempt_at, d.last_status, d.last_latency_ms";
 
 async fn delivery(pool: &PgPool, id: i64, owner: Option<&str>) -> OpResult<DeliveryView> {
     let row: Option<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -541,10 +544,10 @@ pub async fn redeliver(pool: &PgPool, delivery_id: &str, actor: &Actor) -> OpRes
         .parse()
         .map_err(|_| OpError::refused(404, "Delivery not found", "delivery_not_found"))?;
     let mut tx = pool.begin().await.map_err(db)?;
-    let state: Option<String> = sqlx::query_scalar(
-        "SELECT d.state FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id
-          WHERE d.id = $1 AND ($2::text IS NULL OR s.owner_key_id = $2) FOR UPDATE OF d",
-    )
+    let state: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {SHOWN_STATE} FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id
+          WHERE d.id = $1 AND ($2::text IS NULL OR s.owner_key_id = $2) FOR UPDATE OF d"
+    )))
     .bind(id)
     .bind(owner)
     .fetch_optional(&mut *tx)
@@ -564,7 +567,8 @@ pub async fn redeliver(pool: &PgPool, delivery_id: &str, actor: &Actor) -> OpRes
             INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms)
             SELECT id, last_attempt_at, last_status, coalesce(last_latency_ms, 0) FROM webhook_deliveries
              WHERE id = $1 AND state = 'delivered' AND last_attempt_at IS NOT NULL)
-         UPDATE webhook_deliveries SET state = 'pending', run_at = now(), retry_from = now(), delivered_at = NULL
+         UPDATE webhook_deliveries SET state = 'pending', run_at = now(), retry_from = now(), delivered_at = NULL,
+                leased_until = NULL
           WHERE id = $1",
     )
     .bind(id)

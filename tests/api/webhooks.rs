@@ -1043,3 +1043,194 @@ async fn deliveries_resume_after_a_failed_claim_without_a_new_event() {
     let hits = receiver.wait_until(10, |h| !h.is_empty()).await;
     assert_eq!(hits[0].json()["build_id"], build.as_str());
 }
+
+/// A receiver that records a request on arrival and answers 200 only after `hold`.
+async fn slow_receiver(hold: Duration) -> (String, Arc<Mutex<Vec<Hit>>>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                move |State(hits): State<Arc<Mutex<Vec<Hit>>>>, headers: HeaderMap, body: Bytes| async move {
+                    hits.lock().unwrap().push(Hit { headers, body });
+                    tokio::time::sleep(hold).await;
+                    StatusCode::OK
+                },
+            ),
+        )
+        .with_state(hits.clone());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, hits, task)
+}
+
+/// A delivery in flight is `delivering` to the API (its redelivery refused) while its row stays
+/// `pending` under a lease, so that the claim left the due index alone; once answered it is delivered.
+#[tokio::test]
+async fn a_delivery_in_flight_is_delivering_under_a_lease() {
+    let app = allow_private().await;
+    let (url, hits, task) = slow_receiver(Duration::from_secs(3)).await;
+    let created = subscribe(&app, API_KEY, &url, &["build.submitted"]).await;
+    let id = created["id"].as_str().unwrap();
+    app.submit("ios", b"PK\x03\x04 source").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the delivery never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, page) = call(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v2/webhooks/{id}/deliveries"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let delivery = page["items"][0].clone();
+    assert_eq!(delivery["state"], "delivering", "{page}");
+    let (status, body) = call(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/v2/webhooks/deliveries/{}/redeliver", delivery["id"]),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let (state, run_at_moved, leased): (String, bool, bool) = sqlx::query_as(
+        "SELECT state, run_at > created_at + interval '5 seconds', leased_until > now() FROM webhook_deliveries",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "pending", "the claim changed the indexed state");
+    assert!(!run_at_moved, "the claim moved the indexed run_at");
+    assert!(leased, "no lease on a delivery in flight");
+    settled(&app.pool).await;
+    let (_, page) = call(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v2/webhooks/{id}/deliveries"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(page["items"][0]["state"], "delivered", "{page}");
+    assert_eq!(hits.lock().unwrap().len(), 1);
+    task.abort();
+}
+
+/// Claiming deliveries is a HOT update (no new index entries): after a burst, PostgreSQL counts at least
+/// one HOT update per delivery (the claim; the record of the outcome moves the row out of the due index).
+#[tokio::test]
+async fn claims_of_deliveries_are_hot_updates() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+    const BURST: usize = 30;
+    futures_util::future::join_all((0..BURST).map(|_| app.submit("ios", b"PK\x03\x04 source"))).await;
+    receiver.wait_until(20, |h| h.len() >= BURST).await;
+    settled(&app.pool).await;
+    // The statistics of other backends arrive when they go idle (PostgreSQL 15: within about 10 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&app.pool)
+            .await
+            .unwrap();
+        let (updated, hot): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'webhook_deliveries'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if updated >= 2 * BURST as i64 {
+            assert!(
+                hot >= BURST as i64,
+                "{hot} of {updated} updates HOT for {BURST} deliveries"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "statistics never arrived: {updated} updates, {hot} HOT"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The fan-out's pre-filter (the trigger's WHEN clause, migration 0241) follows every change of the
+/// subscriptions: a kind no active subscription wants writes no delivery, a pattern added by PATCH, a
+/// pause and a resume take effect for the next event, and without subscriptions the trigger never fires.
+#[tokio::test]
+async fn the_fanout_filter_follows_subscription_changes() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let created = subscribe(&app, API_KEY, &receiver.url(), &["build.completed"]).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    // The delivery rows commit with the submit's event, so they are counted as soon as it answers.
+    let submitted_rows = |pool: sqlx::PgPool| async move {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE kind = 'build.submitted'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n
+    };
+    let trigger = |pool: sqlx::PgPool| async move {
+        let def: String =
+            sqlx::query_scalar("SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'webhook_fanout'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        def
+    };
+    assert!(
+        trigger(app.pool.clone()).await.contains("build.completed"),
+        "{}",
+        trigger(app.pool.clone()).await
+    );
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(submitted_rows(app.pool.clone()).await, 0);
+
+    let patch = |body: Value| {
+        let path = format!("/api/v2/webhooks/{id}");
+        let app = &app;
+        async move {
+            let (status, view) = call(app, reqwest::Method::PATCH, &path, API_KEY, Some(body)).await;
+            assert_eq!(status, 200, "{view}");
+        }
+    };
+    patch(json!({ "events": ["build.*"] })).await;
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(
+        submitted_rows(app.pool.clone()).await,
+        1,
+        "a family pattern added by PATCH"
+    );
+    patch(json!({ "active": false })).await;
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(submitted_rows(app.pool.clone()).await, 1, "a paused subscription");
+    patch(json!({ "active": true })).await;
+    app.submit("ios", b"PK\x03\x04 source").await;
+    assert_eq!(submitted_rows(app.pool.clone()).await, 2, "a resumed subscription");
+    receiver.wait_until(10, |h| h.len() >= 2).await;
+
+    let (status, _) = call(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v2/webhooks/{id}"),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(
+        trigger(app.pool.clone()).await.contains("WHEN (false)"),
+        "{}",
+        trigger(app.pool.clone()).await
+    );
+}

@@ -720,7 +720,7 @@ impl Drop for Paused {
 
 /// Resets `pg_stat_statements` when the bench PostgreSQL preloads it (`PG_EXTRA_OPTS="-c
 /// shared_preload_libraries=pg_stat_statements"`); false otherwise.
-async fn statement_stats_reset(pool: &PgPool) -> bool {
+pub(crate) async fn statement_stats_reset(pool: &PgPool) -> bool {
     let created = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         .execute(pool)
         .await

@@ -84,6 +84,9 @@ impl Bench<'_> {
             *samples = Samples::default();
         }
         let shared: Shared = Arc::new((client.clone(), controller));
+        // With pg_stat_statements preloaded: the statements and row writes of this run (printed below).
+        let statements = subscriptions > 0 && crate::cycle::statement_stats_reset(&env.pool).await;
+        let writes_before = delivery_writes(&env.pool).await;
         let main_before = self.main.cpu_secs();
         let (rate, controller_ms, postgres_ms) = crate::cycle::one_run(&shared, env, self.secs).await?;
         // Over the window and the finishing of the builds still in flight: a slight overstatement.
@@ -100,6 +103,9 @@ impl Bench<'_> {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if subscriptions > 0 {
+            print_delivery_costs(&env.pool, statements, writes_before).await;
         }
         // Failed attempts (retries are the latency tail) are named before the database is drained.
         let failures: Vec<(String, i64)> = sqlx::query_as(
@@ -127,6 +133,52 @@ impl Bench<'_> {
             postgres_ms,
             samples,
         })
+    }
+}
+
+/// Rows inserted, updated and HOT-updated in `webhook_deliveries` so far (the statistics collector's).
+async fn delivery_writes(pool: &sqlx::PgPool) -> (i64, i64, i64) {
+    let _ = sqlx::query("SELECT pg_stat_clear_snapshot()").execute(pool).await;
+    sqlx::query_as(
+        "SELECT n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'webhook_deliveries'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or_default()
+}
+
+/// Per delivery of a run: its row writes (inserted, updated, of which HOT) and, with
+/// pg_stat_statements, the statements by total time (calls and ms per delivery).
+async fn print_delivery_costs(pool: &sqlx::PgPool, statements: bool, before: (i64, i64, i64)) {
+    // The statistics collector reports a backend's counts when its transaction ends, at most every 500 ms.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = delivery_writes(pool).await;
+    let inserted = (after.0 - before.0).max(1) as f64;
+    eprintln!(
+        "W1 row writes of webhook_deliveries: {} inserted, {:.2} updates per delivery, {:.2} of them HOT",
+        after.0 - before.0,
+        (after.1 - before.1) as f64 / inserted,
+        (after.2 - before.2) as f64 / inserted,
+    );
+    if !statements {
+        return;
+    }
+    let rows: Result<Vec<(i64, f64, f64, String)>, _> = sqlx::query_as(
+        "SELECT calls, total_exec_time, mean_exec_time, regexp_replace(left(query, 120), '\\s+', ' ', 'g')
+           FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+          ORDER BY total_exec_time DESC LIMIT 25",
+    )
+    .fetch_all(pool)
+    .await;
+    if let Ok(rows) = rows {
+        eprintln!("W1 statements by total time (calls per delivery, ms per delivery, mean ms):");
+        for (calls, total, mean, query) in rows {
+            eprintln!(
+                "  {:7.3}  {:7.4}  {mean:7.3}  {query}",
+                calls as f64 / inserted,
+                total / inserted
+            );
+        }
     }
 }
 
