@@ -27,19 +27,16 @@ pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
         .connect_lazy_with(connect_options(cfg)?))
 }
 
-/// Connections with `plan_cache_mode = force_generic_plan` for the hot statements whose generic plan is
-/// the right one (half the pool, at least 2): the claim, the submit's insert and the event pump's outbox
-/// read. Each is one statement whose custom plan can cost as much to make as to run (the claim:
-/// several milliseconds against ~1 ms; the insert: ~0.9 ms of PostgreSQL CPU per build when it was
-/// planned on every call), and PostgreSQL's own choice between custom and generic plans compares
-/// against the average cost of the custom plans it made before: after the table grew (or an `ANALYZE`
-/// invalidated the cached plan), that history can keep a connection planning every call afresh. With
-/// the generic plan forced, each connection plans each of them once. (Not for every statement: the
-/// dashboard's `id LIKE` search needs its custom plan to use its index.)
+/// The claim's own few connections (a quarter of the pool, at least 2), with `plan_cache_mode =
+/// force_generic_plan`. The claim is one large statement whose custom plan costs more to make than to
+/// run (several milliseconds against ~1 ms), and PostgreSQL's own choice between custom and generic
+/// plans compares against the average cost of the custom plans it made before: after the table grew (or
+/// an `ANALYZE` invalidated the cached plan), that history can keep a connection planning every claim
+/// afresh. With the generic plan forced, each connection plans the claim once.
 pub fn connect_claims(cfg: &DbConfig) -> anyhow::Result<PgPool> {
     let options = connect_options(cfg)?.options([("plan_cache_mode", "force_generic_plan")]);
     Ok(PgPoolOptions::new()
-        .max_connections((cfg.db_pool_size / 2).max(2))
+        .max_connections((cfg.db_pool_size / 4).max(2))
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options))
 }

@@ -112,7 +112,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     );
     state.claim_pool = db::connect_claims(&config.db)?;
     let (listen_pool, wakeups, listen_stop) = (pool.clone(), state.wakeups.clone(), stop.clone());
-    let (pump_pool, pump_events, pump_stop) = (state.claim_pool.clone(), events.clone(), stop.clone());
+    let (pump_pool, pump_events, pump_stop) = (pool.clone(), events.clone(), stop.clone());
     let (pulse_pool, pulse_settings, pulse_stop) = (pool.clone(), config.queue.clone(), stop.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let deliverer =

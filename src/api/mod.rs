@@ -52,7 +52,7 @@ use crate::storage::Storage;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
-    /// Connections for the claim and the submit's insert (`db::connect_claims`: their generic plans, always).
+    /// Connections for the claim statement alone (`db::connect_claims`: its generic plan, always).
     pub claim_pool: PgPool,
     pub storage: Storage,
     pub config: Arc<Config>,

@@ -495,9 +495,9 @@ async fn claim_idempotency_key(
 }
 
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the
-/// notification comes back from PostgreSQL. On the generic-plan connections (`db::connect_claims`).
+/// notification comes back from PostgreSQL.
 async fn enqueue(state: &AppState, new: &NewBuild, unsettled: &mut bool) -> ApiResult<Build> {
-    let mut conn = state.claim_pool.acquire().await?;
+    let mut conn = state.pool.acquire().await?;
     let max_queued = state.config.queue.max_queued_builds;
     let build = queue::enqueue_bounded(&mut conn, new, max_queued, Utc::now())
         .await
