@@ -55,6 +55,11 @@ pub struct WorkerCache {
     entries: Mutex<HashMap<Key, Entry>>,
     /// By worker id: the build this instance last handed it, until that attempt ends here.
     handed: Mutex<HashMap<String, Handed>>,
+    /// By build id: when a change of the build last dropped its handed rows (kept for [`TTL`]), so that
+    /// a claim whose answer is recorded after the change was delivered does not keep its older row.
+    changed: Mutex<HashMap<String, Instant>>,
+    /// When every handed row was last dropped because the event stream lost track ([`follow_events`]).
+    forgot: Mutex<Option<Instant>>,
 }
 
 impl WorkerCache {
@@ -119,8 +124,9 @@ impl WorkerCache {
 
     /// Records a claim (or re-delivery) of `build` in the cached copies: the worker is busy with it;
     /// a new claim (`seen`: its time) also wrote the worker's `last_seen_at`. The claimed row is kept
-    /// as the build handed to the worker ([`Self::handed`]).
-    pub fn claimed(&self, worker_id: &str, build: &Build, seen: Option<DateTime<Utc>>) {
+    /// as the build handed to the worker ([`Self::handed`]) unless a change of the build was recorded
+    /// here since `asked` (taken before the claim statement ran): the row may predate that change.
+    pub fn claimed(&self, worker_id: &str, build: &Build, seen: Option<DateTime<Utc>>, asked: Instant) {
         self.update(worker_id, |entry| {
             entry.worker.status = "busy".into();
             if let Some(at) = seen {
@@ -128,6 +134,20 @@ impl WorkerCache {
             }
             entry.holding = Some(build.id.clone());
         });
+        let forgot_since = self
+            .forgot
+            .lock()
+            .map(|f| f.is_some_and(|at| at >= asked))
+            .unwrap_or(true);
+        let changed_since = forgot_since
+            || self
+                .changed
+                .lock()
+                .map(|changed| changed.get(&build.id).is_some_and(|at| *at >= asked))
+                .unwrap_or(true);
+        if changed_since {
+            return;
+        }
         if let Ok(mut handed) = self.handed.lock() {
             if handed.len() >= CAPACITY {
                 handed.clear();
@@ -137,6 +157,19 @@ impl WorkerCache {
                 build: Arc::new(build.clone()),
             };
             handed.insert(worker_id.to_string(), entry);
+        }
+    }
+
+    /// Notes that `build_id` changed now (see [`Self::claimed`]).
+    fn note_change(&self, build_id: &str) {
+        if let Ok(mut changed) = self.changed.lock() {
+            if changed.len() >= CAPACITY {
+                changed.retain(|_, at| at.elapsed() < TTL);
+            }
+            if changed.len() >= CAPACITY {
+                changed.clear();
+            }
+            changed.insert(build_id.to_string(), Instant::now());
         }
     }
 
@@ -152,6 +185,7 @@ impl WorkerCache {
 
     /// Forgets that `build_id` was handed to anyone (its attempt ended, or the build changed).
     pub fn build_changed(&self, build_id: &str) {
+        self.note_change(build_id);
         if let Ok(mut handed) = self.handed.lock() {
             handed.retain(|_, h| h.build.id != build_id);
         }
@@ -159,6 +193,7 @@ impl WorkerCache {
 
     /// Forgets that `build_id` was handed to anyone but `worker_id` (a new attempt went to that worker).
     fn reassigned(&self, build_id: &str, worker_id: Option<&str>) {
+        self.note_change(build_id);
         if let Ok(mut handed) = self.handed.lock() {
             handed.retain(|holder, h| h.build.id != build_id || Some(holder.as_str()) == worker_id);
         }
@@ -166,6 +201,9 @@ impl WorkerCache {
 
     /// Forgets every handed row (the event stream lost track of changes).
     fn forget_handed(&self) {
+        if let Ok(mut forgot) = self.forgot.lock() {
+            *forgot = Some(Instant::now());
+        }
         if let Ok(mut handed) = self.handed.lock() {
             handed.clear();
         }
@@ -209,7 +247,7 @@ impl WorkerCache {
 }
 
 /// Event kinds during an attempt that leave what its holder may download as it was.
-const WITHIN_ATTEMPT: [&str; 4] = ["build.building", "build.progress", "build.log", "build.priority"];
+const WITHIN_ATTEMPT: [&str; 3] = ["build.building", "build.progress", "build.log"];
 
 /// Follows this instance's event stream and drops handed rows of builds changed anywhere (a cancel,
 /// requeue, timeout, completion or delete made on another instance, or by the jobs): the former holder's
@@ -253,5 +291,45 @@ pub async fn follow_events(
             }
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(id: &str) -> Build {
+        Build {
+            id: id.into(),
+            ..Build::default()
+        }
+    }
+
+    #[test]
+    fn a_claim_recorded_after_a_change_of_its_build_does_not_keep_its_row() {
+        let cache = WorkerCache::default();
+        let asked = Instant::now();
+        // The change is delivered while the claim's answer is still on its way to `claimed`.
+        cache.build_changed("b1");
+        cache.claimed("w1", &build("b1"), None, asked);
+        assert!(cache.handed("w1", "b1").is_none(), "the row predates the change");
+
+        let asked = Instant::now();
+        cache.claimed("w1", &build("b2"), None, asked);
+        assert!(cache.handed("w1", "b2").is_some(), "no change since the claim: kept");
+        cache.reassigned("b2", Some("w2"));
+        assert!(
+            cache.handed("w1", "b2").is_none(),
+            "a new attempt went to another worker"
+        );
+    }
+
+    #[test]
+    fn a_claim_recorded_after_the_stream_lost_track_does_not_keep_its_row() {
+        let cache = WorkerCache::default();
+        let asked = Instant::now();
+        cache.forget_handed();
+        cache.claimed("w1", &build("b1"), None, asked);
+        assert!(cache.handed("w1", "b1").is_none());
     }
 }

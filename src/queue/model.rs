@@ -109,7 +109,7 @@ impl BuildState {
 }
 
 /// A build row: the job and everything the API reads about it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
 pub struct Build {
     pub id: String,
     pub state: String,

@@ -198,6 +198,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &mut Worker) -> ApiR
     }
     let seen = state.wakeups.generations(&platforms);
     let now = Utc::now();
+    let asked = std::time::Instant::now();
     let claim = queue::claim(&state.claim_pool, worker, &state.config.queue, now).await?;
     match &claim {
         // Nothing for this worker; the queues are empty for everyone unless a build is only held back
@@ -215,7 +216,7 @@ async fn claim_unless_known_empty(state: &AppState, worker: &mut Worker) -> ApiR
             }
             state
                 .workers
-                .claimed(&worker.id, &claim.build, (!claim.redelivered).then_some(now));
+                .claimed(&worker.id, &claim.build, (!claim.redelivered).then_some(now), asked);
             if claim.worker_status == "offline" && !worker.is_out() {
                 // Marked offline while it was building, after its copy was cached: this poll brings
                 // it back, as a poll with a fresh copy would have.
