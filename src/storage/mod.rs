@@ -33,6 +33,8 @@ const PART_SIZE: usize = 1024 * 1024;
 /// Part size on S3 (S3's minimum, 5 MiB, except the last part); with [`S3_PARTS_IN_FLIGHT`] it bounds
 /// an upload's memory to about 4 × 5 MiB (the parts in flight and the one filling).
 const S3_PART_SIZE: usize = 5 * 1024 * 1024;
+/// Most parts of one S3 multipart upload.
+const S3_MAX_PARTS: u64 = 10_000;
 /// Parts sent concurrently per upload on S3: three keep the store busy while the next part fills (with
 /// two 6 MiB parts, a large result moved at 84–89 % of a plain client's speed; P8).
 const S3_PARTS_IN_FLIGHT: usize = 3;
@@ -114,10 +116,15 @@ impl Storage {
         matches!(self.backend.as_ref(), Backend::S3 { .. })
     }
 
-    fn part_size(&self) -> (usize, usize) {
+    /// Part size and parts in flight for a body of at most `limit` bytes. On S3 a part grows past
+    /// [`S3_PART_SIZE`] only when `limit` would need more than S3's 10,000 parts.
+    fn part_size(&self, limit: u64) -> (usize, usize) {
         match self.backend.as_ref() {
             Backend::Local { .. } => (PART_SIZE, 1),
-            Backend::S3 { .. } => (S3_PART_SIZE, S3_PARTS_IN_FLIGHT),
+            Backend::S3 { .. } => {
+                let needed = usize::try_from(limit.div_ceil(S3_MAX_PARTS)).unwrap_or(usize::MAX);
+                (S3_PART_SIZE.max(needed), S3_PARTS_IN_FLIGHT)
+            }
         }
     }
 
@@ -140,7 +147,7 @@ impl Storage {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let (part_size, in_flight) = self.part_size();
+        let (part_size, in_flight) = self.part_size(limit);
         // On S3 the multipart upload opens with the first bytes, as before (a PUT of up to a whole
         // part would hold 6 MiB per upload before anything reaches the store).
         let one_piece = match self.backend.as_ref() {
