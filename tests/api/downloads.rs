@@ -90,15 +90,19 @@ async fn a_download_right_after_a_claim_follows_a_cancel_or_an_abandon() {
         id
     };
 
+    let cancel = move |path: String| async move {
+        let r = app
+            .client
+            .post(app.url(&path))
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+
     let by_submitter = claim(b"first").await;
-    let r = app
-        .client
-        .post(app.url(&format!("/api/builds/{by_submitter}/cancel")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    cancel(format!("/api/builds/{by_submitter}/cancel")).await;
     assert_eq!(
         source(&by_submitter, token).await.unwrap().status(),
         403,
@@ -106,14 +110,7 @@ async fn a_download_right_after_a_claim_follows_a_cancel_or_an_abandon() {
     );
 
     let by_operator = claim(b"second").await;
-    let r = app
-        .client
-        .post(app.url(&format!("/api/v2/builds/{by_operator}/cancel")))
-        .header("X-API-Key", API_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    cancel(format!("/api/v2/builds/{by_operator}/cancel")).await;
     assert_eq!(
         source(&by_operator, token).await.unwrap().status(),
         403,

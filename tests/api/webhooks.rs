@@ -159,6 +159,18 @@ async fn submit_as(base: &str, client: &reqwest::Client, key: &str) -> String {
     body["id"].as_str().unwrap().to_string()
 }
 
+/// A subscription's deliveries page, as the admin reads it.
+async fn deliveries(app: &TestApp, id: &str) -> (u16, Value) {
+    call(
+        app,
+        reqwest::Method::GET,
+        &format!("/api/v2/webhooks/{id}/deliveries"),
+        API_KEY,
+        None,
+    )
+    .await
+}
+
 /// Waits (at most 10 s) until no delivery is pending or in flight: every attempt is recorded.
 async fn settled(pool: &sqlx::PgPool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -221,14 +233,7 @@ async fn deliveries_verify_with_the_standard_webhooks_library() {
     // The delivery and its attempt are visible.
     let id = created["id"].as_str().unwrap();
     settled(&app.pool).await;
-    let (status, page) = call(
-        &app,
-        reqwest::Method::GET,
-        &format!("/api/v2/webhooks/{id}/deliveries"),
-        API_KEY,
-        None,
-    )
-    .await;
+    let (status, page) = deliveries(&app, id).await;
     assert_eq!(status, 200);
     let delivery = &page["items"][0];
     assert_eq!(delivery["state"], "delivered", "{page}");
@@ -429,14 +434,7 @@ async fn a_receiver_down_for_a_while_gets_everything_once_up() {
     // Every delivery fails at least once while the receiver is down.
     let deadline = Instant::now() + Duration::from_secs(10);
     let first_ids = loop {
-        let (_, page) = call(
-            &app,
-            reqwest::Method::GET,
-            &format!("/api/v2/webhooks/{id}/deliveries"),
-            API_KEY,
-            None,
-        )
-        .await;
+        let (_, page) = deliveries(&app, id).await;
         let items = page["items"].as_array().cloned().unwrap_or_default();
         if items.len() == 3
             && items
@@ -478,14 +476,7 @@ async fn a_receiver_down_for_a_while_gets_everything_once_up() {
         .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, page) = call(
-            &app,
-            reqwest::Method::GET,
-            &format!("/api/v2/webhooks/{id}/deliveries"),
-            API_KEY,
-            None,
-        )
-        .await;
+        let (_, page) = deliveries(&app, id).await;
         let items = page["items"].as_array().cloned().unwrap_or_default();
         if items.iter().all(|d| d["state"] == "delivered") {
             break;
@@ -624,14 +615,7 @@ async fn private_and_metadata_targets_are_refused() {
     let id = created["id"].as_str().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, page) = call(
-            &app,
-            reqwest::Method::GET,
-            &format!("/api/v2/webhooks/{id}/deliveries"),
-            API_KEY,
-            None,
-        )
-        .await;
+        let (_, page) = deliveries(&app, id).await;
         if let Some(error) = page["items"][0]["attempts"][0]["error"].as_str() {
             assert!(error.contains("refused"), "{error}");
             break;
@@ -1081,14 +1065,7 @@ async fn a_delivery_in_flight_is_delivering_under_a_lease() {
         assert!(Instant::now() < deadline, "the delivery never arrived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, page) = call(
-        &app,
-        reqwest::Method::GET,
-        &format!("/api/v2/webhooks/{id}/deliveries"),
-        API_KEY,
-        None,
-    )
-    .await;
+    let (status, page) = deliveries(&app, id).await;
     assert_eq!(status, 200);
     let delivery = page["items"][0].clone();
     assert_eq!(delivery["state"], "delivering", "{page}");
@@ -1111,14 +1088,7 @@ async fn a_delivery_in_flight_is_delivering_under_a_lease() {
     assert!(!run_at_moved, "the claim moved the indexed run_at");
     assert!(leased, "no lease on a delivery in flight");
     settled(&app.pool).await;
-    let (_, page) = call(
-        &app,
-        reqwest::Method::GET,
-        &format!("/api/v2/webhooks/{id}/deliveries"),
-        API_KEY,
-        None,
-    )
-    .await;
+    let (_, page) = deliveries(&app, id).await;
     assert_eq!(page["items"][0]["state"], "delivered", "{page}");
     assert_eq!(hits.lock().unwrap().len(), 1);
     task.abort();
