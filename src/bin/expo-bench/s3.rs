@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,8 +13,8 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 
-use crate::scenarios::{Shared, claim_and_upload};
-use crate::setup::{API_KEY, Controller, Env, http_port, insert_pending, insert_workers};
+use crate::scenarios::{PeakRss, Shared, claim_and_upload, download_owned};
+use crate::setup::{Controller, Env, http_port, insert_pending, insert_workers};
 use crate::stats::Row;
 
 const GIB: u64 = 1 << 30;
@@ -153,18 +152,7 @@ pub async fn p8(env: &Env, client: &reqwest::Client) -> anyhow::Result<Row> {
     let rounds = rounds();
     let workers = insert_workers(&env.pool, "p8-", 1, "android").await?;
     insert_pending(&env.pool, "p8b-", rounds as i64, "android").await?;
-    let (baseline, _) = shared.1.rss_kib();
-    let peak = Arc::new(AtomicU64::new(baseline));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (shared, peak, sampling) = (shared.clone(), peak.clone(), sampling.clone());
-        tokio::spawn(async move {
-            while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(shared.1.rss_kib().0, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let peak = PeakRss::start(&shared);
     // Rounds of the plain client and then the controller moving the same bytes back to back, so that
     // a change in the machine's load between the two halves of one measurement shows as a spread
     // between rounds rather than as the figure; the row reports the median round.
@@ -175,17 +163,7 @@ pub async fn p8(env: &Env, client: &reqwest::Client) -> anyhow::Result<Row> {
         let id = claim_and_upload(&shared, &workers[0].1, GIB).await?;
         let up = started.elapsed();
         let started = Instant::now();
-        let r = client
-            .get(shared.1.url(&format!("/api/builds/{id}/download")))
-            .header("X-API-Key", API_KEY)
-            .send()
-            .await?;
-        let mut stream = r.bytes_stream();
-        let mut total = 0u64;
-        while let Some(chunk) = stream.next().await {
-            total += chunk?.len() as u64;
-        }
-        anyhow::ensure!(total == GIB, "downloaded {total} bytes through the controller");
+        download_owned(&shared, &id, GIB).await?;
         let down = started.elapsed();
         eprintln!(
             "P8 round {}: up {up:?} (direct {direct_up:?}), down {down:?} (direct {direct_down:?})",
@@ -199,9 +177,7 @@ pub async fn p8(env: &Env, client: &reqwest::Client) -> anyhow::Result<Row> {
         });
         // The result stays under its build; the next round's upload claims the next build.
     }
-    sampling.store(false, Ordering::Relaxed);
-    sampler.await?;
-    let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline) as f64 / 1024.0;
+    let growth = peak.growth_kib().await? as f64 / 1024.0;
     let up_rounds = median_by(&measured, |r| r.direct_up.as_secs_f64() / r.up.as_secs_f64());
     let down_rounds = median_by(&measured, |r| r.direct_down.as_secs_f64() / r.down.as_secs_f64());
     let (up_ratio, up, direct_up) = (up_rounds.0, up_rounds.1.up, up_rounds.1.direct_up);

@@ -440,43 +440,70 @@ pub async fn claim_and_upload(shared: &Shared, token: &str, bytes: u64) -> anyho
 /// P5a: RSS growth (KiB) while one 1 GiB result is uploaded and another downloaded at once.
 pub async fn big_transfers(shared: &Shared, pool: &PgPool) -> anyhow::Result<u64> {
     const GIB: u64 = 1 << 30;
-    let (client, controller) = &**shared;
     let workers = insert_workers(pool, "p5-", 2, "ios").await?;
     insert_pending(pool, "p5b-", 2, "ios").await?;
     let first = claim_and_upload(shared, &workers[0].1, GIB).await?;
-    let (baseline, _) = controller.rss_kib();
-    let peak = Arc::new(AtomicU64::new(baseline));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (shared, peak, sampling) = (shared.clone(), peak.clone(), sampling.clone());
-        tokio::spawn(async move {
-            while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(shared.1.rss_kib().0, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let peak = PeakRss::start(shared);
     let upload = claim_and_upload(shared, &workers[1].1, GIB);
-    let download = async {
-        let r = client
-            .get(controller.url(&format!("/api/builds/{first}/download")))
-            .header("X-API-Key", API_KEY)
-            .send()
-            .await?;
-        let mut stream = r.bytes_stream();
-        let mut total = 0u64;
-        while let Some(chunk) = stream.next().await {
-            total += chunk?.len() as u64;
-        }
-        anyhow::ensure!(total == GIB, "downloaded {total} bytes");
-        Ok::<(), anyhow::Error>(())
-    };
-    let (up, down) = tokio::join!(upload, download);
+    let (up, down) = tokio::join!(upload, download_owned(shared, &first, GIB));
     up?;
     down?;
-    sampling.store(false, Ordering::Relaxed);
-    sampler.await?;
-    Ok(peak.load(Ordering::Relaxed).saturating_sub(baseline))
+    peak.growth_kib().await
+}
+
+/// Samples the controller's RSS every 20 ms from its start until [`PeakRss::growth_kib`].
+pub struct PeakRss {
+    baseline: u64,
+    peak: Arc<AtomicU64>,
+    sampling: Arc<AtomicBool>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    pub fn start(shared: &Shared) -> PeakRss {
+        let (baseline, _) = shared.1.rss_kib();
+        let peak = Arc::new(AtomicU64::new(baseline));
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (shared, peak, sampling) = (shared.clone(), peak.clone(), sampling.clone());
+            tokio::spawn(async move {
+                while sampling.load(Ordering::Relaxed) {
+                    peak.fetch_max(shared.1.rss_kib().0, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        PeakRss {
+            baseline,
+            peak,
+            sampling,
+            sampler,
+        }
+    }
+
+    /// Stops sampling: the peak's growth over the baseline, in KiB.
+    pub async fn growth_kib(self) -> anyhow::Result<u64> {
+        self.sampling.store(false, Ordering::Relaxed);
+        self.sampler.await?;
+        Ok(self.peak.load(Ordering::Relaxed).saturating_sub(self.baseline))
+    }
+}
+
+/// The owner's download of build `id`'s result through the controller, checked to be `bytes` long.
+pub async fn download_owned(shared: &Shared, id: &str, bytes: u64) -> anyhow::Result<()> {
+    let (client, controller) = &**shared;
+    let r = client
+        .get(controller.url(&format!("/api/builds/{id}/download")))
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await?;
+    let mut stream = r.bytes_stream();
+    let mut total = 0u64;
+    while let Some(chunk) = stream.next().await {
+        total += chunk?.len() as u64;
+    }
+    anyhow::ensure!(total == bytes, "downloaded {total} bytes through the controller");
+    Ok(())
 }
 
 /// P5b: RSS growth (KiB) with 2,000 idle long polls held open.
