@@ -84,6 +84,15 @@ fn retry_config() -> RetryConfig {
     }
 }
 
+/// Whether request bodies go unsigned (`UNSIGNED-PAYLOAD`) when `AWS_UNSIGNED_PAYLOAD` does not say:
+/// over HTTPS (AWS's own endpoints when none is set), where TLS already protects the body in
+/// transit and hashing every part a second time for the signature would double the hashing of each
+/// upload (the result's own SHA-256 is computed anyway); over plain HTTP the body stays signed, as the
+/// signature is then its only integrity check.
+fn unsigned_payload_by_default(endpoint: Option<&str>) -> bool {
+    endpoint.is_none_or(|e| e.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://")))
+}
+
 impl Storage {
     /// Opens the configured store (not yet checked: see [`Storage::check`]).
     pub fn open(target: &StorageTarget, fsync: bool) -> anyhow::Result<Self> {
@@ -106,12 +115,18 @@ impl Storage {
         let mut builder = AmazonS3Builder::new()
             .with_client_options(client)
             .with_retry(retry_config());
+        let mut payload_signing_chosen = false;
         for (name, value) in std::env::vars() {
             if name.starts_with("AWS_")
                 && let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
             {
+                payload_signing_chosen |= key == AmazonS3ConfigKey::UnsignedPayload;
                 builder = builder.with_config(key, value);
             }
+        }
+        if !payload_signing_chosen {
+            let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+            builder = builder.with_unsigned_payload(unsigned_payload_by_default(endpoint.as_deref()));
         }
         let signer = Arc::new(
             builder
@@ -138,6 +153,15 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_go_unsigned_only_over_https() {
+        assert!(unsigned_payload_by_default(None));
+        assert!(unsigned_payload_by_default(Some("https://s3.eu-west-1.amazonaws.com")));
+        assert!(unsigned_payload_by_default(Some("HTTPS://minio.example")));
+        assert!(!unsigned_payload_by_default(Some("http://127.0.0.1:9000")));
+        assert!(!unsigned_payload_by_default(Some("")));
+    }
 
     #[test]
     fn urls_parse() {
