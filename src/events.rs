@@ -13,9 +13,9 @@
 //! Ids are allocated before commit, so the pump may see id N+1 while N is still in flight. It never
 //! passes a missing id until it is sure the id will never appear: everything after the gap is held back
 //! and read again shortly after (usually the missing row has committed by then and nothing more is
-//! needed). A gap still open at a later re-read (the second) makes the pump note which transactions
-//! hold a lock on `events` (every inserting transaction holds `RowExclusiveLock` on it from before its
-//! id was drawn until it ends), wait until all of them have ended, and read once more. The missing id was drawn
+//! needed). A gap still open at that re-read makes the pump note which transactions hold a lock on
+//! `events` (every inserting transaction holds `RowExclusiveLock` on it from before its id was drawn
+//! until it ends), wait until all of them have ended, and read once more. The missing id was drawn
 //! before the visible later id, hence before the first read that saw the gap, hence before the locks
 //! were noted: the transaction that drew it was either still running when they were noted — then it held
 //! that lock — or had already ended, and its row (if it committed) is in every later read. So if the
@@ -255,18 +255,10 @@ impl Events {
 struct Gap {
     at: i64,
     until: i64,
-    /// Re-reads that still saw the gap before its lockers were looked up.
-    rereads: u8,
     /// Transactions that held a lock on `events` when the gap was still open at a re-read and have not
     /// ended yet; `None` until that re-read.
     waiting: Option<HashSet<String>>,
 }
-
-/// Re-reads a gap may stay open before the pump looks up which transactions could still fill it. The
-/// look-up (`pg_locks`) costs about as much as a dozen outbox reads, and under load most gaps are a
-/// long statement still running that commits within a window or two; waiting for a later look-up is
-/// as safe as an early one (the missing id was drawn before the first read that saw the gap).
-const REREADS_BEFORE_LOCKS: u8 = 1;
 
 /// Positions the stream at the latest events (call before serving, so that a subscriber connecting
 /// first misses nothing); the ring then fills with recent history, so clients can resume across a
@@ -383,14 +375,8 @@ async fn step(conn: &mut PgConnection, events: &Events, gap: &mut Option<Gap>) -
                 next = open.until.min(visible);
                 *gap = None;
             }
-            Some(open) if open.at == next && open.waiting.is_none() && open.rereads < REREADS_BEFORE_LOCKS => {
-                // Still open at an early re-read: usually closed by the next one.
-                open.rereads += 1;
-                blocked = true;
-                break;
-            }
             Some(open) if open.at == next => {
-                // Still open at a later re-read: note (or re-check) the transactions that may still add it.
+                // Still open at a re-read: note (or re-check) the transactions that may still add it.
                 let lockers = event_writers(conn).await?;
                 match open.waiting.as_mut() {
                     Some(waiting) => waiting.retain(|vxid| lockers.contains(vxid)),
@@ -404,7 +390,6 @@ async fn step(conn: &mut PgConnection, events: &Events, gap: &mut Option<Gap>) -
                 *gap = Some(Gap {
                     at: next,
                     until: visible,
-                    rereads: 0,
                     waiting: None,
                 });
                 blocked = true;
