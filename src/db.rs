@@ -21,10 +21,31 @@ pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
              PostgreSQL crashes; use this for benchmarks only"
         );
     }
-    Ok(PgPoolOptions::new()
-        .max_connections(cfg.db_pool_size)
+    Ok(pool_options(cfg.db_pool_size).connect_lazy_with(connect_options(cfg)?))
+}
+
+/// A connection idle for longer than this is pinged before it is handed out (see [`pool_options`]).
+const PING_AFTER_IDLE: Duration = Duration::from_secs(2);
+
+/// The pool's settings. sqlx's default `test_before_acquire` pings every connection it hands out: a
+/// round trip (Sync → ReadyForQuery) before every statement or transaction, on top of the one sqlx
+/// makes when the connection comes back. Only a connection that sat idle for a while can have been
+/// dropped by the server (a restart, an idle timeout, a terminated backend) without anyone noticing,
+/// so only such a connection is pinged; one in steady use last answered milliseconds ago, and a
+/// failure there is what a failure during the statement would be anyway.
+fn pool_options(size: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(size)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(connect_options(cfg)?))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 /// The claim's own few connections (a quarter of the pool, at least 2), with `plan_cache_mode =
@@ -35,10 +56,7 @@ pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
 /// afresh. With the generic plan forced, each connection plans the claim once.
 pub fn connect_claims(cfg: &DbConfig) -> anyhow::Result<PgPool> {
     let options = connect_options(cfg)?.options([("plan_cache_mode", "force_generic_plan")]);
-    Ok(PgPoolOptions::new()
-        .max_connections((cfg.db_pool_size / 4).max(2))
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options))
+    Ok(pool_options((cfg.db_pool_size / 4).max(2)).connect_lazy_with(options))
 }
 
 fn connect_options(cfg: &DbConfig) -> anyhow::Result<PgConnectOptions> {

@@ -43,7 +43,8 @@ pub const EVENTS_CHANNEL: &str = "expo_events";
 
 /// Rows read per query.
 const READ_BATCH: i64 = 512;
-/// Re-read interval while a gap is open (its transactions are still running).
+/// Re-read interval while a gap is open (its transactions are still running); never sooner than
+/// [`COALESCE`] after the previous read started.
 const GAP_RECHECK: Duration = Duration::from_millis(5);
 /// Read interval without notifications (covers notifications lost while the LISTEN loop reconnects).
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
@@ -288,9 +289,10 @@ pub async fn pump(pool: PgPool, events: Arc<Events>, mut shutdown: watch::Receiv
     // Its own connection: under load, waiting for a pooled one would delay every event.
     let mut conn: Option<PgConnection> = None;
     loop {
+        let started = tokio::time::Instant::now();
         let read = match conn.as_mut() {
             Some(conn) => step(conn, &events, &mut gap).await,
-            None => match pool.connect_options().connect().await {
+            None => match pump_connect_options(&pool).connect().await {
                 Ok(fresh) => {
                     conn = Some(fresh);
                     continue;
@@ -308,12 +310,27 @@ pub async fn pump(pool: PgPool, events: Arc<Events>, mut shutdown: watch::Receiv
                 IDLE_RECHECK
             }
         };
+        // At most one read per coalescing window, whatever woke the pump: under load a notification
+        // (or an open gap's re-read) is always due, and without this floor the gap's re-read came
+        // between two notified reads (~140 reads a second at any build rate).
+        let window = started + COALESCE;
         tokio::select! {
             _ = events.wake.notified() => tokio::time::sleep(COALESCE).await,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(window.max(tokio::time::Instant::now() + wait)) => {}
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// The pump's connection: the pool's settings, with the generic plan forced. PostgreSQL kept choosing a
+/// custom plan for the outbox read, i.e. planning it at every call (as long as executing it), though its
+/// only plan is the primary key's index from `$1` on; the lock look-up of a gap has nothing to choose
+/// either.
+fn pump_connect_options(pool: &PgPool) -> sqlx::postgres::PgConnectOptions {
+    pool.connect_options()
+        .as_ref()
+        .clone()
+        .options([("plan_cache_mode", "force_generic_plan")])
 }
 
 /// One read: delivers the contiguous run after the last delivered id. Returns true when there may be

@@ -80,6 +80,36 @@ pub(crate) fn storage(dir: &Path) -> PathBuf {
     dir.with_extension("storage")
 }
 
+/// The pool pings only a connection that sat idle for a while (`db::connect`; not every connection it
+/// hands out, which cost a round trip per statement): one whose backend went away meanwhile is replaced
+/// before use, not handed to a request that would fail on it.
+#[tokio::test]
+async fn a_pooled_connection_whose_backend_ended_while_idle_is_replaced_before_use() {
+    let (url, admin) = crate::support::fresh_database(1).await;
+    let pool = expo_controller::db::connect(&expo_controller::config::DbConfig {
+        db_pool_size: 1,
+        ..expo_controller::config::DbConfig::new(url)
+    })
+    .await
+    .unwrap();
+    let backend = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool);
+    let pid = backend().await.unwrap();
+    assert_eq!(backend().await.unwrap(), pid, "one pooled connection, kept");
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert!(ended, "backend {pid} ended");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let replaced = backend()
+        .await
+        .expect("a connection idle for a while is checked before use, and replaced if dead");
+    assert_ne!(replaced, pid);
+    pool.close().await;
+    admin.close().await;
+}
+
 #[tokio::test]
 async fn a_database_restart_needs_no_controller_restart() {
     let postgres = OwnPostgres::start();
