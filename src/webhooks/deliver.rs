@@ -20,11 +20,13 @@
 //! * **Wake-ups**: the fan-out trigger NOTIFYs [`CHANNEL`] when it wrote deliveries (the LISTEN loop
 //!   of `queue::wakeups` wakes this loop), and the loop looks every second for retries that came due.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use rand::Rng;
@@ -96,6 +98,56 @@ struct Claimed {
     retry_from: DateTime<Utc>,
     url: String,
     secret_sealed: Vec<u8>,
+}
+
+/// A claimed delivery with what its POST needs, prepared once per claim statement: the body once per
+/// event and the signing secret opened once per subscription secret, shared by the batch's deliveries
+/// (ten subscriptions to one event are ten deliveries of one body).
+struct Prepared {
+    delivery: Claimed,
+    body: Bytes,
+    /// `None`: the sealed secret does not open (the key changed).
+    secret: Option<Arc<[u8]>>,
+}
+
+/// Prepares a claimed batch (see [`Prepared`]).
+fn prepare(certs_key: &[u8; 32], claimed: Vec<Claimed>) -> Vec<Prepared> {
+    let mut bodies: HashMap<i64, Bytes> = HashMap::new();
+    let mut secrets: HashMap<Vec<u8>, Option<Arc<[u8]>>> = HashMap::new();
+    claimed
+        .into_iter()
+        .map(|mut delivery| {
+            // Every delivery of an event carries the event's kind, ids, time and data (the fan-out's copy).
+            let body = match bodies.get(&delivery.event_id) {
+                Some(body) => body.clone(),
+                None => {
+                    let body = Bytes::from(
+                        crate::events::event_json(
+                            delivery.event_id,
+                            &delivery.kind,
+                            delivery.build_id.as_deref(),
+                            delivery.worker_id.as_deref(),
+                            delivery.event_at,
+                            std::mem::take(&mut delivery.data.0),
+                        )
+                        .to_string(),
+                    );
+                    bodies.insert(delivery.event_id, body.clone());
+                    body
+                }
+            };
+            let secret = secrets
+                .entry(std::mem::take(&mut delivery.secret_sealed))
+                .or_insert_with_key(|sealed| {
+                    crate::storage::certs::decrypt(certs_key, sealed)
+                        .and_then(|s| String::from_utf8(s).ok())
+                        .and_then(|s| secret_bytes(&s))
+                        .map(Arc::from)
+                })
+                .clone();
+            Prepared { delivery, body, secret }
+        })
+        .collect()
 }
 
 /// What the delivery loop needs.
@@ -170,7 +222,7 @@ impl Deliverer {
                     Ok(claimed) => {
                         backlog = claimed.len() == free;
                         due = backlog;
-                        for delivery in claimed {
+                        for delivery in prepare(&self.certs_key, claimed) {
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
                             };
@@ -236,10 +288,12 @@ impl Deliverer {
     }
 
     /// One attempt of one claimed delivery and what to record of it.
-    async fn attempt(&self, delivery: Claimed) -> Outcome {
+    async fn attempt(&self, prepared: Prepared) -> Outcome {
         let at = Utc::now();
         let started = Instant::now();
-        let (status, error) = match self.send(&delivery, at).await {
+        let result = self.send(&prepared, at).await;
+        let delivery = prepared.delivery;
+        let (status, error) = match result {
             Ok(status) if (200..300).contains(&status) => (Some(status), None),
             Ok(status) => (Some(status), Some(format!("answered HTTP {status}"))),
             Err(error) => (None, Some(error)),
@@ -274,28 +328,20 @@ impl Deliverer {
     }
 
     /// POSTs the delivery; the receiver's status, or why there was none.
-    async fn send(&self, delivery: &Claimed, at: DateTime<Utc>) -> Result<u16, String> {
+    async fn send(&self, prepared: &Prepared, at: DateTime<Utc>) -> Result<u16, String> {
+        let delivery = &prepared.delivery;
         let url = reqwest::Url::parse(&delivery.url).map_err(|_| "target URL no longer parses".to_string())?;
         if let Some(why) = target::literal_refused(&url, self.config.webhook_allow_private) {
             return Err(format!("refused: {why}"));
         }
-        let secret = crate::storage::certs::decrypt(&self.certs_key, &delivery.secret_sealed)
-            .and_then(|s| String::from_utf8(s).ok())
-            .and_then(|s| secret_bytes(&s))
+        let secret = prepared
+            .secret
+            .as_deref()
             .ok_or_else(|| "the signing secret cannot be opened (CONTROLLER_CERTS_KEY changed?)".to_string())?;
-        let body = crate::events::event_json(
-            delivery.event_id,
-            &delivery.kind,
-            delivery.build_id.as_deref(),
-            delivery.worker_id.as_deref(),
-            delivery.event_at,
-            delivery.data.0.clone(),
-        )
-        .to_string();
+        let body = prepared.body.clone();
         let message_id = super::message_id(delivery.id);
         let timestamp = at.timestamp();
-        let signature =
-            sign(&secret, &message_id, timestamp, body.as_bytes()).ok_or_else(|| "signing failed".to_string())?;
+        let signature = sign(secret, &message_id, timestamp, &body).ok_or_else(|| "signing failed".to_string())?;
         let response = self
             .client
             .post(url)

@@ -492,12 +492,22 @@ async fn views(pool: &PgPool, rows: Vec<DeliveryRow>) -> OpResult<Vec<DeliveryVi
         .collect())
 }
 
-/// A `pending` row under a lease is in flight: `delivering` (migration 0240).
-const SHOWN_STATE: &str = "CASE WHEN d.state = 'pending' AND d.leased_until > now() THEN 'delivering' ELSE d.state END";
+/// A `pending` row under a lease is in flight: `delivering` (migration 0240). A macro, so that
+/// [`SHOWN_STATE`] and [`DELIVERY_COLUMNS`] are one text.
+macro_rules! shown_state {
+    () => {
+        "CASE WHEN d.state = 'pending' AND d.leased_until > now() THEN 'delivering' ELSE d.state END"
+    };
+}
 
-const DELIVERY_COLUMNS: &str = "d.id, d.subscription_id, d.event_id, d.kind, d.build_id,
-     CASE WHEN d.state = 'pending' AND d.leased_until > now() THEN 'delivering' ELSE d.state END AS state,
-     d.created_at, d.delivered_at, d.run_at, d.last_attempt_at, d.last_status, d.last_latency_ms";
+/// The state a delivery is shown in (see [`shown_state`]).
+const SHOWN_STATE: &str = shown_state!();
+
+const DELIVERY_COLUMNS: &str = concat!(
+    "d.id, d.subscription_id, d.event_id, d.kind, d.build_id, ",
+    shown_state!(),
+    " AS state, d.created_at, d.delivered_at, d.run_at, d.last_attempt_at, d.last_status, d.last_latency_ms"
+);
 
 async fn delivery(pool: &PgPool, id: i64, owner: Option<&str>) -> OpResult<DeliveryView> {
     let row: Option<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(

@@ -255,6 +255,54 @@ async fn deliveries_verify_with_the_standard_webhooks_library() {
     assert_eq!(hits[1].body, hits[0].body);
 }
 
+/// Several subscriptions, each with its own secret, to the same events, in a burst (so that one claim
+/// takes deliveries of one event to several subscriptions, which share the event's body and open each
+/// secret once): every request verifies with its own subscription's secret and no other, the bodies of
+/// one event are the same bytes at every receiver, and each delivery has its own message id.
+#[tokio::test]
+async fn deliveries_of_one_event_to_several_subscriptions_are_each_signed_with_their_own_secret() {
+    let app = allow_private().await;
+    let receivers = [
+        Receiver::start().await,
+        Receiver::start().await,
+        Receiver::start().await,
+    ];
+    let mut verifiers = Vec::new();
+    for receiver in &receivers {
+        let created = subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+        verifiers.push(standardwebhooks::Webhook::new(created["secret"].as_str().unwrap()).expect("secret"));
+    }
+    const BURST: usize = 20;
+    futures_util::future::join_all((0..BURST).map(|_| app.submit("ios", b"PK\x03\x04 source"))).await;
+    let mut bodies: BTreeMap<i64, BTreeSet<Vec<u8>>> = BTreeMap::new();
+    let mut message_ids = BTreeSet::new();
+    for (n, receiver) in receivers.iter().enumerate() {
+        let hits = receiver.wait_until(20, |h| h.len() >= BURST).await;
+        assert_eq!(hits.len(), BURST);
+        for hit in &hits {
+            let mut headers = HeaderMap::new();
+            for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+                headers.insert(name, hit.headers[name].clone());
+            }
+            for (m, verifier) in verifiers.iter().enumerate() {
+                assert_eq!(
+                    verifier.verify(&hit.body, &headers).is_ok(),
+                    m == n,
+                    "receiver {n}'s request checked with subscription {m}'s secret"
+                );
+            }
+            assert!(message_ids.insert(hit.message_id()), "one message id per delivery");
+            let event = hit.json()["id"].as_i64().expect("event id");
+            bodies.entry(event).or_default().insert(hit.body.to_vec());
+        }
+    }
+    assert_eq!(bodies.len(), BURST, "one event per build");
+    assert!(
+        bodies.values().all(|b| b.len() == 1),
+        "one body per event at every receiver"
+    );
+}
+
 /// A burst of deliveries (claimed and recorded in batches) reaches the receiver once each; a first-try
 /// success is recorded on the delivery row alone (no `webhook_attempts` row) yet listed as its attempt,
 /// and a redelivery keeps that earlier success in the history.

@@ -366,11 +366,12 @@ fn report_run(label: &str, n: usize, run: &Run) {
 }
 
 /// One P12 run on `shared` for other rows (W1): its workers registered here, then `secs` of the full
-/// cycle. Builds/s, controller and PostgreSQL CPU in ms per build.
-pub async fn one_run(shared: &Shared, env: &Env, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+/// cycle, its submits paced to `pace` builds/s when given (else as fast as the cycle goes). Builds/s,
+/// controller and PostgreSQL CPU in ms per build.
+pub async fn one_run(shared: &Shared, env: &Env, secs: u64, pace: Option<f64>) -> anyhow::Result<(f64, f64, f64)> {
     let tokens = register(shared).await?;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let run = cycles(shared, env, &tokens, &ledger, Duration::from_secs(secs)).await?;
+    let run = cycles_paced(shared, env, &tokens, &ledger, Duration::from_secs(secs), pace).await?;
     Ok((
         run.rate(),
         run.per_build(run.controller_cpu),
@@ -407,6 +408,21 @@ async fn cycles(
     ledger: &Arc<Mutex<Ledger>>,
     duration: Duration,
 ) -> anyhow::Result<Run> {
+    cycles_paced(shared, env, tokens, ledger, duration, None).await
+}
+
+/// [`cycles`], with the submits paced to `pace` builds/s in all when given (W1's fixed-rate runs): the
+/// n-th submit of the run waits until n / `pace` seconds after the start (still at most `IN_FLIGHT`
+/// builds in flight), so two runs at a rate both sustain offer the same load.
+async fn cycles_paced(
+    shared: &Shared,
+    env: &Env,
+    tokens: &[String],
+    ledger: &Arc<Mutex<Ledger>>,
+    duration: Duration,
+    pace: Option<f64>,
+) -> anyhow::Result<Run> {
+    let tickets = Arc::new(AtomicU64::new(0));
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let submitting = Arc::new(AtomicBool::new(true));
     let submitted = Arc::new(AtomicU64::new(0));
@@ -423,13 +439,14 @@ async fn cycles(
 
     let mut submitters = Vec::new();
     for _ in 0..SUBMITTERS {
-        let (shared, permits, submitting, submitted, ledger, source) = (
+        let (shared, permits, submitting, submitted, ledger, source, tickets) = (
             shared.clone(),
             permits.clone(),
             submitting.clone(),
             submitted.clone(),
             ledger.clone(),
             source.clone(),
+            tickets.clone(),
         );
         submitters.push(tokio::spawn(async move {
             let (client, controller) = &*shared;
@@ -439,6 +456,10 @@ async fn cycles(
                 else {
                     continue;
                 };
+                if let Some(rate) = pace.filter(|r| *r > 0.0) {
+                    let n = tickets.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep_until((started + Duration::from_secs_f64(n as f64 / rate)).into()).await;
+                }
                 let form = Form::new()
                     .text("platform", "ios")
                     .part("source", Part::stream(source.clone()).file_name("app.zip"));

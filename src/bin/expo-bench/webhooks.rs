@@ -1,9 +1,11 @@
 //! W1 (issue #24): webhook deliveries under the P12 load. One P12 run with 1 subscription, then
-//! `BENCH_W1_PAIRS` ABBA pairs of runs with none and with 10 subscriptions (each to `build.completed`
-//! and `build.failed`, what a submitter's CI listens to) to a healthy receiver on loopback in this process: the delivery latency from the
-//! event's commit (its `at`) to the receiver, p50/p99 (W1a: 1 subscription, W1: 10), and what the
-//! subscriptions cost per build (controller and PostgreSQL CPU, builds/s; W1c), as a share of the P12
-//! run without them in the same pair, the median over the pairs (issue #25's budget: ≤ 10 %).
+//! `BENCH_W1_PAIRS` pairs of runs with none and with 10 subscriptions (each to `build.completed` and
+//! `build.failed`, what a submitter's CI listens to) to a healthy receiver on loopback in this process,
+//! free-running and at one paced build rate: the delivery latency from the event's commit (its `at`) to
+//! the receiver, p50/p99 (W1a: 1 subscription, W1: 10), and what the subscriptions cost per build
+//! (controller and PostgreSQL CPU; W1c: at the same build rate, as a share of P12's CPU per build in the
+//! same pair; W1c-free: the former measure, free-running), the median over the pairs (issue #25's
+//! budget: ≤ 10 %). See [`w1`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,7 +65,7 @@ struct Bench<'a> {
 impl Bench<'_> {
     /// One P12 run on a fresh controller with `subscriptions` subscriptions to the receiver; the
     /// deliveries of the run all arrive (or fail, named) before it returns.
-    async fn run(&self, subscriptions: usize) -> anyhow::Result<Measured> {
+    async fn run(&self, subscriptions: usize, pace: Option<f64>) -> anyhow::Result<Measured> {
         let (env, client) = (self.env, self.client);
         crate::drain(&env.pool).await?;
         sqlx::query("DELETE FROM webhook_subscriptions")
@@ -88,7 +90,7 @@ impl Bench<'_> {
         let statements = subscriptions > 0 && crate::cycle::statement_stats_reset(&env.pool).await;
         let writes_before = delivery_writes(&env.pool).await;
         let main_before = self.main.cpu_secs();
-        let (rate, controller_ms, postgres_ms) = crate::cycle::one_run(&shared, env, self.secs).await?;
+        let (rate, controller_ms, postgres_ms) = crate::cycle::one_run(&shared, env, self.secs, pace).await?;
         // Over the window and the finishing of the builds still in flight: a slight overstatement.
         let main_ms = 1000.0 * (self.main.cpu_secs() - main_before) / (rate * self.secs as f64).max(1.0);
         let controller_ms = controller_ms + main_ms;
@@ -117,8 +119,13 @@ impl Bench<'_> {
             eprintln!("W1 {subscriptions} subscriptions: {count} failed attempts: {error}");
         }
         let samples = self.received.lock().map(|s| s.clone()).unwrap_or_default();
+        let offered = match pace {
+            Some(pace) if rate < 0.95 * pace => format!("paced to {pace:.0} builds/s, NOT sustained"),
+            Some(pace) => format!("paced to {pace:.0} builds/s"),
+            None => "free-running".to_string(),
+        };
         eprintln!(
-            "W1 {subscriptions} subscriptions: {rate:.0} builds/s, controllers {controller_ms:.2} ms/build \
+            "W1 {subscriptions} subscriptions ({offered}): {rate:.0} builds/s, controllers {controller_ms:.2} ms/build \
              (main instance {main_ms:.2}), PostgreSQL {postgres_ms:.2} ms/build, {} deliveries, p50/p95/p99 {}",
             samples.0.len(),
             samples.summary()
@@ -182,26 +189,57 @@ async fn print_delivery_costs(pool: &sqlx::PgPool, statements: bool, before: (i6
     }
 }
 
-/// The median over the pairs of one figure of the runs without (`with` false) or with subscriptions.
-fn side(runs: &[(Measured, Measured)], with: bool, figure: fn(&Measured) -> f64) -> f64 {
-    median(runs.iter().map(|(a, b)| figure(if with { b } else { a })).collect())
+/// One pair: the runs without and with subscriptions, free-running and at the paced rate.
+struct Pair {
+    free: (Measured, Measured),
+    paced: (Measured, Measured),
 }
 
-/// W1a (1 subscription, once), then `BENCH_W1_PAIRS` (default 3) pairs of runs with 0 and 10
-/// subscriptions in ABBA order (0 → 10, 10 → 0, 0 → 10, …), so that a drift of the shared machine's load
-/// weighs on both sides alike. W1c is the median over the pairs of each pair's extra CPU per build as a
-/// share of its run without subscriptions; W1's latencies are those of every 10-subscription run. The
-/// controller CPU is that of both instances that deliver (the run's and `main`).
+impl Pair {
+    /// The old measure: the extra CPU per build of the free-running runs as a share of the one without
+    /// subscriptions (the 10-subscription run also runs fewer builds, so the per-second costs weigh more).
+    fn free_share(&self) -> f64 {
+        let (without, with) = &self.free;
+        (with.cpu() - without.cpu()) / without.cpu().max(1e-9)
+    }
+
+    /// The extra CPU per build of the deliveries at one build rate (the paced runs).
+    fn paced_extra(&self) -> f64 {
+        self.paced.1.cpu() - self.paced.0.cpu()
+    }
+
+    /// W1c: [`Pair::paced_extra`] as a share of P12's CPU per build (the free-running run without
+    /// subscriptions of the same pair).
+    fn share(&self) -> f64 {
+        self.paced_extra() / self.free.0.cpu().max(1e-9)
+    }
+}
+
+/// The median over the pairs of one figure.
+fn side(pairs: &[Pair], figure: impl Fn(&Pair) -> f64) -> f64 {
+    median(pairs.iter().map(figure).collect())
+}
+
+/// W1a (1 subscription, once), then `BENCH_W1_PAIRS` (default 3) pairs, each of four P12 runs: with 0 and
+/// 10 subscriptions free-running (as fast as the cycle goes), then both again with the submits paced to
+/// one rate. The order alternates (0 → 10 → 10 paced → 0 paced, then 10 → 0 → 0 paced → 10 paced, …), so
+/// that a drift of the shared machine's load weighs on both sides alike. The paced rate is
+/// `BENCH_W1_RATE` builds/s, or `BENCH_W1_PACE` (default 0.7) of the slower free-running run of the first
+/// pair, the same for every pair: a rate both sides sustain, so both run the same builds per second and
+/// the per-second costs (the event pump's reads, idle polls, PostgreSQL's background work) are spread
+/// over the same builds.
+///
+/// **W1c** is the median over the pairs of the paced runs' extra CPU per build (10 subscriptions minus
+/// none) as a share of P12's CPU per build (the free-running run without subscriptions of the same
+/// pair). **W1c-free** is the former measure (the free-running runs' extra CPU per build as a share of
+/// the run without subscriptions), printed beside it. W1's latencies are those of every 10-subscription
+/// run. The controller CPU is that of both instances that deliver (the run's and `main`).
 pub async fn w1(env: &Env, client: &reqwest::Client, main: &Controller) -> anyhow::Result<Vec<Row>> {
-    let secs = std::env::var("BENCH_W1_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10u64);
-    let pairs = std::env::var("BENCH_W1_PAIRS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3usize)
-        .max(1);
+    let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<f64>().ok());
+    let secs = number("BENCH_W1_SECS").map(|s| s as u64).unwrap_or(10).max(1);
+    let pairs = number("BENCH_W1_PAIRS").map(|p| p as usize).unwrap_or(3).max(1);
+    let fixed_rate = number("BENCH_W1_RATE").filter(|r| *r > 0.0);
+    let pace_share = number("BENCH_W1_PACE").filter(|p| *p > 0.0).unwrap_or(0.7);
     let received: Received = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let hook = format!("http://{}/hook", listener.local_addr()?);
@@ -221,41 +259,58 @@ pub async fn w1(env: &Env, client: &reqwest::Client, main: &Controller) -> anyho
         secs,
     };
     let measured = async {
-        let one = bench.run(1).await?;
-        let mut runs = Vec::new();
+        let one = bench.run(1, None).await?;
+        let mut runs: Vec<Pair> = Vec::new();
+        let mut rate = fixed_rate;
         for pair in 0..pairs {
             let order = if pair % 2 == 0 {
                 [0, SUBSCRIPTIONS]
             } else {
                 [SUBSCRIPTIONS, 0]
             };
-            let (mut without, mut with) = (None, None);
+            let mut free: [Option<Measured>; 2] = [None, None];
             for n in order {
-                let measured = bench.run(n).await?;
-                if n == 0 {
-                    without = Some(measured);
-                } else {
-                    with = Some(measured);
-                }
+                free[usize::from(n > 0)] = Some(bench.run(n, None).await?);
             }
-            if let (Some(without), Some(with)) = (without, with) {
-                eprintln!(
-                    "W1c pair {}: {:.2} → {:.2} ms CPU/build ({:+.1} %), load average {}",
-                    pair + 1,
-                    without.cpu(),
-                    with.cpu(),
-                    100.0 * (with.cpu() - without.cpu()) / without.cpu().max(1e-9),
-                    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
-                );
-                runs.push((without, with));
+            let [Some(without), Some(with)] = free else {
+                anyhow::bail!("W1: a free-running run is missing");
+            };
+            let pace = *rate.get_or_insert(pace_share * without.rate.min(with.rate));
+            let mut paced: [Option<Measured>; 2] = [None, None];
+            for n in order.into_iter().rev() {
+                paced[usize::from(n > 0)] = Some(bench.run(n, Some(pace)).await?);
             }
+            let [Some(paced_without), Some(paced_with)] = paced else {
+                anyhow::bail!("W1: a paced run is missing");
+            };
+            let pair_runs = Pair {
+                free: (without, with),
+                paced: (paced_without, paced_with),
+            };
+            eprintln!(
+                "W1c pair {}: paced to {pace:.0} builds/s {:.2} → {:.2} ms CPU/build ({:+.2} ms = {:.1} % of P12's {:.2} \
+                 ms/build at {:.0} builds/s); free-running {:.2} → {:.2} ms CPU/build ({:+.1} %, the old measure), \
+                 load average {}",
+                pair + 1,
+                pair_runs.paced.0.cpu(),
+                pair_runs.paced.1.cpu(),
+                pair_runs.paced_extra(),
+                100.0 * pair_runs.share(),
+                pair_runs.free.0.cpu(),
+                pair_runs.free.0.rate,
+                pair_runs.free.0.cpu(),
+                pair_runs.free.1.cpu(),
+                100.0 * pair_runs.free_share(),
+                std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+            );
+            runs.push(pair_runs);
         }
-        anyhow::Ok((one, runs))
+        anyhow::Ok((one, runs, rate.unwrap_or_default()))
     }
     .await;
     server.abort();
     crate::drain(&env.pool).await?;
-    let (one, runs) = measured?;
+    let (one, runs, pace) = measured?;
     let latency_row = |id: &'static str, n: usize, samples: &Samples| {
         let p99 = samples.percentile(0.99);
         Row {
@@ -273,51 +328,83 @@ pub async fn w1(env: &Env, client: &reqwest::Client, main: &Controller) -> anyho
         }
     };
     let mut all = Samples::default();
-    for (_, with) in &runs {
-        all.extend(with.samples.clone());
+    for pair in &runs {
+        all.extend(pair.free.1.samples.clone());
+        all.extend(pair.paced.1.samples.clone());
     }
-    let share = median(
+    let percent = |f: &dyn Fn(&Pair) -> f64| -> String {
         runs.iter()
-            .map(|(without, with)| (with.cpu() - without.cpu()) / without.cpu().max(1e-9))
-            .collect(),
-    );
-    let extra = median(runs.iter().map(|(without, with)| with.cpu() - without.cpu()).collect());
+            .map(|p| format!("{:+.1} %", 100.0 * f(p)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let share = side(&runs, Pair::share);
+    let free_share = side(&runs, Pair::free_share);
+    let extra = side(&runs, Pair::paced_extra);
+    let free_extra = side(&runs, |p| p.free.1.cpu() - p.free.0.cpu());
+    let p12 = side(&runs, |p| p.free.0.cpu());
     let (cpu0, cpu10) = (
-        side(&runs, false, |m| m.controller_ms),
-        side(&runs, true, |m| m.controller_ms),
+        side(&runs, |p| p.paced.0.controller_ms),
+        side(&runs, |p| p.paced.1.controller_ms),
     );
     let (pg0, pg10) = (
-        side(&runs, false, |m| m.postgres_ms),
-        side(&runs, true, |m| m.postgres_ms),
+        side(&runs, |p| p.paced.0.postgres_ms),
+        side(&runs, |p| p.paced.1.postgres_ms),
     );
-    let (rate0, rate10) = (side(&runs, false, |m| m.rate), side(&runs, true, |m| m.rate));
-    let per_pair: Vec<String> = runs
+    let (rate0, rate10) = (side(&runs, |p| p.paced.0.rate), side(&runs, |p| p.paced.1.rate));
+    let (free_cpu0, free_cpu10) = (
+        side(&runs, |p| p.free.0.controller_ms),
+        side(&runs, |p| p.free.1.controller_ms),
+    );
+    let (free_pg0, free_pg10) = (
+        side(&runs, |p| p.free.0.postgres_ms),
+        side(&runs, |p| p.free.1.postgres_ms),
+    );
+    let (free_rate0, free_rate10) = (side(&runs, |p| p.free.0.rate), side(&runs, |p| p.free.1.rate));
+    // Both paced runs of every pair ran (about) the paced rate; else the two sides are not comparable.
+    let sustained = runs
         .iter()
-        .map(|(without, with)| {
-            format!(
-                "{:+.1} %",
-                100.0 * (with.cpu() - without.cpu()) / without.cpu().max(1e-9)
-            )
-        })
-        .collect();
+        .all(|p| p.paced.0.rate >= 0.9 * pace && p.paced.1.rate >= 0.9 * pace);
     Ok(vec![
         latency_row("W1a", 1, &one.samples),
         latency_row("W1", SUBSCRIPTIONS, &all),
         Row {
             id: "W1c",
             scenario: format!(
-                "cost per build, 0 → {SUBSCRIPTIONS} subscriptions, {} ABBA pair(s) of {secs} s runs (per pair: {}); \
-                 medians: controller CPU {cpu0:.2} → {cpu10:.2} ms/build, PostgreSQL CPU {pg0:.2} → {pg10:.2} ms/build, \
-                 {rate0:.0} → {rate10:.0} builds/s",
+                "extra CPU per build of {SUBSCRIPTIONS} subscriptions at one build rate (0 and {SUBSCRIPTIONS} \
+                 subscriptions, submits paced to {pace:.0} builds/s), {} pair(s) of {secs} s runs (per pair: {}); \
+                 medians: controller CPU {cpu0:.2} → {cpu10:.2} ms/build, PostgreSQL CPU {pg0:.2} → {pg10:.2} \
+                 ms/build, {rate0:.0} → {rate10:.0} builds/s{}; P12 (free-running, 0 subscriptions) {p12:.2} ms CPU/build",
                 runs.len(),
-                per_pair.join(", ")
+                percent(&Pair::share),
+                if sustained {
+                    ""
+                } else {
+                    " (NOT sustained: the sides are not comparable)"
+                }
             ),
             figure: format!("{extra:+.2} ms CPU/build (median)"),
-            reference: "P12 CPU/build (0 subscriptions, same pair)".into(),
+            reference: "P12 CPU/build (free-running, 0 subscriptions, same pair)".into(),
             ratio: format!("{:.1} % of P12 (median of pairs)", 100.0 * share),
             latency: "-".into(),
             target: "≤ 10 % of P12 (#25)",
-            met: !runs.is_empty() && share <= 0.1,
+            met: !runs.is_empty() && sustained && share <= 0.1,
+        },
+        Row {
+            id: "W1c-free",
+            scenario: format!(
+                "the former W1c: free-running runs, 0 → {SUBSCRIPTIONS} subscriptions (per pair: {}); medians: \
+                 controller CPU {free_cpu0:.2} → {free_cpu10:.2} ms/build, PostgreSQL CPU {free_pg0:.2} → \
+                 {free_pg10:.2} ms/build, {free_rate0:.0} → {free_rate10:.0} builds/s (fewer builds share the \
+                 per-second costs)",
+                percent(&Pair::free_share)
+            ),
+            figure: format!("{free_extra:+.2} ms CPU/build (median)"),
+            reference: "P12 CPU/build (0 subscriptions, same pair)".into(),
+            ratio: format!("{:.1} % of P12 (median of pairs)", 100.0 * free_share),
+            latency: "-".into(),
+            target: "report (the former measure)",
+            met: true,
         },
     ])
 }
