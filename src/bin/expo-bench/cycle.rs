@@ -721,10 +721,10 @@ fn load_average() -> String {
 }
 
 /// A controller stopped (`SIGSTOP`) until this is dropped (`SIGCONT`).
-struct Paused(i32);
+pub(crate) struct Paused(i32);
 
 impl Paused {
-    fn stop(pid: u32) -> Self {
+    pub(crate) fn stop(pid: u32) -> Self {
         let pid = pid as i32;
         // SAFETY: kill(2) on the pid of a child this bench launched.
         unsafe { libc::kill(pid, libc::SIGSTOP) };
