@@ -157,7 +157,7 @@ pub struct SpareKeys {
 
 impl SpareKeys {
     /// At most this many spares per instance (one is taken per request, one recorded per link).
-    pub const MAX: usize = 8;
+    pub const MAX: usize = 64;
 
     /// A spare recorded less than `max_age` ago, if any (older ones are dropped: the sweep settles them).
     pub fn take(&self, max_age: std::time::Duration) -> Option<(String, std::time::Instant)> {

@@ -84,7 +84,7 @@ mod tests {
     fn keys_round_trip() {
         let key = Key::result("abc_DEF-1", "u3").unwrap();
         assert_eq!(key.as_str(), "builds/abc_DEF-1/result-u3.bin");
-        assert_eq!(Key::parse(key.as_str()), Some(key));
+        assert_eq!(Key::parse(key.as_str()), Some(key.clone()));
         assert_eq!(Key::source("x").unwrap().as_str(), "builds/x/source.zip");
         let loose = Key::loose_result("u4").unwrap();
         assert_eq!(loose.as_str(), "results/u4.bin");
