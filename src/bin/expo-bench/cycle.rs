@@ -655,7 +655,7 @@ async fn exactly_once(pool: &PgPool, root: &Path, ledger: &Mutex<Ledger>) -> any
         .unwrap_or(0);
     let lost = ids.len() as i64 - completed;
     let claimed_twice = claimed_twice as i64 + multi_attempt + (attempts - ids.len() as i64).max(0);
-    let uploaded_twice = uploaded_twice as i64 + results_twice;
+    let uploaded_twice = uploaded_twice as i64 + results_twice as i64;
     let exact = lost == 0 && claimed_twice == 0 && uploaded_twice == 0;
     Ok((
         format!(
