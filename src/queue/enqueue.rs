@@ -227,8 +227,7 @@ async fn insert(
 ) -> QueueResult<Enqueued> {
     let run_at = new.run_at.filter(|at| *at > now);
     let state = if run_at.is_some() { "scheduled" } else { "pending" };
-    const SQL: &str = concat!(
-        "WITH claimed AS (
+    const SQL: &str = "WITH claimed AS (
             -- the objects' pending keys, locked: a sweep that doomed one first makes this insert refuse. The
             -- claim is the end of the pending period (the keys are deleted below); the submit made them young
             -- again before only if its stream was slow (queue::refresh_slow_writes)
@@ -268,8 +267,7 @@ async fn insert(
             ON CONFLICT (key) DO NOTHING
          )
          SELECT inserted.*, ($15::bigint IS NOT NULL AND (SELECT n FROM queued) + 1 >= $15) AS at_limit
-         FROM inserted, (SELECT count(*) FROM notified) AS notified_count"
-    );
+         FROM inserted, (SELECT count(*) FROM notified) AS notified_count";
     let row: Option<PgRow> = sqlx::query(SQL)
         .bind(&new.id)
         .bind(state)
