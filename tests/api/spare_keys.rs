@@ -151,7 +151,7 @@ async fn a_result_right_after_its_claim_streams_to_the_key_the_previous_completi
         !next.is_empty() && !next.contains(&key),
         "linked, and the next spare recorded: {next:?}"
     );
-    let loose = vec![key];
+    let loose = [key];
 
     // A killed upload's object under the next spare, and (as if never forgotten) the linked key, both
     // past the cut-off: the sweep deletes the first and keeps the second.
