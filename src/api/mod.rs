@@ -69,6 +69,12 @@ pub struct AppState {
     pub events: Arc<crate::events::Events>,
     /// Recent key look-ups (each trusted for a second, so revocations reach every instance in time).
     pub keys: Arc<crate::identity::KeyCache>,
+    /// Source keys recorded as pending writes ahead of their submits (by the previous submit's insert).
+    pub spare_sources: Arc<crate::queue::SpareKeys>,
+    /// Loose result keys recorded as pending writes ahead of their uploads (by the previous completion).
+    pub spare_results: Arc<crate::queue::SpareKeys>,
+    /// The platform queues this instance saw at their limit (counted before a submit's body only then).
+    pub full_queues: Arc<crate::queue::FullQueues>,
 }
 
 impl AppState {
@@ -92,6 +98,9 @@ impl AppState {
             workers: Arc::default(),
             events,
             keys: Arc::default(),
+            spare_sources: Arc::default(),
+            spare_results: Arc::default(),
+            full_queues: Arc::default(),
         }
     }
 }

@@ -56,6 +56,19 @@ pub async fn stream_direct(state: &AppState, build_id: &str, field: Field<'_>) -
     stream_to(state, key, field).await
 }
 
+/// For a caller this instance handed `build_id` moments ago and who holds it in that row
+/// ([`crate::api::worker_cache::WorkerCache::handed`]): a loose result key recorded as a pending write
+/// by an earlier completion ([`queue::SpareKeys`]), if one is young enough. `None`: check in the database.
+pub fn spare_for_handed(state: &AppState, build_id: &str, caller: &BuildCaller) -> Option<Key> {
+    state
+        .workers
+        .handed(&caller.worker_id, build_id)
+        .filter(|b| caller.holds(b))?;
+    let max_age = std::time::Duration::from_secs(state.config.jobs.staging_max_age_secs / 4);
+    let (upload_id, _) = state.spare_results.take(max_age)?;
+    Key::loose_result(&upload_id)
+}
+
 /// A fresh result key of `build_id` (a new upload id: a late or stale upload never overwrites).
 pub fn result_key(build_id: &str) -> ApiResult<Key> {
     Key::result(build_id, &ids::new_id()).ok_or_else(ApiError::build_not_found)
@@ -188,7 +201,8 @@ pub async fn complete_with(
     staged: StagedResult,
 ) -> Result<(), CompleteError> {
     let key = if staged.direct {
-        if Key::result(build_id, "x").is_none_or(|k| !same_build(&k, &staged.key)) {
+        // A loose result (a spare key) belongs to no build until this completion links it.
+        if !staged.key.is_loose_result() && Key::result(build_id, "x").is_none_or(|k| !same_build(&k, &staged.key)) {
             // Written for another build: never linked here.
             discard_direct(state, &staged.key).await;
             return Err(CompleteError::Api(ApiError::build_not_found()));
@@ -215,10 +229,24 @@ pub async fn complete_with(
         size,
         sha256: staged.stored.sha256,
     };
-    let error = match queue::complete(&state.pool, build_id, caller.holder(), &result, Utc::now()).await {
-        Ok(_) => return Ok(()),
-        Err(e) => e,
-    };
+    // The completion records a loose result key for a later upload to this instance (queue::SpareKeys).
+    let spare = state
+        .spare_results
+        .wanted()
+        .then(ids::new_id)
+        .and_then(|id| Key::loose_result(&id).map(|key| (id, key)));
+    let spare_key = spare.as_ref().map(|(_, key)| key.as_str());
+    let started = std::time::Instant::now();
+    let error =
+        match queue::complete_recording(&state.pool, build_id, caller.holder(), &result, spare_key, Utc::now()).await {
+            Ok(_) => {
+                if let Some((id, _)) = spare {
+                    state.spare_results.put(id, started);
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
     if error.outcome_unknown() {
         return match queue::find_build(&state.pool, build_id).await {
             Ok(Some(build)) if build.result_key.as_deref() == Some(result.key.as_str()) => {

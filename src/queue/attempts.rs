@@ -49,6 +49,19 @@ pub async fn complete(
     result: &ResultFile,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
+    complete_recording(pool, build_id, holder, result, None, now).await
+}
+
+/// [`complete`] that also records `spare` (a key for a later result, `super::SpareKeys`) as a pending
+/// write when the attempt completes, in the same statement.
+pub async fn complete_recording(
+    pool: &PgPool,
+    build_id: &str,
+    holder: Holder<'_>,
+    result: &ResultFile,
+    spare: Option<&str>,
+    now: DateTime<Utc>,
+) -> QueueResult<Build> {
     const SQL: &str = concat!(
         "WITH claimed AS (
             SELECT key FROM pending_writes WHERE key = $5 AND NOT doomed FOR UPDATE
@@ -87,6 +100,10 @@ pub async fn complete(
         ), linked AS (
             -- the result is named by the row from now on: no longer pending
             DELETE FROM pending_writes WHERE key = $5 AND EXISTS (SELECT 1 FROM done)
+        ), spare AS (
+            -- a key for a later result's object, recorded before it is written (queue::SpareKeys)
+            INSERT INTO pending_writes (key) SELECT $8 FROM done WHERE $8::text IS NOT NULL
+            ON CONFLICT (key) DO NOTHING
         )
         SELECT * FROM done"
     );
@@ -98,6 +115,7 @@ pub async fn complete(
         .bind(&result.key)
         .bind(result.size)
         .bind(&result.sha256)
+        .bind(spare)
         .fetch_optional(pool)
         .await?;
     match done {

@@ -1,7 +1,8 @@
 //! Enqueue: insert a build row and wake the instances that wait for work.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::postgres::PgRow;
+use sqlx::{Connection, FromRow, PgConnection, PgPool, Row};
 
 use super::{Build, BuildState, Platform, QueueError, QueueResult};
 
@@ -50,7 +51,7 @@ pub struct NewBuild {
 /// Its objects are not claimed from `pending_writes` (see [`enqueue_bounded`]): for builds whose
 /// objects were not written through the pending protocol (seeding, tests).
 pub async fn enqueue(conn: &mut PgConnection, new: &NewBuild, now: DateTime<Utc>) -> QueueResult<Build> {
-    insert(conn, new, None, false, now).await
+    Ok(insert(conn, new, None, false, None, now).await?.build)
 }
 
 /// [`enqueue`] with backpressure (R58): refused with [`QueueError::QueueFull`] (nothing inserted) when
@@ -65,14 +66,74 @@ pub async fn enqueue_bounded(
     max_queued: i64,
     now: DateTime<Utc>,
 ) -> QueueResult<Build> {
+    Ok(enqueue_submit(conn, new, max_queued, None, now).await?.build)
+}
+
+/// A build inserted by [`enqueue_submit`].
+#[derive(Debug)]
+pub struct Enqueued {
+    pub build: Build,
+    /// Its queue holds `max_queued` queued builds now (as the insert's snapshot counted them): the
+    /// next submit to it is likely refused ([`FullQueues`]).
+    pub at_limit: bool,
+}
+
+/// [`enqueue_bounded`] that also records `spare` (a key, e.g. [`super::SpareKeys`]) as a pending write
+/// when the build is inserted, in the same statement, and tells whether the queue is now at its limit.
+pub async fn enqueue_submit(
+    conn: &mut PgConnection,
+    new: &NewBuild,
+    max_queued: i64,
+    spare: Option<&str>,
+    now: DateTime<Utc>,
+) -> QueueResult<Enqueued> {
     let inserted = match new.submitted_by.as_deref() {
-        Some(key_id) => insert_within_quota(conn, new, key_id, max_queued, now).await,
-        None => insert(conn, new, Some(max_queued), true, now).await,
+        Some(key_id) => insert_within_quota(conn, new, key_id, max_queued, spare, now).await,
+        None => insert(conn, new, Some(max_queued), true, spare, now).await,
     };
     if matches!(inserted, Err(QueueError::QueueFull)) {
         count_refusal(new.platform);
     }
     inserted
+}
+
+/// Which platform queues this instance saw at their backpressure limit (R58): set by an insert that
+/// filled its queue or was refused as full, cleared by a count that found room. A submit reads it
+/// before its body: no queue suspected, no statement (the insert checks exactly in any case); a
+/// suspected queue is counted ([`full_queues`]) before the body is read, so a hint never refuses a
+/// queue that has room, and a full queue is refused before its body once this instance has seen it
+/// full (another instance's inserts are seen by the insert's own check, which then sets the hint).
+#[derive(Debug, Default)]
+pub struct FullQueues {
+    full: std::sync::Mutex<std::collections::HashSet<Platform>>,
+}
+
+impl FullQueues {
+    fn flags(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Platform>> {
+        self.full.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether any queue may be full (then count before the body).
+    pub fn suspected(&self) -> bool {
+        !self.flags().is_empty()
+    }
+
+    /// `platform` was seen full (or not).
+    pub fn set(&self, platform: Platform, full: bool) {
+        let mut flags = self.flags();
+        if full {
+            flags.insert(platform);
+        } else {
+            flags.remove(&platform);
+        }
+    }
+
+    /// A count found exactly these queues full.
+    pub fn counted(&self, full: &[Platform]) {
+        let mut flags = self.flags();
+        flags.clear();
+        flags.extend(full.iter().copied());
+    }
 }
 
 /// A stored key's submit: when the key has a max queued, its inserts take turns under a lock on the
@@ -84,8 +145,9 @@ async fn insert_within_quota(
     new: &NewBuild,
     key_id: &str,
     max_queued: i64,
+    spare: Option<&str>,
     now: DateTime<Utc>,
-) -> QueueResult<Build> {
+) -> QueueResult<Enqueued> {
     let mut tx = conn.begin().await.map_err(QueueError::DbUncommitted)?;
     sqlx::query(
         "SELECT pg_advisory_xact_lock(hashtext('submitter-quota:' || id)) FROM api_keys WHERE id = $1 AND max_queued > 0",
@@ -94,11 +156,11 @@ async fn insert_within_quota(
     .execute(&mut *tx)
     .await
     .map_err(QueueError::DbUncommitted)?;
-    let build = insert(&mut tx, new, Some(max_queued), true, now)
+    let inserted = insert(&mut tx, new, Some(max_queued), true, spare, now)
         .await
         .map_err(QueueError::uncommitted)?;
     tx.commit().await?;
-    Ok(build)
+    Ok(inserted)
 }
 
 /// SQL: the platform queues holding `$1` queued builds or more. The hint is the per-queue count kept
@@ -160,16 +222,20 @@ async fn insert(
     new: &NewBuild,
     max_queued: Option<i64>,
     claim: bool,
+    spare: Option<&str>,
     now: DateTime<Utc>,
-) -> QueueResult<Build> {
+) -> QueueResult<Enqueued> {
     let run_at = new.run_at.filter(|at| *at > now);
     let state = if run_at.is_some() { "scheduled" } else { "pending" };
-    const SQL: &str = concat!(
-        "WITH claimed AS (
+    const SQL: &str = "WITH claimed AS (
             -- the objects' pending keys, locked: a sweep that doomed one first makes this insert refuse. The
             -- claim is the end of the pending period (the keys are deleted below); the submit made them young
             -- again before only if its stream was slow (queue::refresh_slow_writes)
             SELECT key FROM pending_writes WHERE $16 AND key IN ($9, $11) AND NOT doomed FOR UPDATE
+         ), queued AS (
+            -- the queue's queued builds, counted up to the limit (reads at most $15 index entries)
+            SELECT count(*) AS n FROM (SELECT 1 FROM builds WHERE queue = $3
+                AND state IN ('pending', 'scheduled', 'retryable') LIMIT COALESCE($15, 0)) AS q
          ), inserted AS (
             INSERT INTO builds (id, state, queue, priority, run_at, max_attempts, retry_build_failures,
                                 submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id,
@@ -183,9 +249,7 @@ async fn insert(
                   SELECT 1 FROM api_keys k WHERE k.id = $17 AND k.max_queued > 0
                      AND k.max_queued <= COALESCE((SELECT sum(s.queued) FROM submitter_shares s
                                                    WHERE s.submitter = k.id), 0)))
-              AND ($15::bigint IS NULL OR NOT ",
-        queued_at_least!("$3", "$15"),
-        ")
+              AND ($15::bigint IS NULL OR (SELECT n FROM queued) < $15)
             RETURNING *
          ), notified AS (
             SELECT pg_notify($14, queue || ':' || id) FROM inserted WHERE state = 'pending'
@@ -197,10 +261,14 @@ async fn insert(
          ), linked AS (
             -- the build's objects are named by its row from now on: no longer pending
             DELETE FROM pending_writes WHERE key IN (SELECT source_key FROM inserted UNION ALL SELECT certs_key FROM inserted)
+         ), spare AS (
+            -- a key for a later submit's object, recorded before it is written (queue::SpareKeys)
+            INSERT INTO pending_writes (key) SELECT $20 FROM inserted WHERE $20::text IS NOT NULL
+            ON CONFLICT (key) DO NOTHING
          )
-         SELECT inserted.* FROM inserted, (SELECT count(*) FROM notified) AS n"
-    );
-    let build: Option<Build> = sqlx::query_as(SQL)
+         SELECT inserted.*, ($15::bigint IS NOT NULL AND (SELECT n FROM queued) + 1 >= $15) AS at_limit
+         FROM inserted, (SELECT count(*) FROM notified) AS notified_count";
+    let row: Option<PgRow> = sqlx::query(SQL)
         .bind(&new.id)
         .bind(state)
         .bind(new.platform.as_str())
@@ -220,10 +288,13 @@ async fn insert(
         .bind(&new.submitted_by)
         .bind(new.requirements.as_ref().map(|r| r.display()))
         .bind(new.requirements.as_ref().map(|r| r.match_doc()))
+        .bind(spare)
         .fetch_optional(&mut *conn)
         .await?;
-    if let Some(build) = build {
-        return Ok(build);
+    if let Some(row) = row {
+        let build = Build::from_row(&row).map_err(QueueError::Db)?;
+        let at_limit: bool = row.try_get("at_limit").map_err(QueueError::Db)?;
+        return Ok(Enqueued { build, at_limit });
     }
     if claim {
         // Refused: a queue at its limit, or objects doomed meanwhile (a doomed key stays doomed until

@@ -47,7 +47,7 @@ mod waiting;
 mod wakeups;
 mod workers;
 
-pub use attempts::{Failure, FailureKind, OWNER_RECLAIMED, complete, fail, release_for_owner};
+pub use attempts::{Failure, FailureKind, OWNER_RECLAIMED, complete, complete_recording, fail, release_for_owner};
 pub use backoff::backoff;
 pub use builds::{
     BuildFilter, FleetStats, active_builds, certs_to_purge, clear_certs, find_build, fleet_stats, list_builds,
@@ -58,15 +58,15 @@ pub use claim::{Claim, claim, claim_sql, held_back_by_requeue};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub(crate) use enqueue::notify_ready;
 pub use enqueue::{
-    NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue, enqueue_bounded, enqueue_retry,
-    full_queues, record_writes_unless_full,
+    Enqueued, FullQueues, NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue,
+    enqueue_bounded, enqueue_retry, enqueue_submit, full_queues, record_writes_unless_full,
 };
 pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, record_held_write, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};
 pub use maintenance::{RECONCILE_KINDS, fail_past_deadline, promote_due, reconcile, rescue_expired};
 pub use model::{Build, BuildState, Platform, QueueCounts, ResultFile, Worker};
 pub use pending::{
-    doom_forgotten_write, doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes,
+    SpareKeys, doom_forgotten_write, doom_stale_writes, doom_writes, forget_writes, postpone_writes, record_writes,
     refresh_slow_writes, refresh_writes,
 };
 pub use quota::submitter_queue_full;

@@ -101,7 +101,7 @@ pub async fn postpone_writes(pool: &PgPool, keys: &[String]) -> QueueResult<()> 
 /// The sweep's batch, in one transaction: up to `limit` keys recorded before `cutoff` (oldest first,
 /// skipping keys a linking statement holds) that a row names are forgotten (live, never deleted);
 /// the others are marked doomed and returned, to be deleted by the caller. Keys live under
-/// `builds/<id>/`, so the check reads one row by its primary key. Overlapping sweeps take disjoint
+/// `builds/<id>/`, so the check reads one row by its primary key (a loose result's, by its key). Overlapping sweeps take disjoint
 /// batches or the same doomed keys, whose deletes are idempotent.
 pub async fn doom_stale_writes(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> QueueResult<Vec<String>> {
     let mut tx = pool.begin().await?;
@@ -109,7 +109,11 @@ pub async fn doom_stale_writes(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64)
         "SELECT p.key, EXISTS (
                 SELECT 1 FROM builds b WHERE b.id = split_part(p.key, '/', 2)
                   AND p.key IN (b.source_key, b.certs_key, b.result_key)
-            ) AS linked
+            ) OR (p.key LIKE 'results/%' AND EXISTS (
+                -- a loose result (storage::Key::loose_result) names no build: found by its key (a scan,
+                -- for stale keys only; its completion forgets it in any case)
+                SELECT 1 FROM builds b WHERE b.result_key = p.key
+            )) AS linked
          FROM pending_writes p WHERE p.queued_at < $1
          ORDER BY p.queued_at, p.key LIMIT $2
          FOR UPDATE OF p SKIP LOCKED",
@@ -134,4 +138,44 @@ pub async fn doom_stale_writes(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64)
         .map_err(QueueError::DbUncommitted)?;
     tx.commit().await?;
     Ok(doomed)
+}
+
+/// Keys recorded as pending writes ahead of their writes, by the statement that linked an earlier
+/// object (a submit's insert records one spare source key for a later submit of this instance): a
+/// request that takes one writes its object without a statement before its body. A spare is an
+/// ordinary pending key, so every guarantee of the protocol holds for it unchanged — it is named
+/// before its object is written (a kill leaves a key `sweep_unlinked` settles), and the linking
+/// statement claims it under a row lock only while it is present and not doomed. A spare is taken
+/// only while young (a quarter of the staging cut-off, counted from before its recording), so the
+/// sweep's cut-off is not reached before the write that takes it ends ([`refresh_slow_writes`] counts
+/// the write from that recording); spares never taken have no object and the sweep forgets them.
+#[derive(Debug, Default)]
+pub struct SpareKeys {
+    /// Ids (e.g. build ids) whose keys are recorded, with when (before the recording statement).
+    ids: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
+}
+
+impl SpareKeys {
+    /// At most this many spares per instance (one is taken per request, one recorded per link).
+    pub const MAX: usize = 64;
+
+    /// A spare recorded less than `max_age` ago, if any (older ones are dropped: the sweep settles them).
+    pub fn take(&self, max_age: std::time::Duration) -> Option<(String, std::time::Instant)> {
+        let mut ids = self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        ids.retain(|(_, recorded)| recorded.elapsed() < max_age);
+        ids.pop()
+    }
+
+    /// Whether another spare is wanted.
+    pub fn wanted(&self) -> bool {
+        self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len() < Self::MAX
+    }
+
+    /// A spare whose key was recorded by a statement that began at `recorded` and committed.
+    pub fn put(&self, id: String, recorded: std::time::Instant) {
+        let mut ids = self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ids.len() < Self::MAX {
+            ids.push((id, recorded));
+        }
+    }
 }

@@ -25,6 +25,18 @@ impl Key {
         valid_id(upload_id).then(|| Self::under_build(build_id, &format!("result-{upload_id}.bin")))?
     }
 
+    /// A result upload recorded as a pending write before its build is known (a spare key,
+    /// `queue::SpareKeys`): flat, one object per upload id, named by the build's row once the completion
+    /// links it. `upload_id` is fresh per upload, as for [`Key::result`].
+    pub fn loose_result(upload_id: &str) -> Option<Key> {
+        valid_id(upload_id).then(|| Key(ObjectPath::from_iter(["results", &format!("{upload_id}.bin")])))
+    }
+
+    /// Whether this key is a [`Key::loose_result`] (under no build).
+    pub fn is_loose_result(&self) -> bool {
+        self.as_str().starts_with("results/")
+    }
+
     /// Where an upload streams before its build is known; renamed into place afterwards. Flat (no
     /// directory per upload), so nothing is left once the object is moved or deleted (R44).
     pub fn staging(upload_id: &str) -> Option<Key> {
@@ -33,6 +45,9 @@ impl Key {
 
     /// A key read back from the database; accepted only in the shapes above.
     pub fn parse(stored: &str) -> Option<Key> {
+        if let Some(upload) = stored.strip_prefix("results/").and_then(|f| f.strip_suffix(".bin")) {
+            return Self::loose_result(upload);
+        }
         let mut parts = stored.split('/');
         let (Some("builds"), Some(id), Some(file), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -69,8 +84,14 @@ mod tests {
     fn keys_round_trip() {
         let key = Key::result("abc_DEF-1", "u3").unwrap();
         assert_eq!(key.as_str(), "builds/abc_DEF-1/result-u3.bin");
-        assert_eq!(Key::parse(key.as_str()), Some(key));
+        assert_eq!(Key::parse(key.as_str()), Some(key.clone()));
         assert_eq!(Key::source("x").unwrap().as_str(), "builds/x/source.zip");
+        let loose = Key::loose_result("u4").unwrap();
+        assert_eq!(loose.as_str(), "results/u4.bin");
+        assert_eq!(Key::parse(loose.as_str()), Some(loose.clone()));
+        assert!(loose.is_loose_result() && !key.is_loose_result());
+        assert!(Key::parse("results/../x.bin").is_none());
+        assert!(Key::parse("results/a/b.bin").is_none());
     }
 
     #[test]

@@ -48,12 +48,14 @@ impl Storage {
     }
 }
 
-/// Local storage: every file under `staging/`, and every partial `name#n` file under `builds/`, last
+/// Local storage: every file under `staging/`, and every partial `name#n` file under `builds/` and
+/// `results/`, last
 /// modified before `cutoff`; then empty directories under `staging/`.
 fn sweep_local(root: &Path, cutoff: SystemTime) -> u64 {
     let mut removed = 0;
     remove_old_files(&root.join("staging"), cutoff, &|_| true, &mut removed);
     remove_old_files(&root.join("builds"), cutoff, &is_partial, &mut removed);
+    remove_old_files(&root.join("results"), cutoff, &is_partial, &mut removed);
     remove_empty_dirs(&root.join("staging"));
     removed
 }

@@ -34,6 +34,7 @@ mod reviews;
 mod s3;
 mod scale;
 mod scheduling;
+mod spare_keys;
 mod staging;
 mod submit_keys;
 mod token_worker;

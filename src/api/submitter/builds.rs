@@ -189,30 +189,35 @@ async fn submit(
     if !replay {
         submitter_room(&state, submitted_by.as_deref()).await?;
     }
-    let build_id = ids::new_id();
+    // Backpressure (R58) before a byte of the body is read: only when this instance saw a queue at its
+    // limit (queue::FullQueues) is it counted here; when every platform queue is full the submit is
+    // refused, otherwise a full platform is refused as soon as its part arrives, and the insert checks
+    // again, exactly, in any case.
+    let full = if replay || !state.full_queues.suspected() {
+        Vec::new()
+    } else {
+        full_queues(&state).await?
+    };
+    if Platform::ALL.iter().all(|p| full.contains(p)) {
+        Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
+        return Err(queue_full_error());
+    }
+    // The source's key is a pending write before anything is written: whatever this request leaves
+    // behind (a kill, a lost commit answer, a failed delete) stays named, and `sweep_unlinked` settles
+    // it. A spare recorded by an earlier submit's insert (queue::SpareKeys) costs no statement here.
+    let spare_age = std::time::Duration::from_secs(state.config.jobs.staging_max_age_secs / 4);
+    let spare = state.spare_sources.take(spare_age);
+    let is_spare = spare.is_some();
+    let (build_id, recorded) = spare.unwrap_or_else(|| (ids::new_id(), std::time::Instant::now()));
     let keys = (Key::source(&build_id), Key::certs(&build_id));
     let (Some(source_key), Some(certs_key)) = keys else {
         return Err(ApiError::internal(anyhow::anyhow!(
             "generated id {build_id} is not a valid key"
         )));
     };
-    // Recorded before anything is written: whatever this request leaves behind (a kill, a lost commit
-    // answer, a failed delete) stays named, and `sweep_unlinked` settles it. Backpressure (R58), in the
-    // same statement: when every platform queue is full, nothing is recorded and the submit is refused
-    // before reading a byte of the body; otherwise a full platform is refused as soon as its part
-    // arrives, and the insert checks again.
-    let full = if replay {
+    if !is_spare {
         queue::record_writes(&state.pool, &[source_key.as_str()]).await?;
-        Vec::new()
-    } else {
-        let max_queued = state.config.queue.max_queued_builds;
-        queue::record_writes_unless_full(&state.pool, &[source_key.as_str()], max_queued).await?
-    };
-    if Platform::ALL.iter().all(|p| full.contains(p)) {
-        Platform::ALL.iter().for_each(|p| queue::count_refusal(*p));
-        return Err(queue_full_error());
     }
-    let recorded = std::time::Instant::now();
     let access_token = ids::new_secret();
     let mut unsettled = false;
     let mut form = SubmitParts::default();
@@ -495,15 +500,35 @@ async fn claim_idempotency_key(
 }
 
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the
-/// notification comes back from PostgreSQL.
+/// notification comes back from PostgreSQL. The insert also records a spare source key for a later
+/// submit (queue::SpareKeys) and tells whether the queue is now full (queue::FullQueues).
 async fn enqueue(state: &AppState, new: &NewBuild, unsettled: &mut bool) -> ApiResult<Build> {
+    let spare = state
+        .spare_sources
+        .wanted()
+        .then(ids::new_id)
+        .and_then(|id| Key::source(&id).map(|key| (id, key)));
     let mut conn = state.pool.acquire().await?;
     let max_queued = state.config.queue.max_queued_builds;
-    let build = queue::enqueue_bounded(&mut conn, new, max_queued, Utc::now())
-        .await
-        .inspect_err(|e| *unsettled = e.outcome_unknown())?;
-    state.wakeups.invalidate(new.platform);
-    Ok(build)
+    let started = std::time::Instant::now();
+    let spare_key = spare.as_ref().map(|(_, key)| key.as_str());
+    match queue::enqueue_submit(&mut conn, new, max_queued, spare_key, Utc::now()).await {
+        Ok(inserted) => {
+            state.full_queues.set(new.platform, inserted.at_limit);
+            if let Some((id, _)) = spare {
+                state.spare_sources.put(id, started);
+            }
+            state.wakeups.invalidate(new.platform);
+            Ok(inserted.build)
+        }
+        Err(error) => {
+            if matches!(error, queue::QueueError::QueueFull) {
+                state.full_queues.set(new.platform, true);
+            }
+            *unsettled = error.outcome_unknown();
+            Err(error.into())
+        }
+    }
 }
 
 /// 429 `submitter_queue_full` when the submitting key has max queued builds queued (before any body).
@@ -514,10 +539,12 @@ async fn submitter_room(state: &AppState, key_id: Option<&str>) -> ApiResult<()>
     Ok(())
 }
 
-/// The platform queues at their backpressure limit.
+/// The platform queues at their backpressure limit, counted (the instance's hint follows the count).
 async fn full_queues(state: &AppState) -> ApiResult<Vec<Platform>> {
     let mut conn = state.pool.acquire().await?;
-    Ok(queue::full_queues(&mut conn, state.config.queue.max_queued_builds).await?)
+    let full = queue::full_queues(&mut conn, state.config.queue.max_queued_builds).await?;
+    state.full_queues.counted(&full);
+    Ok(full)
 }
 
 fn queue_full_error() -> ApiError {

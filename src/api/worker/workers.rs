@@ -388,6 +388,13 @@ async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadFo
         return Ok(Early::Unknown);
     };
     let caller = auth::build_caller(state, headers, build_id, field_worker, CallerRules::default()).await?;
+    // A build this instance handed the caller's worker moments ago is checked against the claimed row
+    // it keeps (WorkerCache::handed, as the source download); its file goes to a loose result key an
+    // earlier completion recorded (queue::SpareKeys): no statement before the body. The completion
+    // checks the hold again, exactly. Anyone else is checked (and the key recorded) in the database.
+    if let Some(key) = results::spare_for_handed(state, build_id, &caller) {
+        return Ok(Early::Recorded(key));
+    }
     let key = results::result_key(build_id)?;
     match queue::record_held_write(&state.pool, build_id, caller.holder(), key.as_str()).await {
         Ok(()) => Ok(Early::Recorded(key)),

@@ -636,23 +636,47 @@ async fn exactly_once(pool: &PgPool, root: &Path, ledger: &Mutex<Ledger>) -> any
         .bind(&ids)
         .fetch_one(pool)
         .await?;
-    let storage = root.join("storage").join("builds");
+    // Result objects per build: those under its directory, and the loose one its row names (a result
+    // streamed to a spare key, results/<upload>.bin); a loose object no row names is one too many.
+    let storage = root.join("storage");
+    let result_keys: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id, result_key FROM builds WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
+    let loose_named: std::collections::HashSet<String> = result_keys
+        .iter()
+        .filter_map(|(_, key)| key.clone().filter(|k| k.starts_with("results/")))
+        .collect();
     let mut results_twice = 0;
-    for id in &ids {
-        let results = std::fs::read_dir(storage.join(id))
+    for (id, key) in &result_keys {
+        let mut results = std::fs::read_dir(storage.join("builds").join(id))
             .map(|d| {
                 d.flatten()
                     .filter(|e| e.file_name().to_string_lossy().starts_with("result-"))
                     .count()
             })
             .unwrap_or(0);
+        if key
+            .as_deref()
+            .is_some_and(|k| loose_named.contains(k) && storage.join(k).exists())
+        {
+            results += 1;
+        }
         if results != 1 {
             results_twice += 1;
         }
     }
+    results_twice += std::fs::read_dir(storage.join("results"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !loose_named.contains(&format!("results/{}", e.file_name().to_string_lossy())))
+                .count()
+        })
+        .unwrap_or(0);
     let lost = ids.len() as i64 - completed;
     let claimed_twice = claimed_twice as i64 + multi_attempt + (attempts - ids.len() as i64).max(0);
-    let uploaded_twice = uploaded_twice as i64 + results_twice;
+    let uploaded_twice = uploaded_twice as i64 + results_twice as i64;
     let exact = lost == 0 && claimed_twice == 0 && uploaded_twice == 0;
     Ok((
         format!(
