@@ -30,9 +30,9 @@ async fn digest(storage: &Storage, key: &Key) -> object_store::Result<(u64, Stri
     Ok((size, crate::ids::hex(&hasher.finalize())))
 }
 
-/// Copies every object under `builds/` of `from` into `to`; `progress` receives one line per object.
+/// Copies every artifact of `from` (under `builds/` and `results/`) into `to`; `progress` receives one line per object.
 pub async fn copy_all(from: &Storage, to: &Storage, mut progress: impl FnMut(&str)) -> anyhow::Result<CopyReport> {
-    let objects: Vec<_> = from.list_builds().try_collect().await?;
+    let objects: Vec<_> = from.list_artifacts().try_collect().await?;
     let total = objects.len();
     let mut report = CopyReport::default();
     for (n, object) in objects.into_iter().enumerate() {

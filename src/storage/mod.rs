@@ -245,15 +245,19 @@ impl Storage {
         Ok(Some(url.to_string()))
     }
 
-    /// Every object under `builds/` with its size (for `storage copy`).
-    pub fn list_builds(&self) -> impl Stream<Item = object_store::Result<ObjectInfo>> + '_ {
-        let prefix = ObjectPath::from("builds");
-        self.store.list(Some(&prefix)).map(|meta| {
-            meta.map(|m| ObjectInfo {
-                key: m.location.to_string(),
-                size: m.size,
+    /// Every artifact object with its size (for `storage copy`): those under `builds/` and the loose
+    /// results under `results/`.
+    pub fn list_artifacts(&self) -> impl Stream<Item = object_store::Result<ObjectInfo>> + '_ {
+        let (builds, results) = (ObjectPath::from("builds"), ObjectPath::from("results"));
+        self.store
+            .list(Some(&builds))
+            .chain(self.store.list(Some(&results)))
+            .map(|meta| {
+                meta.map(|m| ObjectInfo {
+                    key: m.location.to_string(),
+                    size: m.size,
+                })
             })
-        })
     }
 }
 
