@@ -101,7 +101,8 @@ pub async fn postpone_writes(pool: &PgPool, keys: &[String]) -> QueueResult<()> 
 /// The sweep's batch, in one transaction: up to `limit` keys recorded before `cutoff` (oldest first,
 /// skipping keys a linking statement holds) that a row names are forgotten (live, never deleted);
 /// the others are marked doomed and returned, to be deleted by the caller. Keys live under
-/// `builds/<id>/`, so the check reads one row by its primary key (a loose result's, by its key). Overlapping sweeps take disjoint
+/// `builds/<id>/`, so the check reads one row by its primary key (a loose result's, by its key through a
+/// partial index). Overlapping sweeps take disjoint
 /// batches or the same doomed keys, whose deletes are idempotent.
 pub async fn doom_stale_writes(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> QueueResult<Vec<String>> {
     let mut tx = pool.begin().await?;
@@ -110,9 +111,9 @@ pub async fn doom_stale_writes(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64)
                 SELECT 1 FROM builds b WHERE b.id = split_part(p.key, '/', 2)
                   AND p.key IN (b.source_key, b.certs_key, b.result_key)
             ) OR (p.key LIKE 'results/%' AND EXISTS (
-                -- a loose result (storage::Key::loose_result) names no build: found by its key (a scan,
-                -- for stale keys only; its completion forgets it in any case)
-                SELECT 1 FROM builds b WHERE b.result_key = p.key
+                -- a loose result (storage::Key::loose_result) names no build: found by its key through
+                -- builds_loose_result_idx (its completion forgets it in any case)
+                SELECT 1 FROM builds b WHERE b.result_key = p.key AND b.result_key LIKE 'results/%'
             )) AS linked
          FROM pending_writes p WHERE p.queued_at < $1
          ORDER BY p.queued_at, p.key LIMIT $2
