@@ -118,7 +118,12 @@ fn prepare(certs_key: &[u8; 32], claimed: Vec<Claimed>) -> Vec<Prepared> {
         .into_iter()
         .map(|mut delivery| {
             // Every delivery of an event carries the event's kind, ids, time and data (the fan-out's copy).
-            let body = match bodies.get(&delivery.event_id) {
+            // A test delivery (`webhook.test`) belongs to no event (id 0) and carries its own
+            // subscription's data, so its body is never shared.
+            let shared = (delivery.event_id > 0)
+                .then(|| bodies.get(&delivery.event_id))
+                .flatten();
+            let body = match shared {
                 Some(body) => body.clone(),
                 None => {
                     let body = Bytes::from(
@@ -132,7 +137,9 @@ fn prepare(certs_key: &[u8; 32], claimed: Vec<Claimed>) -> Vec<Prepared> {
                         )
                         .to_string(),
                     );
-                    bodies.insert(delivery.event_id, body.clone());
+                    if delivery.event_id > 0 {
+                        bodies.insert(delivery.event_id, body.clone());
+                    }
                     body
                 }
             };
@@ -485,5 +492,43 @@ mod tests {
             sign(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body).as_deref(),
             Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
         );
+    }
+
+    fn claimed(id: i64, event_id: i64, data: Value) -> Claimed {
+        Claimed {
+            id,
+            attempts: 0,
+            event_id,
+            kind: if event_id == 0 {
+                "webhook.test"
+            } else {
+                "build.completed"
+            }
+            .into(),
+            build_id: None,
+            worker_id: None,
+            data: sqlx::types::Json(data),
+            event_at: Utc::now(),
+            retry_from: Utc::now(),
+            url: "https://example.com/hook".into(),
+            secret_sealed: Vec::new(),
+        }
+    }
+
+    /// Deliveries of one event share its body; two subscriptions' test deliveries (no event, id 0) in
+    /// one batch each carry their own subscription's id.
+    #[test]
+    fn test_deliveries_in_one_batch_keep_their_own_bodies() {
+        let batch = vec![
+            claimed(1, 0, serde_json::json!({ "webhook_id": "wh_a" })),
+            claimed(2, 0, serde_json::json!({ "webhook_id": "wh_b" })),
+            claimed(3, 7, serde_json::json!({ "n": 1 })),
+            claimed(4, 7, serde_json::json!({})),
+        ];
+        let prepared = prepare(&[0; 32], batch);
+        let text = |i: usize| String::from_utf8(prepared[i].body.to_vec()).expect("utf-8");
+        assert!(text(0).contains("wh_a") && !text(0).contains("wh_b"), "{}", text(0));
+        assert!(text(1).contains("wh_b") && !text(1).contains("wh_a"), "{}", text(1));
+        assert_eq!(text(2), text(3), "one body per event");
     }
 }
