@@ -119,6 +119,8 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
         crate::webhooks::deliver::Deliverer::new(pool.clone(), config.webhooks.clone(), state.secrets.certs_key)?;
     let (webhook_wake, webhook_stop) = (events.webhooks.clone(), stop.clone());
     let (handed_cache, handed_events, handed_stop) = (state.workers.clone(), events.clone(), stop.clone());
+    let (fill_pool, fill_flags, fill_stop) = (pool.clone(), state.full_queues.clone(), stop.clone());
+    let max_queued = config.queue.max_queued_builds;
     let app = api::router(state);
     let (http_stop, http) = (stop.clone(), config.http.clone());
     tasks.spawn(async move {
@@ -140,6 +142,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>, migrate: bool)
     tasks.spawn(async move {
         deliverer.run(webhook_wake, webhook_stop).await;
         "webhooks"
+    });
+    tasks.spawn(async move {
+        crate::queue::watch_full_queues(fill_pool, fill_flags, max_queued, fill_stop).await;
+        "queue fill"
     });
     tasks.spawn(async move {
         crate::queue::clock::run_pulse(pulse_pool, pulse_settings, pulse_stop).await;

@@ -97,30 +97,33 @@ pub async fn enqueue_submit(
     inserted
 }
 
-/// Which platform queues this instance saw at their backpressure limit (R58): set by an insert that
-/// filled its queue or was refused as full, cleared by a count that found room. A submit reads it
-/// before its body: no queue suspected, no statement (the insert checks exactly in any case); a
-/// suspected queue is counted ([`full_queues`]) before the body is read, so a hint never refuses a
-/// queue that has room, and a full queue is refused before its body once this instance has seen it
-/// full (another instance's inserts are seen by the insert's own check, which then sets the hint).
+/// Which platform queues may be at their backpressure limit (R58), as this instance knows it: `full`,
+/// set by an insert that filled its queue or was refused as full and cleared by a count that found
+/// room; and `near`, the queues at half their limit or more at the last look of [`watch_full_queues`]
+/// (every second, whichever instance filled them). A submit reads both before its body: no queue
+/// suspected, no statement (the insert checks exactly in any case); a suspected queue is counted
+/// ([`full_queues`]) before the body is read, so a hint never refuses a queue that has room, and a full
+/// queue is refused before its body unless it went from under half its limit to full within the last
+/// second.
 #[derive(Debug, Default)]
 pub struct FullQueues {
     full: std::sync::Mutex<std::collections::HashSet<Platform>>,
+    near: std::sync::Mutex<std::collections::HashSet<Platform>>,
+}
+
+fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl FullQueues {
-    fn flags(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Platform>> {
-        self.full.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Whether any queue may be full (then count before the body).
     pub fn suspected(&self) -> bool {
-        !self.flags().is_empty()
+        !locked(&self.full).is_empty() || !locked(&self.near).is_empty()
     }
 
     /// `platform` was seen full (or not).
     pub fn set(&self, platform: Platform, full: bool) {
-        let mut flags = self.flags();
+        let mut flags = locked(&self.full);
         if full {
             flags.insert(platform);
         } else {
@@ -130,9 +133,47 @@ impl FullQueues {
 
     /// A count found exactly these queues full.
     pub fn counted(&self, full: &[Platform]) {
-        let mut flags = self.flags();
+        let mut flags = locked(&self.full);
         flags.clear();
         flags.extend(full.iter().copied());
+    }
+
+    /// The watcher's last look: these queues hold half their limit or more.
+    fn near(&self, near: &[Platform]) {
+        let mut flags = locked(&self.near);
+        flags.clear();
+        flags.extend(near.iter().copied());
+    }
+}
+
+/// Every second, marks the queues holding half of `max_queued` or more as near full in `flags`, so that
+/// a queue filled through another instance is counted before a submit's body here too (R58). One
+/// statement a second per instance, whatever the submit rate; when it fails, every queue is suspected.
+pub async fn watch_full_queues(
+    pool: PgPool,
+    flags: std::sync::Arc<FullQueues>,
+    max_queued: i64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let threshold = (max_queued / 2).max(1);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        let looked = match pool.acquire().await {
+            Ok(mut conn) => full_queues(&mut conn, threshold).await,
+            Err(e) => Err(e.into()),
+        };
+        match looked {
+            Ok(near) => flags.near(&near),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look at the queues' fill");
+                flags.near(&Platform::ALL);
+            }
+        }
     }
 }
 
@@ -186,29 +227,6 @@ pub async fn full_queues(conn: &mut PgConnection, max_queued: i64) -> QueueResul
         .bind(max_queued)
         .fetch_all(conn)
         .await?;
-    Ok(names.iter().filter_map(|n| Platform::parse(n)).collect())
-}
-
-/// Before a submit's body, in one statement: the full platform queues (as [`full_queues`]), and `keys`
-/// recorded as pending writes (as [`super::record_writes`]) unless every platform queue is full — then
-/// nothing is recorded and the submit is refused before it writes anything.
-pub async fn record_writes_unless_full(pool: &PgPool, keys: &[&str], max_queued: i64) -> QueueResult<Vec<Platform>> {
-    let platforms: Vec<&str> = Platform::ALL.iter().map(|p| p.as_str()).collect();
-    let names: Vec<String> = sqlx::query_scalar(concat!(
-        "WITH full_queues AS (",
-        full_queues_sql!(),
-        "), recorded AS (
-            INSERT INTO pending_writes (key) SELECT unnest($2::text[])
-             WHERE NOT COALESCE((SELECT array_agg(name) FROM full_queues) @> $3::text[], false)
-            ON CONFLICT (key) DO UPDATE SET queued_at = now()
-         )
-         SELECT name FROM full_queues"
-    ))
-    .bind(max_queued)
-    .bind(keys)
-    .bind(&platforms)
-    .fetch_all(pool)
-    .await?;
     Ok(names.iter().filter_map(|n| Platform::parse(n)).collect())
 }
 

@@ -59,7 +59,7 @@ pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub(crate) use enqueue::notify_ready;
 pub use enqueue::{
     Enqueued, FullQueues, NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue,
-    enqueue_bounded, enqueue_retry, enqueue_submit, full_queues, record_writes_unless_full,
+    enqueue_bounded, enqueue_retry, enqueue_submit, full_queues, watch_full_queues,
 };
 pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, record_held_write, refusal};
 pub use logs::{LogLine, NewLogLine, append_system_log, append_worker_logs, read_logs, truncate_message};

@@ -505,6 +505,46 @@ async fn r54_diagnostics_of_an_unknown_worker_are_404() {
 
 /// R58: past `CONTROLLER_MAX_QUEUED_BUILDS` queued builds of a platform, submit and retry answer 503
 /// with `Retry-After` and store nothing; the operator view and the metrics show it.
+/// R58 across instances: a queue filled through another instance is refused before the body here too,
+/// once the watcher (every second) has seen it at half its limit.
+#[tokio::test]
+async fn r58_a_queue_filled_through_another_instance_pushes_back_before_the_body() {
+    let app = TestApp::spawn_with(|c| c.queue.max_queued_builds = 2).await;
+    let other = TestApp::spawn_on_with(&app, |c| c.queue.max_queued_builds = 2).await;
+    other.submit("ios", b"one").await;
+    other.submit("ios", b"two").await;
+    other.submit("android", b"three").await;
+    other.submit("android", b"four").await;
+    // The watcher looks every second.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    use futures_util::StreamExt;
+    // A body that never ends: answered only if the refusal comes before the body is read.
+    const BOUNDARY: &str = "XyZfullqueue";
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"platform\"\r\n\r\nios\r\n--{BOUNDARY}\r\n\
+         Content-Disposition: form-data; name=\"source\"; filename=\"app.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+    );
+    let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head.into_bytes()) })
+        .chain(futures_util::stream::pending());
+    let sent = app
+        .client
+        .post(app.url("/api/builds/submit"))
+        .header("X-API-Key", API_KEY)
+        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), sent)
+        .await
+        .expect("refused before the body ended")
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({ "error": "Build queue is full" })
+    );
+    assert_eq!(app.count("builds").await, 4);
+}
+
 #[tokio::test]
 async fn r58_a_full_queue_pushes_back() {
     let app = TestApp::spawn_with(|c| c.queue.max_queued_builds = 2).await;

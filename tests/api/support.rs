@@ -103,12 +103,17 @@ impl TestApp {
 
     /// A second instance on the same database and storage as `other`.
     pub async fn spawn_on(other: &TestApp) -> TestApp {
+        Self::spawn_on_with(other, |_| {}).await
+    }
+
+    /// [`TestApp::spawn_on`] with its configuration adjusted.
+    pub async fn spawn_on_with(other: &TestApp, adjust: impl FnOnce(&mut Config)) -> TestApp {
         let pool = PgPoolOptions::new()
             .max_connections(5)
             .connect(&other.database_url)
             .await
             .expect("connect");
-        let mut app = Self::start(other.database_url.clone(), pool, other.storage_dir.clone(), |_| {}).await;
+        let mut app = Self::start(other.database_url.clone(), pool, other.storage_dir.clone(), adjust).await;
         app.owns_storage = false;
         app
     }

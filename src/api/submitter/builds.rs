@@ -189,8 +189,9 @@ async fn submit(
     if !replay {
         submitter_room(&state, submitted_by.as_deref()).await?;
     }
-    // Backpressure (R58) before a byte of the body is read: only when this instance saw a queue at its
-    // limit (queue::FullQueues) is it counted here; when every platform queue is full the submit is
+    // Backpressure (R58) before a byte of the body is read: only when a queue may be at its limit
+    // (queue::FullQueues: seen full here, or at half its limit at the last look of the once-a-second
+    // watcher) is it counted here; when every platform queue is full the submit is
     // refused, otherwise a full platform is refused as soon as its part arrives, and the insert checks
     // again, exactly, in any case.
     let full = if replay || !state.full_queues.suspected() {
