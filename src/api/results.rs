@@ -21,6 +21,17 @@ pub struct StagedResult {
     stored: Stored,
     /// `key` is the final key, recorded in `pending_writes` before its first byte was written.
     direct: bool,
+    /// The build whose hold was checked before the body, for a loose result key (which names no build):
+    /// only that build's completion links it.
+    checked_for: Option<String>,
+}
+
+impl StagedResult {
+    /// Marks a result streamed after `build_id`'s hold was checked (see [`StagedResult::checked_for`]).
+    pub fn checked_for(mut self, build_id: &str) -> Self {
+        self.checked_for = Some(build_id.to_string());
+        self
+    }
 }
 
 fn too_large(e: WriteError) -> ApiError {
@@ -42,6 +53,7 @@ pub async fn stage(state: &AppState, field: Field<'_>) -> ApiResult<StagedResult
         key,
         stored,
         direct: false,
+        checked_for: None,
     })
 }
 
@@ -117,6 +129,7 @@ pub async fn stream_to(state: &AppState, key: Key, field: Field<'_>) -> ApiResul
             key,
             stored,
             direct: true,
+            checked_for: None,
         }),
         (Ok(_), Err(e)) => {
             discard_direct(state, &key).await;
@@ -201,8 +214,14 @@ pub async fn complete_with(
     staged: StagedResult,
 ) -> Result<(), CompleteError> {
     let key = if staged.direct {
-        // A loose result (a spare key) belongs to no build until this completion links it.
-        if !staged.key.is_loose_result() && Key::result(build_id, "x").is_none_or(|k| !same_build(&k, &staged.key)) {
+        // A loose result (a spare key) belongs to no build until this completion links it, and only the
+        // completion of the build whose hold was checked before its body may.
+        let foreign = if staged.key.is_loose_result() {
+            staged.checked_for.as_deref() != Some(build_id)
+        } else {
+            Key::result(build_id, "x").is_none_or(|k| !same_build(&k, &staged.key))
+        };
+        if foreign {
             // Written for another build: never linked here.
             discard_direct(state, &staged.key).await;
             return Err(CompleteError::Api(ApiError::build_not_found()));

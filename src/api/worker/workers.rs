@@ -364,7 +364,9 @@ async fn read_upload_form(
             "result" if form.staged.is_none() => {
                 // The build and its holder known before the file: it streams to its final key.
                 form.staged = Some(match check_hold_early(state, headers, form).await? {
-                    Early::Recorded(key) => results::stream_to(state, key, field).await?,
+                    Early::Recorded(key, build_id) => {
+                        results::stream_to(state, key, field).await?.checked_for(&build_id)
+                    }
                     Early::Resend(build_id) => results::stream_direct(state, &build_id, field).await?,
                     Early::Unknown => results::stage(state, field).await?,
                 });
@@ -393,11 +395,11 @@ async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadFo
     // earlier completion recorded (queue::SpareKeys): no statement before the body. The completion
     // checks the hold again, exactly. Anyone else is checked (and the key recorded) in the database.
     if let Some(key) = results::spare_for_handed(state, build_id, &caller) {
-        return Ok(Early::Recorded(key));
+        return Ok(Early::Recorded(key, build_id.to_string()));
     }
     let key = results::result_key(build_id)?;
     match queue::record_held_write(&state.pool, build_id, caller.holder(), key.as_str()).await {
-        Ok(()) => Ok(Early::Recorded(key)),
+        Ok(()) => Ok(Early::Recorded(key, build_id.to_string())),
         // The attempt that stored the result re-sending it after a lost answer: the file is read so
         // that `complete_with` compares it (200 for the same bytes, 409 otherwise).
         Err(queue::QueueError::Stale) if results::resend_of_stored(state, build_id, &caller).await => {
@@ -409,8 +411,9 @@ async fn check_hold_early(state: &AppState, headers: &HeaderMap, form: &UploadFo
 
 /// What the fields before a result file told.
 enum Early {
-    /// The caller holds the build: its file goes to this result key, already recorded as pending.
-    Recorded(Key),
+    /// The caller holds the build (the second field): its file goes to this result key, already recorded
+    /// as pending.
+    Recorded(Key, String),
     /// The attempt that completed the build re-sending its file (compared once stored).
     Resend(String),
     /// The build or the caller is not known yet: the file is staged.
