@@ -704,6 +704,7 @@ async fn filters_select_by_build_worker_and_kind_and_bad_ones_are_refused() {
     let mut frames = by_worker.until(|f| f.event == "worker.draining").await;
     // Connected shortly after the registration: its event may or may not have been delivered yet (a
     // stream without Last-Event-ID starts after what the pump has delivered).
+    assert!(frames.iter().all(|f| f.data["worker_id"] == json!(w2)), "{frames:?}");
     frames.retain(|f| f.event != "worker.registered");
     assert_eq!(kinds(&frames), ["build.assigned", "worker.draining"]);
     assert_eq!(frames[0].data["build_id"], json!(b2));
