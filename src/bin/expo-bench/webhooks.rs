@@ -220,6 +220,12 @@ fn side(pairs: &[Pair], figure: impl Fn(&Pair) -> f64) -> f64 {
     median(pairs.iter().map(figure).collect())
 }
 
+/// The medians of `figure` over the pairs' runs without and with subscriptions, of the runs `of` picks
+/// (free-running or paced).
+fn sides(pairs: &[Pair], of: impl Fn(&Pair) -> &(Measured, Measured), figure: impl Fn(&Measured) -> f64) -> (f64, f64) {
+    (side(pairs, |p| figure(&of(p).0)), side(pairs, |p| figure(&of(p).1)))
+}
+
 /// W1a (1 subscription, once), then `BENCH_W1_PAIRS` (default 3) pairs, each of four P12 runs: with 0 and
 /// 10 subscriptions free-running (as fast as the cycle goes), then both again with the submits paced to
 /// one rate. The order alternates (0 → 10 → 10 paced → 0 paced, then 10 → 0 → 0 paced → 10 paced, …), so
@@ -343,24 +349,12 @@ pub async fn w1(env: &Env, client: &reqwest::Client, main: &Controller) -> anyho
     let extra = side(&runs, Pair::paced_extra);
     let free_extra = side(&runs, |p| p.free.1.cpu() - p.free.0.cpu());
     let p12 = side(&runs, |p| p.free.0.cpu());
-    let (cpu0, cpu10) = (
-        side(&runs, |p| p.paced.0.controller_ms),
-        side(&runs, |p| p.paced.1.controller_ms),
-    );
-    let (pg0, pg10) = (
-        side(&runs, |p| p.paced.0.postgres_ms),
-        side(&runs, |p| p.paced.1.postgres_ms),
-    );
-    let (rate0, rate10) = (side(&runs, |p| p.paced.0.rate), side(&runs, |p| p.paced.1.rate));
-    let (free_cpu0, free_cpu10) = (
-        side(&runs, |p| p.free.0.controller_ms),
-        side(&runs, |p| p.free.1.controller_ms),
-    );
-    let (free_pg0, free_pg10) = (
-        side(&runs, |p| p.free.0.postgres_ms),
-        side(&runs, |p| p.free.1.postgres_ms),
-    );
-    let (free_rate0, free_rate10) = (side(&runs, |p| p.free.0.rate), side(&runs, |p| p.free.1.rate));
+    let (cpu0, cpu10) = sides(&runs, |p| &p.paced, |m| m.controller_ms);
+    let (pg0, pg10) = sides(&runs, |p| &p.paced, |m| m.postgres_ms);
+    let (rate0, rate10) = sides(&runs, |p| &p.paced, |m| m.rate);
+    let (free_cpu0, free_cpu10) = sides(&runs, |p| &p.free, |m| m.controller_ms);
+    let (free_pg0, free_pg10) = sides(&runs, |p| &p.free, |m| m.postgres_ms);
+    let (free_rate0, free_rate10) = sides(&runs, |p| &p.free, |m| m.rate);
     // Both paced runs of every pair ran (about) the paced rate; else the two sides are not comparable.
     let sustained = runs
         .iter()
