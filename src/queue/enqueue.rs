@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{Connection, FromRow, PgConnection, PgPool, Row};
 
-use super::{Build, BuildState, Platform, QueueError, QueueResult};
+use super::{Build, BuildState, Platform, QueueError, QueueResult, locked};
 
 /// Channel on which every instance LISTENs; the payload is `<queue>:<build id>` of a claimable build.
 pub const NOTIFY_CHANNEL: &str = "expo_builds_ready";
@@ -111,10 +111,6 @@ pub struct FullQueues {
     near: std::sync::Mutex<std::collections::HashSet<Platform>>,
 }
 
-fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl FullQueues {
     /// Whether any queue may be full (then count before the body).
     pub fn suspected(&self) -> bool {
@@ -204,29 +200,23 @@ async fn insert_within_quota(
     Ok(inserted)
 }
 
-/// SQL: the platform queues holding `$1` queued builds or more. The hint is the per-queue count kept
-/// by the statements that change builds (`submitter_shares.queued`, the fair-share triggers: a few rows
-/// per queue); only a queue the hint names full is counted exactly (at most `$1` entries of the claim
-/// index), so a hint that drifted can never refuse a queue under its limit, and a queue far from it
-/// costs no count. (The insert checks again, exactly: a queue at its limit never accepts a build.)
-macro_rules! full_queues_sql {
-    () => {
-        concat!(
-            "SELECT q.name FROM queues q WHERE CASE
-                WHEN (SELECT COALESCE(sum(s.queued), 0) FROM submitter_shares s WHERE s.queue = q.name) >= $1
-                THEN ",
-            queued_at_least!("q.name", "$1"),
-            " ELSE false END"
-        )
-    };
-}
-
-/// The platform queues holding `max_queued` queued builds or more, in one statement.
+/// The platform queues holding `max_queued` queued builds or more, in one statement. The hint is the
+/// per-queue count kept by the statements that change builds (`submitter_shares.queued`, the fair-share
+/// triggers: a few rows per queue); only a queue the hint names full is counted exactly (at most
+/// `max_queued` entries of the claim index), so a hint that drifted can never refuse a queue under its
+/// limit, and a queue far from it costs no count. (The insert checks again, exactly: a queue at its limit
+/// never accepts a build.)
 pub async fn full_queues(conn: &mut PgConnection, max_queued: i64) -> QueueResult<Vec<Platform>> {
-    let names: Vec<String> = sqlx::query_scalar(full_queues_sql!())
-        .bind(max_queued)
-        .fetch_all(conn)
-        .await?;
+    let names: Vec<String> = sqlx::query_scalar(concat!(
+        "SELECT q.name FROM queues q WHERE CASE
+            WHEN (SELECT COALESCE(sum(s.queued), 0) FROM submitter_shares s WHERE s.queue = q.name) >= $1
+            THEN ",
+        queued_at_least!("q.name", "$1"),
+        " ELSE false END"
+    ))
+    .bind(max_queued)
+    .fetch_all(conn)
+    .await?;
     Ok(names.iter().filter_map(|n| Platform::parse(n)).collect())
 }
 

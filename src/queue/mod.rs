@@ -57,6 +57,12 @@ pub use cancel::{CancelOutcome, CancelReason, cancel, cancel_because};
 pub use claim::{Claim, claim, claim_sql, held_back_by_requeue};
 pub use diagnostics::{DiagnosticReport, NewReport, list_reports, store_report};
 pub(crate) use enqueue::notify_ready;
+/// Locks `mutex`, taking it over from a holder that panicked (the in-memory hints and spares it guards
+/// stay usable: each update leaves them consistent).
+pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub use enqueue::{
     Enqueued, FullQueues, NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue,
     enqueue_bounded, enqueue_retry, enqueue_submit, full_queues, watch_full_queues,

@@ -162,19 +162,19 @@ impl SpareKeys {
 
     /// A spare recorded less than `max_age` ago, if any (older ones are dropped: the sweep settles them).
     pub fn take(&self, max_age: std::time::Duration) -> Option<(String, std::time::Instant)> {
-        let mut ids = self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ids = super::locked(&self.ids);
         ids.retain(|(_, recorded)| recorded.elapsed() < max_age);
         ids.pop()
     }
 
     /// Whether another spare is wanted.
     pub fn wanted(&self) -> bool {
-        self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len() < Self::MAX
+        super::locked(&self.ids).len() < Self::MAX
     }
 
     /// A spare whose key was recorded by a statement that began at `recorded` and committed.
     pub fn put(&self, id: String, recorded: std::time::Instant) {
-        let mut ids = self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ids = super::locked(&self.ids);
         if ids.len() < Self::MAX {
             ids.push((id, recorded));
         }
