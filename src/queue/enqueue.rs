@@ -225,17 +225,14 @@ pub fn count_refusal(platform: Platform) {
     metrics::counter!(crate::metrics::QUEUE_FULL, "queue" => platform.as_str()).increment(1);
 }
 
-async fn insert(
-    conn: &mut PgConnection,
-    new: &NewBuild,
-    max_queued: Option<i64>,
-    claim: bool,
-    spare: Option<&str>,
-    now: DateTime<Utc>,
-) -> QueueResult<Enqueued> {
-    let run_at = new.run_at.filter(|at| *at > now);
-    let state = if run_at.is_some() { "scheduled" } else { "pending" };
-    const SQL: &str = "WITH claimed AS (
+/// The submit's insert statement (see [`insert`]) with the submitter's parts filled in: `$name` the
+/// `submitted_by_name` expression, `$quota` the condition on the submitter's max queued (empty for the
+/// built-in admin key, which has neither). Issue #25: the admin key's statement does not initialise the
+/// `api_keys` look-ups and the quota sub-plan at every call.
+macro_rules! insert_sql {
+    ($name:literal, $quota:literal) => {
+        concat!(
+            "WITH claimed AS (
             -- the objects' pending keys, locked: a sweep that doomed one first makes this insert refuse. The
             -- claim is the end of the pending period (the keys are deleted below); the submit made them young
             -- again before only if its stream was slow (queue::refresh_slow_writes)
@@ -249,15 +246,13 @@ async fn insert(
                                 submitted_at, source_key, source_size, certs_key, access_token_hash, original_build_id,
                                 submitted_by, submitted_by_name, requirements, requirement_match)
             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $17,
-                   (SELECT name FROM api_keys WHERE id = $17), $18, $19
+                   ",
+            $name,
+            ", $18, $19
             WHERE (NOT $16 OR (SELECT count(*) FROM claimed) = 1 + ($11::text IS NOT NULL)::int)
-              -- the submitter's max queued, checked again at the insert (the check before the body
-              -- cannot see submits that were uploading meanwhile)
-              AND ($15::bigint IS NULL OR $17::text IS NULL OR NOT EXISTS (
-                  SELECT 1 FROM api_keys k WHERE k.id = $17 AND k.max_queued > 0
-                     AND k.max_queued <= COALESCE((SELECT sum(s.queued) FROM submitter_shares s
-                                                   WHERE s.submitter = k.id), 0)))
-              AND ($15::bigint IS NULL OR (SELECT n FROM queued) < $15)
+",
+            $quota,
+            "              AND ($15::bigint IS NULL OR (SELECT n FROM queued) < $15)
             RETURNING *
          ), notified AS (
             SELECT pg_notify($14, queue || ':' || id) FROM inserted WHERE state = 'pending'
@@ -268,15 +263,50 @@ async fn insert(
             FROM inserted
          ), linked AS (
             -- the build's objects are named by its row from now on: no longer pending
-            DELETE FROM pending_writes WHERE key IN (SELECT source_key FROM inserted UNION ALL SELECT certs_key FROM inserted)
+            -- (the keys the row names: $9 and $11, so a plain look-up of both under a one-time filter)
+            DELETE FROM pending_writes WHERE key IN ($9, $11) AND EXISTS (SELECT 1 FROM inserted)
          ), spare AS (
             -- a key for a later submit's object, recorded before it is written (queue::SpareKeys)
             INSERT INTO pending_writes (key) SELECT $20 FROM inserted WHERE $20::text IS NOT NULL
             ON CONFLICT (key) DO NOTHING
          )
          SELECT inserted.*, ($15::bigint IS NOT NULL AND (SELECT n FROM queued) + 1 >= $15) AS at_limit
-         FROM inserted, (SELECT count(*) FROM notified) AS notified_count";
-    let row: Option<PgRow> = sqlx::query(SQL)
+         FROM inserted, (SELECT count(*) FROM notified) AS notified_count"
+        )
+    };
+}
+
+/// [`insert_sql`] for a stored key (its name copied, its max queued checked at the insert).
+const INSERT_KEYED_SQL: &str = insert_sql!(
+    "(SELECT name FROM api_keys WHERE id = $17)",
+    "              -- the submitter's max queued, checked again at the insert (the check before the body
+              -- cannot see submits that were uploading meanwhile)
+              AND ($15::bigint IS NULL OR $17::text IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM api_keys k WHERE k.id = $17 AND k.max_queued > 0
+                     AND k.max_queued <= COALESCE((SELECT sum(s.queued) FROM submitter_shares s
+                                                   WHERE s.submitter = k.id), 0)))
+"
+);
+
+/// [`insert_sql`] for the built-in admin key (`$17` is NULL): no name, no max queued.
+const INSERT_ADMIN_SQL: &str = insert_sql!("NULL::text", "");
+
+async fn insert(
+    conn: &mut PgConnection,
+    new: &NewBuild,
+    max_queued: Option<i64>,
+    claim: bool,
+    spare: Option<&str>,
+    now: DateTime<Utc>,
+) -> QueueResult<Enqueued> {
+    let run_at = new.run_at.filter(|at| *at > now);
+    let state = if run_at.is_some() { "scheduled" } else { "pending" };
+    let sql = if new.submitted_by.is_some() {
+        INSERT_KEYED_SQL
+    } else {
+        INSERT_ADMIN_SQL
+    };
+    let row: Option<PgRow> = sqlx::query(sql)
         .bind(&new.id)
         .bind(state)
         .bind(new.platform.as_str())

@@ -468,3 +468,105 @@ async fn paused_queues_hand_out_nothing() {
         .unwrap();
     assert!(queue::claim(&pool, &w, &settings, Utc::now()).await.unwrap().is_some());
 }
+
+/// Issue #25: the CHECK constraints of `builds` and `workers` are stored as array constants (migration
+/// 0290), so PostgreSQL has no ARRAY expression to read and fold at the start of every statement on
+/// them — and they still refuse every row they refused before, under the same names.
+#[tokio::test]
+async fn builds_and_workers_checks_are_stored_folded_and_still_refuse_bad_rows() {
+    let (_, pool) = fresh_database(1).await;
+    let unfolded: Vec<String> = sqlx::query_scalar(
+        "SELECT conname::text FROM pg_constraint
+         WHERE contype = 'c' AND conrelid IN ('builds'::regclass, 'workers'::regclass)
+           AND pg_get_constraintdef(oid) LIKE '%ARRAY[%'
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("constraints");
+    assert!(
+        unfolded.is_empty(),
+        "CHECK constraints still stored as ARRAY expressions: {unfolded:?}"
+    );
+
+    let build = enqueue(&pool, Platform::Ios, 0, 3).await;
+    let w = worker(&pool, "checked", &[Platform::Ios]).await;
+    let refusals = [
+        (
+            "UPDATE builds SET state = 'bogus' WHERE id = $1",
+            &build,
+            "builds_state_check",
+        ),
+        // a held state without a lease owner and token
+        (
+            "UPDATE builds SET state = 'assigned' WHERE id = $1",
+            &build,
+            "builds_check",
+        ),
+        // a lease owner on a queued build
+        (
+            "UPDATE builds SET lease_owner = 'w', lease_token = 1 WHERE id = $1",
+            &build,
+            "builds_check",
+        ),
+        (
+            "UPDATE builds SET queue = 'windows' WHERE id = $1",
+            &build,
+            "builds_queue_check",
+        ),
+        (
+            "UPDATE builds SET priority = 101 WHERE id = $1",
+            &build,
+            "builds_priority_check",
+        ),
+        (
+            "UPDATE workers SET status = 'bogus' WHERE id = $1",
+            &w.id,
+            "workers_status_check",
+        ),
+        (
+            "UPDATE workers SET admin_state = 'bogus' WHERE id = $1",
+            &w.id,
+            "workers_admin_state_check",
+        ),
+        (
+            "UPDATE workers SET health = 'bogus' WHERE id = $1",
+            &w.id,
+            "workers_health_check",
+        ),
+    ];
+    for (sql, id, constraint) in refusals {
+        let refused = sqlx::query(sql).bind(id).execute(&pool).await;
+        match refused {
+            Err(sqlx::Error::Database(e)) => assert_eq!(e.constraint(), Some(constraint), "{sql}"),
+            other => panic!("{sql}: not refused by {constraint}: {other:?}"),
+        }
+    }
+    // every allowed value still passes
+    for state in ["scheduled", "pending", "retryable", "completed", "failed", "cancelled"] {
+        sqlx::query("UPDATE builds SET state = $2 WHERE id = $1")
+            .bind(&build)
+            .bind(state)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("state {state}: {e}"));
+    }
+    for (sql, value) in [
+        ("UPDATE workers SET status = $2 WHERE id = $1", "busy"),
+        ("UPDATE workers SET status = $2 WHERE id = $1", "offline"),
+        ("UPDATE workers SET status = $2 WHERE id = $1", "idle"),
+        ("UPDATE workers SET admin_state = $2 WHERE id = $1", "draining"),
+        ("UPDATE workers SET admin_state = $2 WHERE id = $1", "disabled"),
+        ("UPDATE workers SET admin_state = $2 WHERE id = $1", "revoked"),
+        ("UPDATE workers SET admin_state = $2 WHERE id = $1", "active"),
+        ("UPDATE workers SET health = $2 WHERE id = $1", "quarantined"),
+        ("UPDATE workers SET health = $2 WHERE id = $1", "ok"),
+    ] {
+        sqlx::query(sql)
+            .bind(&w.id)
+            .bind(value)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql} ({value}): {e}"));
+    }
+}
