@@ -227,10 +227,10 @@ async fn per_route(axum::extract::State(layers): axum::extract::State<PerRoute>,
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = req.method().to_string();
     let started = std::time::Instant::now();
-    let response = match layers.limits.admit(&req) {
-        Err(refused) => refused,
-        Ok(()) if layers.api => next.run(multipart_limits::bound(req)).await,
-        Ok(()) => next.run(req).await,
+    let response = match layers.limits.refusal(&req) {
+        Some(refused) => refused,
+        None if layers.api => next.run(multipart_limits::bound(req)).await,
+        None => next.run(req).await,
     };
     let elapsed = started.elapsed();
     let status = response.status().as_u16();

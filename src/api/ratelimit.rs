@@ -157,13 +157,13 @@ pub fn presented_credentials(headers: &axum::http::HeaderMap) -> Vec<(&'static s
 }
 
 impl RateLimits {
-    /// Charges `request` to its limits: the answer to send instead of running it past a limit, 429
+    /// Charges `request` to its limits: past a limit, the answer to send instead of running it, 429
     /// `{"error": "Too many requests"}` with `Retry-After` (called by the per-route middleware).
-    pub fn admit(&self, request: &Request) -> Result<(), Response> {
+    pub fn refusal(&self, request: &Request) -> Option<Response> {
         let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
         // Hash the credential only when a limit applies to it.
         let credentials = self.credential_limits(request);
-        self.check(ip, &credentials).map_err(|wait| {
+        self.check(ip, &credentials).err().map(|wait| {
             metrics_rejected();
             let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many requests").into_response();
             response

@@ -152,6 +152,9 @@ async fn poll(
         query.worker_id.as_deref(),
     ))
     .await?;
+    // The header values share hyper's read buffer of the request head (8 KiB): dropped before the wait,
+    // they let it go instead of holding it for the whole poll (P5b).
+    drop(headers);
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
     Box::pin(touch(&state, &worker, now)).await?;
