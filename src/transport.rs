@@ -85,9 +85,11 @@ struct Timeouts {
     body_read: Duration,
 }
 
-/// Adds the peer address (for per-IP limits), the per-read body timeout and the small-body deadline.
+/// Drops an unsafe client request id, adds the peer address (for per-IP limits), the per-read body
+/// timeout and the small-body deadline.
 fn prepare(request: hyper::Request<Incoming>, remote: SocketAddr, timeouts: Timeouts) -> axum::extract::Request {
     let (mut parts, body) = request.into_parts();
+    crate::api::drop_unsafe_request_id(&mut parts.headers);
     parts.extensions.insert(ConnectInfo(remote));
     // Armed for every body, whatever length it declares (declaring a large one must not buy a trickle
     // the whole body-read timeout per byte); disarmed only once more than SMALL_BODY_BYTES have arrived.

@@ -475,12 +475,15 @@ impl Credential {
     }
 
     /// The route layer enforcing this credential, with the least role the route's entry in the role
-    /// table (`group::access`) names.
+    /// table (`group::access`) names. Its state is shared (one reference count per request, not a
+    /// copy of every handle in the state), and the check's future is boxed apart, so what stays
+    /// allocated while the route runs (a long poll waits for minutes) is small.
     pub async fn guard(
-        axum::extract::State((state, credential)): axum::extract::State<(AppState, Credential)>,
+        axum::extract::State(guarded): axum::extract::State<std::sync::Arc<(AppState, Credential)>>,
         mut request: axum::extract::Request,
         next: axum::middleware::Next,
     ) -> axum::response::Response {
+        let (state, credential) = &*guarded;
         use axum::response::IntoResponse;
         let path = request
             .extensions()
@@ -490,7 +493,7 @@ impl Credential {
         // A route without an entry cannot be built (`Group::routes`); the fallback is the most restrictive.
         let access = super::group::access(request.method().as_str(), path).unwrap_or(Access::Admin);
         let native = request.uri().path().starts_with("/api/v2/");
-        match credential.check(&state, request.headers(), access, native).await {
+        match Box::pin(credential.check(state, request.headers(), access, native)).await {
             Ok((worker, principal)) => {
                 if let Some(worker) = worker {
                     request.extensions_mut().insert(TokenWorker(worker));

@@ -200,7 +200,7 @@ impl Group {
             let routes = match credential {
                 Credential::Public | Credential::Otp => routes,
                 _ => routes.route_layer(axum::middleware::from_fn_with_state(
-                    (state.clone(), credential),
+                    std::sync::Arc::new((state.clone(), credential)),
                     Credential::guard,
                 )),
             };

@@ -146,10 +146,16 @@ pub fn router(state: AppState) -> Router {
     };
     let limits = Arc::new(ratelimit::RateLimits::new(rates, &state.secrets.api_key));
     // The dashboard shares the per-IP limit (T7): one limiter for every route.
-    let dashboard = crate::dashboard::router(&state)
-        .with_state(state.clone())
-        .layer(axum::middleware::from_fn_with_state(limits.clone(), ratelimit::enforce))
-        .layer(axum::middleware::from_fn(record_duration));
+    let dashboard =
+        crate::dashboard::router(&state)
+            .with_state(state.clone())
+            .layer(axum::middleware::from_fn_with_state(
+                PerRoute {
+                    limits: limits.clone(),
+                    api: false,
+                },
+                per_route,
+            ));
     let mut routes = Router::new();
     for group in openapi::groups() {
         let (group_routes, _) = group.build(&state);
@@ -160,10 +166,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found("Not found") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
         .with_state(state)
-        .layer(axum::middleware::from_fn(multipart_limits::bound))
-        .layer(axum::middleware::from_fn_with_state(limits, ratelimit::enforce))
-        .layer(axum::middleware::from_fn(record_duration))
-        .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            PerRoute { limits, api: true },
+            per_route,
+        ))
         // The dashboard answers in HTML, so it sits outside the JSON error rewriting.
         .merge(dashboard)
         .layer(CatchPanicLayer::custom(|_| {
@@ -172,7 +178,6 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, NewRequestId))
-        .layer(axum::middleware::from_fn(drop_unsafe_request_id))
 }
 
 /// Longest request id a client may choose.
@@ -185,34 +190,58 @@ pub fn safe_request_id(id: &[u8]) -> bool {
 }
 
 /// A client's `X-Request-Id` outside the safe alphabet or length is replaced by a new one (T12), so it
-/// can never forge fields in a log line (`x status=500 user=admin`).
-async fn drop_unsafe_request_id(mut req: Request, next: Next) -> Response {
-    let unsafe_ids = req
-        .headers()
-        .get_all(REQUEST_ID)
-        .iter()
-        .any(|v| !safe_request_id(v.as_bytes()));
-    if unsafe_ids || req.headers().get_all(REQUEST_ID).iter().count() > 1 {
-        req.headers_mut().remove(REQUEST_ID);
+/// can never forge fields in a log line (`x status=500 user=admin`). Called on every request head by
+/// the connection loop (`transport`), before the request-id layer, instead of a middleware layer of its
+/// own (each `from_fn` layer clones the stack below it and boxes two futures per request).
+pub fn drop_unsafe_request_id(headers: &mut axum::http::HeaderMap) {
+    let mut ids = headers.get_all(REQUEST_ID).iter();
+    let keep = match (ids.next(), ids.next()) {
+        (None, _) => return,
+        (Some(id), None) => safe_request_id(id.as_bytes()),
+        (Some(_), Some(_)) => false,
+    };
+    if !keep {
+        headers.remove(REQUEST_ID);
     }
-    next.run(req).await
 }
 
-/// Records each request's duration by route template, method and status.
-async fn record_duration(req: Request, next: Next) -> Response {
+/// What the per-route middleware needs: the rate limits, and whether the routes are the JSON API (its
+/// error answers are rewritten to JSON and its multipart bodies bounded) or the HTML dashboard.
+#[derive(Clone)]
+struct PerRoute {
+    limits: Arc<ratelimit::RateLimits>,
+    api: bool,
+}
+
+/// The per-route layers in one middleware (one boxed future per request instead of four), in the order
+/// they had as separate layers, outermost first:
+/// 1. JSON errors (API only): an error answer produced outside our handlers gets a JSON body;
+/// 2. the request's duration, recorded by route template, method and status (and logged);
+/// 3. the rate limits (429 with `Retry-After`);
+/// 4. the multipart structure bounds on the body as it streams (API only).
+async fn per_route(axum::extract::State(layers): axum::extract::State<PerRoute>, req: Request, next: Next) -> Response {
+    let native = layers.api && (req.uri().path().starts_with("/api/v2/") || req.uri().path() == "/api/v2");
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = req.method().to_string();
     let started = std::time::Instant::now();
-    let response = next.run(req).await;
+    let response = match layers.limits.refusal(&req) {
+        Some(refused) => refused,
+        None if layers.api => next.run(multipart_limits::bound(req)).await,
+        None => next.run(req).await,
+    };
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     log_request(&route, status, elapsed);
     metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route, "method" => method, "status" => status.to_string())
         .record(elapsed.as_secs_f64());
-    response
+    if layers.api {
+        json_errors(response, native)
+    } else {
+        response
+    }
 }
 
 /// One line per request, inside the request span (method, path, request id, build and worker ids):
@@ -269,11 +298,9 @@ impl MakeRequestId for NewRequestId {
 
 /// Safety net: an error answer produced outside our handlers (framework rejections, panics) gets a
 /// JSON body with a generic message, so no client ever sees plain text or internal details (R30).
-async fn json_errors(req: Request, next: Next) -> Response {
-    // `/api/v2` (the native and admin API) answers carry a machine-readable `code` beside `error` (R47);
-    // G0 answers keep their exact shape.
-    let native = req.uri().path().starts_with("/api/v2/") || req.uri().path() == "/api/v2";
-    let response = next.run(req).await;
+/// `/api/v2` (the native and admin API) answers (`native`) carry a machine-readable `code` beside
+/// `error` (R47); G0 answers keep their exact shape.
+fn json_errors(response: Response, native: bool) -> Response {
     let status = response.status();
     let is_json = response
         .headers()

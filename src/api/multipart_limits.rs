@@ -10,8 +10,6 @@ use std::fmt;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
-use axum::middleware::Next;
-use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use memchr::memmem::Finder;
@@ -207,18 +205,19 @@ impl Scanner {
     }
 }
 
-/// Middleware: the body of every multipart request is checked by a [`Scanner`] as it streams.
-pub async fn bound(request: Request, next: Next) -> Response {
+/// The body of every multipart request is checked by a [`Scanner`] as it streams (called by the
+/// per-route middleware on every API request).
+pub fn bound(request: Request) -> Request {
     let boundary = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| multer::parse_boundary(v).ok());
     let Some(boundary) = boundary else {
-        return next.run(request).await;
+        return request;
     };
     let mut scanner = Scanner::new(&boundary);
-    let request = request.map(|body| {
+    request.map(|body| {
         let mut failed: Option<LimitError> = None;
         Body::from_stream(body.into_data_stream().map(move |chunk| {
             if let Some(limit) = failed {
@@ -231,8 +230,7 @@ pub async fn bound(request: Request, next: Next) -> Response {
             }
             Ok(chunk)
         }))
-    });
-    next.run(request).await
+    })
 }
 
 #[cfg(test)]

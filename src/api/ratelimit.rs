@@ -5,12 +5,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -158,21 +156,21 @@ pub fn presented_credentials(headers: &axum::http::HeaderMap) -> Vec<(&'static s
         .collect()
 }
 
-/// Middleware: 429 `{"error": "Too many requests"}` with `Retry-After` past a limit.
-pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
-    let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    // Hash the credential only when a limit applies to it.
-    let credentials = limits.credential_limits(&request);
-    match limits.check(ip, &credentials) {
-        Ok(()) => next.run(request).await,
-        Err(wait) => {
+impl RateLimits {
+    /// Charges `request` to its limits: past a limit, the answer to send instead of running it, 429
+    /// `{"error": "Too many requests"}` with `Retry-After` (called by the per-route middleware).
+    pub fn refusal(&self, request: &Request) -> Option<Response> {
+        let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        // Hash the credential only when a limit applies to it.
+        let credentials = self.credential_limits(request);
+        self.check(ip, &credentials).err().map(|wait| {
             metrics_rejected();
             let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Too many requests").into_response();
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(wait.max(1)));
             response
-        }
+        })
     }
 }
 

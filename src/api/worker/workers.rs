@@ -142,10 +142,22 @@ async fn poll(
 ) -> ApiResult<Json<PollAnswer>> {
     let token_worker = token_worker.map(|Extension(TokenWorker(worker))| worker);
     let key = key_caller.map(|Extension(KeyCaller(who))| who);
-    let (mut worker, token) = poll_caller(&state, &headers, token_worker, key, query.worker_id.as_deref()).await?;
+    // The look-ups and the claim are boxed apart: only the wait's own small state stays allocated while
+    // a long poll is parked (P5b: thousands of idle polls), not the largest of these futures.
+    let (mut worker, token) = Box::pin(poll_caller(
+        &state,
+        &headers,
+        token_worker,
+        key,
+        query.worker_id.as_deref(),
+    ))
+    .await?;
+    // The header values share hyper's read buffer of the request head (8 KiB): dropped before the wait,
+    // they let it go instead of holding it for the whole poll (P5b).
+    drop(headers);
     let wait = bounded_int(query.wait.as_deref(), "wait", 0, 60)?.unwrap_or(0);
     let now = Utc::now();
-    touch(&state, &worker, now).await?;
+    Box::pin(touch(&state, &worker, now)).await?;
     let claim = claim_or_wait(&state, &mut worker, Duration::from_secs(wait as u64)).await?;
     Ok(Json(PollAnswer {
         job: claim.as_ref().map(|c| views::job(c, &state.config.base_image_id)),
@@ -161,7 +173,7 @@ async fn claim_or_wait(state: &AppState, worker: &mut Worker, wait: Duration) ->
     loop {
         // Subscribe before looking, so a build committed in between still wakes us.
         let mut subscription = (!wait.is_zero()).then(|| state.wakeups.subscribe(&worker.platforms()));
-        let claim = claim_unless_known_empty(state, worker).await?;
+        let claim = Box::pin(claim_unless_known_empty(state, worker)).await?;
         let Some(subscription) = subscription.as_mut().filter(|_| claim.is_none()) else {
             return Ok(claim);
         };
