@@ -17,6 +17,8 @@
 //!   exponential backoff with jitter, or `failed` once the next try would be past
 //!   `CONTROLLER_WEBHOOK_RETRY_HOURS`. The last attempt is kept on the delivery row; only failed
 //!   attempts get a `webhook_attempts` row, so a first-try success inserts nothing.
+//! * **Payloads**: the claim reads each delivery's event from its one `webhook_payloads` row (migration
+//!   0300; the fan-out no longer copies the event into every delivery row).
 //! * **Wake-ups**: the fan-out trigger NOTIFYs [`CHANNEL`] when it wrote deliveries (the LISTEN loop
 //!   of `queue::wakeups` wakes this loop), and the loop looks every second for retries that came due.
 
@@ -275,18 +277,29 @@ impl Deliverer {
                  WHERE s.active
                    AND (s.creator_key_id IS NULL OR EXISTS (
                         SELECT 1 FROM api_keys k WHERE k.id = s.creator_key_id
-                           AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))))
-             UPDATE webhook_deliveries d
-                SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => $2)
-               FROM (SELECT w.id FROM webhook_deliveries w
-                      WHERE w.state = 'pending' AND w.run_at <= now()
-                        AND (w.leased_until IS NULL OR w.leased_until <= now())
-                        AND w.subscription_id IN (SELECT id FROM subs)
-                      ORDER BY w.run_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED) due,
-                    subs s
-              WHERE d.id = due.id AND s.id = d.subscription_id
-          RETURNING d.id, d.attempts, d.event_id, d.kind, d.build_id, d.worker_id, d.data, d.event_at,
-                    d.retry_from, s.url, s.secret_sealed",
+                           AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())))),
+             claimed AS (
+                UPDATE webhook_deliveries d
+                   SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => $2)
+                  FROM (SELECT w.id FROM webhook_deliveries w
+                         WHERE w.state = 'pending' AND w.run_at <= now()
+                           AND (w.leased_until IS NULL OR w.leased_until <= now())
+                           AND w.subscription_id IN (SELECT id FROM subs)
+                         ORDER BY w.run_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED) due,
+                       subs s
+                 WHERE d.id = due.id AND s.id = d.subscription_id
+             RETURNING d.id, d.attempts, d.event_id, d.kind, d.build_id, d.worker_id, d.data, d.event_at,
+                       d.retry_from, s.url, s.secret_sealed)
+             -- The event from its one payload row (migration 0300); a test delivery, or a row written
+             -- before the payloads, carries its own copy.
+             SELECT c.id, c.attempts, c.event_id,
+                    coalesce(p.kind, c.kind, '') AS kind,
+                    CASE WHEN p.event_id IS NULL THEN c.build_id ELSE p.build_id END AS build_id,
+                    CASE WHEN p.event_id IS NULL THEN c.worker_id ELSE p.worker_id END AS worker_id,
+                    coalesce(p.data, c.data, '{}') AS data,
+                    coalesce(p.event_at, c.event_at, now()) AS event_at,
+                    c.retry_from, c.url, c.secret_sealed
+               FROM claimed c LEFT JOIN webhook_payloads p ON p.event_id = c.event_id AND c.event_id > 0",
         )
         .bind(limit)
         .bind(LEASE_SECS as f64)
