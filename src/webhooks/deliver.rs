@@ -16,7 +16,8 @@
 //!   (a redelivery, which clears the lease, or a second claim meanwhile wins): `delivered` (2xx), `pending` again after an
 //!   exponential backoff with jitter, or `failed` once the next try would be past
 //!   `CONTROLLER_WEBHOOK_RETRY_HOURS`. The last attempt is kept on the delivery row; only failed
-//!   attempts get a `webhook_attempts` row, so a first-try success inserts nothing.
+//!   attempts get a `webhook_attempts` row, so a first-try success inserts nothing. A record statement
+//!   that fails keeps its outcomes for the next one ([`record_loop`]).
 //! * **Payloads**: the claim reads each delivery's event from its one `webhook_payloads` row (migration
 //!   0300; the fan-out no longer copies the event into every delivery row).
 //! * **Wake-ups**: the fan-out trigger NOTIFYs [`CHANNEL`] when it wrote deliveries (the LISTEN loop
@@ -403,29 +404,70 @@ struct Outcome {
 /// Most outcomes recorded by one statement.
 const RECORD_BATCH: usize = 512;
 
+/// First wait before a failed record statement is tried again, and the longest.
+const RECORD_RETRY: Duration = Duration::from_millis(200);
+const RECORD_RETRY_CAP: Duration = Duration::from_secs(2);
+
 /// Records outcomes until every sender is gone: what waits in the channel, in one statement at most
 /// every [`COALESCE`] (outcomes that arrive within that time of the last statement wait for the next).
+///
+/// A statement that fails (a pool acquire timeout on a starved machine, a lost connection) keeps its
+/// outcomes: they are written with the next statement, after [`RECORD_RETRY`] doubling up to
+/// [`RECORD_RETRY_CAP`]. Dropped, they were sent a second time once their lease ran out, one lease
+/// late. An outcome whose lease is over
+/// is dropped then: its delivery is claimable again (its record, fenced on `attempts`, may still land if
+/// no other claim came). After the last sender is gone a failing batch is tried a few more times only.
 async fn record_loop(pool: PgPool, mut inbox: mpsc::UnboundedReceiver<Outcome>) {
-    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    let mut batch: Vec<Outcome> = Vec::with_capacity(RECORD_BATCH);
     let mut last: Option<Instant> = None;
-    while inbox.recv_many(&mut batch, RECORD_BATCH).await > 0 {
-        if let Some(wait) = last.map(|at| COALESCE.saturating_sub(at.elapsed()))
+    let mut failures = 0u32;
+    let mut closed = false;
+    loop {
+        if batch.is_empty() {
+            if closed || inbox.recv_many(&mut batch, RECORD_BATCH).await == 0 {
+                break;
+            }
+        }
+        let pause = if failures > 0 {
+            RECORD_RETRY
+                .saturating_mul(1 << (failures - 1).min(8))
+                .min(RECORD_RETRY_CAP)
+        } else {
+            COALESCE
+        };
+        if let Some(wait) = last.map(|at| pause.saturating_sub(at.elapsed()))
             && !wait.is_zero()
         {
             tokio::time::sleep(wait).await;
-            while batch.len() < RECORD_BATCH {
-                match inbox.try_recv() {
-                    Ok(outcome) => batch.push(outcome),
-                    Err(_) => break,
+        }
+        while batch.len() < RECORD_BATCH {
+            match inbox.try_recv() {
+                Ok(outcome) => batch.push(outcome),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
                 }
             }
         }
         last = Some(Instant::now());
-        if let Err(error) = record(&pool, &batch).await {
-            // The leases run out and the deliveries are sent again: at least once.
-            tracing::warn!(%error, deliveries = batch.len(), "recording webhook attempts failed");
+        match record(&pool, &batch).await {
+            Ok(()) => {
+                batch.clear();
+                failures = 0;
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, deliveries = batch.len(), failures, "recording webhook attempts failed; tried again");
+                let lease = chrono::Duration::seconds(LEASE_SECS);
+                let now = Utc::now();
+                batch.retain(|outcome| now - outcome.at < lease);
+                if closed && failures >= 3 {
+                    // Shutting down: the leases run out and the deliveries are sent again (at least once).
+                    break;
+                }
+            }
         }
-        batch.clear();
     }
 }
 

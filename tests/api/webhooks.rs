@@ -1341,3 +1341,47 @@ async fn an_event_for_several_subscriptions_is_stored_once() {
         "the payload went with its last delivery"
     );
 }
+
+/// A record of outcomes that fails (here: the table briefly lacks a column the record writes) is written
+/// again with the next record statement: the delivery is `delivered` after one request, not sent a second
+/// time once its 30 s lease runs out.
+#[tokio::test]
+async fn a_failed_record_is_written_again_not_resent_after_the_lease() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+    sqlx::query("ALTER TABLE webhook_deliveries RENAME COLUMN last_latency_ms TO last_latency_hidden")
+        .execute(&app.pool)
+        .await
+        .expect("hide last_latency_ms");
+    app.submit("ios", b"PK\x03\x04 source").await;
+    receiver.wait_until(10, |h| !h.is_empty()).await;
+    // The record of the outcome fails meanwhile (at least once).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let state: String = sqlx::query_scalar("SELECT state FROM webhook_deliveries")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending", "recorded although the record cannot run");
+    sqlx::query("ALTER TABLE webhook_deliveries RENAME COLUMN last_latency_hidden TO last_latency_ms")
+        .execute(&app.pool)
+        .await
+        .expect("restore last_latency_ms");
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let (state, attempts): (String, i32) = sqlx::query_as("SELECT state, attempts FROM webhook_deliveries")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if state == "delivered" {
+            assert_eq!(attempts, 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outcome was not recorded after the failed record ({state}, {attempts} attempts)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(receiver.hits().len(), 1, "sent once");
+}
