@@ -423,10 +423,8 @@ async fn record_loop(pool: PgPool, mut inbox: mpsc::UnboundedReceiver<Outcome>) 
     let mut failures = 0u32;
     let mut closed = false;
     loop {
-        if batch.is_empty() {
-            if closed || inbox.recv_many(&mut batch, RECORD_BATCH).await == 0 {
-                break;
-            }
+        if batch.is_empty() && (closed || inbox.recv_many(&mut batch, RECORD_BATCH).await == 0) {
+            break;
         }
         let pause = if failures > 0 {
             RECORD_RETRY
