@@ -230,14 +230,25 @@ impl Deliverer {
                 look_at = Instant::now() + RECHECK;
                 match self.claim(free as i64).await {
                     Ok(claimed) => {
-                        backlog = claimed.len() == free;
+                        backlog = claimed.len() >= free;
                         due = backlog;
+                        if claimed.len() > free {
+                            tracing::warn!(
+                                claimed = claimed.len(),
+                                limit = free,
+                                "a webhook claim returned more deliveries than its limit"
+                            );
+                        }
+                        // Every claimed delivery is sent: one beyond the free slots waits for a slot
+                        // instead of being dropped (it would wait out its lease, unsent).
                         for delivery in prepare(&self.certs_key, claimed) {
-                            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                                break;
-                            };
-                            let (this, results) = (self.clone(), results.clone());
+                            let (this, results, slots) = (self.clone(), results.clone(), slots.clone());
+                            let permit = slots.clone().try_acquire_owned().ok();
                             tasks.spawn(async move {
+                                let permit = match permit {
+                                    Some(permit) => Some(permit),
+                                    None => slots.acquire_owned().await.ok(),
+                                };
                                 let outcome = this.attempt(delivery).await;
                                 let _ = results.send(outcome);
                                 drop(permit);
