@@ -16,7 +16,10 @@
 //!   (a redelivery, which clears the lease, or a second claim meanwhile wins): `delivered` (2xx), `pending` again after an
 //!   exponential backoff with jitter, or `failed` once the next try would be past
 //!   `CONTROLLER_WEBHOOK_RETRY_HOURS`. The last attempt is kept on the delivery row; only failed
-//!   attempts get a `webhook_attempts` row, so a first-try success inserts nothing.
+//!   attempts get a `webhook_attempts` row, so a first-try success inserts nothing. A record statement
+//!   that fails keeps its outcomes for the next one ([`record_loop`]).
+//! * **Payloads**: the claim reads each delivery's event from its one `webhook_payloads` row (migration
+//!   0300; the fan-out no longer copies the event into every delivery row).
 //! * **Wake-ups**: the fan-out trigger NOTIFYs [`CHANNEL`] when it wrote deliveries (the LISTEN loop
 //!   of `queue::wakeups` wakes this loop), and the loop looks every second for retries that came due.
 
@@ -227,14 +230,25 @@ impl Deliverer {
                 look_at = Instant::now() + RECHECK;
                 match self.claim(free as i64).await {
                     Ok(claimed) => {
-                        backlog = claimed.len() == free;
+                        backlog = claimed.len() >= free;
                         due = backlog;
+                        if claimed.len() > free {
+                            tracing::warn!(
+                                claimed = claimed.len(),
+                                limit = free,
+                                "a webhook claim returned more deliveries than its limit"
+                            );
+                        }
+                        // Every claimed delivery is sent: one beyond the free slots waits for a slot
+                        // instead of being dropped (it would wait out its lease, unsent).
                         for delivery in prepare(&self.certs_key, claimed) {
-                            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                                break;
-                            };
-                            let (this, results) = (self.clone(), results.clone());
+                            let (this, results, slots) = (self.clone(), results.clone(), slots.clone());
+                            let permit = slots.clone().try_acquire_owned().ok();
                             tasks.spawn(async move {
+                                let permit = match permit {
+                                    Some(permit) => Some(permit),
+                                    None => slots.acquire_owned().await.ok(),
+                                };
                                 let outcome = this.attempt(delivery).await;
                                 let _ = results.send(outcome);
                                 drop(permit);
@@ -275,18 +289,29 @@ impl Deliverer {
                  WHERE s.active
                    AND (s.creator_key_id IS NULL OR EXISTS (
                         SELECT 1 FROM api_keys k WHERE k.id = s.creator_key_id
-                           AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))))
-             UPDATE webhook_deliveries d
-                SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => $2)
-               FROM (SELECT w.id FROM webhook_deliveries w
-                      WHERE w.state = 'pending' AND w.run_at <= now()
-                        AND (w.leased_until IS NULL OR w.leased_until <= now())
-                        AND w.subscription_id IN (SELECT id FROM subs)
-                      ORDER BY w.run_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED) due,
-                    subs s
-              WHERE d.id = due.id AND s.id = d.subscription_id
-          RETURNING d.id, d.attempts, d.event_id, d.kind, d.build_id, d.worker_id, d.data, d.event_at,
-                    d.retry_from, s.url, s.secret_sealed",
+                           AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())))),
+             claimed AS (
+                UPDATE webhook_deliveries d
+                   SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => $2)
+                  FROM (SELECT w.id FROM webhook_deliveries w
+                         WHERE w.state = 'pending' AND w.run_at <= now()
+                           AND (w.leased_until IS NULL OR w.leased_until <= now())
+                           AND w.subscription_id IN (SELECT id FROM subs)
+                         ORDER BY w.run_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED) due,
+                       subs s
+                 WHERE d.id = due.id AND s.id = d.subscription_id
+             RETURNING d.id, d.attempts, d.event_id, d.kind, d.build_id, d.worker_id, d.data, d.event_at,
+                       d.retry_from, s.url, s.secret_sealed)
+             -- The event from its one payload row (migration 0300); a test delivery, or a row written
+             -- before the payloads, carries its own copy.
+             SELECT c.id, c.attempts, c.event_id,
+                    coalesce(p.kind, c.kind, '') AS kind,
+                    CASE WHEN p.event_id IS NULL THEN c.build_id ELSE p.build_id END AS build_id,
+                    CASE WHEN p.event_id IS NULL THEN c.worker_id ELSE p.worker_id END AS worker_id,
+                    coalesce(p.data, c.data, '{}') AS data,
+                    coalesce(p.event_at, c.event_at, now()) AS event_at,
+                    c.retry_from, c.url, c.secret_sealed
+               FROM claimed c LEFT JOIN webhook_payloads p ON p.event_id = c.event_id AND c.event_id > 0",
         )
         .bind(limit)
         .bind(LEASE_SECS as f64)
@@ -390,29 +415,68 @@ struct Outcome {
 /// Most outcomes recorded by one statement.
 const RECORD_BATCH: usize = 512;
 
+/// First wait before a failed record statement is tried again, and the longest.
+const RECORD_RETRY: Duration = Duration::from_millis(200);
+const RECORD_RETRY_CAP: Duration = Duration::from_secs(2);
+
 /// Records outcomes until every sender is gone: what waits in the channel, in one statement at most
 /// every [`COALESCE`] (outcomes that arrive within that time of the last statement wait for the next).
+///
+/// A statement that fails (a pool acquire timeout on a starved machine, a lost connection) keeps its
+/// outcomes: they are written with the next statement, after [`RECORD_RETRY`] doubling up to
+/// [`RECORD_RETRY_CAP`]. Dropped, they were sent a second time once their lease ran out, one lease
+/// late. An outcome whose lease is over
+/// is dropped then: its delivery is claimable again (its record, fenced on `attempts`, may still land if
+/// no other claim came). After the last sender is gone a failing batch is tried a few more times only.
 async fn record_loop(pool: PgPool, mut inbox: mpsc::UnboundedReceiver<Outcome>) {
-    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    let mut batch: Vec<Outcome> = Vec::with_capacity(RECORD_BATCH);
     let mut last: Option<Instant> = None;
-    while inbox.recv_many(&mut batch, RECORD_BATCH).await > 0 {
-        if let Some(wait) = last.map(|at| COALESCE.saturating_sub(at.elapsed()))
+    let mut failures = 0u32;
+    let mut closed = false;
+    loop {
+        if batch.is_empty() && (closed || inbox.recv_many(&mut batch, RECORD_BATCH).await == 0) {
+            break;
+        }
+        let pause = if failures > 0 {
+            RECORD_RETRY
+                .saturating_mul(1 << (failures - 1).min(8))
+                .min(RECORD_RETRY_CAP)
+        } else {
+            COALESCE
+        };
+        if let Some(wait) = last.map(|at| pause.saturating_sub(at.elapsed()))
             && !wait.is_zero()
         {
             tokio::time::sleep(wait).await;
-            while batch.len() < RECORD_BATCH {
-                match inbox.try_recv() {
-                    Ok(outcome) => batch.push(outcome),
-                    Err(_) => break,
+        }
+        while batch.len() < RECORD_BATCH {
+            match inbox.try_recv() {
+                Ok(outcome) => batch.push(outcome),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
                 }
             }
         }
         last = Some(Instant::now());
-        if let Err(error) = record(&pool, &batch).await {
-            // The leases run out and the deliveries are sent again: at least once.
-            tracing::warn!(%error, deliveries = batch.len(), "recording webhook attempts failed");
+        match record(&pool, &batch).await {
+            Ok(()) => {
+                batch.clear();
+                failures = 0;
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, deliveries = batch.len(), failures, "recording webhook attempts failed; tried again");
+                let lease = chrono::Duration::seconds(LEASE_SECS);
+                let now = Utc::now();
+                batch.retain(|outcome| now - outcome.at < lease);
+                if closed && failures >= 3 {
+                    // Shutting down: the leases run out and the deliveries are sent again (at least once).
+                    break;
+                }
+            }
         }
-        batch.clear();
     }
 }
 

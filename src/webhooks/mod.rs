@@ -503,15 +503,22 @@ macro_rules! shown_state {
 /// The state a delivery is shown in (see [`shown_state`]).
 const SHOWN_STATE: &str = shown_state!();
 
+/// The columns of a listed delivery; the query joins the event's payload as `p` ([`PAYLOAD_JOIN`]).
 const DELIVERY_COLUMNS: &str = concat!(
-    "d.id, d.subscription_id, d.event_id, d.kind, d.build_id, ",
+    "d.id, d.subscription_id, d.event_id, coalesce(p.kind, d.kind, '') AS kind, ",
+    "CASE WHEN p.event_id IS NULL THEN d.build_id ELSE p.build_id END AS build_id, ",
     shown_state!(),
     " AS state, d.created_at, d.delivered_at, d.run_at, d.last_attempt_at, d.last_status, d.last_latency_ms"
 );
 
+/// A delivery's event, from its one payload row (migration 0300); a test delivery or a row written before
+/// the payloads carries its own copy.
+const PAYLOAD_JOIN: &str = "LEFT JOIN webhook_payloads p ON p.event_id = d.event_id AND d.event_id > 0";
+
 async fn delivery(pool: &PgPool, id: i64, owner: Option<&str>) -> OpResult<DeliveryView> {
     let row: Option<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id
+                {PAYLOAD_JOIN}
           WHERE d.id = $1 AND ($2::text IS NULL OR s.owner_key_id = $2)"
     )))
     .bind(id)
@@ -534,7 +541,8 @@ pub async fn deliveries(pool: &PgPool, id: &str, limit: i64, actor: &Actor) -> O
         find(&mut conn, id, owner, false).await?;
     }
     let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d WHERE d.subscription_id = $1 ORDER BY d.id DESC LIMIT $2"
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d {PAYLOAD_JOIN}
+          WHERE d.subscription_id = $1 ORDER BY d.id DESC LIMIT $2"
     )))
     .bind(id)
     .bind(limit.clamp(1, MAX_LISTED))

@@ -905,13 +905,15 @@ async fn a_revoked_keys_subscriptions_carry_nothing_more() {
     let second = submit_as(&app.base, &app.client, API_KEY).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!kinds_by_build(&hook.hits()).contains_key(second.as_str()));
-    let fanned: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE subscription_id = $1 AND build_id = $2")
-            .bind(sub["id"].as_str().unwrap())
-            .bind(&second)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let fanned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM webhook_deliveries d JOIN webhook_payloads p USING (event_id)
+              WHERE d.subscription_id = $1 AND p.build_id = $2",
+    )
+    .bind(sub["id"].as_str().unwrap())
+    .bind(&second)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(fanned, 0);
     let (_, shown) = call(
         &app,
@@ -1060,11 +1062,13 @@ async fn deliveries_resume_after_a_failed_claim_without_a_new_event() {
         .unwrap()
         .to_string();
     // The fan-out's row exists (it sets no run_at), and the woken claim fails meanwhile.
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE build_id = $1")
-        .bind(&build)
-        .fetch_one(&app.pool)
-        .await
-        .expect("deliveries");
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM webhook_deliveries d JOIN webhook_payloads p USING (event_id) WHERE p.build_id = $1",
+    )
+    .bind(&build)
+    .fetch_one(&app.pool)
+    .await
+    .expect("deliveries");
     assert_eq!(rows, 1);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(receiver.hits().is_empty(), "delivered although the claim cannot run");
@@ -1192,10 +1196,13 @@ async fn the_fanout_filter_follows_subscription_changes() {
     let id = created["id"].as_str().unwrap().to_string();
     // The delivery rows commit with the submit's event, so they are counted as soon as it answers.
     let submitted_rows = |pool: sqlx::PgPool| async move {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE kind = 'build.submitted'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_deliveries d JOIN webhook_payloads p USING (event_id)
+              WHERE p.kind = 'build.submitted'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         n
     };
     let trigger = |pool: sqlx::PgPool| async move {
@@ -1251,4 +1258,130 @@ async fn the_fanout_filter_follows_subscription_changes() {
         "{}",
         trigger(app.pool.clone()).await
     );
+}
+
+/// One payload per event (migration 0300): an event matching three subscriptions is three small delivery
+/// rows (no copy of the event in them) and one payload row counting them; every receiver gets the event,
+/// the listing shows its kind and build; the payload goes with the last delivery that references it.
+#[tokio::test]
+async fn an_event_for_several_subscriptions_is_stored_once() {
+    use expo_controller::jobs::{Job, JobContext};
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let created = subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+        ids.push(created["id"].as_str().unwrap().to_string());
+    }
+    let build = app.submit("ios", b"PK\x03\x04 source").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (rows, copies): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE data IS NOT NULL OR kind IS NOT NULL OR build_id IS NOT NULL)
+           FROM webhook_deliveries",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows, copies),
+        (3, 0),
+        "three delivery rows, none with a copy of the event"
+    );
+    let payloads: Vec<(String, Option<String>, i32)> =
+        sqlx::query_as("SELECT kind, build_id, deliveries FROM webhook_payloads")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(payloads, vec![("build.submitted".to_string(), Some(build.clone()), 3)]);
+
+    let hits = receiver.wait_until(10, |h| h.len() >= 3).await;
+    for hit in &hits {
+        assert_eq!(hit.json()["kind"], "build.submitted");
+        assert_eq!(hit.json()["build_id"], build.as_str());
+    }
+    settled(&app.pool).await;
+    let (status, page) = deliveries(&app, &ids[0]).await;
+    assert_eq!(status, 200);
+    assert_eq!(page["items"][0]["kind"], "build.submitted", "{page}");
+    assert_eq!(page["items"][0]["build_id"], build.as_str(), "{page}");
+    assert_eq!(page["items"][0]["state"], "delivered", "{page}");
+
+    // A deleted subscription's delivery releases its share of the payload.
+    let (status, _) = call(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v2/webhooks/{}", ids[0]),
+        API_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let count: i32 = sqlx::query_scalar("SELECT deliveries FROM webhook_payloads")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 2);
+    // The prune of finished deliveries past the retention takes the rest, and the payload with them.
+    let ctx = JobContext {
+        pool: app.pool.clone(),
+        storage: expo_controller::storage::Storage::local(&app.storage_dir, false).unwrap(),
+        settings: Default::default(),
+        jobs: Default::default(),
+    };
+    Job::Prune
+        .run_once(&ctx, chrono::Utc::now() + chrono::Duration::days(400))
+        .await
+        .unwrap();
+    assert_eq!(app.count("webhook_deliveries").await, 0);
+    assert_eq!(
+        app.count("webhook_payloads").await,
+        0,
+        "the payload went with its last delivery"
+    );
+}
+
+/// A record of outcomes that fails (here: the table briefly lacks a column the record writes) is written
+/// again with the next record statement: the delivery is `delivered` after one request, not sent a second
+/// time once its 30 s lease runs out.
+#[tokio::test]
+async fn a_failed_record_is_written_again_not_resent_after_the_lease() {
+    let app = allow_private().await;
+    let receiver = Receiver::start().await;
+    subscribe(&app, API_KEY, &receiver.url(), &["build.submitted"]).await;
+    sqlx::query("ALTER TABLE webhook_deliveries RENAME COLUMN last_latency_ms TO last_latency_hidden")
+        .execute(&app.pool)
+        .await
+        .expect("hide last_latency_ms");
+    app.submit("ios", b"PK\x03\x04 source").await;
+    receiver.wait_until(10, |h| !h.is_empty()).await;
+    // The record of the outcome fails meanwhile (at least once).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let state: String = sqlx::query_scalar("SELECT state FROM webhook_deliveries")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending", "recorded although the record cannot run");
+    sqlx::query("ALTER TABLE webhook_deliveries RENAME COLUMN last_latency_hidden TO last_latency_ms")
+        .execute(&app.pool)
+        .await
+        .expect("restore last_latency_ms");
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let (state, attempts): (String, i32) = sqlx::query_as("SELECT state, attempts FROM webhook_deliveries")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if state == "delivered" {
+            assert_eq!(attempts, 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outcome was not recorded after the failed record ({state}, {attempts} attempts)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(receiver.hits().len(), 1, "sent once");
 }
