@@ -51,9 +51,10 @@ const ELIGIBLE: &str = "b.state IN ('pending', 'scheduled', 'retryable')
 /// claims hold: at that priority, the oldest build of the submitter with the lowest stride `pass`
 /// (scheduling.md; `submitter_shares`, walked in pass order, only submitters with queued builds and room
 /// below their max running); should every such row be locked by concurrent claims, the oldest eligible
-/// row. `claimed` turns it into a new attempt with its attempt row, log line and busy worker, and `share`
-/// advances its submitter's pass by 1 / weight (the built-in admin key and imported builds: `admin`,
-/// weight 1).
+/// row. `claimed` turns it into a new attempt with its attempt row, log line and busy worker; the fair-share
+/// trigger on builds (migration 0280) advances its submitter's pass by 1 / weight (the built-in admin key
+/// and imported builds: `admin`, weight 1) in the same update of `submitter_shares` that takes the build
+/// out of the submitter's queued count: one update of that row per claim.
 const CLAIM_TEMPLATE: &str = "
 WITH held AS (
     UPDATE builds SET otp_hash = $5, otp_expires_at = $2 + $6::bigint * interval '1 second'
@@ -101,10 +102,6 @@ WITH held AS (
         log_seq = b.log_seq + 1
     FROM picked WHERE b.id = picked.id
     RETURNING b.*
-), share AS (
-    UPDATE submitter_shares s
-    SET pass = s.pass + 1.0 / COALESCE((SELECT k.weight FROM api_keys k WHERE k.id = c.submitted_by), 1)
-    FROM claimed c WHERE s.queue = c.queue AND s.submitter = COALESCE(c.submitted_by, 'admin')
 ), attempt_row AS (
     INSERT INTO build_attempts (build_id, attempt, worker_id, lease_token, assigned_at)
     SELECT id, attempt, lease_owner, lease_token, $2 FROM claimed

@@ -291,6 +291,56 @@ async fn claims_and_completions_update_the_worker_row_in_place() {
     );
 }
 
+/// Updates of `submitter_shares` counted so far by this pool's one backend (flushed first).
+async fn share_row_updates(pool: &PgPool) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pool)
+        .await
+        .expect("flush");
+    sqlx::query_scalar("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'submitter_shares'")
+        .fetch_one(pool)
+        .await
+        .expect("table statistics")
+}
+
+/// A claim updates its submitter's fair-share row once (issue #25, migration 0280): the pass advance by
+/// 1 / weight and the queued count's decrement in one update, not two versions of the row (the hot row
+/// every submit and claim of a single heavy submitter waits for). The passes still follow the weights.
+#[tokio::test]
+async fn a_claim_updates_its_submitters_share_row_once() {
+    // One connection: every update below is counted by the backend whose statistics are flushed.
+    let (_, pool) = fresh_database(1).await;
+    submitter(&pool, "a", 1, 0).await;
+    submitter(&pool, "b", 2, 0).await;
+    enqueue_for(&pool, Some("a"), 10).await;
+    enqueue_for(&pool, Some("b"), 10).await;
+    let w = worker(&pool, "one", &[Platform::Ios]).await;
+    let before = share_row_updates(&pool).await;
+    let mut claims = 0;
+    while let Some((id, _, token)) = claim(&pool, &w).await {
+        claims += 1;
+        complete(&pool, &w, &id, token).await;
+    }
+    assert_eq!(claims, 20);
+    let updates = share_row_updates(&pool).await - before;
+    assert_eq!(
+        updates, claims,
+        "{updates} updates of submitter_shares for {claims} claims"
+    );
+    let shares: Vec<(String, f64, i32)> = sqlx::query_as(
+        "SELECT submitter, pass, queued FROM submitter_shares WHERE queue = 'ios' AND submitter IN ('a', 'b')
+         ORDER BY submitter",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("shares");
+    assert_eq!(
+        shares,
+        vec![("a".to_string(), 10.0, 0), ("b".to_string(), 5.0, 0)],
+        "each claim advances its submitter's pass by 1 / weight"
+    );
+}
+
 async fn submit_as(app: &TestApp, key: &str) -> reqwest::Response {
     let form = Form::new()
         .text("platform", "ios")

@@ -176,6 +176,10 @@ async fn submit(
         Some(Extension(KeyCaller(who))) => crate::audit::Actor::key(who, None, user_agent),
         None => crate::audit::Actor::anonymous(None, user_agent),
     };
+    // A stored key without a max queued (0, as this instance's key cache read its row within the last
+    // second) skips the early count: the insert enforces the key's quota from its row in any case.
+    let unlimited =
+        matches!(&caller, Some(Extension(KeyCaller(crate::identity::Principal::Key(key)))) if key.max_queued == 0);
     // The stored key that submits (`None`: the built-in admin key).
     let submitted_by = caller.and_then(|Extension(KeyCaller(who))| who.key_id().map(str::to_string));
     let idempotency_key = idempotency_key(headers)?;
@@ -186,7 +190,7 @@ async fn submit(
         Some(key) => queue::idempotency::names_a_build(&state.pool, submitted_by.as_deref(), key).await?,
         None => false,
     };
-    if !replay {
+    if !replay && !unlimited {
         submitter_room(&state, submitted_by.as_deref()).await?;
     }
     // Backpressure (R58) before a byte of the body is read: only when a queue may be at its limit

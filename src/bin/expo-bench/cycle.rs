@@ -59,6 +59,9 @@ impl Run {
 #[derive(Default)]
 struct Ledger {
     submitted: Vec<String>,
+    /// The key that submitted each build (its status is read with it; a submitter key sees only its own
+    /// builds). Builds submitted with the built-in admin key are not listed.
+    owner: std::collections::HashMap<String, Arc<str>>,
     claimed: HashSet<String>,
     claimed_twice: u64,
     uploaded: HashSet<String>,
@@ -69,6 +72,13 @@ struct Ledger {
 pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>> {
     let runs = env_number("BENCH_P12_RUNS", 5).max(1) as usize;
     let secs = env_number("BENCH_P12_SECS", 20).max(1);
+    // BENCH_P12_KEYS: the submitters' keys. 8 (default): each of the 8 submitters its own `submitter` key,
+    // 8 submitters in fair-share terms (the issue's "8 submitters"); 1: all 8 submit with the built-in
+    // admin key (one submitter: every submit and claim updates the same fair-share row).
+    let keys = env_number("BENCH_P12_KEYS", SUBMITTERS as u64).clamp(1, SUBMITTERS as u64) as usize;
+    // BENCH_P12_WARMUP_SECS: a run of each side before the measured ones, not counted (the first run on
+    // a fresh controller and database is cold: connections, plans, caches, the tables' first pages).
+    let warmup = env_number("BENCH_P12_WARMUP_SECS", 3);
     let durable_runs = env_number("BENCH_P12_DURABLE_RUNS", 2) as usize;
     let mut rows = Vec::new();
     let port = setup::http_port() + 4;
@@ -82,6 +92,8 @@ pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>
     let series = Series {
         runs,
         secs,
+        warmup,
+        keys,
         label: "fast",
         reference: reference.as_deref(),
     };
@@ -100,6 +112,8 @@ pub async fn p12(env: &Env, client: &reqwest::Client) -> anyhow::Result<Vec<Row>
         let series = Series {
             runs: durable_runs,
             secs,
+            warmup,
+            keys,
             label: "durable",
             reference: None,
         };
@@ -120,6 +134,8 @@ struct Measured {
     floor: Option<f64>,
     check: String,
     exact: bool,
+    /// Which submitters' workload the runs measured (8 submitter keys, or the one built-in key).
+    workload: String,
 }
 
 /// Medians and per-build costs of a series of runs.
@@ -205,9 +221,10 @@ impl Measured {
         Row {
             id,
             scenario: format!(
-                "{scenario}; runs {}; {xacts:.1} transactions/build; controller CPU {cpu_ms:.2} ms/build, \
+                "{scenario}; {}; runs {}; {xacts:.1} transactions/build; controller CPU {cpu_ms:.2} ms/build, \
                  PostgreSQL CPU {pg_ms:.2} ms/build, load generator CPU {client_ms:.2} ms/build ({cores}-core \
                  ceiling {ceiling:.0} builds/s); drift max/min {drift:.2}; {}",
+                self.workload,
                 ours.rates(),
                 self.check
             ),
@@ -245,6 +262,10 @@ impl Measured {
 struct Series<'a> {
     runs: usize,
     secs: u64,
+    /// Seconds of the uncounted warm-up run of each side (0: none).
+    warmup: u64,
+    /// Submitter keys (1: the built-in admin key).
+    keys: usize,
     label: &'a str,
     reference: Option<&'a Path>,
 }
@@ -259,6 +280,8 @@ async fn measure(
     let Series {
         runs,
         secs,
+        warmup,
+        keys,
         label,
         reference,
     } = series;
@@ -268,6 +291,12 @@ async fn measure(
     let (controller, _) = Controller::launch_with(env, client, port, extra).await?;
     let shared: Shared = Arc::new((client.clone(), controller));
     let tokens = register(&shared).await?;
+    // The keys live in the shared database: both sides' submitters use the same ones.
+    let keys = submitter_keys(&shared, keys).await?;
+    let workload = match keys.len() {
+        1 => format!("{SUBMITTERS} submitters on the one built-in admin key (BENCH_P12_KEYS=1)"),
+        n => format!("{SUBMITTERS} submitters on {n} submitter keys"),
+    };
     // The reference build runs beside it on the next port, with workers of its own; only one of the
     // two is driven at a time (the idle one runs its once-a-second clock stamp and its jobs).
     let other = match reference {
@@ -283,13 +312,27 @@ async fn measure(
     let mut done = Vec::new();
     let mut reference_runs = Vec::new();
     let mut last_builds = 0;
+    if warmup > 0 {
+        let warm = Duration::from_secs(warmup);
+        if let Some((other_shared, tokens)) = &other {
+            let _paused = Paused::stop(shared.1.pid());
+            let run = cycles(other_shared, env, tokens, &keys, &ledger, warm).await?;
+            report_warmup(&format!("{label} reference"), &run);
+        }
+        let paused = other.as_ref().map(|(other, _)| Paused::stop(other.1.pid()));
+        let run = cycles(&shared, env, &tokens, &keys, &ledger, warm).await?;
+        drop(paused);
+        report_warmup(label, &run);
+        statements = statement_stats_reset(pool).await;
+    }
     for n in 0..runs {
         if let Some((other_shared, tokens)) = &other {
             // The idle controller is stopped while the other one is measured: its event pump and LISTEN
             // loop would otherwise read the outbox on the measured one's notifications, and those reads
             // would count as the measured controller's transactions, statements and PostgreSQL CPU.
             let _paused = Paused::stop(shared.1.pid());
-            let run = cycles(other_shared, env, tokens, &ledger, Duration::from_secs(secs)).await?;
+            settle(pool).await;
+            let run = cycles(other_shared, env, tokens, &keys, &ledger, Duration::from_secs(secs)).await?;
             report_run(&format!("{label} reference"), n, &run);
             reference_runs.push(run);
             // Statements per build are the last run's of this build alone.
@@ -313,7 +356,8 @@ async fn measure(
                 .ok()
         });
         let paused = other.as_ref().map(|(other, _)| Paused::stop(other.1.pid()));
-        let run = cycles(&shared, env, &tokens, &ledger, Duration::from_secs(secs)).await?;
+        settle(pool).await;
+        let run = cycles(&shared, env, &tokens, &keys, &ledger, Duration::from_secs(secs)).await?;
         drop(paused);
         report_run(label, n, &run);
         if let Some(mut perf) = perf {
@@ -346,7 +390,59 @@ async fn measure(
         floor: floor.ok(),
         check,
         exact,
+        workload,
     })
+}
+
+fn report_warmup(label: &str, run: &Run) {
+    eprintln!(
+        "P12 {label} warm-up ({:.0} s, not counted): {:.0} builds/s (load {})",
+        run.seconds,
+        run.rate(),
+        load_average()
+    );
+}
+
+/// Before each measured run (both sides alike): the previous run's dead rows vacuumed and the statistics
+/// refreshed, and a checkpoint, so that neither an autovacuum of the hot tables nor a checkpoint starts
+/// in the middle of one run and not another. Its cost falls outside the measured window.
+async fn settle(pool: &PgPool) {
+    if std::env::var("BENCH_P12_SETTLE").is_ok_and(|v| v == "0") {
+        return;
+    }
+    for statement in [
+        "VACUUM (ANALYZE) builds, build_attempts, build_logs, events, submitter_shares, workers",
+        "CHECKPOINT",
+    ] {
+        if let Err(e) = sqlx::query(statement).execute(pool).await {
+            eprintln!("P12 settle ({statement}): {e}");
+        }
+    }
+}
+
+/// `count` fresh keys with role `submitter`, made through `POST /api/v2/keys` with the admin key; with
+/// `count` 1, the built-in admin key alone (the single-submitter workload).
+async fn submitter_keys(shared: &Shared, count: usize) -> anyhow::Result<Vec<Arc<str>>> {
+    if count <= 1 {
+        return Ok(vec![Arc::from(API_KEY)]);
+    }
+    let (client, controller) = &**shared;
+    let tag = &expo_controller::ids::new_id()[..6];
+    let mut keys = Vec::new();
+    for n in 0..count {
+        let answer = client
+            .post(controller.url("/api/v2/keys"))
+            .header("X-API-Key", API_KEY)
+            .json(&json!({ "name": format!("p12-{tag}-submitter-{n}"), "role": "submitter" }))
+            .send()
+            .await?;
+        let status = answer.status();
+        let body: Value = answer.json().await?;
+        let key = body["key"].as_str().unwrap_or_default();
+        anyhow::ensure!(status == 201 && !key.is_empty(), "key creation failed: {status} {body}");
+        keys.push(Arc::from(key));
+    }
+    Ok(keys)
 }
 
 fn report_run(label: &str, n: usize, run: &Run) {
@@ -371,7 +467,8 @@ fn report_run(label: &str, n: usize, run: &Run) {
 pub async fn one_run(shared: &Shared, env: &Env, secs: u64, pace: Option<f64>) -> anyhow::Result<(f64, f64, f64)> {
     let tokens = register(shared).await?;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let run = cycles_paced(shared, env, &tokens, &ledger, Duration::from_secs(secs), pace).await?;
+    let keys = [Arc::from(API_KEY)];
+    let run = cycles_paced(shared, env, &tokens, &keys, &ledger, Duration::from_secs(secs), pace).await?;
     Ok((
         run.rate(),
         run.per_build(run.controller_cpu),
@@ -405,19 +502,22 @@ async fn cycles(
     shared: &Shared,
     env: &Env,
     tokens: &[String],
+    keys: &[Arc<str>],
     ledger: &Arc<Mutex<Ledger>>,
     duration: Duration,
 ) -> anyhow::Result<Run> {
-    cycles_paced(shared, env, tokens, ledger, duration, None).await
+    cycles_paced(shared, env, tokens, keys, ledger, duration, None).await
 }
 
 /// [`cycles`], with the submits paced to `pace` builds/s in all when given (W1's fixed-rate runs): the
 /// n-th submit of the run waits until n / `pace` seconds after the start (still at most `IN_FLIGHT`
-/// builds in flight), so two runs at a rate both sustain offer the same load.
+/// builds in flight), so two runs at a rate both sustain offer the same load. Submitter `n` submits with
+/// `keys[n % keys.len()]`.
 async fn cycles_paced(
     shared: &Shared,
     env: &Env,
     tokens: &[String],
+    keys: &[Arc<str>],
     ledger: &Arc<Mutex<Ledger>>,
     duration: Duration,
     pace: Option<f64>,
@@ -438,7 +538,11 @@ async fn cycles_paced(
     let stop = started + duration;
 
     let mut submitters = Vec::new();
-    for _ in 0..SUBMITTERS {
+    for n in 0..SUBMITTERS {
+        let key = keys
+            .get(n % keys.len().max(1))
+            .cloned()
+            .unwrap_or_else(|| Arc::from(API_KEY));
         let (shared, permits, submitting, submitted, ledger, source, tickets) = (
             shared.clone(),
             permits.clone(),
@@ -465,7 +569,7 @@ async fn cycles_paced(
                     .part("source", Part::stream(source.clone()).file_name("app.zip"));
                 let answer = client
                     .post(controller.url("/api/builds/submit"))
-                    .header("X-API-Key", API_KEY)
+                    .header("X-API-Key", &*key)
                     .multipart(form)
                     .send()
                     .await;
@@ -482,6 +586,9 @@ async fn cycles_paced(
                     permit.forget();
                     submitted.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut l) = ledger.lock() {
+                        if &*key != API_KEY {
+                            l.owner.insert(id.clone(), key.clone());
+                        }
                         l.submitted.push(id);
                     }
                 }
@@ -602,14 +709,18 @@ async fn one_build(
         .await?;
     anyhow::ensure!(upload.status() == 200, "upload: {}", upload.status());
     upload.bytes().await?;
-    if let Ok(mut l) = ledger.lock()
-        && !l.uploaded.insert(id.to_string())
-    {
-        l.uploaded_twice += 1;
+    // The status is read with the key that submitted the build (the built-in key when it was that one,
+    // or in the rare case its submitter had not recorded the build yet).
+    let mut owner: Option<Arc<str>> = None;
+    if let Ok(mut l) = ledger.lock() {
+        owner = l.owner.get(id).cloned();
+        if !l.uploaded.insert(id.to_string()) {
+            l.uploaded_twice += 1;
+        }
     }
     let status: Value = client
         .get(build("status"))
-        .header("X-API-Key", API_KEY)
+        .header("X-API-Key", owner.as_deref().unwrap_or(API_KEY))
         .send()
         .await?
         .json()
