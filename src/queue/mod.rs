@@ -64,7 +64,7 @@ pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_
 }
 
 pub use enqueue::{
-    Enqueued, FullQueues, NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue,
+    Enqueued, FullQueues, KeyQuota, NOTIFY_CHANNEL, NewBuild, RETRY_NOT_FINISHED, check_retry, count_refusal, enqueue,
     enqueue_bounded, enqueue_retry, enqueue_submit, full_queues, watch_full_queues,
 };
 pub use lease::{HeartbeatOutcome, Holder, heartbeat, holds_build, record_held_write, refusal};

@@ -14,7 +14,7 @@ use crate::api::group::ApiRouter;
 use crate::api::multipart::{MultipartBody, Parts, read_limited, read_text, require_multipart};
 use crate::api::views::BuildStatus;
 use crate::api::{AppState, views};
-use crate::queue::{self, Build, NewBuild, Platform};
+use crate::queue::{self, Build, KeyQuota, NewBuild, Platform};
 use crate::storage::{Key, Stored, WriteError, bundle, certs};
 use crate::{ids, jobs};
 use serde::{Deserialize, Serialize};
@@ -235,6 +235,7 @@ async fn submit(
                 access_token: &access_token,
                 idempotency_key: idempotency_key.as_deref(),
                 recorded,
+                unlimited,
             };
             create_build(&state, new, form, submitted_by, &actor, &mut unsettled).await
         }
@@ -278,6 +279,9 @@ struct Creating<'a> {
     idempotency_key: Option<&'a str>,
     /// When the source key was recorded as a pending write (before the body).
     recorded: std::time::Instant,
+    /// The submitting stored key has no max queued, as this instance's key cache read its row within the
+    /// last second: its insert needs no per-key lock (queue::enqueue_submit).
+    unlimited: bool,
 }
 
 /// A submit's answer: a new build, or the build an earlier submit with the same `Idempotency-Key` made.
@@ -439,7 +443,7 @@ async fn create_build(
     if let Some(replay) = claim_idempotency_key(state, &new, &row).await? {
         return Ok(Created::Replayed(replay));
     }
-    let build = match enqueue(state, &row, unsettled).await {
+    let build = match enqueue(state, &row, new.unlimited, unsettled).await {
         Ok(build) => build,
         Err(error) => {
             // Refused before the insert: the key is free again (unless the insert may have committed).
@@ -507,7 +511,7 @@ async fn claim_idempotency_key(
 /// Enqueues; this instance's next poll for the platform looks at the queue even before the
 /// notification comes back from PostgreSQL. The insert also records a spare source key for a later
 /// submit (queue::SpareKeys) and tells whether the queue is now full (queue::FullQueues).
-async fn enqueue(state: &AppState, new: &NewBuild, unsettled: &mut bool) -> ApiResult<Build> {
+async fn enqueue(state: &AppState, new: &NewBuild, unlimited: bool, unsettled: &mut bool) -> ApiResult<Build> {
     let spare = state
         .spare_sources
         .wanted()
@@ -517,7 +521,8 @@ async fn enqueue(state: &AppState, new: &NewBuild, unsettled: &mut bool) -> ApiR
     let max_queued = state.config.queue.max_queued_builds;
     let started = std::time::Instant::now();
     let spare_key = spare.as_ref().map(|(_, key)| key.as_str());
-    match queue::enqueue_submit(&mut conn, new, max_queued, spare_key, Utc::now()).await {
+    let key_quota = if unlimited { KeyQuota::None } else { KeyQuota::Maybe };
+    match queue::enqueue_submit(&mut conn, new, max_queued, key_quota, spare_key, Utc::now()).await {
         Ok(inserted) => {
             state.full_queues.set(new.platform, inserted.at_limit);
             if let Some((id, _)) = spare {
