@@ -77,7 +77,7 @@ pub enum KeyQuota {
     /// It may (or it is not known): its inserts take turns under the key's lock ([`insert_within_quota`]).
     Maybe,
     /// Its row had none when the caller's key cache read it (at most a second ago): the insert runs without
-    /// the lock — one transaction of three statements less per submit. The insert still checks the key's
+    /// the lock — three round trips (BEGIN, the lock, COMMIT) less per submit. The insert still checks the key's
     /// quota from its row, so a max queued set within that second is enforced, though submits racing it
     /// in that second may each see room (by at most the number of concurrent submits of the key).
     None,
