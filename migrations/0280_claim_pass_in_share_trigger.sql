@@ -11,13 +11,23 @@
 -- claim's statement no longer has the `share` CTE (src/queue/claim.rs). A statement never both claims
 -- and queues builds of one submitter (a claim only moves builds to `assigned`), so the pass advance goes
 -- with the decrement branch.
+--
+-- The branch that finds claimed builds joins the two transition tables. PL/pgSQL keeps one plan of the
+-- statement per backend, estimated on the transition tables of the call that planned it (usually a
+-- one-row claim): a nested loop that a later statement moving thousands of queued builds (a bulk cancel,
+-- the promotion of due scheduled builds) would run in time quadratic in its rows. So the join runs only
+-- when the statement moved some build to `assigned`: `claimed` is a parameter of the plan, and for every
+-- other statement a one-time filter cuts the branch before the join starts.
 
 CREATE OR REPLACE FUNCTION builds_shares_update() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    claimed boolean;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM old_rows o WHERE o.state IN ('pending', 'scheduled', 'retryable'))
        AND NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.state IN ('pending', 'scheduled', 'retryable')) THEN
         RETURN NULL;
     END IF;
+    claimed := EXISTS (SELECT 1 FROM new_rows n WHERE n.state = 'assigned');
     WITH d AS (
         SELECT queue, submitter, sum(delta)::int AS delta, sum(served) AS served FROM (
             SELECT o.queue, COALESCE(o.submitted_by, 'admin') AS submitter, -1 AS delta, 0::numeric AS served
@@ -30,7 +40,7 @@ BEGIN
             SELECT n.queue, COALESCE(n.submitted_by, 'admin'), 0,
                    1.0 / COALESCE((SELECT k.weight FROM api_keys k WHERE k.id = n.submitted_by), 1)
             FROM new_rows n JOIN old_rows o ON o.id = n.id
-            WHERE n.state = 'assigned' AND o.state IN ('pending', 'scheduled', 'retryable')
+            WHERE claimed AND n.state = 'assigned' AND o.state IN ('pending', 'scheduled', 'retryable')
         ) c GROUP BY 1, 2 HAVING sum(delta) <> 0 OR sum(served) <> 0
     ), joined AS (
         INSERT INTO submitter_shares AS s (queue, submitter, pass, queued)
