@@ -28,11 +28,11 @@ pub async fn connect(cfg: &DbConfig) -> anyhow::Result<PgPool> {
 const PING_AFTER_IDLE: Duration = Duration::from_secs(2);
 
 /// The pool's settings. sqlx's default `test_before_acquire` pings every connection it hands out: a
-/// round trip (Sync → ReadyForQuery) before every statement or transaction, on top of the one sqlx
-/// makes when the connection comes back. Only a connection that sat idle for a while can have been
-/// dropped by the server (a restart, an idle timeout, a terminated backend) without anyone noticing,
-/// so only such a connection is pinged; one in steady use last answered milliseconds ago, and a
-/// failure there is what a failure during the statement would be anyway.
+/// round trip (Sync → ReadyForQuery) before every statement or transaction. Only a connection that sat
+/// idle for a while can have been dropped by the server (a restart, an idle timeout, a terminated
+/// backend) without anyone noticing, so only such a connection is checked, by an empty query (see
+/// [`round_trip`]); one in steady use last answered milliseconds ago, and a failure there is what a
+/// failure during the statement would be anyway.
 fn pool_options(size: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(size)
@@ -41,11 +41,19 @@ fn pool_options(size: u32) -> PgPoolOptions {
         .before_acquire(|conn, meta| {
             Box::pin(async move {
                 if meta.idle_for >= PING_AFTER_IDLE {
-                    sqlx::Connection::ping(conn).await?;
+                    round_trip(conn).await?;
                 }
                 Ok(true)
             })
         })
+}
+
+/// One real round trip to the server: an empty simple query (EmptyQueryResponse, ReadyForQuery).
+/// `Connection::ping` is no longer one: the vendored sqlx-postgres (`vendor/README.md`) answers it at
+/// once for a connection with nothing pending, which is what spares the round trip sqlx-core makes on
+/// every connection it takes back into the pool.
+pub async fn round_trip(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("").execute(conn).await.map(|_| ())
 }
 
 /// The claim's own few connections (a quarter of the pool, at least 2), with `plan_cache_mode =

@@ -27,6 +27,7 @@ mod observability;
 mod openapi;
 mod openapi_contract;
 mod operator;
+mod pool_release;
 mod queue_engine;
 mod resilience;
 mod restart;
