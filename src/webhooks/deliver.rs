@@ -1,8 +1,9 @@
 //! The delivery workers: one loop per instance, deliveries claimed as durable jobs.
 //!
 //! * **Claim**: one statement (at most one per [`COALESCE`], however many wake-ups came meanwhile)
-//!   takes up to the free slots of due rows (`pending` whose `run_at` has passed and which hold no
-//!   lease, or whose lease is over because its instance died) `FOR UPDATE SKIP LOCKED`, so each is
+//!   takes up to the room in the instance's hand (a few per slot, [`HAND_PER_SLOT`]) of due rows
+//!   (`pending` whose `run_at` has passed and which hold no lease, or whose lease is over because its
+//!   instance died) `FOR UPDATE SKIP LOCKED`, so each is
 //!   claimed once across instances, and sets `attempts + 1` and a lease (`leased_until`) of
 //!   `LEASE_SECS`. Neither column is indexed, so the claim is a HOT update (migration 0240); a
 //!   `pending` row under a lease is shown as `delivering`.
@@ -49,6 +50,15 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_ANSWER: usize = 64 * 1024;
 /// How long a claimed delivery is held before another instance may take it over.
 const LEASE_SECS: i64 = 30;
+/// Deliveries claimed and not yet finished on one instance, per slot of
+/// `CONTROLLER_WEBHOOK_CONCURRENCY`: a claim takes up to this many per slot, so the instance's rate is not
+/// capped at one claim of `concurrency` rows per [`COALESCE`] (64 per 50 ms: 1,280 deliveries/s), and
+/// under a backlog one statement claims more rows.
+const HAND_PER_SLOT: usize = 4;
+/// A claimed delivery that waited this long for a slot is not sent: its lease (of [`LEASE_SECS`]) could run
+/// out during the POST (at most [`TIMEOUT`]) and another instance send it at the same time. It waits out
+/// its lease and is claimed again.
+const SEND_BY: Duration = Duration::from_secs(LEASE_SECS as u64 - 15);
 /// Look for due retries this often without a wake-up.
 const RECHECK: Duration = Duration::from_secs(1);
 /// At most one claim statement and one record statement per this long, whatever the number of
@@ -194,12 +204,16 @@ impl Deliverer {
     ///
     /// Claims are coalesced: at most one claim statement per [`COALESCE`] whatever the number of
     /// wake-ups meanwhile (each committing fan-out NOTIFYs), and a claim runs only when something may
-    /// be due (a wake-up, the periodic look for retries, or a backlog left by the last claim). With a
-    /// backlog a claim also waits until a quarter of the slots are free, so one statement takes many
-    /// rows. Results go to one recorder task that writes them in one statement per [`COALESCE`].
+    /// be due (a wake-up, the periodic look for retries, or a backlog left by the last claim). A claim
+    /// takes up to the room in the instance's hand ([`HAND_PER_SLOT`] × the concurrency, less the
+    /// deliveries claimed and not finished): the claimed deliveries wait for one of the `concurrency`
+    /// slots (POSTs in flight). With a backlog a claim also waits until a quarter of the hand is free, so
+    /// one statement takes many rows. Results go to one recorder task that writes them in one statement
+    /// per [`COALESCE`].
     pub async fn run(self, wake: Arc<Wake>, mut shutdown: watch::Receiver<bool>) {
         let concurrency = self.config.webhook_concurrency.max(1);
-        let batch_min = (concurrency / 4).max(1);
+        let hand = concurrency * HAND_PER_SLOT;
+        let batch_min = (hand / 4).max(1);
         let slots = Arc::new(Semaphore::new(concurrency));
         let (results, inbox) = mpsc::unbounded_channel::<Outcome>();
         let recorder = tokio::spawn(record_loop(self.pool.clone(), inbox));
@@ -211,8 +225,8 @@ impl Deliverer {
         // The next look for retries that came due (a deadline: deliveries finishing do not postpone it).
         let mut look_at = Instant::now() + RECHECK;
         loop {
-            let free = slots.available_permits();
-            if due && free > 0 && (!backlog || free >= batch_min || free == concurrency) {
+            let room = hand.saturating_sub(tasks.len());
+            if due && room > 0 && (!backlog || room >= batch_min || room == hand) {
                 // The wake-ups of the next few milliseconds are served by this one claim.
                 if let Some(wait) = last_claim.map(|at| COALESCE.saturating_sub(at.elapsed()))
                     && !wait.is_zero()
@@ -225,30 +239,37 @@ impl Deliverer {
                 // A wake-up that came meanwhile is for a commit this claim's snapshot sees: consumed here,
                 // it does not cause a second, empty claim.
                 let _ = futures_util::FutureExt::now_or_never(wake.0.notified());
-                let free = slots.available_permits();
+                while tasks.try_join_next().is_some() {}
+                let room = hand.saturating_sub(tasks.len());
                 last_claim = Some(Instant::now());
                 look_at = Instant::now() + RECHECK;
-                match self.claim(free as i64).await {
+                match self.claim(room as i64).await {
                     Ok(claimed) => {
-                        backlog = claimed.len() >= free;
+                        backlog = claimed.len() >= room;
                         due = backlog;
-                        if claimed.len() > free {
+                        if claimed.len() > room {
                             tracing::warn!(
                                 claimed = claimed.len(),
-                                limit = free,
+                                limit = room,
                                 "a webhook claim returned more deliveries than its limit"
                             );
                         }
-                        // Every claimed delivery is sent: one beyond the free slots waits for a slot
-                        // instead of being dropped (it would wait out its lease, unsent).
+                        // Every claimed delivery is spawned and waits for a slot; one that waited past
+                        // SEND_BY is left to its lease (see there).
+                        let claimed_at = Instant::now();
                         for delivery in prepare(&self.certs_key, claimed) {
                             let (this, results, slots) = (self.clone(), results.clone(), slots.clone());
-                            let permit = slots.clone().try_acquire_owned().ok();
                             tasks.spawn(async move {
-                                let permit = match permit {
-                                    Some(permit) => Some(permit),
-                                    None => slots.acquire_owned().await.ok(),
+                                let Ok(permit) = slots.acquire_owned().await else {
+                                    return;
                                 };
+                                if claimed_at.elapsed() > SEND_BY {
+                                    tracing::warn!(
+                                        delivery = delivery.delivery.id,
+                                        "a claimed webhook delivery waited too long for a slot; left to its lease"
+                                    );
+                                    return;
+                                }
                                 let outcome = this.attempt(delivery).await;
                                 let _ = results.send(outcome);
                                 drop(permit);
@@ -264,7 +285,7 @@ impl Deliverer {
                 }
             }
             while tasks.try_join_next().is_some() {}
-            if backlog && slots.available_permits() >= batch_min {
+            if backlog && hand.saturating_sub(tasks.len()) >= batch_min {
                 continue;
             }
             tokio::select! {

@@ -1385,3 +1385,70 @@ async fn a_failed_record_is_written_again_not_resent_after_the_lease() {
     }
     assert_eq!(receiver.hits().len(), 1, "sent once");
 }
+
+/// A claim takes more deliveries than the instance has slots (a hand of a few per slot), so its rate is
+/// not capped at one claim of `concurrency` rows per coalescing interval; the POSTs in flight stay within
+/// the slots. With one slot and a receiver that holds each request, several deliveries are leased at
+/// once while the receiver never sees two requests at a time, and each arrives once.
+#[tokio::test]
+async fn a_claim_takes_more_than_the_free_slots_and_posts_stay_within_them() {
+    let app = TestApp::spawn_with(|c| {
+        c.webhooks.webhook_allow_private = true;
+        c.webhooks.webhook_concurrency = 1;
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    // (requests in flight, most in flight at once, requests received)
+    let counts: Arc<Mutex<(usize, usize, usize)>> = Arc::default();
+    let receiver = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(|State(counts): State<Arc<Mutex<(usize, usize, usize)>>>| async move {
+                {
+                    let mut c = counts.lock().unwrap();
+                    c.0 += 1;
+                    c.1 = c.1.max(c.0);
+                    c.2 += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                counts.lock().unwrap().0 -= 1;
+                StatusCode::OK
+            }),
+        )
+        .with_state(counts.clone());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, receiver).await;
+    });
+    subscribe(&app, API_KEY, &url, &["build.submitted"]).await;
+    const BUILDS: usize = 4;
+    futures_util::future::join_all((0..BUILDS).map(|_| app.submit("ios", b"PK\x03\x04 source"))).await;
+    let mut most_leased = 0i64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND leased_until > now()",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        most_leased = most_leased.max(leased);
+        let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if delivered == BUILDS as i64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{delivered} of {BUILDS} delivered");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let (_, most_in_flight, received) = *counts.lock().unwrap();
+    assert!(
+        most_leased >= 2,
+        "at most {most_leased} deliveries leased at once with one slot: a claim took only the free slots"
+    );
+    assert_eq!(most_in_flight, 1, "more POSTs in flight than slots");
+    assert_eq!(received, BUILDS, "each delivery sent once");
+    task.abort();
+}
