@@ -51,10 +51,13 @@ const ELIGIBLE: &str = "b.state IN ('pending', 'scheduled', 'retryable')
 /// claims hold: at that priority, the oldest build of the submitter with the lowest stride `pass`
 /// (scheduling.md; `submitter_shares`, walked in pass order, only submitters with queued builds and room
 /// below their max running); should every such row be locked by concurrent claims, the oldest eligible
-/// row. `claimed` turns it into a new attempt with its attempt row, log line and busy worker; the fair-share
-/// trigger on builds (migration 0280) advances its submitter's pass by 1 / weight (the built-in admin key
-/// and imported builds: `admin`, weight 1) in the same update of `submitter_shares` that takes the build
-/// out of the submitter's queued count: one update of that row per claim.
+/// row (only when `top` found one: the join with `top` alone does not stop the generic plan, which walks
+/// `builds` first, from evaluating the eligibility of every queued build for a worker that may not claim,
+/// e.g. a draining one, or for whom nothing is eligible). `claimed` turns it into a new attempt with its
+/// attempt row, log line and busy worker; the fair-share trigger on builds (migration 0280) advances its
+/// submitter's pass by 1 / weight (the built-in admin key and imported builds: `admin`, weight 1) in the
+/// same update of `submitter_shares` that takes the build out of the submitter's queued count: one update
+/// of that row per claim.
 const CLAIM_TEMPLATE: &str = "
 WITH held AS (
     UPDATE builds SET otp_hash = $5, otp_expires_at = $2 + $6::bigint * interval '1 second'
@@ -85,7 +88,7 @@ WITH held AS (
     LIMIT 1
 ), oldest AS (
     SELECT b.id FROM top, builds b
-    WHERE NOT EXISTS (SELECT 1 FROM fair) AND {eligible}
+    WHERE NOT EXISTS (SELECT 1 FROM fair) AND EXISTS (SELECT 1 FROM top) AND {eligible}
     ORDER BY b.priority DESC, b.run_at, b.id
     LIMIT 1
     FOR UPDATE OF b SKIP LOCKED

@@ -570,3 +570,109 @@ async fn builds_and_workers_checks_are_stored_folded_and_still_refuse_bad_rows()
             .unwrap_or_else(|e| panic!("{sql} ({value}): {e}"));
     }
 }
+
+/// The queued builds that one claim statement read, by `EXPLAIN (ANALYZE)` of the generic plan the
+/// claim's pool uses: the actual rows of every walk of a claim index of `builds` (`builds_claim_*`).
+async fn queued_builds_a_claim_reads(pool: &sqlx::PgPool, w: &queue::Worker) -> i64 {
+    fn walked(node: &serde_json::Value) -> i64 {
+        let own = match node["Index Name"].as_str() {
+            Some(index) if index.starts_with("builds_claim") => {
+                node["Actual Rows"].as_i64().unwrap_or(0) * node["Actual Loops"].as_i64().unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let children = node["Plans"]
+            .as_array()
+            .map(|p| p.iter().map(walked).sum())
+            .unwrap_or(0);
+        own + children
+    }
+    let settings = QueueConfig::default();
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .expect("generic plan");
+    let prepare = format!(
+        "PREPARE claim_probe (text, timestamptz, text[], bigint, bytea, bigint, text, boolean, bigint, bigint) AS {}",
+        queue::claim_sql(1)
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+        .execute(&mut *tx)
+        .await
+        .expect("prepare the claim");
+    // EXPLAIN EXECUTE takes no protocol parameters: the arguments as literals, quoted by PostgreSQL.
+    let explain: String = sqlx::query_scalar(
+        "SELECT format('EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim_probe (%L, %L, %L, %L, %L, %L, %L, %L, %L, %L)',
+                       $1::text, $2::timestamptz, $3::text[], $4::bigint, $5::bytea, $6::bigint, $7::text,
+                       $8::boolean, $9::bigint, $10::bigint)",
+    )
+    .bind(&w.id)
+    .bind(Utc::now())
+    .bind(&w.platforms)
+    .bind(settings.first_heartbeat_grace_secs as i64)
+    .bind(vec![0u8; 32])
+    .bind(600i64)
+    .bind(&w.name)
+    .bind(w.accepts_work())
+    .bind(settings.requeue_cooloff_secs as i64)
+    .bind(settings.retry_elsewhere_secs as i64)
+    .fetch_one(&mut *tx)
+    .await
+    .expect("the explain statement");
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .fetch_one(&mut *tx)
+        .await
+        .expect("explain the claim");
+    sqlx::raw_sql("DEALLOCATE claim_probe")
+        .execute(&mut *tx)
+        .await
+        .expect("deallocate");
+    tx.rollback().await.expect("rollback");
+    walked(&plan[0]["Plan"])
+}
+
+/// A worker that may not claim (draining here) gets nothing, and its poll reads no queued build: the
+/// claim's last resort (`oldest`, the oldest eligible row when the fair pick found none locked-free) runs
+/// only when the priority look-up (`top`) found an eligible build. It walked the whole queue, checking the
+/// eligibility of every queued build, on every poll of such a worker.
+#[tokio::test]
+async fn a_worker_that_may_not_claim_reads_no_queued_build() {
+    let (_, pool) = fresh_database(2).await;
+    let settings = QueueConfig::default();
+    for _ in 0..40 {
+        enqueue(&pool, Platform::Ios, 0, 3).await;
+    }
+    let mut w = worker(&pool, "drained", &[Platform::Ios]).await;
+    sqlx::query("UPDATE workers SET admin_state = 'draining' WHERE id = $1")
+        .bind(&w.id)
+        .execute(&pool)
+        .await
+        .expect("drain");
+    w.admin_state = "draining".into();
+    sqlx::query("VACUUM ANALYZE builds")
+        .execute(&pool)
+        .await
+        .expect("analyze");
+    assert!(!w.accepts_work());
+    assert!(
+        queue::claim(&pool, &w, &settings, Utc::now())
+            .await
+            .expect("claim")
+            .is_none(),
+        "a draining worker claims nothing"
+    );
+    assert_eq!(
+        queued_builds_a_claim_reads(&pool, &w).await,
+        0,
+        "the claim of a draining worker read queued builds"
+    );
+    // The same worker active again: the claim reads the queue (the probe above can see a walk).
+    w.admin_state = "active".into();
+    sqlx::query("UPDATE workers SET admin_state = 'active' WHERE id = $1")
+        .bind(&w.id)
+        .execute(&pool)
+        .await
+        .expect("activate");
+    assert!(queued_builds_a_claim_reads(&pool, &w).await > 0);
+}
