@@ -55,10 +55,17 @@ const LEASE_SECS: i64 = 30;
 /// capped at one claim of `concurrency` rows per [`COALESCE`] (64 per 50 ms: 1,280 deliveries/s), and
 /// under a backlog one statement claims more rows.
 const HAND_PER_SLOT: usize = 4;
-/// A claimed delivery that waited this long for a slot is not sent: its lease (of [`LEASE_SECS`]) could run
-/// out during the POST (at most [`TIMEOUT`]) and another instance send it at the same time. It waits out
-/// its lease and is claimed again.
-const SEND_BY: Duration = Duration::from_secs(LEASE_SECS as u64 - 15);
+/// How long a shutdown waits for the deliveries that wait for a slot to give their leases back.
+const RELEASE_AT_SHUTDOWN: Duration = Duration::from_millis(500);
+/// A claimed delivery that waited this long for a slot (counted from before its claim statement) is not
+/// sent: its lease (of [`LEASE_SECS`]) could run out during the POST (at most [`TIMEOUT`]) or before its
+/// outcome is recorded ([`SEND_MARGIN`]), and another instance send it at the same time. Its lease is
+/// given back instead (an `Outcome::released`), so it is claimable again at once, by any instance.
+const SEND_BY: Duration = Duration::from_secs(LEASE_SECS as u64 - TIMEOUT.as_secs() - SEND_MARGIN.as_secs());
+/// What a lease keeps free after the latest POST could end: the record statement (a pool acquire may
+/// wait 5 s, a failed record is retried) and the claim statement's own time.
+const SEND_MARGIN: Duration = Duration::from_secs(10);
+const _: () = assert!(SEND_BY.as_secs() >= 5, "the lease leaves no time to wait for a slot");
 /// Look for due retries this often without a wake-up.
 const RECHECK: Duration = Duration::from_secs(1);
 /// At most one claim statement and one record statement per this long, whatever the number of
@@ -241,8 +248,10 @@ impl Deliverer {
                 let _ = futures_util::FutureExt::now_or_never(wake.0.notified());
                 while tasks.try_join_next().is_some() {}
                 let room = hand.saturating_sub(tasks.len());
-                last_claim = Some(Instant::now());
-                look_at = Instant::now() + RECHECK;
+                // The lease starts with the claim statement: the wait for a slot is counted from here.
+                let claimed_at = Instant::now();
+                last_claim = Some(claimed_at);
+                look_at = claimed_at + RECHECK;
                 match self.claim(room as i64).await {
                     Ok(claimed) => {
                         backlog = claimed.len() >= room;
@@ -255,19 +264,20 @@ impl Deliverer {
                             );
                         }
                         // Every claimed delivery is spawned and waits for a slot; one that waited past
-                        // SEND_BY is left to its lease (see there).
-                        let claimed_at = Instant::now();
+                        // SEND_BY, or still waits at shutdown (the slots are closed then), gives its
+                        // lease back unsent.
                         for delivery in prepare(&self.certs_key, claimed) {
                             let (this, results, slots) = (self.clone(), results.clone(), slots.clone());
                             tasks.spawn(async move {
-                                let Ok(permit) = slots.acquire_owned().await else {
-                                    return;
-                                };
-                                if claimed_at.elapsed() > SEND_BY {
-                                    tracing::warn!(
-                                        delivery = delivery.delivery.id,
-                                        "a claimed webhook delivery waited too long for a slot; left to its lease"
-                                    );
+                                let permit = slots.acquire_owned().await.ok();
+                                if permit.is_none() || claimed_at.elapsed() > SEND_BY {
+                                    if permit.is_some() {
+                                        tracing::warn!(
+                                            delivery = delivery.delivery.id,
+                                            "a claimed webhook delivery waited too long for a slot; its lease is given back"
+                                        );
+                                    }
+                                    let _ = results.send(Outcome::released(&delivery));
                                     return;
                                 }
                                 let outcome = this.attempt(delivery).await;
@@ -295,6 +305,18 @@ impl Deliverer {
                 _ = shutdown.changed() => break,
             }
         }
+        // Deliveries still waiting for a slot give their leases back (recorded below), so that another
+        // instance, or this one after a restart, sends them at once rather than after the lease.
+        slots.close();
+        let _ = tokio::time::timeout(RELEASE_AT_SHUTDOWN, async {
+            // The tasks beyond the POSTs in flight (the permits held) are the waiting ones.
+            while tasks.len() > concurrency.saturating_sub(slots.available_permits()) {
+                if tasks.join_next().await.is_none() {
+                    break;
+                }
+            }
+        })
+        .await;
         tasks.shutdown().await;
         // The recorder writes what finished before the shutdown, then ends with the last sender.
         drop(results);
@@ -433,6 +455,26 @@ struct Outcome {
     error: Option<String>,
 }
 
+/// The state of an outcome that gives a claimed delivery's lease back unsent (see [`SEND_BY`]).
+const RELEASED: &str = "released";
+
+impl Outcome {
+    /// A claimed delivery given back unsent: the record statement clears its lease and takes back the
+    /// claim's attempt, and keeps its last attempt as it was (no attempt row).
+    fn released(prepared: &Prepared) -> Self {
+        Outcome {
+            id: prepared.delivery.id,
+            attempts: prepared.delivery.attempts,
+            state: RELEASED,
+            next: None,
+            at: Utc::now(),
+            status: None,
+            latency_ms: 0,
+            error: None,
+        }
+    }
+}
+
 /// Most outcomes recorded by one statement.
 const RECORD_BATCH: usize = 512;
 
@@ -503,7 +545,8 @@ async fn record_loop(pool: PgPool, mut inbox: mpsc::UnboundedReceiver<Outcome>) 
 
 /// One statement for a batch of outcomes: each delivery, fenced on `attempts` (a redelivery or a
 /// second claim meanwhile wins), becomes `delivered`, `pending` (at its retry time) or `failed`,
-/// with its last attempt on the row; an attempt that failed is also kept in `webhook_attempts`.
+/// with its last attempt on the row; an attempt that failed is also kept in `webhook_attempts`. A
+/// [`RELEASED`] outcome (never sent) only clears the lease and takes the claim's attempt back.
 async fn record(pool: &PgPool, batch: &[Outcome]) -> sqlx::Result<()> {
     let ids: Vec<i64> = batch.iter().map(|o| o.id).collect();
     let attempts: Vec<i32> = batch.iter().map(|o| o.attempts).collect();
@@ -520,16 +563,20 @@ async fn record(pool: &PgPool, batch: &[Outcome]) -> sqlx::Result<()> {
                        AS r(id, attempts, state, next_at, at, status, latency_ms, error)),
          d AS (
             UPDATE webhook_deliveries w
-               SET state = r.state, run_at = coalesce(r.next_at, w.run_at), leased_until = NULL,
+               SET state = CASE WHEN r.state = 'released' THEN w.state ELSE r.state END,
+                   attempts = CASE WHEN r.state = 'released' THEN w.attempts - 1 ELSE w.attempts END,
+                   run_at = coalesce(r.next_at, w.run_at), leased_until = NULL,
                    delivered_at = CASE WHEN r.state = 'delivered' THEN now() END,
-                   last_attempt_at = r.at, last_status = r.status, last_latency_ms = r.latency_ms
+                   last_attempt_at = CASE WHEN r.state = 'released' THEN w.last_attempt_at ELSE r.at END,
+                   last_status = CASE WHEN r.state = 'released' THEN w.last_status ELSE r.status END,
+                   last_latency_ms = CASE WHEN r.state = 'released' THEN w.last_latency_ms ELSE r.latency_ms END
               FROM r
              WHERE w.id = r.id AND w.attempts = r.attempts AND w.state = 'pending' AND w.leased_until IS NOT NULL
          RETURNING w.id, w.attempts)
          INSERT INTO webhook_attempts (delivery_id, at, status_code, latency_ms, error, next_retry_at)
          SELECT r.id, r.at, r.status, r.latency_ms, r.error, r.next_at
            FROM r JOIN d ON d.id = r.id AND d.attempts = r.attempts
-          WHERE r.state <> 'delivered'
+          WHERE r.state NOT IN ('delivered', 'released')
           ORDER BY r.id",
     )
     .bind(&ids)

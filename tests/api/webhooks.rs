@@ -1401,22 +1401,40 @@ async fn a_claim_takes_more_than_the_free_slots_and_posts_stay_within_them() {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     // (requests in flight, most in flight at once, requests received)
     let counts: Arc<Mutex<(usize, usize, usize)>> = Arc::default();
+    // Set by the test once it saw two deliveries leased; the first request is held until then (at most
+    // 5 s), and `held_until_seen` says whether the test saw them while that one POST was in flight.
+    let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held_until_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    type Shared = (
+        Arc<Mutex<(usize, usize, usize)>>,
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicBool>,
+    );
     let receiver = axum::Router::new()
         .route(
             "/hook",
-            axum::routing::post(|State(counts): State<Arc<Mutex<(usize, usize, usize)>>>| async move {
-                {
+            axum::routing::post(|State((counts, seen, held_until_seen)): State<Shared>| async move {
+                let first = {
                     let mut c = counts.lock().unwrap();
                     c.0 += 1;
                     c.1 = c.1.max(c.0);
                     c.2 += 1;
+                    c.2 == 1
+                };
+                if first {
+                    let started = Instant::now();
+                    while !seen.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(5) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    held_until_seen.store(seen.load(Ordering::SeqCst), Ordering::SeqCst);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(400)).await;
                 counts.lock().unwrap().0 -= 1;
                 StatusCode::OK
             }),
         )
-        .with_state(counts.clone());
+        .with_state((counts.clone(), seen.clone(), held_until_seen.clone()));
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, receiver).await;
     });
@@ -1433,6 +1451,9 @@ async fn a_claim_takes_more_than_the_free_slots_and_posts_stay_within_them() {
         .await
         .unwrap();
         most_leased = most_leased.max(leased);
+        if leased >= 2 {
+            seen.store(true, Ordering::SeqCst);
+        }
         let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
             .fetch_one(&app.pool)
             .await
@@ -1445,10 +1466,78 @@ async fn a_claim_takes_more_than_the_free_slots_and_posts_stay_within_them() {
     }
     let (_, most_in_flight, received) = *counts.lock().unwrap();
     assert!(
-        most_leased >= 2,
-        "at most {most_leased} deliveries leased at once with one slot: a claim took only the free slots"
+        most_leased >= 2 && held_until_seen.load(Ordering::SeqCst),
+        "at most {most_leased} deliveries leased at once while the one slot's POST was held: a claim took only the free slots"
     );
     assert_eq!(most_in_flight, 1, "more POSTs in flight than slots");
     assert_eq!(received, BUILDS, "each delivery sent once");
+    task.abort();
+}
+
+/// Deliveries claimed and still waiting for a slot when the instance shuts down give their leases back
+/// (review of the claim's hand): they are claimable again at once, with the claim's attempt taken back,
+/// instead of sitting leased and unsent for up to a lease.
+#[tokio::test]
+async fn deliveries_waiting_for_a_slot_give_their_leases_back_at_shutdown() {
+    let mut app = TestApp::spawn_with(|c| {
+        c.webhooks.webhook_allow_private = true;
+        c.webhooks.webhook_concurrency = 1;
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let received: Arc<Mutex<usize>> = Arc::default();
+    let receiver = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(|State(received): State<Arc<Mutex<usize>>>| async move {
+                *received.lock().unwrap() += 1;
+                // Holds the one slot well past the shutdown.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                StatusCode::OK
+            }),
+        )
+        .with_state(received.clone());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, receiver).await;
+    });
+    subscribe(&app, API_KEY, &url, &["build.submitted"]).await;
+    const BUILDS: i64 = 4;
+    futures_util::future::join_all((0..BUILDS).map(|_| app.submit("ios", b"PK\x03\x04 source"))).await;
+    // Every delivery claimed (the hand holds 4 with one slot) and one POST in flight.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND leased_until > now()",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if leased == BUILDS && *received.lock().unwrap() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{leased} of {BUILDS} deliveries leased");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    app.stop().await;
+    let (released, leased): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE leased_until IS NULL AND attempts = 0),
+                count(*) FILTER (WHERE leased_until IS NOT NULL)
+           FROM webhook_deliveries WHERE state = 'pending'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (released, leased),
+        (BUILDS - 1, 1),
+        "the deliveries that waited for a slot keep their leases after the shutdown (only the POST in flight should)"
+    );
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_attempts")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "a delivery given back unsent is no attempt");
+    assert_eq!(*received.lock().unwrap(), 1, "only one POST was sent");
     task.abort();
 }

@@ -186,8 +186,10 @@ impl Connection for PgConnection {
         // it takes back into the pool. A connection that expects no ReadyForQuery and has no unsent
         // bytes is already clean (the server last said ReadyForQuery), so skip the round trip. A
         // future dropped mid-query leaves a pending ReadyForQuery or unsent bytes: then drain as before.
+        // A connection the server reports inside a transaction also gets upstream's round trip.
         if self.inner.pending_ready_for_query_count == 0
             && self.inner.stream.write_buffer_mut().is_empty()
+            && matches!(self.inner.transaction_status, TransactionStatus::Idle)
         {
             return Ok(());
         }
