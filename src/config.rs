@@ -568,6 +568,9 @@ pub const MIN_API_KEY_LEN: usize = 32;
 #[derive(Clone)]
 pub struct Secrets {
     pub api_key: String,
+    /// SHA-256 of `api_key`, computed once: a presented key is compared with it by its own digest
+    /// (`ids::secret_digest`), which also finds a stored key.
+    pub api_key_digest: [u8; 32],
     pub certs_key: [u8; 32],
 }
 
@@ -653,7 +656,12 @@ impl Config {
             problems.push("CONTROLLER_LOG_FORMAT must be `text` or `json`".to_string());
         }
         if problems.is_empty() {
-            Ok(Secrets { api_key, certs_key })
+            let api_key_digest = crate::ids::secret_digest(&api_key);
+            Ok(Secrets {
+                api_key,
+                api_key_digest,
+                certs_key,
+            })
         } else {
             Err(problems.join("\n  - "))
         }

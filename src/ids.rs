@@ -41,7 +41,17 @@ pub fn new_secret() -> String {
 
 /// SHA-256 of a secret, the only form in which secrets are stored.
 pub fn hash_secret(secret: &str) -> Vec<u8> {
-    Sha256::digest(secret.as_bytes()).to_vec()
+    secret_digest(secret).to_vec()
+}
+
+/// SHA-256 of a secret as a fixed array (what [`hash_secret`] stores).
+pub fn secret_digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Constant-time comparison of two secrets' digests.
+pub fn digests_match(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.ct_eq(b).into()
 }
 
 /// Constant-time comparison of a presented secret against an expected one, via fixed-length digests.

@@ -7,7 +7,7 @@ use chrono::Utc;
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 use crate::identity::{self, Access, Principal, Role};
-use crate::ids::{hash_secret, secret_matches, valid_id};
+use crate::ids::{hash_secret, valid_id};
 use crate::queue::{Build, Worker};
 
 pub const API_KEY: &str = "x-api-key";
@@ -27,10 +27,13 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// Who an `X-API-Key` value is: the built-in admin key, or a stored key that is neither revoked nor
 /// expired (401 `API key revoked` / `API key expired`); `None` for a value that is no key at all.
 pub async fn principal(state: &AppState, presented: &str) -> ApiResult<Option<Principal>> {
-    if secret_matches(presented, &state.secrets.api_key) {
+    // One digest of the presented value serves both the built-in key's comparison and the stored
+    // keys' look-up (which is by that same digest).
+    let digest = crate::ids::secret_digest(presented);
+    if crate::ids::digests_match(&digest, &state.secrets.api_key_digest) {
         return Ok(Some(Principal::BuiltIn));
     }
-    let Some(key) = identity::lookup(&state.pool, &state.keys, presented).await? else {
+    let Some(key) = identity::lookup_digest(&state.pool, &state.keys, presented, &digest).await? else {
         return Ok(None);
     };
     if key.revoked_at.is_some() {

@@ -526,13 +526,23 @@ impl KeyCache {
 /// The stored key whose secret this is (revoked and expired keys included: the caller says why they
 /// are refused). Values that cannot be keys are not looked up.
 pub async fn lookup(pool: &PgPool, cache: &KeyCache, presented: &str) -> Result<Option<ApiKey>, sqlx::Error> {
+    lookup_digest(pool, cache, presented, &ids::secret_digest(presented)).await
+}
+
+/// [`lookup`] with the presented value's digest (`ids::secret_digest`) already computed.
+pub async fn lookup_digest(
+    pool: &PgPool,
+    cache: &KeyCache,
+    presented: &str,
+    digest: &[u8; 32],
+) -> Result<Option<ApiKey>, sqlx::Error> {
     if !looks_like_key(presented) {
         return Ok(None);
     }
-    let hash = ids::hash_secret(presented);
-    if let Some(key) = cache.get(&hash) {
+    if let Some(key) = cache.get(digest) {
         return Ok(Some(key));
     }
+    let hash = digest.to_vec();
     let key: Option<ApiKey> = sqlx::query_as("SELECT * FROM api_keys WHERE secret_hash = $1")
         .bind(&hash)
         .fetch_optional(pool)
