@@ -150,7 +150,7 @@ pub struct DbConfig {
     pub database_url: String,
 
     /// Largest number of pooled database connections.
-    #[arg(long, env = "CONTROLLER_DB_POOL_SIZE", default_value_t = 16)]
+    #[arg(long, env = "CONTROLLER_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
 
     /// Statement timeout for every pooled connection, in milliseconds.
@@ -169,7 +169,7 @@ impl DbConfig {
     pub fn new(database_url: impl Into<String>) -> Self {
         Self {
             database_url: database_url.into(),
-            db_pool_size: 16,
+            db_pool_size: 8,
             db_statement_timeout_ms: 30_000,
             db_synchronous_commit: true,
         }

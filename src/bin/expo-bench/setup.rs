@@ -158,7 +158,7 @@ impl Controller {
             .env("CONTROLLER_RATE_LIMIT_PER_CREDENTIAL", "0")
             .env(
                 "CONTROLLER_DB_POOL_SIZE",
-                std::env::var("BENCH_POOL").unwrap_or_else(|_| "16".into()),
+                std::env::var("BENCH_POOL").unwrap_or_else(|_| "8".into()),
             )
             .env("CONTROLLER_MAX_RESULT_BYTES", (2u64 << 30).to_string())
             .env("RUST_LOG", "warn")
